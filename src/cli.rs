@@ -1,0 +1,203 @@
+//! The command line: flags parsed into plain values, then dispatched.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
+
+use runner::diag::{self, Diagnostic};
+use runner::manifest::{self, Overrides};
+
+const LAYERS_HELP: &str = "\
+Configuration layers, lowest to highest priority:
+  1. the manifest file
+  2. environment variables RUNNER_<SECTION>__<KEY>, e.g. RUNNER_RUN__STEPS=20,
+     RUNNER_COMPONENTS__UNET__DEVICE=cuda:1 (variables without a double underscore,
+     such as RUNNER_OS set by CI systems, are ignored)
+  3. --set KEY=VALUE flags, e.g. --set run.steps=20 --set 'placement.max_memory.\"cuda:0\"=10GiB'
+Values of 2 and 3 are TOML literals when they parse as one (20, true, [1, 2]), strings otherwise.
+Relative paths are resolved against the manifest's folder when the file sets them, and against
+the current directory when 2 or 3 do.
+
+Sizes: a number of bytes, or a number with a unit: KB MB GB TB (powers of 1000) or KiB MiB GiB
+TiB (powers of 1024); decimals allowed (1.5GB). A lowercase b (5Gb) is refused: accelerate reads
+it as bits, huggingface_hub as bytes.";
+
+/// Run diffusion pipelines (Stable Diffusion 1.5, SDXL) from version-controlled TOML manifests.
+#[derive(Debug, Parser)]
+#[command(name = "runner", version, about, after_help = "Logs: set RUST_LOG (e.g. RUST_LOG=runner=debug).")]
+pub struct Cli {
+    /// When to colour diagnostics.
+    #[arg(long, value_enum, default_value_t = Color::Auto, global = true)]
+    color: Color,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check manifests against schemas/manifest.schema.json and the rules a schema cannot
+    /// express; every problem of a file is reported at once, at file:line:col.
+    ///
+    /// Exit status: 0 when every file is valid (warnings allowed), 1 otherwise.
+    #[command(after_help = LAYERS_HELP)]
+    Validate {
+        /// Manifest files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print a JSON report on stdout instead of diagnostics on stderr.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
+    /// Show the effective manifest after layering, and where each value came from.
+    #[command(after_help = LAYERS_HELP)]
+    Config {
+        #[arg(value_name = "MANIFEST")]
+        file: PathBuf,
+        /// Print JSON: the typed manifest and the origin of each key.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
+    /// Print the manifest JSON schema (equal to schemas/manifest.schema.json).
+    Schema,
+    /// Show the libtorch this binary uses and the devices it sees; runs one op per backend.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct LayerArgs {
+    /// Override a manifest key: KEY is a dotted path (run.steps), VALUE a TOML literal or a
+    /// plain string. Repeatable; later flags win.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+impl LayerArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides::from_process(self.sets.clone())
+    }
+}
+
+fn stderr(color: Color) -> StandardStream {
+    let choice = match color {
+        Color::Always => ColorChoice::Always,
+        Color::Never => ColorChoice::Never,
+        Color::Auto if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() => ColorChoice::Auto,
+        Color::Auto => ColorChoice::Never,
+    };
+    StandardStream::stderr(choice)
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate { files, json, layers } => validate(&files, json, &layers.overrides(), cli.color),
+        Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
+        Command::Schema => {
+            print!("{}", manifest::schema_json());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info { json } => info(json),
+    }
+}
+
+fn validate(files: &[PathBuf], json: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+    let mut all_ok = true;
+    let mut reports = vec![];
+    let mut err = stderr(color);
+    for file in files {
+        let (ok, diags) = match manifest::load(file, overrides) {
+            Ok(m) => (true, m.warnings),
+            Err(d) => (false, d),
+        };
+        all_ok &= ok;
+        if json {
+            reports.push(serde_json::json!({
+                "file": file.display().to_string(),
+                "valid": ok,
+                "errors": diags.iter().filter(|d| d.is_error()).count(),
+                "warnings": diags.iter().filter(|d| !d.is_error()).count(),
+                "diagnostics": diags.iter().map(Diagnostic::to_json).collect::<Vec<_>>(),
+            }));
+        } else {
+            diag::render_all(&diags, &mut err)?;
+            let (e, w) = (diags.iter().filter(|d| d.is_error()).count(), diags.iter().filter(|d| !d.is_error()).count());
+            let plural = |n: usize, s: &str| format!("{n} {s}{}", if n == 1 { "" } else { "s" });
+            if ok {
+                let extra = if w > 0 { format!(" ({})", plural(w, "warning")) } else { String::new() };
+                println!("ok: {}{extra}", file.display());
+            } else {
+                eprintln!("invalid: {}: {}{}", file.display(), plural(e, "error"), if w > 0 { format!(", {}", plural(w, "warning")) } else { String::new() });
+            }
+        }
+    }
+    if json {
+        let out = serde_json::json!({ "valid": all_ok, "files": reports });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn config(file: &PathBuf, json: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+    let loaded = match manifest::load(file, overrides) {
+        Ok(m) => m,
+        Err(diags) => {
+            diag::render_all(&diags, &mut stderr(color))?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    diag::render_all(&loaded.warnings, &mut stderr(color))?;
+    let rows = loaded.provenance_table();
+    if json {
+        let origins: serde_json::Map<String, serde_json::Value> = rows.iter().map(|(k, _, o)| (k.clone(), o.clone().into())).collect();
+        let out = serde_json::json!({
+            "manifest": loaded.manifest,
+            "pipeline_source": loaded.pipeline_source(),
+            "origins": origins,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(3).max(3);
+        let w1 = rows.iter().map(|r| r.1.chars().count().min(48)).max().unwrap_or(5).max(5);
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{:w0$}  {:w1$}  origin", "key", "value")?;
+        for (k, v, o) in &rows {
+            let v = if v.chars().count() > 48 { format!("{}...", v.chars().take(45).collect::<String>()) } else { v.clone() };
+            writeln!(out, "{k:w0$}  {v:w1$}  {o}")?;
+        }
+        writeln!(out, "\npipeline folder: {}", loaded.pipeline_source().display())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn info(json: bool) -> anyhow::Result<ExitCode> {
+    let info = runner::runtime::info();
+    runner::runtime::smoke_test().context("libtorch does not work in this binary")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("libtorch {}", info.libtorch_version);
+        println!("CUDA backend loaded: {}", info.cuda_backend_loaded);
+        println!("CUDA devices: {}{}", info.cuda_device_count, if info.cudnn_available { " (cuDNN available)" } else { "" });
+        println!("CPU threads: {}", info.cpu_threads);
+        println!("smoke test: ok");
+    }
+    Ok(ExitCode::SUCCESS)
+}

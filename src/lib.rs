@@ -1,0 +1,12 @@
+//! runner: run diffusion pipelines (Stable Diffusion 1.5, SDXL) from version-controlled TOML
+//! manifests on libtorch.
+//!
+//! Modules, one concern each: [`manifest`] (types, layering, validation), [`units`] and
+//! [`device`] (the value grammars manifests share with planning), [`diag`] (diagnostics that
+//! point at their source), [`runtime`] (libtorch start-up).
+
+pub mod device;
+pub mod diag;
+pub mod manifest;
+pub mod runtime;
+pub mod units;

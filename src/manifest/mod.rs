@@ -1,0 +1,366 @@
+//! Manifests: serde types, layered loading with provenance, schema and semantic validation.
+//!
+//! [`load`] is the one entry point: it reads the file, merges `RUNNER_*` variables and `--set`
+//! flags over it, validates the result against `schemas/manifest.schema.json` and the checks a
+//! schema cannot express, and returns either the typed manifest (with warnings) or every error
+//! found, each pointing at the file span, variable or flag its value came from.
+
+mod check;
+mod layers;
+mod schema;
+mod spans;
+mod types;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use figment::value::{Dict, Value};
+use figment::Figment;
+
+pub use layers::{is_override_var, Origin, Overrides, ENV_PREFIX, ENV_SEPARATOR};
+pub use schema::{generate_schema, schema_json, COMMITTED_SCHEMA};
+pub use types::*;
+
+use crate::diag::{Diagnostic, Location, SourceText};
+
+/// A manifest that passed validation, with what is needed to explain where its values came from.
+#[derive(Debug)]
+pub struct LoadedManifest {
+    pub manifest: Manifest,
+    /// The manifest file as given.
+    pub path: PathBuf,
+    pub source: Arc<SourceText>,
+    /// Warnings (never errors: those make [`load`] fail).
+    pub warnings: Vec<Diagnostic>,
+    provenance: Provenance,
+}
+
+/// Maps key paths of the merged manifest to their origins and file spans.
+#[derive(Debug)]
+struct Provenance {
+    figment: Figment,
+    root: Dict,
+    doc: toml_edit::ImDocument<String>,
+    source: Arc<SourceText>,
+}
+
+/// What part of a key/value pair a diagnostic should point at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    Key,
+    Value,
+}
+
+impl Provenance {
+    /// The value at `path`, or the deepest ancestor present, with the depth reached.
+    fn find(&self, path: &[String]) -> (Option<&Value>, usize) {
+        let mut cur: Option<&Value> = None;
+        let mut depth = 0;
+        for seg in path {
+            let next = match cur {
+                None => self.root.get(seg),
+                Some(Value::Dict(_, d)) => d.get(seg),
+                Some(Value::Array(_, a)) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
+                Some(_) => None,
+            };
+            match next {
+                Some(v) => {
+                    cur = Some(v);
+                    depth += 1;
+                }
+                None => break,
+            }
+        }
+        (cur, depth)
+    }
+
+    fn origin(&self, path: &[String]) -> Option<Origin> {
+        let (value, _) = self.find(path);
+        let md = self.figment.get_metadata(value?.tag())?;
+        Origin::from_metadata(md)
+    }
+
+    /// Where the value (or key) at `path` came from; for a missing key, its nearest ancestor.
+    fn locate(&self, path: &[String], want: Want) -> Location {
+        let (value, depth) = self.find(path);
+        let origin = value.and_then(|v| self.figment.get_metadata(v.tag())).and_then(Origin::from_metadata);
+        match origin {
+            Some(Origin::File(_)) | None => {
+                // A missing key points at its parent table's key; the root at the file's start.
+                let (sub, want) = if depth == path.len() { (path, want) } else { (&path[..depth], Want::Key) };
+                let span = spans::span_of(&self.doc, sub, want).unwrap_or(0..0);
+                Location::File { source: self.source.clone(), span }
+            }
+            Some(o) => o.location(),
+        }
+    }
+}
+
+impl LoadedManifest {
+    /// Where the value at a dotted key path came from.
+    pub fn origin(&self, key: &str) -> Option<Origin> {
+        self.provenance.origin(&split_key(key))
+    }
+
+    /// Resolves a path value: relative to the manifest's folder when the manifest file set it,
+    /// relative to the current directory when an environment variable or `--set` did (cargo's
+    /// rule for config paths).
+    pub fn resolve_path(&self, key: &str, p: &Path) -> PathBuf {
+        resolve_path_with(&self.path, self.origin(key), p)
+    }
+
+    /// The pipeline folder, resolved.
+    pub fn pipeline_source(&self) -> PathBuf {
+        self.resolve_path("pipeline.source", &self.manifest.pipeline.source)
+    }
+
+    /// The merged manifest as a figment value, with every leaf's origin, for `runner config`.
+    pub fn provenance_table(&self) -> Vec<(String, String, String)> {
+        let mut rows = vec![];
+        fn walk(p: &Provenance, prefix: &str, d: &Dict, rows: &mut Vec<(String, String, String)>) {
+            for (k, v) in d {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match v {
+                    Value::Dict(_, sub) => walk(p, &key, sub, rows),
+                    _ => {
+                        let loc = p.locate(&split_key(&key), Want::Value);
+                        let origin = match &loc {
+                            Location::File { .. } => Diagnostic::error("", loc.clone()).origin(),
+                            other => Diagnostic::error("", other.clone()).origin(),
+                        };
+                        rows.push((key, render_value(v), origin));
+                    }
+                }
+            }
+        }
+        walk(&self.provenance, "", &self.provenance.root, &mut rows);
+        rows
+    }
+}
+
+fn render_value(v: &Value) -> String {
+    match v {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Array(_, a) => format!("[{}]", a.iter().map(render_value).collect::<Vec<_>>().join(", ")),
+        other => match other.to_f64() {
+            Some(f) if other.to_i128().is_none() => f.to_string(),
+            _ => other.to_i128().map(|i| i.to_string()).or_else(|| other.to_bool().map(|b| b.to_string())).unwrap_or_else(|| format!("{other:?}")),
+        },
+    }
+}
+
+pub(crate) fn resolve_path_with(manifest: &Path, origin: Option<Origin>, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return normalize(p);
+    }
+    match origin {
+        Some(Origin::Env(_)) | Some(Origin::Cli(_)) => normalize(p),
+        _ => normalize(&manifest.parent().map(|d| d.join(p)).unwrap_or_else(|| p.to_path_buf())),
+    }
+}
+
+/// Removes `.` and folds `dir/..` lexically (`manifests/../models` -> `models`), keeping
+/// leading `..`; symlinks are not resolved, as in cargo's config paths.
+pub fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = vec![];
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.last() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                Some(Component::RootDir) | Some(Component::Prefix(_)) => {}
+                _ => out.push(c),
+            },
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        PathBuf::from(".")
+    } else {
+        out.iter().collect()
+    }
+}
+
+/// Splits a dotted key (`components.text_encoder_2.dtype`).
+pub fn split_key(key: &str) -> Vec<String> {
+    key.split('.').map(str::to_string).collect()
+}
+
+/// Joins key segments for messages, quoting segments that need it (`placement.max_memory."cuda:0"`).
+pub fn join_key(path: &[String]) -> String {
+    path.iter()
+        .map(|s| if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') { s.clone() } else { format!("{s:?}") })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Reads, merges, and validates a manifest. On failure, returns every diagnostic (errors and
+/// warnings), sorted by location.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
+    let source = Arc::new(read_source(path)?);
+
+    let doc = match toml_edit::ImDocument::parse(source.text.clone()) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let d = Diagnostic::error(format!("invalid TOML in `{}`: {}", source.path.display(), e.message().trim_end()), Location::File { source: source.clone(), span })
+                .with_label(e.message().lines().next().unwrap_or("here").to_string());
+            return Err(vec![d]);
+        }
+    };
+
+    let (figment, mut diags) = layers::merge(path, &source.text, overrides);
+    let root = match figment::Provider::data(&figment) {
+        Ok(mut map) => map.remove(&figment::Profile::Default).unwrap_or_default(),
+        Err(e) => {
+            diags.push(Diagnostic::error(format!("cannot merge `{}`: {e}", source.path.display()), Location::Path(path.to_path_buf())));
+            return Err(diags);
+        }
+    };
+    let provenance = Provenance { figment, root, doc, source: source.clone() };
+
+    // Structure and value ranges, against the committed JSON schema.
+    let (json, non_finite) = to_json(&provenance.root);
+    for p in non_finite {
+        let key = join_key(&p);
+        diags.push(
+            Diagnostic::error(format!("`{key}` must be a finite number"), provenance.locate(&p, Want::Value))
+                .with_key(key)
+                .with_label("not a finite number"),
+        );
+    }
+    diags.extend(schema::validate(&json, &provenance));
+
+    // Typed values, then what the schema cannot express.
+    let manifest = if diags.iter().any(Diagnostic::is_error) {
+        None
+    } else {
+        match provenance.figment.extract::<Manifest>() {
+            Ok(m) => Some(m),
+            Err(errors) => {
+                for e in errors {
+                    diags.push(figment_diagnostic(&provenance, e));
+                }
+                None
+            }
+        }
+    };
+    if let Some(m) = &manifest {
+        diags.extend(check::check(m, path, &provenance));
+    }
+
+    diags.sort_by_key(Diagnostic::sort_key);
+    match manifest {
+        Some(manifest) if !diags.iter().any(Diagnostic::is_error) => Ok(LoadedManifest {
+            manifest,
+            path: path.to_path_buf(),
+            source,
+            warnings: diags,
+            provenance,
+        }),
+        _ => Err(diags),
+    }
+}
+
+fn read_source(path: &Path) -> Result<SourceText, Vec<Diagnostic>> {
+    let fail = |msg: String| vec![Diagnostic::error(msg, Location::Path(path.to_path_buf()))];
+    if path.is_dir() {
+        return Err(fail(format!("`{}` is a directory, not a manifest file", path.display())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read manifest `{}`: {e}", path.display())))?;
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(SourceText { path: path.to_path_buf(), text }),
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let bad_len = e.utf8_error().error_len().unwrap_or(1);
+            let text = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            // In the lossy text the first bad sequence is one U+FFFD (3 bytes) at the same offset.
+            let source = Arc::new(SourceText { path: path.to_path_buf(), text });
+            let d = Diagnostic::error(format!("`{}` is not valid UTF-8 (TOML files must be UTF-8)", path.display()), Location::File { source, span: at..at + 3 })
+                .with_label(format!("invalid byte sequence ({bad_len} byte{})", if bad_len == 1 { "" } else { "s" }));
+            Err(vec![d])
+        }
+    }
+}
+
+/// Converts figment's merged value to JSON for the schema validator, collecting the paths of
+/// non-finite floats (TOML has `nan` and `inf`; JSON has neither).
+fn to_json(root: &Dict) -> (serde_json::Value, Vec<Vec<String>>) {
+    fn conv(v: &Value, path: &mut Vec<String>, bad: &mut Vec<Vec<String>>) -> serde_json::Value {
+        use serde_json::Value as J;
+        match v {
+            Value::String(_, s) => J::String(s.clone()),
+            Value::Char(_, c) => J::String(c.to_string()),
+            Value::Bool(_, b) => J::Bool(*b),
+            Value::Empty(..) => J::Null,
+            Value::Num(..) => {
+                if let Some(u) = v.to_u128() {
+                    u64::try_from(u).map(J::from).unwrap_or_else(|_| J::from(u as f64))
+                } else if let Some(i) = v.to_i128() {
+                    i64::try_from(i).map(J::from).unwrap_or_else(|_| J::from(i as f64))
+                } else {
+                    let f = v.to_f64().unwrap_or(f64::NAN);
+                    match serde_json::Number::from_f64(f) {
+                        Some(n) => J::Number(n),
+                        None => {
+                            bad.push(path.clone());
+                            J::from(0.0)
+                        }
+                    }
+                }
+            }
+            Value::Dict(_, d) => J::Object(
+                d.iter()
+                    .map(|(k, v)| {
+                        path.push(k.clone());
+                        let j = conv(v, path, bad);
+                        path.pop();
+                        (k.clone(), j)
+                    })
+                    .collect(),
+            ),
+            Value::Array(_, a) => J::Array(
+                a.iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        path.push(i.to_string());
+                        let j = conv(v, path, bad);
+                        path.pop();
+                        j
+                    })
+                    .collect(),
+            ),
+        }
+    }
+    let mut bad = vec![];
+    let mut path = vec![];
+    let json = serde_json::Value::Object(
+        root.iter()
+            .map(|(k, v)| {
+                path.push(k.clone());
+                let j = conv(v, &mut path, &mut bad);
+                path.pop();
+                (k.clone(), j)
+            })
+            .collect(),
+    );
+    (json, bad)
+}
+
+/// A typed-extraction error (after the schema passed), located through its figment path.
+fn figment_diagnostic(p: &Provenance, e: figment::Error) -> Diagnostic {
+    let path = e.path.clone();
+    let key = join_key(&path);
+    let msg = match &e.kind {
+        figment::error::Kind::Message(m) => m.clone(),
+        other => other.to_string(),
+    };
+    let message = if key.is_empty() { msg.clone() } else { format!("invalid value for `{key}`: {msg}") };
+    Diagnostic::error(message, p.locate(&path, Want::Value)).with_key(key)
+}
+
+#[cfg(test)]
+mod tests;

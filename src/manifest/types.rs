@@ -1,0 +1,275 @@
+//! The manifest's serde types. Field docs become the JSON schema's descriptions
+//! (`runner schema`), which editors show through the `#:schema` directive.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::device::Device;
+use crate::units::ByteSize;
+
+/// The manifest format version this runner reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A runner manifest: one reviewed file that says which diffusion pipeline to run, where each of
+/// its components is placed, and what to generate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "runner manifest")]
+pub struct Manifest {
+    /// Version of the manifest format; this runner reads version 1.
+    #[schemars(range(min = 1, max = 1))]
+    pub schema_version: u32,
+    /// A name for this deployment, used in logs, plans and image metadata.
+    #[schemars(length(min = 1, max = 200))]
+    pub name: String,
+    pub pipeline: Pipeline,
+    /// Per-component settings, keyed by the diffusers folder name of a model component
+    /// (`text_encoder`, `text_encoder_2`, `unet`, `vae`, `safety_checker`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub components: BTreeMap<String, Component>,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub run: Run,
+}
+
+/// The pipeline: what kind it is and where its diffusers folder lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    pub kind: PipelineKind,
+    /// A diffusers pipeline folder (with `model_index.json`), relative to the manifest file.
+    #[schemars(length(min = 1))]
+    pub source: PathBuf,
+    /// Default dtype of every component.
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Prefer weight files of this variant (`fp16` reads `*.fp16.safetensors`), falling back to
+    /// the plain files the way diffusers does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub variant: Option<String>,
+    /// Use this scheduler instead of the one in `scheduler/scheduler_config.json` (its config
+    /// values are kept, as diffusers' `Scheduler.from_config` does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerKind>,
+}
+
+/// The kind of pipeline: `stable-diffusion` (SD 1.x/2.x, diffusers `StableDiffusionPipeline`) or
+/// `stable-diffusion-xl` (`StableDiffusionXLPipeline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PipelineKind {
+    StableDiffusion,
+    StableDiffusionXl,
+}
+
+impl PipelineKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineKind::StableDiffusion => "stable-diffusion",
+            PipelineKind::StableDiffusionXl => "stable-diffusion-xl",
+        }
+    }
+
+    /// The model-level components (the ones that hold weights and are placed) a pipeline of this
+    /// kind has, in diffusers' execution order.
+    pub fn components(self) -> &'static [&'static str] {
+        match self {
+            PipelineKind::StableDiffusion => &["text_encoder", "unet", "vae", "safety_checker"],
+            PipelineKind::StableDiffusionXl => &["text_encoder", "text_encoder_2", "unet", "vae"],
+        }
+    }
+
+    /// Components a pipeline of this kind can run without (`enabled = false`).
+    pub fn optional_components(self) -> &'static [&'static str] {
+        match self {
+            PipelineKind::StableDiffusion => &["safety_checker"],
+            PipelineKind::StableDiffusionXl => &[],
+        }
+    }
+}
+
+/// Floating-point type of weights and compute: `fp32`, `fp16` or `bf16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::Fp32 => "fp32",
+            Dtype::Fp16 => "fp16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            Dtype::Fp32 => 4,
+            Dtype::Fp16 | Dtype::Bf16 => 2,
+        }
+    }
+}
+
+/// A scheduler, by the diffusers class it mirrors: `pndm` (PNDMScheduler), `ddim`
+/// (DDIMScheduler), `euler` (EulerDiscreteScheduler), `euler-ancestral`
+/// (EulerAncestralDiscreteScheduler), `dpmpp-2m` (DPMSolverMultistepScheduler),
+/// `dpmpp-2m-karras` (the same with `use_karras_sigmas = true`), `lms` (LMSDiscreteScheduler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedulerKind {
+    Pndm,
+    Ddim,
+    Euler,
+    EulerAncestral,
+    #[serde(rename = "dpmpp-2m")]
+    DpmPP2M,
+    #[serde(rename = "dpmpp-2m-karras")]
+    DpmPP2MKarras,
+    Lms,
+}
+
+/// How a component's weights are kept while the pipeline runs: `none` (resident on the planned
+/// device), `model` (in host memory, moved to the device for the component's turn, like
+/// diffusers' `enable_model_cpu_offload`), `sequential` (leaf modules streamed one at a time, like
+/// `enable_sequential_cpu_offload`), `group` (blocks streamed as groups with prefetch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Offload {
+    #[default]
+    None,
+    Model,
+    Sequential,
+    Group,
+}
+
+/// Settings of one model component; every key is optional.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Component {
+    /// Weights from elsewhere: a folder, a `*.safetensors.index.json` or one `.safetensors` file,
+    /// relative to the manifest file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub source: Option<PathBuf>,
+    /// This component's dtype (default: `pipeline.dtype`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+    /// This component's weight variant (default: `pipeline.variant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub variant: Option<String>,
+    /// Pin this component to a device; a pin that cannot fit is an error, never a move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
+    /// This component's offload mode (default: `placement.offload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<Offload>,
+    /// `false` leaves an optional component out (e.g. SD 1.5's `safety_checker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// How components are assigned to devices.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Memory budget per device, e.g. `{ "cuda:0" = "10GiB", cpu = "32GiB" }`. When given, only
+    /// these devices take part (as in diffusers). When absent, detected devices are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("propertyNames" = { "pattern": crate::device::DEVICE_PATTERN }))]
+    pub max_memory: Option<BTreeMap<String, ByteSize>>,
+    /// Default offload mode of every component.
+    #[serde(default)]
+    pub offload: Offload,
+}
+
+/// `balanced`: diffusers' pipeline-level `device_map="balanced"` (largest component first,
+/// devices in snake order); `sequential`: fill devices in order; `auto`: whole components where
+/// they fit, splitting a component that fits no single device at block boundaries (accelerate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Balanced,
+    Sequential,
+    Auto,
+}
+
+/// What to generate. Unset keys take the pipeline's defaults as diffusers does (e.g. 50 steps,
+/// guidance 7.5 for SD and 5.0 for SDXL, size from the UNet's `sample_size`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    /// SDXL: prompt for the second text encoder (default: `prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_2: Option<String>,
+    /// SDXL: negative prompt for the second text encoder (default: `negative_prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt_2: Option<String>,
+    /// Number of denoising steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale; values <= 1 turn guidance (and the negative pass) off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub guidance_scale: Option<f64>,
+    /// Seed of the CPU generator that draws the initial latents, as `torch.Generator("cpu").manual_seed(seed)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub seed: Option<u64>,
+    /// Image width in pixels, a multiple of 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8, max = 16384), extend("multipleOf" = 8))]
+    pub width: Option<u32>,
+    /// Image height in pixels, a multiple of 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 8, max = 16384), extend("multipleOf" = 8))]
+    pub height: Option<u32>,
+    /// Images per prompt (diffusers' `num_images_per_prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub batch: Option<u32>,
+    /// Skip this many final CLIP layers for the prompt embeddings (diffusers' `clip_skip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 32))]
+    pub clip_skip: Option<u32>,
+    /// Exact initial latents (unscaled, `[batch, channels, height/8, width/8]`) from a
+    /// `.safetensors` file instead of drawing them from `seed`; relative to the manifest file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub latents: Option<PathBuf>,
+    /// SDXL micro-conditioning `original_size` as `[height, width]` (default: the output size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_size: Option<[u32; 2]>,
+    /// SDXL micro-conditioning `crops_coords_top_left` as `[top, left]` (default: `[0, 0]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crops_coords_top_left: Option<[u32; 2]>,
+    /// SDXL micro-conditioning `target_size` as `[height, width]` (default: the output size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_size: Option<[u32; 2]>,
+    /// Where to write the PNG, relative to the manifest file (default: `<name>.png`). With
+    /// `batch > 1`, images are numbered `<stem>-0.png`, `<stem>-1.png`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub output: Option<PathBuf>,
+    /// libtorch CPU threads (default: libtorch's own choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub threads: Option<u32>,
+}
