@@ -33,7 +33,7 @@ impl FromStr for Device {
         let index = |n: &str| n.parse::<u32>().ok().filter(|&i| i < 1024).ok_or_else(|| DeviceError::BadIndex(input.to_string()));
         match lower.as_str() {
             "cpu" => Ok(Device::Cpu),
-            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            "cuda" => Ok(Device::Cuda(0)),
             "mps" | "disk" | "meta" | "xpu" | "npu" | "mlu" | "hpu" | "tpu" => Err(DeviceError::Unsupported { name: s.to_string() }),
             _ => {
                 if let Some(n) = lower.strip_prefix("cuda:") {

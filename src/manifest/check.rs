@@ -1,11 +1,16 @@
 //! Checks a JSON schema cannot express: names that depend on the pipeline kind, devices and
 //! sizes that must parse and agree, and paths (missing paths are warnings: the files may be
 //! written after the manifest).
+//!
+//! The checks read the merged JSON value rather than the typed manifest, each field parsed on
+//! its own, so that they run, and report, even when other keys of the file are broken.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{join_key, resolve_path_with, Manifest, PipelineKind, Provenance, Want};
+use serde_json::Value as J;
+
+use super::{join_key, resolve_path_with, PipelineKind, Provenance, Want};
 use crate::device::Device;
 use crate::diag::{did_you_mean, Diagnostic};
 
@@ -13,14 +18,25 @@ fn key(parts: &[&str]) -> Vec<String> {
     parts.iter().map(|s| s.to_string()).collect()
 }
 
-pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Vec<Diagnostic> {
+fn typed<T: serde::de::DeserializeOwned>(v: Option<&J>) -> Option<T> {
+    v.and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+fn obj(v: Option<&J>) -> impl Iterator<Item = (&String, &J)> {
+    v.and_then(J::as_object).into_iter().flat_map(|o| o.iter())
+}
+
+pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagnostic> {
     let mut out = vec![];
-    let kind = m.pipeline.kind;
+    let components = m.get("components");
+    let max_memory = m.pointer("/placement/max_memory").filter(|v| v.is_object());
     let err = |path: &[String], want: Want, msg: String| Diagnostic::error(msg, prov.locate(path, want)).with_key(join_key(path));
     let warn = |path: &[String], want: Want, msg: String| Diagnostic::warning(msg, prov.locate(path, want)).with_key(join_key(path));
 
     // Components: names the pipeline kind knows; `enabled = false` only where optional.
-    for (name, comp) in &m.components {
+    let kind: Option<PipelineKind> = typed(m.pointer("/pipeline/kind"));
+    for (name, comp) in obj(components) {
+        let Some(kind) = kind else { break };
         let path = key(&["components", name]);
         if !kind.components().contains(&name.as_str()) {
             let mut d = err(&path, Want::Key, format!("unknown component `{name}` for a `{}` pipeline", kind.as_str()))
@@ -39,7 +55,7 @@ pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Ve
             out.push(d);
             continue;
         }
-        if comp.enabled == Some(false) && !kind.optional_components().contains(&name.as_str()) {
+        if comp.get("enabled") == Some(&J::Bool(false)) && !kind.optional_components().contains(&name.as_str()) {
             out.push(
                 err(&[path.clone(), key(&["enabled"])].concat(), Want::Value, format!("component `{name}` cannot be disabled: a `{}` pipeline needs it", kind.as_str()))
                     .with_label("required component"),
@@ -49,8 +65,8 @@ pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Ve
 
     // Devices in `max_memory`: each parses, none twice (`0` and `cuda:0` are the same GPU).
     let mut budgets: BTreeMap<Device, String> = BTreeMap::new();
-    if let Some(mm) = &m.placement.max_memory {
-        for name in mm.keys() {
+    {
+        for (name, _) in obj(max_memory) {
             let path = key(&["placement", "max_memory", name]);
             match name.parse::<Device>() {
                 Ok(dev) => {
@@ -61,16 +77,16 @@ pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Ve
                         );
                     }
                 }
-                Err(e) => out.push(err(&path, Want::Key, format!("invalid device in `placement.max_memory`: {e}")).with_label("not a device")),
+                Err(_) => {} // the schema's pattern reports it
             }
         }
     }
 
     // Pins: to a device that takes part.
-    for (name, comp) in &m.components {
-        let Some(dev) = comp.device else { continue };
+    for (name, comp) in obj(components) {
+        let Some(dev) = typed::<Device>(comp.get("device")) else { continue };
         let path = key(&["components", name, "device"]);
-        if m.placement.max_memory.is_some() && dev != Device::Cpu && !budgets.contains_key(&dev) {
+        if max_memory.is_some() && dev != Device::Cpu && !budgets.contains_key(&dev) {
             let listed = budgets.keys().map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", ");
             out.push(
                 err(&path, Want::Value, format!("component `{name}` is pinned to `{dev}`, which `placement.max_memory` does not list"))
@@ -83,7 +99,8 @@ pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Ve
     // Paths: the pipeline folder must be a folder; missing paths are only warnings.
     let resolve = |k: &[String], p: &Path| resolve_path_with(manifest_path, prov.origin(k), p);
     let src_key = key(&["pipeline", "source"]);
-    let src = resolve(&src_key, &m.pipeline.source);
+    let src = m.pointer("/pipeline/source").and_then(J::as_str).filter(|s| !s.is_empty()).map(|p| resolve(&src_key, Path::new(p)));
+    if let Some(src) = src {
     if src.is_file() {
         out.push(
             err(&src_key, Want::Value, format!("`pipeline.source` must be a diffusers pipeline folder, but `{}` is a file", src.display()))
@@ -95,16 +112,18 @@ pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Ve
     } else if !src.join("model_index.json").is_file() {
         out.push(warn(&src_key, Want::Value, format!("`{}` has no `model_index.json`: it does not look like a diffusers pipeline folder", src.display())).with_label("no model_index.json"));
     }
-    for (name, comp) in &m.components {
-        if let Some(p) = &comp.source {
+    }
+    for (name, comp) in obj(components) {
+        if let Some(p) = comp.get("source").and_then(J::as_str).filter(|s| !s.is_empty()) {
             let k = key(&["components", name, "source"]);
-            let r = resolve(&k, p);
+            let r = resolve(&k, Path::new(p));
             if !r.exists() {
                 out.push(warn(&k, Want::Value, format!("source of component `{name}`, `{}`, does not exist (yet)", r.display())).with_label("not found"));
             }
         }
     }
-    if let Some(p) = &m.run.latents {
+    let run_str = |name: &str| m.get("run").and_then(|r| r.get(name)).and_then(J::as_str).filter(|s| !s.is_empty()).map(Path::new);
+    if let Some(p) = run_str("latents") {
         let k = key(&["run", "latents"]);
         let r = resolve(&k, p);
         if r.is_dir() {
@@ -113,7 +132,7 @@ pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Ve
             out.push(warn(&k, Want::Value, format!("latents file `{}` does not exist (yet)", r.display())).with_label("not found"));
         }
     }
-    if let Some(p) = &m.run.output {
+    if let Some(p) = run_str("output") {
         let k = key(&["run", "output"]);
         let is_png = p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
         if !is_png {
@@ -126,17 +145,9 @@ pub(super) fn check(m: &Manifest, manifest_path: &Path, prov: &Provenance) -> Ve
     }
 
     // SDXL-only keys on an SD pipeline are ignored by diffusers' StableDiffusionPipeline.
-    if kind == PipelineKind::StableDiffusion {
-        let r = &m.run;
-        let sdxl_only = [
-            ("prompt_2", r.prompt_2.is_some()),
-            ("negative_prompt_2", r.negative_prompt_2.is_some()),
-            ("original_size", r.original_size.is_some()),
-            ("crops_coords_top_left", r.crops_coords_top_left.is_some()),
-            ("target_size", r.target_size.is_some()),
-        ];
-        for (name, set) in sdxl_only {
-            if set {
+    if kind == Some(PipelineKind::StableDiffusion) {
+        for name in ["prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"] {
+            if m.get("run").and_then(|r| r.get(name)).is_some() {
                 out.push(warn(&key(&["run", name]), Want::Key, format!("`run.{name}` only applies to `stable-diffusion-xl` pipelines and is ignored here")).with_label("ignored"));
             }
         }

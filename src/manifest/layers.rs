@@ -192,7 +192,7 @@ mod tests {
 
     #[test]
     fn literals() {
-        assert_eq!(parse_literal("30").to_u128(), Some(30));
+        assert_eq!(parse_literal("30").to_i128(), Some(30));
         assert_eq!(parse_literal("a cute dog").as_str(), Some("a cute dog"));
         assert_eq!(parse_literal("\"30\"").as_str(), Some("30"));
         assert_eq!(parse_literal("fp16").as_str(), Some("fp16"));

@@ -206,7 +206,8 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
         Ok(doc) => doc,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            let d = Diagnostic::error(format!("invalid TOML in `{}`: {}", source.path.display(), e.message().trim_end()), Location::File { source: source.clone(), span })
+            let message = e.message().trim_end().replace('\n', "; ");
+            let d = Diagnostic::error(format!("invalid TOML in `{}`: {message}", source.path.display()), Location::File { source: source.clone(), span })
                 .with_label(e.message().lines().next().unwrap_or("here").to_string());
             return Err(vec![d]);
         }
@@ -233,6 +234,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
         );
     }
     diags.extend(schema::validate(&json, &provenance));
+    diags.extend(check::check(&json, path, &provenance));
 
     // Typed values, then what the schema cannot express.
     let manifest = if diags.iter().any(Diagnostic::is_error) {
@@ -248,10 +250,6 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
             }
         }
     };
-    if let Some(m) = &manifest {
-        diags.extend(check::check(m, path, &provenance));
-    }
-
     diags.sort_by_key(Diagnostic::sort_key);
     match manifest {
         Some(manifest) if !diags.iter().any(Diagnostic::is_error) => Ok(LoadedManifest {

@@ -110,7 +110,7 @@ fn pointer_to_path(pointer: &str) -> Vec<String> {
 
 fn describe(v: &J) -> String {
     match v {
-        J::String(s) => format!("the string {s:?}"),
+        J::String(s) => format!("{s:?}"),
         J::Number(n) if n.is_f64() => format!("the float {n}"),
         J::Number(n) => format!("the integer {n}"),
         J::Bool(b) => format!("the boolean {b}"),
@@ -155,7 +155,17 @@ fn alias_hint(given: &str) -> Option<&'static str> {
 pub(super) fn validate(json: &J, prov: &Provenance) -> Vec<Diagnostic> {
     let root = schema_root();
     let mut out = vec![];
-    for err in validator().iter_errors(json) {
+    // A value of the wrong type also fails its enum/pattern/range keywords: report the type only.
+    let errors: Vec<_> = validator().iter_errors(json).collect();
+    let wrong_type: std::collections::HashSet<&str> = errors
+        .iter()
+        .filter(|e| matches!(e.kind, jsonschema::error::ValidationErrorKind::Type { .. }))
+        .map(|e| e.instance_path.as_str())
+        .collect();
+    for err in &errors {
+        if wrong_type.contains(err.instance_path.as_str()) && !matches!(err.kind, jsonschema::error::ValidationErrorKind::Type { .. }) {
+            continue;
+        }
         let path = pointer_to_path(err.instance_path.as_str());
         let key = join_key(&path);
         let node = schema_at(root, &path);
@@ -168,8 +178,8 @@ pub(super) fn validate(json: &J, prov: &Provenance) -> Vec<Diagnostic> {
                     sub.push(name.clone());
                     let allowed: Vec<&str> =
                         node.and_then(|n| n.get("properties")).and_then(J::as_object).map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
-                    let table = if path.is_empty() { "the top level".to_string() } else { format!("`[{key}]`") };
-                    let mut d = Diagnostic::error(format!("unknown key `{name}` in {table}"), prov.locate(&sub, Want::Key))
+                    let table = if path.is_empty() { "at the top level".to_string() } else { format!("in `[{key}]`") };
+                    let mut d = Diagnostic::error(format!("unknown key `{name}` {table}"), prov.locate(&sub, Want::Key))
                         .with_key(join_key(&sub))
                         .with_label("unknown key");
                     if let Some(s) = did_you_mean(name, allowed.iter().copied()) {

@@ -1,0 +1,31 @@
+# runner — the two commands a fresh machine needs are `make demo` and `make test`; both set up
+# what they need (libtorch from PyPI's torch wheel into .venv-torch) on first use.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+DEMO_MANIFEST ?= manifests/tiny-sd15.toml
+
+.PHONY: setup build test demo schema check-cargo
+
+check-cargo:
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+## setup: install libtorch 2.11.0 (CPU libraries of the PyPI wheel) if missing; fast when present
+setup:
+	@./scripts/setup-libtorch.sh
+
+## build: target/release/runner
+build: setup check-cargo
+	$(CARGO) build --release --locked
+
+## test: the whole test suite (one libtorch thread per test process: 2-core machines)
+test: setup check-cargo
+	OMP_NUM_THREADS=1 $(CARGO) test --locked
+
+## demo: the main job on the default tiny manifest
+demo: build
+	@./scripts/demo.sh target/release/runner $(DEMO_MANIFEST)
+
+## schema: regenerate schemas/manifest.schema.json from the serde types
+schema: setup check-cargo
+	$(CARGO) run --quiet --locked -- schema > schemas/manifest.schema.json
