@@ -155,7 +155,7 @@ fn validate(files: &[PathBuf], json: bool, overrides: &Overrides, color: Color) 
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn config(file: &PathBuf, json: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+fn config(file: &std::path::Path, json: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
     let loaded = match manifest::load(file, overrides) {
         Ok(m) => m,
         Err(diags) => {

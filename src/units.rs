@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(p("1.5GB"), Ok(1_500_000_000));
         assert_eq!(p("1.5 GiB"), Ok(1_610_612_736));
         assert_eq!(p("10KB"), Ok(10_000));
-        assert_eq!(p("kB").is_err(), true);
+        assert!(p("kB").is_err());
         assert_eq!(p("3kB"), Ok(3_000));
         assert_eq!(p("2TB"), Ok(2_000_000_000_000));
         assert_eq!(p("1TiB"), Ok(1 << 40));

@@ -5,6 +5,7 @@ mod cli;
 mod diagnostics;
 mod layering;
 mod schema;
+mod setup;
 mod torch;
 
 pub mod util {

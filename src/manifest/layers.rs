@@ -4,6 +4,9 @@
 //! file, the variable's name, the flag as typed), so every value of the merged manifest can be
 //! traced back through its figment tag, and then, for the file, to a span of the TOML text.
 
+// Diagnostics are built once per bad layer, off any hot path: their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 
 use figment::value::{Dict, Map, Value};

@@ -114,37 +114,55 @@ impl LoadedManifest {
         self.resolve_path("pipeline.source", &self.manifest.pipeline.source)
     }
 
-    /// The merged manifest as a figment value, with every leaf's origin, for `runner config`.
+    /// Every effective leaf value with its origin, for `runner config`: values as written where
+    /// a layer set them, typed defaults (origin `default`) where none did.
     pub fn provenance_table(&self) -> Vec<(String, String, String)> {
-        let mut rows = vec![];
-        fn walk(p: &Provenance, prefix: &str, d: &Dict, rows: &mut Vec<(String, String, String)>) {
-            for (k, v) in d {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                match v {
-                    Value::Dict(_, sub) => walk(p, &key, sub, rows),
-                    _ => {
-                        let loc = p.locate(&split_key(&key), Want::Value);
-                        let origin = match &loc {
-                            Location::File { .. } => Diagnostic::error("", loc.clone()).origin(),
-                            other => Diagnostic::error("", other.clone()).origin(),
-                        };
-                        rows.push((key, render_value(v), origin));
+        fn walk(prefix: &mut Vec<String>, v: &serde_json::Value, out: &mut Vec<(Vec<String>, serde_json::Value)>) {
+            match v {
+                serde_json::Value::Object(o) => {
+                    for (k, child) in o {
+                        prefix.push(k.clone());
+                        walk(prefix, child, out);
+                        prefix.pop();
                     }
                 }
+                leaf => out.push((prefix.clone(), leaf.clone())),
             }
         }
-        walk(&self.provenance, "", &self.provenance.root, &mut rows);
+        let typed = serde_json::to_value(&self.manifest).expect("manifest serializes");
+        let mut leaves = vec![];
+        walk(&mut vec![], &typed, &mut leaves);
+        let mut rows: Vec<_> = leaves
+            .into_iter()
+            .map(|(path, typed_value)| {
+                let key = join_key(&path);
+                match self.provenance.find(&path) {
+                    (Some(v), depth) if depth == path.len() => {
+                        let origin = Diagnostic::error("", self.provenance.locate(&path, Want::Value)).origin();
+                        (key, render_value(v), origin)
+                    }
+                    _ => (key, typed_value.to_string(), "default".to_string()),
+                }
+            })
+            .collect();
+        rows.sort();
         rows
     }
 }
 
+/// A merged value as TOML would write it.
 fn render_value(v: &Value) -> String {
     match v {
         Value::String(_, s) => format!("{s:?}"),
+        Value::Char(_, c) => format!("{:?}", c.to_string()),
+        Value::Bool(_, b) => b.to_string(),
         Value::Array(_, a) => format!("[{}]", a.iter().map(render_value).collect::<Vec<_>>().join(", ")),
-        other => match other.to_f64() {
-            Some(f) if other.to_i128().is_none() => f.to_string(),
-            _ => other.to_i128().map(|i| i.to_string()).or_else(|| other.to_bool().map(|b| b.to_string())).unwrap_or_else(|| format!("{other:?}")),
+        Value::Dict(..) => "{...}".to_string(),
+        Value::Empty(..) => String::new(),
+        Value::Num(..) => match (v.to_i128(), v.to_f64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(f)) => format!("{f:?}"),
+            (None, None) => format!("{v:?}"),
         },
     }
 }
@@ -214,6 +232,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
     };
 
     let (figment, mut diags) = layers::merge(path, &source.text, overrides);
+    tracing::debug!(manifest = %path.display(), env = overrides.env.len(), sets = overrides.sets.len(), "merging manifest layers");
     let root = match figment::Provider::data(&figment) {
         Ok(mut map) => map.remove(&figment::Profile::Default).unwrap_or_default(),
         Err(e) => {
@@ -251,6 +270,12 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
         }
     };
     diags.sort_by_key(Diagnostic::sort_key);
+    tracing::debug!(
+        manifest = %path.display(),
+        errors = diags.iter().filter(|d| d.is_error()).count(),
+        warnings = diags.iter().filter(|d| !d.is_error()).count(),
+        "validated"
+    );
     match manifest {
         Some(manifest) if !diags.iter().any(Diagnostic::is_error) => Ok(LoadedManifest {
             manifest,
