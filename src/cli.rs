@@ -72,6 +72,21 @@ enum Command {
         #[command(flatten)]
         layers: LayerArgs,
     },
+    /// Show what a checkpoint holds, from safetensors headers alone (no weights are read):
+    /// components, classes, files and shards, tensors, parameters, bytes per stored dtype and
+    /// at each target dtype, variants found.
+    ///
+    /// PATH: a diffusers pipeline folder (with model_index.json), a component folder, a
+    /// *.safetensors.index.json, or one .safetensors file.
+    Inspect {
+        path: PathBuf,
+        /// Prefer weight files of this variant (e.g. fp16), as `pipeline.variant` does.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the manifest JSON schema (equal to schemas/manifest.schema.json).
     Schema,
     /// Show the libtorch this binary uses and the devices it sees; runs one op per backend.
@@ -115,6 +130,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => info(json),
+        Command::Inspect { path, variant, json } => {
+            let report = runner::checkpoint::inspect::inspect(&path, variant.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", runner::checkpoint::inspect::render_table(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

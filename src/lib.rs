@@ -5,6 +5,7 @@
 //! [`device`] (the value grammars manifests share with planning), [`diag`] (diagnostics that
 //! point at their source), [`runtime`] (libtorch start-up).
 
+pub mod checkpoint;
 pub mod device;
 pub mod diag;
 pub mod manifest;

@@ -1,0 +1,424 @@
+//! The diffusers folder layout: `model_index.json` naming components, one subfolder each, and
+//! the weight files inside, with variants resolved the way diffusers and transformers do
+//! (diffusers `_fetch_index_file`/`_get_model_file`, transformers `_get_resolved_checkpoint_files`,
+//! pipeline-level `_identify_model_variants`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::index::{read_index, ShardIndex};
+use super::safetensors::{read_header, Header, TensorInfo};
+use super::CheckpointError;
+
+/// Which library saved a component: it decides the weight file names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Library {
+    /// `diffusion_pytorch_model[.variant].safetensors`, index tried before the single file.
+    Diffusers,
+    /// `model[.variant].safetensors`, single file tried before the index.
+    Transformers,
+}
+
+impl Library {
+    pub fn weights_stem(self) -> &'static str {
+        match self {
+            Library::Diffusers => "diffusion_pytorch_model",
+            Library::Transformers => "model",
+        }
+    }
+
+    /// From a `model_index.json` library name. `stable_diffusion` (SD 1.5's safety checker) is a
+    /// transformers model saved by transformers.
+    pub fn from_index(library: &str) -> Library {
+        match library {
+            "diffusers" => Library::Diffusers,
+            _ => Library::Transformers,
+        }
+    }
+
+    /// Guesses from the files of a folder given as a component `source`.
+    fn detect(dir: &Path) -> Option<Library> {
+        let names = file_names(dir);
+        if names.iter().any(|n| n.starts_with("diffusion_pytorch_model")) {
+            Some(Library::Diffusers)
+        } else if names.iter().any(|n| n.starts_with("model.") || n.starts_with("model-")) {
+            Some(Library::Transformers)
+        } else {
+            None
+        }
+    }
+}
+
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_file() || t.is_symlink()).unwrap_or(false))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Where a component's weights are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightFiles {
+    Single(PathBuf),
+    Sharded(ShardIndex),
+}
+
+impl WeightFiles {
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            WeightFiles::Single(p) => vec![p.clone()],
+            WeightFiles::Sharded(i) => i.shard_paths(),
+        }
+    }
+}
+
+/// The weight files chosen for a component, the variant they are, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedWeights {
+    pub files: WeightFiles,
+    /// The variant actually read (`None`: the plain files).
+    pub variant: Option<String>,
+    /// What a user should know about the choice (e.g. a variant fallback).
+    pub notes: Vec<String>,
+}
+
+/// Variant names present in a folder: the second dot-separated piece of weight file names
+/// (`model.fp16.safetensors`, `diffusion_pytorch_model.fp16-00001-of-00002.safetensors`,
+/// legacy `diffusion_pytorch_model-00001-of-00002.fp16.safetensors`, `....index.fp16.json`).
+pub fn variants_in(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    for name in file_names(dir) {
+        let stem_ok = name.starts_with("diffusion_pytorch_model") || name.starts_with("model");
+        if !stem_ok || !(name.ends_with(".safetensors") || name.ends_with(".json") || name.ends_with(".bin")) {
+            continue;
+        }
+        let parts: Vec<&str> = name.split('.').collect();
+        let candidate = if name.contains(".index.") && name.ends_with(".json") {
+            // x.safetensors.index.fp16.json / legacy x.safetensors.fp16.index.json
+            parts.iter().rev().nth(1).filter(|p| **p != "index").or_else(|| parts.iter().rev().nth(2).filter(|p| **p != "safetensors")).copied()
+        } else if parts.len() >= 3 {
+            Some(parts[1].split('-').next().unwrap_or(parts[1]))
+        } else {
+            None
+        };
+        if let Some(v) = candidate.filter(|v| !v.is_empty() && *v != "safetensors" && *v != "index" && *v != "bin") {
+            if !out.iter().any(|o| o == v) {
+                out.push(v.to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// diffusers' test for "this component folder has the variant": any file whose second
+/// dot-piece starts with it (`_identify_model_variants`).
+fn folder_has_variant(dir: &Path, variant: &str) -> bool {
+    file_names(dir).iter().any(|n| n.split('.').nth(1).is_some_and(|p| p.starts_with(variant)))
+}
+
+/// How to treat a missing variant: pipelines fall back per component; an explicit source errs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VariantPolicy {
+    FallBack,
+    Require,
+}
+
+/// Resolves a component `source`: a folder, a `*.index.json` or a single `.safetensors` file.
+pub fn resolve_source(path: &Path, library: Option<Library>, variant: Option<&str>, policy: VariantPolicy) -> Result<ResolvedWeights, CheckpointError> {
+    let meta = std::fs::metadata(path).map_err(|e| CheckpointError::io(path, e))?;
+    if meta.is_dir() {
+        return resolve_folder(path, library, variant, policy);
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name.ends_with(".json") {
+        Ok(ResolvedWeights { files: WeightFiles::Sharded(read_index(path)?), variant: None, notes: vec![] })
+    } else if name.ends_with(".safetensors") {
+        Ok(ResolvedWeights { files: WeightFiles::Single(path.to_path_buf()), variant: None, notes: vec![] })
+    } else {
+        Err(CheckpointError::format(path, "expected a folder, a `*.safetensors.index.json` or a `.safetensors` file"))
+    }
+}
+
+/// Picks a component folder's weight files.
+pub fn resolve_folder(dir: &Path, library: Option<Library>, variant: Option<&str>, policy: VariantPolicy) -> Result<ResolvedWeights, CheckpointError> {
+    let library = library.or_else(|| Library::detect(dir)).unwrap_or(Library::Diffusers);
+    let stem = library.weights_stem();
+    let mut notes = vec![];
+    let candidates = |v: Option<&str>| -> Vec<(PathBuf, bool)> {
+        let (single, index, legacy_index) = match v {
+            Some(v) => (
+                format!("{stem}.{v}.safetensors"),
+                format!("{stem}.safetensors.index.{v}.json"),
+                Some(format!("{stem}.safetensors.{v}.index.json")),
+            ),
+            None => (format!("{stem}.safetensors"), format!("{stem}.safetensors.index.json"), None),
+        };
+        let mut c = match library {
+            Library::Diffusers => vec![(dir.join(&index), true), (dir.join(&single), false)],
+            Library::Transformers => vec![(dir.join(&single), false), (dir.join(&index), true)],
+        };
+        if let Some(l) = legacy_index {
+            c.push((dir.join(l), true));
+        }
+        c
+    };
+    let pick = |cands: &[(PathBuf, bool)]| -> Result<Option<WeightFiles>, CheckpointError> {
+        for (p, is_index) in cands {
+            if p.is_file() {
+                return Ok(Some(if *is_index { WeightFiles::Sharded(read_index(p)?) } else { WeightFiles::Single(p.clone()) }));
+            }
+        }
+        Ok(None)
+    };
+
+    if let Some(v) = variant {
+        let cands = candidates(Some(v));
+        if folder_has_variant(dir, v) {
+            if let Some(files) = pick(&cands)? {
+                return Ok(ResolvedWeights { files, variant: Some(v.to_string()), notes });
+            }
+            return Err(not_found(dir, &cands, &format!("files of variant `{v}` are present but none of the weight files runner reads")));
+        }
+        if policy == VariantPolicy::Require {
+            return Err(not_found(dir, &cands, &format!("no `{v}` variant weights")));
+        }
+        let found = variants_in(dir);
+        let others = if found.is_empty() { String::new() } else { format!(" (variants present: {})", found.join(", ")) };
+        notes.push(format!("no `{v}` variant in `{}`{others}: using the non-variant weights, as diffusers does", dir.display()));
+    }
+    let cands = candidates(None);
+    match pick(&cands)? {
+        Some(files) => Ok(ResolvedWeights { files, variant: None, notes }),
+        None => Err(not_found(dir, &cands, "no safetensors weights")),
+    }
+}
+
+fn not_found(dir: &Path, tried: &[(PathBuf, bool)], what: &str) -> CheckpointError {
+    let names: Vec<String> = tried.iter().map(|(p, _)| format!("`{}`", p.file_name().unwrap_or_default().to_string_lossy())).collect();
+    let mut msg = format!("{what}: looked for {}", names.join(", "));
+    let pickles: Vec<String> = file_names(dir).into_iter().filter(|n| n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt")).collect();
+    if !pickles.is_empty() {
+        msg.push_str(&format!("; found pickle files ({}), which runner does not load: convert them to safetensors", pickles.join(", ")));
+    }
+    if file_names(dir).is_empty() {
+        msg = format!("{what}: the folder is empty");
+    }
+    CheckpointError::format(dir, msg)
+}
+
+/// One tensor of a checkpoint and the file holding it.
+#[derive(Debug, Clone)]
+pub struct TensorLoc {
+    pub file: usize,
+    pub info: TensorInfo,
+}
+
+/// A component's weights, checked across shards, from headers alone.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub weights: ResolvedWeights,
+    pub files: Vec<(PathBuf, Header)>,
+    pub tensors: BTreeMap<String, TensorLoc>,
+}
+
+impl Checkpoint {
+    /// Reads every header and cross-checks an index against its shards.
+    pub fn open(weights: ResolvedWeights) -> Result<Checkpoint, CheckpointError> {
+        let mut files = vec![];
+        let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
+        let mut weights = weights;
+        match &weights.files {
+            WeightFiles::Single(p) => {
+                let h = read_header(p)?;
+                for t in &h.tensors {
+                    tensors.insert(t.name.clone(), TensorLoc { file: 0, info: t.clone() });
+                }
+                files.push((p.clone(), h));
+            }
+            WeightFiles::Sharded(index) => {
+                let dir = index.path.parent().unwrap_or(Path::new("."));
+                for (i, name) in index.shard_names().into_iter().enumerate() {
+                    let p = dir.join(name);
+                    if !p.exists() {
+                        return Err(CheckpointError::format(&index.path, format!("names shard `{name}`, which does not exist in `{}`", dir.display())));
+                    }
+                    let h = read_header(&p)?;
+                    for t in &h.tensors {
+                        match index.weight_map.get(&t.name) {
+                            None => return Err(CheckpointError::tensor(&p, &t.name, format!("is in this shard but `{}` does not list it", index.path.display()))),
+                            Some(s) if s != name => {
+                                return Err(CheckpointError::tensor(&p, &t.name, format!("is in this shard but `{}` maps it to `{s}`", index.path.display())))
+                            }
+                            Some(_) => {}
+                        }
+                        if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc { file: i, info: t.clone() }) {
+                            let other = &files.get(prev.file).map(|(p, _): &(PathBuf, Header)| p.display().to_string()).unwrap_or_default();
+                            return Err(CheckpointError::tensor(&p, &t.name, format!("is also in `{other}`: a weight must be in one shard")));
+                        }
+                    }
+                    files.push((p, h));
+                }
+                for (t, shard) in &index.weight_map {
+                    if !tensors.contains_key(t) {
+                        return Err(CheckpointError::tensor(&dir.join(shard), t, format!("is missing: `{}` maps it to this shard", index.path.display())));
+                    }
+                }
+                let stored: u64 = tensors.values().map(|t| t.info.nbytes()).sum();
+                if let Some(total) = index.total_size.filter(|&t| t != stored) {
+                    weights.notes.push(format!("`{}` says total_size {total} but its shards hold {stored} bytes of tensors", index.path.display()));
+                }
+            }
+        }
+        Ok(Checkpoint { weights, files, tensors })
+    }
+
+    pub fn tensor_count(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Elements of floating-point tensors (parameters and float buffers).
+    pub fn parameters(&self) -> u64 {
+        self.tensors.values().filter(|t| t.info.dtype.is_float()).map(|t| t.info.numel()).sum()
+    }
+
+    /// Bytes as stored, per safetensors dtype.
+    pub fn bytes_by_dtype(&self) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for t in self.tensors.values() {
+            *m.entry(t.info.dtype.name().to_string()).or_insert(0) += t.info.nbytes();
+        }
+        m
+    }
+
+    pub fn stored_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.info.nbytes()).sum()
+    }
+
+    /// Exact bytes once loaded with floats cast to `float_bytes` per element (integer tensors
+    /// such as `position_ids` keep their type, as `model.to(dtype)` does).
+    pub fn bytes_at(&self, float_bytes: u64) -> u64 {
+        self.tensors.values().map(|t| t.info.nbytes_as(float_bytes)).sum()
+    }
+}
+
+/// `model_index.json`: component name -> (library, class); `null` or `[null, null]` = absent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelIndex {
+    pub path: PathBuf,
+    pub class_name: Option<String>,
+    pub diffusers_version: Option<String>,
+    pub components: BTreeMap<String, Option<(String, String)>>,
+    /// Pipeline config values that are not components (`force_zeros_for_empty_prompt`, ...).
+    pub config: BTreeMap<String, serde_json::Value>,
+}
+
+pub fn read_model_index(root: &Path) -> Result<ModelIndex, CheckpointError> {
+    let path = root.join("model_index.json");
+    if !root.is_dir() {
+        return Err(CheckpointError::format(root, if root.exists() { "is not a folder: expected a diffusers pipeline folder" } else { "does not exist" }));
+    }
+    if !path.is_file() {
+        let what = if file_names(root).is_empty() && std::fs::read_dir(root).map(|mut d| d.next().is_none()).unwrap_or(false) { "the folder is empty" } else { "no `model_index.json`" };
+        return Err(CheckpointError::format(root, format!("{what}: not a diffusers pipeline folder")));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::format(&path, format!("not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| CheckpointError::format(&path, "expected a JSON object"))?;
+    let mut out = ModelIndex { path: path.clone(), class_name: None, diffusers_version: None, components: BTreeMap::new(), config: BTreeMap::new() };
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("_class_name", serde_json::Value::String(s)) => out.class_name = Some(s.clone()),
+            ("_diffusers_version", serde_json::Value::String(s)) => out.diffusers_version = Some(s.clone()),
+            (k, _) if k.starts_with('_') => {}
+            (_, serde_json::Value::Null) => {
+                out.components.insert(k.clone(), None);
+            }
+            (_, serde_json::Value::Array(a)) if a.len() == 2 => {
+                let entry = match (&a[0], &a[1]) {
+                    (serde_json::Value::String(l), serde_json::Value::String(c)) => Some((l.clone(), c.clone())),
+                    (serde_json::Value::Null, serde_json::Value::Null) => None,
+                    _ => return Err(CheckpointError::format(&path, format!("component `{k}` must be [library, class] or null, found {v}"))),
+                };
+                out.components.insert(k.clone(), entry);
+            }
+            _ => {
+                out.config.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a component holds weights (a model, saved with `config.json`), as opposed to
+/// tokenizers, schedulers and image processors, which hold configs and vocabularies only.
+pub fn component_has_weights(class: &str, dir: &Path) -> bool {
+    let not_a_model = ["Tokenizer", "Scheduler", "ImageProcessor", "FeatureExtractor", "Processor"].iter().any(|s| class.contains(s));
+    !not_a_model && dir.join("config.json").is_file()
+}
+
+/// A component of a pipeline folder.
+#[derive(Debug, Clone)]
+pub struct Component {
+    pub name: String,
+    pub library: String,
+    pub class: String,
+    pub dir: PathBuf,
+    /// Weights, for model components.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A pipeline folder with every model component's weights resolved and checked.
+#[derive(Debug, Clone)]
+pub struct PipelineFolder {
+    pub root: PathBuf,
+    pub index: ModelIndex,
+    pub components: Vec<Component>,
+    /// Variant fallbacks and other remarks.
+    pub notes: Vec<String>,
+}
+
+impl PipelineFolder {
+    /// Opens a pipeline folder: every component that `model_index.json` names must exist;
+    /// model components must have weights. With a variant, components without that variant
+    /// use their plain weights (and say so); no component at all having it is an error, as in
+    /// diffusers' `_identify_model_variants`.
+    pub fn open(root: &Path, variant: Option<&str>) -> Result<PipelineFolder, CheckpointError> {
+        let index = read_model_index(root)?;
+        let mut components = vec![];
+        let mut notes = vec![];
+        let mut any_variant = false;
+        for (name, entry) in &index.components {
+            let Some((library, class)) = entry else { continue };
+            let dir = root.join(name);
+            if !dir.is_dir() {
+                return Err(CheckpointError::format(&index.path, format!("names component `{name}` ({library} {class}) but `{}` does not exist", dir.display())));
+            }
+            let checkpoint = if component_has_weights(class, &dir) {
+                let w = resolve_folder(&dir, Some(Library::from_index(library)), variant, VariantPolicy::FallBack)?;
+                any_variant |= w.variant.is_some();
+                let c = Checkpoint::open(w)?;
+                notes.extend(c.weights.notes.iter().cloned());
+                Some(c)
+            } else {
+                None
+            };
+            components.push(Component { name: name.clone(), library: library.clone(), class: class.clone(), dir, checkpoint });
+        }
+        if let Some(v) = variant {
+            if !any_variant && components.iter().any(|c| c.checkpoint.is_some()) {
+                return Err(CheckpointError::format(root, format!("no component has `{v}` variant weights (diffusers: \"no such modeling files are available\")")));
+            }
+        }
+        Ok(PipelineFolder { root: root.to_path_buf(), index, components, notes })
+    }
+
+    pub fn component(&self, name: &str) -> Option<&Component> {
+        self.components.iter().find(|c| c.name == name)
+    }
+}

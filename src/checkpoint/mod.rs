@@ -1,0 +1,32 @@
+//! Checkpoints on disk: safetensors files (single or sharded with an index) in the diffusers
+//! folder layout, read from headers alone for sizes, mapped for loading, and written as shards.
+
+pub mod index;
+pub mod inspect;
+pub mod layout;
+pub mod safetensors;
+
+use std::path::{Path, PathBuf};
+
+/// A problem with a checkpoint file; every variant names the file, and the tensor where one is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read `{}`: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("`{}`: {msg}", path.display())]
+    Format { path: PathBuf, msg: String },
+    #[error("`{}`: tensor `{tensor}`: {msg}", path.display())]
+    Tensor { path: PathBuf, tensor: String, msg: String },
+}
+
+impl CheckpointError {
+    pub fn format(path: &Path, msg: impl Into<String>) -> Self {
+        CheckpointError::Format { path: path.to_path_buf(), msg: msg.into() }
+    }
+    pub fn tensor(path: &Path, tensor: &str, msg: impl Into<String>) -> Self {
+        CheckpointError::Tensor { path: path.to_path_buf(), tensor: tensor.to_string(), msg: msg.into() }
+    }
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        CheckpointError::Io { path: path.to_path_buf(), source }
+    }
+}
