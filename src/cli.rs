@@ -87,6 +87,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a sharded checkpoint that diffusers/transformers `from_pretrained` load: shards of at
+    /// most --max-shard-size packed greedily in tensor-name order (a larger tensor gets a shard of
+    /// its own), `*.safetensors.index.json` when there is more than one shard, config.json copied.
+    ///
+    /// SRC: a component folder, a *.safetensors.index.json, or one .safetensors file. DIR is
+    /// replaced in one rename when everything is written: an interrupted run leaves no
+    /// half-checkpoint. Memory stays bounded: tensors stream from the mapped source.
+    Shard {
+        src: PathBuf,
+        /// Output folder.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Largest shard, e.g. 5GB, 2GiB, 500MB (the size grammar of manifests).
+        #[arg(long, value_name = "SIZE", default_value = "10GB", value_parser = parse_size)]
+        max_shard_size: runner::units::ByteSize,
+        /// Convert floating-point tensors (integer tensors are kept).
+        #[arg(long, value_enum)]
+        dtype: Option<DtypeArg>,
+        /// Name the files as this variant (`diffusion_pytorch_model.fp16-00001-of-00002.safetensors`).
+        #[arg(long)]
+        variant: Option<String>,
+        /// Replace DIR if it exists and is not empty.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the manifest JSON schema (equal to schemas/manifest.schema.json).
     Schema,
     /// Show the libtorch this binary uses and the devices it sees; runs one op per backend.
@@ -95,6 +123,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+fn parse_size(s: &str) -> Result<runner::units::ByteSize, String> {
+    s.parse().map_err(|e: runner::units::SizeError| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +148,21 @@ impl LayerArgs {
     fn overrides(&self) -> Overrides {
         Overrides::from_process(self.sets.clone())
     }
+}
+
+/// A byte progress bar on stderr, hidden when stderr is not a terminal.
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
 }
 
 fn stderr(color: Color) -> StandardStream {
@@ -130,6 +184,40 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => info(json),
+        Command::Shard { src, out, max_shard_size, dtype, variant, force, json } => {
+            let dtype = dtype.map(|d| match d {
+                DtypeArg::Fp32 => runner::manifest::Dtype::Fp32,
+                DtypeArg::Fp16 => runner::manifest::Dtype::Fp16,
+                DtypeArg::Bf16 => runner::manifest::Dtype::Bf16,
+            });
+            let opts = runner::checkpoint::shard::ShardOptions { max_shard_size: max_shard_size.0, dtype, variant, force };
+            let bar = progress_bar("sharding");
+            let report = runner::checkpoint::shard::shard(&src, &out, &opts, &|done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (name, size) in &report.files {
+                    println!("{:>12}  {}", runner::units::ByteSize(*size).to_string(), out.join(name).display());
+                }
+                if let Some(i) = &report.index {
+                    println!("{:>12}  {}", "index", out.join(i).display());
+                }
+                let gbps = report.total_size as f64 / report.seconds.max(1e-9) / 1e9;
+                println!(
+                    "{} tensors, {} in {} file(s), {:.2} s ({gbps:.2} GB/s)",
+                    report.tensors,
+                    runner::units::ByteSize(report.total_size),
+                    report.files.len(),
+                    report.seconds
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { path, variant, json } => {
             let report = runner::checkpoint::inspect::inspect(&path, variant.as_deref())?;
             if json {

@@ -127,7 +127,8 @@ fn bad_indexes() {
     let (_d, dir) = tmp();
     let s1 = "diffusion_pytorch_model-00001-of-00002.safetensors";
     let s2 = "diffusion_pytorch_model-00002-of-00002.safetensors";
-    let cases: Vec<(&str, String, Vec<(&str, &[(&str, u64)])>, &str)> = vec![
+    type Shards<'a> = Vec<(&'a str, &'a [(&'a str, u64)])>;
+    let cases: Vec<(&str, String, Shards, &str)> = vec![
         ("missing-shard", format!(r#"{{"weight_map": {{"a": "{s1}", "b": "{s2}"}}}}"#), vec![(s1, &[("a", 1)])], "names shard `diffusion_pytorch_model-00002-of-00002.safetensors`, which does not exist"),
         ("two-shards", format!(r#"{{"weight_map": {{"a": "{s1}", "b": "{s2}"}}}}"#), vec![(s1, &[("a", 1)]), (s2, &[("a", 1), ("b", 1)])], "tensor `a`: is in this shard but"),
         ("unlisted", format!(r#"{{"weight_map": {{"a": "{s1}"}}}}"#), vec![(s1, &[("a", 1), ("c", 1)])], "tensor `c`: is in this shard but"),

@@ -7,6 +7,7 @@ mod diagnostics;
 mod layering;
 mod schema;
 mod setup;
+mod shard;
 mod torch;
 
 pub mod util {

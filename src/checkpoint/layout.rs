@@ -36,6 +36,22 @@ impl Library {
         }
     }
 
+    /// From a weight file's name (`model.safetensors`, `diffusion_pytorch_model-00001-...`).
+    pub fn from_file_name(name: &str) -> Library {
+        if name.starts_with("diffusion_pytorch_model") {
+            Library::Diffusers
+        } else if name.starts_with("model") {
+            Library::Transformers
+        } else {
+            Library::Diffusers
+        }
+    }
+
+    /// Guesses from the files of a folder.
+    pub fn detect_in(dir: &Path) -> Option<Library> {
+        Library::detect(dir)
+    }
+
     /// Guesses from the files of a folder given as a component `source`.
     fn detect(dir: &Path) -> Option<Library> {
         let names = file_names(dir);

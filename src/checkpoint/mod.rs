@@ -5,6 +5,7 @@ pub mod index;
 pub mod inspect;
 pub mod layout;
 pub mod safetensors;
+pub mod shard;
 
 use std::path::{Path, PathBuf};
 

@@ -363,7 +363,9 @@ pub fn encode_header(tensors: &[TensorInfo], metadata: &BTreeMap<String, String>
 mod tests {
     use super::*;
 
-    fn file(tensors: &[(&str, &str, &[u64], (u64, u64))], data_len: usize) -> Vec<u8> {
+    type Entry<'a> = (&'a str, &'a str, &'a [u64], (u64, u64));
+
+    fn file(tensors: &[Entry], data_len: usize) -> Vec<u8> {
         let mut h = serde_json::Map::new();
         for (name, dtype, shape, off) in tensors {
             h.insert(name.to_string(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off.0, off.1]}));
