@@ -58,6 +58,22 @@ enum Command {
         /// Print a JSON report on stdout instead of diagnostics on stderr.
         #[arg(long)]
         json: bool,
+        /// Also check every file the manifest reads against MANIFEST.lock (see `runner lock`).
+        #[arg(long)]
+        locked: bool,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
+    /// Write MANIFEST.lock: the size and sha256 of every file the manifest reads
+    /// (model_index.json, configs, tokenizer files, every weight shard, run.latents). With
+    /// `--locked`, validate (and later plan and run) refuse files that differ from it.
+    #[command(after_help = LAYERS_HELP)]
+    Lock {
+        #[arg(value_name = "MANIFEST")]
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         layers: LayerArgs,
     },
@@ -177,7 +193,30 @@ fn stderr(color: Color) -> StandardStream {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Validate { files, json, layers } => validate(&files, json, &layers.overrides(), cli.color),
+        Command::Validate { files, json, locked, layers } => validate(&files, json, locked, &layers.overrides(), cli.color),
+        Command::Lock { file, json, layers } => {
+            let loaded = match manifest::load(&file, &layers.overrides()) {
+                Ok(m) => m,
+                Err(diags) => {
+                    diag::render_all(&diags, &mut stderr(cli.color))?;
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let r = runner::lock::write_lock(&loaded)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "wrote {}: {} files, {} hashed in {:.2} s ({:.2} GB/s)",
+                    r.lock.display(),
+                    r.files,
+                    runner::units::ByteSize(r.bytes),
+                    r.seconds,
+                    r.bytes as f64 / r.seconds.max(1e-9) / 1e9
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
             print!("{}", manifest::schema_json());
@@ -230,12 +269,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn validate(files: &[PathBuf], json: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+fn validate(files: &[PathBuf], json: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
     let mut all_ok = true;
     let mut reports = vec![];
     let mut err = stderr(color);
     for file in files {
         let (ok, diags) = match manifest::load(file, overrides) {
+            Ok(m) if locked => match runner::lock::verify_lock(&m) {
+                Ok(_) => (true, m.warnings),
+                Err(e) => {
+                    let mut d = m.warnings;
+                    d.push(Diagnostic::error(format!("--locked: {e}"), diag::Location::Path(runner::lock::lock_path(file))));
+                    (false, d)
+                }
+            },
             Ok(m) => (true, m.warnings),
             Err(d) => (false, d),
         };

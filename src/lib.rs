@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod device;
 pub mod diag;
+pub mod lock;
 pub mod manifest;
 pub mod runtime;
 pub mod units;

@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod diagnostics;
 mod layering;
+mod lock;
 mod schema;
 mod setup;
 mod shard;

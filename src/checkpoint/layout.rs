@@ -399,39 +399,114 @@ pub struct PipelineFolder {
     pub notes: Vec<String>,
 }
 
+/// A manifest's say over one component: weights from elsewhere, another variant, or off.
+#[derive(Debug, Clone, Default)]
+pub struct ComponentSpec {
+    pub source: Option<PathBuf>,
+    pub variant: Option<String>,
+    pub enabled: Option<bool>,
+}
+
 impl PipelineFolder {
     /// Opens a pipeline folder: every component that `model_index.json` names must exist;
     /// model components must have weights. With a variant, components without that variant
     /// use their plain weights (and say so); no component at all having it is an error, as in
     /// diffusers' `_identify_model_variants`.
     pub fn open(root: &Path, variant: Option<&str>) -> Result<PipelineFolder, CheckpointError> {
+        PipelineFolder::open_with(root, variant, &BTreeMap::new())
+    }
+
+    /// As [`PipelineFolder::open`], with per-component sources, variants and `enabled = false`
+    /// from a manifest. A component with its own `source` need not exist in the folder.
+    pub fn open_with(root: &Path, variant: Option<&str>, specs: &BTreeMap<String, ComponentSpec>) -> Result<PipelineFolder, CheckpointError> {
         let index = read_model_index(root)?;
         let mut components = vec![];
         let mut notes = vec![];
         let mut any_variant = false;
+        let mut any_weights = false;
         for (name, entry) in &index.components {
             let Some((library, class)) = entry else { continue };
-            let dir = root.join(name);
-            if !dir.is_dir() {
-                return Err(CheckpointError::format(&index.path, format!("names component `{name}` ({library} {class}) but `{}` does not exist", dir.display())));
+            let spec = specs.get(name).cloned().unwrap_or_default();
+            if spec.enabled == Some(false) {
+                notes.push(format!("component `{name}` is disabled by the manifest"));
+                continue;
             }
-            let checkpoint = if component_has_weights(class, &dir) {
-                let w = resolve_folder(&dir, Some(Library::from_index(library)), variant, VariantPolicy::FallBack)?;
+            let dir = root.join(name);
+            let lib = Library::from_index(library);
+            let component_variant = spec.variant.as_deref().or(variant);
+            let checkpoint = if let Some(src) = &spec.source {
+                // An explicit variant on the component must exist; the pipeline's falls back.
+                let policy = if spec.variant.is_some() { VariantPolicy::Require } else { VariantPolicy::FallBack };
+                let w = resolve_source(src, Some(lib), component_variant, policy)?;
                 any_variant |= w.variant.is_some();
+                any_weights = true;
                 let c = Checkpoint::open(w)?;
                 notes.extend(c.weights.notes.iter().cloned());
                 Some(c)
             } else {
-                None
+                if !dir.is_dir() {
+                    return Err(CheckpointError::format(&index.path, format!("names component `{name}` ({library} {class}) but `{}` does not exist", dir.display())));
+                }
+                if component_has_weights(class, &dir) {
+                    let policy = if spec.variant.is_some() { VariantPolicy::Require } else { VariantPolicy::FallBack };
+                    let w = resolve_folder(&dir, Some(lib), component_variant, policy)?;
+                    any_variant |= w.variant.is_some();
+                    any_weights = true;
+                    let c = Checkpoint::open(w)?;
+                    notes.extend(c.weights.notes.iter().cloned());
+                    Some(c)
+                } else {
+                    None
+                }
             };
             components.push(Component { name: name.clone(), library: library.clone(), class: class.clone(), dir, checkpoint });
         }
+        for name in specs.keys() {
+            if !index.components.get(name).is_some_and(|e| e.is_some()) {
+                notes.push(format!("the manifest configures component `{name}`, which `{}` does not list", index.path.display()));
+            }
+        }
         if let Some(v) = variant {
-            if !any_variant && components.iter().any(|c| c.checkpoint.is_some()) {
+            if !any_variant && any_weights {
                 return Err(CheckpointError::format(root, format!("no component has `{v}` variant weights (diffusers: \"no such modeling files are available\")")));
             }
         }
         Ok(PipelineFolder { root: root.to_path_buf(), index, components, notes })
+    }
+
+    /// Every file a run reads: `model_index.json`, each component's configs, vocabularies and
+    /// weight files (index and shards), sorted.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.index.path.clone()];
+        for c in &self.components {
+            match &c.checkpoint {
+                Some(ck) => {
+                    let cfg_dir = match &ck.weights.files {
+                        WeightFiles::Single(p) => p.parent().map(Path::to_path_buf),
+                        WeightFiles::Sharded(i) => {
+                            out.push(i.path.clone());
+                            i.path.parent().map(Path::to_path_buf)
+                        }
+                    };
+                    out.extend(ck.files.iter().map(|(p, _)| p.clone()));
+                    // The model's config: beside the weights, else in the pipeline's folder.
+                    let cfg = cfg_dir.map(|d| d.join("config.json")).filter(|p| p.is_file()).unwrap_or_else(|| c.dir.join("config.json"));
+                    if cfg.is_file() {
+                        out.push(cfg);
+                    }
+                }
+                None => {
+                    for n in file_names(&c.dir) {
+                        if n.ends_with(".json") || n.ends_with(".txt") || n.ends_with(".model") {
+                            out.push(c.dir.join(n));
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     pub fn component(&self, name: &str) -> Option<&Component> {

@@ -31,3 +31,18 @@ impl CheckpointError {
         CheckpointError::Io { path: path.to_path_buf(), source }
     }
 }
+
+/// Opens the pipeline a manifest describes: its folder, with each component's `source`,
+/// `variant` and `enabled` applied (relative paths resolved by where they were set).
+pub fn open_for_manifest(m: &crate::manifest::LoadedManifest) -> Result<layout::PipelineFolder, CheckpointError> {
+    let specs = m
+        .manifest
+        .components
+        .iter()
+        .map(|(name, c)| {
+            let source = c.source.as_ref().map(|p| m.resolve_path(&format!("components.{name}.source"), p));
+            (name.clone(), layout::ComponentSpec { source, variant: c.variant.clone(), enabled: c.enabled })
+        })
+        .collect();
+    layout::PipelineFolder::open_with(&m.pipeline_source(), m.manifest.pipeline.variant.as_deref(), &specs)
+}
