@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod diagnostics;
 mod layering;
+mod load;
 mod lock;
 mod schema;
 mod setup;

@@ -4,6 +4,7 @@
 pub mod index;
 pub mod inspect;
 pub mod layout;
+pub mod load;
 pub mod safetensors;
 pub mod shard;
 

@@ -1,0 +1,206 @@
+//! Checkpoint tensors into libtorch: files are mapped copy-on-write, and tensors whose dtype
+//! is already the target's are views of the mapping (zero-copy on CPU when aligned); others
+//! are converted tensor by tensor, and the pages of the source range are released right after,
+//! so peak memory stays near the bytes of the result. Nothing reads a whole file into memory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::layout::Checkpoint;
+use super::safetensors::{Dtype, TensorInfo};
+use super::CheckpointError;
+
+/// The libtorch kind of a safetensors dtype, where libtorch has one.
+pub fn kind_of(d: Dtype) -> Option<Kind> {
+    Some(match d {
+        Dtype::BOOL => Kind::Bool,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I32 => Kind::Int,
+        Dtype::I64 => Kind::Int64,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F8_E5M2 => Kind::Float8e5m2,
+        Dtype::F8_E4M3 => Kind::Float8e4m3fn,
+        Dtype::F8_E4M3FNUZ => Kind::Float8e4m3fnuz,
+        Dtype::F8_E5M2FNUZ => Kind::Float8e5m2fnuz,
+        Dtype::C64 => Kind::ComplexFloat,
+        _ => return None,
+    })
+}
+
+/// Tensors of a checkpoint, some of them views of mapped files. The maps live as long as the
+/// store; callers that keep a tensor beyond it take [`Tensor::copy`] (views are not owners).
+pub struct TensorStore {
+    tensors: BTreeMap<String, Tensor>,
+    /// Names of the tensors that are views of a mapping (zero-copy).
+    zero_copy: Vec<String>,
+    _maps: Vec<Arc<memmap2::MmapMut>>,
+}
+
+impl TensorStore {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    pub fn zero_copy_count(&self) -> usize {
+        self.zero_copy.len()
+    }
+    /// Moves every tensor out as an owned copy, releasing the maps.
+    pub fn into_owned(self) -> BTreeMap<String, Tensor> {
+        let zc: std::collections::HashSet<String> = self.zero_copy.into_iter().collect();
+        self.tensors.into_iter().map(|(k, t)| if zc.contains(&k) { let c = t.copy(); (k, c) } else { (k, t) }).collect()
+    }
+}
+
+/// How to load.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Cast floating-point tensors to this kind (integer tensors keep theirs), like
+    /// `model.to(dtype)`.
+    pub float_kind: Option<Kind>,
+    pub device: Device,
+    /// Fault every page in at map time (`MAP_POPULATE`): tensors are ready, not lazily read.
+    pub populate: bool,
+}
+
+fn map_file(path: &Path, populate: bool) -> Result<memmap2::MmapMut, CheckpointError> {
+    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let mut opts = memmap2::MmapOptions::new();
+    if populate {
+        opts.populate();
+    }
+    // SAFETY: a private (copy-on-write) mapping: libtorch may write to views without touching
+    // the file; the file must not be truncated while mapped (as with every mmap loader).
+    unsafe { opts.map_copy(&file) }.map_err(|e| CheckpointError::io(path, e))
+}
+
+fn shape_i64(path: &Path, t: &TensorInfo) -> Result<Vec<i64>, CheckpointError> {
+    t.shape.iter().map(|&d| i64::try_from(d).map_err(|_| CheckpointError::tensor(path, &t.name, "dimension too large"))).collect()
+}
+
+/// Loads `names` (all tensors when `None`) of a checkpoint.
+pub fn load(ck: &Checkpoint, names: Option<&[&str]>, opts: LoadOptions) -> Result<TensorStore, CheckpointError> {
+    let maps: Vec<Arc<memmap2::MmapMut>> = ck.files.iter().map(|(p, _)| map_file(p, opts.populate).map(Arc::new)).collect::<Result<_, _>>()?;
+    let mut tensors = BTreeMap::new();
+    let mut zero_copy = vec![];
+    let wanted: Vec<&str> = match names {
+        Some(n) => n.to_vec(),
+        None => ck.tensors.keys().map(String::as_str).collect(),
+    };
+    for name in wanted {
+        let loc = ck.tensors.get(name).ok_or_else(|| CheckpointError::tensor(&ck.files[0].0, name, "not in this checkpoint"))?;
+        let (path, header) = &ck.files[loc.file];
+        let info = &loc.info;
+        let kind = kind_of(info.dtype).ok_or_else(|| CheckpointError::tensor(path, name, format!("dtype {} has no libtorch equivalent", info.dtype)))?;
+        let target = match opts.float_kind {
+            Some(k) if info.dtype.is_float() => k,
+            _ => kind,
+        };
+        let shape = shape_i64(path, info)?;
+        let map = &maps[loc.file];
+        let start = (header.data_start + info.data_offsets.0) as usize;
+        let len = info.nbytes() as usize;
+        let ptr = map[start..start + len].as_ptr();
+        let aligned = (ptr as usize) % kind.elt_size_in_bytes().max(1) == 0;
+        // SAFETY: `ptr..ptr+len` lies in the mapping (validated header), which the store keeps
+        // alive; the mapping is private, so in-place writes do not reach the file.
+        let view = |p: *const u8| unsafe { Tensor::f_from_blob(p, &shape, &[], kind, Device::Cpu) };
+        let err = |e: tch::TchError| CheckpointError::tensor(path, name, e.to_string());
+        let t = if aligned {
+            let v = view(ptr).map_err(err)?;
+            if target == kind && opts.device == Device::Cpu {
+                zero_copy.push(name.to_string());
+                v
+            } else {
+                let out = v.f_to_device(opts.device).and_then(|t| t.f_to_kind(target)).map_err(err)?;
+                release(map, start, len);
+                out
+            }
+        } else {
+            // Unaligned data (possible in files not written by safetensors): copy, then convert.
+            let bytes = &map[start..start + len];
+            let owned = Tensor::f_from_data_size(bytes, &shape, kind).map_err(err)?;
+            owned.f_to_device(opts.device).and_then(|t| t.f_to_kind(target)).map_err(err)?
+        };
+        tensors.insert(name.to_string(), t);
+    }
+    Ok(TensorStore { tensors, zero_copy, _maps: maps })
+}
+
+/// Drops the pages of a source range that was converted (and so is no longer viewed).
+fn release(map: &memmap2::MmapMut, start: usize, len: usize) {
+    let page = 4096;
+    let s = start.div_ceil(page) * page;
+    let e = (start + len) / page * page;
+    if e > s {
+        // SAFETY: no live tensor views this range (its data was converted into a new tensor);
+        // a private mapping re-reads the file if it is ever touched again.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, e - s) };
+    }
+}
+
+/// The expected state of a model: parameter/buffer names and shapes.
+pub type Expected = BTreeMap<String, Vec<u64>>;
+
+/// A checkpoint that does not match its model, reported as PyTorch's `load_state_dict` does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", render_mismatch(self))]
+pub struct KeyMismatch {
+    pub model: String,
+    pub checkpoint: PathBuf,
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+    /// (name, checkpoint shape, model shape)
+    pub wrong_shape: Vec<(String, Vec<u64>, Vec<u64>)>,
+}
+
+fn render_mismatch(m: &KeyMismatch) -> String {
+    let mut s = format!("error(s) in loading state_dict for {} from `{}`:", m.model, m.checkpoint.display());
+    let list = |v: &[String]| v.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ");
+    if !m.missing.is_empty() {
+        s.push_str(&format!("\n  missing key(s) in state_dict ({}): {}", m.missing.len(), list(&m.missing)));
+    }
+    if !m.unexpected.is_empty() {
+        s.push_str(&format!("\n  unexpected key(s) in state_dict ({}): {}", m.unexpected.len(), list(&m.unexpected)));
+    }
+    for (k, have, want) in &m.wrong_shape {
+        s.push_str(&format!("\n  size mismatch for {k}: copying a param with shape {have:?} from checkpoint, the shape in current model is {want:?}"));
+    }
+    s
+}
+
+/// Strict check of a checkpoint against a model's expected tensors: every expected key present
+/// with its shape, nothing unexpected (diffusers' behaviour; loaders that silently leave weights
+/// uninitialised are a known class of bugs).
+pub fn check_keys(model: &str, ck: &Checkpoint, expected: &Expected) -> Result<(), KeyMismatch> {
+    let missing: Vec<String> = expected.keys().filter(|k| !ck.tensors.contains_key(*k)).cloned().collect();
+    let unexpected: Vec<String> = ck.tensors.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
+    let wrong_shape: Vec<(String, Vec<u64>, Vec<u64>)> = expected
+        .iter()
+        .filter_map(|(k, want)| ck.tensors.get(k).filter(|t| &t.info.shape != want).map(|t| (k.clone(), t.info.shape.clone(), want.clone())))
+        .collect();
+    if missing.is_empty() && unexpected.is_empty() && wrong_shape.is_empty() {
+        return Ok(());
+    }
+    let source = match &ck.weights.files {
+        super::layout::WeightFiles::Single(p) => p.clone(),
+        super::layout::WeightFiles::Sharded(i) => i.path.clone(),
+    };
+    Err(KeyMismatch { model: model.to_string(), checkpoint: source, missing, unexpected, wrong_shape })
+}

@@ -1,0 +1,86 @@
+//! Checkpoint tensors into libtorch: zero-copy views where possible, conversions like
+//! `model.to(dtype)`, strict key checks.
+
+use runner::checkpoint::layout::{resolve_source, Checkpoint, VariantPolicy};
+use runner::checkpoint::load::{check_keys, load, Expected, LoadOptions};
+use runner::checkpoint::safetensors::MappedFile;
+use tch::{Device, Kind, Tensor};
+
+use crate::util::root;
+
+fn ck(rel: &str) -> Checkpoint {
+    Checkpoint::open(resolve_source(&root().join(rel), None, None, VariantPolicy::Require).unwrap()).unwrap()
+}
+
+/// A tensor built by copying raw bytes (the reference).
+fn reference(c: &Checkpoint, name: &str, kind: Kind) -> Tensor {
+    let loc = &c.tensors[name];
+    let map = MappedFile::open(&c.files[loc.file].0).unwrap();
+    let shape: Vec<i64> = loc.info.shape.iter().map(|&d| d as i64).collect();
+    Tensor::from_data_size(map.data(&loc.info), &shape, kind)
+}
+
+#[test]
+fn same_dtype_is_zero_copy_and_exact() {
+    tch::set_num_threads(1);
+    let c = ck("tests/fixtures/tiny-sdxl-unet-sharded");
+    let store = load(&c, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap();
+    assert_eq!(store.len(), 838);
+    assert_eq!(store.zero_copy_count(), 838, "safetensors data is 8-byte aligned: every f32 tensor is a view");
+    for name in ["conv_in.weight", "add_embedding.linear_1.weight", "up_blocks.0.attentions.0.transformer_blocks.2.attn2.to_k.weight"] {
+        let t = store.get(name).unwrap();
+        assert_eq!(t.kind(), Kind::Float);
+        assert!(t.equal(&reference(&c, name, Kind::Float)), "{name}");
+    }
+}
+
+#[test]
+fn writes_to_views_do_not_reach_the_file() {
+    let c = ck("tests/fixtures/tiny-sd15/vae");
+    let before = std::fs::read(&c.files[0].0).unwrap();
+    let store = load(&c, Some(&["decoder.conv_out.bias"]), LoadOptions { float_kind: None, device: Device::Cpu, populate: true }).unwrap();
+    let mut t = store.get("decoder.conv_out.bias").unwrap().shallow_clone();
+    let _ = t.fill_(42.0);
+    assert_eq!(std::fs::read(&c.files[0].0).unwrap(), before);
+    let owned = store.into_owned();
+    assert_eq!(owned["decoder.conv_out.bias"].double_value(&[0]), 42.0);
+}
+
+#[test]
+fn conversions_match_torch_casts() {
+    tch::set_num_threads(1);
+    // fp16 file -> f32 tensors (diffusers' default upcast of variant weights)
+    let c = ck("tests/fixtures/tiny-sdxl/unet/diffusion_pytorch_model.fp16.safetensors");
+    let store = load(&c, None, LoadOptions { float_kind: Some(Kind::Float), device: Device::Cpu, populate: false }).unwrap();
+    assert_eq!(store.zero_copy_count(), 0);
+    let name = "mid_block.attentions.0.proj_in.weight";
+    let t = store.get(name).unwrap();
+    assert_eq!(t.kind(), Kind::Float);
+    assert!(t.equal(&reference(&c, name, Kind::Half).to_kind(Kind::Float)));
+    // f32 file -> bf16
+    let c = ck("tests/fixtures/tiny-sdxl/vae");
+    let store = load(&c, Some(&["encoder.conv_in.weight"]), LoadOptions { float_kind: Some(Kind::BFloat16), device: Device::Cpu, populate: false }).unwrap();
+    let t = store.get("encoder.conv_in.weight").unwrap();
+    assert!(t.equal(&reference(&c, "encoder.conv_in.weight", Kind::Float).to_kind(Kind::BFloat16)));
+    // unknown names are errors naming the tensor
+    let err = load(&c, Some(&["nope"]), LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).err().unwrap();
+    assert!(err.to_string().contains("tensor `nope`: not in this checkpoint"), "{err}");
+}
+
+#[test]
+fn strict_keys_like_load_state_dict() {
+    let c = ck("tests/fixtures/tiny-sd15/vae");
+    let mut expected: Expected = c.tensors.iter().map(|(k, t)| (k.clone(), t.info.shape.clone())).collect();
+    check_keys("AutoencoderKL", &c, &expected).unwrap();
+    expected.remove("decoder.conv_out.bias");
+    expected.insert("decoder.conv_out.extra".into(), vec![3]);
+    expected.insert("encoder.conv_in.weight".into(), vec![8, 3, 3, 3, 1]);
+    let err = check_keys("AutoencoderKL", &c, &expected).unwrap_err();
+    assert_eq!(err.missing, ["decoder.conv_out.extra"]);
+    assert_eq!(err.unexpected, ["decoder.conv_out.bias"]);
+    let msg = err.to_string();
+    assert!(msg.starts_with("error(s) in loading state_dict for AutoencoderKL from `"), "{msg}");
+    assert!(msg.contains("missing key(s) in state_dict (1): \"decoder.conv_out.extra\""), "{msg}");
+    assert!(msg.contains("unexpected key(s) in state_dict (1): \"decoder.conv_out.bias\""), "{msg}");
+    assert!(msg.contains("size mismatch for encoder.conv_in.weight: copying a param with shape [8, 3, 3, 3] from checkpoint, the shape in current model is [8, 3, 3, 3, 1]"), "{msg}");
+}
