@@ -13,8 +13,16 @@ echo
 echo "== runner config $manifest (effective values and where each came from)"
 "$bin" config "$manifest"
 echo
+source_dir=$("$bin" config --json "$manifest" 2>/dev/null | python3 -c 'import json, sys; print(json.load(sys.stdin)["pipeline_source"])')
+echo "== runner inspect $source_dir (sizes from safetensors headers)"
+"$bin" inspect "$source_dir"
+echo
+echo "== runner validate --locked $manifest (every file it reads against ${manifest}.lock)"
+"$bin" validate --locked "$manifest"
+echo
 cat <<'MSG'
 make demo stops here: the planner (`runner plan`, issue 4) and the executor (`runner run`,
-issue 5) are not built yet, so no image is written. The manifest above validated and its layered
-configuration resolved; libtorch loaded and ran its smoke test.
+issue 5) are not built yet, so no image is written. The manifest above validated, its layered
+configuration resolved, its pipeline was read from headers and matched its lock; libtorch loaded
+and ran its smoke test.
 MSG

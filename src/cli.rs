@@ -127,6 +127,10 @@ enum Command {
         /// Replace DIR if it exists and is not empty.
         #[arg(long)]
         force: bool,
+        /// Skip flushing shards to disk before DIR is swapped in (faster; an interrupted process
+        /// still leaves no half-checkpoint, but a power loss might).
+        #[arg(long)]
+        no_fsync: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -223,13 +227,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => info(json),
-        Command::Shard { src, out, max_shard_size, dtype, variant, force, json } => {
+        Command::Shard { src, out, max_shard_size, dtype, variant, force, no_fsync, json } => {
             let dtype = dtype.map(|d| match d {
                 DtypeArg::Fp32 => runner::manifest::Dtype::Fp32,
                 DtypeArg::Fp16 => runner::manifest::Dtype::Fp16,
                 DtypeArg::Bf16 => runner::manifest::Dtype::Bf16,
             });
-            let opts = runner::checkpoint::shard::ShardOptions { max_shard_size: max_shard_size.0, dtype, variant, force };
+            let opts = runner::checkpoint::shard::ShardOptions { max_shard_size: max_shard_size.0, dtype, variant, force, fsync: !no_fsync };
             let bar = progress_bar("sharding");
             let report = runner::checkpoint::shard::shard(&src, &out, &opts, &|done, total| {
                 bar.set_length(total);

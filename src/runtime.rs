@@ -7,6 +7,16 @@ use serde::Serialize;
 /// The libtorch version this binary was built against (read from the wheel at build time).
 pub const LIBTORCH_VERSION: &str = env!("RUNNER_LIBTORCH_VERSION");
 
+/// Process-wide libtorch settings that must be in place before its first allocation. Large CPU
+/// tensors (weights, their conversions) are backed by transparent huge pages unless the user
+/// chose otherwise: first-touch page faults otherwise halve load throughput (benches/).
+pub fn configure_allocator() {
+    if std::env::var_os("THP_MEM_ALLOC_ENABLE").is_none() {
+        // Called at the start of main, before any thread exists.
+        std::env::set_var("THP_MEM_ALLOC_ENABLE", "1");
+    }
+}
+
 /// Loads libtorch's CUDA backend if it is installed. With `--as-needed` linking the binary does
 /// not depend on `libtorch_cuda.so`, so its kernels register only when it is loaded by hand;
 /// on a CPU-only install this fails (missing CUDA libraries) and runner carries on on the CPU.

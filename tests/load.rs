@@ -62,6 +62,11 @@ fn conversions_match_torch_casts() {
     let store = load(&c, Some(&["encoder.conv_in.weight"]), LoadOptions { float_kind: Some(Kind::BFloat16), device: Device::Cpu, populate: false }).unwrap();
     let t = store.get("encoder.conv_in.weight").unwrap();
     assert!(t.equal(&reference(&c, "encoder.conv_in.weight", Kind::Float).to_kind(Kind::BFloat16)));
+    // f32 file -> f16 (SIMD conversion) equals torch's cast on every tensor
+    let store = load(&c, None, LoadOptions { float_kind: Some(Kind::Half), device: Device::Cpu, populate: false }).unwrap();
+    for name in c.tensors.keys() {
+        assert!(store.get(name).unwrap().equal(&reference(&c, name, Kind::Float).to_kind(Kind::Half)), "{name}");
+    }
     // unknown names are errors naming the tensor
     let err = load(&c, Some(&["nope"]), LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).err().unwrap();
     assert!(err.to_string().contains("tensor `nope`: not in this checkpoint"), "{err}");

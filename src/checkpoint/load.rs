@@ -64,7 +64,19 @@ impl TensorStore {
     /// Moves every tensor out as an owned copy, releasing the maps.
     pub fn into_owned(self) -> BTreeMap<String, Tensor> {
         let zc: std::collections::HashSet<String> = self.zero_copy.into_iter().collect();
-        self.tensors.into_iter().map(|(k, t)| if zc.contains(&k) { let c = t.copy(); (k, c) } else { (k, t) }).collect()
+        self.tensors
+            .into_iter()
+            .map(|(k, t)| {
+                if zc.contains(&k) {
+                    // empty_like + copy_: one pass (tch's `copy` zero-fills first).
+                    let mut c = t.empty_like();
+                    c.copy_(&t);
+                    (k, c)
+                } else {
+                    (k, t)
+                }
+            })
+            .collect()
     }
 }
 
@@ -85,9 +97,59 @@ fn map_file(path: &Path, populate: bool) -> Result<memmap2::MmapMut, CheckpointE
     if populate {
         opts.populate();
     }
-    // SAFETY: a private (copy-on-write) mapping: libtorch may write to views without touching
-    // the file; the file must not be truncated while mapped (as with every mmap loader).
-    unsafe { opts.map_copy(&file) }.map_err(|e| CheckpointError::io(path, e))
+    // SAFETY: a private mapping, populated read-only (page-cache pages are shared, not copied),
+    // then made writable copy-on-write: libtorch may write to views without touching the file.
+    // The file must not be truncated while mapped (as with every mmap loader).
+    let map = unsafe { opts.map_copy_read_only(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+    map.make_mut().map_err(|e| CheckpointError::io(path, e))
+}
+
+/// Half-precision <-> f32 conversion on the CPU with SIMD (F16C where present), in parallel
+/// over large tensors; rounding is round-to-nearest-even, as torch's casts. Returns `None` for
+/// pairs it does not handle (libtorch converts those).
+fn convert_fast(src: Dtype, target: Kind, data: &[u8], shape: &[i64]) -> Option<Result<Tensor, tch::TchError>> {
+    use half::slice::HalfFloatSliceExt;
+    use half::{bf16, f16};
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    let numel = data.len() / (src.bits() / 8) as usize;
+    let out_kind = match (src, target) {
+        (Dtype::F16 | Dtype::BF16, Kind::Float) => Kind::Float,
+        (Dtype::F32, Kind::Half | Kind::BFloat16) => target,
+        _ => return None,
+    };
+    let out = match Tensor::f_empty(shape, (out_kind, Device::Cpu)) {
+        Ok(t) => t,
+        Err(e) => return Some(Err(e)),
+    };
+    // SAFETY: `out` is a fresh contiguous tensor of `numel` elements of `out_kind`; `data` is
+    // `numel` elements of `src`, aligned (checked by the caller).
+    unsafe {
+        match (src, out_kind) {
+            (Dtype::F16, Kind::Float) | (Dtype::BF16, Kind::Float) => {
+                let dst = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, numel);
+                if src == Dtype::F16 {
+                    let s = std::slice::from_raw_parts(data.as_ptr() as *const f16, numel);
+                    dst.par_chunks_mut(CHUNK).zip(s.par_chunks(CHUNK)).for_each(|(d, s)| s.convert_to_f32_slice(d));
+                } else {
+                    let s = std::slice::from_raw_parts(data.as_ptr() as *const bf16, numel);
+                    dst.par_chunks_mut(CHUNK).zip(s.par_chunks(CHUNK)).for_each(|(d, s)| s.convert_to_f32_slice(d));
+                }
+            }
+            (Dtype::F32, Kind::Half) => {
+                let s = std::slice::from_raw_parts(data.as_ptr() as *const f32, numel);
+                let dst = std::slice::from_raw_parts_mut(out.data_ptr() as *mut f16, numel);
+                dst.par_chunks_mut(CHUNK).zip(s.par_chunks(CHUNK)).for_each(|(d, s)| d.convert_from_f32_slice(s));
+            }
+            (Dtype::F32, Kind::BFloat16) => {
+                let s = std::slice::from_raw_parts(data.as_ptr() as *const f32, numel);
+                let dst = std::slice::from_raw_parts_mut(out.data_ptr() as *mut bf16, numel);
+                dst.par_chunks_mut(CHUNK).zip(s.par_chunks(CHUNK)).for_each(|(d, s)| d.convert_from_f32_slice(s));
+            }
+            _ => unreachable!(),
+        }
+    }
+    Some(Ok(out))
 }
 
 fn shape_i64(path: &Path, t: &TensorInfo) -> Result<Vec<i64>, CheckpointError> {
@@ -127,6 +189,10 @@ pub fn load(ck: &Checkpoint, names: Option<&[&str]>, opts: LoadOptions) -> Resul
             if target == kind && opts.device == Device::Cpu {
                 zero_copy.push(name.to_string());
                 v
+            } else if let Some(out) = convert_fast(info.dtype, target, &map[start..start + len], &shape) {
+                let out = out.and_then(|t| t.f_to_device(opts.device)).map_err(err)?;
+                release(map, start, len);
+                out
             } else {
                 let out = v.f_to_device(opts.device).and_then(|t| t.f_to_kind(target)).map_err(err)?;
                 release(map, start, len);

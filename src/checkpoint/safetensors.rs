@@ -326,6 +326,20 @@ impl MappedFile {
         let start = (self.header.data_start + t.data_offsets.0) as usize;
         &self.map[start..start + t.nbytes() as usize]
     }
+
+    /// Unmaps the whole pages of a tensor that has been consumed, so that streaming through a
+    /// large file keeps resident memory bounded (the data stays in the page cache). Takes
+    /// `&mut self`: no slice from [`MappedFile::data`] may be alive.
+    pub fn release(&mut self, t: &TensorInfo) {
+        let page = 4096;
+        let start = (self.header.data_start + t.data_offsets.0) as usize;
+        let (s, e) = (start.div_ceil(page) * page, (start + t.nbytes() as usize) / page * page);
+        if e > s {
+            // SAFETY: no borrow of the mapping is alive (`&mut self`); a shared read-only file
+            // mapping refaults the same bytes from the file if the range is read again.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, e - s) };
+        }
+    }
 }
 
 /// Serializes a header the way the safetensors crate does (`prepare`): compact JSON,

@@ -69,6 +69,9 @@ pub struct ShardOptions {
     pub variant: Option<String>,
     /// Replace an existing, non-empty output folder.
     pub force: bool,
+    /// Flush every shard to disk before the output folder is swapped in, so that a power loss
+    /// cannot leave a folder of partly written shards (process interruption never can).
+    pub fsync: bool,
 }
 
 /// What was written.
@@ -156,7 +159,7 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
         }
     }
 
-    let maps: Vec<MappedFile> = checkpoint.files.iter().map(|(p, _)| MappedFile::open(p)).collect::<Result<_, _>>()?;
+    let mut maps: Vec<MappedFile> = checkpoint.files.iter().map(|(p, _)| MappedFile::open(p)).collect::<Result<_, _>>()?;
     let names: Vec<&String> = checkpoint.tensors.keys().collect(); // sorted: key order
     let targets: Vec<Dtype> = names.iter().map(|n| out_dtype(checkpoint.tensors[*n].info.dtype, opts.dtype)).collect();
     let sizes: Vec<u64> = names
@@ -217,11 +220,14 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
                     w.write_all(&buf).map_err(io)?;
                 }
             }
+            maps[loc.file].release(&loc.info);
             done += sizes[i];
             progress(done, total_size);
         }
         let file = w.into_inner().map_err(|e| CheckpointError::io(&path, e.into_error()))?;
-        file.sync_all().map_err(io)?;
+        if opts.fsync {
+            file.sync_all().map_err(io)?;
+        }
         files.push((name, off));
     }
     if plan.is_empty() {
