@@ -89,3 +89,17 @@ fn strict_keys_like_load_state_dict() {
     assert!(msg.contains("unexpected key(s) in state_dict (1): \"decoder.conv_out.bias\""), "{msg}");
     assert!(msg.contains("size mismatch for encoder.conv_in.weight: copying a param with shape [8, 3, 3, 3] from checkpoint, the shape in current model is [8, 3, 3, 3, 1]"), "{msg}");
 }
+
+/// diffusers draws initial latents with `torch.randn` on a CPU generator seeded with the seed;
+/// tch's `manual_seed` + `randn` is the same ATen generator: the committed references agree.
+#[test]
+fn reference_latents_are_tch_randn_draws() {
+    tch::set_num_threads(1);
+    for (case, seed, shape) in [("sd15-pndm", 0, vec![1i64, 4, 8, 8]), ("sd15-pndm-noguidance-batch2", 42, vec![2, 4, 8, 8]), ("sdxl-euler", 0, vec![1, 4, 8, 8])] {
+        let refs = ck(&format!("tests/fixtures/refs/{case}.safetensors"));
+        let store = load(&refs, Some(&["latents.init"]), LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap();
+        tch::manual_seed(seed);
+        let drawn = Tensor::randn(&shape, (Kind::Float, Device::Cpu));
+        assert!(store.get("latents.init").unwrap().equal(&drawn), "{case}");
+    }
+}
