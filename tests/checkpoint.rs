@@ -177,3 +177,32 @@ fn bad_folders() {
     assert!(inspect_err(&other).contains("no `model_index.json`: not a diffusers pipeline folder"));
     assert!(inspect_err(&dir.join("nope")).contains("nope"));
 }
+
+/// Real SD 1.5 / SDXL sizes from sparse full-size files: runner's exact bytes at each dtype
+/// equal what accelerate's `compute_module_sizes` counts for the same configs.
+#[test]
+fn real_size_pipelines_from_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["sdxl", "sd15"] {
+        let root = crate::util::sparse_pipeline(name, dir.path(), Dtype::F32);
+        let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::util::data(&format!("shapes/{name}.json"))).unwrap()).unwrap();
+        let t = std::time::Instant::now();
+        let (code, stdout, stderr) = run(runner().args(["inspect", "--json"]).arg(&root));
+        assert_eq!(code, 0, "{stderr}");
+        eprintln!("inspect of the full-size {name} folder: {:?}", t.elapsed());
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        for c in v["components"].as_array().unwrap().iter().filter(|c| !c["weights"].is_null()) {
+            let name = c["name"].as_str().unwrap();
+            let accelerate = spec["components"][name]["accelerate_module_size_fp32"].as_u64().unwrap();
+            assert_eq!(c["weights"]["bytes_at"]["fp32"], accelerate, "{name}");
+        }
+    }
+    // The numbers of ../shared/reference-configs/README.md, at fp16.
+    let root = dir.path().join("sdxl");
+    let p = PipelineFolder::open(&root, None).unwrap();
+    let at16 = |n: &str| p.component(n).unwrap().checkpoint.as_ref().unwrap().bytes_at(2);
+    assert_eq!(at16("unet"), 5_134_927_368);
+    assert_eq!(at16("text_encoder_2"), 1_389_320_296);
+    assert_eq!(at16("text_encoder"), 246_121_576);
+    assert_eq!(at16("vae"), 167_307_726);
+}

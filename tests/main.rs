@@ -38,6 +38,45 @@ pub mod util {
         cmd
     }
 
+    /// A full-size diffusers pipeline folder whose safetensors files have real headers and a
+    /// sparse (hole) data region: real sizes at no disk cost. From tests/data/shapes/{name}.json
+    /// (tools/make_shapes.py). Float tensors are stored as `float` (F32 or F16).
+    pub fn sparse_pipeline(name: &str, dir: &Path, float: runner::checkpoint::safetensors::Dtype) -> PathBuf {
+        use runner::checkpoint::safetensors::{encode_header, Dtype, TensorInfo};
+        let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data(&format!("shapes/{name}.json"))).unwrap()).unwrap();
+        let root = dir.join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("model_index.json"), serde_json::to_string_pretty(&spec["model_index"]).unwrap()).unwrap();
+        for (comp, entry) in spec["model_index"].as_object().unwrap() {
+            if entry.is_array() && entry[0].is_string() {
+                std::fs::create_dir_all(root.join(comp)).unwrap();
+            }
+        }
+        for (comp, c) in spec["components"].as_object().unwrap() {
+            let d = root.join(comp);
+            std::fs::write(d.join("config.json"), serde_json::to_string_pretty(&c["config"]).unwrap()).unwrap();
+            let mut infos = vec![];
+            let mut off = 0u64;
+            for t in c["tensors"].as_array().unwrap() {
+                let dtype = match t[1].as_str().unwrap() {
+                    "I64" => Dtype::I64,
+                    _ => float,
+                };
+                let shape: Vec<u64> = t[2].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+                let n = shape.iter().product::<u64>() * dtype.bits() / 8;
+                infos.push(TensorInfo { name: t[0].as_str().unwrap().to_string(), dtype, shape, data_offsets: (off, off + n) });
+                off += n;
+            }
+            let file = if c["library"] == "diffusers" { "diffusion_pytorch_model.safetensors" } else { "model.safetensors" };
+            let header = encode_header(&infos, &Default::default());
+            let f = std::fs::File::create(d.join(file)).unwrap();
+            use std::io::Write;
+            (&f).write_all(&header).unwrap();
+            f.set_len(header.len() as u64 + off).unwrap();
+        }
+        root
+    }
+
     /// Runs the command and returns (exit code, stdout, stderr).
     pub fn run(cmd: &mut Command) -> (i32, String, String) {
         let out = cmd.output().expect("runs");
