@@ -26,12 +26,12 @@ for i in $(seq 1 ${RUNS:-5}); do
   rm -rf "$DIR/shard-r" "$DIR/shard-p"
   drop_caches
   warm "$DIR/f32.safetensors" "$DIR/f16.safetensors"
+  # Alternate which side goes first: a run that follows a large free is slowed by the kernel.
+  r_load() { "$BIN" load-touch "$DIR/f32.safetensors"; "$BIN" load-touch "$DIR/f16.safetensors" f32; }
+  p_load() { "$PY" benches/checkpoint_py.py load "$DIR/f32.safetensors"; "$PY" benches/checkpoint_py.py load-to-f32 "$DIR/f16.safetensors"; }
   "$BIN" read "$DIR/f32.safetensors" | tee -a "$out"
   "$BIN" load "$DIR/f32.safetensors" | tee -a "$out"
-  "$BIN" load-touch "$DIR/f32.safetensors" | tee -a "$out"
-  "$PY" benches/checkpoint_py.py load "$DIR/f32.safetensors" | tee -a "$out"
-  "$BIN" load-touch "$DIR/f16.safetensors" f32 | tee -a "$out"
-  "$PY" benches/checkpoint_py.py load-to-f32 "$DIR/f16.safetensors" | tee -a "$out"
+  if (( i % 2 )); then r_load | tee -a "$out"; p_load | tee -a "$out"; else p_load | tee -a "$out"; r_load | tee -a "$out"; fi
   "$BIN" shard "$DIR/f32.safetensors" "$DIR/shard-r" 1GB no-fsync | tee -a "$out"
   rm -rf "$DIR/shard-r"
   "$PY" benches/checkpoint_py.py shard "$DIR/f32.safetensors" "$DIR/shard-p" 1GB | tee -a "$out"
