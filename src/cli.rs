@@ -77,6 +77,31 @@ enum Command {
         #[command(flatten)]
         layers: LayerArgs,
     },
+    /// Resolve the manifest to a concrete device map without loading a weight: component sizes
+    /// from safetensors headers at their dtypes, budgets from placement.max_memory (or --devices,
+    /// or the detected GPUs and RAM minus a reserve), the placement strategy, pins and offload
+    /// modes. Prints each component's device and why, and each device's budget, planned peak and
+    /// free memory. When nothing fits, says what is missing and which changes would work (exit 1).
+    #[command(after_help = LAYERS_HELP)]
+    Plan {
+        #[arg(value_name = "MANIFEST")]
+        file: PathBuf,
+        /// Print JSON (device_map, hf_device_map, components, devices).
+        #[arg(long)]
+        json: bool,
+        /// The hardware to plan for instead of this machine's, e.g.
+        /// "cuda:0=24GiB,cuda:1=24GiB,cpu=64GiB". placement.max_memory still sets the budgets.
+        #[arg(long, value_name = "SPEC")]
+        devices: Option<String>,
+        /// Count weights only, as diffusers' device_map="balanced" does (no working memory).
+        #[arg(long)]
+        weights_only: bool,
+        /// Check every file the manifest reads against MANIFEST.lock first.
+        #[arg(long)]
+        locked: bool,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
     /// Show the effective manifest after layering, and where each value came from.
     #[command(after_help = LAYERS_HELP)]
     Config {
@@ -221,6 +246,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
             print!("{}", manifest::schema_json());
@@ -346,6 +372,39 @@ fn config(file: &std::path::Path, json: bool, overrides: &Overrides, color: Colo
             writeln!(out, "{k:w0$}  {v:w1$}  {o}")?;
         }
         writeln!(out, "\npipeline folder: {}", loaded.pipeline_source().display())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+    use runner::plan::{build, inventory::Inventory, render};
+    let devices = devices.map(Inventory::parse_spec).transpose()?;
+    let loaded = match manifest::load(file, overrides) {
+        Ok(m) => m,
+        Err(diags) => {
+            diag::render_all(&diags, &mut stderr(color))?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    diag::render_all(&loaded.warnings, &mut stderr(color))?;
+    if locked {
+        runner::lock::verify_lock(&loaded)?;
+    }
+    let t = std::time::Instant::now();
+    let pipeline = runner::checkpoint::open_for_manifest(&loaded)?;
+    for n in &pipeline.notes {
+        tracing::info!("{n}");
+    }
+    let opts = build::BuildOptions { devices, weights_only };
+    let inventory = build::inventory(&loaded, &opts)?;
+    let input = build::plan_input(&loaded, &pipeline, inventory, &opts);
+    let plan = runner::plan::plan(&input).map_err(|e| anyhow::anyhow!("cannot place `{}` within the budgets: {e}", file.display()))?;
+    tracing::debug!(elapsed = ?t.elapsed(), "planned");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&render::to_json(&plan, weights_only))?);
+    } else {
+        println!("plan for {} ({}, strategy {})", file.display(), loaded.manifest.pipeline.kind.as_str(), plan.strategy.as_str());
+        print!("{}", render::to_table(&plan, weights_only));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,5 +10,6 @@ pub mod device;
 pub mod diag;
 pub mod lock;
 pub mod manifest;
+pub mod plan;
 pub mod runtime;
 pub mod units;

@@ -194,6 +194,16 @@ pub struct Placement {
     pub offload: Offload,
 }
 
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Balanced => "balanced",
+            Strategy::Sequential => "sequential",
+            Strategy::Auto => "auto",
+        }
+    }
+}
+
 /// `balanced`: diffusers' pipeline-level `device_map="balanced"` (largest component first,
 /// devices in snake order); `sequential`: fill devices in order; `auto`: whole components where
 /// they fit, splitting a component that fits no single device at block boundaries (accelerate).

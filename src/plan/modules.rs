@@ -1,0 +1,296 @@
+//! Module trees from tensor names alone: per-module bytes, diffusers' no-split units, groups
+//! (for group offload), and an execution order for splitting a component across devices.
+//!
+//! A tensor `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight` belongs to the
+//! leaf module `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`; its *unit* is the
+//! shortest enclosing no-split module (here the `BasicTransformerBlock`
+//! `down_blocks.1.attentions.0.transformer_blocks.0`), or its leaf module when none encloses it.
+//! Everything is linear in the number of tensors plus a sort.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+/// One indivisible piece of a component for placement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unit {
+    /// Module path (empty for parameters of the root module).
+    pub path: String,
+    pub bytes: u64,
+    /// The diffusers class that makes it a no-split unit, when it is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+}
+
+/// A component's module structure as far as placement needs it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModuleTree {
+    /// Units in execution order.
+    pub units: Vec<Unit>,
+    /// Bytes of the largest leaf module (what sequential offload streams at once).
+    pub largest_leaf: u64,
+    pub largest_leaf_path: String,
+    /// Offload groups in execution order: (path, bytes).
+    pub groups: Vec<(String, u64)>,
+    pub total: u64,
+}
+
+impl ModuleTree {
+    pub fn largest_unit(&self) -> u64 {
+        self.units.iter().map(|u| u.bytes).max().unwrap_or(0)
+    }
+    pub fn largest_group(&self) -> u64 {
+        self.groups.iter().map(|g| g.1).max().unwrap_or(0)
+    }
+}
+
+fn is_index(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The no-split unit (prefix length, class) enclosing a module path, for diffusers'
+/// `UNet2DConditionModel._no_split_modules` (BasicTransformerBlock, ResnetBlock2D,
+/// CrossAttnUpBlock2D, UpBlock2D). Other components are placed whole, so they need none.
+fn unet_unit(segs: &[&str], up_block_types: &[String]) -> Option<(usize, &'static str)> {
+    if segs.len() >= 2 && segs[0] == "up_blocks" && is_index(segs[1]) {
+        let i: usize = segs[1].parse().ok()?;
+        match up_block_types.get(i).map(String::as_str) {
+            Some("CrossAttnUpBlock2D") => return Some((2, "CrossAttnUpBlock2D")),
+            Some("UpBlock2D") => return Some((2, "UpBlock2D")),
+            _ => {}
+        }
+    }
+    for i in 0..segs.len().saturating_sub(1) {
+        if segs[i] == "resnets" && is_index(segs[i + 1]) {
+            return Some((i + 2, "ResnetBlock2D"));
+        }
+        if segs[i] == "transformer_blocks" && is_index(segs[i + 1]) {
+            return Some((i + 2, "BasicTransformerBlock"));
+        }
+    }
+    None
+}
+
+/// The offload group of a module path: one block of a block list (`down_blocks.1`,
+/// `text_model.encoder.layers.3`), else the first module below wrapper modules
+/// (`mid_block`, `text_model.embeddings`, `encoder.conv_in`).
+fn group_of(segs: &[&str]) -> usize {
+    for i in 0..segs.len().saturating_sub(1) {
+        if matches!(segs[i], "down_blocks" | "up_blocks" | "layers") && is_index(segs[i + 1]) {
+            return i + 2;
+        }
+    }
+    let wrappers = ["text_model", "vision_model", "encoder", "decoder"];
+    let skip = segs.iter().take_while(|s| wrappers.contains(s)).count();
+    (skip + 1).min(segs.len())
+}
+
+/// Execution-order sort key of a module path (UNet2DConditionModel's forward: embeddings, down
+/// blocks with resnets and attentions interleaved, mid block, up blocks, output). Unknown names
+/// sort after known ones, alphabetically; indices numerically.
+fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
+    let segs: Vec<&str> = if path.is_empty() { vec![] } else { path.split('.').collect() };
+    let mut key = Vec::with_capacity(segs.len());
+    let mut i = 0;
+    while i < segs.len() {
+        let s = segs[i];
+        let next_index = segs.get(i + 1).filter(|n| is_index(n)).and_then(|n| n.parse::<u64>().ok());
+        match (s, next_index) {
+            ("resnets", Some(j)) => {
+                key.push((0, 2 * j, String::new()));
+                i += 2;
+                continue;
+            }
+            ("attentions", Some(j)) => {
+                key.push((0, 2 * j + 1, String::new()));
+                i += 2;
+                continue;
+            }
+            _ => {}
+        }
+        if is_index(s) {
+            key.push((0, s.parse().unwrap_or(u64::MAX), String::new()));
+        } else {
+            let rank = match s {
+                "conv_in" | "norm" | "embeddings" => 0,
+                "time_proj" | "proj_in" => 1,
+                "time_embedding" | "transformer_blocks" => 2,
+                "class_embedding" | "proj_out" => 3,
+                "add_time_proj" => 4,
+                "add_embedding" => 5,
+                "encoder_hid_proj" => 6,
+                "down_blocks" | "encoder" => 10,
+                "mid_block" => 11,
+                "up_blocks" => 12,
+                "quant_conv" => 13,
+                "post_quant_conv" => 14,
+                "decoder" => 15,
+                "conv_norm_out" | "final_layer_norm" => 20,
+                "conv_act" => 21,
+                "conv_out" => 22,
+                "downsamplers" | "upsamplers" => 1000,
+                _ => 500,
+            };
+            key.push((rank, 0, s.to_string()));
+        }
+        i += 1;
+    }
+    key
+}
+
+/// Builds the tree of a component from `(tensor name, bytes at the target dtype)`.
+/// `class` is the diffusers/transformers class; `config` its config.json.
+pub fn build(class: &str, config: &serde_json::Value, tensors: &[(String, u64)]) -> ModuleTree {
+    let up_block_types: Vec<String> = config
+        .get("up_block_types")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let splittable = class == "UNet2DConditionModel";
+    let mut units: HashMap<String, (u64, Option<&'static str>)> = HashMap::new();
+    let mut leaves: HashMap<&str, u64> = HashMap::new();
+    let mut groups: HashMap<String, u64> = HashMap::new();
+    let mut total = 0;
+    for (name, bytes) in tensors {
+        total += bytes;
+        let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+        *leaves.entry(module).or_default() += bytes;
+        let segs: Vec<&str> = if module.is_empty() { vec![] } else { module.split('.').collect() };
+        let (unit_path, unit_class) = if splittable {
+            match unet_unit(&segs, &up_block_types) {
+                Some((n, c)) => (segs[..n].join("."), Some(c)),
+                None => (module.to_string(), None),
+            }
+        } else {
+            (String::new(), None) // placed whole: one unit
+        };
+        let e = units.entry(unit_path).or_insert((0, unit_class));
+        e.0 += bytes;
+        *groups.entry(segs[..group_of(&segs)].join(".")).or_default() += bytes;
+    }
+    let (largest_leaf_path, largest_leaf) = leaves.iter().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0))).map(|(p, b)| (p.to_string(), *b)).unwrap_or_default();
+    let mut units: Vec<Unit> = units.into_iter().map(|(path, (bytes, class))| Unit { path, bytes, class }).collect();
+    units.sort_by_cached_key(|u| exec_key(&u.path));
+    let mut groups: Vec<(String, u64)> = groups.into_iter().collect();
+    groups.sort_by_cached_key(|g| exec_key(&g.0));
+    ModuleTree { units, largest_leaf, largest_leaf_path, groups, total }
+}
+
+/// Compresses a per-unit device assignment into the shortest module map: a module whose units
+/// all sit on one device is listed once (accelerate's `hf_device_map` shape).
+pub fn compress<D: Clone + PartialEq>(assign: &[(String, D)]) -> Vec<(String, D)> {
+    fn rec<D: Clone + PartialEq>(prefix: &str, items: &[(Vec<&str>, D)], depth: usize, out: &mut Vec<(String, D)>) {
+        if items.iter().all(|(_, d)| *d == items[0].1) {
+            out.push((prefix.to_string(), items[0].1.clone()));
+            return;
+        }
+        // Split by the next segment, keeping execution order of first appearance.
+        let mut order: Vec<&str> = vec![];
+        let mut by: HashMap<&str, Vec<(Vec<&str>, D)>> = HashMap::new();
+        for (segs, d) in items {
+            let Some(&s) = segs.get(depth) else {
+                out.push((prefix.to_string(), d.clone()));
+                continue;
+            };
+            if !by.contains_key(s) {
+                order.push(s);
+            }
+            by.entry(s).or_default().push((segs.clone(), d.clone()));
+        }
+        for s in order {
+            let p = if prefix.is_empty() { s.to_string() } else { format!("{prefix}.{s}") };
+            rec(&p, &by[s], depth + 1, out);
+        }
+    }
+    let items: Vec<(Vec<&str>, D)> = assign.iter().map(|(p, d)| (if p.is_empty() { vec![] } else { p.split('.').collect() }, d.clone())).collect();
+    let mut out = vec![];
+    if !items.is_empty() {
+        rec("", &items, 0, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(names: &[&str]) -> Vec<(String, u64)> {
+        names.iter().map(|n| (n.to_string(), 10)).collect()
+    }
+
+    #[test]
+    fn unet_units_and_order() {
+        let cfg = serde_json::json!({"up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]});
+        let tree = build(
+            "UNet2DConditionModel",
+            &cfg,
+            &t(&[
+                "up_blocks.1.resnets.0.conv1.weight",
+                "up_blocks.0.attentions.0.proj_in.weight",
+                "conv_out.weight",
+                "mid_block.resnets.1.conv1.weight",
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                "mid_block.attentions.0.proj_in.weight",
+                "mid_block.resnets.0.conv1.weight",
+                "down_blocks.10.resnets.0.conv1.weight",
+                "down_blocks.2.downsamplers.0.conv.weight",
+                "down_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj.weight",
+                "down_blocks.2.resnets.1.norm1.weight",
+                "down_blocks.2.resnets.1.norm1.bias",
+                "down_blocks.2.attentions.0.proj_in.weight",
+                "down_blocks.2.resnets.0.conv1.weight",
+                "time_embedding.linear_1.weight",
+                "add_embedding.linear_1.weight",
+                "conv_in.weight",
+            ]),
+        );
+        let paths: Vec<&str> = tree.units.iter().map(|u| u.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "conv_in",
+                "time_embedding.linear_1",
+                "add_embedding.linear_1",
+                "down_blocks.2.resnets.0",
+                "down_blocks.2.attentions.0.proj_in",
+                "down_blocks.2.resnets.1",
+                "down_blocks.2.attentions.1.transformer_blocks.0",
+                "down_blocks.2.downsamplers.0.conv",
+                "down_blocks.10.resnets.0",
+                "mid_block.resnets.0",
+                "mid_block.attentions.0.proj_in",
+                "mid_block.attentions.0.transformer_blocks.0",
+                "mid_block.resnets.1",
+                "up_blocks.0",
+                "up_blocks.1",
+                "conv_out",
+            ]
+        );
+        assert_eq!(tree.units.iter().find(|u| u.path == "down_blocks.2.resnets.1").unwrap().bytes, 20);
+        assert_eq!(tree.units.iter().find(|u| u.path == "up_blocks.0").unwrap().class, Some("CrossAttnUpBlock2D"));
+        let groups: Vec<&str> = tree.groups.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(groups, ["conv_in", "time_embedding", "add_embedding", "down_blocks.2", "down_blocks.10", "mid_block", "up_blocks.0", "up_blocks.1", "conv_out"]);
+        assert_eq!(tree.total, 170);
+    }
+
+    #[test]
+    fn other_components_are_one_unit_with_layer_groups() {
+        let tree = build(
+            "CLIPTextModel",
+            &serde_json::json!({}),
+            &t(&["text_model.embeddings.token_embedding.weight", "text_model.encoder.layers.1.mlp.fc1.weight", "text_model.encoder.layers.0.mlp.fc1.weight", "text_model.final_layer_norm.weight"]),
+        );
+        assert_eq!(tree.units.len(), 1);
+        assert_eq!(tree.units[0].bytes, 40);
+        let groups: Vec<&str> = tree.groups.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(groups, ["text_model.embeddings", "text_model.encoder.layers.0", "text_model.encoder.layers.1", "text_model.final_layer_norm"]);
+    }
+
+    #[test]
+    fn compress_map() {
+        let a = |p: &str, d: u8| (p.to_string(), d);
+        let m = compress(&[a("conv_in", 0), a("down_blocks.0.resnets.0", 0), a("down_blocks.0.resnets.1", 0), a("down_blocks.1.resnets.0", 0), a("down_blocks.1.resnets.1", 1), a("up_blocks.0", 1), a("conv_out", 1)]);
+        assert_eq!(m, vec![a("conv_in", 0), a("down_blocks.0", 0), a("down_blocks.1.resnets.0", 0), a("down_blocks.1.resnets.1", 1), a("up_blocks", 1), a("conv_out", 1)]);
+        assert_eq!(compress(&[a("x", 0), a("y", 0)]), vec![a("", 0)]);
+    }
+}

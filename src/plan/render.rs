@@ -1,0 +1,129 @@
+//! `runner plan` output: a table for people, JSON for machines.
+
+use serde_json::json;
+
+use super::Plan;
+use crate::manifest::Offload;
+use crate::units::ByteSize;
+
+fn b(x: u64) -> String {
+    ByteSize(x).to_string()
+}
+
+pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
+    let components: serde_json::Map<String, serde_json::Value> = plan
+        .components
+        .iter()
+        .map(|c| {
+            let mut v = json!({
+                "class": c.class,
+                "dtype": c.dtype,
+                "bytes": c.bytes,
+                "working_bytes": c.working_bytes,
+                "peak_bytes": c.peak_bytes,
+                "device": c.device.to_string(),
+                "offload": c.offload,
+                "reason": c.reason,
+            });
+            if let Some(split) = &c.split {
+                v["split"] = split.iter().map(|(k, d)| (k.clone(), serde_json::Value::from(d.to_string()))).collect::<serde_json::Map<_, _>>().into();
+                v["split_bytes"] = json!(c.split_bytes);
+            }
+            (c.name.clone(), v)
+        })
+        .collect();
+    let devices: serde_json::Map<String, serde_json::Value> = plan
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.device.to_string(),
+                json!({"budget": d.budget_bytes, "planned": d.planned_bytes, "resident": d.resident_bytes, "free": d.free_bytes, "source": d.source}),
+            )
+        })
+        .collect();
+    json!({
+        "strategy": plan.strategy,
+        "weights_only": weights_only,
+        "device_map": plan.device_map(),
+        "hf_device_map": plan.hf_device_map(),
+        "components": components,
+        "devices": devices,
+        "host_offload_bytes": plan.host_offload_bytes,
+        "notes": plan.notes,
+    })
+}
+
+fn table(rows: &[Vec<String>], right_from: usize) -> String {
+    let n = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..n).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i >= right_from && i < n - 1 {
+                line.push_str(&format!("{cell:>w$}  ", w = widths[i]));
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn to_table(plan: &Plan, weights_only: bool) -> String {
+    let mut rows = vec![["component", "dtype", "weights", "working", "peak", "device", "offload", "why"].map(String::from).to_vec()];
+    for c in &plan.components {
+        let device = match &c.split {
+            Some(s) => {
+                let mut ds: Vec<String> = s.iter().map(|x| x.1.to_string()).collect();
+                ds.dedup();
+                ds.join("+")
+            }
+            None => c.device.to_string(),
+        };
+        rows.push(vec![
+            c.name.clone(),
+            c.dtype.as_str().to_string(),
+            b(c.bytes),
+            if weights_only { "-".into() } else { b(c.working_bytes) },
+            b(c.peak_bytes),
+            device,
+            match c.offload {
+                Offload::None => "none",
+                Offload::Model => "model",
+                Offload::Sequential => "sequential",
+                Offload::Group => "group",
+            }
+            .to_string(),
+            c.reason.clone(),
+        ]);
+    }
+    let mut out = table(&rows, 2);
+    out.push('\n');
+    let mut drows = vec![["device", "budget", "planned", "free", "budget from"].map(String::from).to_vec()];
+    for d in &plan.devices {
+        drows.push(vec![d.device.to_string(), b(d.budget_bytes), b(d.planned_bytes), b(d.free_bytes), d.source.to_string()]);
+    }
+    out.push_str(&table(&drows, 1));
+    for c in &plan.components {
+        if let (Some(split), Some(bytes)) = (&c.split, &c.split_bytes) {
+            out.push_str(&format!("\n{} split ({}):\n", c.name, bytes.iter().map(|(d, x)| format!("{d} {}", b(*x))).collect::<Vec<_>>().join(", ")));
+            for (m, d) in split {
+                out.push_str(&format!("  {m} -> {d}\n"));
+            }
+        }
+    }
+    if plan.host_offload_bytes > 0 {
+        out.push_str(&format!("\nhost memory for offloaded weights: {}\n", b(plan.host_offload_bytes)));
+    }
+    for n in &plan.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    if weights_only {
+        out.push_str("weights only (diffusers' view): working memory not counted\n");
+    }
+    out
+}
