@@ -6,6 +6,7 @@ mod cli;
 mod diagnostics;
 mod layering;
 mod load;
+mod plan;
 mod lock;
 mod schema;
 mod setup;
@@ -42,6 +43,11 @@ pub mod util {
     /// sparse (hole) data region: real sizes at no disk cost. From tests/data/shapes/{name}.json
     /// (tools/make_shapes.py). Float tensors are stored as `float` (F32 or F16).
     pub fn sparse_pipeline(name: &str, dir: &Path, float: runner::checkpoint::safetensors::Dtype) -> PathBuf {
+        sparse_pipeline_variant(name, dir, float, None)
+    }
+
+    /// As [`sparse_pipeline`], naming weight files as `variant` (`model.fp16.safetensors`).
+    pub fn sparse_pipeline_variant(name: &str, dir: &Path, float: runner::checkpoint::safetensors::Dtype, variant: Option<&str>) -> PathBuf {
         use runner::checkpoint::safetensors::{encode_header, Dtype, TensorInfo};
         let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data(&format!("shapes/{name}.json"))).unwrap()).unwrap();
         let root = dir.join(name);
@@ -67,9 +73,13 @@ pub mod util {
                 infos.push(TensorInfo { name: t[0].as_str().unwrap().to_string(), dtype, shape, data_offsets: (off, off + n) });
                 off += n;
             }
-            let file = if c["library"] == "diffusers" { "diffusion_pytorch_model.safetensors" } else { "model.safetensors" };
+            let stem = if c["library"] == "diffusers" { "diffusion_pytorch_model" } else { "model" };
+            let file = match variant {
+                Some(v) => format!("{stem}.{v}.safetensors"),
+                None => format!("{stem}.safetensors"),
+            };
             let header = encode_header(&infos, &Default::default());
-            let f = std::fs::File::create(d.join(file)).unwrap();
+            let f = std::fs::File::create(d.join(&file)).unwrap();
             use std::io::Write;
             (&f).write_all(&header).unwrap();
             f.set_len(header.len() as u64 + off).unwrap();

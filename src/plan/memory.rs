@@ -19,6 +19,7 @@
 //!   level, at full image resolution; in fp32 when `force_upcast` applies to a half pipeline);
 //! - text encoders: `b * 77 * (4 * hidden + intermediate) * e * 2`;
 //! - safety checker: `batch * 257 * (4 * hidden + intermediate) * e * 2` (CLIP ViT-L/14).
+//!
 //! The constants were fitted against diffusers' measured peaks (see BENCHMARKS.md).
 
 use serde::Serialize;

@@ -11,6 +11,7 @@
 //! - `sequential`: components in execution order fill devices in order, never going back.
 //! - `auto`: each component whole on the first device with room; a UNet that fits no single
 //!   device is split at diffusers' no-split boundaries across devices, in execution order.
+//!
 //! Pins are placed first and must fit. Offload modes change what a component needs on its device
 //! (see [`memory`]); offloaded weights live on the host.
 
@@ -202,10 +203,13 @@ impl Ledger {
     }
 }
 
+/// A placement, its reason, and bytes per device for a split.
+type Placed = (Placement, String, Option<BTreeMap<String, u64>>);
+
 struct State<'a> {
     input: &'a PlanInput,
     ledgers: Vec<Ledger>,
-    placed: Vec<Option<(Placement, String, Option<BTreeMap<String, u64>>)>>,
+    placed: Vec<Option<Placed>>,
     notes: Vec<String>,
     host_offload: u64,
 }
@@ -366,6 +370,15 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
         Ok(p) => Ok(p),
         Err(mut e) => {
             e.options = options(input, e.component.as_deref());
+            if e.options.is_empty() && e.component.is_some() {
+                let weights: u64 = input.components.iter().map(|c| c.bytes).sum();
+                let budgets: u64 = input.inventory.devices.iter().map(|d| d.budget).sum();
+                e.message.push_str(&format!(
+                    "\nno single change (offload mode, auto split, fp16, unpinning) fits either: the weights alone total {} against {} of budgets; raise `placement.max_memory` or add devices",
+                    gb(weights),
+                    gb(budgets)
+                ));
+            }
             Err(e)
         }
     }

@@ -176,36 +176,44 @@ pub fn build(class: &str, config: &serde_json::Value, tensors: &[(String, u64)])
     ModuleTree { units, largest_leaf, largest_leaf_path, groups, total }
 }
 
-/// Compresses a per-unit device assignment into the shortest module map: a module whose units
-/// all sit on one device is listed once (accelerate's `hf_device_map` shape).
+/// Compresses a per-unit device assignment (in execution order) into the shortest module map
+/// that keeps that order: a module whose units all sit on one device, consecutively, is listed
+/// once (accelerate's `hf_device_map` shape). Linear in the number of units times depth.
 pub fn compress<D: Clone + PartialEq>(assign: &[(String, D)]) -> Vec<(String, D)> {
-    fn rec<D: Clone + PartialEq>(prefix: &str, items: &[(Vec<&str>, D)], depth: usize, out: &mut Vec<(String, D)>) {
-        if items.iter().all(|(_, d)| *d == items[0].1) {
+    fn rec<D: Clone + PartialEq>(prefix: &str, items: &[(Vec<&str>, D)], depth: usize, allow_whole: bool, out: &mut Vec<(String, D)>) {
+        if allow_whole && items.iter().all(|(_, d)| *d == items[0].1) {
             out.push((prefix.to_string(), items[0].1.clone()));
             return;
         }
-        // Split by the next segment, keeping execution order of first appearance.
-        let mut order: Vec<&str> = vec![];
-        let mut by: HashMap<&str, Vec<(Vec<&str>, D)>> = HashMap::new();
-        for (segs, d) in items {
-            let Some(&s) = segs.get(depth) else {
-                out.push((prefix.to_string(), d.clone()));
-                continue;
-            };
-            if !by.contains_key(s) {
-                order.push(s);
+        // Runs of consecutive items sharing the next segment.
+        let mut runs: Vec<(Option<&str>, usize, usize)> = vec![];
+        for (i, (segs, _)) in items.iter().enumerate() {
+            let seg = segs.get(depth).copied();
+            match runs.last_mut() {
+                Some((s, _, end)) if *s == seg && seg.is_some() => *end = i + 1,
+                _ => runs.push((seg, i, i + 1)),
             }
-            by.entry(s).or_default().push((segs.clone(), d.clone()));
         }
-        for s in order {
-            let p = if prefix.is_empty() { s.to_string() } else { format!("{prefix}.{s}") };
-            rec(&p, &by[s], depth + 1, out);
+        let mut count: HashMap<Option<&str>, usize> = HashMap::new();
+        for r in &runs {
+            *count.entry(r.0).or_default() += 1;
+        }
+        for (seg, start, end) in runs {
+            match seg {
+                // The module's own parameters.
+                None => out.push((prefix.to_string(), items[start].1.clone())),
+                Some(s) => {
+                    let p = if prefix.is_empty() { s.to_string() } else { format!("{prefix}.{s}") };
+                    // A module split into several runs cannot be named whole.
+                    rec(&p, &items[start..end], depth + 1, count[&seg] == 1, out);
+                }
+            }
         }
     }
     let items: Vec<(Vec<&str>, D)> = assign.iter().map(|(p, d)| (if p.is_empty() { vec![] } else { p.split('.').collect() }, d.clone())).collect();
     let mut out = vec![];
     if !items.is_empty() {
-        rec("", &items, 0, &mut out);
+        rec("", &items, 0, true, &mut out);
     }
     out
 }
@@ -292,5 +300,11 @@ mod tests {
         let m = compress(&[a("conv_in", 0), a("down_blocks.0.resnets.0", 0), a("down_blocks.0.resnets.1", 0), a("down_blocks.1.resnets.0", 0), a("down_blocks.1.resnets.1", 1), a("up_blocks.0", 1), a("conv_out", 1)]);
         assert_eq!(m, vec![a("conv_in", 0), a("down_blocks.0", 0), a("down_blocks.1.resnets.0", 0), a("down_blocks.1.resnets.1", 1), a("up_blocks", 1), a("conv_out", 1)]);
         assert_eq!(compress(&[a("x", 0), a("y", 0)]), vec![a("", 0)]);
+        // Interleaved siblings (resnets/attentions) keep execution order and are never merged
+        // across the interleaving.
+        let m = compress(&[a("mid.resnets.0", 0), a("mid.attentions.0.norm", 0), a("mid.attentions.0.proj", 1), a("mid.resnets.1", 1)]);
+        assert_eq!(m, vec![a("mid.resnets.0", 0), a("mid.attentions.0.norm", 0), a("mid.attentions.0.proj", 1), a("mid.resnets.1", 1)]);
+        let m = compress(&[a("mid.resnets.0", 0), a("mid.attentions.0", 0), a("mid.resnets.1", 0), a("up", 1)]);
+        assert_eq!(m, vec![a("mid", 0), a("up", 1)]);
     }
 }

@@ -78,8 +78,12 @@ pub fn to_table(plan: &Plan, weights_only: bool) -> String {
     for c in &plan.components {
         let device = match &c.split {
             Some(s) => {
-                let mut ds: Vec<String> = s.iter().map(|x| x.1.to_string()).collect();
-                ds.dedup();
+                let mut ds: Vec<String> = vec![];
+                for (_, d) in s {
+                    if !ds.contains(&d.to_string()) {
+                        ds.push(d.to_string());
+                    }
+                }
                 ds.join("+")
             }
             None => c.device.to_string(),
