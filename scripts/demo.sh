@@ -20,9 +20,12 @@ echo
 echo "== runner validate --locked $manifest (every file it reads against ${manifest}.lock)"
 "$bin" validate --locked "$manifest"
 echo
+echo "== runner plan $manifest (device map from headers and budgets; no weight loaded)"
+"$bin" plan "$manifest"
+echo
 cat <<'MSG'
-make demo stops here: the planner (`runner plan`, issue 4) and the executor (`runner run`,
-issue 5) are not built yet, so no image is written. The manifest above validated, its layered
-configuration resolved, its pipeline was read from headers and matched its lock; libtorch loaded
-and ran its smoke test.
+make demo stops after `runner plan`: the executor (`runner run`, issue 5) is not built yet, so no
+image is written. The manifest above validated, its layered configuration resolved, its pipeline
+was read from headers, matched its lock and was planned onto the devices; libtorch loaded and ran
+its smoke test.
 MSG

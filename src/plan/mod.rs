@@ -42,6 +42,8 @@ pub struct ComponentInput {
     pub tree: ModuleTree,
     /// Working memory while it runs (0 for the weights-only view).
     pub working: u64,
+    /// Working memory if it ran at fp16/bf16 (for suggesting a dtype change).
+    pub working_half: u64,
     pub pin: Option<Device>,
     pub offload: Offload,
 }
@@ -415,7 +417,7 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
             let c = &mut v.components[idx];
             c.dtype = Dtype::Fp16;
             c.bytes = c.bytes.div_ceil(2);
-            c.working /= 2;
+            c.working = c.working_half;
             for u in &mut c.tree.units {
                 u.bytes /= 2;
             }

@@ -12,6 +12,7 @@ fn comp(name: &str, bytes: u64) -> ComponentInput {
         bytes,
         tree: ModuleTree { units: vec![Unit { path: String::new(), bytes, class: None }], largest_leaf: bytes, groups: vec![(String::new(), bytes)], total: bytes, ..Default::default() },
         working: 0,
+        working_half: 0,
         pin: None,
         offload: Offload::None,
     }
@@ -28,6 +29,7 @@ fn unet(bytes_per_unit: u64, n: usize) -> ComponentInput {
         bytes: bytes_per_unit * n as u64,
         tree: ModuleTree { units, largest_leaf: bytes_per_unit / 4, groups, total: bytes_per_unit * n as u64, ..Default::default() },
         working: 0,
+        working_half: 0,
         pin: None,
         offload: Offload::None,
     }
