@@ -302,6 +302,11 @@ impl<'a> State<'a> {
             devices.join(" + ")
         );
         self.placed[i] = Some((Placement::Split(modules::compress(&assign)), reason, Some(per_device)));
+        self.notes.push(format!(
+            "`{}` is split: each part runs where it is placed (nothing is streamed), so no reserve for the largest layer is kept (accelerate keeps one on the first GPU and the CPU because it runs offloaded layers there); every device of the split holds the component's working memory ({})",
+            c.name,
+            gb(c.working)
+        ));
         true
     }
 
