@@ -10,6 +10,8 @@ pub mod device;
 pub mod diag;
 pub mod lock;
 pub mod manifest;
+pub mod models;
 pub mod plan;
 pub mod runtime;
+pub mod schedulers;
 pub mod units;

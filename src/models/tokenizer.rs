@@ -1,0 +1,1 @@
+//! CLIP BPE tokenizer giving transformers' `CLIPTokenizer` ids.

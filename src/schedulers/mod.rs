@@ -1,0 +1,1 @@
+//! Schedulers (diffusers `PNDMScheduler`, `EulerDiscreteScheduler`, ...).
