@@ -34,8 +34,10 @@ pub fn load_varstore(vs: &mut VarStore, ck: &Checkpoint, model: &str, kind: Kind
     let vars = vs.variables();
     let mut expected: BTreeMap<String, Vec<u64>> = vars.iter().map(|(k, t)| (k.clone(), t.size().iter().map(|&d| d as u64).collect())).collect();
     // Optional buffers present in the checkpoint are not "unexpected".
-    for name in ck.tensors.keys().filter(|n| optional_buffer(n) && !expected.contains_key(*n)) {
-        expected.insert(name.clone(), ck.tensors[name].info.shape.clone());
+    let extra: Vec<String> = ck.tensors.keys().filter(|n| optional_buffer(n) && !expected.contains_key(*n)).cloned().collect();
+    for name in extra {
+        let shape = ck.tensors[&name].info.shape.clone();
+        expected.insert(name, shape);
     }
     check_keys(model, ck, &expected)?;
     let names: Vec<&str> = vars.keys().map(String::as_str).collect();
