@@ -13,6 +13,7 @@ mod schema;
 mod schedulers;
 mod setup;
 mod shard;
+mod unet;
 mod torch;
 
 pub mod util {

@@ -1,6 +1,21 @@
 //! Model code, one file per diffusers/transformers module, struct and field names following the
 //! checkpoint keys so that real checkpoints load unchanged.
 
+pub mod attention;
 pub mod clip;
+pub mod embeddings;
+pub mod resnet;
 pub mod tokenizer;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
+pub mod vae;
 pub mod weights;
+
+/// A model config runner cannot run, or weights that do not fit it.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{model} config: {msg}")]
+    Config { model: String, msg: String },
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
+}

@@ -1,0 +1,113 @@
+//! diffusers `AutoencoderKL`: the decoder (latents -> image), built from `vae/config.json`.
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use super::resnet::{conv2d, group_norm};
+use super::unet_2d_blocks::{MidBlock2D, UpDecoderBlock2D};
+use super::weights::{cfg_bool, cfg_f64, cfg_list_str, cfg_list_u64, cfg_str, cfg_u64};
+use super::ModelError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoencoderKLConfig {
+    pub latent_channels: i64,
+    pub out_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    pub layers_per_block: i64,
+    pub norm_num_groups: i64,
+    pub scaling_factor: f64,
+    pub shift_factor: Option<f64>,
+    pub force_upcast: bool,
+    pub use_post_quant_conv: bool,
+    pub mid_block_add_attention: bool,
+}
+
+impl AutoencoderKLConfig {
+    pub fn from_json(cfg: &serde_json::Value) -> Result<Self, ModelError> {
+        let err = |m: String| ModelError::Config { model: "AutoencoderKL".into(), msg: m };
+        let block_out: Vec<i64> = cfg_list_u64(cfg, "block_out_channels", 1, 64).into_iter().map(|v| v as i64).collect();
+        let up = cfg_list_str(cfg, "up_block_types");
+        if up.iter().any(|t| t != "UpDecoderBlock2D") || (up.len() != block_out.len() && !up.is_empty()) {
+            return Err(err(format!("up_block_types {up:?} are not supported (UpDecoderBlock2D per level)")));
+        }
+        let act = cfg_str(cfg, "act_fn", "silu");
+        if act != "silu" {
+            return Err(err(format!("act_fn `{act}` is not supported")));
+        }
+        Ok(AutoencoderKLConfig {
+            latent_channels: cfg_u64(cfg, "latent_channels", 4) as i64,
+            out_channels: cfg_u64(cfg, "out_channels", 3) as i64,
+            block_out_channels: block_out,
+            layers_per_block: cfg_u64(cfg, "layers_per_block", 1) as i64,
+            norm_num_groups: cfg_u64(cfg, "norm_num_groups", 32) as i64,
+            scaling_factor: cfg_f64(cfg, "scaling_factor", 0.18215),
+            shift_factor: cfg.get("shift_factor").and_then(|v| v.as_f64()),
+            force_upcast: cfg_bool(cfg, "force_upcast", true),
+            use_post_quant_conv: cfg_bool(cfg, "use_post_quant_conv", true),
+            mid_block_add_attention: cfg_bool(cfg, "mid_block_add_attention", true),
+        })
+    }
+}
+
+/// The decoder half of `AutoencoderKL` (`post_quant_conv` + `decoder.*`).
+#[derive(Debug)]
+pub struct AutoencoderKLDecoder {
+    pub config: AutoencoderKLConfig,
+    post_quant_conv: Option<nn::Conv2D>,
+    conv_in: nn::Conv2D,
+    mid_block: MidBlock2D,
+    up_blocks: Vec<UpDecoderBlock2D>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl AutoencoderKLDecoder {
+    /// `vs` is the model root (keys `post_quant_conv.*`, `decoder.*`).
+    pub fn new(vs: nn::Path, config: AutoencoderKLConfig) -> Self {
+        let c = &config;
+        let d = &vs / "decoder";
+        let rev: Vec<i64> = c.block_out_channels.iter().rev().copied().collect();
+        let n = rev.len();
+        let eps = 1e-6;
+        let mut up_blocks = vec![];
+        let mut out = rev[0];
+        for (i, &ch) in rev.iter().enumerate() {
+            let prev = out;
+            out = ch;
+            up_blocks.push(UpDecoderBlock2D::new(&d / "up_blocks" / i as i64, prev, out, c.layers_per_block + 1, c.norm_num_groups, eps, i + 1 < n));
+        }
+        AutoencoderKLDecoder {
+            post_quant_conv: c.use_post_quant_conv.then(|| conv2d(&vs / "post_quant_conv", c.latent_channels, c.latent_channels, 1, 1, 0)),
+            conv_in: conv2d(&d / "conv_in", c.latent_channels, rev[0], 3, 1, 1),
+            mid_block: MidBlock2D::new(&d / "mid_block", rev[0], c.norm_num_groups, eps, c.mid_block_add_attention),
+            up_blocks,
+            conv_norm_out: group_norm(&d / "conv_norm_out", c.norm_num_groups, c.block_out_channels[0], eps),
+            conv_out: conv2d(&d / "conv_out", c.block_out_channels[0], c.out_channels, 3, 1, 1),
+            config,
+        }
+    }
+
+    /// Decodes raw latents `z` (already divided by `scaling_factor`) to an image in [-1, 1].
+    pub fn decode(&self, z: &Tensor) -> Tensor {
+        let z = match &self.post_quant_conv {
+            Some(p) => p.forward(z),
+            None => z.shallow_clone(),
+        };
+        let mut h = self.mid_block.forward(&self.conv_in.forward(&z));
+        for u in &self.up_blocks {
+            h = u.forward(&h);
+        }
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+    }
+
+    /// Pipeline latents to `[B, H, W, 3]` floats in [0, 1] (diffusers' `VaeImageProcessor`
+    /// postprocess with `do_denormalize`).
+    pub fn latents_to_image(&self, latents: &Tensor) -> Tensor {
+        let mut z = latents / self.config.scaling_factor;
+        if let Some(s) = self.config.shift_factor {
+            z = z + s;
+        }
+        let img = self.decode(&z);
+        (img / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1])
+    }
+}
