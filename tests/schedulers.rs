@@ -1,0 +1,217 @@
+//! Scheduler parity with diffusers 0.42.1 on the committed pipeline references
+//! (tests/fixtures/refs/<case>.{json,safetensors}, tools/make_references.py): schedules, and a
+//! replay of each run's denoising loop fed with the recorded guided noise predictions.
+//! (src/schedulers/*.rs test more configurations against tests/fixtures/refs/schedulers.json.)
+
+use runner::checkpoint::layout::{resolve_source, Checkpoint, VariantPolicy};
+use runner::checkpoint::load::{load, LoadOptions, TensorStore};
+use runner::manifest::SchedulerKind;
+use runner::schedulers::{build, parse_config, Scheduler, SchedulerError};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use crate::util::root;
+
+/// The reference cases, with the runner scheduler that `tools/make_references.py` swapped in
+/// (`None`: the pipeline's own scheduler).
+const CASES: &[(&str, Option<SchedulerKind>)] = &[
+    ("sd15-pndm", Some(SchedulerKind::Pndm)),
+    ("sd15-euler", Some(SchedulerKind::Euler)),
+    ("sd15-euler-ancestral", Some(SchedulerKind::EulerAncestral)),
+    ("sd15-ddim", Some(SchedulerKind::Ddim)),
+    ("sd15-dpmpp-2m", Some(SchedulerKind::DpmPP2M)),
+    ("sd15-dpmpp-2m-karras", Some(SchedulerKind::DpmPP2MKarras)),
+    ("sd15-pndm-noguidance-batch2", Some(SchedulerKind::Pndm)),
+    ("sdxl-euler", None),
+    ("sdxl-euler-noneg", None),
+];
+
+fn refs(case: &str) -> (Value, TensorStore) {
+    let dir = root().join("tests/fixtures/refs");
+    // Lenient: the DPM-Solver configs hold `"lambda_min_clipped": -Infinity`.
+    let meta = parse_config(&std::fs::read_to_string(dir.join(format!("{case}.json"))).unwrap()).unwrap();
+    let ck = Checkpoint::open(resolve_source(&dir.join(format!("{case}.safetensors")), None, None, VariantPolicy::Require).unwrap()).unwrap();
+    let store = load(&ck, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap();
+    (meta, store)
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(&t.to_kind(Kind::Double).contiguous().view(-1)).unwrap()
+}
+
+/// max |a - b| / max |b|: the difference relative to the reference's scale.
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale))
+}
+
+fn rel_t(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    rel(&values(a), &values(b))
+}
+
+/// Checks the schedule; returns the largest relative difference.
+fn check_schedule(case: &str, s: &dyn Scheduler, store: &TensorStore) -> f64 {
+    let ts = rel(s.timesteps(), &values(store.get("scheduler.timesteps").unwrap()));
+    assert!(ts <= 1e-6, "{case}: timesteps {:?}", s.timesteps());
+    let ac = rel(s.alphas_cumprod(), &values(store.get("scheduler.alphas_cumprod").unwrap()));
+    assert!(ac <= 1e-6, "{case}: alphas_cumprod differ by {ac:e}");
+    let sig = match (s.sigmas(), store.get("scheduler.sigmas")) {
+        (Some(mine), Some(theirs)) => rel(mine, &values(theirs)),
+        (None, None) => 0.0,
+        (mine, theirs) => panic!("{case}: sigmas {mine:?} vs {theirs:?}"),
+    };
+    assert!(sig <= 1e-6, "{case}: sigmas {:?}", s.sigmas());
+    ts.max(ac).max(sig)
+}
+
+/// Replays the pipeline loop: returns the largest relative difference of the scaled initial
+/// latents, the model inputs and the latents after each step, or a message on the first miss.
+fn replay(case: &str, meta: &Value, s: &mut dyn Scheduler, store: &TensorStore) -> Result<f64, String> {
+    let init = store.get("latents.init").unwrap();
+    let drawn = if s.name() == "EulerAncestralDiscreteScheduler" {
+        // Its step noise comes from the generator that drew the latents: draw them the same way.
+        tch::manual_seed(meta["seed"].as_i64().unwrap());
+        let d = Tensor::randn(init.size(), (Kind::Float, Device::Cpu));
+        if !d.equal(init) {
+            return Err(format!("{case}: initial draw differs"));
+        }
+        d
+    } else {
+        init.copy()
+    };
+    let mut latents = &drawn * s.init_noise_sigma();
+    let mut worst = rel_t(&latents, store.get("latents.init_scaled").unwrap());
+    let batch = init.size()[0];
+    for i in 0..s.timesteps().len() {
+        let x = s.scale_model_input(&latents, i);
+        // CFG runs duplicate the batch: [uncond; cond]; both halves are the same input.
+        let unet_in = store.get(&format!("step{i}.unet_input")).unwrap().narrow(0, 0, batch);
+        let d_in = rel_t(&x, &unet_in);
+        latents = s.step(store.get(&format!("step{i}.noise_pred")).unwrap(), i, &latents);
+        let d_out = rel_t(&latents, store.get(&format!("step{i}.latents")).unwrap());
+        if d_in > 1e-5 || d_out > 1e-5 {
+            return Err(format!("{case}: step {i}: model input differs by {d_in:e}, latents by {d_out:e}"));
+        }
+        worst = worst.max(d_in).max(d_out);
+    }
+    if store.get(&format!("step{}.latents", s.timesteps().len())).is_some() {
+        return Err(format!("{case}: the reference has more steps than {}", s.timesteps().len()));
+    }
+    let d = rel_t(&latents, store.get("latents.final").unwrap());
+    worst = worst.max(d);
+    if worst > 1e-5 {
+        return Err(format!("{case}: differs by {worst:e}"));
+    }
+    Ok(worst)
+}
+
+fn run_case(case: &str, meta: &Value, config: &Value, kind: Option<SchedulerKind>, store: &TensorStore) -> (f64, f64) {
+    let steps = meta["steps"].as_u64().unwrap() as usize;
+    let mk = || build(config, kind, steps).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let s = mk();
+    assert_eq!(s.name(), meta["scheduler"].as_str().unwrap(), "{case}");
+    assert_eq!(s.timesteps().len() as u64, meta["unet_calls"].as_u64().unwrap(), "{case}: UNet calls");
+    let sched = check_schedule(case, s.as_ref(), store);
+    // The ancestral replay shares libtorch's global generator with every other test in this
+    // binary: a concurrent draw can interleave, so a miss is retried before it counts.
+    let mut last = String::new();
+    for _ in 0..3 {
+        match replay(case, meta, mk().as_mut(), store) {
+            Ok(d) => return (sched, d),
+            Err(e) => last = e,
+        }
+    }
+    panic!("{last}");
+}
+
+/// Every reference case, with the scheduler built from the recorded config (its `_class_name`)
+/// and, for the swapped-in schedulers, from the pipeline's own scheduler_config.json plus the
+/// runner kind (diffusers `X.from_config(pipe.scheduler.config)`).
+#[test]
+fn schedulers_match_diffusers_references() {
+    tch::set_num_threads(1);
+    for &(case, kind) in CASES {
+        let (meta, store) = refs(case);
+        let (a, b) = run_case(case, &meta, &meta["scheduler_config"], None, &store);
+        eprintln!("{case} ({}): schedule {a:e}, loop {b:e}", meta["scheduler"].as_str().unwrap());
+        if let Some(kind) = kind {
+            let pipeline = meta["pipeline"].as_str().unwrap();
+            let path = root().join(format!("tests/fixtures/{pipeline}/scheduler/scheduler_config.json"));
+            let own = parse_config(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let (c, d) = run_case(case, &meta, &own, Some(kind), &store);
+            eprintln!("{case} (from {pipeline}'s config, kind {kind:?}): schedule {c:e}, loop {d:e}");
+        }
+    }
+}
+
+fn err(config: &str, kind: Option<SchedulerKind>, steps: usize) -> String {
+    match build(&parse_config(config).unwrap(), kind, steps) {
+        Ok(s) => panic!("{config}: built {}", s.name()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn unsupported_class_is_named_with_the_supported_ones() {
+    let e = err(r#"{"_class_name": "KDPM2AncestralDiscreteScheduler", "beta_schedule": "scaled_linear"}"#, None, 20);
+    assert!(e.contains("`KDPM2AncestralDiscreteScheduler`"), "{e}");
+    for supported in ["PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "LMSDiscreteScheduler"] {
+        assert!(e.contains(supported), "{e}");
+    }
+    assert!(e.starts_with("scheduler_config.json"), "{e}");
+    assert!(matches!(build(&parse_config(r#"{"beta_start": 0.1}"#).unwrap(), None, 4), Err(SchedulerError::MissingClass)));
+}
+
+#[test]
+fn non_finite_configs_parse() {
+    let v = parse_config(r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity, "note": "-Infinity in a string", "x": [NaN, Infinity]}"#).unwrap();
+    assert_eq!(v["note"], "-Infinity in a string");
+    let s = build(&v, None, 10).unwrap();
+    assert_eq!(s.timesteps().len(), 10);
+    assert!(serde_json::from_str::<Value>(r#"{"a": -Infinity}"#).is_err(), "serde_json got lenient: the workaround can go");
+    assert!(parse_config("{\"a\": 1,}").unwrap_err().to_string().starts_with("scheduler_config.json: not valid JSON"));
+}
+
+#[test]
+fn bad_values_name_the_class_and_key() {
+    let sd = |extra: &str| format!(r#"{{"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "skip_prk_steps": true{extra}}}"#);
+    let e = err(&sd(r#", "beta_schedule": "cosine""#), None, 4);
+    assert!(e.contains("PNDMScheduler") && e.contains("`beta_schedule`") && e.contains("\"cosine\"") && e.contains("squaredcos_cap_v2"), "{e}");
+    let e = err(&sd(r#", "prediction_type": "sample""#), Some(SchedulerKind::Euler), 4);
+    assert!(e.contains("EulerDiscreteScheduler") && e.contains("`prediction_type`"), "{e}");
+    let e = err(&sd(r#", "skip_prk_steps": false"#), None, 4);
+    assert!(e.contains("`skip_prk_steps`"), "{e}");
+    let e = err(&sd(r#", "steps_offset": "one""#), None, 4);
+    assert!(e.contains("`steps_offset`") && e.contains("integer"), "{e}");
+    let e = err(&sd(r#", "timestep_spacing": "karras""#), Some(SchedulerKind::DpmPP2M), 4);
+    assert!(e.contains("DPMSolverMultistepScheduler") && e.contains("`timestep_spacing`") && e.contains("\"trailing\""), "{e}");
+    let e = err(&sd(r#", "algorithm_type": "sde-dpmsolver++", "_class_name": "DPMSolverMultistepScheduler""#), None, 4);
+    assert!(e.contains("`algorithm_type`") && e.contains("sde-dpmsolver++"), "{e}");
+    let e = err(&sd(""), None, 0);
+    assert!(e.contains("PNDMScheduler") && e.contains("0 inference steps"), "{e}");
+    // 1000 "leading" steps with steps_offset 1 reach timestep 1000: diffusers' IndexError, an error here.
+    let e = err(&sd(r#", "steps_offset": 1"#), Some(SchedulerKind::Ddim), 1000);
+    assert!(e.contains("DDIMScheduler") && e.contains("timestep 1000"), "{e}");
+}
+
+/// `kind` keeps the config's shared values (spacing, offset, betas), as `from_config` does, and
+/// the `dpmpp-2m*` kinds set what their names say.
+#[test]
+fn kind_overrides_the_class_and_keeps_shared_values() {
+    let pndm = parse_config(&std::fs::read_to_string(root().join("tests/fixtures/tiny-sd15/scheduler/scheduler_config.json")).unwrap()).unwrap();
+    let euler = build(&pndm, Some(SchedulerKind::Euler), 4).unwrap();
+    assert_eq!(euler.name(), "EulerDiscreteScheduler");
+    assert_eq!(euler.timesteps(), [751.0, 501.0, 251.0, 1.0]);
+    let karras = build(&pndm, Some(SchedulerKind::DpmPP2MKarras), 4).unwrap();
+    assert_eq!(karras.timesteps(), [999.0, 687.0, 146.0, 0.0]);
+    // dpmpp-2m turns Karras sigmas off again on a Karras config.
+    let mut cfg = pndm.clone();
+    cfg["_class_name"] = "DPMSolverMultistepScheduler".into();
+    cfg["use_karras_sigmas"] = true.into();
+    assert_eq!(build(&cfg, None, 4).unwrap().timesteps(), [999.0, 687.0, 146.0, 0.0]);
+    assert_eq!(build(&cfg, Some(SchedulerKind::DpmPP2M), 4).unwrap().timesteps(), [801.0, 601.0, 401.0, 201.0]);
+    let pndm6 = build(&pndm, None, 6).unwrap();
+    assert_eq!(pndm6.timesteps(), [831.0, 665.0, 665.0, 499.0, 333.0, 167.0, 1.0]);
+}

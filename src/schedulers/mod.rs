@@ -1,1 +1,218 @@
-//! Schedulers (diffusers `PNDMScheduler`, `EulerDiscreteScheduler`, ...).
+//! Schedulers (diffusers `PNDMScheduler`, `EulerDiscreteScheduler`, ...), mirroring diffusers
+//! 0.42.1 step by step so that runner's latents match diffusers' to float rounding.
+//!
+//! Each scheduler is built from a `scheduler_config.json` (its `_class_name`) or from a
+//! [`SchedulerKind`] applied to any saved config (diffusers `X.from_config(other.config)`: keys
+//! X knows are kept, the others ignored, missing ones take X's defaults). The schedule (betas,
+//! `alphas_cumprod`, timesteps, sigmas) is computed with the same libtorch / numpy operations,
+//! in the same precision, as diffusers; step arithmetic keeps diffusers' operand order, with
+//! diffusers' 0-d float32 tensors as `f32` scalars (see [`schedule`]).
+
+mod config;
+mod ddim;
+mod dpm_solver_multistep;
+mod euler;
+mod euler_ancestral;
+mod lms;
+mod pndm;
+pub mod schedule;
+
+use serde_json::Value;
+
+use crate::manifest::SchedulerKind;
+use config::Cfg;
+
+pub use ddim::Ddim;
+pub use dpm_solver_multistep::DpmSolverMultistep;
+pub use euler::EulerDiscrete;
+pub use euler_ancestral::EulerAncestralDiscrete;
+pub use lms::LmsDiscrete;
+pub use pndm::Pndm;
+
+/// One diffusion scheduler, set for a number of inference steps. The pipeline loop is
+/// `for i in 0..timesteps().len() { x = scale_model_input(latents, i); ...; latents = step(eps, i, latents) }`.
+pub trait Scheduler {
+    /// The timesteps the pipeline loop iterates over (diffusers `scheduler.timesteps`, one UNet call each).
+    fn timesteps(&self) -> &[f64];
+    /// diffusers `init_noise_sigma`: initial latents = randn * this.
+    fn init_noise_sigma(&self) -> f64;
+    /// diffusers `scale_model_input(sample, t)` for loop iteration `i`.
+    fn scale_model_input(&self, sample: &tch::Tensor, i: usize) -> tch::Tensor;
+    /// diffusers `step(model_output, t, sample)` for loop iteration `i` (the guided noise prediction);
+    /// returns the new sample. Schedulers that need noise (ancestral) draw it themselves from
+    /// libtorch's global CPU generator (`tch::manual_seed`), in diffusers' order and dtype, then
+    /// move it to the sample's device.
+    fn step(&mut self, model_output: &tch::Tensor, i: usize, sample: &tch::Tensor) -> tch::Tensor;
+    /// diffusers `scheduler.sigmas` where the scheduler has them.
+    fn sigmas(&self) -> Option<&[f64]>;
+    /// diffusers class name, e.g. "EulerDiscreteScheduler".
+    fn name(&self) -> &'static str;
+    /// diffusers `scheduler.alphas_cumprod` (float32 values).
+    fn alphas_cumprod(&self) -> &[f64];
+}
+
+/// A scheduler config that runner cannot use. Messages name the file, the class and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("scheduler_config.json: not valid JSON: {0}")]
+    Parse(String),
+    #[error("scheduler_config.json: expected a JSON object, got {0}")]
+    NotAnObject(String),
+    #[error("scheduler_config.json: no `_class_name` (and no scheduler kind given)")]
+    MissingClass,
+    #[error("scheduler_config.json: unsupported scheduler class `{name}`; supported: {}", SUPPORTED.join(", "))]
+    UnsupportedClass { name: String },
+    #[error("scheduler_config.json: {class}: `{key}` = {value}: {reason}")]
+    BadValue { class: &'static str, key: String, value: String, reason: String },
+    #[error("{class}: {steps} inference steps: {reason}")]
+    Steps { class: &'static str, steps: usize, reason: String },
+}
+
+/// The diffusers classes [`build`] accepts.
+pub const SUPPORTED: &[&str] = &[
+    Pndm::NAME,
+    EulerDiscrete::NAME,
+    EulerAncestralDiscrete::NAME,
+    Ddim::NAME,
+    DpmSolverMultistep::NAME,
+    LmsDiscrete::NAME,
+];
+
+/// Parses scheduler_config.json text (lenient: accepts -Infinity/Infinity/NaN, which Python's
+/// `json.dumps` writes and strict JSON refuses; they become the strings "-Infinity", ... that
+/// the numeric readers of [`build`] accept).
+pub fn parse_config(text: &str) -> Result<Value, SchedulerError> {
+    serde_json::from_str(&quote_non_finite(text)).map_err(|e| SchedulerError::Parse(e.to_string()))
+}
+
+/// Rewrites the bare tokens `-Infinity`, `Infinity` and `NaN` outside strings as JSON strings.
+fn quote_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(tok) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push('"');
+            out.push_str(tok);
+            out.push('"');
+            rest = &rest[tok.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Builds the scheduler from a config (its `_class_name`), or from `kind` when given (keeping the
+/// config's shared values, as diffusers `X.from_config(other.config)` does), set for `steps`
+/// inference steps (diffusers `set_timesteps(steps)`).
+///
+/// `dpmpp-2m` / `dpmpp-2m-karras` set what their names say on top of the config
+/// (`algorithm_type = "dpmsolver++"`, `solver_order = 2`, `use_karras_sigmas`), like
+/// `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=...)`.
+pub fn build(config: &Value, kind: Option<SchedulerKind>, steps: usize) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    let map = config.as_object().ok_or_else(|| SchedulerError::NotAnObject(short(config)))?;
+    let class: String = match kind {
+        Some(k) => class_of(k).to_string(),
+        None => match map.get("_class_name") {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => {
+                return Err(SchedulerError::BadValue {
+                    class: "scheduler",
+                    key: "_class_name".into(),
+                    value: short(v),
+                    reason: "expected a class name string".into(),
+                })
+            }
+            None => return Err(SchedulerError::MissingClass),
+        },
+    };
+    let mut map = map.clone();
+    // diffusers `extract_init_dict`: keys listed in `_use_default_values` take the class defaults.
+    if let Some(Value::Array(keys)) = map.get("_use_default_values").cloned() {
+        for k in keys.iter().filter_map(Value::as_str) {
+            map.shift_remove(k);
+        }
+    }
+    if let Some(k @ (SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras)) = kind {
+        map.insert("algorithm_type".into(), "dpmsolver++".into());
+        map.insert("solver_order".into(), 2.into());
+        map.insert("use_karras_sigmas".into(), (k == SchedulerKind::DpmPP2MKarras).into());
+    }
+    Ok(match class.as_str() {
+        Pndm::NAME => Box::new(Pndm::new(&Cfg::new(Pndm::NAME, &map), steps)?),
+        Ddim::NAME => Box::new(Ddim::new(&Cfg::new(Ddim::NAME, &map), steps)?),
+        EulerDiscrete::NAME => Box::new(EulerDiscrete::new(&Cfg::new(EulerDiscrete::NAME, &map), steps)?),
+        EulerAncestralDiscrete::NAME => {
+            Box::new(EulerAncestralDiscrete::new(&Cfg::new(EulerAncestralDiscrete::NAME, &map), steps)?)
+        }
+        DpmSolverMultistep::NAME => Box::new(DpmSolverMultistep::new(&Cfg::new(DpmSolverMultistep::NAME, &map), steps)?),
+        LmsDiscrete::NAME => Box::new(LmsDiscrete::new(&Cfg::new(LmsDiscrete::NAME, &map), steps)?),
+        _ => return Err(SchedulerError::UnsupportedClass { name: class }),
+    })
+}
+
+/// The diffusers class of a runner scheduler name.
+pub fn class_of(kind: SchedulerKind) -> &'static str {
+    match kind {
+        SchedulerKind::Pndm => Pndm::NAME,
+        SchedulerKind::Ddim => Ddim::NAME,
+        SchedulerKind::Euler => EulerDiscrete::NAME,
+        SchedulerKind::EulerAncestral => EulerAncestralDiscrete::NAME,
+        SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras => DpmSolverMultistep::NAME,
+        SchedulerKind::Lms => LmsDiscrete::NAME,
+    }
+}
+
+/// A JSON value for a message, cut short.
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        format!("{}...", s.chars().take(57).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Serialises the tests that seed and draw from libtorch's global CPU generator.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    pub static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_parse_keeps_strings() {
+        let v = parse_config(r#"{"a": -Infinity, "b": [Infinity, NaN], "c": "NaN -Infinity \" Infinity", "d": 1}"#).unwrap();
+        assert_eq!(v["a"], "-Infinity");
+        assert_eq!(v["b"][0], "Infinity");
+        assert_eq!(v["b"][1], "NaN");
+        assert_eq!(v["c"], "NaN -Infinity \" Infinity");
+        assert_eq!(v["d"], 1);
+        assert!(matches!(parse_config("{\"a\": }"), Err(SchedulerError::Parse(_))));
+    }
+
+    #[test]
+    fn unsupported_class_names_it_and_the_supported_ones() {
+        let v = parse_config(r#"{"_class_name": "UniPCMultistepScheduler"}"#).unwrap();
+        let e = build(&v, None, 10).err().unwrap().to_string();
+        assert!(e.contains("UniPCMultistepScheduler") && e.contains("PNDMScheduler") && e.contains("DPMSolverMultistepScheduler"), "{e}");
+        assert!(matches!(build(&parse_config("{}").unwrap(), None, 4), Err(SchedulerError::MissingClass)));
+        assert!(matches!(build(&parse_config("[1]").unwrap(), None, 4), Err(SchedulerError::NotAnObject(_))));
+    }
+}
