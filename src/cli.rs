@@ -77,6 +77,35 @@ enum Command {
         #[command(flatten)]
         layers: LayerArgs,
     },
+    /// Generate images: plan, load each component on its planned device, encode the prompts,
+    /// denoise from the seeded initial latents with classifier-free guidance, decode, and write
+    /// PNGs (atomically) whose tEXt chunks carry the prompt, seed, steps, guidance, scheduler and
+    /// the manifest's sha256.
+    #[command(after_help = LAYERS_HELP)]
+    Run {
+        #[arg(value_name = "MANIFEST")]
+        file: PathBuf,
+        /// Write the image here instead of run.output (batches: NAME-0.png, NAME-1.png, ...).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+        /// Write intermediate tensors (tokens, embeddings, every step, the image) to DIR/dump.safetensors.
+        #[arg(long, value_name = "DIR")]
+        dump: Option<PathBuf>,
+        /// The hardware to plan for (as for `runner plan`).
+        #[arg(long, value_name = "SPEC")]
+        devices: Option<String>,
+        /// No progress bars.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Print a JSON summary (images, seed, device map, timings).
+        #[arg(long)]
+        json: bool,
+        /// Check every file the manifest reads against MANIFEST.lock first.
+        #[arg(long)]
+        locked: bool,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
     /// Resolve the manifest to a concrete device map without loading a weight: component sizes
     /// from safetensors headers at their dtypes, budgets from placement.max_memory (or --devices,
     /// or the detected GPUs and RAM minus a reserve), the placement strategy, pins and offload
@@ -246,6 +275,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run { file, out, dump, devices, quiet, json, locked, layers } => run_job(&file, out, dump, devices.as_deref(), quiet, json, locked, &layers.overrides(), cli.color),
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
@@ -405,6 +435,43 @@ fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only:
     } else {
         println!("plan for {} ({}, strategy {})", file.display(), loaded.manifest.pipeline.kind.as_str(), plan.strategy.as_str());
         print!("{}", render::to_table(&plan, weights_only));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, devices: Option<&str>, quiet: bool, json: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+    let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose()?;
+    let loaded = match manifest::load(file, overrides) {
+        Ok(m) => m,
+        Err(diags) => {
+            diag::render_all(&diags, &mut stderr(color))?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    diag::render_all(&loaded.warnings, &mut stderr(color))?;
+    if locked {
+        runner::lock::verify_lock(&loaded)?;
+    }
+    if let Some(t) = loaded.manifest.run.threads {
+        tch::set_num_threads(t as i32);
+    }
+    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet };
+    let report = runner::exec::run(&loaded, &opts).map_err(|e| anyhow::anyhow!("`{}`: {e}", file.display()))?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for p in &report.images {
+            println!("wrote {}", p.display());
+        }
+        let t = &report.timings;
+        println!(
+            "seed {}, {} steps ({} UNet calls), {}, {}x{}; load {:.2} s, encode {:.2} s, denoise {:.2} s ({:.3} s/step), decode {:.2} s, total {:.2} s",
+            report.seed, report.steps, report.unet_calls, report.scheduler, report.width, report.height, t.load_s, t.encode_s, t.denoise_s, t.seconds_per_step, t.decode_s, t.total_s
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

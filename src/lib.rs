@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod device;
 pub mod diag;
+pub mod exec;
 pub mod lock;
 pub mod manifest;
 pub mod models;

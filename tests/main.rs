@@ -6,6 +6,7 @@ mod cli;
 mod diagnostics;
 mod layering;
 mod load;
+mod pipeline;
 mod plan;
 mod lock;
 mod clip;

@@ -132,7 +132,7 @@ impl UNet2DConditionModel {
         let n = c.block_out_channels.len();
         let c0 = c.block_out_channels[0];
         let temb = c0 * 4;
-        let block = |i: usize, layers: i64, heads: i64, tl: i64| BlockConfig {
+        let block = |layers: i64, heads: i64, tl: i64| BlockConfig {
             temb,
             groups: c.norm_num_groups,
             eps: c.norm_eps,
@@ -141,8 +141,7 @@ impl UNet2DConditionModel {
             transformer_layers: tl,
             context_dim: c.cross_attention_dim,
             linear_projection: c.use_linear_projection,
-        }
-        .with_index(i);
+        };
         let time_proj = Timesteps { num_channels: c0, flip_sin_to_cos: c.flip_sin_to_cos, freq_shift: c.freq_shift };
         let time_embedding = TimestepEmbedding::new(&vs / "time_embedding", c0, temb);
         let add = c.addition_text_time.map(|(dim, input)| {
@@ -154,10 +153,10 @@ impl UNet2DConditionModel {
             let cin = out_ch;
             out_ch = c.block_out_channels[i];
             let cross = c.down_block_types[i] == "CrossAttnDownBlock2D";
-            down_blocks.push(DownBlock::new(&vs / "down_blocks" / i as i64, cin, out_ch, block(i, c.layers_per_block, c.heads[i], c.transformer_layers_per_block[i]), cross, i + 1 < n, c.downsample_padding));
+            down_blocks.push(DownBlock::new(&vs / "down_blocks" / i as i64, cin, out_ch, block(c.layers_per_block, c.heads[i], c.transformer_layers_per_block[i]), cross, i + 1 < n, c.downsample_padding));
         }
         let last = c.block_out_channels[n - 1];
-        let mid_block = MidBlockCrossAttn::new(&vs / "mid_block", last, block(n - 1, 1, c.heads[n - 1], c.transformer_layers_per_block[n - 1]), c.mid_block_scale_factor);
+        let mid_block = MidBlockCrossAttn::new(&vs / "mid_block", last, block(1, c.heads[n - 1], c.transformer_layers_per_block[n - 1]), c.mid_block_scale_factor);
         let rev: Vec<i64> = c.block_out_channels.iter().rev().copied().collect();
         let rev_heads: Vec<i64> = c.heads.iter().rev().copied().collect();
         let rev_tl: Vec<i64> = c.transformer_layers_per_block.iter().rev().copied().collect();
@@ -168,7 +167,7 @@ impl UNet2DConditionModel {
             out_ch = rev[i];
             let cin = rev[(i + 1).min(n - 1)];
             let cross = c.up_block_types[i] == "CrossAttnUpBlock2D";
-            up_blocks.push(UpBlock::new(&vs / "up_blocks" / i as i64, cin, prev_out, out_ch, block(i, c.layers_per_block + 1, rev_heads[i], rev_tl[i]), cross, i + 1 < n));
+            up_blocks.push(UpBlock::new(&vs / "up_blocks" / i as i64, cin, prev_out, out_ch, block(c.layers_per_block + 1, rev_heads[i], rev_tl[i]), cross, i + 1 < n));
         }
         UNet2DConditionModel {
             conv_in: conv2d(&vs / "conv_in", c.in_channels, c0, 3, 1, 1),
@@ -195,7 +194,7 @@ impl UNet2DConditionModel {
         if let (Some((proj, embed)), Some(a)) = (&self.add, added) {
             let time_embeds = proj.forward(&a.time_ids.flatten(0, -1)).reshape([b, -1]);
             let add_embeds = Tensor::cat(&[a.text_embeds.to_kind(Kind::Float), time_embeds], -1).to_kind(kind);
-            emb = emb + embed.forward(&add_embeds);
+            emb += embed.forward(&add_embeds);
         }
         // 2. pre-process; a size not divisible by 2^upsamplers needs explicit upsample sizes.
         let factor = 1i64 << (self.up_blocks.len() - 1);
@@ -226,11 +225,5 @@ impl UNet2DConditionModel {
         }
         // 6. post-process
         self.conv_out.forward(&self.conv_norm_out.forward(&x).silu())
-    }
-}
-
-impl BlockConfig {
-    fn with_index(self, _i: usize) -> Self {
-        self
     }
 }

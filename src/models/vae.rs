@@ -105,7 +105,7 @@ impl AutoencoderKLDecoder {
     pub fn latents_to_image(&self, latents: &Tensor) -> Tensor {
         let mut z = latents / self.config.scaling_factor;
         if let Some(s) = self.config.shift_factor {
-            z = z + s;
+            z += s;
         }
         let img = self.decode(&z);
         (img / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1])

@@ -1,0 +1,375 @@
+//! The executor: a validated manifest and its plan turned into images on libtorch, following
+//! diffusers' `StableDiffusionPipeline.__call__` step by step (text encoding, initial latents from
+//! the seeded CPU generator, classifier-free guidance with [negative, positive] batches, the
+//! scheduler loop, VAE decode), then PNGs with their provenance in tEXt chunks.
+
+pub mod png;
+mod text;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+use crate::checkpoint::layout::{Component, PipelineFolder};
+use crate::checkpoint::CheckpointError;
+use crate::device::Device;
+use crate::manifest::{Dtype, LoadedManifest, Offload, PipelineKind};
+use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
+use crate::models::weights::load_varstore;
+use crate::models::ModelError;
+use crate::plan::build::{self, component_config, BuildOptions};
+use crate::plan::{Plan, PlanError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("cannot place the pipeline within the budgets: {0}")]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Inventory(#[from] crate::plan::inventory::InventoryError),
+    #[error("{0}")]
+    Text(String),
+    #[error("scheduler: {0}")]
+    Scheduler(String),
+    #[error("{what} `{}`: {source}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// How to run, beyond the manifest.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Overrides `run.output`.
+    pub out: Option<PathBuf>,
+    /// Write intermediate tensors to `DIR/dump.safetensors`.
+    pub dump: Option<PathBuf>,
+    /// `--devices`, as for `runner plan`.
+    pub plan: BuildOptions,
+    /// Show progress bars (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Timings {
+    pub load_s: f64,
+    pub encode_s: f64,
+    pub denoise_s: f64,
+    pub seconds_per_step: f64,
+    pub decode_s: f64,
+    pub total_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub images: Vec<PathBuf>,
+    pub seed: u64,
+    pub steps: usize,
+    pub unet_calls: usize,
+    pub scheduler: String,
+    pub width: u64,
+    pub height: u64,
+    pub device_map: std::collections::BTreeMap<String, String>,
+    pub timings: Timings,
+    pub warnings: Vec<String>,
+}
+
+pub fn kind_of(d: Dtype) -> Kind {
+    match d {
+        Dtype::Fp32 => Kind::Float,
+        Dtype::Fp16 => Kind::Half,
+        Dtype::Bf16 => Kind::BFloat16,
+    }
+}
+
+pub fn tch_device(d: Device) -> tch::Device {
+    match d {
+        Device::Cpu => tch::Device::Cpu,
+        Device::Cuda(i) => tch::Device::Cuda(i as usize),
+    }
+}
+
+/// Every device of the plan must exist here, checked before anything is loaded.
+fn check_devices(plan: &Plan) -> Result<(), ExecError> {
+    crate::runtime::init();
+    let gpus = tch::Cuda::device_count();
+    for c in &plan.components {
+        let devices: Vec<Device> = match &c.split {
+            Some(s) => s.iter().map(|x| x.1).collect(),
+            None => vec![c.device],
+        };
+        for d in devices {
+            if let Device::Cuda(i) = d {
+                if i64::from(i) >= gpus {
+                    return Err(ExecError::Unsupported(format!(
+                        "the plan puts `{}` on `{d}`, but this machine has {gpus} CUDA device(s): plan for this machine (drop --devices / adjust placement.max_memory) or run where `{d}` exists",
+                        c.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Loaded<'a> {
+    component: &'a Component,
+    device: tch::Device,
+    kind: Kind,
+}
+
+fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, name: &str) -> Result<Loaded<'a>, ExecError> {
+    let component = pipeline.component(name).filter(|c| c.checkpoint.is_some()).ok_or_else(|| ExecError::Unsupported(format!("the pipeline has no `{name}` weights")))?;
+    let cp = plan.components.iter().find(|c| c.name == name).expect("planned");
+    if cp.split.is_some() {
+        return Err(ExecError::Unsupported(format!("`{name}` is split across devices by the `auto` strategy; running split components arrives with SDXL execution across devices (issue 6)")));
+    }
+    if cp.offload != Offload::None && cp.device != Device::Cpu {
+        return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; offload execution arrives with issue 7 (plan it with `runner plan` meanwhile)", cp.offload).to_lowercase()));
+    }
+    let dtype = m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(m.manifest.pipeline.dtype);
+    Ok(Loaded { component, device: tch_device(cp.device), kind: kind_of(dtype) })
+}
+
+fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> {
+    let cfg = UNet2DConditionConfig::from_json(&component_config(l.component))?;
+    let mut vs = VarStore::new(l.device);
+    let m = UNet2DConditionModel::new(vs.root(), cfg);
+    vs.set_kind(l.kind);
+    load_varstore(&mut vs, l.component.checkpoint.as_ref().expect("weights"), "UNet2DConditionModel", l.kind).map_err(ModelError::from)?;
+    Ok((m, vs))
+}
+
+/// The VAE decoder; an fp16 VAE with `force_upcast` runs in fp32, as diffusers upcasts it.
+fn load_vae(l: &Loaded) -> Result<(AutoencoderKLDecoder, VarStore, Kind), ExecError> {
+    let cfg = AutoencoderKLConfig::from_json(&component_config(l.component))?;
+    let kind = if cfg.force_upcast && l.kind == Kind::Half { Kind::Float } else { l.kind };
+    let mut vs = VarStore::new(l.device);
+    let m = AutoencoderKLDecoder::new(vs.root(), cfg);
+    vs.set_kind(kind);
+    let ck = l.component.checkpoint.as_ref().expect("weights");
+    // Text-to-image needs the decoder only: the encoder's weights stay unread.
+    let decoder_only = crate::checkpoint::layout::Checkpoint {
+        tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ..ck.clone()
+    };
+    load_varstore(&mut vs, &decoder_only, "AutoencoderKL", kind).map_err(ModelError::from)?;
+    Ok((m, vs, kind))
+}
+
+/// Output paths: `run.output` (or `<name>.png` beside the manifest), numbered for batches.
+fn output_paths(m: &LoadedManifest, opts: &RunOptions, n: usize) -> Vec<PathBuf> {
+    let base = match (&opts.out, &m.manifest.run.output) {
+        (Some(o), _) => o.clone(),
+        (None, Some(o)) => m.resolve_path("run.output", o),
+        (None, None) => crate::manifest::normalize(&m.path.parent().unwrap_or(Path::new(".")).join(format!("{}.png", m.manifest.name.replace(['/', '\\', ' '], "-")))),
+    };
+    if n == 1 {
+        return vec![base];
+    }
+    let stem = base.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    (0..n).map(|i| base.with_file_name(format!("{stem}-{i}.png"))).collect()
+}
+
+/// The seed: `run.seed`, or one drawn from the clock and reported.
+fn seed_of(m: &LoadedManifest) -> u64 {
+    m.manifest.run.seed.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (t.as_nanos() as u64) % (1 << 53)
+    })
+}
+
+fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !on || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}").expect("template").progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Runs the manifest's job.
+pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError> {
+    let started = Instant::now();
+    let mut warnings = vec![];
+    let kind_name = m.manifest.pipeline.kind;
+    if kind_name == PipelineKind::StableDiffusionXl {
+        return Err(ExecError::Unsupported("`stable-diffusion-xl` pipelines run with issue 6; this runner executes `stable-diffusion` (SD 1.x/2.x) pipelines".into()));
+    }
+    // 0. Plan (headers only), devices checked, outputs and dump folder writable, before loading.
+    let pipeline = crate::checkpoint::open_for_manifest(m)?;
+    warnings.extend(pipeline.notes.iter().cloned());
+    let inventory = build::inventory(m, &opts.plan)?;
+    let input = build::plan_input(m, &pipeline, inventory, &opts.plan);
+    let plan = crate::plan::plan(&input)?;
+    check_devices(&plan)?;
+    let shape = build::run_shape(m, &pipeline);
+    let r = &m.manifest.run;
+    let steps = r.steps.unwrap_or(50) as usize;
+    let guidance = r.guidance_scale.unwrap_or(7.5);
+    let do_cfg = guidance > 1.0;
+    let batch = shape.batch as i64;
+    if shape.width % 8 != 0 || shape.height % 8 != 0 {
+        return Err(ExecError::Unsupported(format!("width and height must be multiples of 8, got {}x{}", shape.width, shape.height)));
+    }
+    let outputs = output_paths(m, opts, batch as usize);
+    if let Some(d) = &opts.dump {
+        std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
+        let probe = d.join(".runner-write-test");
+        std::fs::write(&probe, b"").map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
+        let _ = std::fs::remove_file(probe);
+    }
+    let seed = seed_of(m);
+    let mut dump: Vec<(String, Tensor)> = vec![];
+    let dumping = opts.dump.is_some();
+
+    // 1. Load components on their planned devices.
+    let t_load = Instant::now();
+    let te = placed(&pipeline, &plan, m, "text_encoder")?;
+    let un = placed(&pipeline, &plan, m, "unet")?;
+    let va = placed(&pipeline, &plan, m, "vae")?;
+    let encoder = text::TextEncoder::load(&pipeline, &te, "text_encoder", "tokenizer")?;
+    let (unet, _unet_vs) = load_unet(&un)?;
+    let (vae, _vae_vs, vae_kind) = load_vae(&va)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+
+    // 2. Text conditioning: [negative, positive] when guidance runs.
+    let t_enc = Instant::now();
+    let prompt = r.prompt.clone().unwrap_or_default();
+    let (pos_ids, pos, trunc) = tch::no_grad(|| encoder.encode(&prompt, r.clip_skip))?;
+    if let Some(t) = trunc {
+        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {t:?}", encoder.max_length()));
+    }
+    let rep = |t: &Tensor| t.repeat([batch, 1, 1]);
+    let pos = rep(&pos);
+    if dumping {
+        dump.push(("tokens.prompt.input_ids".into(), pos_ids.shallow_clone()));
+        dump.push(("prompt_embeds".into(), pos.shallow_clone()));
+    }
+    let context = if do_cfg {
+        let negative = r.negative_prompt.clone().unwrap_or_default();
+        let (neg_ids, neg, _) = tch::no_grad(|| encoder.encode(&negative, None))?;
+        let neg = rep(&neg);
+        if dumping {
+            dump.push(("tokens.negative.input_ids".into(), neg_ids.shallow_clone()));
+            dump.push(("negative_prompt_embeds".into(), neg.shallow_clone()));
+        }
+        Tensor::cat(&[neg, pos], 0)
+    } else {
+        pos
+    };
+    let context = context.to_device(un.device).to_kind(un.kind);
+    let encode_s = t_enc.elapsed().as_secs_f64();
+
+    // 3. Scheduler and initial latents (diffusers `prepare_latents`: randn on a CPU generator
+    //    seeded with `seed`, in the UNet's dtype, moved to its device, times init_noise_sigma).
+    let sched_cfg_path = pipeline.root.join("scheduler").join("scheduler_config.json");
+    let sched_text = std::fs::read_to_string(&sched_cfg_path).map_err(|source| ExecError::Io { what: "cannot read", path: sched_cfg_path.clone(), source })?;
+    let sched_cfg = crate::schedulers::parse_config(&sched_text).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", sched_cfg_path.display())))?;
+    let mut scheduler = crate::schedulers::build(&sched_cfg, m.manifest.pipeline.scheduler, steps).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", sched_cfg_path.display())))?;
+    let ucfg = &unet.config;
+    let vae_scale = 1i64 << (vae.config.block_out_channels.len() as i64 - 1);
+    let lat_shape = [batch, ucfg.in_channels, shape.height as i64 / vae_scale, shape.width as i64 / vae_scale];
+    tch::manual_seed(seed as i64);
+    let init = match &r.latents {
+        Some(p) => text::load_latents(&m.resolve_path("run.latents", p), &lat_shape)?,
+        None => Tensor::randn(lat_shape, (un.kind, tch::Device::Cpu)),
+    };
+    if dumping {
+        dump.push(("latents.init".into(), init.shallow_clone()));
+        let ts: Vec<f64> = scheduler.timesteps().to_vec();
+        dump.push(("scheduler.timesteps".into(), Tensor::from_slice(&ts).to_kind(Kind::Float)));
+        if let Some(s) = scheduler.sigmas() {
+            dump.push(("scheduler.sigmas".into(), Tensor::from_slice(s).to_kind(Kind::Float)));
+        }
+    }
+    let mut latents = (init.to_device(un.device) * scheduler.init_noise_sigma()).to_kind(un.kind);
+
+    // 4. Denoising loop.
+    let t_den = Instant::now();
+    let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
+    let bar = progress(timesteps.len() as u64, "denoising", opts.progress);
+    for (i, &t) in timesteps.iter().enumerate() {
+        let input = if do_cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+        let input = scheduler.scale_model_input(&input, i);
+        let out = tch::no_grad(|| unet.forward(&input, t, &context, None));
+        let noise_pred = if do_cfg {
+            let ch = out.chunk(2, 0);
+            &ch[0] + (&ch[1] - &ch[0]) * guidance
+        } else {
+            out.shallow_clone()
+        };
+        latents = tch::no_grad(|| scheduler.step(&noise_pred, i, &latents));
+        if dumping {
+            dump.push((format!("step{i}.unet_output"), out));
+            dump.push((format!("step{i}.noise_pred"), noise_pred));
+            dump.push((format!("step{i}.latents"), latents.shallow_clone()));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let denoise_s = t_den.elapsed().as_secs_f64();
+
+    // 5. Decode.
+    let t_dec = Instant::now();
+    let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(vae_kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+    let decode_s = t_dec.elapsed().as_secs_f64();
+    if dumping {
+        dump.push(("latents.final".into(), latents.shallow_clone()));
+        dump.push(("image".into(), images.get(0)));
+    }
+    if pipeline.component("safety_checker").is_some_and(|c| c.checkpoint.is_some()) {
+        warnings.push("the safety checker is not run yet (it arrives with the rest of issue 5): images are not checked; set `components.safety_checker.enabled = false` to say you know".into());
+    }
+
+    // 6. Write.
+    let digest = manifest_digest(m);
+    let scheduler_name = scheduler.name().to_string();
+    for (i, path) in outputs.iter().enumerate() {
+        let (w, h, rgb) = png::to_rgb8(&images.get(i as i64));
+        let text = [
+            ("prompt", prompt.clone()),
+            ("negative_prompt", r.negative_prompt.clone().unwrap_or_default()),
+            ("seed", seed.to_string()),
+            ("steps", steps.to_string()),
+            ("guidance_scale", guidance.to_string()),
+            ("scheduler", scheduler_name.clone()),
+            ("manifest_sha256", digest.clone()),
+            ("software", format!("runner {}", env!("CARGO_PKG_VERSION"))),
+        ];
+        png::write_png(path, w, h, &rgb, &text).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
+    }
+    if let Some(d) = &opts.dump {
+        let p = d.join("dump.safetensors");
+        png::write_dump(&p, &dump).map_err(|source| ExecError::Io { what: "cannot write the dump", path: p, source })?;
+    }
+    let n = timesteps.len().max(1) as f64;
+    Ok(RunReport {
+        images: outputs,
+        seed,
+        steps,
+        unet_calls: timesteps.len(),
+        scheduler: scheduler_name,
+        width: shape.width,
+        height: shape.height,
+        device_map: plan.device_map(),
+        timings: Timings { load_s, encode_s, denoise_s, seconds_per_step: denoise_s / n, decode_s, total_s: started.elapsed().as_secs_f64() },
+        warnings,
+    })
+}
+
+/// sha256 of the manifest file's bytes (what was reviewed), for image metadata.
+fn manifest_digest(m: &LoadedManifest) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(m.source.text.as_bytes()))
+}
+

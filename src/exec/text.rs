@@ -1,0 +1,69 @@
+//! Prompt encoding (tokenizer + CLIP text encoder, diffusers `encode_prompt`) and the optional
+//! latents file.
+
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use super::{ExecError, Loaded};
+use crate::checkpoint::layout::{resolve_source, Checkpoint, PipelineFolder, VariantPolicy};
+use crate::checkpoint::load::{load, LoadOptions};
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::tokenizer::ClipTokenizer;
+use crate::plan::build::component_config;
+
+pub struct TextEncoder {
+    tokenizer: ClipTokenizer,
+    model: ClipTextModel,
+    device: tch::Device,
+}
+
+impl TextEncoder {
+    pub fn load(pipeline: &PipelineFolder, l: &Loaded, _component: &str, tokenizer: &str) -> Result<TextEncoder, ExecError> {
+        let tok_dir = pipeline.root.join(tokenizer);
+        let tokenizer = ClipTokenizer::from_folder(&tok_dir).map_err(|e| ExecError::Text(e.to_string()))?;
+        let cfg = ClipTextConfig::from_json(&component_config(l.component)).map_err(|e| ExecError::Text(format!("`{}`: {e}", l.component.dir.display())))?;
+        let model = ClipTextModel::load(&cfg, l.component.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+        Ok(TextEncoder { tokenizer, model, device: l.device })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.tokenizer.max_length()
+    }
+
+    /// diffusers `encode_prompt` for one text: ids [1, 77], embeddings [1, 77, hidden] (the final
+    /// layer norm of the last layer, or with `clip_skip` of layer -(clip_skip + 1)), and the
+    /// truncated text, if any.
+    pub fn encode(&self, text: &str, clip_skip: Option<u32>) -> Result<(Tensor, Tensor, Option<String>), ExecError> {
+        let enc = self.tokenizer.encode(text);
+        let ids = Tensor::from_slice(&enc.ids).to_kind(Kind::Int64).unsqueeze(0);
+        let out = self.model.forward(&ids.to_device(self.device)).map_err(|e| ExecError::Text(e.to_string()))?;
+        let embeds = match clip_skip {
+            None | Some(0) => out.last_hidden_state,
+            Some(k) => {
+                let n = out.hidden_states.len();
+                let idx = n.checked_sub(k as usize + 1).ok_or_else(|| ExecError::Text(format!("clip_skip {k} is more than the text encoder's {} layers", n - 1)))?;
+                self.model.apply_final_layer_norm(&out.hidden_states[idx]).map_err(|e| ExecError::Text(e.to_string()))?
+            }
+        };
+        Ok((ids, embeds, enc.truncated))
+    }
+}
+
+/// `run.latents`: a safetensors file with one tensor (or one named `latents`) of the job's shape.
+pub fn load_latents(path: &Path, shape: &[i64]) -> Result<Tensor, ExecError> {
+    let ck = Checkpoint::open(resolve_source(path, None, None, VariantPolicy::Require)?)?;
+    let name = if ck.tensors.contains_key("latents") {
+        "latents".to_string()
+    } else if ck.tensors.len() == 1 {
+        ck.tensors.keys().next().expect("one").clone()
+    } else {
+        return Err(ExecError::Text(format!("`{}` holds {} tensors: name the latents `latents`", path.display(), ck.tensors.len())));
+    };
+    let store = load(&ck, Some(&[name.as_str()]), LoadOptions { float_kind: Some(Kind::Float), device: tch::Device::Cpu, populate: false })?;
+    let t = store.get(&name).expect("loaded").copy();
+    if t.size() != shape {
+        return Err(ExecError::Text(format!("`{}`: tensor `{name}` has shape {:?}, the job needs {shape:?} ([batch, channels, height/8, width/8])", path.display(), t.size())));
+    }
+    Ok(t)
+}

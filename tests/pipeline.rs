@@ -1,0 +1,115 @@
+//! `runner run` end to end on the tiny SD 1.5 fixture against diffusers' recorded runs
+//! (tests/fixtures/refs, tools/make_references.py): token ids equal, intermediates within 1e-4
+//! relative, final image max |diff| <= 2e-3, for PNDM, Euler, Euler ancestral, DDIM, DPM++ 2M
+//! (plain and Karras), and a batch-2 run without guidance.
+
+use std::path::{Path, PathBuf};
+
+use crate::unet::{refs, rel};
+use crate::util::{root, run, runner};
+
+fn case_meta(case: &str) -> serde_json::Value {
+    // Lenient: DPM-Solver configs hold -Infinity.
+    runner::schedulers::parse_config(&std::fs::read_to_string(root().join(format!("tests/fixtures/refs/{case}.json"))).unwrap()).unwrap()
+}
+
+/// A manifest in `dir` reproducing a reference case.
+fn manifest_for(case: &str, dir: &Path) -> PathBuf {
+    let m = case_meta(case);
+    let scheduler = match m["scheduler"].as_str().unwrap() {
+        "PNDMScheduler" => None,
+        "EulerDiscreteScheduler" => Some("euler"),
+        "EulerAncestralDiscreteScheduler" => Some("euler-ancestral"),
+        "DDIMScheduler" => Some("ddim"),
+        "DPMSolverMultistepScheduler" if m["scheduler_config"]["use_karras_sigmas"] == true => Some("dpmpp-2m-karras"),
+        "DPMSolverMultistepScheduler" => Some("dpmpp-2m"),
+        other => panic!("{other}"),
+    };
+    let mut text = format!(
+        "schema_version = 1\nname = \"{case}\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"{}\"\ndtype = \"fp32\"\n",
+        root().join("tests/fixtures").join(m["pipeline"].as_str().unwrap()).display()
+    );
+    if let Some(s) = scheduler {
+        text.push_str(&format!("scheduler = \"{s}\"\n"));
+    }
+    text.push_str("[placement]\nmax_memory = { cpu = \"4GiB\" }\n[run]\n");
+    text.push_str(&format!("prompt = {}\n", m["prompt"]));
+    if let Some(n) = m["negative_prompt"].as_str() {
+        text.push_str(&format!("negative_prompt = {:?}\n", n));
+    }
+    text.push_str(&format!(
+        "guidance_scale = {}\nsteps = {}\nseed = {}\nbatch = {}\nwidth = {}\nheight = {}\noutput = \"out.png\"\nthreads = 1\n",
+        m["guidance_scale"], m["steps"], m["seed"], m["batch"], m["width"], m["height"]
+    ));
+    let p = dir.join("m.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn check_case(case: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = manifest_for(case, dir.path());
+    let dump = dir.path().join("dump");
+    let (code, stdout, stderr) = run(runner().arg("run").arg(&manifest).arg("--dump").arg(&dump).arg("--quiet").env("OMP_NUM_THREADS", "1"));
+    assert_eq!(code, 0, "{case}: {stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let got = {
+        let ck = runner::checkpoint::layout::Checkpoint::open(
+            runner::checkpoint::layout::resolve_source(&dump.join("dump.safetensors"), None, None, runner::checkpoint::layout::VariantPolicy::Require).unwrap(),
+        )
+        .unwrap();
+        runner::checkpoint::load::load(&ck, None, runner::checkpoint::load::LoadOptions { float_kind: None, device: tch::Device::Cpu, populate: false }).unwrap()
+    };
+    let want = refs(case);
+    for name in ["tokens.prompt.input_ids", "tokens.negative.input_ids"] {
+        if let Some(w) = want.get(name) {
+            assert!(got.get(name).unwrap().view([-1]).equal(&w.view([-1])), "{case}: {name}");
+        }
+    }
+    let mut names: Vec<String> = want.names().filter(|n| !n.starts_with("tokens.")).cloned().collect();
+    names.retain(|n| got.get(n).is_some());
+    assert!(names.iter().any(|n| n.starts_with("step")), "{case}: no steps compared: {names:?}");
+    for name in &names {
+        if name == "image" {
+            continue;
+        }
+        let (a, b) = (got.get(name).unwrap(), want.get(name).unwrap());
+        let d = rel(&a.reshape(b.size()), b);
+        assert!(d < 1e-4, "{case}: `{name}` differs from diffusers by {d:.2e} (relative)");
+    }
+    let (a, b) = (got.get("image").unwrap(), want.get("image").unwrap());
+    let d = (a - b).abs().max().double_value(&[]);
+    eprintln!("{case}: image max |diff| {d:.2e}, {} tensors compared", names.len());
+    assert!(d <= 2e-3, "{case}: image max |diff| {d}");
+    let out = dir.path().join(if case_meta(case)["batch"] == 1 { "out.png" } else { "out-0.png" });
+    assert!(out.is_file(), "{}", out.display());
+}
+
+#[test]
+fn pndm() {
+    check_case("sd15-pndm");
+}
+#[test]
+fn euler() {
+    check_case("sd15-euler");
+}
+#[test]
+fn euler_ancestral() {
+    check_case("sd15-euler-ancestral");
+}
+#[test]
+fn ddim() {
+    check_case("sd15-ddim");
+}
+#[test]
+fn dpmpp_2m() {
+    check_case("sd15-dpmpp-2m");
+}
+#[test]
+fn dpmpp_2m_karras() {
+    check_case("sd15-dpmpp-2m-karras");
+}
+#[test]
+fn no_guidance_batch_of_two() {
+    check_case("sd15-pndm-noguidance-batch2");
+}
