@@ -14,7 +14,7 @@ fn case_meta(case: &str) -> serde_json::Value {
 }
 
 /// A manifest in `dir` reproducing a reference case.
-fn manifest_for(case: &str, dir: &Path) -> PathBuf {
+pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
     let m = case_meta(case);
     let scheduler = match m["scheduler"].as_str().unwrap() {
         "PNDMScheduler" => None,

@@ -12,8 +12,12 @@ use tch::{Device, Kind, Tensor};
 use crate::util::root;
 
 pub fn refs(case: &str) -> TensorStore {
-    let p = root().join(format!("tests/fixtures/refs/{case}.safetensors"));
-    let ck = Checkpoint::open(runner::checkpoint::layout::resolve_source(&p, None, None, VariantPolicy::Require).unwrap()).unwrap();
+    refs_at(&root().join(format!("tests/fixtures/refs/{case}.safetensors")))
+}
+
+/// Every tensor of a safetensors file.
+pub fn refs_at(p: &std::path::Path) -> TensorStore {
+    let ck = Checkpoint::open(runner::checkpoint::layout::resolve_source(p, None, None, VariantPolicy::Require).unwrap()).unwrap();
     load(&ck, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap()
 }
 

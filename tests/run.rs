@@ -1,0 +1,142 @@
+//! `runner run`: the PNG diffusers would write, its metadata, and every bad input the executor
+//! can meet, each a clear error before anything is written.
+
+use std::path::Path;
+
+use runner::checkpoint::safetensors::{encode_header, parse_file_bytes};
+
+use crate::lock::copy_dir;
+use crate::pipeline::manifest_for;
+use crate::util::{root, run, runner};
+
+fn decode_png(path: &Path) -> (Vec<u8>, Vec<(String, String)>) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let text = reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    (buf, text)
+}
+
+#[test]
+fn png_equals_diffusers_and_carries_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-pndm", dir.path());
+    let (code, stdout, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--json"]));
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["seed"], 0);
+    assert_eq!(report["unet_calls"], 5, "PNDM: N + 1 UNet calls");
+    assert_eq!(report["device_map"]["unet"], "cpu");
+    assert!(report["timings"]["seconds_per_step"].as_f64().unwrap() > 0.0);
+    let (ours, text) = decode_png(&dir.path().join("out.png"));
+    let (theirs, _) = decode_png(&root().join("tests/fixtures/refs/sd15-pndm.png"));
+    assert_eq!(ours, theirs, "same pixels as diffusers' PIL output");
+    let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} in {text:?}"));
+    assert_eq!(get("prompt"), "a photo of a cat");
+    assert_eq!(get("negative_prompt"), "blurry");
+    assert_eq!(get("seed"), "0");
+    assert_eq!(get("steps"), "4");
+    assert_eq!(get("scheduler"), "PNDMScheduler");
+    let sha = get("manifest_sha256");
+    assert_eq!(sha.len(), 64);
+    // no temp files left beside the image
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+}
+
+#[test]
+fn long_prompts_are_truncated_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-euler", dir.path());
+    let long = format!("run.prompt={}", "a very long prompt about a cat ".repeat(20));
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--set", &long]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("The following part of your input was truncated because CLIP can only handle sequences up to 77 tokens"), "{stderr}");
+}
+
+#[test]
+fn planned_device_missing_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-euler", dir.path());
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--set", "placement.max_memory.\"cuda:0\"=24GiB"]));
+    if tch::Cuda::device_count() > 0 {
+        return; // a GPU machine runs it
+    }
+    assert_eq!(code, 1);
+    assert!(stderr.contains("the plan puts") && stderr.contains("on `cuda:0`, but this machine has 0 CUDA device(s)"), "{stderr}");
+    assert!(!dir.path().join("out.png").exists(), "nothing written");
+}
+
+#[test]
+fn unwritable_dump_folder_fails_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-euler", dir.path());
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).arg("--dump").arg(&file).arg("--quiet"));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot create the dump folder") && stderr.contains("a-file"), "{stderr}");
+    assert!(!dir.path().join("out.png").exists());
+}
+
+fn rename_tensor(path: &Path, from: &str, to: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let h = parse_file_bytes(path, &bytes).unwrap();
+    let mut tensors = h.tensors.clone();
+    for t in &mut tensors {
+        if t.name == from {
+            t.name = to.to_string();
+        }
+    }
+    let mut out = encode_header(&tensors, &h.metadata);
+    out.extend_from_slice(&bytes[h.data_start as usize..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn checkpoint_not_matching_its_config_lists_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
+    rename_tensor(&dir.path().join("pipe/unet/diffusion_pytorch_model.safetensors"), "conv_in.weight", "conv_in.weights");
+    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n").unwrap();
+    let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("error(s) in loading state_dict for UNet2DConditionModel"), "{stderr}");
+    assert!(stderr.contains("missing key(s) in state_dict (1): \"conv_in.weight\"") && stderr.contains("unexpected key(s) in state_dict (1): \"conv_in.weights\""), "{stderr}");
+}
+
+#[test]
+fn unsupported_scheduler_names_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
+    let cfg = dir.path().join("pipe/scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("PNDMScheduler", "HeunDiscreteScheduler");
+    std::fs::write(&cfg, text).unwrap();
+    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[components.safety_checker]\nenabled = false\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n").unwrap();
+    let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("HeunDiscreteScheduler") && stderr.contains("EulerDiscreteScheduler") && stderr.contains("scheduler_config.json"), "{stderr}");
+}
+
+#[test]
+fn latents_file_replaces_the_seed() {
+    // The run's own initial draw, given as a file with another seed, gives the same image.
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-ddim", dir.path());
+    let dump = dir.path().join("d1");
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).arg("--dump").arg(&dump).arg("--quiet"));
+    assert_eq!(code, 0, "{stderr}");
+    let store = crate::unet::refs_at(&dump.join("dump.safetensors"));
+    let latents = dir.path().join("latents.safetensors");
+    runner::exec::png::write_dump(&latents, &[("latents".to_string(), store.get("latents.init").unwrap().copy())]).unwrap();
+    let set = format!("run.latents=\"{}\"", latents.display());
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--out"]).arg(dir.path().join("from-file.png")).args(["--set", "run.seed=12345", "--set", &set]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(decode_png(&dir.path().join("from-file.png")).0, decode_png(&dir.path().join("out.png")).0);
+    // A file of the wrong shape is an error naming it and the shape needed.
+    runner::exec::png::write_dump(&latents, &[("latents".to_string(), tch::Tensor::zeros([1, 4, 4, 4], (tch::Kind::Float, tch::Device::Cpu)))]).unwrap();
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--set", &set]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("latents.safetensors") && stderr.contains("has shape [1, 4, 4, 4], the job needs [1, 4, 8, 8]"), "{stderr}");
+}

@@ -1,0 +1,1 @@
+//! (safety tests: added by the safety checker work)
