@@ -25,8 +25,9 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
         "DPMSolverMultistepScheduler" => Some("dpmpp-2m"),
         other => panic!("{other}"),
     };
+    let kind = if m["pipeline"] == "tiny-sdxl" { "stable-diffusion-xl" } else { "stable-diffusion" };
     let mut text = format!(
-        "schema_version = 1\nname = \"{case}\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"{}\"\ndtype = \"fp32\"\n",
+        "schema_version = 1\nname = \"{case}\"\n[pipeline]\nkind = \"{kind}\"\nsource = \"{}\"\ndtype = \"fp32\"\n",
         root().join("tests/fixtures").join(m["pipeline"].as_str().unwrap()).display()
     );
     if let Some(s) = scheduler {
@@ -61,7 +62,7 @@ fn check_case(case: &str) {
         runner::checkpoint::load::load(&ck, None, runner::checkpoint::load::LoadOptions { float_kind: None, device: tch::Device::Cpu, populate: false }).unwrap()
     };
     let want = refs(case);
-    for name in ["tokens.prompt.input_ids", "tokens.negative.input_ids"] {
+    for name in ["tokens.prompt.input_ids", "tokens.negative.input_ids", "tokens.prompt.input_ids_2", "tokens.negative.input_ids_2"] {
         if let Some(w) = want.get(name) {
             assert!(got.get(name).unwrap().view([-1]).equal(&w.view([-1])), "{case}: {name}");
         }
@@ -112,4 +113,12 @@ fn dpmpp_2m_karras() {
 #[test]
 fn no_guidance_batch_of_two() {
     check_case("sd15-pndm-noguidance-batch2");
+}
+#[test]
+fn sdxl_with_negative_prompt() {
+    check_case("sdxl-euler");
+}
+#[test]
+fn sdxl_without_negative_prompt_uses_zeros() {
+    check_case("sdxl-euler-noneg");
 }

@@ -140,3 +140,33 @@ fn latents_file_replaces_the_seed() {
     assert_eq!(code, 1);
     assert!(stderr.contains("latents.safetensors") && stderr.contains("has shape [1, 4, 4, 4], the job needs [1, 4, 8, 8]"), "{stderr}");
 }
+
+#[test]
+fn pipeline_kind_must_match_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd = root().join("tests/fixtures/tiny-sd15");
+    let xl = root().join("tests/fixtures/tiny-sdxl");
+    let m = |kind: &str, src: &Path| {
+        let p = dir.path().join(format!("{kind}.toml"));
+        std::fs::write(&p, format!("schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"{kind}\"\nsource = \"{}\"\n[placement]\nmax_memory = {{ cpu = \"4GiB\" }}\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n", src.display())).unwrap();
+        p
+    };
+    let (code, _, stderr) = run(runner().arg("run").arg(m("stable-diffusion-xl", &sd)).arg("--quiet"));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("`pipeline.kind` is `stable-diffusion-xl` but") && stderr.contains("without `text_encoder_2` `tokenizer_2`"), "{stderr}");
+    let (code, _, stderr) = run(runner().arg("run").arg(m("stable-diffusion", &xl)).arg("--quiet"));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("`pipeline.kind` is `stable-diffusion` but") && stderr.contains("StableDiffusionXLPipeline"), "{stderr}");
+
+    // A refiner-like folder (no text_encoder) is refused clearly.
+    let refiner = dir.path().join("refiner");
+    copy_dir(&xl, &refiner);
+    let mi = refiner.join("model_index.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mi).unwrap()).unwrap();
+    v["text_encoder"] = serde_json::json!([null, null]);
+    v["tokenizer"] = serde_json::json!([null, null]);
+    std::fs::write(&mi, v.to_string()).unwrap();
+    let (code, _, stderr) = run(runner().arg("run").arg(m("stable-diffusion-xl", &refiner)).arg("--quiet"));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("is an SDXL refiner (no `text_encoder`)"), "{stderr}");
+}

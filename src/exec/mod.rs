@@ -202,11 +202,9 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let started = Instant::now();
     let mut warnings = vec![];
     let kind_name = m.manifest.pipeline.kind;
-    if kind_name == PipelineKind::StableDiffusionXl {
-        return Err(ExecError::Unsupported("`stable-diffusion-xl` pipelines run with issue 6; this runner executes `stable-diffusion` (SD 1.x/2.x) pipelines".into()));
-    }
     // 0. Plan (headers only), devices checked, outputs and dump folder writable, before loading.
     let pipeline = crate::checkpoint::open_for_manifest(m)?;
+    check_kind(m, &pipeline)?;
     warnings.extend(pipeline.notes.iter().cloned());
     let inventory = build::inventory(m, &opts.plan)?;
     let input = build::plan_input(m, &pipeline, inventory, &opts.plan);
@@ -215,7 +213,8 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let shape = build::run_shape(m, &pipeline);
     let r = &m.manifest.run;
     let steps = r.steps.unwrap_or(50) as usize;
-    let guidance = r.guidance_scale.unwrap_or(7.5);
+    let xl = kind_name == PipelineKind::StableDiffusionXl;
+    let guidance = r.guidance_scale.unwrap_or(if xl { 5.0 } else { 7.5 });
     let do_cfg = guidance > 1.0;
     let batch = shape.batch as i64;
     if shape.width % 8 != 0 || shape.height % 8 != 0 {
@@ -235,9 +234,11 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     // 1. Load components on their planned devices.
     let t_load = Instant::now();
     let te = placed(&pipeline, &plan, m, "text_encoder")?;
+    let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2")?) } else { None };
     let un = placed(&pipeline, &plan, m, "unet")?;
     let va = placed(&pipeline, &plan, m, "vae")?;
     let encoder = text::TextEncoder::load(&pipeline, &te, "text_encoder", "tokenizer")?;
+    let encoder_2 = te2.as_ref().map(|l| text::TextEncoder::load(&pipeline, l, "text_encoder_2", "tokenizer_2")).transpose()?;
     let (unet, _unet_vs) = load_unet(&un)?;
     let (vae, _vae_vs, vae_kind) = load_vae(&va)?;
     let load_s = t_load.elapsed().as_secs_f64();
@@ -245,29 +246,15 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     // 2. Text conditioning: [negative, positive] when guidance runs.
     let t_enc = Instant::now();
     let prompt = r.prompt.clone().unwrap_or_default();
-    let (pos_ids, pos, trunc) = tch::no_grad(|| encoder.encode(&prompt, r.clip_skip))?;
-    if let Some(t) = trunc {
-        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {t:?}", encoder.max_length()));
-    }
-    let rep = |t: &Tensor| t.repeat([batch, 1, 1]);
-    let pos = rep(&pos);
-    if dumping {
-        dump.push(("tokens.prompt.input_ids".into(), pos_ids.shallow_clone()));
-        dump.push(("prompt_embeds".into(), pos.shallow_clone()));
-    }
-    let context = if do_cfg {
-        let negative = r.negative_prompt.clone().unwrap_or_default();
-        let (neg_ids, neg, _) = tch::no_grad(|| encoder.encode(&negative, None))?;
-        let neg = rep(&neg);
-        if dumping {
-            dump.push(("tokens.negative.input_ids".into(), neg_ids.shallow_clone()));
-            dump.push(("negative_prompt_embeds".into(), neg.shallow_clone()));
+    let cond = match &encoder_2 {
+        None => tch::no_grad(|| sd_conditioning(m, &encoder, do_cfg, batch, &mut dump, dumping, &mut warnings))?,
+        Some(e2) => {
+            let force_zeros = pipeline.index.config.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
+            tch::no_grad(|| sdxl_conditioning(m, &encoder, e2, do_cfg, batch, force_zeros, &shape, &mut dump, dumping, &mut warnings))?
         }
-        Tensor::cat(&[neg, pos], 0)
-    } else {
-        pos
     };
-    let context = context.to_device(un.device).to_kind(un.kind);
+    let context = cond.context.to_device(un.device).to_kind(un.kind);
+    let added = cond.added.map(|(text_embeds, time_ids)| (text_embeds.to_device(un.device).to_kind(un.kind), time_ids.to_device(un.device).to_kind(un.kind)));
     let encode_s = t_enc.elapsed().as_secs_f64();
 
     // 3. Scheduler and initial latents (diffusers `prepare_latents`: randn on a CPU generator
@@ -282,7 +269,8 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     tch::manual_seed(seed as i64);
     let init = match &r.latents {
         Some(p) => text::load_latents(&m.resolve_path("run.latents", p), &lat_shape)?,
-        None => Tensor::randn(lat_shape, (un.kind, tch::Device::Cpu)),
+        // diffusers draws in the prompt embeddings' dtype (the last text encoder's).
+        None => Tensor::randn(lat_shape, (te2.as_ref().map_or(te.kind, |l| l.kind), tch::Device::Cpu)),
     };
     if dumping {
         dump.push(("latents.init".into(), init.shallow_clone()));
@@ -301,7 +289,8 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     for (i, &t) in timesteps.iter().enumerate() {
         let input = if do_cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
         let input = scheduler.scale_model_input(&input, i);
-        let out = tch::no_grad(|| unet.forward(&input, t, &context, None));
+        let add = added.as_ref().map(|(text_embeds, time_ids)| crate::models::unet_2d::AddedCond { text_embeds, time_ids });
+        let out = tch::no_grad(|| unet.forward(&input, t, &context, add));
         let noise_pred = if do_cfg {
             let ch = out.chunk(2, 0);
             &ch[0] + (&ch[1] - &ch[0]) * guidance
@@ -365,6 +354,148 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         timings: Timings { load_s, encode_s, denoise_s, seconds_per_step: denoise_s / n, decode_s, total_s: started.elapsed().as_secs_f64() },
         warnings,
     })
+}
+
+/// The kind the manifest names must be the pipeline folder's.
+fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), ExecError> {
+    let class = p.index.class_name.clone().unwrap_or_default();
+    let has = |n: &str| p.index.components.get(n).is_some_and(|e| e.is_some());
+    match m.manifest.pipeline.kind {
+        PipelineKind::StableDiffusionXl => {
+            if class.contains("XL") && !has("text_encoder") && has("text_encoder_2") {
+                return Err(ExecError::Unsupported(format!("`{}` is an SDXL refiner (no `text_encoder`): refiner pipelines (image-to-image with aesthetic-score conditioning) are not supported yet", p.root.display())));
+            }
+            if !class.contains("XL") || !has("text_encoder_2") || !has("tokenizer_2") {
+                return Err(ExecError::Unsupported(format!(
+                    "`pipeline.kind` is `stable-diffusion-xl` but `{}` holds a `{class}` without{}{}: is it an SD 1.x/2.x folder? (set `kind = \"stable-diffusion\"`)",
+                    p.root.display(),
+                    if has("text_encoder_2") { "" } else { " `text_encoder_2`" },
+                    if has("tokenizer_2") { "" } else { " `tokenizer_2`" }
+                )));
+            }
+        }
+        PipelineKind::StableDiffusion => {
+            if class.contains("XL") || has("text_encoder_2") {
+                return Err(ExecError::Unsupported(format!("`pipeline.kind` is `stable-diffusion` but `{}` holds a `{class}` with two text encoders: set `kind = \"stable-diffusion-xl\"`", p.root.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the UNet is conditioned on.
+struct Conditioning {
+    /// [2B or B, 77, cross_attention_dim]
+    context: Tensor,
+    /// SDXL: (text_embeds, time_ids), batched like `context`.
+    added: Option<(Tensor, Tensor)>,
+}
+
+fn truncation_warning(enc: &text::TextEncoder, truncated: Option<String>, warnings: &mut Vec<String>) {
+    if let Some(t) = truncated {
+        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {t:?}", enc.max_length()));
+    }
+}
+
+/// diffusers `StableDiffusionPipeline.encode_prompt`, repeated `batch` times per prompt.
+fn sd_conditioning(m: &LoadedManifest, enc: &text::TextEncoder, do_cfg: bool, batch: i64, dump: &mut Vec<(String, Tensor)>, dumping: bool, warnings: &mut Vec<String>) -> Result<Conditioning, ExecError> {
+    let r = &m.manifest.run;
+    let (ids, out, trunc) = enc.run(r.prompt.as_deref().unwrap_or_default())?;
+    truncation_warning(enc, trunc, warnings);
+    let pos = enc.sd_embeds(&out, r.clip_skip)?.repeat([batch, 1, 1]);
+    if dumping {
+        dump.push(("tokens.prompt.input_ids".into(), ids));
+        dump.push(("prompt_embeds".into(), pos.shallow_clone()));
+    }
+    if !do_cfg {
+        return Ok(Conditioning { context: pos, added: None });
+    }
+    // The negative prompt never uses clip_skip in diffusers.
+    let (nids, nout, _) = enc.run(r.negative_prompt.as_deref().unwrap_or_default())?;
+    let neg = enc.sd_embeds(&nout, None)?.repeat([batch, 1, 1]);
+    if dumping {
+        dump.push(("tokens.negative.input_ids".into(), nids));
+        dump.push(("negative_prompt_embeds".into(), neg.shallow_clone()));
+    }
+    Ok(Conditioning { context: Tensor::cat(&[neg, pos], 0), added: None })
+}
+
+/// diffusers `StableDiffusionXLPipeline.encode_prompt` + `_get_add_time_ids`: both encoders'
+/// penultimate states concatenated, the second encoder's projected pooled output, and the
+/// micro-conditioning `time_ids`; a missing negative prompt gives zeros when the pipeline's
+/// `force_zeros_for_empty_prompt` says so.
+#[allow(clippy::too_many_arguments)]
+fn sdxl_conditioning(
+    m: &LoadedManifest,
+    enc1: &text::TextEncoder,
+    enc2: &text::TextEncoder,
+    do_cfg: bool,
+    batch: i64,
+    force_zeros: bool,
+    shape: &crate::plan::memory::RunShape,
+    dump: &mut Vec<(String, Tensor)>,
+    dumping: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Conditioning, ExecError> {
+    let r = &m.manifest.run;
+    let encode = |p1: &str, p2: &str, skip: Option<u32>, warnings: &mut Vec<String>| -> Result<(Tensor, Tensor, Tensor, Tensor), ExecError> {
+        let (ids1, out1, t1) = enc1.run(p1)?;
+        let (ids2, out2, t2) = enc2.run(p2)?;
+        truncation_warning(enc1, t1, warnings);
+        truncation_warning(enc2, t2, warnings);
+        let pooled = out2.text_embeds.as_ref().ok_or_else(|| ExecError::Text("`text_encoder_2` must be a CLIPTextModelWithProjection (it has no text_projection)".into()))?.shallow_clone();
+        let embeds = Tensor::cat(&[enc1.sdxl_embeds(&out1, skip)?, enc2.sdxl_embeds(&out2, skip)?], -1);
+        Ok((ids1, ids2, embeds, pooled))
+    };
+    let prompt = r.prompt.clone().unwrap_or_default();
+    let prompt_2 = r.prompt_2.clone().unwrap_or_else(|| prompt.clone());
+    let (ids1, ids2, pos, pooled) = encode(&prompt, &prompt_2, r.clip_skip, warnings)?;
+    // original_size, crops_coords_top_left, target_size as (height, width) pairs.
+    let (h, w) = (shape.height as f64, shape.width as f64);
+    let pair = |v: Option<[u32; 2]>, d: (f64, f64)| v.map(|a| (a[0] as f64, a[1] as f64)).unwrap_or(d);
+    let (oh, ow) = pair(r.original_size, (h, w));
+    let (ch, cw) = pair(r.crops_coords_top_left, (0.0, 0.0));
+    let (th, tw) = pair(r.target_size, (h, w));
+    let time_ids = Tensor::from_slice(&[oh, ow, ch, cw, th, tw]).to_kind(Kind::Float).unsqueeze(0);
+    let rep = |t: &Tensor| if t.dim() == 3 { t.repeat([batch, 1, 1]) } else { t.repeat([batch, 1]) };
+    let (pos, pooled) = (rep(&pos), rep(&pooled));
+    if dumping {
+        dump.push(("tokens.prompt.input_ids".into(), ids1));
+        dump.push(("tokens.prompt.input_ids_2".into(), ids2));
+        dump.push(("prompt_embeds".into(), pos.shallow_clone()));
+        dump.push(("pooled_prompt_embeds".into(), pooled.shallow_clone()));
+    }
+    if !do_cfg {
+        let time_ids = time_ids.repeat([batch, 1]);
+        if dumping {
+            dump.push(("unet.added_cond.time_ids".into(), time_ids.shallow_clone()));
+            dump.push(("unet.added_cond.text_embeds".into(), pooled.shallow_clone()));
+        }
+        return Ok(Conditioning { context: pos, added: Some((pooled, time_ids)) });
+    }
+    let (neg, neg_pooled) = if r.negative_prompt.is_none() && force_zeros {
+        (pos.zeros_like(), pooled.zeros_like())
+    } else {
+        let n1 = r.negative_prompt.clone().unwrap_or_default();
+        let n2 = r.negative_prompt_2.clone().unwrap_or_else(|| n1.clone());
+        let (nids1, nids2, neg, neg_pooled) = encode(&n1, &n2, None, warnings)?;
+        if dumping {
+            dump.push(("tokens.negative.input_ids".into(), nids1));
+            dump.push(("tokens.negative.input_ids_2".into(), nids2));
+        }
+        (rep(&neg), rep(&neg_pooled))
+    };
+    let text_embeds = Tensor::cat(&[&neg_pooled, &pooled], 0);
+    // diffusers: cat([negative_add_time_ids, add_time_ids]).repeat(batch, 1) (rows are equal
+    // unless negative micro-conditioning is given, which runner does not take).
+    let time_ids = Tensor::cat(&[&time_ids, &time_ids], 0).repeat([batch, 1]);
+    if dumping {
+        dump.push(("negative_prompt_embeds".into(), neg.shallow_clone()));
+        dump.push(("negative_pooled_prompt_embeds".into(), neg_pooled.shallow_clone()));
+        dump.push(("unet.added_cond.time_ids".into(), time_ids.shallow_clone()));
+        dump.push(("unet.added_cond.text_embeds".into(), text_embeds.shallow_clone()));
+    }
+    Ok(Conditioning { context: Tensor::cat(&[neg, pos], 0), added: Some((text_embeds, time_ids)) })
 }
 
 /// sha256 of the manifest file's bytes (what was reviewed), for image metadata.

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 use super::{ExecError, Loaded};
 use crate::checkpoint::layout::{resolve_source, Checkpoint, PipelineFolder, VariantPolicy};
 use crate::checkpoint::load::{load, LoadOptions};
-use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::plan::build::component_config;
 
@@ -31,22 +31,35 @@ impl TextEncoder {
         self.tokenizer.max_length()
     }
 
-    /// diffusers `encode_prompt` for one text: ids [1, 77], embeddings [1, 77, hidden] (the final
-    /// layer norm of the last layer, or with `clip_skip` of layer -(clip_skip + 1)), and the
+    /// Tokenizes and encodes one text: ids [1, 77], every output of the encoder, and the
     /// truncated text, if any.
-    pub fn encode(&self, text: &str, clip_skip: Option<u32>) -> Result<(Tensor, Tensor, Option<String>), ExecError> {
+    pub fn run(&self, text: &str) -> Result<(Tensor, ClipTextOutput, Option<String>), ExecError> {
         let enc = self.tokenizer.encode(text);
         let ids = Tensor::from_slice(&enc.ids).to_kind(Kind::Int64).unsqueeze(0);
         let out = self.model.forward(&ids.to_device(self.device)).map_err(|e| ExecError::Text(e.to_string()))?;
-        let embeds = match clip_skip {
-            None | Some(0) => out.last_hidden_state,
+        Ok((ids, out, enc.truncated))
+    }
+
+    /// SD's prompt embeddings (diffusers `StableDiffusionPipeline.encode_prompt`): the final layer
+    /// norm of the last layer, or with `clip_skip` of layer -(clip_skip + 1).
+    pub fn sd_embeds(&self, out: &ClipTextOutput, clip_skip: Option<u32>) -> Result<Tensor, ExecError> {
+        match clip_skip {
+            None | Some(0) => Ok(out.last_hidden_state.shallow_clone()),
             Some(k) => {
                 let n = out.hidden_states.len();
                 let idx = n.checked_sub(k as usize + 1).ok_or_else(|| ExecError::Text(format!("clip_skip {k} is more than the text encoder's {} layers", n - 1)))?;
-                self.model.apply_final_layer_norm(&out.hidden_states[idx]).map_err(|e| ExecError::Text(e.to_string()))?
+                self.model.apply_final_layer_norm(&out.hidden_states[idx]).map_err(|e| ExecError::Text(e.to_string()))
             }
-        };
-        Ok((ids, embeds, enc.truncated))
+        }
+    }
+
+    /// SDXL's per-encoder embeddings (`StableDiffusionXLPipeline.encode_prompt`): the hidden state
+    /// of layer -(clip_skip + 2), penultimate by default, without the final layer norm.
+    pub fn sdxl_embeds(&self, out: &ClipTextOutput, clip_skip: Option<u32>) -> Result<Tensor, ExecError> {
+        let n = out.hidden_states.len();
+        let back = clip_skip.unwrap_or(0) as usize + 2;
+        let idx = n.checked_sub(back).ok_or_else(|| ExecError::Text(format!("clip_skip {} is more than the text encoder's {} layers", back - 2, n - 1)))?;
+        Ok(out.hidden_states[idx].shallow_clone())
     }
 }
 
