@@ -62,6 +62,9 @@ pub struct Timings {
     pub load_s: f64,
     pub encode_s: f64,
     pub denoise_s: f64,
+    /// The first UNet call (CUDA kernel selection and warm-up happen there).
+    pub first_step_s: f64,
+    /// Mean of the other UNet calls (all of them when there is one).
     pub seconds_per_step: f64,
     pub decode_s: f64,
     pub total_s: f64,
@@ -284,9 +287,16 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
 
     // 4. Denoising loop.
     let t_den = Instant::now();
+    let sync = |d: tch::Device| {
+        if let tch::Device::Cuda(i) = d {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut step_times = vec![];
     let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
     let bar = progress(timesteps.len() as u64, "denoising", opts.progress);
     for (i, &t) in timesteps.iter().enumerate() {
+        let t_step = Instant::now();
         let input = if do_cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
         let input = scheduler.scale_model_input(&input, i);
         let add = added.as_ref().map(|(text_embeds, time_ids)| crate::models::unet_2d::AddedCond { text_embeds, time_ids });
@@ -298,6 +308,8 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
             out.shallow_clone()
         };
         latents = tch::no_grad(|| scheduler.step(&noise_pred, i, &latents));
+        sync(un.device);
+        step_times.push(t_step.elapsed().as_secs_f64());
         if dumping {
             dump.push((format!("step{i}.unet_output"), out));
             dump.push((format!("step{i}.noise_pred"), noise_pred));
@@ -311,6 +323,7 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     // 5. Decode.
     let t_dec = Instant::now();
     let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(vae_kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+    sync(va.device);
     let decode_s = t_dec.elapsed().as_secs_f64();
     if dumping {
         dump.push(("latents.final".into(), latents.shallow_clone()));
@@ -341,7 +354,9 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         let p = d.join("dump.safetensors");
         png::write_dump(&p, &dump).map_err(|source| ExecError::Io { what: "cannot write the dump", path: p, source })?;
     }
-    let n = timesteps.len().max(1) as f64;
+    let first_step_s = step_times.first().copied().unwrap_or(0.0);
+    let rest = if step_times.len() > 1 { &step_times[1..] } else { &step_times[..] };
+    let seconds_per_step = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
     Ok(RunReport {
         images: outputs,
         seed,
@@ -351,7 +366,7 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         width: shape.width,
         height: shape.height,
         device_map: plan.device_map(),
-        timings: Timings { load_s, encode_s, denoise_s, seconds_per_step: denoise_s / n, decode_s, total_s: started.elapsed().as_secs_f64() },
+        timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
         warnings,
     })
 }
