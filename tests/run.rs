@@ -170,3 +170,36 @@ fn pipeline_kind_must_match_the_folder() {
     assert_eq!(code, 1);
     assert!(stderr.contains("is an SDXL refiner (no `text_encoder`)"), "{stderr}");
 }
+
+#[test]
+fn safety_checker_runs_and_blacks_out_flagged_images() {
+    // A copy of the tiny pipeline whose safety checker flags everything (thresholds far below
+    // any cosine distance): the image comes back black, with diffusers' warning.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
+    let st = dir.path().join("pipe/safety_checker/model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let h = parse_file_bytes(&st, &bytes).unwrap();
+    let mut data = bytes[h.data_start as usize..].to_vec();
+    for t in h.tensors.iter().filter(|t| t.name.ends_with("concept_embeds_weights")) {
+        let (s, e) = (t.data_offsets.0 as usize, t.data_offsets.1 as usize);
+        for chunk in data[s..e].chunks_mut(4) {
+            chunk.copy_from_slice(&(-10.0f32).to_le_bytes());
+        }
+    }
+    let mut out = encode_header(&h.tensors, &h.metadata);
+    out.extend(data);
+    std::fs::write(&st, out).unwrap();
+    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\noutput = \"o.png\"\n").unwrap();
+    let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("Potential NSFW content was detected"), "{stderr}");
+    let (pixels, _) = decode_png(&dir.path().join("o.png"));
+    assert!(pixels.iter().all(|&p| p == 0), "blacked out");
+    // Turned off in the manifest, it does not run.
+    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[components.safety_checker]\nenabled = false\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\noutput = \"o.png\"\n").unwrap();
+    let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("Potential NSFW"), "{stderr}");
+    assert!(decode_png(&dir.path().join("o.png")).0.iter().any(|&p| p != 0));
+}

@@ -324,13 +324,25 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let t_dec = Instant::now();
     let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(vae_kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
     sync(va.device);
+    // diffusers `run_safety_checker`: flagged images come back black, with a warning.
+    let images = match pipeline.component("safety_checker").filter(|c| c.checkpoint.is_some()) {
+        None => images,
+        Some(sc) => {
+            let l = placed(&pipeline, &plan, m, "safety_checker")?;
+            let fe = pipeline.root.join("feature_extractor");
+            let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
+            let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+            let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
+            if flags.iter().any(|&f| f) {
+                warnings.push("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.".into());
+            }
+            checked
+        }
+    };
     let decode_s = t_dec.elapsed().as_secs_f64();
     if dumping {
         dump.push(("latents.final".into(), latents.shallow_clone()));
         dump.push(("image".into(), images.get(0)));
-    }
-    if pipeline.component("safety_checker").is_some_and(|c| c.checkpoint.is_some()) {
-        warnings.push("the safety checker is not run yet (it arrives with the rest of issue 5): images are not checked; set `components.safety_checker.enabled = false` to say you know".into());
     }
 
     // 6. Write.

@@ -4,7 +4,9 @@
 pub mod attention;
 pub mod clip;
 pub mod embeddings;
+pub mod image_processor;
 pub mod resnet;
+pub mod safety_checker;
 pub mod tokenizer;
 pub mod unet_2d;
 pub mod unet_2d_blocks;

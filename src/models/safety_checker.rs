@@ -1,0 +1,458 @@
+//! diffusers' `StableDiffusionSafetyChecker` (pipelines/stable_diffusion/safety_checker.py of
+//! diffusers 0.42.1): a transformers `CLIPVisionModel` (models/clip/modeling_clip.py of
+//! transformers 5.24), `visual_projection`, and cosine-similarity thresholds against 17 concept
+//! and 3 "special care" embeddings; flagged images are replaced by black images.
+//!
+//! Key layout: transformers 5 saves the nested `CLIPVisionModel` without its inner
+//! `vision_model.` (`vision_model.embeddings.class_embedding`); transformers 4 and the original SD
+//! 1.5 checkpoints keep it (`vision_model.vision_model.embeddings.class_embedding`), which
+//! transformers 5 accepts (`PrefixChange(prefix_to_remove="vision_model")` in
+//! conversion_mapping.py). The model's paths follow the checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tch::nn::{self, Init, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::layout::Checkpoint;
+use crate::checkpoint::CheckpointError;
+use crate::models::clip::Activation;
+use crate::models::image_processor::{ImageProcessor, ImageProcessorError};
+use crate::models::weights::{load_varstore, WeightsError};
+
+const MODEL: &str = "StableDiffusionSafetyChecker";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SafetyError {
+    #[error("cannot read `{}`: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("`{}`: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Processor(#[from] ImageProcessorError),
+    #[error("{MODEL}: {0}")]
+    Input(String),
+    #[error("{MODEL}: libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// transformers `CLIPVisionConfig`, the fields `CLIPVisionModel` reads (defaults as there).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipVisionConfig {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_channels: i64,
+    pub image_size: i64,
+    pub patch_size: i64,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+/// The `CLIPConfig` of a `safety_checker/config.json`: `vision_config` and `projection_dim`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafetyCheckerConfig {
+    pub vision: ClipVisionConfig,
+    pub projection_dim: i64,
+}
+
+impl SafetyCheckerConfig {
+    /// Reads `path` (a `safety_checker/config.json`).
+    pub fn from_file(path: &Path) -> Result<Self, SafetyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SafetyError::Io { path: path.to_path_buf(), source })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| SafetyError::Config { path: path.to_path_buf(), msg: format!("invalid JSON: {e}") })?;
+        Self::from_json_at(&v, path)
+    }
+
+    /// From a config value (errors shown as `config.json`).
+    pub fn from_json(v: &Value) -> Result<Self, SafetyError> {
+        Self::from_json_at(v, Path::new("config.json"))
+    }
+
+    fn from_json_at(v: &Value, path: &Path) -> Result<Self, SafetyError> {
+        let err = |msg: String| SafetyError::Config { path: path.to_path_buf(), msg };
+        if !v.is_object() {
+            return Err(err("expected a JSON object".into()));
+        }
+        let empty = Value::Object(Default::default());
+        let vc = match v.get("vision_config") {
+            None | Some(Value::Null) => &empty,
+            Some(x) if x.is_object() => x,
+            Some(x) => return Err(err(format!("`vision_config` must be an object, got {x}"))),
+        };
+        // A present key of the wrong type is an error, not the default.
+        let positive = |obj: &Value, prefix: &str, key: &str, default: i64| -> Result<i64, SafetyError> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(x) => x.as_i64().filter(|&n| n > 0).ok_or_else(|| err(format!("`{prefix}{key}` must be a positive integer, got {x}"))),
+            }
+        };
+        let p = "vision_config.";
+        let act_name = match vc.get("hidden_act") {
+            None | Some(Value::Null) => "quick_gelu",
+            Some(x) => x.as_str().ok_or_else(|| err(format!("`{p}hidden_act` must be a string, got {x}")))?,
+        };
+        let hidden_act = Activation::from_name(act_name)
+            .ok_or_else(|| err(format!("`{p}hidden_act` `{act_name}` is not supported (quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)")))?;
+        let layer_norm_eps = match vc.get("layer_norm_eps") {
+            None | Some(Value::Null) => 1e-5,
+            Some(x) => x.as_f64().ok_or_else(|| err(format!("`{p}layer_norm_eps` must be a number, got {x}")))?,
+        };
+        let num_hidden_layers = match vc.get("num_hidden_layers") {
+            None | Some(Value::Null) => 12,
+            Some(x) => x.as_i64().filter(|&n| n >= 0).ok_or_else(|| err(format!("`{p}num_hidden_layers` must be a non-negative integer, got {x}")))?,
+        };
+        let vision = ClipVisionConfig {
+            hidden_size: positive(vc, p, "hidden_size", 768)?,
+            intermediate_size: positive(vc, p, "intermediate_size", 3072)?,
+            num_hidden_layers,
+            num_attention_heads: positive(vc, p, "num_attention_heads", 12)?,
+            num_channels: positive(vc, p, "num_channels", 3)?,
+            image_size: positive(vc, p, "image_size", 224)?,
+            patch_size: positive(vc, p, "patch_size", 32)?,
+            hidden_act,
+            layer_norm_eps,
+        };
+        if vision.hidden_size % vision.num_attention_heads != 0 {
+            return Err(err(format!("`{p}hidden_size` {} is not a multiple of `{p}num_attention_heads` {}", vision.hidden_size, vision.num_attention_heads)));
+        }
+        if vision.patch_size > vision.image_size {
+            return Err(err(format!("`{p}patch_size` {} exceeds `{p}image_size` {}", vision.patch_size, vision.image_size)));
+        }
+        if vision.num_channels != 3 {
+            return Err(err(format!("`{p}num_channels` must be 3 (RGB images), got {}", vision.num_channels)));
+        }
+        Ok(SafetyCheckerConfig { vision, projection_dim: positive(v, "", "projection_dim", 512)? })
+    }
+}
+
+fn activate(act: Activation, x: &Tensor) -> Result<Tensor, tch::TchError> {
+    match act {
+        // QuickGELUActivation: x * sigmoid(1.702 x)
+        Activation::QuickGelu => x.f_mul(&x.f_mul_scalar(1.702)?.f_sigmoid()?),
+        Activation::Gelu => x.f_gelu("none"),
+        Activation::GeluTanh => x.f_gelu("tanh"),
+        // NewGELUActivation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        Activation::GeluNew => {
+            let inner = x.f_add(&x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?)?.f_mul_scalar((2.0 / std::f64::consts::PI).sqrt())?;
+            x.f_mul_scalar(0.5)?.f_mul(&inner.f_tanh()?.f_add_scalar(1.0)?)
+        }
+        Activation::Relu => x.f_relu(),
+        Activation::Silu => x.f_silu(),
+    }
+}
+
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(p: nn::Path, d_in: i64, d_out: i64, bias: bool) -> Linear {
+        // Zeros: every value is overwritten by the checkpoint.
+        let weight = p.var("weight", &[d_out, d_in], Init::Const(0.));
+        let bias = bias.then(|| p.var("bias", &[d_out], Init::Const(0.)));
+        Linear { weight, bias }
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        x.f_linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
+        LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.)), bias: p.var("bias", &[dim], Init::Const(0.)), eps }
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        x.f_layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// `CLIPEncoderLayer` without a mask (the vision tower attends everywhere).
+struct EncoderLayer {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm1: LayerNorm,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn new(p: nn::Path, c: &ClipVisionConfig) -> EncoderLayer {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let attn = &p / "self_attn";
+        let mlp = &p / "mlp";
+        EncoderLayer {
+            q_proj: Linear::new(&attn / "q_proj", h, h, true),
+            k_proj: Linear::new(&attn / "k_proj", h, h, true),
+            v_proj: Linear::new(&attn / "v_proj", h, h, true),
+            out_proj: Linear::new(&attn / "out_proj", h, h, true),
+            layer_norm1: LayerNorm::new(&p / "layer_norm1", h, c.layer_norm_eps),
+            layer_norm2: LayerNorm::new(&p / "layer_norm2", h, c.layer_norm_eps),
+            fc1: Linear::new(&mlp / "fc1", h, i, true),
+            fc2: Linear::new(&mlp / "fc2", i, h, true),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, c: &ClipVisionConfig) -> Result<Tensor, tch::TchError> {
+        let (b, t, h) = x.size3()?;
+        let heads = c.num_attention_heads;
+        let head_dim = h / heads;
+        // CLIPAttention.forward (is_causal = False, scale head_dim^-0.5).
+        let y = self.layer_norm1.forward(x)?;
+        let split = |z: Tensor| z.f_view([b, t, heads, head_dim])?.f_transpose(1, 2);
+        let q = split(self.q_proj.forward(&y)?)?;
+        let k = split(self.k_proj.forward(&y)?)?;
+        let v = split(self.v_proj.forward(&y)?)?;
+        let a = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, (head_dim as f64).powf(-0.5), false)?;
+        let a = a.f_transpose(1, 2)?.f_reshape([b, t, h])?;
+        let x = x.f_add(&self.out_proj.forward(&a)?)?;
+        let y = self.layer_norm2.forward(&x)?;
+        let y = self.fc2.forward(&activate(c.hidden_act, &self.fc1.forward(&y)?)?)?;
+        x.f_add(&y)
+    }
+}
+
+/// Everything `StableDiffusionSafetyChecker.forward` computes, per image.
+#[derive(Debug)]
+pub struct SafetyOutput {
+    /// [B, hidden]: the vision tower's `pooler_output` (post_layernorm of the class token), at the model's kind.
+    pub pooled: Tensor,
+    /// [B, projection_dim]: `visual_projection(pooled)`, at the model's kind.
+    pub image_embeds: Tensor,
+    /// [B, 3] and [B, 17] float32 on the CPU: `cosine_distance(...).cpu().float()`.
+    pub special_cos_dist: Tensor,
+    pub cos_dist: Tensor,
+    /// `result_img["special_scores"]` / `["concept_scores"]`: rounded to 3 decimals as numpy
+    /// rounds float32.
+    pub special_scores: Vec<Vec<f32>>,
+    pub concept_scores: Vec<Vec<f32>>,
+    pub has_nsfw_concepts: Vec<bool>,
+}
+
+/// `StableDiffusionSafetyChecker`.
+pub struct SafetyChecker {
+    config: SafetyCheckerConfig,
+    /// Owns the variables the fields below are views of.
+    _vs: VarStore,
+    class_embedding: Tensor,
+    patch_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    post_layernorm: LayerNorm,
+    visual_projection: Linear,
+    concept_embeds: Tensor,
+    special_care_embeds: Tensor,
+    /// Thresholds as `.item()` reads them (the parameters at the model's kind, widened).
+    concept_embeds_weights: Vec<f64>,
+    special_care_embeds_weights: Vec<f64>,
+    device: Device,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for SafetyChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetyChecker").field("config", &self.config).field("device", &self.device).field("kind", &self.kind).finish()
+    }
+}
+
+impl SafetyChecker {
+    /// Builds the checker from `component_dir/config.json` and fills it from `checkpoint`,
+    /// strictly (every key present and shaped as the config says; `position_ids` tolerated).
+    pub fn load(component_dir: &Path, checkpoint: &Checkpoint, device: Device, kind: Kind) -> Result<Self, SafetyError> {
+        let config = SafetyCheckerConfig::from_file(&component_dir.join("config.json"))?;
+        Self::load_with(&config, checkpoint, device, kind)
+    }
+
+    pub fn load_with(config: &SafetyCheckerConfig, ck: &Checkpoint, device: Device, kind: Kind) -> Result<Self, SafetyError> {
+        let c = &config.vision;
+        let mut vs = VarStore::new(device);
+        vs.set_kind(kind);
+        let nested = ck.tensors.keys().any(|k| k.starts_with("vision_model.vision_model."));
+        let root = vs.root();
+        let tower = if nested { &root / "vision_model" / "vision_model" } else { &root / "vision_model" };
+        let emb = &tower / "embeddings";
+        let grid = c.image_size / c.patch_size;
+        let class_embedding = emb.var("class_embedding", &[c.hidden_size], Init::Const(0.));
+        let patch_embedding = (&emb / "patch_embedding").var("weight", &[c.hidden_size, c.num_channels, c.patch_size, c.patch_size], Init::Const(0.));
+        let position_embedding = (&emb / "position_embedding").var("weight", &[grid * grid + 1, c.hidden_size], Init::Const(0.));
+        let pre_layrnorm = LayerNorm::new(&tower / "pre_layrnorm", c.hidden_size, c.layer_norm_eps);
+        let enc = &tower / "encoder" / "layers";
+        let layers = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c)).collect();
+        let post_layernorm = LayerNorm::new(&tower / "post_layernorm", c.hidden_size, c.layer_norm_eps);
+        let visual_projection = Linear::new(&root / "visual_projection", c.hidden_size, config.projection_dim, false);
+        let concept_embeds = root.var("concept_embeds", &[17, config.projection_dim], Init::Const(1.));
+        let special_care_embeds = root.var("special_care_embeds", &[3, config.projection_dim], Init::Const(1.));
+        let cw = root.var("concept_embeds_weights", &[17], Init::Const(1.));
+        let sw = root.var("special_care_embeds_weights", &[3], Init::Const(1.));
+        load_varstore(&mut vs, ck, MODEL, kind)?;
+        vs.freeze();
+        let to_vec = |t: &Tensor| -> Result<Vec<f64>, SafetyError> { Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?)?) };
+        Ok(SafetyChecker {
+            config: config.clone(),
+            class_embedding,
+            patch_embedding,
+            position_embedding,
+            pre_layrnorm,
+            layers,
+            post_layernorm,
+            visual_projection,
+            concept_embeds,
+            special_care_embeds,
+            concept_embeds_weights: to_vec(&cw)?,
+            special_care_embeds_weights: to_vec(&sw)?,
+            _vs: vs,
+            device,
+            kind,
+        })
+    }
+
+    pub fn config(&self) -> &SafetyCheckerConfig {
+        &self.config
+    }
+
+    /// `CLIPVisionModel.forward(pixel_values)[1]` (`pooler_output`): [B, 3, S, S] with S =
+    /// `image_size` (no position interpolation, as the checker calls it).
+    pub fn pooled_output(&self, pixel_values: &Tensor) -> Result<Tensor, SafetyError> {
+        let c = &self.config.vision;
+        let size = pixel_values.size();
+        if size.len() != 4 || size[0] < 1 || size[1] != c.num_channels || size[2] != c.image_size || size[3] != c.image_size {
+            return Err(SafetyError::Input(format!(
+                "clip_input must be [B, {}, {}, {}], got shape {size:?} (the feature extractor's crop_size must equal vision_config.image_size)",
+                c.num_channels, c.image_size, c.image_size
+            )));
+        }
+        if !pixel_values.is_floating_point() {
+            return Err(SafetyError::Input(format!("clip_input must be floats, got {:?}", pixel_values.kind())));
+        }
+        Ok(tch::no_grad(|| self.pooled_checked(pixel_values))?)
+    }
+
+    fn pooled_checked(&self, pixel_values: &Tensor) -> Result<Tensor, tch::TchError> {
+        let c = &self.config.vision;
+        let b = pixel_values.size()[0];
+        let x = pixel_values.f_to_device(self.device)?.f_to_kind(self.kind)?;
+        // CLIPVisionEmbeddings.forward: patch conv (no bias), class token first, + positions.
+        let patches = x.f_conv2d(&self.patch_embedding, None::<&Tensor>, [c.patch_size, c.patch_size], [0, 0], [1, 1], 1)?;
+        let patches = patches.f_flatten(2, -1)?.f_transpose(1, 2)?;
+        let cls = self.class_embedding.f_expand([b, 1, c.hidden_size], false)?;
+        let mut h = Tensor::f_cat(&[cls, patches], 1)?.f_add(&self.position_embedding.f_unsqueeze(0)?)?;
+        h = self.pre_layrnorm.forward(&h)?;
+        for layer in &self.layers {
+            h = layer.forward(&h, c)?;
+        }
+        // pooled_output = post_layernorm(last_hidden_state[:, 0, :])
+        self.post_layernorm.forward(&h.f_select(1, 0)?)
+    }
+
+    /// `StableDiffusionSafetyChecker.forward` short of replacing images: the embeddings, the
+    /// cosine distances, the rounded scores and the flags, for `clip_input` [B, 3, S, S].
+    pub fn forward(&self, clip_input: &Tensor) -> Result<SafetyOutput, SafetyError> {
+        let pooled = self.pooled_output(clip_input)?;
+        let (image_embeds, special_cos_dist, cos_dist) = tch::no_grad(|| -> Result<_, tch::TchError> {
+            let image_embeds = self.visual_projection.forward(&pooled)?;
+            let special = cosine_distance(&image_embeds, &self.special_care_embeds)?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?;
+            let concept = cosine_distance(&image_embeds, &self.concept_embeds)?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?;
+            Ok((image_embeds, special, concept))
+        })?;
+        let special: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&special_cos_dist)?;
+        let concept: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&cos_dist)?;
+        let (mut special_scores, mut concept_scores, mut has_nsfw_concepts) = (vec![], vec![], vec![]);
+        for (sp, co) in special.iter().zip(&concept) {
+            // numpy float32 arithmetic: `concept_cos - concept_threshold + adjustment` with the
+            // Python floats cast to float32 (NEP 50), then `round(x, 3)`.
+            let mut adjustment = 0.0f32;
+            let mut ss = Vec::with_capacity(sp.len());
+            for (&cos, &thr) in sp.iter().zip(&self.special_care_embeds_weights) {
+                let s = round3(cos - thr as f32 + adjustment);
+                ss.push(s);
+                if s > 0.0 {
+                    adjustment = 0.01f64 as f32;
+                }
+            }
+            let cs: Vec<f32> = co.iter().zip(&self.concept_embeds_weights).map(|(&cos, &thr)| round3(cos - thr as f32 + adjustment)).collect();
+            has_nsfw_concepts.push(cs.iter().any(|&s| s > 0.0));
+            special_scores.push(ss);
+            concept_scores.push(cs);
+        }
+        Ok(SafetyOutput { pooled, image_embeds, special_cos_dist, cos_dist, special_scores, concept_scores, has_nsfw_concepts })
+    }
+
+    /// `run_safety_checker` on decoded images [B, H, W, 3] in [0, 1]: the feature extractor, then
+    /// `forward`; returns the flags and the images with flagged ones black (a copy when any is).
+    pub fn check(&self, processor: &ImageProcessor, images: &Tensor) -> Result<(Vec<bool>, Tensor), SafetyError> {
+        let pixel_values = processor.preprocess(images)?;
+        let out = self.forward(&pixel_values)?;
+        let flags = out.has_nsfw_concepts;
+        let images = if flags.iter().any(|&f| f) {
+            let copy = images.f_detach_copy()?;
+            for (i, _) in flags.iter().enumerate().filter(|(_, &f)| f) {
+                let mut row = copy.f_get(i as i64)?;
+                let _ = row.f_zero_()?;
+            }
+            copy
+        } else {
+            images.shallow_clone()
+        };
+        Ok((flags, images))
+    }
+}
+
+/// diffusers' `cosine_distance`: `mm(normalize(a), normalize(b).t())` (`F.normalize`: p = 2,
+/// dim 1, eps 1e-12).
+fn cosine_distance(a: &Tensor, b: &Tensor) -> Result<Tensor, tch::TchError> {
+    let normalize = |x: &Tensor| -> Result<Tensor, tch::TchError> {
+        let norm = x.f_norm_scalaropt_dim(2, [1i64], true)?.f_clamp_min(1e-12)?;
+        x.f_div(&norm.f_expand_as(x)?)
+    };
+    normalize(a)?.f_mm(&normalize(b)?.f_transpose(0, 1)?)
+}
+
+/// Python's `round(np.float32, 3)`: `np.round` multiplies by 1000, rounds half to even and
+/// divides, all in float32.
+fn round3(x: f32) -> f32 {
+    (x * 1000.0f32).round_ties_even() / 1000.0f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_errors() {
+        let c = SafetyCheckerConfig::from_json(&serde_json::json!({"projection_dim": 768, "vision_config": {"hidden_size": 1024, "num_attention_heads": 16, "patch_size": 14}})).unwrap();
+        assert_eq!((c.projection_dim, c.vision.hidden_size, c.vision.image_size, c.vision.num_hidden_layers, c.vision.hidden_act), (768, 1024, 224, 12, Activation::QuickGelu));
+        let e = SafetyCheckerConfig::from_json(&serde_json::json!({"vision_config": {"hidden_act": "xielu"}})).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("vision_config.hidden_act") && e.contains("xielu"), "{e}");
+        let e = SafetyCheckerConfig::from_json(&serde_json::json!({"vision_config": {"image_size": [224, 224]}})).unwrap_err().to_string();
+        assert!(e.contains("vision_config.image_size"), "{e}");
+        let e = SafetyCheckerConfig::from_json(&serde_json::json!({"projection_dim": "x"})).unwrap_err().to_string();
+        assert!(e.contains("`projection_dim`"), "{e}");
+    }
+
+    #[test]
+    fn round3_matches_numpy_float32() {
+        // np.round(np.float32(x), 3) values (half to even on the scaled float32).
+        assert_eq!(round3(0.0003), 0.0);
+        assert_eq!(round3(0.0005), 0.0);
+        assert_eq!(round3(0.0015), 0.002);
+        assert_eq!(round3(-0.0004), -0.0);
+        assert_eq!(round3(0.12345), 0.123);
+    }
+}
