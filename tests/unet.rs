@@ -97,3 +97,22 @@ fn unsupported_configs_are_errors() {
     cfg["addition_embed_type"] = "image".into();
     assert!(UNet2DConditionConfig::from_json(&cfg).unwrap_err().to_string().contains("addition_embed_type `image`"));
 }
+
+#[test]
+fn vae_encoder_matches_diffusers() {
+    tch::set_num_threads(1);
+    let r = refs("vae-encode");
+    for pipeline in ["tiny-sd15", "tiny-sdxl"] {
+        let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
+        let cfg = config(&dir);
+        let mut vs = VarStore::new(Device::Cpu);
+        let enc = runner::models::vae::AutoencoderKLEncoder::new(vs.root(), AutoencoderKLConfig::from_json(&cfg).unwrap(), 3, true);
+        let ck = weights(&dir);
+        let enc_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
+        load_varstore(&mut vs, &enc_only, "AutoencoderKL", Kind::Float).unwrap();
+        let (mean, logvar) = tch::no_grad(|| enc.encode(r.get(&format!("{pipeline}.input")).unwrap()));
+        let (dm, dl) = (rel(&mean, r.get(&format!("{pipeline}.mean")).unwrap()), rel(&logvar, r.get(&format!("{pipeline}.logvar")).unwrap()));
+        eprintln!("{pipeline}: encoder mean {dm:.2e}, logvar {dl:.2e}");
+        assert!(dm < 1e-4 && dl < 1e-4, "{pipeline}: {dm} {dl}");
+    }
+}

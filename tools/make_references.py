@@ -181,11 +181,30 @@ def run_case(name, pipeline, sched_name, prompt, negative, guidance, steps, batc
     return len(tensors)
 
 
+def vae_encode_refs():
+    """AutoencoderKL.encode(image * 2 - 1).latent_dist (mean, logvar) of each tiny VAE, on the
+    recorded image of a case: references for runner's VAE encoder (image-to-image)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    out = {}
+    for name, case in (("tiny-sd15", "sd15-pndm"), ("tiny-sdxl", "sdxl-euler")):
+        vae = AutoencoderKL.from_pretrained(FIX / name / "vae").eval()
+        img = load_file(OUT / f"{case}.safetensors")["image"]
+        x = (img.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+        out[f"{name}.input"] = x
+        out[f"{name}.mean"] = dist.mean.contiguous()
+        out[f"{name}.logvar"] = dist.logvar.contiguous()
+    save_file(out, OUT / "vae-encode.safetensors", metadata={"what": "AutoencoderKL.encode(image*2-1).latent_dist of the tiny VAEs"})
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     for case in CASES:
         n = run_case(*case)
         print(f"{case[0]}: {n} tensors")
+    vae_encode_refs()
     total = sum(f.stat().st_size for f in OUT.iterdir())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 

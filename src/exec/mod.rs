@@ -240,10 +240,22 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2")?) } else { None };
     let un = placed(&pipeline, &plan, m, "unet")?;
     let va = placed(&pipeline, &plan, m, "vae")?;
+    let bar = progress(if xl { 4 } else { 3 }, "loading", opts.progress);
+    let step = |name: &str| {
+        bar.set_message(format!("loading {name}"));
+        bar.inc(1);
+    };
     let encoder = text::TextEncoder::load(&pipeline, &te, "text_encoder", "tokenizer")?;
+    step("text_encoder");
     let encoder_2 = te2.as_ref().map(|l| text::TextEncoder::load(&pipeline, l, "text_encoder_2", "tokenizer_2")).transpose()?;
+    if xl {
+        step("text_encoder_2");
+    }
     let (unet, _unet_vs) = load_unet(&un)?;
+    step("unet");
     let (vae, _vae_vs, vae_kind) = load_vae(&va)?;
+    step("vae");
+    bar.finish_and_clear();
     let load_s = t_load.elapsed().as_secs_f64();
 
     // 2. Text conditioning: [negative, positive] when guidance runs.

@@ -111,3 +111,86 @@ impl AutoencoderKLDecoder {
         (img / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1])
     }
 }
+
+/// diffusers `DownEncoderBlock2D`: resnets, then a stride-2 convolution (padding 0, with
+/// diffusers' own (0, 1, 0, 1) padding).
+#[derive(Debug)]
+struct DownEncoderBlock2D {
+    resnets: Vec<super::resnet::ResnetBlock2D>,
+    downsampler: Option<super::resnet::Downsample2D>,
+}
+
+impl DownEncoderBlock2D {
+    fn new(vs: nn::Path, cin: i64, cout: i64, layers: i64, groups: i64, eps: f64, downsample: bool) -> Self {
+        DownEncoderBlock2D {
+            resnets: (0..layers).map(|j| super::resnet::ResnetBlock2D::new(&vs / "resnets" / j, if j == 0 { cin } else { cout }, cout, None, groups, eps, 1.0)).collect(),
+            downsampler: downsample.then(|| super::resnet::Downsample2D::new(&vs / "downsamplers" / 0, cout, 0)),
+        }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut h = x.shallow_clone();
+        for r in &self.resnets {
+            h = r.forward(&h, None);
+        }
+        match &self.downsampler {
+            Some(d) => d.forward(&h),
+            None => h,
+        }
+    }
+}
+
+/// The encoder half of `AutoencoderKL` (`encoder.*` + `quant_conv`), for image-to-image.
+#[derive(Debug)]
+pub struct AutoencoderKLEncoder {
+    pub config: AutoencoderKLConfig,
+    conv_in: nn::Conv2D,
+    down_blocks: Vec<DownEncoderBlock2D>,
+    mid_block: MidBlock2D,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+    quant_conv: Option<nn::Conv2D>,
+}
+
+impl AutoencoderKLEncoder {
+    /// `vs` is the model root (keys `encoder.*`, `quant_conv.*`).
+    pub fn new(vs: nn::Path, config: AutoencoderKLConfig, in_channels: i64, use_quant_conv: bool) -> Self {
+        let c = &config;
+        let e = &vs / "encoder";
+        let eps = 1e-6;
+        let n = c.block_out_channels.len();
+        let mut down_blocks = vec![];
+        let mut out = c.block_out_channels[0];
+        for (i, &ch) in c.block_out_channels.iter().enumerate() {
+            let prev = out;
+            out = ch;
+            down_blocks.push(DownEncoderBlock2D::new(&e / "down_blocks" / i as i64, prev, out, c.layers_per_block, c.norm_num_groups, eps, i + 1 < n));
+        }
+        let last = c.block_out_channels[n - 1];
+        AutoencoderKLEncoder {
+            conv_in: conv2d(&e / "conv_in", in_channels, c.block_out_channels[0], 3, 1, 1),
+            down_blocks,
+            mid_block: MidBlock2D::new(&e / "mid_block", last, c.norm_num_groups, eps, c.mid_block_add_attention),
+            conv_norm_out: group_norm(&e / "conv_norm_out", c.norm_num_groups, last, eps),
+            // double_z: mean and log-variance.
+            conv_out: conv2d(&e / "conv_out", last, 2 * c.latent_channels, 3, 1, 1),
+            quant_conv: use_quant_conv.then(|| conv2d(&vs / "quant_conv", 2 * c.latent_channels, 2 * c.latent_channels, 1, 1, 0)),
+            config,
+        }
+    }
+
+    /// diffusers `AutoencoderKL.encode(x).latent_dist`: (mean, logvar) of the posterior for an
+    /// image `x` in [-1, 1]; logvar clamped to [-30, 20] as in `DiagonalGaussianDistribution`.
+    pub fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let mut h = self.conv_in.forward(x);
+        for d in &self.down_blocks {
+            h = d.forward(&h);
+        }
+        h = self.mid_block.forward(&h);
+        let mut moments = self.conv_out.forward(&self.conv_norm_out.forward(&h).silu());
+        if let Some(q) = &self.quant_conv {
+            moments = q.forward(&moments);
+        }
+        let parts = moments.chunk(2, 1);
+        (parts[0].shallow_clone(), parts[1].clamp(-30.0, 20.0))
+    }
+}
