@@ -170,40 +170,43 @@ impl ClipTextConfig {
     }
 }
 
-struct Linear {
+/// A linear layer whose parameters are `p/weight` and `p/bias` (shared with the vision tower of
+/// the safety checker).
+pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn new(p: nn::Path, d_in: i64, d_out: i64, bias: bool) -> Linear {
+    pub(crate) fn new(p: nn::Path, d_in: i64, d_out: i64, bias: bool) -> Linear {
         // Zeros: every value is overwritten by the checkpoint, so random init is wasted time.
         let weight = p.var("weight", &[d_out, d_in], Init::Const(0.));
         let bias = bias.then(|| p.var("bias", &[d_out], Init::Const(0.)));
         Linear { weight, bias }
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         x.f_linear(&self.weight, self.bias.as_ref())
     }
 }
 
-struct LayerNorm {
+pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl LayerNorm {
-    fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
+    pub(crate) fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
         LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.)), bias: p.var("bias", &[dim], Init::Const(0.)), eps }
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         x.f_layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
     }
 }
 
-/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual.
-struct EncoderLayer {
+/// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual. The text encoder
+/// attends causally; the vision tower (safety checker) everywhere.
+pub(crate) struct EncoderLayer {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -215,8 +218,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(p: nn::Path, c: &ClipTextConfig) -> EncoderLayer {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
+    pub(crate) fn new(p: nn::Path, h: i64, i: i64, layer_norm_eps: f64) -> EncoderLayer {
         let attn = &p / "self_attn";
         let mlp = &p / "mlp";
         EncoderLayer {
@@ -224,16 +226,15 @@ impl EncoderLayer {
             k_proj: Linear::new(&attn / "k_proj", h, h, true),
             v_proj: Linear::new(&attn / "v_proj", h, h, true),
             out_proj: Linear::new(&attn / "out_proj", h, h, true),
-            layer_norm1: LayerNorm::new(&p / "layer_norm1", h, c.layer_norm_eps),
-            layer_norm2: LayerNorm::new(&p / "layer_norm2", h, c.layer_norm_eps),
+            layer_norm1: LayerNorm::new(&p / "layer_norm1", h, layer_norm_eps),
+            layer_norm2: LayerNorm::new(&p / "layer_norm2", h, layer_norm_eps),
             fc1: Linear::new(&mlp / "fc1", h, i, true),
             fc2: Linear::new(&mlp / "fc2", i, h, true),
         }
     }
 
-    fn forward(&self, x: &Tensor, c: &ClipTextConfig) -> Result<Tensor, tch::TchError> {
+    pub(crate) fn forward(&self, x: &Tensor, heads: i64, act: Activation, causal: bool) -> Result<Tensor, tch::TchError> {
         let (b, t, h) = x.size3()?;
-        let heads = c.num_attention_heads;
         let head_dim = h / heads;
         // CLIPAttention.forward: [B, T, H] -> [B, heads, T, head_dim], scale head_dim^-0.5.
         let y = self.layer_norm1.forward(x)?;
@@ -241,13 +242,13 @@ impl EncoderLayer {
         let q = split(self.q_proj.forward(&y)?)?;
         let k = split(self.k_proj.forward(&y)?)?;
         let v = split(self.v_proj.forward(&y)?)?;
-        // The causal mask of `create_causal_mask`, as SDPA's `is_causal` (no padding mask: the
-        // pipelines pass none).
-        let a = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, (head_dim as f64).powf(-0.5), false)?;
+        // The text model's causal mask (`create_causal_mask`) as SDPA's `is_causal` (no padding
+        // mask: the pipelines pass none).
+        let a = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, causal, (head_dim as f64).powf(-0.5), false)?;
         let a = a.f_transpose(1, 2)?.f_reshape([b, t, h])?;
         let x = x.f_add(&self.out_proj.forward(&a)?)?;
         let y = self.layer_norm2.forward(&x)?;
-        let y = self.fc2.forward(&c.hidden_act.apply(&self.fc1.forward(&y)?)?)?;
+        let y = self.fc2.forward(&act.apply(&self.fc1.forward(&y)?)?)?;
         x.f_add(&y)
     }
 }
@@ -309,7 +310,7 @@ impl ClipTextModel {
             let token_embedding = (&emb / "token_embedding").var("weight", &[c.vocab_size, c.hidden_size], Init::Const(0.));
             let position_embedding = (&emb / "position_embedding").var("weight", &[c.max_position_embeddings, c.hidden_size], Init::Const(0.));
             let enc = &text / "encoder" / "layers";
-            let layers: Vec<EncoderLayer> = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c)).collect();
+            let layers: Vec<EncoderLayer> = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c.hidden_size, c.intermediate_size, c.layer_norm_eps)).collect();
             let final_layer_norm = LayerNorm::new(&text / "final_layer_norm", c.hidden_size, c.layer_norm_eps);
             let text_projection = c.with_projection.then(|| Linear::new(&root / "text_projection", c.hidden_size, c.projection_dim, false));
             (token_embedding, position_embedding, layers, final_layer_norm, text_projection)
@@ -373,7 +374,7 @@ impl ClipTextModel {
         let mut h = tok.f_add(&Tensor::f_embedding(&self.position_embedding, &pos, -1, false, false)?)?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
-            let next = layer.forward(&h, c)?;
+            let next = layer.forward(&h, c.num_attention_heads, c.hidden_act, true)?;
             hidden_states.push(h);
             h = next;
         }

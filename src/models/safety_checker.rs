@@ -12,12 +12,12 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tch::nn::{self, Init, VarStore};
+use tch::nn::{Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::layout::Checkpoint;
 use crate::checkpoint::CheckpointError;
-use crate::models::clip::Activation;
+use crate::models::clip::{Activation, EncoderLayer, LayerNorm, Linear};
 use crate::models::image_processor::{ImageProcessor, ImageProcessorError};
 use crate::models::weights::{load_varstore, WeightsError};
 
@@ -132,101 +132,6 @@ impl SafetyCheckerConfig {
     }
 }
 
-fn activate(act: Activation, x: &Tensor) -> Result<Tensor, tch::TchError> {
-    match act {
-        // QuickGELUActivation: x * sigmoid(1.702 x)
-        Activation::QuickGelu => x.f_mul(&x.f_mul_scalar(1.702)?.f_sigmoid()?),
-        Activation::Gelu => x.f_gelu("none"),
-        Activation::GeluTanh => x.f_gelu("tanh"),
-        // NewGELUActivation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-        Activation::GeluNew => {
-            let inner = x.f_add(&x.f_pow_tensor_scalar(3.0)?.f_mul_scalar(0.044715)?)?.f_mul_scalar((2.0 / std::f64::consts::PI).sqrt())?;
-            x.f_mul_scalar(0.5)?.f_mul(&inner.f_tanh()?.f_add_scalar(1.0)?)
-        }
-        Activation::Relu => x.f_relu(),
-        Activation::Silu => x.f_silu(),
-    }
-}
-
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn new(p: nn::Path, d_in: i64, d_out: i64, bias: bool) -> Linear {
-        // Zeros: every value is overwritten by the checkpoint.
-        let weight = p.var("weight", &[d_out, d_in], Init::Const(0.));
-        let bias = bias.then(|| p.var("bias", &[d_out], Init::Const(0.)));
-        Linear { weight, bias }
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        x.f_linear(&self.weight, self.bias.as_ref())
-    }
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
-        LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.)), bias: p.var("bias", &[dim], Init::Const(0.)), eps }
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        x.f_layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
-    }
-}
-
-/// `CLIPEncoderLayer` without a mask (the vision tower attends everywhere).
-struct EncoderLayer {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm1: LayerNorm,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl EncoderLayer {
-    fn new(p: nn::Path, c: &ClipVisionConfig) -> EncoderLayer {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let attn = &p / "self_attn";
-        let mlp = &p / "mlp";
-        EncoderLayer {
-            q_proj: Linear::new(&attn / "q_proj", h, h, true),
-            k_proj: Linear::new(&attn / "k_proj", h, h, true),
-            v_proj: Linear::new(&attn / "v_proj", h, h, true),
-            out_proj: Linear::new(&attn / "out_proj", h, h, true),
-            layer_norm1: LayerNorm::new(&p / "layer_norm1", h, c.layer_norm_eps),
-            layer_norm2: LayerNorm::new(&p / "layer_norm2", h, c.layer_norm_eps),
-            fc1: Linear::new(&mlp / "fc1", h, i, true),
-            fc2: Linear::new(&mlp / "fc2", i, h, true),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, c: &ClipVisionConfig) -> Result<Tensor, tch::TchError> {
-        let (b, t, h) = x.size3()?;
-        let heads = c.num_attention_heads;
-        let head_dim = h / heads;
-        // CLIPAttention.forward (is_causal = False, scale head_dim^-0.5).
-        let y = self.layer_norm1.forward(x)?;
-        let split = |z: Tensor| z.f_view([b, t, heads, head_dim])?.f_transpose(1, 2);
-        let q = split(self.q_proj.forward(&y)?)?;
-        let k = split(self.k_proj.forward(&y)?)?;
-        let v = split(self.v_proj.forward(&y)?)?;
-        let a = Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, (head_dim as f64).powf(-0.5), false)?;
-        let a = a.f_transpose(1, 2)?.f_reshape([b, t, h])?;
-        let x = x.f_add(&self.out_proj.forward(&a)?)?;
-        let y = self.layer_norm2.forward(&x)?;
-        let y = self.fc2.forward(&activate(c.hidden_act, &self.fc1.forward(&y)?)?)?;
-        x.f_add(&y)
-    }
-}
 
 /// Everything `StableDiffusionSafetyChecker.forward` computes, per image.
 #[derive(Debug)]
@@ -294,7 +199,7 @@ impl SafetyChecker {
         let position_embedding = (&emb / "position_embedding").var("weight", &[grid * grid + 1, c.hidden_size], Init::Const(0.));
         let pre_layrnorm = LayerNorm::new(&tower / "pre_layrnorm", c.hidden_size, c.layer_norm_eps);
         let enc = &tower / "encoder" / "layers";
-        let layers = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c)).collect();
+        let layers = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c.hidden_size, c.intermediate_size, c.layer_norm_eps)).collect();
         let post_layernorm = LayerNorm::new(&tower / "post_layernorm", c.hidden_size, c.layer_norm_eps);
         let visual_projection = Linear::new(&root / "visual_projection", c.hidden_size, config.projection_dim, false);
         let concept_embeds = root.var("concept_embeds", &[17, config.projection_dim], Init::Const(1.));
@@ -355,7 +260,7 @@ impl SafetyChecker {
         let mut h = Tensor::f_cat(&[cls, patches], 1)?.f_add(&self.position_embedding.f_unsqueeze(0)?)?;
         h = self.pre_layrnorm.forward(&h)?;
         for layer in &self.layers {
-            h = layer.forward(&h, c)?;
+            h = layer.forward(&h, c.num_attention_heads, c.hidden_act, false)?;
         }
         // pooled_output = post_layernorm(last_hidden_state[:, 0, :])
         self.post_layernorm.forward(&h.f_select(1, 0)?)
