@@ -1,0 +1,46 @@
+//! One UNet2DConditionModel forward per iteration, timed (benches/unet_step.sh runs this beside
+//! diffusers on the same weights).
+//!   unet_bench UNET_DIR LATENT_SIZE BATCH ITERS
+
+use std::time::Instant;
+
+use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
+use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
+use runner::models::weights::load_varstore;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn main() {
+    runner::runtime::configure_allocator();
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let dir = std::path::Path::new(&a[0]);
+    let (size, batch, iters): (i64, i64, usize) = (a[1].parse().unwrap(), a[2].parse().unwrap(), a[3].parse().unwrap());
+    let threads: i32 = std::env::var("BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(1);
+    tch::set_num_threads(threads);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let config = UNet2DConditionConfig::from_json(&cfg).unwrap();
+    let mut vs = VarStore::new(Device::Cpu);
+    let unet = UNet2DConditionModel::new(vs.root(), config.clone());
+    let ck = Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap();
+    load_varstore(&mut vs, &ck, "UNet2DConditionModel", Kind::Float).unwrap();
+    tch::manual_seed(0);
+    let x = Tensor::randn([batch, config.in_channels, size, size], (Kind::Float, Device::Cpu));
+    let ctx = Tensor::randn([batch, 77, config.cross_attention_dim], (Kind::Float, Device::Cpu));
+    let added = config.addition_text_time.map(|(dim, input)| {
+        let pooled = input - 6 * dim;
+        (Tensor::randn([batch, pooled], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[size as f32 * 8.0, size as f32 * 8.0, 0.0, 0.0, size as f32 * 8.0, size as f32 * 8.0]).unsqueeze(0).repeat([batch, 1]))
+    });
+    let run = || {
+        let add = added.as_ref().map(|(t, i)| AddedCond { text_embeds: t, time_ids: i });
+        tch::no_grad(|| unet.forward(&x, 500.0, &ctx, add))
+    };
+    let _ = run(); // warm-up
+    let mut times = vec![];
+    for _ in 0..iters {
+        let t = Instant::now();
+        let _ = run();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!("{{\"impl\": \"runner\", \"median_s\": {:.4}, \"min_s\": {:.4}, \"threads\": {threads}}}", times[times.len() / 2], times[0]);
+}
