@@ -92,8 +92,13 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dump: Option<PathBuf>,
         /// The hardware to plan for (as for `runner plan`).
-        #[arg(long, value_name = "SPEC")]
+        #[arg(long, value_name = "SPEC", conflicts_with = "simulate")]
         devices: Option<String>,
+        /// Plan for these devices (e.g. "cuda:0=40MB,cuda:1=40MB,cpu=2GiB") but execute everything
+        /// on the CPU: device maps and component boundaries run where no GPU exists. Budgets are
+        /// planned, not yet enforced during the run.
+        #[arg(long, value_name = "SPEC")]
+        simulate: Option<String>,
         /// No progress bars.
         #[arg(long, short)]
         quiet: bool,
@@ -275,7 +280,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, out, dump, devices, quiet, json, locked, layers } => run_job(&file, out, dump, devices.as_deref(), quiet, json, locked, &layers.overrides(), cli.color),
+        Command::Run { file, out, dump, devices, simulate, quiet, json, locked, layers } => {
+            let (spec, simulated) = match (devices, simulate) {
+                (_, Some(s)) => (Some(s), true),
+                (d, None) => (d, false),
+            };
+            run_job(&file, out, dump, spec.as_deref(), simulated, quiet, json, locked, &layers.overrides(), cli.color)
+        }
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
@@ -440,7 +451,7 @@ fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only:
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, devices: Option<&str>, quiet: bool, json: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, devices: Option<&str>, simulate: bool, quiet: bool, json: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
     let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose()?;
     let loaded = match manifest::load(file, overrides) {
         Ok(m) => m,
@@ -456,7 +467,7 @@ fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, 
     if let Some(t) = loaded.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
-    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet };
+    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate };
     let report = runner::exec::run(&loaded, &opts).map_err(|e| anyhow::anyhow!("`{}`: {e}", file.display()))?;
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -466,6 +477,10 @@ fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, 
     } else {
         for p in &report.images {
             println!("wrote {}", p.display());
+        }
+        if report.simulated {
+            let map: Vec<String> = report.device_map.iter().map(|(k, v)| format!("{k} -> {v}")).collect();
+            println!("simulated devices (ran on the CPU): {}", map.join(", "));
         }
         let t = &report.timings;
         println!(

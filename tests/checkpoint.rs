@@ -45,6 +45,12 @@ fn fixtures_read_from_headers() {
     assert!(sharded.files.len() > 1);
     let shapes = |c: &Checkpoint| c.tensors.iter().map(|(k, t)| (k.clone(), t.info.shape.clone(), t.info.dtype)).collect::<Vec<_>>();
     assert_eq!(shapes(&sharded), shapes(unet));
+    // ... with the same values.
+    let bytes = |c: &Checkpoint| {
+        let maps: Vec<runner::checkpoint::safetensors::MappedFile> = c.files.iter().map(|(p, _)| runner::checkpoint::safetensors::MappedFile::open(p).unwrap()).collect();
+        c.tensors.iter().map(|(k, t)| (k.clone(), maps[t.file].data(&t.info).to_vec())).collect::<Vec<_>>()
+    };
+    assert!(bytes(&sharded) == bytes(unet), "the sharded UNet holds the single file's values");
 }
 
 #[test]

@@ -203,3 +203,33 @@ fn safety_checker_runs_and_blacks_out_flagged_images() {
     assert!(!stderr.contains("Potential NSFW"), "{stderr}");
     assert!(decode_png(&dir.path().join("o.png")).0.iter().any(|&p| p != 0));
 }
+
+#[test]
+fn tiny_sdxl_twin_runs_on_simulated_devices() {
+    // manifests/tiny-sdxl.toml: the seed's layout (UNet from a sharded folder, balanced over two
+    // GPUs) on the tiny pipeline; simulated devices run it on the CPU.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("twin.png");
+    let (code, stdout, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--json", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB", "--out"]).arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["simulated"], true);
+    let map = r["device_map"].as_object().unwrap();
+    assert!(map.values().any(|d| d == "cuda:0") && map.values().any(|d| d == "cuda:1"), "balanced over both: {map:?}");
+    // The same job on one device, from the pipeline's own (unsharded) UNet: the same image.
+    let m = dir.path().join("one.toml");
+    std::fs::write(
+        &m,
+        format!(
+            "schema_version = 1\nname = \"one\"\n[pipeline]\nkind = \"stable-diffusion-xl\"\nsource = \"{}\"\nscheduler = \"euler\"\n[placement]\nmax_memory = {{ cpu = \"2GiB\" }}\n[run]\nprompt = \"a cute dog running on the grass\"\nnegative_prompt = \"\"\nsteps = 4\nguidance_scale = 5.0\nseed = 0\nwidth = 64\nheight = 64\noutput = \"one.png\"\n",
+            root().join("tests/fixtures/tiny-sdxl").display()
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).arg("--quiet"));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(decode_png(&out).0, decode_png(&dir.path().join("one.png")).0);
+    // --simulate and --devices do not mix.
+    let (code, _, _) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--simulate", "cpu=1GB", "--devices", "cpu=1GB"]));
+    assert_eq!(code, 2);
+}

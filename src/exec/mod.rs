@@ -55,6 +55,9 @@ pub struct RunOptions {
     pub plan: BuildOptions,
     /// Show progress bars (only when stderr is a terminal).
     pub progress: bool,
+    /// `--simulate`: plan for the given devices (in `plan.devices`) but execute every component on
+    /// the CPU, so that device maps and boundaries run where no GPU exists (CI).
+    pub simulate: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -80,6 +83,8 @@ pub struct RunReport {
     pub width: u64,
     pub height: u64,
     pub device_map: std::collections::BTreeMap<String, String>,
+    /// The devices were simulated (everything ran on the CPU).
+    pub simulated: bool,
     pub timings: Timings,
     pub warnings: Vec<String>,
 }
@@ -128,17 +133,18 @@ struct Loaded<'a> {
     kind: Kind,
 }
 
-fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, name: &str) -> Result<Loaded<'a>, ExecError> {
+fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, name: &str, simulate: bool) -> Result<Loaded<'a>, ExecError> {
     let component = pipeline.component(name).filter(|c| c.checkpoint.is_some()).ok_or_else(|| ExecError::Unsupported(format!("the pipeline has no `{name}` weights")))?;
     let cp = plan.components.iter().find(|c| c.name == name).expect("planned");
     if cp.split.is_some() {
         return Err(ExecError::Unsupported(format!("`{name}` is split across devices by the `auto` strategy; running split components arrives with SDXL execution across devices (issue 6)")));
     }
-    if cp.offload != Offload::None && cp.device != Device::Cpu {
+    if cp.offload != Offload::None && cp.device != Device::Cpu && !simulate {
         return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; offload execution arrives with issue 7 (plan it with `runner plan` meanwhile)", cp.offload).to_lowercase()));
     }
     let dtype = m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(m.manifest.pipeline.dtype);
-    Ok(Loaded { component, device: tch_device(cp.device), kind: kind_of(dtype) })
+    let device = if simulate { tch::Device::Cpu } else { tch_device(cp.device) };
+    Ok(Loaded { component, device, kind: kind_of(dtype) })
 }
 
 fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> {
@@ -212,7 +218,9 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let inventory = build::inventory(m, &opts.plan)?;
     let input = build::plan_input(m, &pipeline, inventory, &opts.plan);
     let plan = crate::plan::plan(&input)?;
-    check_devices(&plan)?;
+    if !opts.simulate {
+        check_devices(&plan)?;
+    }
     let shape = build::run_shape(m, &pipeline);
     let r = &m.manifest.run;
     let steps = r.steps.unwrap_or(50) as usize;
@@ -236,10 +244,10 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
 
     // 1. Load components on their planned devices.
     let t_load = Instant::now();
-    let te = placed(&pipeline, &plan, m, "text_encoder")?;
-    let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2")?) } else { None };
-    let un = placed(&pipeline, &plan, m, "unet")?;
-    let va = placed(&pipeline, &plan, m, "vae")?;
+    let te = placed(&pipeline, &plan, m, "text_encoder", opts.simulate)?;
+    let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2", opts.simulate)?) } else { None };
+    let un = placed(&pipeline, &plan, m, "unet", opts.simulate)?;
+    let va = placed(&pipeline, &plan, m, "vae", opts.simulate)?;
     let bar = progress(if xl { 4 } else { 3 }, "loading", opts.progress);
     let step = |name: &str| {
         bar.set_message(format!("loading {name}"));
@@ -340,7 +348,7 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let images = match pipeline.component("safety_checker").filter(|c| c.checkpoint.is_some()) {
         None => images,
         Some(sc) => {
-            let l = placed(&pipeline, &plan, m, "safety_checker")?;
+            let l = placed(&pipeline, &plan, m, "safety_checker", opts.simulate)?;
             let fe = pipeline.root.join("feature_extractor");
             let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
             let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
@@ -390,6 +398,7 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         width: shape.width,
         height: shape.height,
         device_map: plan.device_map(),
+        simulated: opts.simulate,
         timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
         warnings,
     })
