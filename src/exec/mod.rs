@@ -129,22 +129,26 @@ fn check_devices(plan: &Plan) -> Result<(), ExecError> {
 
 struct Loaded<'a> {
     component: &'a Component,
+    /// Where it runs (a split component: where it starts).
     device: tch::Device,
     kind: Kind,
+    /// A component split by the `auto` strategy: module path -> device, in execution order.
+    split: Option<Vec<(String, tch::Device)>>,
 }
 
 fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, name: &str, simulate: bool) -> Result<Loaded<'a>, ExecError> {
     let component = pipeline.component(name).filter(|c| c.checkpoint.is_some()).ok_or_else(|| ExecError::Unsupported(format!("the pipeline has no `{name}` weights")))?;
     let cp = plan.components.iter().find(|c| c.name == name).expect("planned");
-    if cp.split.is_some() {
-        return Err(ExecError::Unsupported(format!("`{name}` is split across devices by the `auto` strategy; running split components arrives with SDXL execution across devices (issue 6)")));
+    if cp.split.is_some() && name != "unet" {
+        return Err(ExecError::Unsupported(format!("`{name}` is split across devices; runner runs split UNets only")));
     }
     if cp.offload != Offload::None && cp.device != Device::Cpu && !simulate {
         return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; offload execution arrives with issue 7 (plan it with `runner plan` meanwhile)", cp.offload).to_lowercase()));
     }
     let dtype = m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(m.manifest.pipeline.dtype);
     let device = if simulate { tch::Device::Cpu } else { tch_device(cp.device) };
-    Ok(Loaded { component, device, kind: kind_of(dtype) })
+    let split = cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), if simulate { tch::Device::Cpu } else { tch_device(*d) })).collect());
+    Ok(Loaded { component, device, kind: kind_of(dtype), split })
 }
 
 fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> {
@@ -153,6 +157,27 @@ fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> 
     let m = UNet2DConditionModel::new(vs.root(), cfg);
     vs.set_kind(l.kind);
     load_varstore(&mut vs, l.component.checkpoint.as_ref().expect("weights"), "UNet2DConditionModel", l.kind).map_err(ModelError::from)?;
+    if let Some(split) = &l.split {
+        // Each parameter to the device of the longest module prefix that names it; the model's
+        // units move their inputs to their weights (models::resnet::on).
+        let device_of = |name: &str| {
+            split
+                .iter()
+                .filter(|(m, _)| m.is_empty() || name == m || name.starts_with(&format!("{m}.")))
+                .max_by_key(|(m, _)| m.len())
+                .map(|(_, d)| *d)
+                .unwrap_or(l.device)
+        };
+        tch::no_grad(|| {
+            for (name, mut var) in vs.variables() {
+                let d = device_of(&name);
+                if var.device() != d {
+                    let moved = var.to_device(d);
+                    var.set_data(&moved);
+                }
+            }
+        });
+    }
     Ok((m, vs))
 }
 
@@ -320,7 +345,8 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         let input = if do_cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
         let input = scheduler.scale_model_input(&input, i);
         let add = added.as_ref().map(|(text_embeds, time_ids)| crate::models::unet_2d::AddedCond { text_embeds, time_ids });
-        let out = tch::no_grad(|| unet.forward(&input, t, &context, add));
+        // A split UNet ends on its last device: the loop's tensors live on its first.
+        let out = tch::no_grad(|| unet.forward(&input, t, &context, add)).to_device(un.device);
         let noise_pred = if do_cfg {
             let ch = out.chunk(2, 0);
             &ch[0] + (&ch[1] - &ch[0]) * guidance

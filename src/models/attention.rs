@@ -5,7 +5,7 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::resnet::{conv2d, group_norm};
+use super::resnet::{conv2d, group_norm, on};
 
 /// diffusers `Attention`: `to_q`, `to_k`, `to_v` (no bias unless `bias`), `to_out.0` (bias).
 #[derive(Debug)]
@@ -71,7 +71,7 @@ impl Attention {
 #[derive(Debug)]
 pub struct FeedForward {
     proj: nn::Linear,
-    out: nn::Linear,
+    pub(crate) out: nn::Linear,
 }
 
 impl FeedForward {
@@ -109,6 +109,7 @@ impl BasicTransformerBlock {
         }
     }
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let (x, context) = (&on(x, &self.ff.out.ws), &on(context, &self.ff.out.ws));
         let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
         let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
         self.ff.forward(&self.norm3.forward(&x)) + &x
@@ -119,6 +120,15 @@ impl BasicTransformerBlock {
 enum Proj {
     Conv(nn::Conv2D),
     Linear(nn::Linear),
+}
+
+impl Proj {
+    fn weight(&self) -> &Tensor {
+        match self {
+            Proj::Conv(c) => &c.ws,
+            Proj::Linear(l) => &l.ws,
+        }
+    }
 }
 
 /// diffusers `Transformer2DModel` for image inputs: group norm, projection in (1x1 conv, or
@@ -147,7 +157,11 @@ impl Transformer2DModel {
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
         let (b, _, h, w) = x.size4().expect("[B, C, H, W]");
         let residual = x;
-        let x = self.norm.forward(x);
+        let x = match &self.norm.ws {
+            Some(ws) => self.norm.forward(&on(x, ws)),
+            None => self.norm.forward(x),
+        };
+        let x = on(&x, self.proj_in.weight());
         let to_seq = |t: Tensor| {
             let c = t.size()[1];
             t.permute([0, 2, 3, 1]).reshape([b, h * w, c])
@@ -163,10 +177,12 @@ impl Transformer2DModel {
             let c = t.size()[2];
             t.reshape([b, h, w, c]).permute([0, 3, 1, 2]).contiguous()
         };
+        let s = on(&s, self.proj_out.weight());
         let out = match &self.proj_out {
             Proj::Conv(c) => c.forward(&to_map(s)),
             Proj::Linear(l) => to_map(l.forward(&s)),
         };
+        let residual = on(residual, &out);
         out + residual
     }
 }

@@ -48,6 +48,12 @@ impl TimestepEmbedding {
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.linear_2.forward(&self.linear_1.forward(x).silu())
+        let h = self.linear_1.forward(x).silu();
+        self.linear_2.forward(&super::resnet::on(&h, &self.linear_2.ws))
+    }
+
+    /// The first weight (where inputs go when the model is split across devices).
+    pub fn weight(&self) -> &Tensor {
+        &self.linear_1.ws
     }
 }

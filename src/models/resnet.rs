@@ -3,6 +3,17 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+/// `t` on `like`'s device: a no-op unless a component is split across devices, where each
+/// no-split unit moves its inputs to its own weights (accelerate's `AlignDevicesHook`).
+pub fn on(t: &Tensor, like: &Tensor) -> Tensor {
+    let d = like.device();
+    if t.device() == d {
+        t.shallow_clone()
+    } else {
+        t.to_device(d)
+    }
+}
+
 pub fn conv2d(vs: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
     nn::conv2d(vs, cin, cout, k, nn::ConvConfig { stride, padding, ..Default::default() })
 }
@@ -38,9 +49,10 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
+        let x = &on(x, &self.conv1.ws);
         let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+            h += proj.forward(&on(temb, &proj.ws).silu()).unsqueeze(-1).unsqueeze(-1);
         }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         let shortcut = match &self.conv_shortcut {
@@ -68,6 +80,7 @@ impl Downsample2D {
         Downsample2D { conv: conv2d(&vs / "conv", channels, channels, 3, 2, padding), padding }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = &on(x, &self.conv.ws);
         if self.padding == 0 {
             // diffusers pads (0, 1, 0, 1) itself when the conv has no padding.
             self.conv.forward(&x.constant_pad_nd([0, 1, 0, 1]))
@@ -88,6 +101,7 @@ impl Upsample2D {
         Upsample2D { conv: conv2d(&vs / "conv", channels, channels, 3, 1, 1) }
     }
     pub fn forward(&self, x: &Tensor, size: Option<(i64, i64)>) -> Tensor {
+        let x = &on(x, &self.conv.ws);
         let (h, w) = match size {
             Some(s) => s,
             None => {

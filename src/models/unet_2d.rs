@@ -4,7 +4,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use super::embeddings::{TimestepEmbedding, Timesteps};
-use super::resnet::{conv2d, group_norm};
+use super::resnet::{conv2d, group_norm, on};
 use super::unet_2d_blocks::{BlockConfig, DownBlock, MidBlockCrossAttn, UpBlock};
 use super::weights::{cfg_bool, cfg_f64, cfg_list_str, cfg_list_u64, cfg_str, cfg_u64};
 use super::ModelError;
@@ -190,17 +190,19 @@ impl UNet2DConditionModel {
         let device = sample.device();
         // 1. time
         let t = Tensor::full([b], timestep, (Kind::Float, device));
-        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t).to_kind(kind));
+        let t_emb = self.time_proj.forward(&t).to_kind(kind);
+        let mut emb = self.time_embedding.forward(&on(&t_emb, self.time_embedding.weight()));
         if let (Some((proj, embed)), Some(a)) = (&self.add, added) {
             let time_embeds = proj.forward(&a.time_ids.flatten(0, -1)).reshape([b, -1]);
-            let add_embeds = Tensor::cat(&[a.text_embeds.to_kind(Kind::Float), time_embeds], -1).to_kind(kind);
-            emb += embed.forward(&add_embeds);
+            let add_embeds = Tensor::cat(&[a.text_embeds.to_kind(Kind::Float), time_embeds.to_device(a.text_embeds.device())], -1).to_kind(kind);
+            let add = embed.forward(&on(&add_embeds, embed.weight()));
+            emb += on(&add, &emb);
         }
         // 2. pre-process; a size not divisible by 2^upsamplers needs explicit upsample sizes.
         let factor = 1i64 << (self.up_blocks.len() - 1);
         let (h, w) = (sample.size()[2], sample.size()[3]);
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
-        let mut x = self.conv_in.forward(sample);
+        let mut x = self.conv_in.forward(&on(sample, &self.conv_in.ws));
         // 3. down
         let mut skips = vec![x.shallow_clone()];
         for d in &self.down_blocks {
@@ -224,6 +226,10 @@ impl UNet2DConditionModel {
             x = u.forward(&x, &mut mine, &emb, context, size);
         }
         // 6. post-process
-        self.conv_out.forward(&self.conv_norm_out.forward(&x).silu())
+        let x = match &self.conv_norm_out.ws {
+            Some(ws) => self.conv_norm_out.forward(&on(&x, ws)),
+            None => self.conv_norm_out.forward(&x),
+        };
+        self.conv_out.forward(&on(&x.silu(), &self.conv_out.ws))
     }
 }

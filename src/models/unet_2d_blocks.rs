@@ -122,6 +122,8 @@ impl UpBlock {
         let mut h = x.shallow_clone();
         for (j, r) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("one skip state per resnet");
+            // Skip states may come from down blocks placed on other devices.
+            let skip = super::resnet::on(&skip, &h);
             h = r.forward(&Tensor::cat(&[h, skip], 1), Some(temb));
             if let Some(a) = self.attentions.get(j) {
                 h = a.forward(&h, context);
