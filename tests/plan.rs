@@ -41,6 +41,18 @@ fn seed_example_balanced_over_two_gpus() {
 }
 
 #[test]
+fn seed_example_over_two_8gb_gpus() {
+    // The command: `runner plan manifests/sdxl.toml --devices cuda:0=8GB,cuda:1=8GB`.
+    let dir = tempfile::tempdir().unwrap();
+    let root = sdxl(dir.path());
+    let (code, stdout, stderr) = plan(&["--json", "--devices", "cuda:0=8GB,cuda:1=8GB"], &root);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["device_map"], serde_json::json!({"unet": "cuda:0", "text_encoder_2": "cuda:1", "vae": "cuda:1", "text_encoder": "cuda:0"}));
+    assert_eq!(v["devices"]["cuda:0"]["budget"], 8_000_000_000u64);
+}
+
+#[test]
 fn seed_example_table() {
     let dir = tempfile::tempdir().unwrap();
     let root = sdxl(dir.path());

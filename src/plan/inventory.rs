@@ -100,6 +100,8 @@ impl Inventory {
                 None => budget,
                 Some(hw) => match hw.get(device) {
                     Some(h) => budget.min(h.budget),
+                    // Every machine has a CPU: --devices may describe the GPUs only.
+                    None if device == Device::Cpu => budget,
                     None => {
                         let have = hw.devices.iter().map(|d| format!("`{}`", d.device)).collect::<Vec<_>>().join(", ");
                         return Err(InventoryError::NotInHardware { device, have });
@@ -262,6 +264,8 @@ mod tests {
         let inv = Inventory::from_max_memory(&mm, Some(&hw)).unwrap();
         assert_eq!(inv.get(Device::Cuda(0)).unwrap().budget, 24 << 30);
         assert_eq!(inv.get(Device::Cpu).unwrap().budget, 8 << 30);
+        let gpus_only = Inventory::parse_spec("cuda:0=8GB").unwrap();
+        assert_eq!(Inventory::from_max_memory(&mm, Some(&gpus_only)).unwrap().get(Device::Cpu).unwrap().budget, 8 << 30, "the CPU needs no --devices entry");
         let mm = BTreeMap::from([(Device::Cuda(3), 1u64)]);
         assert!(Inventory::from_max_memory(&mm, Some(&hw)).unwrap_err().to_string().contains("`cuda:3`, which --devices does not have"));
     }
