@@ -267,3 +267,18 @@ fn unet_split_across_devices_gives_the_same_image() {
     }
     assert_eq!(decode_png(&dir.path().join("split.png")).0, decode_png(&dir.path().join("whole.png")).0);
 }
+
+#[test]
+fn components_that_do_not_fit_together_are_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
+    let cfg = dir.path().join("pipe/unet/config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["cross_attention_dim"] = 768.into();
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n").unwrap();
+    let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("do not fit together: the text encoder's hidden size is 8 but the UNet's cross_attention_dim is 768"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+}

@@ -267,7 +267,9 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let mut dump: Vec<(String, Tensor)> = vec![];
     let dumping = opts.dump.is_some();
 
-    // 1. Load components on their planned devices.
+    // 1. Load components on their planned devices (after checking that their configs fit together:
+    //    a mismatch would otherwise surface as a libtorch shape error mid-run).
+    check_compatible(&pipeline, xl)?;
     let t_load = Instant::now();
     let te = placed(&pipeline, &plan, m, "text_encoder", opts.simulate)?;
     let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2", opts.simulate)?) } else { None };
@@ -428,6 +430,41 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
         warnings,
     })
+}
+
+/// The components' configs must agree: text hidden sizes (concatenated for SDXL) equal the
+/// UNet's `cross_attention_dim`, SDXL's pooled projection fits `projection_class_embeddings_input_dim`,
+/// and the VAE's latent channels are the UNet's input channels.
+fn check_compatible(p: &PipelineFolder, xl: bool) -> Result<(), ExecError> {
+    let cfg = |n: &str| p.component(n).map(component_config).unwrap_or(serde_json::Value::Null);
+    let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64());
+    let unet = UNet2DConditionConfig::from_json(&cfg("unet"))?;
+    let te = cfg("text_encoder");
+    let te2 = cfg("text_encoder_2");
+    let hidden = get(&te, "hidden_size").unwrap_or(0) + if xl { get(&te2, "hidden_size").unwrap_or(0) } else { 0 };
+    let mismatch = |what: String| ExecError::Unsupported(format!("the components of `{}` do not fit together: {what}", p.root.display()));
+    if hidden != unet.cross_attention_dim {
+        return Err(mismatch(format!(
+            "the text encoder{} hidden size{} {hidden} but the UNet's cross_attention_dim is {}",
+            if xl { "s'" } else { "'s" },
+            if xl { "s add up to" } else { " is" },
+            unet.cross_attention_dim
+        )));
+    }
+    if let (true, Some((time_dim, input))) = (xl, unet.addition_text_time) {
+        let pooled = get(&te2, "projection_dim").unwrap_or(0);
+        if pooled + 6 * time_dim != input {
+            return Err(mismatch(format!("text_encoder_2's projection_dim {pooled} + 6 x addition_time_embed_dim {time_dim} != the UNet's projection_class_embeddings_input_dim {input}")));
+        }
+    }
+    if xl && unet.addition_text_time.is_none() {
+        return Err(mismatch("an SDXL pipeline needs a UNet with `addition_embed_type = \"text_time\"`".into()));
+    }
+    let latent = get(&cfg("vae"), "latent_channels").unwrap_or(4);
+    if latent != unet.in_channels {
+        return Err(mismatch(format!("the VAE has {latent} latent channels but the UNet takes {}", unet.in_channels)));
+    }
+    Ok(())
 }
 
 /// The kind the manifest names must be the pipeline folder's.
