@@ -468,7 +468,19 @@ fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, 
         tch::set_num_threads(t as i32);
     }
     let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate };
-    let report = runner::exec::run(&loaded, &opts).map_err(|e| anyhow::anyhow!("`{}`: {e}", file.display()))?;
+    // libtorch reports failures inside an op (out of memory, an unsupported kernel) as panics
+    // through tch: turn them into an error message and exit 1, not a crash.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner::exec::run(&loaded, &opts)));
+    std::panic::set_hook(previous);
+    let report = match result {
+        Ok(r) => r.map_err(|e| anyhow::anyhow!("`{}`: {e}", file.display()))?,
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown error".into());
+            anyhow::bail!("`{}`: libtorch failed while running: {msg}", file.display());
+        }
+    };
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
