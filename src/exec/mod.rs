@@ -246,6 +246,9 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     if !opts.simulate {
         check_devices(&plan)?;
     }
+    for c in &plan.components {
+        tracing::info!(component = %c.name, device = %c.device, dtype = c.dtype.as_str(), bytes = c.bytes, peak = c.peak_bytes, split = c.split.is_some(), "planned");
+    }
     let shape = build::run_shape(m, &pipeline);
     let r = &m.manifest.run;
     let steps = r.steps.unwrap_or(50) as usize;
@@ -277,6 +280,7 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     let va = placed(&pipeline, &plan, m, "vae", opts.simulate)?;
     let bar = progress(if xl { 4 } else { 3 }, "loading", opts.progress);
     let step = |name: &str| {
+        tracing::info!(component = name, elapsed = ?t_load.elapsed(), "loaded");
         bar.set_message(format!("loading {name}"));
         bar.inc(1);
     };
@@ -358,6 +362,7 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         latents = tch::no_grad(|| scheduler.step(&noise_pred, i, &latents));
         sync(un.device);
         step_times.push(t_step.elapsed().as_secs_f64());
+        tracing::debug!(step = i, timestep = t, seconds = step_times[i], "denoised");
         if dumping {
             dump.push((format!("step{i}.unet_output"), out));
             dump.push((format!("step{i}.noise_pred"), noise_pred));
