@@ -282,3 +282,57 @@ fn components_that_do_not_fit_together_are_refused_before_loading() {
     assert!(stderr.contains("do not fit together: the text encoder's hidden size is 8 but the UNet's cross_attention_dim is 768"), "{stderr}");
     assert!(!stderr.contains("panicked"));
 }
+
+#[test]
+fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
+    // diffusers' reset_device_map + a new placement: load under one plan, delete every weight
+    // file, apply another plan (the UNet split over two devices), generate: same image.
+    use runner::plan::build::{inventory, plan_input, BuildOptions};
+    use runner::plan::inventory::Inventory;
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
+    let write = |name: &str, budgets: &str| {
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, format!("schema_version = 1\nname = \"{name}\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[components.safety_checker]\nenabled = false\n[placement]\nstrategy = \"auto\"\nmax_memory = {budgets}\n[run]\nprompt = \"a photo of a cat\"\nnegative_prompt = \"blurry\"\nsteps = 3\nseed = 0\nwidth = 64\nheight = 64\n")).unwrap();
+        runner::manifest::load(&p, &Default::default()).unwrap()
+    };
+    let sim = Inventory::parse_spec("cuda:0=1GB,cuda:1=1GB,cuda:2=1GB").unwrap();
+    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: BuildOptions { devices: Some(sim.clone()), weights_only: false }, progress: false, simulate: true };
+    let whole = write("whole", "{ \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
+    // The second plan: cuda:0 keeps the text encoder and part of the UNet, cuda:1 the rest.
+    let probe = runner::plan::plan(&plan_input(&whole, &runner::checkpoint::open_for_manifest(&whole).unwrap(), inventory(&whole, &BuildOptions::default()).unwrap(), &BuildOptions::default())).unwrap();
+    let c = |n: &str| probe.components.iter().find(|c| c.name == n).unwrap().clone();
+    let (te, unet, vae) = (c("text_encoder"), c("unet"), c("vae"));
+    let split = write(
+        "split",
+        &format!("{{ \"cuda:0\" = {}, \"cuda:1\" = {}, \"cuda:2\" = {} }}", te.peak_bytes + unet.working_bytes + unet.bytes / 2, unet.working_bytes + unet.bytes * 3 / 4, vae.peak_bytes + 1000),
+    );
+    let plan_b = runner::plan::plan(&plan_input(&split, &runner::checkpoint::open_for_manifest(&split).unwrap(), inventory(&split, &opts("x").plan).unwrap(), &opts("x").plan)).unwrap();
+    assert!(plan_b.components.iter().any(|c| c.split.is_some()), "plan B splits the UNet");
+
+    let mut session = runner::exec::load(&whole, &opts("a.png")).unwrap();
+    let a = session.generate(&opts("a.png")).unwrap();
+    for entry in walk(&dir.path().join("pipe")) {
+        if entry.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(entry).unwrap();
+        }
+    }
+    session.apply_plan(plan_b).unwrap();
+    assert!(session.plan().components.iter().any(|c| c.split.is_some()));
+    let b = session.generate(&opts("b.png")).unwrap();
+    assert_eq!(b.device_map["unet"], "cuda:0");
+    assert_eq!(decode_png(&a.images[0]).0, decode_png(&b.images[0]).0);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

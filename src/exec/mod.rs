@@ -133,7 +133,7 @@ struct Loaded<'a> {
     device: tch::Device,
     kind: Kind,
     /// A component split by the `auto` strategy: module path -> device, in execution order.
-    split: Option<Vec<(String, tch::Device)>>,
+    split: Option<Split>,
 }
 
 fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, name: &str, simulate: bool) -> Result<Loaded<'a>, ExecError> {
@@ -158,25 +158,7 @@ fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> 
     vs.set_kind(l.kind);
     load_varstore(&mut vs, l.component.checkpoint.as_ref().expect("weights"), "UNet2DConditionModel", l.kind).map_err(ModelError::from)?;
     if let Some(split) = &l.split {
-        // Each parameter to the device of the longest module prefix that names it; the model's
-        // units move their inputs to their weights (models::resnet::on).
-        let device_of = |name: &str| {
-            split
-                .iter()
-                .filter(|(m, _)| m.is_empty() || name == m || name.starts_with(&format!("{m}.")))
-                .max_by_key(|(m, _)| m.len())
-                .map(|(_, d)| *d)
-                .unwrap_or(l.device)
-        };
-        tch::no_grad(|| {
-            for (name, mut var) in vs.variables() {
-                let d = device_of(&name);
-                if var.device() != d {
-                    let moved = var.to_device(d);
-                    var.set_data(&moved);
-                }
-            }
-        });
+        relocate(&vs, l.device, Some(split));
     }
     Ok((m, vs))
 }
@@ -233,6 +215,50 @@ fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
 
 /// Runs the manifest's job.
 pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError> {
+    load(m, opts)?.generate(opts)
+}
+
+/// A device and dtype a component runs at.
+#[derive(Debug, Clone, Copy)]
+struct Dev {
+    device: tch::Device,
+    kind: Kind,
+}
+
+impl From<&Loaded<'_>> for Dev {
+    fn from(l: &Loaded) -> Dev {
+        Dev { device: l.device, kind: l.kind }
+    }
+}
+
+/// A pipeline loaded onto the devices of a plan: generate with it, or move its weights to a new
+/// plan without reading any file again (diffusers' `reset_device_map` + a new placement).
+pub struct Session<'m> {
+    m: &'m LoadedManifest,
+    pipeline: PipelineFolder,
+    plan: Plan,
+    simulate: bool,
+    shape: crate::plan::memory::RunShape,
+    outputs: Vec<PathBuf>,
+    seed: u64,
+    encoder: text::TextEncoder,
+    encoder_2: Option<text::TextEncoder>,
+    unet: UNet2DConditionModel,
+    unet_vs: VarStore,
+    vae: AutoencoderKLDecoder,
+    vae_vs: VarStore,
+    vae_kind: Kind,
+    te: Dev,
+    te2: Option<Dev>,
+    un: Dev,
+    va: Dev,
+    load_s: f64,
+    started: Instant,
+    warnings: Vec<String>,
+}
+
+/// Plans, checks and loads (step 0 and 1 of a run).
+pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>, ExecError> {
     let started = Instant::now();
     let mut warnings = vec![];
     let kind_name = m.manifest.pipeline.kind;
@@ -267,8 +293,6 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
         let _ = std::fs::remove_file(probe);
     }
     let seed = seed_of(m);
-    let mut dump: Vec<(String, Tensor)> = vec![];
-    let dumping = opts.dump.is_some();
 
     // 1. Load components on their planned devices (after checking that their configs fit together:
     //    a mismatch would otherwise surface as a libtorch shape error mid-run).
@@ -290,151 +314,237 @@ pub fn run(m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError
     if xl {
         step("text_encoder_2");
     }
-    let (unet, _unet_vs) = load_unet(&un)?;
+    let (unet, unet_vs) = load_unet(&un)?;
     step("unet");
-    let (vae, _vae_vs, vae_kind) = load_vae(&va)?;
+    let (vae, vae_vs, vae_kind) = load_vae(&va)?;
     step("vae");
     bar.finish_and_clear();
     let load_s = t_load.elapsed().as_secs_f64();
+    let (te, te2, un, va) = (Dev::from(&te), te2.as_ref().map(Dev::from), Dev::from(&un), Dev::from(&va));
+    let _ = (steps, guidance, do_cfg);
+    Ok(Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, encoder, encoder_2, unet, unet_vs, vae, vae_vs, vae_kind, te, te2, un, va, load_s, started, warnings })
+}
 
-    // 2. Text conditioning: [negative, positive] when guidance runs.
-    let t_enc = Instant::now();
-    let prompt = r.prompt.clone().unwrap_or_default();
-    let cond = match &encoder_2 {
-        None => tch::no_grad(|| sd_conditioning(m, &encoder, do_cfg, batch, &mut dump, dumping, &mut warnings))?,
-        Some(e2) => {
-            let force_zeros = pipeline.index.config.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
-            tch::no_grad(|| sdxl_conditioning(m, &encoder, e2, do_cfg, batch, force_zeros, &shape, &mut dump, dumping, &mut warnings))?
-        }
-    };
-    let context = cond.context.to_device(un.device).to_kind(un.kind);
-    let added = cond.added.map(|(text_embeds, time_ids)| (text_embeds.to_device(un.device).to_kind(un.kind), time_ids.to_device(un.device).to_kind(un.kind)));
-    let encode_s = t_enc.elapsed().as_secs_f64();
-
-    // 3. Scheduler and initial latents (diffusers `prepare_latents`: randn on a CPU generator
-    //    seeded with `seed`, in the UNet's dtype, moved to its device, times init_noise_sigma).
-    let sched_cfg_path = pipeline.root.join("scheduler").join("scheduler_config.json");
-    let sched_text = std::fs::read_to_string(&sched_cfg_path).map_err(|source| ExecError::Io { what: "cannot read", path: sched_cfg_path.clone(), source })?;
-    let sched_cfg = crate::schedulers::parse_config(&sched_text).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", sched_cfg_path.display())))?;
-    let mut scheduler = crate::schedulers::build(&sched_cfg, m.manifest.pipeline.scheduler, steps).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", sched_cfg_path.display())))?;
-    let ucfg = &unet.config;
-    let vae_scale = 1i64 << (vae.config.block_out_channels.len() as i64 - 1);
-    let lat_shape = [batch, ucfg.in_channels, shape.height as i64 / vae_scale, shape.width as i64 / vae_scale];
-    tch::manual_seed(seed as i64);
-    let init = match &r.latents {
-        Some(p) => text::load_latents(&m.resolve_path("run.latents", p), &lat_shape)?,
-        // diffusers draws in the prompt embeddings' dtype (the last text encoder's).
-        None => Tensor::randn(lat_shape, (te2.as_ref().map_or(te.kind, |l| l.kind), tch::Device::Cpu)),
-    };
-    if dumping {
-        dump.push(("latents.init".into(), init.shallow_clone()));
-        let ts: Vec<f64> = scheduler.timesteps().to_vec();
-        dump.push(("scheduler.timesteps".into(), Tensor::from_slice(&ts).to_kind(Kind::Float)));
-        if let Some(s) = scheduler.sigmas() {
-            dump.push(("scheduler.sigmas".into(), Tensor::from_slice(s).to_kind(Kind::Float)));
-        }
+impl Session<'_> {
+    /// The plan the weights are placed by.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
-    let mut latents = (init.to_device(un.device) * scheduler.init_noise_sigma()).to_kind(un.kind);
 
-    // 4. Denoising loop.
-    let t_den = Instant::now();
-    let sync = |d: tch::Device| {
-        if let tch::Device::Cuda(i) = d {
-            tch::Cuda::synchronize(i as i64);
-        }
-    };
-    let mut step_times = vec![];
-    let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
-    let bar = progress(timesteps.len() as u64, "denoising", opts.progress);
-    for (i, &t) in timesteps.iter().enumerate() {
-        let t_step = Instant::now();
-        let input = if do_cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
-        let input = scheduler.scale_model_input(&input, i);
-        let add = added.as_ref().map(|(text_embeds, time_ids)| crate::models::unet_2d::AddedCond { text_embeds, time_ids });
-        // A split UNet ends on its last device: the loop's tensors live on its first.
-        let out = tch::no_grad(|| unet.forward(&input, t, &context, add)).to_device(un.device);
-        let noise_pred = if do_cfg {
-            let ch = out.chunk(2, 0);
-            &ch[0] + (&ch[1] - &ch[0]) * guidance
-        } else {
-            out.shallow_clone()
-        };
-        latents = tch::no_grad(|| scheduler.step(&noise_pred, i, &latents));
-        sync(un.device);
-        step_times.push(t_step.elapsed().as_secs_f64());
-        tracing::debug!(step = i, timestep = t, seconds = step_times[i], "denoised");
-        if dumping {
-            dump.push((format!("step{i}.unet_output"), out));
-            dump.push((format!("step{i}.noise_pred"), noise_pred));
-            dump.push((format!("step{i}.latents"), latents.shallow_clone()));
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let denoise_s = t_den.elapsed().as_secs_f64();
-
-    // 5. Decode.
-    let t_dec = Instant::now();
-    let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(vae_kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
-    sync(va.device);
-    // diffusers `run_safety_checker`: flagged images come back black, with a warning.
-    let images = match pipeline.component("safety_checker").filter(|c| c.checkpoint.is_some()) {
-        None => images,
-        Some(sc) => {
-            let l = placed(&pipeline, &plan, m, "safety_checker", opts.simulate)?;
-            let fe = pipeline.root.join("feature_extractor");
-            let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
-            let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
-            let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
-            if flags.iter().any(|&f| f) {
-                warnings.push("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.".into());
+    /// Generates the manifest's images (steps 2 to 6 of a run).
+    pub fn generate(&mut self, opts: &RunOptions) -> Result<RunReport, ExecError> {
+        let m = self.m;
+        let r = &m.manifest.run;
+        let xl = m.manifest.pipeline.kind == PipelineKind::StableDiffusionXl;
+        let steps = r.steps.unwrap_or(50) as usize;
+        let guidance = r.guidance_scale.unwrap_or(if xl { 5.0 } else { 7.5 });
+        let do_cfg = guidance > 1.0;
+        let (shape, seed, load_s, started) = (self.shape, self.seed, self.load_s, self.started);
+        let batch = shape.batch as i64;
+        let (te, te2, un, va, vae_kind) = (self.te, self.te2, self.un, self.va, self.vae_kind);
+        let (pipeline, plan, outputs) = (&self.pipeline, &self.plan, self.outputs.clone());
+        let (encoder, encoder_2, unet, vae) = (&self.encoder, &self.encoder_2, &self.unet, &self.vae);
+        let mut warnings = self.warnings.clone();
+        let mut dump: Vec<(String, Tensor)> = vec![];
+        let dumping = opts.dump.is_some();
+        let simulate = self.simulate;
+        // 2. Text conditioning: [negative, positive] when guidance runs.
+        let t_enc = Instant::now();
+        let prompt = r.prompt.clone().unwrap_or_default();
+        let cond = match encoder_2 {
+            None => tch::no_grad(|| sd_conditioning(m, encoder, do_cfg, batch, &mut dump, dumping, &mut warnings))?,
+            Some(e2) => {
+                let force_zeros = pipeline.index.config.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
+                tch::no_grad(|| sdxl_conditioning(m, encoder, e2, do_cfg, batch, force_zeros, &shape, &mut dump, dumping, &mut warnings))?
             }
-            checked
+        };
+        let context = cond.context.to_device(un.device).to_kind(un.kind);
+        let added = cond.added.map(|(text_embeds, time_ids)| (text_embeds.to_device(un.device).to_kind(un.kind), time_ids.to_device(un.device).to_kind(un.kind)));
+        let encode_s = t_enc.elapsed().as_secs_f64();
+
+        // 3. Scheduler and initial latents (diffusers `prepare_latents`: randn on a CPU generator
+        //    seeded with `seed`, in the UNet's dtype, moved to its device, times init_noise_sigma).
+        let sched_cfg_path = pipeline.root.join("scheduler").join("scheduler_config.json");
+        let sched_text = std::fs::read_to_string(&sched_cfg_path).map_err(|source| ExecError::Io { what: "cannot read", path: sched_cfg_path.clone(), source })?;
+        let sched_cfg = crate::schedulers::parse_config(&sched_text).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", sched_cfg_path.display())))?;
+        let mut scheduler = crate::schedulers::build(&sched_cfg, m.manifest.pipeline.scheduler, steps).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", sched_cfg_path.display())))?;
+        let ucfg = &unet.config;
+        let vae_scale = 1i64 << (vae.config.block_out_channels.len() as i64 - 1);
+        let lat_shape = [batch, ucfg.in_channels, shape.height as i64 / vae_scale, shape.width as i64 / vae_scale];
+        tch::manual_seed(seed as i64);
+        let init = match &r.latents {
+            Some(p) => text::load_latents(&m.resolve_path("run.latents", p), &lat_shape)?,
+            // diffusers draws in the prompt embeddings' dtype (the last text encoder's).
+            None => Tensor::randn(lat_shape, (te2.map_or(te.kind, |l| l.kind), tch::Device::Cpu)),
+        };
+        if dumping {
+            dump.push(("latents.init".into(), init.shallow_clone()));
+            let ts: Vec<f64> = scheduler.timesteps().to_vec();
+            dump.push(("scheduler.timesteps".into(), Tensor::from_slice(&ts).to_kind(Kind::Float)));
+            if let Some(s) = scheduler.sigmas() {
+                dump.push(("scheduler.sigmas".into(), Tensor::from_slice(s).to_kind(Kind::Float)));
+            }
         }
-    };
-    let decode_s = t_dec.elapsed().as_secs_f64();
-    if dumping {
-        dump.push(("latents.final".into(), latents.shallow_clone()));
-        dump.push(("image".into(), images.get(0)));
+        let mut latents = (init.to_device(un.device) * scheduler.init_noise_sigma()).to_kind(un.kind);
+
+        // 4. Denoising loop.
+        let t_den = Instant::now();
+        let sync = |d: tch::Device| {
+            if let tch::Device::Cuda(i) = d {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        let mut step_times = vec![];
+        let timesteps: Vec<f64> = scheduler.timesteps().to_vec();
+        let bar = progress(timesteps.len() as u64, "denoising", opts.progress);
+        for (i, &t) in timesteps.iter().enumerate() {
+            let t_step = Instant::now();
+            let input = if do_cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+            let input = scheduler.scale_model_input(&input, i);
+            let add = added.as_ref().map(|(text_embeds, time_ids)| crate::models::unet_2d::AddedCond { text_embeds, time_ids });
+            // A split UNet ends on its last device: the loop's tensors live on its first.
+            let out = tch::no_grad(|| unet.forward(&input, t, &context, add)).to_device(un.device);
+            let noise_pred = if do_cfg {
+                let ch = out.chunk(2, 0);
+                &ch[0] + (&ch[1] - &ch[0]) * guidance
+            } else {
+                out.shallow_clone()
+            };
+            latents = tch::no_grad(|| scheduler.step(&noise_pred, i, &latents));
+            sync(un.device);
+            step_times.push(t_step.elapsed().as_secs_f64());
+            tracing::debug!(step = i, timestep = t, seconds = step_times[i], "denoised");
+            if dumping {
+                dump.push((format!("step{i}.unet_output"), out));
+                dump.push((format!("step{i}.noise_pred"), noise_pred));
+                dump.push((format!("step{i}.latents"), latents.shallow_clone()));
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let denoise_s = t_den.elapsed().as_secs_f64();
+
+        // 5. Decode.
+        let t_dec = Instant::now();
+        let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(vae_kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+        sync(va.device);
+        // diffusers `run_safety_checker`: flagged images come back black, with a warning.
+        let images = match pipeline.component("safety_checker").filter(|c| c.checkpoint.is_some()) {
+            None => images,
+            Some(sc) => {
+                let l = placed(pipeline, plan, m, "safety_checker", simulate)?;
+                let fe = pipeline.root.join("feature_extractor");
+                let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
+                let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+                let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
+                if flags.iter().any(|&f| f) {
+                    warnings.push("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.".into());
+                }
+                checked
+            }
+        };
+        let decode_s = t_dec.elapsed().as_secs_f64();
+        if dumping {
+            dump.push(("latents.final".into(), latents.shallow_clone()));
+            dump.push(("image".into(), images.get(0)));
+        }
+
+        // 6. Write.
+        let digest = manifest_digest(m);
+        let scheduler_name = scheduler.name().to_string();
+        for (i, path) in outputs.iter().enumerate() {
+            let (w, h, rgb) = png::to_rgb8(&images.get(i as i64));
+            let text = [
+                ("prompt", prompt.clone()),
+                ("negative_prompt", r.negative_prompt.clone().unwrap_or_default()),
+                ("seed", seed.to_string()),
+                ("steps", steps.to_string()),
+                ("guidance_scale", guidance.to_string()),
+                ("scheduler", scheduler_name.clone()),
+                ("manifest_sha256", digest.clone()),
+                ("software", format!("runner {}", env!("CARGO_PKG_VERSION"))),
+            ];
+            png::write_png(path, w, h, &rgb, &text).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
+        }
+        if let Some(d) = &opts.dump {
+            let p = d.join("dump.safetensors");
+            png::write_dump(&p, &dump).map_err(|source| ExecError::Io { what: "cannot write the dump", path: p, source })?;
+        }
+        let first_step_s = step_times.first().copied().unwrap_or(0.0);
+        let rest = if step_times.len() > 1 { &step_times[1..] } else { &step_times[..] };
+        let seconds_per_step = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
+        Ok(RunReport {
+            images: outputs,
+            seed,
+            steps,
+            unet_calls: timesteps.len(),
+            scheduler: scheduler_name,
+            width: shape.width,
+            height: shape.height,
+            device_map: plan.device_map(),
+            simulated: opts.simulate,
+            timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
+            warnings,
+        })
     }
 
-    // 6. Write.
-    let digest = manifest_digest(m);
-    let scheduler_name = scheduler.name().to_string();
-    for (i, path) in outputs.iter().enumerate() {
-        let (w, h, rgb) = png::to_rgb8(&images.get(i as i64));
-        let text = [
-            ("prompt", prompt.clone()),
-            ("negative_prompt", r.negative_prompt.clone().unwrap_or_default()),
-            ("seed", seed.to_string()),
-            ("steps", steps.to_string()),
-            ("guidance_scale", guidance.to_string()),
-            ("scheduler", scheduler_name.clone()),
-            ("manifest_sha256", digest.clone()),
-            ("software", format!("runner {}", env!("CARGO_PKG_VERSION"))),
-        ];
-        png::write_png(path, w, h, &rgb, &text).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
+    /// Moves the loaded weights to `plan` (devices only: dtypes are the manifest's) without reading
+    /// any file: every component's parameters go to their new devices, a split UNet's by module.
+    pub fn apply_plan(&mut self, plan: Plan) -> Result<(), ExecError> {
+        if !self.simulate {
+            check_devices(&plan)?;
+        }
+        let device = |name: &str| -> Result<(tch::Device, Option<Split>), ExecError> {
+            let cp = plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the new plan has no `{name}`")))?;
+            if cp.offload != Offload::None && cp.device != Device::Cpu && !self.simulate {
+                return Err(ExecError::Unsupported(format!("`{name}` has an offload mode; offload execution arrives with issue 7")));
+            }
+            let map = |d: Device| if self.simulate { tch::Device::Cpu } else { tch_device(d) };
+            Ok((map(cp.device), cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), map(*d))).collect())))
+        };
+        let (d, _) = device("text_encoder")?;
+        self.encoder.relocate(d)?;
+        self.te.device = d;
+        if let Some(e2) = &mut self.encoder_2 {
+            let (d, _) = device("text_encoder_2")?;
+            e2.relocate(d)?;
+            self.te2 = self.te2.map(|t| Dev { device: d, ..t });
+        }
+        let (d, split) = device("unet")?;
+        relocate(&self.unet_vs, d, split.as_deref());
+        self.un.device = d;
+        let (d, _) = device("vae")?;
+        relocate(&self.vae_vs, d, None);
+        self.va.device = d;
+        self.plan = plan;
+        Ok(())
     }
-    if let Some(d) = &opts.dump {
-        let p = d.join("dump.safetensors");
-        png::write_dump(&p, &dump).map_err(|source| ExecError::Io { what: "cannot write the dump", path: p, source })?;
-    }
-    let first_step_s = step_times.first().copied().unwrap_or(0.0);
-    let rest = if step_times.len() > 1 { &step_times[1..] } else { &step_times[..] };
-    let seconds_per_step = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
-    Ok(RunReport {
-        images: outputs,
-        seed,
-        steps,
-        unet_calls: timesteps.len(),
-        scheduler: scheduler_name,
-        width: shape.width,
-        height: shape.height,
-        device_map: plan.device_map(),
-        simulated: opts.simulate,
-        timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
-        warnings,
-    })
+}
+
+/// A split component's module prefixes and their devices.
+type Split = Vec<(String, tch::Device)>;
+
+/// Moves every variable of `vs` to `device`, or, for a split component, to the device of the
+/// longest module prefix that names it (the model's units move their inputs to their weights).
+fn relocate(vs: &VarStore, device: tch::Device, split: Option<&[(String, tch::Device)]>) {
+    let device_of = |name: &str| match split {
+        None => device,
+        Some(split) => split
+            .iter()
+            .filter(|(m, _)| m.is_empty() || name == m || name.starts_with(&format!("{m}.")))
+            .max_by_key(|(m, _)| m.len())
+            .map(|(_, d)| *d)
+            .unwrap_or(device),
+    };
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            let d = device_of(&name);
+            if var.device() != d {
+                let moved = var.to_device(d);
+                var.set_data(&moved);
+            }
+        }
+    });
 }
 
 /// The components' configs must agree: text hidden sizes (concatenated for SDXL) equal the

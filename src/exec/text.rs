@@ -27,6 +27,13 @@ impl TextEncoder {
         Ok(TextEncoder { tokenizer, model, device: l.device })
     }
 
+    /// Moves the encoder's weights to `device` (see `Session::apply_plan`).
+    pub fn relocate(&mut self, device: tch::Device) -> Result<(), ExecError> {
+        self.model.relocate(device);
+        self.device = device;
+        Ok(())
+    }
+
     pub fn max_length(&self) -> usize {
         self.tokenizer.max_length()
     }

@@ -324,6 +324,19 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// Moves the weights to `device` in place (no file is read), for a new placement plan.
+    pub fn relocate(&mut self, device: Device) {
+        tch::no_grad(|| {
+            for (_, mut var) in self._vs.variables() {
+                if var.device() != device {
+                    let moved = var.to_device(device);
+                    var.set_data(&moved);
+                }
+            }
+        });
+        self.device = device;
+    }
+
     /// `input_ids`: [T] or [B, T] integer ids (moved to the model's device). Errors, rather
     /// than libtorch aborts, for sequences longer than `max_position_embeddings` or ids
     /// outside the vocabulary.
