@@ -95,14 +95,16 @@ enum Command {
         #[arg(long, value_name = "SPEC", conflicts_with = "simulate")]
         devices: Option<String>,
         /// Plan for these devices (e.g. "cuda:0=40MB,cuda:1=40MB,cpu=2GiB") but execute everything
-        /// on the CPU: device maps and component boundaries run where no GPU exists. Budgets are
-        /// planned, not yet enforced during the run.
+        /// on the CPU: device maps and component boundaries run where no GPU exists. Weights are
+        /// accounted per simulated device (a budget exceeded is an error); working memory is
+        /// planned, not measured.
         #[arg(long, value_name = "SPEC")]
         simulate: Option<String>,
         /// No progress bars.
         #[arg(long, short)]
         quiet: bool,
-        /// Print a JSON summary (images, seed, device map, timings).
+        /// Print a JSON summary (images, seed, device map, timings, per-device budget and peak of
+        /// resident weights).
         #[arg(long)]
         json: bool,
         /// Check every file the manifest reads against MANIFEST.lock first.
@@ -499,6 +501,14 @@ fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, 
             "seed {}, {} steps ({} UNet calls), {}, {}x{}; load {:.2} s, encode {:.2} s, denoise {:.2} s (first step {:.3} s, then {:.3} s/step), decode {:.2} s, total {:.2} s",
             report.seed, report.steps, report.unet_calls, report.scheduler, report.width, report.height, t.load_s, t.encode_s, t.denoise_s, t.first_step_s, t.seconds_per_step, t.decode_s, t.total_s
         );
+        let b = |n: u64| runner::units::ByteSize(n).display_decimal();
+        let used: Vec<String> = report
+            .devices
+            .iter()
+            .filter(|(_, u)| u.peak_bytes > 0)
+            .map(|(d, u)| format!("{d} {} of {} (planned {})", b(u.peak_bytes), b(u.budget_bytes), b(u.planned_resident_bytes)))
+            .collect();
+        println!("peak resident weights: {}", used.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

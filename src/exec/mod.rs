@@ -3,6 +3,7 @@
 //! the seeded CPU generator, classifier-free guidance with [negative, positive] batches, the
 //! scheduler loop, VAE decode), then PNGs with their provenance in tEXt chunks.
 
+pub mod ledger;
 pub mod png;
 mod text;
 
@@ -86,6 +87,9 @@ pub struct RunReport {
     /// The devices were simulated (everything ran on the CPU).
     pub simulated: bool,
     pub timings: Timings,
+    /// The residency ledger per planned device: budget, measured peak of resident weights, and
+    /// the plan's prediction.
+    pub devices: std::collections::BTreeMap<String, ledger::DeviceUse>,
     pub warnings: Vec<String>,
 }
 
@@ -348,6 +352,7 @@ impl Session<'_> {
         let mut dump: Vec<(String, Tensor)> = vec![];
         let dumping = opts.dump.is_some();
         let simulate = self.simulate;
+        let mut ledger = self.ledger()?;
         // 2. Text conditioning: [negative, positive] when guidance runs.
         let t_enc = Instant::now();
         let prompt = r.prompt.clone().unwrap_or_default();
@@ -436,7 +441,11 @@ impl Session<'_> {
                 let fe = pipeline.root.join("feature_extractor");
                 let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
                 let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+                let bytes = ledger::weigh(checker.varstore(), plan_device(plan, "safety_checker"), None);
+                ledger.add("safety_checker", &bytes)?;
                 let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
+                drop(checker);
+                ledger.remove(&bytes);
                 if flags.iter().any(|&f| f) {
                     warnings.push("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.".into());
                 }
@@ -484,8 +493,25 @@ impl Session<'_> {
             device_map: plan.device_map(),
             simulated: opts.simulate,
             timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
+            devices: ledger.report(plan),
             warnings,
         })
+    }
+
+    /// The ledger of the weights held now, each variable on its planned device.
+    fn ledger(&self) -> Result<ledger::Ledger, ExecError> {
+        let mut l = ledger::Ledger::new(&self.plan);
+        let mut held: Vec<(&str, &VarStore)> = vec![("text_encoder", self.encoder.varstore())];
+        if let Some(e2) = &self.encoder_2 {
+            held.push(("text_encoder_2", e2.varstore()));
+        }
+        held.push(("unet", &self.unet_vs));
+        held.push(("vae", &self.vae_vs));
+        for (name, vs) in held {
+            let cp = self.plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the plan has no `{name}`")))?;
+            l.add(name, &ledger::weigh(vs, cp.device, cp.split.as_deref()))?;
+        }
+        Ok(l)
     }
 
     /// Moves the loaded weights to `plan` (devices only: dtypes are the manifest's) without reading
@@ -521,21 +547,17 @@ impl Session<'_> {
     }
 }
 
+fn plan_device(plan: &Plan, name: &str) -> Device {
+    plan.components.iter().find(|c| c.name == name).map(|c| c.device).unwrap_or(Device::Cpu)
+}
+
 /// A split component's module prefixes and their devices.
 type Split = Vec<(String, tch::Device)>;
 
 /// Moves every variable of `vs` to `device`, or, for a split component, to the device of the
 /// longest module prefix that names it (the model's units move their inputs to their weights).
 fn relocate(vs: &VarStore, device: tch::Device, split: Option<&[(String, tch::Device)]>) {
-    let device_of = |name: &str| match split {
-        None => device,
-        Some(split) => split
-            .iter()
-            .filter(|(m, _)| m.is_empty() || name == m || name.starts_with(&format!("{m}.")))
-            .max_by_key(|(m, _)| m.len())
-            .map(|(_, d)| *d)
-            .unwrap_or(device),
-    };
+    let device_of = |name: &str| split.and_then(|s| ledger::device_of(s, name)).unwrap_or(device);
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {
             let d = device_of(&name);

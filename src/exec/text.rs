@@ -34,6 +34,10 @@ impl TextEncoder {
         Ok(())
     }
 
+    pub fn varstore(&self) -> &tch::nn::VarStore {
+        self.model.varstore()
+    }
+
     pub fn max_length(&self) -> usize {
         self.tokenizer.max_length()
     }

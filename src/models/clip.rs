@@ -324,6 +324,11 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// The variables (for the executor's residency ledger).
+    pub fn varstore(&self) -> &VarStore {
+        &self._vs
+    }
+
     /// Moves the weights to `device` in place (no file is read), for a new placement plan.
     pub fn relocate(&mut self, device: Device) {
         tch::no_grad(|| {

@@ -299,6 +299,11 @@ impl SafetyChecker {
         Ok(SafetyOutput { pooled, image_embeds, special_cos_dist, cos_dist, special_scores, concept_scores, has_nsfw_concepts })
     }
 
+    /// The variables (for the executor's residency ledger).
+    pub fn varstore(&self) -> &VarStore {
+        &self._vs
+    }
+
     /// `run_safety_checker` on decoded images [B, H, W, 3] in [0, 1]: the feature extractor, then
     /// `forward`; returns the flags and the images with flagged ones black (a copy when any is).
     pub fn check(&self, processor: &ImageProcessor, images: &Tensor) -> Result<(Vec<bool>, Tensor), SafetyError> {
