@@ -293,6 +293,66 @@ fn check_ledger(report: &serde_json::Value, manifest: &Path) {
 }
 
 #[test]
+fn model_offload_visits_devices_one_component_at_a_time() {
+    // `model` offload on the seed's two-GPU layout (simulated): weights live in host memory, each
+    // component visits its device while it runs; same image as without offload, and each device's
+    // peak is its largest component (the plan's figure from headers), never the sum.
+    let dir = tempfile::tempdir().unwrap();
+    for manifest in ["manifests/tiny-sdxl.toml", "manifests/tiny-sd15.toml"] {
+        let sim = "cuda:0=40MB,cuda:1=40MB,cpu=2GiB";
+        let budgets = "placement.max_memory={\"cuda:0\"=\"40MB\",\"cuda:1\"=\"40MB\",cpu=\"2GiB\"}";
+        let go = |offload: &str| {
+            let out = dir.path().join(format!("{offload}.png"));
+            let set = format!("placement.offload={offload}");
+            let (code, stdout, stderr) = run(runner().args(["run", manifest, "--quiet", "--json", "--simulate", sim, "--set", &set, "--set", budgets, "--out"]).arg(&out));
+            assert_eq!(code, 0, "{stderr}");
+            let (code, plan, stderr) = run(runner().args(["plan", manifest, "--json", "--devices", sim, "--set", &set, "--set", budgets]));
+            assert_eq!(code, 0, "{stderr}");
+            (decode_png(&out).0, serde_json::from_str::<serde_json::Value>(&stdout).unwrap(), serde_json::from_str::<serde_json::Value>(&plan).unwrap())
+        };
+        let (none, r0, _) = go("none");
+        let (model, r, plan) = go("model");
+        assert_eq!(none, model, "{manifest}");
+        let m = runner::manifest::load(&root().join(manifest), &Default::default()).unwrap();
+        let pipeline = runner::checkpoint::open_for_manifest(&m).unwrap();
+        let vae = pipeline.component("vae").unwrap().checkpoint.as_ref().unwrap();
+        let unread: u64 = vae.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(_, t)| t.info.numel() * 4).sum();
+        let comps = plan["components"].as_object().unwrap();
+        let loaded = |n: &str| comps[n]["bytes"].as_u64().unwrap() - if n == "vae" { unread } else { 0 };
+        let mut gpus = 0;
+        for (d, u) in r["devices"].as_object().unwrap() {
+            let peak = u["peak_bytes"].as_u64().unwrap();
+            if d == "cpu" {
+                // Everything lives in host memory (the safety checker runs there too when enabled).
+                let all: u64 = comps.iter().filter(|(n, c)| *n != "safety_checker" && c["offload"] == "model").map(|(n, _)| loaded(n)).sum();
+                assert!(peak >= all, "{manifest} {d}: {u}");
+                continue;
+            }
+            let here: Vec<u64> = comps.iter().filter(|(_, c)| c["device"] == d.as_str()).map(|(n, _)| loaded(n)).collect();
+            assert!(here.len() >= 2 || here.is_empty() || peak > 0, "{manifest} {d}");
+            assert_eq!(peak, here.iter().copied().max().unwrap_or(0), "{manifest} {d}: {u}");
+            assert_eq!(u["planned_resident_bytes"], 0, "{manifest} {d}: weights live in host memory");
+            // Without offload the device holds all of its components (the transient safety checker
+            // on top of the rest).
+            let no_offload = r0["devices"][d]["peak_bytes"].as_u64().unwrap();
+            assert_eq!(no_offload, here.iter().sum::<u64>(), "{manifest} {d}");
+            gpus += (here.len() >= 2) as usize;
+        }
+        assert!(gpus >= 1, "{manifest}: some device holds two components, so offload shows: {r}");
+    }
+}
+
+#[test]
+fn offload_modes_not_yet_executed_are_refused_before_loading() {
+    for mode in ["sequential", "group"] {
+        let set = format!("placement.offload={mode}");
+        let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB", "--set", &set]));
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(&format!("has offload mode `{mode}`; runner executes `model` offload so far")), "{stderr}");
+    }
+}
+
+#[test]
 fn components_that_do_not_fit_together_are_refused_before_loading() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
@@ -333,6 +393,9 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     );
     let plan_b = runner::plan::plan(&plan_input(&split, &runner::checkpoint::open_for_manifest(&split).unwrap(), inventory(&split, &opts("x").plan).unwrap(), &opts("x").plan)).unwrap();
     assert!(plan_b.components.iter().any(|c| c.split.is_some()), "plan B splits the UNet");
+    let offloaded = write("offloaded", "{ \"cuda:0\" = \"1GB\", cpu = \"1GB\" }\noffload = \"model\"");
+    let build = BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=1GB,cpu=1GB").unwrap()), weights_only: false };
+    let plan_c = runner::plan::plan(&plan_input(&offloaded, &runner::checkpoint::open_for_manifest(&offloaded).unwrap(), inventory(&offloaded, &build).unwrap(), &build)).unwrap();
 
     let mut session = runner::exec::load(&whole, &opts("a.png")).unwrap();
     let a = session.generate(&opts("a.png")).unwrap();
@@ -346,6 +409,14 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     let b = session.generate(&opts("b.png")).unwrap();
     assert_eq!(b.device_map["unet"], "cuda:0");
     assert_eq!(decode_png(&a.images[0]).0, decode_png(&b.images[0]).0);
+    // And on to `model` offload (diffusers: reset_device_map, then enable_model_cpu_offload).
+    session.apply_plan(plan_c).unwrap();
+    let c = session.generate(&opts("c.png")).unwrap();
+    assert_eq!(decode_png(&a.images[0]).0, decode_png(&c.images[0]).0);
+    let gpu = &c.devices["cuda:0"];
+    assert_eq!(gpu.planned_resident_bytes, 0);
+    assert!(gpu.peak_bytes > 0 && gpu.peak_bytes < b.devices.values().map(|d| d.peak_bytes).sum::<u64>(), "{:?}", c.devices);
+    assert!(c.devices["cpu"].peak_bytes >= b.devices.values().map(|d| d.peak_bytes).sum::<u64>(), "{:?}", c.devices);
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -146,13 +146,15 @@ fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, nam
     if cp.split.is_some() && name != "unet" {
         return Err(ExecError::Unsupported(format!("`{name}` is split across devices; runner runs split UNets only")));
     }
-    if cp.offload != Offload::None && cp.device != Device::Cpu && !simulate {
-        return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; offload execution arrives with issue 7 (plan it with `runner plan` meanwhile)", cp.offload).to_lowercase()));
+    if matches!(cp.offload, Offload::Sequential | Offload::Group) && cp.device != Device::Cpu {
+        return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; runner executes `model` offload so far (plan the others with `runner plan`)", cp.offload).to_lowercase()));
     }
     let dtype = m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(m.manifest.pipeline.dtype);
     let device = if simulate { tch::Device::Cpu } else { tch_device(cp.device) };
     let split = cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), if simulate { tch::Device::Cpu } else { tch_device(*d) })).collect());
-    Ok(Loaded { component, device, kind: kind_of(dtype), split })
+    // `model` offload: the weights live in host memory and visit `device` while the component runs.
+    let home = if cp.offload == Offload::Model { tch::Device::Cpu } else { device };
+    Ok(Loaded { component, device: home, kind: kind_of(dtype), split })
 }
 
 fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> {
@@ -229,11 +231,6 @@ struct Dev {
     kind: Kind,
 }
 
-impl From<&Loaded<'_>> for Dev {
-    fn from(l: &Loaded) -> Dev {
-        Dev { device: l.device, kind: l.kind }
-    }
-}
 
 /// A pipeline loaded onto the devices of a plan: generate with it, or move its weights to a new
 /// plan without reading any file again (diffusers' `reset_device_map` + a new placement).
@@ -324,7 +321,8 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     step("vae");
     bar.finish_and_clear();
     let load_s = t_load.elapsed().as_secs_f64();
-    let (te, te2, un, va) = (Dev::from(&te), te2.as_ref().map(Dev::from), Dev::from(&un), Dev::from(&va));
+    let run_at = |l: &Loaded, name: &str| Dev { device: if opts.simulate { tch::Device::Cpu } else { tch_device(plan_device(&plan, name)) }, kind: l.kind };
+    let (te, te2, un, va) = (run_at(&te, "text_encoder"), te2.as_ref().map(|l| run_at(l, "text_encoder_2")), run_at(&un, "unet"), run_at(&va, "vae"));
     let _ = (steps, guidance, do_cfg);
     Ok(Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, encoder, encoder_2, unet, unet_vs, vae, vae_vs, vae_kind, te, te2, un, va, load_s, started, warnings })
 }
@@ -352,15 +350,18 @@ impl Session<'_> {
         let mut dump: Vec<(String, Tensor)> = vec![];
         let dumping = opts.dump.is_some();
         let simulate = self.simulate;
-        let mut ledger = self.ledger()?;
+        let mut res = self.residency()?;
         // 2. Text conditioning: [negative, positive] when guidance runs.
         let t_enc = Instant::now();
         let prompt = r.prompt.clone().unwrap_or_default();
         let cond = match encoder_2 {
-            None => tch::no_grad(|| sd_conditioning(m, encoder, do_cfg, batch, &mut dump, dumping, &mut warnings))?,
+            None => {
+                res.enter("text_encoder")?;
+                tch::no_grad(|| sd_conditioning(m, encoder, do_cfg, batch, &mut dump, dumping, &mut warnings))?
+            }
             Some(e2) => {
                 let force_zeros = pipeline.index.config.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true);
-                tch::no_grad(|| sdxl_conditioning(m, encoder, e2, do_cfg, batch, force_zeros, &shape, &mut dump, dumping, &mut warnings))?
+                tch::no_grad(|| sdxl_conditioning(m, encoder, e2, do_cfg, batch, force_zeros, &shape, &mut dump, dumping, &mut warnings, &mut |n| res.enter(n)))?
             }
         };
         let context = cond.context.to_device(un.device).to_kind(un.kind);
@@ -393,6 +394,7 @@ impl Session<'_> {
         let mut latents = (init.to_device(un.device) * scheduler.init_noise_sigma()).to_kind(un.kind);
 
         // 4. Denoising loop.
+        res.enter("unet")?;
         let t_den = Instant::now();
         let sync = |d: tch::Device| {
             if let tch::Device::Cuda(i) = d {
@@ -431,6 +433,7 @@ impl Session<'_> {
 
         // 5. Decode.
         let t_dec = Instant::now();
+        res.enter("vae")?;
         let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(vae_kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
         sync(va.device);
         // diffusers `run_safety_checker`: flagged images come back black, with a warning.
@@ -441,11 +444,16 @@ impl Session<'_> {
                 let fe = pipeline.root.join("feature_extractor");
                 let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
                 let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+                // It runs last and once: loaded when needed, dropped after; under `model` offload
+                // it first sends the others on its device back to host memory, as diffusers' hooks do.
+                if plan.components.iter().any(|c| c.name == "safety_checker" && c.offload == Offload::Model) {
+                    res.clear(plan_device(plan, "safety_checker"))?;
+                }
                 let bytes = ledger::weigh(checker.varstore(), plan_device(plan, "safety_checker"), None);
-                ledger.add("safety_checker", &bytes)?;
+                res.ledger.add("safety_checker", &bytes)?;
                 let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
                 drop(checker);
-                ledger.remove(&bytes);
+                res.ledger.remove(&bytes);
                 if flags.iter().any(|&f| f) {
                     warnings.push("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.".into());
                 }
@@ -493,7 +501,11 @@ impl Session<'_> {
             device_map: plan.device_map(),
             simulated: opts.simulate,
             timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
-            devices: ledger.report(plan),
+            devices: {
+                // diffusers' `maybe_free_model_hooks`: offloaded components end in host memory.
+                res.leave_all()?;
+                res.ledger.report(plan)
+            },
             warnings,
         })
     }
@@ -509,9 +521,35 @@ impl Session<'_> {
         held.push(("vae", &self.vae_vs));
         for (name, vs) in held {
             let cp = self.plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the plan has no `{name}`")))?;
-            l.add(name, &ledger::weigh(vs, cp.device, cp.split.as_deref()))?;
+            let bytes = match cp.offload {
+                Offload::Model => ledger::weigh(vs, Device::Cpu, None),
+                _ => ledger::weigh(vs, cp.device, cp.split.as_deref()),
+            };
+            l.add(name, &bytes)?;
         }
         Ok(l)
+    }
+
+    fn varstore(&self, name: &str) -> Option<&VarStore> {
+        match name {
+            "text_encoder" => Some(self.encoder.varstore()),
+            "text_encoder_2" => self.encoder_2.as_ref().map(|e| e.varstore()),
+            "unet" => Some(&self.unet_vs),
+            "vae" => Some(&self.vae_vs),
+            _ => None,
+        }
+    }
+
+    /// The ledger and the `model` offload hooks of the components that have them.
+    fn residency(&self) -> Result<Residency<'_>, ExecError> {
+        let visitors = self
+            .plan
+            .components
+            .iter()
+            .filter(|c| c.offload == Offload::Model && c.device != Device::Cpu)
+            .filter_map(|c| self.varstore(&c.name).map(|vs| Visitor { name: c.name.clone(), vs, device: c.device, split: c.split.clone(), present: false }))
+            .collect();
+        Ok(Residency { ledger: self.ledger()?, visitors, simulate: self.simulate })
     }
 
     /// Moves the loaded weights to `plan` (devices only: dtypes are the manifest's) without reading
@@ -520,27 +558,32 @@ impl Session<'_> {
         if !self.simulate {
             check_devices(&plan)?;
         }
-        let device = |name: &str| -> Result<(tch::Device, Option<Split>), ExecError> {
+        // (where the weights live, where the component runs, its split); `model` offload keeps the
+        // weights in host memory between runs.
+        let device = |name: &str| -> Result<(tch::Device, tch::Device, Option<Split>), ExecError> {
             let cp = plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the new plan has no `{name}`")))?;
-            if cp.offload != Offload::None && cp.device != Device::Cpu && !self.simulate {
-                return Err(ExecError::Unsupported(format!("`{name}` has an offload mode; offload execution arrives with issue 7")));
+            if matches!(cp.offload, Offload::Sequential | Offload::Group) && cp.device != Device::Cpu {
+                return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; runner executes `model` offload so far", cp.offload).to_lowercase()));
             }
             let map = |d: Device| if self.simulate { tch::Device::Cpu } else { tch_device(d) };
-            Ok((map(cp.device), cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), map(*d))).collect())))
+            if cp.offload == Offload::Model {
+                return Ok((tch::Device::Cpu, map(cp.device), None));
+            }
+            Ok((map(cp.device), map(cp.device), cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), map(*d))).collect())))
         };
-        let (d, _) = device("text_encoder")?;
-        self.encoder.relocate(d)?;
+        let (home, d, _) = device("text_encoder")?;
+        self.encoder.relocate(home)?;
         self.te.device = d;
         if let Some(e2) = &mut self.encoder_2 {
-            let (d, _) = device("text_encoder_2")?;
-            e2.relocate(d)?;
+            let (home, d, _) = device("text_encoder_2")?;
+            e2.relocate(home)?;
             self.te2 = self.te2.map(|t| Dev { device: d, ..t });
         }
-        let (d, split) = device("unet")?;
-        relocate(&self.unet_vs, d, split.as_deref());
+        let (home, d, split) = device("unet")?;
+        relocate(&self.unet_vs, home, split.as_deref());
         self.un.device = d;
-        let (d, _) = device("vae")?;
-        relocate(&self.vae_vs, d, None);
+        let (home, d, _) = device("vae")?;
+        relocate(&self.vae_vs, home, None);
         self.va.device = d;
         self.plan = plan;
         Ok(())
@@ -549,6 +592,78 @@ impl Session<'_> {
 
 fn plan_device(plan: &Plan, name: &str) -> Device {
     plan.components.iter().find(|c| c.name == name).map(|c| c.device).unwrap_or(Device::Cpu)
+}
+
+/// `model` offload's hooks: a component visits its device right before it runs; whatever else with
+/// `model` offload sits on that device goes back to host memory first (diffusers chains its hooks
+/// the same way, in pipeline order), so a device holds one such component at a time.
+struct Residency<'a> {
+    ledger: ledger::Ledger,
+    visitors: Vec<Visitor<'a>>,
+    simulate: bool,
+}
+
+struct Visitor<'a> {
+    name: String,
+    vs: &'a VarStore,
+    device: Device,
+    split: Option<Vec<(String, Device)>>,
+    present: bool,
+}
+
+impl Residency<'_> {
+    fn enter(&mut self, name: &str) -> Result<(), ExecError> {
+        let Some(i) = self.visitors.iter().position(|v| v.name == name) else { return Ok(()) };
+        if self.visitors[i].present {
+            return Ok(());
+        }
+        let device = self.visitors[i].device;
+        for j in 0..self.visitors.len() {
+            if j != i && self.visitors[j].present && self.visitors[j].device == device {
+                self.leave(j)?;
+            }
+        }
+        let simulate = self.simulate;
+        let v = &mut self.visitors[i];
+        let to = |d: Device| if simulate { tch::Device::Cpu } else { tch_device(d) };
+        let split: Option<Split> = v.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), to(*d))).collect());
+        let (host, there) = (ledger::weigh(v.vs, Device::Cpu, None), ledger::weigh(v.vs, v.device, v.split.as_deref()));
+        relocate(v.vs, to(v.device), split.as_deref());
+        v.present = true;
+        tracing::debug!(component = name, device = %device, "offload: in");
+        self.ledger.remove(&host);
+        self.ledger.add(name, &there)
+    }
+
+    /// Sends every visitor on `device` back to host memory.
+    fn clear(&mut self, device: Device) -> Result<(), ExecError> {
+        for i in 0..self.visitors.len() {
+            if self.visitors[i].present && self.visitors[i].device == device {
+                self.leave(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn leave_all(&mut self) -> Result<(), ExecError> {
+        for i in 0..self.visitors.len() {
+            if self.visitors[i].present {
+                self.leave(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self, i: usize) -> Result<(), ExecError> {
+        let v = &mut self.visitors[i];
+        let (host, there) = (ledger::weigh(v.vs, Device::Cpu, None), ledger::weigh(v.vs, v.device, v.split.as_deref()));
+        relocate(v.vs, tch::Device::Cpu, None);
+        v.present = false;
+        tracing::debug!(component = %v.name, "offload: out");
+        self.ledger.remove(&there);
+        let name = v.name.clone();
+        self.ledger.add(&name, &host)
+    }
 }
 
 /// A split component's module prefixes and their devices.
@@ -684,10 +799,13 @@ fn sdxl_conditioning(
     dump: &mut Vec<(String, Tensor)>,
     dumping: bool,
     warnings: &mut Vec<String>,
+    visit: &mut dyn FnMut(&str) -> Result<(), ExecError>,
 ) -> Result<Conditioning, ExecError> {
     let r = &m.manifest.run;
-    let encode = |p1: &str, p2: &str, skip: Option<u32>, warnings: &mut Vec<String>| -> Result<(Tensor, Tensor, Tensor, Tensor), ExecError> {
+    let encode = |p1: &str, p2: &str, skip: Option<u32>, warnings: &mut Vec<String>, visit: &mut dyn FnMut(&str) -> Result<(), ExecError>| -> Result<(Tensor, Tensor, Tensor, Tensor), ExecError> {
+        visit("text_encoder")?;
         let (ids1, out1, t1) = enc1.run(p1)?;
+        visit("text_encoder_2")?;
         let (ids2, out2, t2) = enc2.run(p2)?;
         truncation_warning(enc1, t1, warnings);
         truncation_warning(enc2, t2, warnings);
@@ -697,7 +815,7 @@ fn sdxl_conditioning(
     };
     let prompt = r.prompt.clone().unwrap_or_default();
     let prompt_2 = r.prompt_2.clone().unwrap_or_else(|| prompt.clone());
-    let (ids1, ids2, pos, pooled) = encode(&prompt, &prompt_2, r.clip_skip, warnings)?;
+    let (ids1, ids2, pos, pooled) = encode(&prompt, &prompt_2, r.clip_skip, warnings, visit)?;
     // original_size, crops_coords_top_left, target_size as (height, width) pairs.
     let (h, w) = (shape.height as f64, shape.width as f64);
     let pair = |v: Option<[u32; 2]>, d: (f64, f64)| v.map(|a| (a[0] as f64, a[1] as f64)).unwrap_or(d);
@@ -726,7 +844,7 @@ fn sdxl_conditioning(
     } else {
         let n1 = r.negative_prompt.clone().unwrap_or_default();
         let n2 = r.negative_prompt_2.clone().unwrap_or_else(|| n1.clone());
-        let (nids1, nids2, neg, neg_pooled) = encode(&n1, &n2, None, warnings)?;
+        let (nids1, nids2, neg, neg_pooled) = encode(&n1, &n2, None, warnings, visit)?;
         if dumping {
             dump.push(("tokens.negative.input_ids".into(), nids1));
             dump.push(("tokens.negative.input_ids_2".into(), nids2));

@@ -47,7 +47,7 @@ impl TextEncoder {
     pub fn run(&self, text: &str) -> Result<(Tensor, ClipTextOutput, Option<String>), ExecError> {
         let enc = self.tokenizer.encode(text);
         let ids = Tensor::from_slice(&enc.ids).to_kind(Kind::Int64).unsqueeze(0);
-        let out = self.model.forward(&ids.to_device(self.device)).map_err(|e| ExecError::Text(e.to_string()))?;
+        let out = self.model.forward(&ids).map_err(|e| ExecError::Text(e.to_string()))?;
         Ok((ids, out, enc.truncated))
     }
 

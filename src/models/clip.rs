@@ -364,7 +364,7 @@ impl ClipTextModel {
         if b == 0 || t == 0 {
             return Err(input_err(format!("input_ids is empty ({b} x {t})")));
         }
-        let ids = ids.f_to_kind(Kind::Int64).map_err(torch)?.f_to_device(self.device).map_err(torch)?;
+        let ids = ids.f_to_kind(Kind::Int64).map_err(torch)?.f_to_device(self.token_embedding.device()).map_err(torch)?;
         let (lo, hi) = (ids.f_min().map_err(torch)?.int64_value(&[]), ids.f_max().map_err(torch)?.int64_value(&[]));
         if lo < 0 || hi >= self.config.vocab_size {
             return Err(input_err(format!("token ids must be in 0..{}, got {lo}..={hi}", self.config.vocab_size)));
@@ -387,7 +387,7 @@ impl ClipTextModel {
         let c = &self.config;
         let (b, t) = ids.size2()?;
         // CLIPTextEmbeddings: token + position embeddings (position_ids = arange(T)).
-        let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?;
+        let pos = Tensor::f_arange(t, (Kind::Int64, self.token_embedding.device()))?;
         let tok = Tensor::f_embedding(&self.token_embedding, ids, -1, false, false)?;
         let mut h = tok.f_add(&Tensor::f_embedding(&self.position_embedding, &pos, -1, false, false)?)?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
