@@ -324,7 +324,9 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let run_at = |l: &Loaded, name: &str| Dev { device: if opts.simulate { tch::Device::Cpu } else { tch_device(plan_device(&plan, name)) }, kind: l.kind };
     let (te, te2, un, va) = (run_at(&te, "text_encoder"), te2.as_ref().map(|l| run_at(l, "text_encoder_2")), run_at(&un, "unet"), run_at(&va, "vae"));
     let _ = (steps, guidance, do_cfg);
-    Ok(Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, encoder, encoder_2, unet, unet_vs, vae, vae_vs, vae_kind, te, te2, un, va, load_s, started, warnings })
+    let session = Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, encoder, encoder_2, unet, unet_vs, vae, vae_vs, vae_kind, te, te2, un, va, load_s, started, warnings };
+    session.pin_offloaded();
+    Ok(session)
 }
 
 impl Session<'_> {
@@ -441,9 +443,11 @@ impl Session<'_> {
             None => images,
             Some(sc) => {
                 let l = placed(pipeline, plan, m, "safety_checker", simulate)?;
+                // Loaded for this one call, straight onto the device it runs on (offloaded or not).
+                let run_device = if simulate { tch::Device::Cpu } else { tch_device(plan_device(plan, "safety_checker")) };
                 let fe = pipeline.root.join("feature_extractor");
                 let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
-                let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+                let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), run_device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
                 // It runs last and once: loaded when needed, dropped after; under `model` offload
                 // it first sends the others on its device back to host memory, as diffusers' hooks do.
                 if plan.components.iter().any(|c| c.name == "safety_checker" && c.offload == Offload::Model) {
@@ -547,7 +551,12 @@ impl Session<'_> {
             .components
             .iter()
             .filter(|c| c.offload == Offload::Model && c.device != Device::Cpu)
-            .filter_map(|c| self.varstore(&c.name).map(|vs| Visitor { name: c.name.clone(), vs, device: c.device, split: c.split.clone(), present: false }))
+            .filter_map(|c| {
+                self.varstore(&c.name).map(|vs| {
+                    let host = vs.variables().into_iter().map(|(n, v)| (n, v.detach().to_device(tch::Device::Cpu))).collect();
+                    Visitor { name: c.name.clone(), vs, device: c.device, split: c.split.clone(), present: false, host }
+                })
+            })
             .collect();
         Ok(Residency { ledger: self.ledger()?, visitors, simulate: self.simulate })
     }
@@ -586,7 +595,28 @@ impl Session<'_> {
         relocate(&self.vae_vs, home, None);
         self.va.device = d;
         self.plan = plan;
+        self.pin_offloaded();
         Ok(())
+    }
+
+    /// `model`-offloaded weights go to page-locked host memory on CUDA machines, so their trips to
+    /// the device are fast, asynchronous DMA copies.
+    fn pin_offloaded(&self) {
+        if self.simulate {
+            return;
+        }
+        for c in self.plan.components.iter().filter(|c| c.offload == Offload::Model) {
+            let (Device::Cuda(_), Some(vs)) = (c.device, self.varstore(&c.name)) else { continue };
+            let cuda = tch_device(c.device);
+            tch::no_grad(|| {
+                for (_, mut var) in vs.variables() {
+                    if var.device() == tch::Device::Cpu && !var.is_pinned(cuda) {
+                        let pinned = var.pin_memory(cuda);
+                        var.set_data(&pinned);
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -609,6 +639,9 @@ struct Visitor<'a> {
     device: Device,
     split: Option<Vec<(String, Device)>>,
     present: bool,
+    /// The host copy of every variable (pinned on CUDA machines): the weights never change, so
+    /// leaving the device drops the device copy instead of copying back.
+    host: Vec<(String, Tensor)>,
 }
 
 impl Residency<'_> {
@@ -626,12 +659,20 @@ impl Residency<'_> {
         let simulate = self.simulate;
         let v = &mut self.visitors[i];
         let to = |d: Device| if simulate { tch::Device::Cpu } else { tch_device(d) };
-        let split: Option<Split> = v.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), to(*d))).collect());
-        let (host, there) = (ledger::weigh(v.vs, Device::Cpu, None), ledger::weigh(v.vs, v.device, v.split.as_deref()));
-        relocate(v.vs, to(v.device), split.as_deref());
+        let there = ledger::weigh(v.vs, v.device, v.split.as_deref());
+        let mut vars = v.vs.variables();
+        tch::no_grad(|| {
+            for (name, host) in &v.host {
+                let d = v.split.as_deref().and_then(|s| ledger::device_of(s, name)).unwrap_or(v.device);
+                if let Some(var) = vars.get_mut(name) {
+                    // Non-blocking from pinned memory: the copies queue on the stream the
+                    // component's kernels run on, so no synchronisation is needed.
+                    var.set_data(&host.to_device_(to(d), host.kind(), true, false));
+                }
+            }
+        });
         v.present = true;
         tracing::debug!(component = name, device = %device, "offload: in");
-        self.ledger.remove(&host);
         self.ledger.add(name, &there)
     }
 
@@ -656,13 +697,19 @@ impl Residency<'_> {
 
     fn leave(&mut self, i: usize) -> Result<(), ExecError> {
         let v = &mut self.visitors[i];
-        let (host, there) = (ledger::weigh(v.vs, Device::Cpu, None), ledger::weigh(v.vs, v.device, v.split.as_deref()));
-        relocate(v.vs, tch::Device::Cpu, None);
+        let there = ledger::weigh(v.vs, v.device, v.split.as_deref());
+        let mut vars = v.vs.variables();
+        tch::no_grad(|| {
+            for (name, host) in &v.host {
+                if let Some(var) = vars.get_mut(name) {
+                    var.set_data(host);
+                }
+            }
+        });
         v.present = false;
         tracing::debug!(component = %v.name, "offload: out");
         self.ledger.remove(&there);
-        let name = v.name.clone();
-        self.ledger.add(&name, &host)
+        Ok(())
     }
 }
 
