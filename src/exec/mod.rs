@@ -325,7 +325,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let (te, te2, un, va) = (run_at(&te, "text_encoder"), te2.as_ref().map(|l| run_at(l, "text_encoder_2")), run_at(&un, "unet"), run_at(&va, "vae"));
     let _ = (steps, guidance, do_cfg);
     let session = Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, encoder, encoder_2, unet, unet_vs, vae, vae_vs, vae_kind, te, te2, un, va, load_s, started, warnings };
-    session.pin_offloaded();
+    session.pin_offloaded(&[]);
     Ok(session)
 }
 
@@ -594,25 +594,29 @@ impl Session<'_> {
         let (home, d, _) = device("vae")?;
         relocate(&self.vae_vs, home, None);
         self.va.device = d;
+        let already: Vec<String> = self.plan.components.iter().filter(|c| c.offload == Offload::Model).map(|c| c.name.clone()).collect();
         self.plan = plan;
-        self.pin_offloaded();
+        self.pin_offloaded(&already);
         Ok(())
     }
 
     /// `model`-offloaded weights go to page-locked host memory on CUDA machines, so their trips to
     /// the device are fast, asynchronous DMA copies.
-    fn pin_offloaded(&self) {
+    fn pin_offloaded(&self, already: &[String]) {
         if self.simulate {
             return;
         }
-        for c in self.plan.components.iter().filter(|c| c.offload == Offload::Model) {
+        for c in self.plan.components.iter().filter(|c| c.offload == Offload::Model && !already.contains(&c.name)) {
             let (Device::Cuda(_), Some(vs)) = (c.device, self.varstore(&c.name)) else { continue };
             let cuda = tch_device(c.device);
             tch::no_grad(|| {
                 for (_, mut var) in vs.variables() {
-                    if var.device() == tch::Device::Cpu && !var.is_pinned(cuda) {
-                        let pinned = var.pin_memory(cuda);
-                        var.set_data(&pinned);
+                    if var.device() == tch::Device::Cpu {
+                        // `_pin_memory`: `pin_memory(device)` warns that its argument is deprecated,
+                        // and tch always passes one.
+                        if let Ok(pinned) = var.f_internal_pin_memory(cuda) {
+                            var.set_data(&pinned);
+                        }
                     }
                 }
             });
