@@ -343,6 +343,18 @@ fn model_offload_visits_devices_one_component_at_a_time() {
 }
 
 #[test]
+fn the_summary_for_people_names_devices_and_peaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(runner()
+        .args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB", "--set", "placement.offload=model", "--out"])
+        .arg(dir.path().join("x.png")));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("simulated devices (ran on the CPU): text_encoder -> cuda:1, text_encoder_2 -> cuda:0, unet -> cuda:1, vae -> cuda:0"), "{stdout}");
+    // Under `model` offload each GPU holds its largest component; the host holds them all.
+    assert!(stdout.contains("peak resident weights: cpu 4.38 MB of 2.15 GB (plan: 4.48 MB resident), cuda:0 1.59 MB of 40 MB (plan: 0 B resident), cuda:1 1.59 MB of 40 MB (plan: 0 B resident)"), "{stdout}");
+}
+
+#[test]
 fn offload_modes_not_yet_executed_are_refused_before_loading() {
     for mode in ["sequential", "group"] {
         let set = format!("placement.offload={mode}");
