@@ -270,15 +270,22 @@ fn unet_split_across_devices_gives_the_same_image() {
     assert_eq!(decode_png(&dir.path().join("split.png")).0, decode_png(&dir.path().join("whole.png")).0);
 }
 
-/// The run's residency ledger (weights counted from the loaded tensors, per planned device, a
-/// split UNet's variables by module) against the plan's prediction from headers: equal on every
-/// device, less the VAE encoder that text-to-image never loads (the plan counts the whole VAE).
-fn check_ledger(report: &serde_json::Value, manifest: &Path) {
+/// The f32 bytes of the VAE encoder and quant_conv, which text-to-image never loads (the plan
+/// counts the whole VAE, as diffusers loads it).
+fn vae_bytes_never_loaded(manifest: &Path) -> u64 {
     let m = runner::manifest::load(manifest, &Default::default()).unwrap();
     let pipeline = runner::checkpoint::open_for_manifest(&m).unwrap();
     let vae = pipeline.component("vae").unwrap().checkpoint.as_ref().unwrap();
     let unread: u64 = vae.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(_, t)| t.info.numel() * 4).sum();
     assert!(unread > 0);
+    unread
+}
+
+/// The run's residency ledger (weights counted from the loaded tensors, per planned device, a
+/// split UNet's variables by module) against the plan's prediction from headers: equal on every
+/// device, less the VAE encoder that text-to-image never loads (the plan counts the whole VAE).
+fn check_ledger(report: &serde_json::Value, manifest: &Path) {
+    let unread = vae_bytes_never_loaded(manifest);
     let vae_device = report["device_map"]["vae"].as_str().unwrap();
     let devices = report["devices"].as_object().unwrap();
     let mut used = 0;
@@ -313,10 +320,7 @@ fn model_offload_visits_devices_one_component_at_a_time() {
         let (none, r0, _) = go("none");
         let (model, r, plan) = go("model");
         assert_eq!(none, model, "{manifest}");
-        let m = runner::manifest::load(&root().join(manifest), &Default::default()).unwrap();
-        let pipeline = runner::checkpoint::open_for_manifest(&m).unwrap();
-        let vae = pipeline.component("vae").unwrap().checkpoint.as_ref().unwrap();
-        let unread: u64 = vae.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(_, t)| t.info.numel() * 4).sum();
+        let unread = vae_bytes_never_loaded(&root().join(manifest));
         let comps = plan["components"].as_object().unwrap();
         let loaded = |n: &str| comps[n]["bytes"].as_u64().unwrap() - if n == "vae" { unread } else { 0 };
         let mut gpus = 0;

@@ -581,11 +581,11 @@ impl Session<'_> {
             Ok((map(cp.device), map(cp.device), cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), map(*d))).collect())))
         };
         let (home, d, _) = device("text_encoder")?;
-        self.encoder.relocate(home)?;
+        relocate(self.encoder.varstore(), home, None);
         self.te.device = d;
-        if let Some(e2) = &mut self.encoder_2 {
+        if let Some(e2) = &self.encoder_2 {
             let (home, d, _) = device("text_encoder_2")?;
-            e2.relocate(home)?;
+            relocate(e2.varstore(), home, None);
             self.te2 = self.te2.map(|t| Dev { device: d, ..t });
         }
         let (home, d, split) = device("unet")?;

@@ -15,7 +15,6 @@ use crate::plan::build::component_config;
 pub struct TextEncoder {
     tokenizer: ClipTokenizer,
     model: ClipTextModel,
-    device: tch::Device,
 }
 
 impl TextEncoder {
@@ -24,14 +23,7 @@ impl TextEncoder {
         let tokenizer = ClipTokenizer::from_folder(&tok_dir).map_err(|e| ExecError::Text(e.to_string()))?;
         let cfg = ClipTextConfig::from_json(&component_config(l.component)).map_err(|e| ExecError::Text(format!("`{}`: {e}", l.component.dir.display())))?;
         let model = ClipTextModel::load(&cfg, l.component.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
-        Ok(TextEncoder { tokenizer, model, device: l.device })
-    }
-
-    /// Moves the encoder's weights to `device` (see `Session::apply_plan`).
-    pub fn relocate(&mut self, device: tch::Device) -> Result<(), ExecError> {
-        self.model.relocate(device);
-        self.device = device;
-        Ok(())
+        Ok(TextEncoder { tokenizer, model })
     }
 
     pub fn varstore(&self) -> &tch::nn::VarStore {

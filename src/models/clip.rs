@@ -277,12 +277,11 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
-    device: Device,
 }
 
 impl std::fmt::Debug for ClipTextModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClipTextModel").field("config", &self.config).field("device", &self.device).finish()
+        f.debug_struct("ClipTextModel").field("config", &self.config).field("device", &self.token_embedding.device()).finish()
     }
 }
 
@@ -317,29 +316,16 @@ impl ClipTextModel {
         };
         load_varstore(&mut vs, ck, c.model_name(), kind)?;
         vs.freeze();
-        Ok(ClipTextModel { config: c.clone(), _vs: vs, token_embedding, position_embedding, layers, final_layer_norm, text_projection, device })
+        Ok(ClipTextModel { config: c.clone(), _vs: vs, token_embedding, position_embedding, layers, final_layer_norm, text_projection })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
     }
 
-    /// The variables (for the executor's residency ledger).
+    /// The variables (the executor moves and accounts them).
     pub fn varstore(&self) -> &VarStore {
         &self._vs
-    }
-
-    /// Moves the weights to `device` in place (no file is read), for a new placement plan.
-    pub fn relocate(&mut self, device: Device) {
-        tch::no_grad(|| {
-            for (_, mut var) in self._vs.variables() {
-                if var.device() != device {
-                    let moved = var.to_device(device);
-                    var.set_data(&moved);
-                }
-            }
-        });
-        self.device = device;
     }
 
     /// `input_ids`: [T] or [B, T] integer ids (moved to the model's device). Errors, rather
