@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use runner::device::Device;
 use runner::manifest::{Dtype, Offload, Strategy};
-use runner::plan::{modules, plan, BudgetSource, ComponentInput, DeviceBudget, Inventory, PlanInput};
+use runner::plan::{BudgetSource, ComponentInput, DeviceBudget, Inventory, PlanInput, modules, plan};
 
 fn main() {
     for n in [2_000usize, 20_000, 200_000] {
@@ -20,7 +20,7 @@ fn main() {
             .iter()
             .map(|&(device, budget)| DeviceBudget { device, budget, source: BudgetSource::DevicesFlag, total: None })
             .collect();
-        let input = PlanInput { components: vec![c], inventory: Inventory { devices }, strategy: Strategy::Auto };
+        let input = PlanInput { components: vec![c], inventory: Inventory { devices }, strategy: Strategy::Auto, notes: vec![] };
         let t = Instant::now();
         let p = plan(&input).expect("plans");
         let planned = t.elapsed();

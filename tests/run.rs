@@ -99,7 +99,11 @@ fn checkpoint_not_matching_its_config_lists_the_keys() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
     rename_tensor(&dir.path().join("pipe/unet/diffusion_pytorch_model.safetensors"), "conv_in.weight", "conv_in.weights");
-    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n").unwrap();
+    std::fs::write(
+        dir.path().join("m.toml"),
+        "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n",
+    )
+    .unwrap();
     let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
     assert_eq!(code, 1);
     assert!(stderr.contains("error(s) in loading state_dict for UNet2DConditionModel"), "{stderr}");
@@ -190,7 +194,11 @@ fn safety_checker_runs_and_blacks_out_flagged_images() {
     let mut out = encode_header(&h.tensors, &h.metadata);
     out.extend(data);
     std::fs::write(&st, out).unwrap();
-    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\noutput = \"o.png\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("m.toml"),
+        "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\noutput = \"o.png\"\n",
+    )
+    .unwrap();
     let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("Potential NSFW content was detected"), "{stderr}");
@@ -349,23 +357,140 @@ fn model_offload_visits_devices_one_component_at_a_time() {
 #[test]
 fn the_summary_for_people_names_devices_and_peaks() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, stdout, stderr) = run(runner()
-        .args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB", "--set", "placement.offload=model", "--out"])
-        .arg(dir.path().join("x.png")));
+    let (code, stdout, stderr) =
+        run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB", "--set", "placement.offload=model", "--out"]).arg(dir.path().join("x.png")));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("simulated devices (ran on the CPU): text_encoder -> cuda:1, text_encoder_2 -> cuda:0, unet -> cuda:1, vae -> cuda:0"), "{stdout}");
     // Under `model` offload each GPU holds its largest component; the host holds them all.
-    assert!(stdout.contains("peak resident weights: cpu 4.38 MB of 2.15 GB (plan: 4.48 MB resident), cuda:0 1.59 MB of 40 MB (plan: 0 B resident), cuda:1 1.59 MB of 40 MB (plan: 0 B resident)"), "{stdout}");
+    assert!(
+        stdout.contains("peak resident weights: cpu 4.38 MB of 2.15 GB (plan: 4.48 MB resident), cuda:0 1.59 MB of 40 MB (plan: 0 B resident), cuda:1 1.59 MB of 40 MB (plan: 0 B resident)"),
+        "{stdout}"
+    );
+}
+
+/// Per loaded component of `manifest` (the VAE without its encoder): the bytes of its largest
+/// leaf module and of each offload group, from the headers (fp32).
+fn leaves_and_groups(manifest: &Path) -> std::collections::BTreeMap<String, (u64, std::collections::BTreeMap<String, u64>)> {
+    let m = runner::manifest::load(manifest, &Default::default()).unwrap();
+    let pipeline = runner::checkpoint::open_for_manifest(&m).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for name in ["text_encoder", "text_encoder_2", "unet", "vae"] {
+        let Some(ck) = pipeline.component(name).and_then(|c| c.checkpoint.as_ref()) else {
+            continue;
+        };
+        let mut leaves: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut groups: std::collections::BTreeMap<String, u64> = Default::default();
+        for (k, t) in &ck.tensors {
+            if name == "vae" && (k.starts_with("encoder.") || k.starts_with("quant_conv.")) {
+                continue;
+            }
+            let b = t.info.numel() * 4;
+            *leaves.entry(k.rsplit_once('.').unwrap().0.to_string()).or_default() += b;
+            *groups.entry(runner::plan::modules::group_path(k)).or_default() += b;
+        }
+        out.insert(name.to_string(), (*leaves.values().max().unwrap(), groups));
+    }
+    out
 }
 
 #[test]
-fn offload_modes_not_yet_executed_are_refused_before_loading() {
-    for mode in ["sequential", "group"] {
-        let set = format!("placement.offload={mode}");
-        let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB", "--set", &set]));
-        assert_eq!(code, 1, "{stderr}");
-        assert!(stderr.contains(&format!("has offload mode `{mode}`; runner executes `model` offload so far")), "{stderr}");
+fn every_offload_mode_gives_the_same_image_with_the_planned_peaks() {
+    // The seed's two-GPU layout, simulated, under each offload mode: the image is the one without
+    // offload, bit for bit; each GPU's measured peak of resident weights is what the mode promises
+    // (`model`: its largest component; `sequential`: its largest leaf module; `group`: more than its
+    // largest block group, since the next one is prefetched, and at most two of them) and never
+    // above the plan's `weight_peak_bytes`. With the text encoders on the CPU the UNet and the VAE
+    // are what streams.
+    let dir = tempfile::tempdir().unwrap();
+    // (manifest, GPU budget, settings): the tiny SD 1.5 UNet's working memory needs the larger one.
+    let cases: [(&str, &str, &[&str]); 3] = [
+        ("manifests/tiny-sdxl.toml", "40MB", &[]),
+        ("manifests/tiny-sdxl.toml", "40MB", &["components.text_encoder.device=cpu", "components.text_encoder_2.device=cpu"]),
+        ("manifests/tiny-sd15.toml", "100MB", &["components.text_encoder.device=cpu", "components.safety_checker.enabled=false"]),
+    ];
+    for (case, (manifest, gpu, pins)) in cases.iter().enumerate() {
+        let sim = format!("cuda:0={gpu},cuda:1={gpu},cpu=2GiB");
+        let budgets = format!("placement.max_memory={{\"cuda:0\"=\"{gpu}\",\"cuda:1\"=\"{gpu}\",cpu=\"2GiB\"}}");
+        let sizes = leaves_and_groups(&root().join(manifest));
+        let go = |offload: &str| {
+            let out = dir.path().join(format!("{case}-{offload}.png"));
+            let mut sets = vec![format!("placement.offload={offload}"), budgets.clone()];
+            sets.extend(pins.iter().map(|p| p.to_string()));
+            let sets: Vec<String> = sets.into_iter().flat_map(|s| ["--set".to_string(), s]).collect();
+            let (code, stdout, stderr) = run(runner().args(["run", manifest, "--quiet", "--json", "--simulate", &sim]).args(&sets).arg("--out").arg(&out));
+            assert_eq!(code, 0, "{manifest} {offload}: {stderr}");
+            let (code, plan, stderr) = run(runner().args(["plan", manifest, "--json", "--devices", &sim]).args(&sets));
+            assert_eq!(code, 0, "{stderr}");
+            (decode_png(&out).0, serde_json::from_str::<serde_json::Value>(&stdout).unwrap(), serde_json::from_str::<serde_json::Value>(&plan).unwrap())
+        };
+        let (none, _, _) = go("none");
+        for mode in ["model", "sequential", "group"] {
+            let (image, r, plan) = go(mode);
+            assert!(image == none, "{manifest} {pins:?} {mode}: the image differs from no offload");
+            let comps = plan["components"].as_object().unwrap();
+            let mut streamed = 0;
+            for (d, u) in r["devices"].as_object().unwrap() {
+                let (peak, planned, budget) = (u["peak_bytes"].as_u64().unwrap(), u["planned_peak_bytes"].as_u64().unwrap(), u["budget_bytes"].as_u64().unwrap());
+                assert!(peak <= budget && peak <= planned, "{manifest} {mode} {d}: {u}");
+                if d == "cpu" {
+                    continue;
+                }
+                let here: Vec<&String> = comps.iter().filter(|(n, c)| c["device"] == d.as_str() && sizes.contains_key(*n)).map(|(n, _)| n).collect();
+                if here.is_empty() {
+                    assert_eq!(peak, 0, "{manifest} {mode} {d}");
+                    continue;
+                }
+                streamed += 1;
+                let (leaf, groups): (Vec<u64>, Vec<&std::collections::BTreeMap<String, u64>>) = here.iter().map(|n| (sizes[*n].0, &sizes[*n].1)).unzip();
+                let whole = groups.iter().map(|g| g.values().sum::<u64>()).max().unwrap();
+                let group = groups.iter().flat_map(|g| g.values()).copied().max().unwrap();
+                match mode {
+                    "model" => assert_eq!(peak, whole, "{manifest} {d}: {u}"),
+                    "sequential" => assert_eq!(peak, leaf.iter().copied().max().unwrap(), "{manifest} {d}: {u}"),
+                    _ => assert!(peak > group && peak <= 2 * group && peak < whole, "{manifest} {d}: largest group {group}, whole {whole}: {u}"),
+                }
+            }
+            assert!(streamed >= 2, "{manifest} {mode}: two GPUs take part: {r}");
+        }
     }
+}
+
+#[test]
+fn streaming_needs_a_budget_above_its_floor() {
+    // A UNet pinned to a GPU whose budget is below what `sequential` needs at least (its largest
+    // leaf + working memory): the plan's error says what that floor is made of.
+    let (code, _, stderr) = run(runner().args([
+        "run",
+        "manifests/tiny-sd15.toml",
+        "--quiet",
+        "--simulate",
+        "cuda:0=20MB,cpu=2GiB",
+        "--set",
+        "placement.offload=sequential",
+        "--set",
+        "placement.max_memory={\"cuda:0\"=\"20MB\"}",
+        "--set",
+        "components.unet.device=cuda:0",
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("`sequential` offload streams one leaf module at a time, so a device running `unet` needs at least its largest leaf (`"), "{stderr}");
+    assert!(stderr.contains("plus its working memory"), "{stderr}");
+    let (code, _, stderr) = run(runner().args([
+        "plan",
+        "manifests/tiny-sd15.toml",
+        "--devices",
+        "cuda:0=20MB,cpu=2GiB",
+        "--set",
+        "components.safety_checker.offload=group",
+        "--set",
+        "placement.max_memory={\"cuda:0\"=\"20MB\"}",
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("`safety_checker` is a `StableDiffusionSafetyChecker`, whose blocks runner does not know"), "{stderr}");
+    // Pipeline-wide, the checker falls back to `model` offload and the plan says so.
+    let (code, stdout, stderr) = run(runner().args(["plan", "manifests/tiny-sd15.toml", "--devices", "cuda:0=20MB,cpu=2GiB", "--set", "placement.offload=group"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("note: `safety_checker` (StableDiffusionSafetyChecker) cannot be streamed block by block: it uses `model` offload"), "{stdout}");
 }
 
 #[test]
@@ -376,7 +501,11 @@ fn components_that_do_not_fit_together_are_refused_before_loading() {
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v["cross_attention_dim"] = 768.into();
     std::fs::write(&cfg, v.to_string()).unwrap();
-    std::fs::write(dir.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n").unwrap();
+    std::fs::write(
+        dir.path().join("m.toml"),
+        "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"x\"\nsteps = 2\nwidth = 64\nheight = 64\n",
+    )
+    .unwrap();
     let (code, _, stderr) = run(runner().current_dir(dir.path()).args(["run", "m.toml", "--quiet"]));
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("do not fit together: the text encoder's hidden size is 8 but the UNet's cross_attention_dim is 768"), "{stderr}");
@@ -387,7 +516,7 @@ fn components_that_do_not_fit_together_are_refused_before_loading() {
 fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     // diffusers' reset_device_map + a new placement: load under one plan, delete every weight
     // file, apply another plan (the UNet split over two devices), generate: same image.
-    use runner::plan::build::{inventory, plan_input, BuildOptions};
+    use runner::plan::build::{BuildOptions, inventory, plan_input};
     use runner::plan::inventory::Inventory;
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
@@ -397,10 +526,12 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
         runner::manifest::load(&p, &Default::default()).unwrap()
     };
     let sim = Inventory::parse_spec("cuda:0=1GB,cuda:1=1GB,cuda:2=1GB").unwrap();
-    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: BuildOptions { devices: Some(sim.clone()), weights_only: false }, progress: false, simulate: true };
+    let opts =
+        |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: BuildOptions { devices: Some(sim.clone()), weights_only: false }, progress: false, simulate: true };
     let whole = write("whole", "{ \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
     // The second plan: cuda:0 keeps the text encoder and part of the UNet, cuda:1 the rest.
-    let probe = runner::plan::plan(&plan_input(&whole, &runner::checkpoint::open_for_manifest(&whole).unwrap(), inventory(&whole, &BuildOptions::default()).unwrap(), &BuildOptions::default())).unwrap();
+    let probe =
+        runner::plan::plan(&plan_input(&whole, &runner::checkpoint::open_for_manifest(&whole).unwrap(), inventory(&whole, &BuildOptions::default()).unwrap(), &BuildOptions::default())).unwrap();
     let c = |n: &str| probe.components.iter().find(|c| c.name == n).unwrap().clone();
     let (te, unet, vae) = (c("text_encoder"), c("unet"), c("vae"));
     let split = write(
@@ -408,10 +539,18 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
         &format!("{{ \"cuda:0\" = {}, \"cuda:1\" = {}, \"cuda:2\" = {} }}", te.peak_bytes + unet.working_bytes + unet.bytes / 2, unet.working_bytes + unet.bytes * 3 / 4, vae.peak_bytes + 1000),
     );
     let plan_b = runner::plan::plan(&plan_input(&split, &runner::checkpoint::open_for_manifest(&split).unwrap(), inventory(&split, &opts("x").plan).unwrap(), &opts("x").plan)).unwrap();
+    let plan_b2 = plan_b.clone();
     assert!(plan_b.components.iter().any(|c| c.split.is_some()), "plan B splits the UNet");
     let offloaded = write("offloaded", "{ \"cuda:0\" = \"1GB\", cpu = \"1GB\" }\noffload = \"model\"");
     let build = BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=1GB,cpu=1GB").unwrap()), weights_only: false };
     let plan_c = runner::plan::plan(&plan_input(&offloaded, &runner::checkpoint::open_for_manifest(&offloaded).unwrap(), inventory(&offloaded, &build).unwrap(), &build)).unwrap();
+    let streaming: Vec<(&str, runner::plan::Plan)> = ["group", "sequential"]
+        .into_iter()
+        .map(|mode| {
+            let m = write(mode, &format!("{{ \"cuda:0\" = \"1GB\", cpu = \"1GB\" }}\noffload = \"{mode}\""));
+            (mode, runner::plan::plan(&plan_input(&m, &runner::checkpoint::open_for_manifest(&m).unwrap(), inventory(&m, &build).unwrap(), &build)).unwrap())
+        })
+        .collect();
 
     let mut session = runner::exec::load(&whole, &opts("a.png")).unwrap();
     let a = session.generate(&opts("a.png")).unwrap();
@@ -433,6 +572,17 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     assert_eq!(gpu.planned_resident_bytes, 0);
     assert!(gpu.peak_bytes > 0 && gpu.peak_bytes < b.devices.values().map(|d| d.peak_bytes).sum::<u64>(), "{:?}", c.devices);
     assert!(c.devices["cpu"].peak_bytes >= b.devices.values().map(|d| d.peak_bytes).sum::<u64>(), "{:?}", c.devices);
+    // Then `group` and `sequential` offload, and back to the split without offload: the streams
+    // hand every weight back when a run ends.
+    for (mode, plan) in streaming {
+        session.apply_plan(plan).unwrap();
+        let r = session.generate(&opts(&format!("{mode}.png"))).unwrap();
+        assert_eq!(decode_png(&a.images[0]).0, decode_png(&r.images[0]).0, "{mode}");
+        assert!(r.devices["cuda:0"].peak_bytes < gpu.peak_bytes, "{mode} streams less than a whole component: {:?}", r.devices);
+    }
+    session.apply_plan(plan_b2).unwrap();
+    let d = session.generate(&opts("d.png")).unwrap();
+    assert_eq!(decode_png(&a.images[0]).0, decode_png(&d.images[0]).0);
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

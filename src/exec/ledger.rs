@@ -20,6 +20,9 @@ pub struct DeviceUse {
     pub peak_bytes: u64,
     /// The plan's prediction: weights held for the whole run (`runner plan`'s `resident_bytes`).
     pub planned_resident_bytes: u64,
+    /// The plan's prediction of `peak_bytes` (`runner plan`'s `weight_peak_bytes`): resident
+    /// weights plus what the largest offloaded visitor brings.
+    pub planned_peak_bytes: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -69,7 +72,12 @@ impl Ledger {
         plan.devices
             .iter()
             .map(|d| {
-                let use_ = DeviceUse { budget_bytes: d.budget_bytes, peak_bytes: self.peak.get(&d.device).copied().unwrap_or(0), planned_resident_bytes: d.resident_bytes };
+                let use_ = DeviceUse {
+                    budget_bytes: d.budget_bytes,
+                    peak_bytes: self.peak.get(&d.device).copied().unwrap_or(0),
+                    planned_resident_bytes: d.resident_bytes,
+                    planned_peak_bytes: d.weight_peak_bytes,
+                };
                 (d.device.to_string(), use_)
             })
             .collect()
@@ -93,11 +101,7 @@ pub fn tensor_bytes(t: &tch::Tensor) -> u64 {
 
 /// The device of the longest prefix of `split` that names `var` (a module path or the path itself).
 pub fn device_of<D: Copy>(split: &[(String, D)], var: &str) -> Option<D> {
-    split
-        .iter()
-        .filter(|(m, _)| m.is_empty() || var == m || (var.starts_with(m.as_str()) && var.as_bytes().get(m.len()) == Some(&b'.')))
-        .max_by_key(|(m, _)| m.len())
-        .map(|(_, d)| *d)
+    split.iter().filter(|(m, _)| m.is_empty() || var == m || (var.starts_with(m.as_str()) && var.as_bytes().get(m.len()) == Some(&b'.'))).max_by_key(|(m, _)| m.len()).map(|(_, d)| *d)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! scheduler loop, VAE decode), then PNGs with their provenance in tEXt chunks.
 
 pub mod ledger;
+mod offload;
 pub mod png;
 mod text;
 
@@ -14,15 +15,15 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::layout::{Component, PipelineFolder};
 use crate::checkpoint::CheckpointError;
+use crate::checkpoint::layout::{Component, PipelineFolder};
 use crate::device::Device;
 use crate::manifest::{Dtype, LoadedManifest, Offload, PipelineKind};
+use crate::models::ModelError;
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
 use crate::models::weights::load_varstore;
-use crate::models::ModelError;
-use crate::plan::build::{self, component_config, BuildOptions};
+use crate::plan::build::{self, BuildOptions, component_config};
 use crate::plan::{Plan, PlanError};
 
 #[derive(Debug, thiserror::Error)]
@@ -146,14 +147,11 @@ fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, nam
     if cp.split.is_some() && name != "unet" {
         return Err(ExecError::Unsupported(format!("`{name}` is split across devices; runner runs split UNets only")));
     }
-    if matches!(cp.offload, Offload::Sequential | Offload::Group) && cp.device != Device::Cpu {
-        return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; runner executes `model` offload so far (plan the others with `runner plan`)", cp.offload).to_lowercase()));
-    }
     let dtype = m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(m.manifest.pipeline.dtype);
     let device = if simulate { tch::Device::Cpu } else { tch_device(cp.device) };
     let split = cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), if simulate { tch::Device::Cpu } else { tch_device(*d) })).collect());
-    // `model` offload: the weights live in host memory and visit `device` while the component runs.
-    let home = if cp.offload == Offload::Model { tch::Device::Cpu } else { device };
+    // Offloaded weights live in host memory and visit `device` while the component runs.
+    let home = if cp.offload != Offload::None { tch::Device::Cpu } else { device };
     Ok(Loaded { component, device: home, kind: kind_of(dtype), split })
 }
 
@@ -230,7 +228,6 @@ struct Dev {
     device: tch::Device,
     kind: Kind,
 }
-
 
 /// A pipeline loaded onto the devices of a plan: generate with it, or move its weights to a new
 /// plan without reading any file again (diffusers' `reset_device_map` + a new placement).
@@ -442,6 +439,7 @@ impl Session<'_> {
         let images = match pipeline.component("safety_checker").filter(|c| c.checkpoint.is_some()) {
             None => images,
             Some(sc) => {
+                res.enter("safety_checker")?;
                 let l = placed(pipeline, plan, m, "safety_checker", simulate)?;
                 // Loaded for this one call, straight onto the device it runs on (offloaded or not).
                 let run_device = if simulate { tch::Device::Cpu } else { tch_device(plan_device(plan, "safety_checker")) };
@@ -451,13 +449,13 @@ impl Session<'_> {
                 // It runs last and once: loaded when needed, dropped after; under `model` offload
                 // it first sends the others on its device back to host memory, as diffusers' hooks do.
                 if plan.components.iter().any(|c| c.name == "safety_checker" && c.offload == Offload::Model) {
-                    res.clear(plan_device(plan, "safety_checker"))?;
+                    res.clear(plan_device(plan, "safety_checker"));
                 }
                 let bytes = ledger::weigh(checker.varstore(), plan_device(plan, "safety_checker"), None);
-                res.ledger.add("safety_checker", &bytes)?;
+                res.ledger.borrow_mut().add("safety_checker", &bytes)?;
                 let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
                 drop(checker);
-                res.ledger.remove(&bytes);
+                res.ledger.borrow_mut().remove(&bytes);
                 if flags.iter().any(|&f| f) {
                     warnings.push("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.".into());
                 }
@@ -465,6 +463,9 @@ impl Session<'_> {
             }
         };
         let decode_s = t_dec.elapsed().as_secs_f64();
+        // diffusers' `maybe_free_model_hooks`: offloaded components end in host memory (and a
+        // budget a stream exceeded is an error before anything is written).
+        res.leave_all()?;
         if dumping {
             dump.push(("latents.final".into(), latents.shallow_clone()));
             dump.push(("image".into(), images.get(0)));
@@ -491,6 +492,8 @@ impl Session<'_> {
             let p = d.join("dump.safetensors");
             png::write_dump(&p, &dump).map_err(|source| ExecError::Io { what: "cannot write the dump", path: p, source })?;
         }
+        let devices = res.ledger.borrow().report(plan);
+        drop(res);
         let first_step_s = step_times.first().copied().unwrap_or(0.0);
         let rest = if step_times.len() > 1 { &step_times[1..] } else { &step_times[..] };
         let seconds_per_step = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
@@ -505,11 +508,7 @@ impl Session<'_> {
             device_map: plan.device_map(),
             simulated: opts.simulate,
             timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
-            devices: {
-                // diffusers' `maybe_free_model_hooks`: offloaded components end in host memory.
-                res.leave_all()?;
-                res.ledger.report(plan)
-            },
+            devices,
             warnings,
         })
     }
@@ -526,8 +525,8 @@ impl Session<'_> {
         for (name, vs) in held {
             let cp = self.plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the plan has no `{name}`")))?;
             let bytes = match cp.offload {
-                Offload::Model => ledger::weigh(vs, Device::Cpu, None),
-                _ => ledger::weigh(vs, cp.device, cp.split.as_deref()),
+                Offload::None => ledger::weigh(vs, cp.device, cp.split.as_deref()),
+                _ => ledger::weigh(vs, Device::Cpu, None),
             };
             l.add(name, &bytes)?;
         }
@@ -544,21 +543,18 @@ impl Session<'_> {
         }
     }
 
-    /// The ledger and the `model` offload hooks of the components that have them.
-    fn residency(&self) -> Result<Residency<'_>, ExecError> {
-        let visitors = self
-            .plan
-            .components
-            .iter()
-            .filter(|c| c.offload == Offload::Model && c.device != Device::Cpu)
-            .filter_map(|c| {
-                self.varstore(&c.name).map(|vs| {
-                    let host = vs.variables().into_iter().map(|(n, v)| (n, v.detach().to_device(tch::Device::Cpu))).collect();
-                    Visitor { name: c.name.clone(), vs, device: c.device, split: c.split.clone(), present: false, host }
-                })
-            })
-            .collect();
-        Ok(Residency { ledger: self.ledger()?, visitors, simulate: self.simulate })
+    /// The ledger and the offload hooks of the components that have them.
+    fn residency(&self) -> Result<offload::Residency<'_>, ExecError> {
+        let offloaded = || self.plan.components.iter().filter(|c| c.offload != Offload::None && c.device != Device::Cpu);
+        let visitors = offloaded().filter(|c| c.offload == Offload::Model).filter_map(|c| self.varstore(&c.name).map(|vs| offload::Visitor::new(&c.name, vs, c.device, c.split.clone()))).collect();
+        let mut res = offload::Residency::new(self.ledger()?, visitors, vec![], self.simulate);
+        for c in offloaded().filter(|c| c.offload != Offload::Model) {
+            if let Some(vs) = self.varstore(&c.name) {
+                let run = if self.simulate { tch::Device::Cpu } else { tch_device(c.device) };
+                res.add_stream(offload::Stream::new(&c.name, c.offload, vs, c.device, run, res.shared_ledger()));
+            }
+        }
+        Ok(res)
     }
 
     /// Moves the loaded weights to `plan` (devices only: dtypes are the manifest's) without reading
@@ -571,11 +567,10 @@ impl Session<'_> {
         // weights in host memory between runs.
         let device = |name: &str| -> Result<(tch::Device, tch::Device, Option<Split>), ExecError> {
             let cp = plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the new plan has no `{name}`")))?;
-            if matches!(cp.offload, Offload::Sequential | Offload::Group) && cp.device != Device::Cpu {
-                return Err(ExecError::Unsupported(format!("`{name}` has offload mode `{:?}`; runner executes `model` offload so far", cp.offload).to_lowercase()));
-            }
-            let map = |d: Device| if self.simulate { tch::Device::Cpu } else { tch_device(d) };
-            if cp.offload == Offload::Model {
+            let map = |d: Device| {
+                if self.simulate { tch::Device::Cpu } else { tch_device(d) }
+            };
+            if cp.offload != Offload::None {
                 return Ok((tch::Device::Cpu, map(cp.device), None));
             }
             Ok((map(cp.device), map(cp.device), cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), map(*d))).collect())))
@@ -594,20 +589,22 @@ impl Session<'_> {
         let (home, d, _) = device("vae")?;
         relocate(&self.vae_vs, home, None);
         self.va.device = d;
-        let already: Vec<String> = self.plan.components.iter().filter(|c| c.offload == Offload::Model).map(|c| c.name.clone()).collect();
+        let already: Vec<String> = self.plan.components.iter().filter(|c| c.offload != Offload::None).map(|c| c.name.clone()).collect();
         self.plan = plan;
         self.pin_offloaded(&already);
         Ok(())
     }
 
-    /// `model`-offloaded weights go to page-locked host memory on CUDA machines, so their trips to
+    /// Offloaded weights go to page-locked host memory on CUDA machines, so their trips to
     /// the device are fast, asynchronous DMA copies.
     fn pin_offloaded(&self, already: &[String]) {
         if self.simulate {
             return;
         }
-        for c in self.plan.components.iter().filter(|c| c.offload == Offload::Model && !already.contains(&c.name)) {
-            let (Device::Cuda(_), Some(vs)) = (c.device, self.varstore(&c.name)) else { continue };
+        for c in self.plan.components.iter().filter(|c| c.offload != Offload::None && !already.contains(&c.name)) {
+            let (Device::Cuda(_), Some(vs)) = (c.device, self.varstore(&c.name)) else {
+                continue;
+            };
             let cuda = tch_device(c.device);
             tch::no_grad(|| {
                 for (_, mut var) in vs.variables() {
@@ -626,95 +623,6 @@ impl Session<'_> {
 
 fn plan_device(plan: &Plan, name: &str) -> Device {
     plan.components.iter().find(|c| c.name == name).map(|c| c.device).unwrap_or(Device::Cpu)
-}
-
-/// `model` offload's hooks: a component visits its device right before it runs; whatever else with
-/// `model` offload sits on that device goes back to host memory first (diffusers chains its hooks
-/// the same way, in pipeline order), so a device holds one such component at a time.
-struct Residency<'a> {
-    ledger: ledger::Ledger,
-    visitors: Vec<Visitor<'a>>,
-    simulate: bool,
-}
-
-struct Visitor<'a> {
-    name: String,
-    vs: &'a VarStore,
-    device: Device,
-    split: Option<Vec<(String, Device)>>,
-    present: bool,
-    /// The host copy of every variable (pinned on CUDA machines): the weights never change, so
-    /// leaving the device drops the device copy instead of copying back.
-    host: Vec<(String, Tensor)>,
-}
-
-impl Residency<'_> {
-    fn enter(&mut self, name: &str) -> Result<(), ExecError> {
-        let Some(i) = self.visitors.iter().position(|v| v.name == name) else { return Ok(()) };
-        if self.visitors[i].present {
-            return Ok(());
-        }
-        let device = self.visitors[i].device;
-        for j in 0..self.visitors.len() {
-            if j != i && self.visitors[j].present && self.visitors[j].device == device {
-                self.leave(j)?;
-            }
-        }
-        let simulate = self.simulate;
-        let v = &mut self.visitors[i];
-        let to = |d: Device| if simulate { tch::Device::Cpu } else { tch_device(d) };
-        let there = ledger::weigh(v.vs, v.device, v.split.as_deref());
-        let mut vars = v.vs.variables();
-        tch::no_grad(|| {
-            for (name, host) in &v.host {
-                let d = v.split.as_deref().and_then(|s| ledger::device_of(s, name)).unwrap_or(v.device);
-                if let Some(var) = vars.get_mut(name) {
-                    // Non-blocking from pinned memory: the copies queue on the stream the
-                    // component's kernels run on, so no synchronisation is needed.
-                    var.set_data(&host.to_device_(to(d), host.kind(), true, false));
-                }
-            }
-        });
-        v.present = true;
-        tracing::debug!(component = name, device = %device, "offload: in");
-        self.ledger.add(name, &there)
-    }
-
-    /// Sends every visitor on `device` back to host memory.
-    fn clear(&mut self, device: Device) -> Result<(), ExecError> {
-        for i in 0..self.visitors.len() {
-            if self.visitors[i].present && self.visitors[i].device == device {
-                self.leave(i)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn leave_all(&mut self) -> Result<(), ExecError> {
-        for i in 0..self.visitors.len() {
-            if self.visitors[i].present {
-                self.leave(i)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn leave(&mut self, i: usize) -> Result<(), ExecError> {
-        let v = &mut self.visitors[i];
-        let there = ledger::weigh(v.vs, v.device, v.split.as_deref());
-        let mut vars = v.vs.variables();
-        tch::no_grad(|| {
-            for (name, host) in &v.host {
-                if let Some(var) = vars.get_mut(name) {
-                    var.set_data(host);
-                }
-            }
-        });
-        v.present = false;
-        tracing::debug!(component = %v.name, "offload: out");
-        self.ledger.remove(&there);
-        Ok(())
-    }
 }
 
 /// A split component's module prefixes and their devices.
@@ -777,7 +685,10 @@ fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), ExecError> {
     match m.manifest.pipeline.kind {
         PipelineKind::StableDiffusionXl => {
             if class.contains("XL") && !has("text_encoder") && has("text_encoder_2") {
-                return Err(ExecError::Unsupported(format!("`{}` is an SDXL refiner (no `text_encoder`): refiner pipelines (image-to-image with aesthetic-score conditioning) are not supported yet", p.root.display())));
+                return Err(ExecError::Unsupported(format!(
+                    "`{}` is an SDXL refiner (no `text_encoder`): refiner pipelines (image-to-image with aesthetic-score conditioning) are not supported yet",
+                    p.root.display()
+                )));
             }
             if !class.contains("XL") || !has("text_encoder_2") || !has("tokenizer_2") {
                 return Err(ExecError::Unsupported(format!(
@@ -790,7 +701,10 @@ fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), ExecError> {
         }
         PipelineKind::StableDiffusion => {
             if class.contains("XL") || has("text_encoder_2") {
-                return Err(ExecError::Unsupported(format!("`pipeline.kind` is `stable-diffusion` but `{}` holds a `{class}` with two text encoders: set `kind = \"stable-diffusion-xl\"`", p.root.display())));
+                return Err(ExecError::Unsupported(format!(
+                    "`pipeline.kind` is `stable-diffusion` but `{}` holds a `{class}` with two text encoders: set `kind = \"stable-diffusion-xl\"`",
+                    p.root.display()
+                )));
             }
         }
     }
@@ -812,7 +726,15 @@ fn truncation_warning(enc: &text::TextEncoder, truncated: Option<String>, warnin
 }
 
 /// diffusers `StableDiffusionPipeline.encode_prompt`, repeated `batch` times per prompt.
-fn sd_conditioning(m: &LoadedManifest, enc: &text::TextEncoder, do_cfg: bool, batch: i64, dump: &mut Vec<(String, Tensor)>, dumping: bool, warnings: &mut Vec<String>) -> Result<Conditioning, ExecError> {
+fn sd_conditioning(
+    m: &LoadedManifest,
+    enc: &text::TextEncoder,
+    do_cfg: bool,
+    batch: i64,
+    dump: &mut Vec<(String, Tensor)>,
+    dumping: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Conditioning, ExecError> {
     let r = &m.manifest.run;
     let (ids, out, trunc) = enc.run(r.prompt.as_deref().unwrap_or_default())?;
     truncation_warning(enc, trunc, warnings);
@@ -874,7 +796,9 @@ fn sdxl_conditioning(
     let (ch, cw) = pair(r.crops_coords_top_left, (0.0, 0.0));
     let (th, tw) = pair(r.target_size, (h, w));
     let time_ids = Tensor::from_slice(&[oh, ow, ch, cw, th, tw]).to_kind(Kind::Float).unsqueeze(0);
-    let rep = |t: &Tensor| if t.dim() == 3 { t.repeat([batch, 1, 1]) } else { t.repeat([batch, 1]) };
+    let rep = |t: &Tensor| {
+        if t.dim() == 3 { t.repeat([batch, 1, 1]) } else { t.repeat([batch, 1]) }
+    };
     let (pos, pooled) = (rep(&pos), rep(&pooled));
     if dumping {
         dump.push(("tokens.prompt.input_ids".into(), ids1));
@@ -920,4 +844,3 @@ fn manifest_digest(m: &LoadedManifest) -> String {
     use sha2::{Digest, Sha256};
     format!("{:x}", Sha256::digest(m.source.text.as_bytes()))
 }
-

@@ -2,21 +2,22 @@
 //! `AttnProcessor2_0` (scaled_dot_product_attention), `BasicTransformerBlock` with GEGLU
 //! feed-forward, `Transformer2DModel` for continuous (image) inputs.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn;
 
+use super::hooks::{Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::{conv2d, group_norm, on};
 
 /// diffusers `Attention`: `to_q`, `to_k`, `to_v` (no bias unless `bias`), `to_out.0` (bias).
 #[derive(Debug)]
 pub struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: i64,
     /// VAE attention: a group norm before, the residual added after.
-    group_norm: Option<nn::GroupNorm>,
+    group_norm: Option<GroupNorm>,
 }
 
 impl Attention {
@@ -25,10 +26,10 @@ impl Attention {
         let ctx = context_dim.unwrap_or(query_dim);
         let lc = nn::LinearConfig { bias, ..Default::default() };
         Attention {
-            to_q: nn::linear(&vs / "to_q", query_dim, inner, lc),
-            to_k: nn::linear(&vs / "to_k", ctx, inner, lc),
-            to_v: nn::linear(&vs / "to_v", ctx, inner, lc),
-            to_out: nn::linear(&vs / "to_out" / "0", inner, query_dim, Default::default()),
+            to_q: Linear::new(&vs / "to_q", query_dim, inner, lc),
+            to_k: Linear::new(&vs / "to_k", ctx, inner, lc),
+            to_v: Linear::new(&vs / "to_v", ctx, inner, lc),
+            to_out: Linear::new(&vs / "to_out" / "0", inner, query_dim, Default::default()),
             heads,
             group_norm: None,
         }
@@ -70,14 +71,14 @@ impl Attention {
 /// diffusers `FeedForward` with `GEGLU`: `net.2(h * gelu(gate))`, `h, gate = net.0.proj(x).chunk(2)`.
 #[derive(Debug)]
 pub struct FeedForward {
-    proj: nn::Linear,
-    pub(crate) out: nn::Linear,
+    proj: Linear,
+    pub(crate) out: Linear,
 }
 
 impl FeedForward {
     pub fn new(vs: nn::Path, dim: i64, mult: i64) -> Self {
         let inner = dim * mult;
-        FeedForward { proj: nn::linear(&vs / "net" / "0" / "proj", dim, inner * 2, Default::default()), out: nn::linear(&vs / "net" / "2", inner, dim, Default::default()) }
+        FeedForward { proj: Linear::new(&vs / "net" / "0" / "proj", dim, inner * 2, Default::default()), out: Linear::new(&vs / "net" / "2", inner, dim, Default::default()) }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let hg = self.proj.forward(x).chunk(2, -1);
@@ -88,17 +89,17 @@ impl FeedForward {
 /// diffusers `BasicTransformerBlock` (layer norms, self-attention, cross-attention, GEGLU).
 #[derive(Debug)]
 pub struct BasicTransformerBlock {
-    norm1: nn::LayerNorm,
+    norm1: LayerNorm,
     attn1: Attention,
-    norm2: nn::LayerNorm,
+    norm2: LayerNorm,
     attn2: Attention,
-    norm3: nn::LayerNorm,
+    norm3: LayerNorm,
     ff: FeedForward,
 }
 
 impl BasicTransformerBlock {
     pub fn new(vs: nn::Path, dim: i64, heads: i64, dim_head: i64, context_dim: i64) -> Self {
-        let ln = |p: nn::Path| nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps: 1e-5, ..Default::default() });
+        let ln = |p: nn::Path| LayerNorm::new(p, vec![dim], nn::LayerNormConfig { eps: 1e-5, ..Default::default() });
         BasicTransformerBlock {
             norm1: ln(&vs / "norm1"),
             attn1: Attention::new(&vs / "attn1", dim, None, heads, dim_head, false),
@@ -109,7 +110,7 @@ impl BasicTransformerBlock {
         }
     }
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        let (x, context) = (&on(x, &self.ff.out.ws), &on(context, &self.ff.out.ws));
+        let (x, context) = (&on(x, self.ff.out.weight()), &on(context, self.ff.out.weight()));
         let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
         let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
         self.ff.forward(&self.norm3.forward(&x)) + &x
@@ -118,15 +119,15 @@ impl BasicTransformerBlock {
 
 #[derive(Debug)]
 enum Proj {
-    Conv(nn::Conv2D),
-    Linear(nn::Linear),
+    Conv(Conv2d),
+    Linear(Linear),
 }
 
 impl Proj {
     fn weight(&self) -> &Tensor {
         match self {
-            Proj::Conv(c) => &c.ws,
-            Proj::Linear(l) => &l.ws,
+            Proj::Conv(c) => c.weight(),
+            Proj::Linear(l) => l.weight(),
         }
     }
 }
@@ -135,7 +136,7 @@ impl Proj {
 /// linear with `use_linear_projection`), transformer blocks, projection out, residual.
 #[derive(Debug)]
 pub struct Transformer2DModel {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Proj,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -145,7 +146,9 @@ impl Transformer2DModel {
     #[allow(clippy::too_many_arguments)]
     pub fn new(vs: nn::Path, heads: i64, dim_head: i64, in_channels: i64, layers: i64, context_dim: i64, groups: i64, linear: bool) -> Self {
         let inner = heads * dim_head;
-        let proj = |p: nn::Path, i, o| if linear { Proj::Linear(nn::linear(p, i, o, Default::default())) } else { Proj::Conv(conv2d(p, i, o, 1, 1, 0)) };
+        let proj = |p: nn::Path, i, o| {
+            if linear { Proj::Linear(Linear::new(p, i, o, Default::default())) } else { Proj::Conv(conv2d(p, i, o, 1, 1, 0)) }
+        };
         Transformer2DModel {
             norm: group_norm(&vs / "norm", groups, in_channels, 1e-6),
             proj_in: proj(&vs / "proj_in", in_channels, inner),
@@ -157,7 +160,7 @@ impl Transformer2DModel {
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
         let (b, _, h, w) = x.size4().expect("[B, C, H, W]");
         let residual = x;
-        let x = match &self.norm.ws {
+        let x = match self.norm.weight() {
             Some(ws) => self.norm.forward(&on(x, ws)),
             None => self.norm.forward(x),
         };

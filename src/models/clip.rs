@@ -14,9 +14,10 @@ use serde_json::Value;
 use tch::nn::{self, Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use crate::checkpoint::CheckpointError;
-use crate::models::weights::{load_varstore, WeightsError};
+use crate::checkpoint::layout::{Checkpoint, Library, VariantPolicy, resolve_folder};
+use crate::models::hooks::{path_of, scoped};
+use crate::models::weights::{WeightsError, load_varstore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClipError {
@@ -122,18 +123,13 @@ impl ClipTextConfig {
         };
         let positive = |key: &str, default: i64| -> Result<i64, ClipError> {
             let n = int(key, default)?;
-            if n > 0 {
-                Ok(n)
-            } else {
-                Err(err(format!("`{key}` must be positive, got {n}")))
-            }
+            if n > 0 { Ok(n) } else { Err(err(format!("`{key}` must be positive, got {n}"))) }
         };
         let act_name = match v.get("hidden_act") {
             None | Some(Value::Null) => "quick_gelu",
             Some(x) => x.as_str().ok_or_else(|| err(format!("`hidden_act` must be a string, got {x}")))?,
         };
-        let hidden_act = Activation::from_name(act_name)
-            .ok_or_else(|| err(format!("`hidden_act` `{act_name}` is not supported (quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)")))?;
+        let hidden_act = Activation::from_name(act_name).ok_or_else(|| err(format!("`hidden_act` `{act_name}` is not supported (quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)")))?;
         let layer_norm_eps = match v.get("layer_norm_eps") {
             None | Some(Value::Null) => 1e-5,
             Some(x) => x.as_f64().ok_or_else(|| err(format!("`layer_norm_eps` must be a number, got {x}")))?,
@@ -162,11 +158,7 @@ impl ClipTextConfig {
     }
 
     fn model_name(&self) -> &'static str {
-        if self.with_projection {
-            "CLIPTextModelWithProjection"
-        } else {
-            "CLIPTextModel"
-        }
+        if self.with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }
     }
 }
 
@@ -175,6 +167,7 @@ impl ClipTextConfig {
 pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    path: String,
 }
 
 impl Linear {
@@ -182,10 +175,10 @@ impl Linear {
         // Zeros: every value is overwritten by the checkpoint, so random init is wasted time.
         let weight = p.var("weight", &[d_out, d_in], Init::Const(0.));
         let bias = bias.then(|| p.var("bias", &[d_out], Init::Const(0.)));
-        Linear { weight, bias }
+        Linear { weight, bias, path: path_of(&p) }
     }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        x.f_linear(&self.weight, self.bias.as_ref())
+        scoped(&self.path, || x.f_linear(&self.weight, self.bias.as_ref()))
     }
 }
 
@@ -193,20 +186,23 @@ pub(crate) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    dim: i64,
+    path: String,
 }
 
 impl LayerNorm {
     pub(crate) fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
-        LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.)), bias: p.var("bias", &[dim], Init::Const(0.)), eps }
+        LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.)), bias: p.var("bias", &[dim], Init::Const(0.)), eps, dim, path: path_of(&p) }
     }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        x.f_layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
+        scoped(&self.path, || x.f_layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true))
     }
 }
 
 /// `CLIPEncoderLayer`: pre-norm attention and MLP, each with a residual. The text encoder
 /// attends causally; the vision tower (safety checker) everywhere.
 pub(crate) struct EncoderLayer {
+    path: String,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -222,6 +218,7 @@ impl EncoderLayer {
         let attn = &p / "self_attn";
         let mlp = &p / "mlp";
         EncoderLayer {
+            path: path_of(&p),
             q_proj: Linear::new(&attn / "q_proj", h, h, true),
             k_proj: Linear::new(&attn / "k_proj", h, h, true),
             v_proj: Linear::new(&attn / "v_proj", h, h, true),
@@ -234,6 +231,10 @@ impl EncoderLayer {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, heads: i64, act: Activation, causal: bool) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || self.forward_inner(x, heads, act, causal))
+    }
+
+    fn forward_inner(&self, x: &Tensor, heads: i64, act: Activation, causal: bool) -> Result<Tensor, tch::TchError> {
         let (b, t, h) = x.size3()?;
         let head_dim = h / heads;
         // CLIPAttention.forward: [B, T, H] -> [B, heads, T, head_dim], scale head_dim^-0.5.
@@ -274,6 +275,9 @@ pub struct ClipTextModel {
     _vs: VarStore,
     token_embedding: Tensor,
     position_embedding: Tensor,
+    /// Module paths of `embeddings`, `embeddings.token_embedding`, `embeddings.position_embedding`
+    /// (with the checkpoint's prefix), announced to forward hooks.
+    embedding_paths: [String; 3],
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
@@ -302,21 +306,22 @@ impl ClipTextModel {
         // New variables are created at `kind` directly.
         vs.set_kind(kind);
         let legacy_prefix = ck.tensors.keys().any(|k| k.starts_with("text_model."));
-        let (token_embedding, position_embedding, layers, final_layer_norm, text_projection) = {
+        let (token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection) = {
             let root = vs.root();
             let text = if c.with_projection || legacy_prefix { &root / "text_model" } else { vs.root() };
             let emb = &text / "embeddings";
+            let embedding_paths = [path_of(&emb), path_of(&(&emb / "token_embedding")), path_of(&(&emb / "position_embedding"))];
             let token_embedding = (&emb / "token_embedding").var("weight", &[c.vocab_size, c.hidden_size], Init::Const(0.));
             let position_embedding = (&emb / "position_embedding").var("weight", &[c.max_position_embeddings, c.hidden_size], Init::Const(0.));
             let enc = &text / "encoder" / "layers";
             let layers: Vec<EncoderLayer> = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c.hidden_size, c.intermediate_size, c.layer_norm_eps)).collect();
             let final_layer_norm = LayerNorm::new(&text / "final_layer_norm", c.hidden_size, c.layer_norm_eps);
             let text_projection = c.with_projection.then(|| Linear::new(&root / "text_projection", c.hidden_size, c.projection_dim, false));
-            (token_embedding, position_embedding, layers, final_layer_norm, text_projection)
+            (token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection)
         };
         load_varstore(&mut vs, ck, c.model_name(), kind)?;
         vs.freeze();
-        Ok(ClipTextModel { config: c.clone(), _vs: vs, token_embedding, position_embedding, layers, final_layer_norm, text_projection })
+        Ok(ClipTextModel { config: c.clone(), _vs: vs, token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -373,9 +378,12 @@ impl ClipTextModel {
         let c = &self.config;
         let (b, t) = ids.size2()?;
         // CLIPTextEmbeddings: token + position embeddings (position_ids = arange(T)).
-        let pos = Tensor::f_arange(t, (Kind::Int64, self.token_embedding.device()))?;
-        let tok = Tensor::f_embedding(&self.token_embedding, ids, -1, false, false)?;
-        let mut h = tok.f_add(&Tensor::f_embedding(&self.position_embedding, &pos, -1, false, false)?)?;
+        let [emb, tok_path, pos_path] = &self.embedding_paths;
+        let mut h = scoped(emb, || {
+            let pos = Tensor::f_arange(t, (Kind::Int64, self.token_embedding.device()))?;
+            let tok = scoped(tok_path, || Tensor::f_embedding(&self.token_embedding, ids, -1, false, false))?;
+            tok.f_add(&scoped(pos_path, || Tensor::f_embedding(&self.position_embedding, &pos, -1, false, false))?)
+        })?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
             let next = layer.forward(&h, c.num_attention_heads, c.hidden_act, true)?;

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod clip;
 pub mod embeddings;
+pub mod hooks;
 pub mod image_processor;
 pub mod resnet;
 pub mod safety_checker;

@@ -1,13 +1,14 @@
 //! diffusers `UNet2DConditionModel` for SD 1.x, 2.x and XL configs, built from its config.json.
 
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Kind, Tensor};
 
+use super::ModelError;
 use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::hooks::{Conv2d, GroupNorm};
 use super::resnet::{conv2d, group_norm, on};
 use super::unet_2d_blocks::{BlockConfig, DownBlock, MidBlockCrossAttn, UpBlock};
 use super::weights::{cfg_bool, cfg_f64, cfg_list_str, cfg_list_u64, cfg_str, cfg_u64};
-use super::ModelError;
 
 /// The config values runner supports, read from `unet/config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,15 +116,15 @@ pub struct AddedCond<'a> {
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNet2DConditionConfig,
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     add: Option<(Timesteps, TimestepEmbedding)>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlockCrossAttn,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
 }
 
 impl UNet2DConditionModel {
@@ -144,16 +145,24 @@ impl UNet2DConditionModel {
         };
         let time_proj = Timesteps { num_channels: c0, flip_sin_to_cos: c.flip_sin_to_cos, freq_shift: c.freq_shift };
         let time_embedding = TimestepEmbedding::new(&vs / "time_embedding", c0, temb);
-        let add = c.addition_text_time.map(|(dim, input)| {
-            (Timesteps { num_channels: dim, flip_sin_to_cos: c.flip_sin_to_cos, freq_shift: c.freq_shift }, TimestepEmbedding::new(&vs / "add_embedding", input, temb))
-        });
+        let add = c
+            .addition_text_time
+            .map(|(dim, input)| (Timesteps { num_channels: dim, flip_sin_to_cos: c.flip_sin_to_cos, freq_shift: c.freq_shift }, TimestepEmbedding::new(&vs / "add_embedding", input, temb)));
         let mut down_blocks = vec![];
         let mut out_ch = c0;
         for i in 0..n {
             let cin = out_ch;
             out_ch = c.block_out_channels[i];
             let cross = c.down_block_types[i] == "CrossAttnDownBlock2D";
-            down_blocks.push(DownBlock::new(&vs / "down_blocks" / i as i64, cin, out_ch, block(c.layers_per_block, c.heads[i], c.transformer_layers_per_block[i]), cross, i + 1 < n, c.downsample_padding));
+            down_blocks.push(DownBlock::new(
+                &vs / "down_blocks" / i as i64,
+                cin,
+                out_ch,
+                block(c.layers_per_block, c.heads[i], c.transformer_layers_per_block[i]),
+                cross,
+                i + 1 < n,
+                c.downsample_padding,
+            ));
         }
         let last = c.block_out_channels[n - 1];
         let mid_block = MidBlockCrossAttn::new(&vs / "mid_block", last, block(1, c.heads[n - 1], c.transformer_layers_per_block[n - 1]), c.mid_block_scale_factor);
@@ -202,7 +211,7 @@ impl UNet2DConditionModel {
         let factor = 1i64 << (self.up_blocks.len() - 1);
         let (h, w) = (sample.size()[2], sample.size()[3]);
         let forward_upsample_size = h % factor != 0 || w % factor != 0;
-        let mut x = self.conv_in.forward(&on(sample, &self.conv_in.ws));
+        let mut x = self.conv_in.forward(&on(sample, self.conv_in.weight()));
         // 3. down
         let mut skips = vec![x.shallow_clone()];
         for d in &self.down_blocks {
@@ -226,10 +235,10 @@ impl UNet2DConditionModel {
             x = u.forward(&x, &mut mine, &emb, context, size);
         }
         // 6. post-process
-        let x = match &self.conv_norm_out.ws {
+        let x = match self.conv_norm_out.weight() {
             Some(ws) => self.conv_norm_out.forward(&on(&x, ws)),
             None => self.conv_norm_out.forward(&x),
         };
-        self.conv_out.forward(&on(&x.silu(), &self.conv_out.ws))
+        self.conv_out.forward(&on(&x.silu(), self.conv_out.weight()))
     }
 }

@@ -4,6 +4,7 @@
 use tch::Tensor;
 
 use super::attention::{Attention, Transformer2DModel};
+use super::hooks::{path_of, scoped};
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use tch::nn;
 
@@ -24,6 +25,7 @@ pub struct BlockConfig {
 /// `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without).
 #[derive(Debug)]
 pub struct DownBlock {
+    path: String,
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     downsampler: Option<Downsample2D>,
@@ -40,11 +42,15 @@ impl DownBlock {
             vec![]
         };
         let downsampler = downsample.then(|| Downsample2D::new(&vs / "downsamplers" / 0, cout, downsample_padding));
-        DownBlock { resnets, attentions, downsampler }
+        DownBlock { path: path_of(&vs), resnets, attentions, downsampler }
     }
 
     /// Returns the output and the states kept for the up path.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
+        scoped(&self.path, || self.forward_inner(x, temb, context))
+    }
+
+    fn forward_inner(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut states = vec![];
         for (j, r) in self.resnets.iter().enumerate() {
@@ -65,6 +71,7 @@ impl DownBlock {
 /// `UNetMidBlock2DCrossAttn`: resnet, (attention, resnet) x layers.
 #[derive(Debug)]
 pub struct MidBlockCrossAttn {
+    path: String,
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
 }
@@ -73,21 +80,24 @@ impl MidBlockCrossAttn {
     pub fn new(vs: nn::Path, channels: i64, cfg: BlockConfig, output_scale_factor: f64) -> Self {
         let resnets = (0..2).map(|j| ResnetBlock2D::new(&vs / "resnets" / j, channels, channels, Some(cfg.temb), cfg.groups, cfg.eps, output_scale_factor)).collect();
         let attentions = vec![Transformer2DModel::new(&vs / "attentions" / 0, cfg.heads, channels / cfg.heads, channels, cfg.transformer_layers, cfg.context_dim, cfg.groups, cfg.linear_projection)];
-        MidBlockCrossAttn { resnets, attentions }
+        MidBlockCrossAttn { path: path_of(&vs), resnets, attentions }
     }
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
-        let mut h = self.resnets[0].forward(x, Some(temb));
-        for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = a.forward(&h, context);
-            h = r.forward(&h, Some(temb));
-        }
-        h
+        scoped(&self.path, || {
+            let mut h = self.resnets[0].forward(x, Some(temb));
+            for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
+                h = a.forward(&h, context);
+                h = r.forward(&h, Some(temb));
+            }
+            h
+        })
     }
 }
 
 /// `CrossAttnUpBlock2D` (with attentions) or `UpBlock2D` (without).
 #[derive(Debug)]
 pub struct UpBlock {
+    path: String,
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     upsampler: Option<Upsample2D>,
@@ -110,7 +120,7 @@ impl UpBlock {
         } else {
             vec![]
         };
-        UpBlock { resnets, attentions, upsampler: upsample.then(|| Upsample2D::new(&vs / "upsamplers" / 0, cout)) }
+        UpBlock { path: path_of(&vs), resnets, attentions, upsampler: upsample.then(|| Upsample2D::new(&vs / "upsamplers" / 0, cout)) }
     }
 
     pub fn layers(&self) -> usize {
@@ -119,6 +129,10 @@ impl UpBlock {
 
     /// `skips` are consumed from the end, as diffusers pops `res_hidden_states_tuple`.
     pub fn forward(&self, x: &Tensor, skips: &mut Vec<Tensor>, temb: &Tensor, context: &Tensor, upsample_size: Option<(i64, i64)>) -> Tensor {
+        scoped(&self.path, || self.forward_inner(x, skips, temb, context, upsample_size))
+    }
+
+    fn forward_inner(&self, x: &Tensor, skips: &mut Vec<Tensor>, temb: &Tensor, context: &Tensor, upsample_size: Option<(i64, i64)>) -> Tensor {
         let mut h = x.shallow_clone();
         for (j, r) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("one skip state per resnet");
@@ -139,6 +153,7 @@ impl UpBlock {
 /// VAE decoder `UNetMidBlock2D`: resnet, attention, resnet (no time embedding).
 #[derive(Debug)]
 pub struct MidBlock2D {
+    path: String,
     resnets: Vec<ResnetBlock2D>,
     attention: Option<Attention>,
 }
@@ -146,22 +161,26 @@ pub struct MidBlock2D {
 impl MidBlock2D {
     pub fn new(vs: nn::Path, channels: i64, groups: i64, eps: f64, add_attention: bool) -> Self {
         MidBlock2D {
+            path: path_of(&vs),
             resnets: (0..2).map(|j| ResnetBlock2D::new(&vs / "resnets" / j, channels, channels, None, groups, eps, 1.0)).collect(),
             attention: add_attention.then(|| Attention::new_spatial(&vs / "attentions" / 0, channels, groups, eps)),
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = self.resnets[0].forward(x, None);
-        if let Some(a) = &self.attention {
-            h = a.forward_spatial(&h);
-        }
-        self.resnets[1].forward(&h, None)
+        scoped(&self.path, || {
+            let mut h = self.resnets[0].forward(x, None);
+            if let Some(a) = &self.attention {
+                h = a.forward_spatial(&h);
+            }
+            self.resnets[1].forward(&h, None)
+        })
     }
 }
 
 /// VAE `UpDecoderBlock2D`.
 #[derive(Debug)]
 pub struct UpDecoderBlock2D {
+    path: String,
     resnets: Vec<ResnetBlock2D>,
     upsampler: Option<Upsample2D>,
 }
@@ -169,18 +188,21 @@ pub struct UpDecoderBlock2D {
 impl UpDecoderBlock2D {
     pub fn new(vs: nn::Path, cin: i64, cout: i64, layers: i64, groups: i64, eps: f64, upsample: bool) -> Self {
         UpDecoderBlock2D {
+            path: path_of(&vs),
             resnets: (0..layers).map(|j| ResnetBlock2D::new(&vs / "resnets" / j, if j == 0 { cin } else { cout }, cout, None, groups, eps, 1.0)).collect(),
             upsampler: upsample.then(|| Upsample2D::new(&vs / "upsamplers" / 0, cout)),
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = x.shallow_clone();
-        for r in &self.resnets {
-            h = r.forward(&h, None);
-        }
-        match &self.upsampler {
-            Some(u) => u.forward(&h, None),
-            None => h,
-        }
+        scoped(&self.path, || {
+            let mut h = x.shallow_clone();
+            for r in &self.resnets {
+                h = r.forward(&h, None);
+            }
+            match &self.upsampler {
+                Some(u) => u.forward(&h, None),
+                None => h,
+            }
+        })
     }
 }

@@ -1,12 +1,13 @@
 //! diffusers `AutoencoderKL`: the decoder (latents -> image), built from `vae/config.json`.
 
-use tch::nn::{self, Module};
 use tch::Tensor;
+use tch::nn;
 
+use super::ModelError;
+use super::hooks::{Conv2d, GroupNorm};
 use super::resnet::{conv2d, group_norm};
 use super::unet_2d_blocks::{MidBlock2D, UpDecoderBlock2D};
 use super::weights::{cfg_bool, cfg_f64, cfg_list_str, cfg_list_u64, cfg_str, cfg_u64};
-use super::ModelError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoencoderKLConfig {
@@ -53,12 +54,12 @@ impl AutoencoderKLConfig {
 #[derive(Debug)]
 pub struct AutoencoderKLDecoder {
     pub config: AutoencoderKLConfig,
-    post_quant_conv: Option<nn::Conv2D>,
-    conv_in: nn::Conv2D,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
     mid_block: MidBlock2D,
     up_blocks: Vec<UpDecoderBlock2D>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
 }
 
 impl AutoencoderKLDecoder {
@@ -116,6 +117,7 @@ impl AutoencoderKLDecoder {
 /// diffusers' own (0, 1, 0, 1) padding).
 #[derive(Debug)]
 struct DownEncoderBlock2D {
+    path: String,
     resnets: Vec<super::resnet::ResnetBlock2D>,
     downsampler: Option<super::resnet::Downsample2D>,
 }
@@ -123,19 +125,22 @@ struct DownEncoderBlock2D {
 impl DownEncoderBlock2D {
     fn new(vs: nn::Path, cin: i64, cout: i64, layers: i64, groups: i64, eps: f64, downsample: bool) -> Self {
         DownEncoderBlock2D {
+            path: super::hooks::path_of(&vs),
             resnets: (0..layers).map(|j| super::resnet::ResnetBlock2D::new(&vs / "resnets" / j, if j == 0 { cin } else { cout }, cout, None, groups, eps, 1.0)).collect(),
             downsampler: downsample.then(|| super::resnet::Downsample2D::new(&vs / "downsamplers" / 0, cout, 0)),
         }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = x.shallow_clone();
-        for r in &self.resnets {
-            h = r.forward(&h, None);
-        }
-        match &self.downsampler {
-            Some(d) => d.forward(&h),
-            None => h,
-        }
+        super::hooks::scoped(&self.path, || {
+            let mut h = x.shallow_clone();
+            for r in &self.resnets {
+                h = r.forward(&h, None);
+            }
+            match &self.downsampler {
+                Some(d) => d.forward(&h),
+                None => h,
+            }
+        })
     }
 }
 
@@ -143,12 +148,12 @@ impl DownEncoderBlock2D {
 #[derive(Debug)]
 pub struct AutoencoderKLEncoder {
     pub config: AutoencoderKLConfig,
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     down_blocks: Vec<DownEncoderBlock2D>,
     mid_block: MidBlock2D,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
-    quant_conv: Option<nn::Conv2D>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
 }
 
 impl AutoencoderKLEncoder {

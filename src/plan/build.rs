@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 
 use super::inventory::{Inventory, InventoryError};
-use super::memory::{working_bytes, RunShape};
-use super::{modules, ComponentInput, PlanInput};
+use super::memory::{RunShape, working_bytes};
+use super::{ComponentInput, PlanInput, modules};
 use crate::checkpoint::layout::{Component, PipelineFolder, WeightFiles};
 use crate::device::Device;
-use crate::manifest::{LoadedManifest, PipelineKind};
+use crate::manifest::{LoadedManifest, Offload, PipelineKind};
 
 /// diffusers' execution order (`model_cpu_offload_seq`), then the safety checker.
 pub const EXECUTION_ORDER: [&str; 6] = ["text_encoder", "text_encoder_2", "image_encoder", "unet", "vae", "safety_checker"];
@@ -67,6 +67,7 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, inventory: Inventory, 
     let shape = run_shape(m, p);
     let mut comps: Vec<&Component> = p.components.iter().filter(|c| c.checkpoint.is_some()).collect();
     comps.sort_by_key(|c| (EXECUTION_ORDER.iter().position(|n| *n == c.name).unwrap_or(EXECUTION_ORDER.len()), c.name.clone()));
+    let mut notes = vec![];
     let components = comps
         .into_iter()
         .map(|c| {
@@ -86,9 +87,22 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, inventory: Inventory, 
                 working_half: if opts.weights_only { 0 } else { working_bytes(&c.class, &config, crate::manifest::Dtype::Fp16, &shape) },
                 tree,
                 pin: spec.and_then(|s| s.device),
-                offload: spec.and_then(|s| s.offload).unwrap_or(m.manifest.placement.offload),
+                offload: match spec.and_then(|s| s.offload) {
+                    Some(o) => o,
+                    // The pipeline-wide mode: streaming modes fall back to `model` for models whose
+                    // blocks runner does not know (an explicit per-component request is an error).
+                    None => {
+                        let o = m.manifest.placement.offload;
+                        if matches!(o, Offload::Sequential | Offload::Group) && !crate::plan::streamable(&c.class) {
+                            notes.push(format!("`{}` ({}) cannot be streamed block by block: it uses `model` offload instead of `placement.offload`", c.name, c.class));
+                            Offload::Model
+                        } else {
+                            o
+                        }
+                    }
+                },
             }
         })
         .collect();
-    PlanInput { components, inventory, strategy: m.manifest.placement.strategy }
+    PlanInput { components, inventory, strategy: m.manifest.placement.strategy, notes }
 }

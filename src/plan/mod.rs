@@ -58,11 +58,7 @@ impl ComponentInput {
     }
     /// Weights held on the device for the whole run.
     fn resident(&self) -> u64 {
-        if self.offloaded() {
-            0
-        } else {
-            self.bytes
-        }
+        if self.offloaded() { 0 } else { self.bytes }
     }
     /// What the device needs on top of resident weights while this component runs.
     fn transient(&self) -> u64 {
@@ -81,6 +77,16 @@ pub struct PlanInput {
     pub components: Vec<ComponentInput>,
     pub inventory: Inventory,
     pub strategy: Strategy,
+    /// Decisions made while building the input, repeated in the plan's notes.
+    pub notes: Vec<String>,
+}
+
+/// The model classes whose blocks runner knows, so that `sequential` and `group` offload can
+/// stream them (others are loaded whole: `none` or `model` offload).
+pub const STREAMABLE_CLASSES: [&str; 4] = ["UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection", "AutoencoderKL"];
+
+pub fn streamable(class: &str) -> bool {
+    STREAMABLE_CLASSES.contains(&class)
 }
 
 /// Where a component went.
@@ -109,6 +115,9 @@ pub struct ComponentPlan {
     pub split_bytes: Option<BTreeMap<String, u64>>,
     /// What this component needs on its device while it runs.
     pub peak_bytes: u64,
+    /// Its weight bytes on the device while it runs: all of them, except under `sequential`
+    /// (the largest leaf module) and `group` offload (the two largest block groups).
+    pub streamed_bytes: u64,
     pub reason: String,
 }
 
@@ -121,6 +130,9 @@ pub struct DevicePlan {
     pub resident_bytes: u64,
     /// Resident weights plus the largest transient need of any component that runs there.
     pub planned_bytes: u64,
+    /// Resident weights plus the most weight bytes an offloaded component brings while it runs:
+    /// what the executor's residency ledger should measure as the peak.
+    pub weight_peak_bytes: u64,
     pub free_bytes: u64,
 }
 
@@ -166,11 +178,7 @@ pub struct PlanError {
 }
 
 fn options_text(options: &[String]) -> String {
-    if options.is_empty() {
-        String::new()
-    } else {
-        format!("\noptions that would fit:\n{}", options.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n"))
-    }
+    if options.is_empty() { String::new() } else { format!("\noptions that would fit:\n{}", options.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n")) }
 }
 
 fn gb(b: u64) -> String {
@@ -296,11 +304,7 @@ impl<'a> State<'a> {
         }
         let devices: Vec<String> = used_devices.iter().map(|&l| ledgers[l].device.to_string()).collect();
         self.ledgers = ledgers;
-        let reason = format!(
-            "fits no single device ({} needed); split at no-split boundaries over {} in execution order",
-            gb(c.need()),
-            devices.join(" + ")
-        );
+        let reason = format!("fits no single device ({} needed); split at no-split boundaries over {} in execution order", gb(c.need()), devices.join(" + "));
         self.placed[i] = Some((Placement::Split(modules::compress(&assign)), reason, Some(per_device)));
         self.notes.push(format!(
             "`{}` is split: each part runs where it is placed (nothing is streamed), so no reserve for the largest layer is kept (accelerate keeps one on the first GPU and the CPU because it runs offloaded layers there); every device of the split holds the component's working memory ({})",
@@ -327,6 +331,26 @@ impl<'a> State<'a> {
             message.push_str(&format!("; the largest budget is `{}` {}", l.device, gb(l.budget)));
         }
         message.push_str(&format!(" ({})", frees.join(", ")));
+        // Streaming modes have a floor no budget below can meet: say what it is made of.
+        match c.offload {
+            Offload::Sequential => message.push_str(&format!(
+                "\n`sequential` offload streams one leaf module at a time, so a device running `{}` needs at least its largest leaf (`{}`, {}) plus its working memory ({})",
+                c.name,
+                c.tree.largest_leaf_path,
+                gb(c.tree.largest_leaf),
+                gb(c.working)
+            )),
+            Offload::Group => {
+                let (path, bytes) = c.tree.groups.iter().max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))).cloned().unwrap_or_default();
+                message.push_str(&format!(
+                    "\n`group` offload holds a block group and the next one (prefetched), so a device running `{}` needs up to twice its largest group (`{path}`, {}) plus its working memory ({})",
+                    c.name,
+                    gb(bytes),
+                    gb(c.working)
+                ));
+            }
+            _ => {}
+        }
         PlanError { component: Some(c.name.clone()), message, options: vec![] }
     }
 
@@ -339,6 +363,7 @@ impl<'a> State<'a> {
                 Placement::Split(map) => (map.first().map(|m| m.1).unwrap_or(Device::Cpu), Some(map)),
             };
             let peak_bytes = if device == Device::Cpu { c.bytes + c.working } else { c.need() };
+            let streamed_bytes = if device == Device::Cpu { c.bytes } else { memory::device_weight_bytes(c.offload, c.bytes, c.tree.largest_leaf, c.tree.largest_group()) };
             components.push(ComponentPlan {
                 name: c.name.clone(),
                 class: c.class.clone(),
@@ -350,13 +375,26 @@ impl<'a> State<'a> {
                 split,
                 split_bytes,
                 peak_bytes,
+                streamed_bytes,
                 reason,
             });
         }
         let devices = self
             .ledgers
             .iter()
-            .map(|l| DevicePlan { device: l.device, budget_bytes: l.budget, source: l.source, resident_bytes: l.resident, planned_bytes: l.peak(), free_bytes: l.free() })
+            .map(|l| {
+                let visiting =
+                    components.iter().filter(|c| c.device == l.device && c.split.is_none() && c.offload != Offload::None && l.device != Device::Cpu).map(|c| c.streamed_bytes).max().unwrap_or(0);
+                DevicePlan {
+                    device: l.device,
+                    budget_bytes: l.budget,
+                    source: l.source,
+                    resident_bytes: l.resident,
+                    planned_bytes: l.peak(),
+                    weight_peak_bytes: l.resident + visiting,
+                    free_bytes: l.free(),
+                }
+            })
             .collect();
         Plan { strategy: self.input.strategy, components, devices, host_offload_bytes: self.host_offload, notes: self.notes }
     }
@@ -394,7 +432,9 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
 /// Variations of the input that plan successfully, described for the manifest.
 fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
     let Some(name) = failing else { return vec![] };
-    let Some(idx) = input.components.iter().position(|c| c.name == name) else { return vec![] };
+    let Some(idx) = input.components.iter().position(|c| c.name == name) else {
+        return vec![];
+    };
     let c = &input.components[idx];
     let mut out = vec![];
     let mut try_with = |desc: String, f: &dyn Fn(&mut PlanInput)| {
@@ -410,7 +450,7 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
         }
     };
     for mode in [Offload::Model, Offload::Group, Offload::Sequential] {
-        if c.offload != mode {
+        if c.offload != mode && (mode == Offload::Model || streamable(&c.class)) {
             try_with(format!("components.{name}.offload = \"{}\"", offload_name(mode)), &|v| v.components[idx].offload = mode);
         }
     }
@@ -439,7 +479,24 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
 }
 
 fn plan_once(input: &PlanInput) -> Result<Plan, PlanError> {
+    for c in &input.components {
+        if matches!(c.offload, Offload::Sequential | Offload::Group) && !streamable(&c.class) {
+            return Err(PlanError {
+                component: Some(c.name.clone()),
+                message: format!(
+                    "`{}` is a `{}`, whose blocks runner does not know, so `offload = \"{}\"` cannot stream it; `sequential` and `group` work for {} (use `model` or `none` for `{}`)",
+                    c.name,
+                    c.class,
+                    offload_name(c.offload),
+                    STREAMABLE_CLASSES.join(", "),
+                    c.name
+                ),
+                options: vec![],
+            });
+        }
+    }
     let mut st = State::new(input);
+    st.notes.extend(input.notes.iter().cloned());
     if st.ledgers.is_empty() {
         return Err(PlanError { component: None, message: "no devices to plan on: `placement.max_memory` is empty and none were detected (pass --devices)".into(), options: vec![] });
     }
@@ -517,11 +574,7 @@ fn balanced(st: &mut State, rest: Vec<usize>) -> Result<(), PlanError> {
         // diffusers would load it on the CPU here (and remember only the last such component).
         let need = c.need();
         let free = st.ledgers[l].free();
-        let other = gpus
-            .iter()
-            .copied()
-            .filter(|&g| g != l && st.fits(i, g))
-            .max_by(|&a, &b| st.ledgers[a].free().cmp(&st.ledgers[b].free()).then(st.ledgers[b].device.cmp(&st.ledgers[a].device)));
+        let other = gpus.iter().copied().filter(|&g| g != l && st.fits(i, g)).max_by(|&a, &b| st.ledgers[a].free().cmp(&st.ledgers[b].free()).then(st.ledgers[b].device.cmp(&st.ledgers[a].device)));
         let target = other.or_else(|| st.cpu().filter(|&h| st.fits(i, h)));
         match target {
             Some(t) => {

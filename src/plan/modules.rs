@@ -85,6 +85,18 @@ fn group_of(segs: &[&str]) -> usize {
     (skip + 1).min(segs.len())
 }
 
+/// The offload group of the module that holds tensor `name` (what `group` offload streams).
+pub fn group_path(name: &str) -> String {
+    let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+    let segs: Vec<&str> = if module.is_empty() { vec![] } else { module.split('.').collect() };
+    segs[..group_of(&segs)].join(".")
+}
+
+/// Sorts module paths into execution order (as the plan orders units and groups).
+pub fn sort_in_execution_order(paths: &mut [String]) {
+    paths.sort_by_cached_key(|p| exec_key(p));
+}
+
 /// Execution-order sort key of a module path (UNet2DConditionModel's forward: embeddings, down
 /// blocks with resnets and attentions interleaved, mid block, up blocks, output). Unknown names
 /// sort after known ones, alphabetically; indices numerically.
@@ -141,11 +153,7 @@ fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
 /// Builds the tree of a component from `(tensor name, bytes at the target dtype)`.
 /// `class` is the diffusers/transformers class; `config` its config.json.
 pub fn build(class: &str, config: &serde_json::Value, tensors: &[(String, u64)]) -> ModuleTree {
-    let up_block_types: Vec<String> = config
-        .get("up_block_types")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
+    let up_block_types: Vec<String> = config.get("up_block_types").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default();
     let splittable = class == "UNet2DConditionModel";
     let mut units: HashMap<String, (u64, Option<&'static str>)> = HashMap::new();
     let mut leaves: HashMap<&str, u64> = HashMap::new();
@@ -297,7 +305,15 @@ mod tests {
     #[test]
     fn compress_map() {
         let a = |p: &str, d: u8| (p.to_string(), d);
-        let m = compress(&[a("conv_in", 0), a("down_blocks.0.resnets.0", 0), a("down_blocks.0.resnets.1", 0), a("down_blocks.1.resnets.0", 0), a("down_blocks.1.resnets.1", 1), a("up_blocks.0", 1), a("conv_out", 1)]);
+        let m = compress(&[
+            a("conv_in", 0),
+            a("down_blocks.0.resnets.0", 0),
+            a("down_blocks.0.resnets.1", 0),
+            a("down_blocks.1.resnets.0", 0),
+            a("down_blocks.1.resnets.1", 1),
+            a("up_blocks.0", 1),
+            a("conv_out", 1),
+        ]);
         assert_eq!(m, vec![a("conv_in", 0), a("down_blocks.0", 0), a("down_blocks.1.resnets.0", 0), a("down_blocks.1.resnets.1", 1), a("up_blocks", 1), a("conv_out", 1)]);
         assert_eq!(compress(&[a("x", 0), a("y", 0)]), vec![a("", 0)]);
         // Interleaved siblings (resnets/attentions) keep execution order and are never merged

@@ -7,7 +7,7 @@ use crate::plan::modules::Unit;
 fn comp(name: &str, bytes: u64) -> ComponentInput {
     ComponentInput {
         name: name.into(),
-        class: "X".into(),
+        class: "CLIPTextModel".into(),
         dtype: Dtype::Fp16,
         bytes,
         tree: ModuleTree { units: vec![Unit { path: String::new(), bytes, class: None }], largest_leaf: bytes, groups: vec![(String::new(), bytes)], total: bytes, ..Default::default() },
@@ -40,7 +40,7 @@ fn inv(spec: &[(Device, u64)]) -> Inventory {
 }
 
 fn input(components: Vec<ComponentInput>, devices: &[(Device, u64)], strategy: Strategy) -> PlanInput {
-    PlanInput { components, inventory: inv(devices), strategy }
+    PlanInput { components, inventory: inv(devices), strategy, notes: vec![] }
 }
 
 const G: u64 = 1 << 30;
@@ -183,11 +183,7 @@ fn sizes_of_200k_modules_plan_fast() {
 }
 
 fn arb_case() -> impl PropStrategy<Value = (Vec<u64>, Vec<u64>, Option<u64>)> {
-    (
-        proptest::collection::vec(1u64..100, 1..6),
-        proptest::collection::vec(1u64..200, 1..4),
-        proptest::option::of(1u64..300),
-    )
+    (proptest::collection::vec(1u64..100, 1..6), proptest::collection::vec(1u64..200, 1..4), proptest::option::of(1u64..300))
 }
 
 fn recompute_peaks(inp: &PlanInput, p: &Plan) -> BTreeMap<Device, u64> {
@@ -290,4 +286,20 @@ proptest! {
             prop_assert!(plan(&input(comps.clone(), &devices, s)).is_ok());
         }
     }
+}
+
+#[test]
+fn streaming_a_model_without_known_blocks_is_an_error_naming_the_supported_ones() {
+    let mut c = comp("safety_checker", 10);
+    c.class = "StableDiffusionSafetyChecker".into();
+    c.offload = Offload::Group;
+    let e = plan(&input(vec![c.clone()], &[(Device::Cuda(0), 100)], Strategy::Balanced)).unwrap_err().to_string();
+    assert!(
+        e.contains("`safety_checker` is a `StableDiffusionSafetyChecker`")
+            && e.contains("offload = \"group\"")
+            && e.contains("UNet2DConditionModel, CLIPTextModel, CLIPTextModelWithProjection, AutoencoderKL"),
+        "{e}"
+    );
+    c.offload = Offload::Model;
+    assert!(plan(&input(vec![c], &[(Device::Cuda(0), 100)], Strategy::Balanced)).is_ok());
 }

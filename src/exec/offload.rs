@@ -1,0 +1,403 @@
+//! Offload at run time, per component, as diffusers' hooks do it:
+//! - `model` ([`Visitor`]): the whole component visits its device right before it runs; whatever
+//!   else with `model` offload sits on that device goes back to host memory first (diffusers
+//!   chains its hooks the same way, in pipeline order), so a device holds one at a time.
+//! - `sequential` and `group` ([`Stream`]): the component's variables stay in host memory and the
+//!   device holds empty placeholders (so that inputs still follow `weight.device()`); the model
+//!   code announces each module it runs ([`crate::models::hooks`]) and the stream brings a leaf
+//!   module (`sequential`) or a block group (`group`) in right before it runs and drops it after.
+//!   `group` also brings the group that runs next while the current one runs: the order is the
+//!   plan's execution order at first, then the order observed.
+//!
+//! Every move goes through the residency ledger, so peaks are measured, and a budget exceeded at
+//! run time is an error naming the component and the bytes.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use tch::Tensor;
+use tch::nn::VarStore;
+
+use super::{ExecError, ledger, tch_device};
+use crate::device::Device;
+use crate::manifest::Offload;
+use crate::models::hooks::{self, ForwardHooks};
+
+pub(super) struct Residency<'a> {
+    pub ledger: Rc<RefCell<ledger::Ledger>>,
+    visitors: Vec<Visitor<'a>>,
+    streams: Vec<Rc<Stream>>,
+    simulate: bool,
+}
+
+pub(super) struct Visitor<'a> {
+    pub name: String,
+    pub vs: &'a VarStore,
+    pub device: Device,
+    pub split: Option<Vec<(String, Device)>>,
+    pub present: bool,
+    /// The host copy of every variable (pinned on CUDA machines): the weights never change, so
+    /// leaving the device drops the device copy instead of copying back.
+    pub host: Vec<(String, Tensor)>,
+}
+
+impl<'a> Visitor<'a> {
+    pub fn new(name: &str, vs: &'a VarStore, device: Device, split: Option<Vec<(String, Device)>>) -> Visitor<'a> {
+        let host = vs.variables().into_iter().map(|(n, v)| (n, v.detach().to_device(tch::Device::Cpu))).collect();
+        Visitor { name: name.to_string(), vs, device, split, present: false, host }
+    }
+}
+
+impl<'a> Residency<'a> {
+    pub fn new(ledger: ledger::Ledger, visitors: Vec<Visitor<'a>>, streams: Vec<Rc<Stream>>, simulate: bool) -> Residency<'a> {
+        Residency { ledger: Rc::new(RefCell::new(ledger)), visitors, streams, simulate }
+    }
+
+    /// The ledger all streams of this residency share.
+    pub fn shared_ledger(&self) -> Rc<RefCell<ledger::Ledger>> {
+        self.ledger.clone()
+    }
+
+    pub fn add_stream(&mut self, s: Stream) {
+        self.streams.push(Rc::new(s));
+    }
+
+    /// Component `name` is about to run: its `model` visit starts, or its stream becomes the
+    /// forward hooks; other streams drop what they prefetched.
+    pub fn enter(&mut self, name: &str) -> Result<(), ExecError> {
+        self.check()?;
+        for s in &self.streams {
+            if s.component != name {
+                s.settle();
+            }
+        }
+        self.check()?;
+        let active = self.streams.iter().find(|s| s.component == name).map(|s| s.clone() as Rc<dyn ForwardHooks>);
+        hooks::set(active);
+        let Some(i) = self.visitors.iter().position(|v| v.name == name) else {
+            return Ok(());
+        };
+        if self.visitors[i].present {
+            return Ok(());
+        }
+        let device = self.visitors[i].device;
+        for j in 0..self.visitors.len() {
+            if j != i && self.visitors[j].present && self.visitors[j].device == device {
+                self.leave(j);
+            }
+        }
+        let simulate = self.simulate;
+        let v = &mut self.visitors[i];
+        let to = |d: Device| {
+            if simulate { tch::Device::Cpu } else { tch_device(d) }
+        };
+        let there = ledger::weigh(v.vs, v.device, v.split.as_deref());
+        let mut vars = v.vs.variables();
+        tch::no_grad(|| {
+            for (name, host) in &v.host {
+                let d = v.split.as_deref().and_then(|s| ledger::device_of(s, name)).unwrap_or(v.device);
+                if let Some(var) = vars.get_mut(name) {
+                    // Non-blocking from pinned memory: the copies queue on the stream the
+                    // component's kernels run on, so no synchronisation is needed.
+                    var.set_data(&host.to_device_(to(d), host.kind(), true, false));
+                }
+            }
+        });
+        v.present = true;
+        tracing::debug!(component = name, device = %device, "offload: in");
+        self.ledger.borrow_mut().add(name, &there)
+    }
+
+    /// The first error a stream met (a budget exceeded while streaming).
+    pub fn check(&self) -> Result<(), ExecError> {
+        for s in &self.streams {
+            if let Some(e) = s.state.borrow_mut().error.take() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every `model` visitor on `device` back to host memory.
+    pub fn clear(&mut self, device: Device) {
+        for i in 0..self.visitors.len() {
+            if self.visitors[i].present && self.visitors[i].device == device {
+                self.leave(i);
+            }
+        }
+    }
+
+    /// diffusers' `maybe_free_model_hooks`: every offloaded component ends in host memory, with
+    /// its variables holding their weights again.
+    pub fn leave_all(&mut self) -> Result<(), ExecError> {
+        hooks::set(None);
+        for s in &self.streams {
+            s.restore();
+        }
+        for i in 0..self.visitors.len() {
+            if self.visitors[i].present {
+                self.leave(i);
+            }
+        }
+        self.check()
+    }
+
+    fn leave(&mut self, i: usize) {
+        let v = &mut self.visitors[i];
+        let there = ledger::weigh(v.vs, v.device, v.split.as_deref());
+        let mut vars = v.vs.variables();
+        tch::no_grad(|| {
+            for (name, host) in &v.host {
+                if let Some(var) = vars.get_mut(name) {
+                    var.set_data(host);
+                }
+            }
+        });
+        v.present = false;
+        tracing::debug!(component = %v.name, "offload: out");
+        self.ledger.borrow_mut().remove(&there);
+    }
+}
+
+impl Drop for Residency<'_> {
+    /// On an error path too: no hooks stay installed and no variable keeps a placeholder.
+    fn drop(&mut self) {
+        hooks::set(None);
+        for s in &self.streams {
+            s.restore();
+        }
+    }
+}
+
+/// One variable of a streamed component.
+struct Var {
+    /// The model's variable (a handle on the same tensor the model code holds).
+    var: Tensor,
+    /// Its weights in host memory.
+    host: Tensor,
+    /// An empty tensor on the device it runs on, held while it is absent.
+    absent: Tensor,
+    device: tch::Device,
+}
+
+struct Unit {
+    path: String,
+    vars: Vec<Var>,
+    bytes: BTreeMap<Device, u64>,
+    present: bool,
+}
+
+struct StreamState {
+    units: Vec<Unit>,
+    /// The unit that runs after each, as observed (`group` prefetch).
+    next: Vec<Option<usize>>,
+    last: Option<usize>,
+    restored: bool,
+    error: Option<ExecError>,
+}
+
+/// `sequential` or `group` offload of one component.
+pub(super) struct Stream {
+    component: String,
+    mode: Offload,
+    index: HashMap<String, usize>,
+    ledger: Rc<RefCell<ledger::Ledger>>,
+    state: RefCell<StreamState>,
+}
+
+impl Stream {
+    /// Takes `vs`'s weights off their variables (they stay in host memory, where they were
+    /// loaded) and leaves empty placeholders on the run device.
+    pub fn new(component: &str, mode: Offload, vs: &VarStore, device: Device, run_device: tch::Device, ledger: Rc<RefCell<ledger::Ledger>>) -> Stream {
+        let mut by_unit: BTreeMap<String, Vec<(String, Tensor)>> = BTreeMap::new();
+        for (name, var) in vs.variables() {
+            let unit = match mode {
+                // A leaf module: the variable's parent path.
+                Offload::Sequential => name.rsplit_once('.').map_or(String::new(), |(m, _)| m.to_string()),
+                _ => crate::plan::modules::group_path(&name),
+            };
+            by_unit.entry(unit).or_default().push((name, var));
+        }
+        let mut paths: Vec<String> = by_unit.keys().cloned().collect();
+        crate::plan::modules::sort_in_execution_order(&mut paths);
+        let units: Vec<Unit> = tch::no_grad(|| {
+            paths
+                .iter()
+                .map(|p| {
+                    let mut bytes = 0;
+                    let vars = by_unit.remove(p).unwrap_or_default().into_iter().map(|(_, mut var)| {
+                        let host = var.detach();
+                        bytes += ledger::tensor_bytes(&host);
+                        let absent = Tensor::empty([0], (host.kind(), run_device));
+                        var.set_data(&absent);
+                        Var { var, host, absent, device: run_device }
+                    });
+                    let vars: Vec<Var> = vars.collect();
+                    Unit { path: p.clone(), vars, bytes: [(device, bytes)].into(), present: false }
+                })
+                .collect()
+        });
+        let index = units.iter().enumerate().map(|(i, u)| (u.path.clone(), i)).collect();
+        let n = units.len();
+        tracing::debug!(component, mode = ?mode, units = n, "offload: streaming");
+        Stream { component: component.to_string(), mode, index, ledger, state: RefCell::new(StreamState { units, next: vec![None; n], last: None, restored: false, error: None }) }
+    }
+
+    fn bring(&self, st: &mut StreamState, i: usize) {
+        let u = &mut st.units[i];
+        if u.present {
+            return;
+        }
+        tch::no_grad(|| {
+            for v in &mut u.vars {
+                // Non-blocking from pinned host memory; the copy is ordered before the kernels
+                // that use it on the same stream.
+                v.var.set_data(&v.host.to_device_(v.device, v.host.kind(), true, false));
+            }
+        });
+        u.present = true;
+        if let Err(e) = self.ledger.borrow_mut().add(&format!("{} ({})", self.component, if u.path.is_empty() { "root" } else { &u.path }), &u.bytes) {
+            st.error.get_or_insert(e);
+        }
+    }
+
+    fn drop_unit(&self, st: &mut StreamState, i: usize) {
+        let u = &mut st.units[i];
+        if !u.present {
+            return;
+        }
+        tch::no_grad(|| {
+            for v in &mut u.vars {
+                v.var.set_data(&v.absent);
+            }
+        });
+        u.present = false;
+        self.ledger.borrow_mut().remove(&u.bytes);
+    }
+
+    /// Drops whatever is on the device (a prefetched group that did not run).
+    fn settle(&self) {
+        let mut st = self.state.borrow_mut();
+        for i in 0..st.units.len() {
+            self.drop_unit(&mut st, i);
+        }
+        st.last = None;
+    }
+
+    /// Gives the variables their host weights back (end of a run, or an error).
+    fn restore(&self) {
+        let mut st = self.state.borrow_mut();
+        if st.restored {
+            return;
+        }
+        for i in 0..st.units.len() {
+            self.drop_unit(&mut st, i);
+        }
+        tch::no_grad(|| {
+            for u in &mut st.units {
+                for v in &mut u.vars {
+                    v.var.set_data(&v.host);
+                }
+            }
+        });
+        st.restored = true;
+    }
+}
+
+impl ForwardHooks for Stream {
+    fn pre(&self, path: &str) {
+        let Some(&i) = self.index.get(path) else {
+            return;
+        };
+        let mut st = self.state.borrow_mut();
+        if self.mode == Offload::Group {
+            // At most this group and the next on the device: anything else leaves first.
+            for j in 0..st.units.len() {
+                if j != i {
+                    self.drop_unit(&mut st, j);
+                }
+            }
+            if let Some(l) = st.last {
+                st.next[l] = Some(i);
+            }
+            st.last = Some(i);
+        }
+        self.bring(&mut st, i);
+        if self.mode == Offload::Group {
+            let guess = if i + 1 < st.units.len() { Some(i + 1) } else { None };
+            if let Some(k) = st.next[i].or(guess).filter(|&k| k != i) {
+                self.bring(&mut st, k);
+            }
+        }
+    }
+
+    fn post(&self, path: &str) {
+        let Some(&i) = self.index.get(path) else {
+            return;
+        };
+        let mut st = self.state.borrow_mut();
+        self.drop_unit(&mut st, i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{DevicePlan, Plan};
+
+    fn plan_with(budget: u64) -> Plan {
+        let d = DevicePlan {
+            device: Device::Cuda(0),
+            budget_bytes: budget,
+            source: crate::plan::inventory::BudgetSource::MaxMemory,
+            resident_bytes: 0,
+            planned_bytes: 0,
+            weight_peak_bytes: 0,
+            free_bytes: budget,
+        };
+        Plan { strategy: crate::manifest::Strategy::Balanced, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
+    }
+
+    #[test]
+    fn group_streams_bring_the_next_group_and_sequential_one_leaf() {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let a = crate::models::hooks::Linear::new(&vs.root() / "down_blocks" / 0 / "proj", 4, 4, Default::default());
+        let b = crate::models::hooks::Linear::new(&vs.root() / "down_blocks" / 1 / "proj", 4, 4, Default::default());
+        let x = Tensor::ones([1, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let want = b.forward(&a.forward(&x));
+        let run = |mode: Offload| {
+            let res = Residency::new(ledger::Ledger::new(&plan_with(1 << 20)), vec![], vec![], true);
+            let s = Rc::new(Stream::new("unet", mode, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger()));
+            assert_eq!(a.weight().numel(), 0, "placeholders while absent");
+            hooks::set(Some(s.clone()));
+            let y = hooks::scoped("down_blocks.0", || a.forward(&x));
+            let y = hooks::scoped("down_blocks.1", || b.forward(&y));
+            hooks::set(None);
+            s.restore();
+            assert_eq!(a.weight().numel(), 16, "weights back after the run");
+            let peak = res.ledger.borrow().report(&plan_with(1 << 20))["cuda:0"].peak_bytes;
+            (y, peak)
+        };
+        let (y, peak) = run(Offload::Group);
+        assert!(y.equal(&want));
+        assert_eq!(peak, 2 * 80, "group 0 and the prefetched group 1");
+        let (y, peak) = run(Offload::Sequential);
+        assert!(y.equal(&want));
+        assert_eq!(peak, 80, "one leaf at a time");
+    }
+
+    #[test]
+    fn a_budget_exceeded_while_streaming_is_an_error_naming_the_component_and_bytes() {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let a = crate::models::hooks::Linear::new(&vs.root() / "conv_in", 4, 4, Default::default());
+        let mut res = Residency::new(ledger::Ledger::new(&plan_with(50)), vec![], vec![], true);
+        let s = Stream::new("unet", Offload::Sequential, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger());
+        res.add_stream(s);
+        res.enter("unet").unwrap();
+        let _ = a.forward(&Tensor::ones([1, 4], (tch::Kind::Float, tch::Device::Cpu)));
+        let e = res.leave_all().unwrap_err().to_string();
+        assert!(e.contains("`unet (conv_in)` brings 80 B of weights to cuda:0: 80 B resident there, over its budget of 50 B"), "{e}");
+        assert_eq!(a.weight().numel(), 16);
+    }
+}
