@@ -1,65 +1,98 @@
 #!/usr/bin/env bash
-# GPU checks, run on the lent GPU machine (no Rust there): the binary is built here and carried.
+# The offload issue's GPU check (< 8 minutes on one H100), run on the lent GPU machine, which has
+# python torch but no Rust: the binary is built here and carried.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
 #   there: bash scripts/gpu-check.sh        (carry: target/release/runner, .whl)
-# Prints: runner info (CUDA backend loaded, devices), the detected inventory of `runner plan`
-# (NVML), and diffusers' measured working memory next to runner's estimates.
+# 1. CUDA smoke tests: `runner info`, the tiny SD 1.5 and SDXL pipelines on cuda:0 under every
+#    offload mode (PNGs must be byte-identical to no offload).
+# 2. Real-size SDXL (random fp16 weights), 1024x1024, STEPS steps, under none / model / group /
+#    sequential: runner and diffusers on the same folder and card, one process per run, each
+#    with its wall time, the process's peak VRAM as nvidia-smi sees it (CUDA context included, the
+#    same measure for both) and diffusers' allocator peak; runner's image against diffusers'.
+# Other GPU scripts: gpu-sd15.sh (executor parity, working memory), gpu-sdxl.sh, gpu-split.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-TORCH_LIB=$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
-export LD_LIBRARY_PATH=$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH=$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 OUT=${OUT:-/tmp/gpu-check}
+STEPS=${STEPS:-4}
+MODES=${MODES:-none model group sequential}
 mkdir -p "$OUT"
+status=0
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-echo "== runner info"; target/release/runner info --json | tee "$OUT/info.json"
-echo "== runner plan (detected inventory: no max_memory)"
-sed '/^max_memory/d' manifests/tiny-sdxl.toml > /tmp/tiny-detected.toml
-sed -i 's#source = "../tests/fixtures/#source = "'"$PWD"'/tests/fixtures/#' /tmp/tiny-detected.toml
-RUST_LOG=runner=debug target/release/runner plan /tmp/tiny-detected.toml --json | tee "$OUT/plan-detected.json"
-echo "== diffusers working memory vs runner's estimates"
-PYTHONUNBUFFERED=1 $PY tools/measure_working_memory.py 2>/dev/null | tee "$OUT/working-memory.jsonl"
-echo "== runner run on CUDA: tiny SD 1.5 in fp16 and bf16"
-for dt in fp16 bf16; do
-  target/release/runner run manifests/tiny-sd15.toml --quiet --json --out "$OUT/tiny-$dt.png" \
-    --set 'placement.max_memory."cuda:0"=8GiB' --set pipeline.dtype=$dt --set components.safety_checker.enabled=false \
-    | tee "$OUT/tiny-$dt.json" | tr -d '\n'; echo
+echo "== runner info"; target/release/runner info --json | tr -d '\n'; echo
+
+echo "== tiny pipelines on cuda:0, every offload mode"
+for m in tiny-sd15 tiny-sdxl; do
+  sed 's/^max_memory = .*/max_memory = { "cuda:0" = "8GiB", cpu = "8GiB" }/; s#source = "../tests/#source = "'"$PWD"'/tests/#' "manifests/$m.toml" > "/tmp/gpu-$m.toml"
+  for mode in none model group sequential; do
+    target/release/runner run "/tmp/gpu-$m.toml" --quiet --json --set "placement.offload=$mode" --out "$OUT/$m-$mode.png" > "$OUT/$m-$mode.json" 2> "$OUT/$m-$mode.err" \
+      || { echo "$m $mode: FAILED"; tail -5 "$OUT/$m-$mode.err"; status=1; continue; }
+    same=$(cmp -s "$OUT/$m-none.png" "$OUT/$m-$mode.png" && echo "same image" || echo "IMAGE DIFFERS")
+    [ "$same" = "same image" ] || status=1
+    $PY -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], sys.argv[3], sys.argv[4], {d: u["peak_bytes"] for d, u in r["devices"].items()})' "$OUT/$m-$mode.json" "$m" "$mode" "$same"
+  done
 done
-echo "== real-size SD 1.5 (random weights, fp16, 512x512, PNDM): diffusers vs runner on the same folder"
-STEPS=${STEPS:-10}
-PYTHONUNBUFFERED=1 $PY tools/gpu_sd15_compare.py "$OUT" "$STEPS" 2>/dev/null | tee "$OUT/diffusers-sd15.json"
-cat > /tmp/sd15-random.toml <<TOML
+
+echo "== real-size SDXL 1024x1024, $STEPS steps, fp16: runner vs diffusers per offload mode"
+FOLDER=/tmp/sdxl-random
+PYTHONUNBUFFERED=1 $PY tools/gpu_offload_compare.py build $FOLDER 2>/dev/null || { echo "building the random SDXL folder failed"; exit 1; }
+cat > /tmp/sdxl-random.toml <<TOML
 schema_version = 1
-name = "sd15-random"
+name = "sdxl-random"
 [pipeline]
-kind = "stable-diffusion"
-source = "/tmp/sd15-random"
+kind = "stable-diffusion-xl"
+source = "$FOLDER"
 dtype = "fp16"
 [placement]
-max_memory = { "cuda:0" = "60GiB" }
+max_memory = { "cuda:0" = "70GiB", cpu = "100GiB" }
 [run]
-prompt = "a photo of a cat"
+prompt = "a cute dog running on the grass"
 negative_prompt = ""
 steps = $STEPS
-guidance_scale = 7.5
+guidance_scale = 5.0
 seed = 0
-width = 512
-height = 512
+width = 1024
+height = 1024
 TOML
-for i in 1 2; do
-  target/release/runner run /tmp/sd15-random.toml --quiet --json --out "$OUT/runner-sd15.png" --dump /tmp/dump | tee "$OUT/runner-sd15-$i.json" | tr -d '\n'; echo
-done
-$PY - "$OUT" <<'PY'
+# Runs "$@" while nvidia-smi samples memory.used every 50 ms; prints the peak above the idle level.
+with_vram() {
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/vram.log &
+  local smi=$! t0 t1
+  sleep 0.3
+  local base; base=$(head -1 /tmp/vram.log)
+  t0=$(date +%s.%N)
+  "$@"; local rc=$?
+  t1=$(date +%s.%N)
+  kill $smi; wait $smi 2>/dev/null
+  echo "{\"vram_peak_mib\": $(( $(sort -n /tmp/vram.log | tail -1) - base )), \"process_wall_s\": $($PY -c "print(round($t1 - $t0, 2))")}"
+  return $rc
+}
+for mode in $MODES; do
+  echo "-- $mode"
+  with_vram $PY tools/gpu_offload_compare.py run "$mode" $FOLDER "$OUT" "$STEPS" 2>/dev/null | tee "$OUT/diffusers-$mode.json"
+  with_vram target/release/runner run /tmp/sdxl-random.toml --quiet --json --set "placement.offload=$mode" --out "$OUT/runner-$mode.png" --dump "$OUT/dump-$mode" \
+    | tee "$OUT/runner-$mode.json" | tr -d '\n'; echo
+  $PY - "$OUT" "$mode" <<'PY'
 import json, sys
 import numpy as np
 from safetensors.numpy import load_file
-out = sys.argv[1]
-ours = load_file("/tmp/dump/dump.safetensors")["image"]
-theirs = np.load(f"{out}/diffusers-sd15.npy")
-d = np.abs(ours - theirs)
-print(json.dumps({"image_max_abs_diff": float(d.max()), "image_mean_abs_diff": float(d.mean()), "finite": bool(np.isfinite(ours).all())}))
+out, mode = sys.argv[1], sys.argv[2]
+r = json.load(open(f"{out}/runner-{mode}.json"))
+t = r["timings"]
+print(json.dumps({"runner": {"total_s": t["total_s"], "denoise_s": t["denoise_s"], "load_s": t["load_s"], "seconds_per_step": t["seconds_per_step"], "ledger_peak_bytes": {d: u["peak_bytes"] for d, u in r["devices"].items()}}}))
+try:
+    ours = load_file(f"{out}/dump-{mode}/dump.safetensors")["image"]
+    theirs = np.load(f"{out}/diffusers-{mode}.npy")
+    d = np.abs(ours - theirs)
+    print(json.dumps({"mode": mode, "image_max_abs_diff_vs_diffusers": float(d.max()), "image_mean_abs_diff": float(d.mean())}))
+except Exception as e:  # a failed run on either side
+    print(json.dumps({"mode": mode, "image_compare_error": str(e)}))
 PY
-rm -rf /tmp/sd15-random /tmp/dump
+  rm -rf "$OUT/dump-$mode"
+done
+rm -rf $FOLDER /tmp/gpu-tiny-*.toml
+exit $status

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU comparison on a real-size SD 1.5 pipeline with random weights (run by scripts/gpu-check.sh).
+"""GPU comparison on a real-size SD 1.5 pipeline with random weights (run by scripts/gpu-sd15.sh).
 
     python3 tools/gpu_sd15_compare.py OUT_DIR [STEPS]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU comparison on a real-size SDXL base pipeline with random weights (scripts/gpu-check.sh).
+"""GPU comparison on a real-size SDXL base pipeline with random weights (scripts/gpu-sdxl.sh).
 
     python3 tools/gpu_sdxl_compare.py OUT_DIR [STEPS]
 
@@ -20,13 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main():
-    out = Path(sys.argv[1])
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 10
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+def build_folder(folder):
+    """The real-size SDXL folder with random fp16 weights (tokenizers/scheduler from the tiny fixture)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     spec = json.loads((ROOT / "tests/data/shapes/sdxl.json").read_text())["components"]
-    folder = Path("/tmp/sdxl-random")
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(ROOT / "tests/fixtures/tiny-sdxl", folder, symlinks=False)
@@ -48,6 +46,14 @@ def main():
         m.save_pretrained(folder / name, safe_serialization=True)
     del models
     torch.cuda.empty_cache()
+    return folder
+
+
+def main():
+    out = Path(sys.argv[1])
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    from diffusers import StableDiffusionXLPipeline
+    folder = build_folder(Path("/tmp/sdxl-random"))
 
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
