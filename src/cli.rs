@@ -486,6 +486,11 @@ fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, 
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
+    if !quiet {
+        for n in &report.plan_notes {
+            eprintln!("note: {n}");
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -276,6 +276,27 @@ fn unet_split_across_devices_gives_the_same_image() {
         check_ledger(&serde_json::from_str(&stdout).unwrap(), m);
     }
     assert_eq!(decode_png(&dir.path().join("split.png")).0, decode_png(&dir.path().join("whole.png")).0);
+    // The split UNet beside streamed neighbours: the text encoder leaf by leaf, the VAE by groups
+    // (budgets from their streamed peaks, so that the UNet still needs two devices).
+    let sets = ["--set", "components.text_encoder.offload=sequential", "--set", "components.vae.offload=group"];
+    let (code, stdout, stderr) = run(runner().args(["plan", "--json"]).arg(&big).args(sets));
+    assert_eq!(code, 0, "{stderr}");
+    let p: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let (te, vae) = (p["components"]["text_encoder"]["peak_bytes"].as_u64().unwrap(), p["components"]["vae"]["peak_bytes"].as_u64().unwrap());
+    // Offloaded, the text encoder needs room only while it runs, which the UNet's working memory covers.
+    assert!(te < unet_work);
+    let mixed = manifest((unet_work + unet_bytes / 2, unet_work + unet_bytes * 3 / 4, vae + 1000), "mixed");
+    let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", sim]).arg(&mixed).args(sets));
+    assert_eq!(code, 0, "{stderr}");
+    let mp: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(mp["components"]["unet"]["split"].is_object() && mp["components"]["vae"]["offload"] == "group", "{mp}");
+    let (code, stdout, stderr) = run(runner().current_dir(dir.path()).arg("run").arg(&mixed).args(["--quiet", "--json", "--simulate", sim]).args(sets));
+    assert_eq!(code, 0, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for (d, u) in r["devices"].as_object().unwrap() {
+        assert!(u["peak_bytes"].as_u64() <= u["planned_peak_bytes"].as_u64(), "{d}: {u}");
+    }
+    assert_eq!(decode_png(&dir.path().join("mixed.png")).0, decode_png(&dir.path().join("whole.png")).0);
 }
 
 /// The f32 bytes of the VAE encoder and quant_conv, which text-to-image never loads (the plan
@@ -428,6 +449,10 @@ fn every_offload_mode_gives_the_same_image_with_the_planned_peaks() {
             let (image, r, plan) = go(mode);
             assert!(image == none, "{manifest} {pins:?} {mode}: the image differs from no offload");
             let comps = plan["components"].as_object().unwrap();
+            if !pins.is_empty() {
+                let w = r["warnings"].to_string();
+                assert!(w.contains(&format!("`text_encoder` runs on the CPU, where its weights already live: `offload = \\\"{mode}\\\"` does nothing for it")), "{w}");
+            }
             let mut streamed = 0;
             for (d, u) in r["devices"].as_object().unwrap() {
                 let (peak, planned, budget) = (u["peak_bytes"].as_u64().unwrap(), u["planned_peak_bytes"].as_u64().unwrap(), u["budget_bytes"].as_u64().unwrap());

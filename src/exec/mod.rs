@@ -87,6 +87,8 @@ pub struct RunReport {
     pub device_map: std::collections::BTreeMap<String, String>,
     /// The devices were simulated (everything ran on the CPU).
     pub simulated: bool,
+    /// The plan's notes (overflows, fallbacks, splits), as `runner plan` prints them.
+    pub plan_notes: Vec<String>,
     pub timings: Timings,
     /// The residency ledger per planned device: budget, measured peak of resident weights, and
     /// the plan's prediction.
@@ -272,6 +274,9 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     }
     for c in &plan.components {
         tracing::info!(component = %c.name, device = %c.device, dtype = c.dtype.as_str(), bytes = c.bytes, peak = c.peak_bytes, split = c.split.is_some(), "planned");
+        if c.device == Device::Cpu && c.offload != Offload::None {
+            warnings.push(format!("`{}` runs on the CPU, where its weights already live: `offload = \"{}\"` does nothing for it", c.name, format!("{:?}", c.offload).to_lowercase()));
+        }
     }
     let shape = build::run_shape(m, &pipeline);
     let r = &m.manifest.run;
@@ -507,6 +512,7 @@ impl Session<'_> {
             height: shape.height,
             device_map: plan.device_map(),
             simulated: opts.simulate,
+            plan_notes: plan.notes.clone(),
             timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
             devices,
             warnings,

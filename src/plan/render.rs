@@ -25,6 +25,10 @@ pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
                 "offload": c.offload,
                 "reason": c.reason,
             });
+            if c.offload != crate::manifest::Offload::None {
+                // Weight bytes on the device while it runs (all of them under `model`).
+                v["streamed_bytes"] = c.streamed_bytes.into();
+            }
             if let Some(split) = &c.split {
                 v["split"] = split.iter().map(|(k, d)| (k.clone(), serde_json::Value::from(d.to_string()))).collect::<serde_json::Map<_, _>>().into();
                 v["split_bytes"] = json!(c.split_bytes);
@@ -38,7 +42,7 @@ pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
         .map(|d| {
             (
                 d.device.to_string(),
-                json!({"budget": d.budget_bytes, "planned": d.planned_bytes, "resident": d.resident_bytes, "free": d.free_bytes, "source": d.source}),
+                json!({"budget": d.budget_bytes, "planned": d.planned_bytes, "resident": d.resident_bytes, "weight_peak": d.weight_peak_bytes, "free": d.free_bytes, "source": d.source}),
             )
         })
         .collect();
