@@ -454,7 +454,9 @@ fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only:
 
 #[allow(clippy::too_many_arguments)]
 fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, devices: Option<&str>, simulate: bool, quiet: bool, json: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
-    let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose()?;
+    // The inventory's messages name `--devices`; a simulated run got its devices from `--simulate`.
+    let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
+    let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| anyhow::anyhow!(flag(e.to_string())))?;
     let loaded = match manifest::load(file, overrides) {
         Ok(m) => m,
         Err(diags) => {
@@ -477,7 +479,7 @@ fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner::exec::run(&loaded, &opts)));
     std::panic::set_hook(previous);
     let report = match result {
-        Ok(r) => r.map_err(|e| anyhow::anyhow!("`{}`: {e}", file.display()))?,
+        Ok(r) => r.map_err(|e| anyhow::anyhow!("`{}`: {}", file.display(), flag(e.to_string())))?,
         Err(p) => {
             let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown error".into());
             anyhow::bail!("`{}`: libtorch failed while running: {msg}", file.display());

@@ -238,6 +238,15 @@ fn tiny_sdxl_twin_runs_on_simulated_devices() {
     let (code, _, stderr) = run(runner().arg("run").arg(&m).arg("--quiet"));
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(decode_png(&out).0, decode_png(&dir.path().join("one.png")).0);
+    // A malformed --simulate spec, or budgets for devices it lacks: errors naming the flag.
+    for (spec, want) in [("cuda:0=", "--simulate \"cuda:0=\": size of `cuda:0`: empty size"), ("cuda0=4GB", "unknown device `cuda0`"), ("cuda:0=4GB,cuda:0=2GB", "`cuda:0` is given twice"), ("cuda:0", "`cuda:0` is not DEVICE=SIZE")] {
+        let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", spec]));
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(want) && stderr.contains("--simulate") && !stderr.contains("--devices"), "{spec}: {stderr}");
+    }
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cpu=1GB"]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("lists `cuda:1`, which --simulate does not have"), "{stderr}");
     // --simulate and --devices do not mix.
     let (code, _, _) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--simulate", "cpu=1GB", "--devices", "cpu=1GB"]));
     assert_eq!(code, 2);
