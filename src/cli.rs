@@ -513,7 +513,7 @@ fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, 
             .devices
             .iter()
             .filter(|(_, u)| u.peak_bytes > 0)
-            .map(|(d, u)| format!("{d} {} of {} (plan: {} resident)", b(u.peak_bytes), b(u.budget_bytes), b(u.planned_resident_bytes)))
+            .map(|(d, u)| format!("{d} {} of {} (plan: {} peak, {} resident)", b(u.peak_bytes), b(u.budget_bytes), b(u.planned_peak_bytes), b(u.planned_resident_bytes)))
             .collect();
         println!("peak resident weights: {}", used.join(", "));
     }

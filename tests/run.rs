@@ -393,7 +393,7 @@ fn the_summary_for_people_names_devices_and_peaks() {
     assert!(stdout.contains("simulated devices (ran on the CPU): text_encoder -> cuda:1, text_encoder_2 -> cuda:0, unet -> cuda:1, vae -> cuda:0"), "{stdout}");
     // Under `model` offload each GPU holds its largest component; the host holds them all.
     assert!(
-        stdout.contains("peak resident weights: cpu 4.38 MB of 2.15 GB (plan: 4.48 MB resident), cuda:0 1.59 MB of 40 MB (plan: 0 B resident), cuda:1 1.59 MB of 40 MB (plan: 0 B resident)"),
+        stdout.contains("peak resident weights: cpu 4.38 MB of 2.15 GB (plan: 4.48 MB peak, 4.48 MB resident), cuda:0 1.59 MB of 40 MB (plan: 1.59 MB peak, 0 B resident), cuda:1 1.59 MB of 40 MB (plan: 1.59 MB peak, 0 B resident)"),
         "{stdout}"
     );
 }
