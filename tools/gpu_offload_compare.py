@@ -12,7 +12,6 @@ OUT/diffusers-MODE.npy for runner's to be compared with.
 """
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main():
+    from gpu_sdxl_compare import build_folder, measure
     if sys.argv[1] == "build":
-        from gpu_sdxl_compare import build_folder
         build_folder(Path(sys.argv[2]))
         return
     mode, folder, out, steps = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
@@ -41,14 +40,7 @@ def main():
         pipe.enable_group_offload(onload_device=cuda, offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     else:
         raise SystemExit(f"unknown mode {mode}")
-    kw = dict(prompt="a cute dog running on the grass", negative_prompt="", guidance_scale=5.0, num_inference_steps=steps, height=1024, width=1024, output_type="np")
-    pipe(**{**kw, "num_inference_steps": 1}, generator=torch.Generator("cpu").manual_seed(0))  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(0)).images[0]
-    torch.cuda.synchronize()
-    total = time.perf_counter() - t
+    img, total = measure(pipe, steps, warmup_steps=1)
     np.save(out / f"diffusers-{mode}.npy", img)
     print(json.dumps({"impl": "diffusers", "mode": mode, "steps": steps, "total_s": round(total, 3),
                       "peak_vram_allocated": torch.cuda.max_memory_allocated(), "peak_vram_reserved": torch.cuda.max_memory_reserved()}), flush=True)

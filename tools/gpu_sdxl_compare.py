@@ -49,6 +49,19 @@ def build_folder(folder):
     return folder
 
 
+def measure(pipe, steps, warmup_steps):
+    """The SDXL job of the GPU scripts (seed 0, 1024x1024, guidance 5.0) after a short warm-up:
+    the image (float HWC in [0, 1]) and the seconds it took; allocator peaks are reset first."""
+    kw = dict(prompt="a cute dog running on the grass", negative_prompt="", guidance_scale=5.0, num_inference_steps=steps, height=1024, width=1024, output_type="np")
+    pipe(**{**kw, "num_inference_steps": warmup_steps}, generator=torch.Generator("cpu").manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    torch.cuda.synchronize()
+    return img, time.perf_counter() - t
+
+
 def main():
     out = Path(sys.argv[1])
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 10
@@ -57,14 +70,7 @@ def main():
 
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(prompt="a cute dog running on the grass", negative_prompt="", guidance_scale=5.0, num_inference_steps=steps, height=1024, width=1024, output_type="np")
-    pipe(**{**kw, "num_inference_steps": 2}, generator=torch.Generator("cpu").manual_seed(0))  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(0)).images[0]
-    torch.cuda.synchronize()
-    total = time.perf_counter() - t
+    img, total = measure(pipe, steps, warmup_steps=2)
     np.save(out / "diffusers-sdxl.npy", img)
     print(json.dumps({"impl": "diffusers", "steps": steps, "total_s": round(total, 3), "seconds_per_step_incl_decode": round(total / steps, 4),
                       "peak_vram_allocated": torch.cuda.max_memory_allocated(), "peak_vram_reserved": torch.cuda.max_memory_reserved(), "folder": str(folder)}), flush=True)
