@@ -19,7 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 OUT=${OUT:-/tmp/gpu-check}
 STEPS=${STEPS:-4}
-MODES=${MODES:-none model group sequential}
+MODES=${MODES:-none model group group-stream sequential}
 mkdir -p "$OUT"
 status=0
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
@@ -28,8 +28,10 @@ echo "== runner info"; target/release/runner info --json | tr -d '\n'; echo
 echo "== tiny pipelines on cuda:0, every offload mode"
 for m in tiny-sd15 tiny-sdxl; do
   sed 's/^max_memory = .*/max_memory = { "cuda:0" = "8GiB", cpu = "8GiB" }/; s#source = "../tests/#source = "'"$PWD"'/tests/#' "manifests/$m.toml" > "/tmp/gpu-$m.toml"
-  for mode in none model group sequential; do
-    target/release/runner run "/tmp/gpu-$m.toml" --quiet --json --set "placement.offload=$mode" --out "$OUT/$m-$mode.png" > "$OUT/$m-$mode.json" 2> "$OUT/$m-$mode.err" \
+  for mode in none model group group-stream sequential; do
+    # group-stream: `group` with its prefetch on a side CUDA stream (opt-in until checked here).
+    RUNNER_PREFETCH_STREAM=$([ $mode = group-stream ] && echo 1 || echo 0) \
+    target/release/runner run "/tmp/gpu-$m.toml" --quiet --json --set "placement.offload=${mode%-stream}" --out "$OUT/$m-$mode.png" > "$OUT/$m-$mode.json" 2> "$OUT/$m-$mode.err" \
       || { echo "$m $mode: FAILED"; tail -5 "$OUT/$m-$mode.err"; status=1; continue; }
     same=$(cmp -s "$OUT/$m-none.png" "$OUT/$m-$mode.png" && echo "same image" || echo "IMAGE DIFFERS")
     [ "$same" = "same image" ] || status=1
@@ -73,8 +75,11 @@ with_vram() {
 }
 for mode in $MODES; do
   echo "-- $mode"
-  with_vram $PY tools/gpu_offload_compare.py run "$mode" $FOLDER "$OUT" "$STEPS" 2>/dev/null | tee "$OUT/diffusers-$mode.json"
-  with_vram target/release/runner run /tmp/sdxl-random.toml --quiet --json --set "placement.offload=$mode" --out "$OUT/runner-$mode.png" --dump "$OUT/dump-$mode" \
+  # diffusers' group offload always prefetches on a side stream: run it once, for `group`.
+  [ $mode = group-stream ] || with_vram $PY tools/gpu_offload_compare.py run "$mode" $FOLDER "$OUT" "$STEPS" 2>/dev/null | tee "$OUT/diffusers-$mode.json"
+  [ $mode = group-stream ] && cp "$OUT/diffusers-group.npy" "$OUT/diffusers-$mode.npy" 2>/dev/null
+  RUNNER_PREFETCH_STREAM=$([ $mode = group-stream ] && echo 1 || echo 0) \
+  with_vram target/release/runner run /tmp/sdxl-random.toml --quiet --json --set "placement.offload=${mode%-stream}" --out "$OUT/runner-$mode.png" --dump "$OUT/dump-$mode" \
     | tee "$OUT/runner-$mode.json" | tr -d '\n'; echo
   $PY - "$OUT" "$mode" <<'PY'
 import json, sys

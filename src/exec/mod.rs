@@ -3,6 +3,7 @@
 //! the seeded CPU generator, classifier-free guidance with [negative, positive] batches, the
 //! scheduler loop, VAE decode), then PNGs with their provenance in tEXt chunks.
 
+mod cuda_stream;
 pub mod ledger;
 mod offload;
 pub mod png;

@@ -185,7 +185,10 @@ struct Unit {
     path: String,
     vars: Vec<Var>,
     bytes: BTreeMap<Device, u64>,
+    /// On the device (or on its way there), and counted in the ledger.
     present: bool,
+    /// Prefetched on the side stream: the destinations (one per var) and their copies' event.
+    in_flight: Option<(Vec<Tensor>, super::cuda_stream::Pending)>,
 }
 
 struct StreamState {
@@ -203,6 +206,8 @@ pub(super) struct Stream {
     mode: Offload,
     index: HashMap<String, usize>,
     ledger: Rc<RefCell<ledger::Ledger>>,
+    /// `group` prefetch's side stream on CUDA, when asked for and available.
+    side: Option<super::cuda_stream::SideStream>,
     state: RefCell<StreamState>,
 }
 
@@ -234,18 +239,62 @@ impl Stream {
                         Var { var, host, absent, device: run_device }
                     });
                     let vars: Vec<Var> = vars.collect();
-                    Unit { path: p.clone(), vars, bytes: [(device, bytes)].into(), present: false }
+                    Unit { path: p.clone(), vars, bytes: [(device, bytes)].into(), present: false, in_flight: None }
                 })
                 .collect()
         });
         let index = units.iter().enumerate().map(|(i, u)| (u.path.clone(), i)).collect();
         let n = units.len();
-        tracing::debug!(component, mode = ?mode, units = n, "offload: streaming");
-        Stream { component: component.to_string(), mode, index, ledger, state: RefCell::new(StreamState { units, next: vec![None; n], last: None, restored: false, error: None }) }
+        let side = match (mode, run_device) {
+            (Offload::Group, tch::Device::Cuda(i)) if super::cuda_stream::requested() => {
+                let s = super::cuda_stream::SideStream::new(i);
+                if s.is_none() {
+                    tracing::warn!(component, "RUNNER_PREFETCH_STREAM: no side CUDA stream (driver API unavailable); prefetching on the compute stream");
+                }
+                s
+            }
+            _ => None,
+        };
+        tracing::debug!(component, mode = ?mode, units = n, side_stream = side.is_some(), "offload: streaming");
+        Stream { component: component.to_string(), mode, index, ledger, side, state: RefCell::new(StreamState { units, next: vec![None; n], last: None, restored: false, error: None }) }
+    }
+
+    /// Starts unit `i`'s copies on the side stream (`group` prefetch); false when there is no
+    /// side stream or the driver refused, and the caller copies on the compute stream instead.
+    fn prefetch(&self, st: &mut StreamState, i: usize) -> bool {
+        let Some(side) = &self.side else { return false };
+        let u = &mut st.units[i];
+        if u.present {
+            return true;
+        }
+        if u.vars.iter().any(|v| !v.host.is_contiguous()) {
+            return false;
+        }
+        let dsts: Vec<Tensor> = u.vars.iter().map(|v| Tensor::empty(v.host.size(), (v.host.kind(), v.device))).collect();
+        let copies: Vec<(u64, *const std::ffi::c_void, usize)> = u.vars.iter().zip(&dsts).map(|(v, d)| (d.data_ptr() as u64, v.host.data_ptr() as *const std::ffi::c_void, ledger::tensor_bytes(&v.host) as usize)).collect();
+        let Some(pending) = side.copy(&copies) else { return false };
+        u.in_flight = Some((dsts, pending));
+        u.present = true;
+        self.count_in(st, i);
+        true
     }
 
     fn bring(&self, st: &mut StreamState, i: usize) {
         let u = &mut st.units[i];
+        if let Some((dsts, pending)) = u.in_flight.take() {
+            // Prefetched: the compute stream waits for the copies, then the variables take them.
+            let side = self.side.as_ref().expect("in flight on the side stream");
+            if !side.wait(&pending) {
+                // The wait could not be queued: finish the copies before anything else runs.
+                side.synchronize();
+            }
+            tch::no_grad(|| {
+                for (v, d) in u.vars.iter_mut().zip(&dsts) {
+                    v.var.set_data(d);
+                }
+            });
+            return;
+        }
         if u.present {
             return;
         }
@@ -257,6 +306,12 @@ impl Stream {
             }
         });
         u.present = true;
+        self.count_in(st, i);
+    }
+
+    /// Unit `i` arrived on the device: into the ledger (a budget exceeded is kept as the error).
+    fn count_in(&self, st: &mut StreamState, i: usize) {
+        let u = &st.units[i];
         if let Err(e) = self.ledger.borrow_mut().add(&format!("{} ({})", self.component, if u.path.is_empty() { "root" } else { &u.path }), &u.bytes) {
             st.error.get_or_insert(e);
         }
@@ -266,6 +321,15 @@ impl Stream {
         let u = &mut st.units[i];
         if !u.present {
             return;
+        }
+        if let Some((dsts, pending)) = u.in_flight.take() {
+            // Prefetched, never used: the compute stream must not reuse the destinations' memory
+            // before the copies into them are done.
+            let side = self.side.as_ref().expect("in flight on the side stream");
+            if !side.wait(&pending) {
+                side.synchronize();
+            }
+            drop(dsts);
         }
         tch::no_grad(|| {
             for v in &mut u.vars {
@@ -327,7 +391,9 @@ impl ForwardHooks for Stream {
         if self.mode == Offload::Group {
             let guess = if i + 1 < st.units.len() { Some(i + 1) } else { None };
             if let Some(k) = st.next[i].or(guess).filter(|&k| k != i) {
-                self.bring(&mut st, k);
+                if !self.prefetch(&mut st, k) {
+                    self.bring(&mut st, k);
+                }
             }
         }
     }
