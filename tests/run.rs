@@ -490,6 +490,40 @@ fn every_offload_mode_gives_the_same_image_with_the_planned_peaks() {
 }
 
 #[test]
+fn mixed_offload_modes_share_a_device_within_the_plan() {
+    // One GPU, a different mode per component: a `model` visitor leaves when the next component
+    // runs there, whatever that one's mode, so the device never holds more than the plan's
+    // `weight_peak_bytes`; the image is the one without offload.
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str]); 2] = [
+        ("manifests/tiny-sd15.toml", &["components.text_encoder.offload=model", "components.unet.offload=group", "components.vae.offload=sequential", "components.safety_checker.offload=model"]),
+        ("manifests/tiny-sdxl.toml", &["components.text_encoder.offload=model", "components.text_encoder_2.offload=sequential", "components.unet.offload=group", "components.vae.offload=model"]),
+    ];
+    for (manifest, modes) in cases {
+        let go = |sets: &[&str], name: &str| {
+            let out = dir.path().join(name);
+            // Every component pinned to cuda:0 (tiny-sdxl's budgets name a second GPU).
+            let mut args: Vec<String> = vec!["--set".into(), "placement.max_memory={\"cuda:0\"=\"200MB\",\"cuda:1\"=\"200MB\",cpu=\"2GiB\"}".into()];
+            let comps = if manifest.contains("sdxl") { ["text_encoder", "text_encoder_2", "unet", "vae"] } else { ["text_encoder", "unet", "vae", "safety_checker"] };
+            let pins = comps.map(|c| format!("components.{c}.device=cuda:0"));
+            for s in pins.iter().map(String::as_str).chain(sets.iter().copied()) {
+                args.extend(["--set".to_string(), s.to_string()]);
+            }
+            let (code, stdout, stderr) = run(runner().args(["run", manifest, "--quiet", "--json", "--simulate", "cuda:0=200MB,cuda:1=200MB,cpu=2GiB"]).args(&args).arg("--out").arg(&out));
+            assert_eq!(code, 0, "{manifest}: {stderr}");
+            (decode_png(&out).0, serde_json::from_str::<serde_json::Value>(&stdout).unwrap())
+        };
+        let (none, _) = go(&[], "none.png");
+        let (mixed, r) = go(modes, "mixed.png");
+        assert!(none == mixed, "{manifest}: the image differs from no offload");
+        assert!(r["device_map"].as_object().unwrap().values().all(|d| d == "cuda:0"), "{r}");
+        let gpu = &r["devices"]["cuda:0"];
+        let (peak, planned) = (gpu["peak_bytes"].as_u64().unwrap(), gpu["planned_peak_bytes"].as_u64().unwrap());
+        assert!(peak > 0 && peak <= planned, "{manifest}: {gpu}");
+    }
+}
+
+#[test]
 fn streaming_needs_a_budget_above_its_floor() {
     // A UNet pinned to a GPU whose budget is below what `sequential` needs at least (its largest
     // leaf + working memory): the plan's error says what that floor is made of.

@@ -452,11 +452,8 @@ impl Session<'_> {
                 let fe = pipeline.root.join("feature_extractor");
                 let processor = crate::models::image_processor::ImageProcessor::from_folder(&fe).map_err(|e| ExecError::Text(e.to_string()))?;
                 let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), run_device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
-                // It runs last and once: loaded when needed, dropped after; under `model` offload
-                // it first sends the others on its device back to host memory, as diffusers' hooks do.
-                if plan.components.iter().any(|c| c.name == "safety_checker" && c.offload == Offload::Model) {
-                    res.clear(plan_device(plan, "safety_checker"));
-                }
+                // It runs last and once: loaded when needed, dropped after (`enter` above sent
+                // the visitors on its device back to host memory, as diffusers' hooks do).
                 let bytes = ledger::weigh(checker.varstore(), plan_device(plan, "safety_checker"), None);
                 res.ledger.borrow_mut().add("safety_checker", &bytes)?;
                 let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
@@ -554,7 +551,13 @@ impl Session<'_> {
     fn residency(&self) -> Result<offload::Residency<'_>, ExecError> {
         let offloaded = || self.plan.components.iter().filter(|c| c.offload != Offload::None && c.device != Device::Cpu);
         let visitors = offloaded().filter(|c| c.offload == Offload::Model).filter_map(|c| self.varstore(&c.name).map(|vs| offload::Visitor::new(&c.name, vs, c.device, c.split.clone()))).collect();
-        let mut res = offload::Residency::new(self.ledger()?, visitors, vec![], self.simulate);
+        let runs_on = self
+            .plan
+            .components
+            .iter()
+            .map(|c| (c.name.clone(), c.split.as_ref().map_or_else(|| vec![c.device], |s| s.iter().map(|x| x.1).collect())))
+            .collect();
+        let mut res = offload::Residency::new(self.ledger()?, visitors, vec![], runs_on, self.simulate);
         for c in offloaded().filter(|c| c.offload != Offload::Model) {
             if let Some(vs) = self.varstore(&c.name) {
                 let run = if self.simulate { tch::Device::Cpu } else { tch_device(c.device) };

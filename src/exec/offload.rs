@@ -28,6 +28,8 @@ pub(super) struct Residency<'a> {
     pub ledger: Rc<RefCell<ledger::Ledger>>,
     visitors: Vec<Visitor<'a>>,
     streams: Vec<Rc<Stream>>,
+    /// The planned devices each component runs on (several for a split one).
+    runs_on: HashMap<String, Vec<Device>>,
     simulate: bool,
 }
 
@@ -50,8 +52,8 @@ impl<'a> Visitor<'a> {
 }
 
 impl<'a> Residency<'a> {
-    pub fn new(ledger: ledger::Ledger, visitors: Vec<Visitor<'a>>, streams: Vec<Rc<Stream>>, simulate: bool) -> Residency<'a> {
-        Residency { ledger: Rc::new(RefCell::new(ledger)), visitors, streams, simulate }
+    pub fn new(ledger: ledger::Ledger, visitors: Vec<Visitor<'a>>, streams: Vec<Rc<Stream>>, runs_on: HashMap<String, Vec<Device>>, simulate: bool) -> Residency<'a> {
+        Residency { ledger: Rc::new(RefCell::new(ledger)), visitors, streams, runs_on, simulate }
     }
 
     /// The ledger all streams of this residency share.
@@ -75,6 +77,14 @@ impl<'a> Residency<'a> {
         self.check()?;
         let active = self.streams.iter().find(|s| s.component == name).map(|s| s.clone() as Rc<dyn ForwardHooks>);
         hooks::set(active);
+        // The plan counts an offloaded component's weights on its device only while it runs:
+        // whatever visits the devices `name` runs on leaves first, whatever `name`'s own mode.
+        let here = self.runs_on.get(name).cloned().unwrap_or_default();
+        for j in 0..self.visitors.len() {
+            if self.visitors[j].name != name && self.visitors[j].present && here.contains(&self.visitors[j].device) {
+                self.leave(j);
+            }
+        }
         let Some(i) = self.visitors.iter().position(|v| v.name == name) else {
             return Ok(());
         };
@@ -82,11 +92,6 @@ impl<'a> Residency<'a> {
             return Ok(());
         }
         let device = self.visitors[i].device;
-        for j in 0..self.visitors.len() {
-            if j != i && self.visitors[j].present && self.visitors[j].device == device {
-                self.leave(j);
-            }
-        }
         let simulate = self.simulate;
         let v = &mut self.visitors[i];
         let to = |d: Device| {
@@ -117,15 +122,6 @@ impl<'a> Residency<'a> {
             }
         }
         Ok(())
-    }
-
-    /// Sends every `model` visitor on `device` back to host memory.
-    pub fn clear(&mut self, device: Device) {
-        for i in 0..self.visitors.len() {
-            if self.visitors[i].present && self.visitors[i].device == device {
-                self.leave(i);
-            }
-        }
     }
 
     /// diffusers' `maybe_free_model_hooks`: every offloaded component ends in host memory, with
@@ -433,7 +429,7 @@ mod tests {
         let x = Tensor::ones([1, 4], (tch::Kind::Float, tch::Device::Cpu));
         let want = b.forward(&a.forward(&x));
         let run = |mode: Offload| {
-            let res = Residency::new(ledger::Ledger::new(&plan_with(1 << 20)), vec![], vec![], true);
+            let res = Residency::new(ledger::Ledger::new(&plan_with(1 << 20)), vec![], vec![], HashMap::new(), true);
             let s = Rc::new(Stream::new("unet", mode, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger()));
             assert_eq!(a.weight().numel(), 0, "placeholders while absent");
             hooks::set(Some(s.clone()));
@@ -457,7 +453,7 @@ mod tests {
     fn a_budget_exceeded_while_streaming_is_an_error_naming_the_component_and_bytes() {
         let vs = VarStore::new(tch::Device::Cpu);
         let a = crate::models::hooks::Linear::new(&vs.root() / "conv_in", 4, 4, Default::default());
-        let mut res = Residency::new(ledger::Ledger::new(&plan_with(50)), vec![], vec![], true);
+        let mut res = Residency::new(ledger::Ledger::new(&plan_with(50)), vec![], vec![], HashMap::new(), true);
         let s = Stream::new("unet", Offload::Sequential, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger());
         res.add_stream(s);
         res.enter("unet").unwrap();
