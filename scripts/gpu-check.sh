@@ -60,27 +60,33 @@ seed = 0
 width = 1024
 height = 1024
 TOML
-# Runs "$@" while nvidia-smi samples memory.used every 50 ms; prints the peak above the idle level.
+# with_vram NAME CMD...: runs CMD while nvidia-smi samples memory.used every 50 ms and writes the
+# peak above the idle level and the wall time to $OUT/NAME-vram.json (CMD's output is untouched).
 with_vram() {
+  local name=$1; shift
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/vram.log &
-  local smi=$! t0 t1
+  local smi=$! t0 t1 base rc
   sleep 0.3
-  local base; base=$(head -1 /tmp/vram.log)
+  base=$(head -1 /tmp/vram.log)
   t0=$(date +%s.%N)
-  "$@"; local rc=$?
+  "$@"; rc=$?
   t1=$(date +%s.%N)
   kill $smi; wait $smi 2>/dev/null
-  echo "{\"vram_peak_mib\": $(( $(sort -n /tmp/vram.log | tail -1) - base )), \"process_wall_s\": $($PY -c "print(round($t1 - $t0, 2))")}"
+  echo "{\"$name\": {\"vram_peak_mib\": $(( $(sort -n /tmp/vram.log | tail -1) - base )), \"process_wall_s\": $($PY -c "print(round($t1 - $t0, 2))")}}" > "$OUT/$name-vram.json"
   return $rc
 }
 for mode in $MODES; do
   echo "-- $mode"
   # diffusers' group offload always prefetches on a side stream: run it once, for `group`.
-  [ $mode = group-stream ] || with_vram $PY tools/gpu_offload_compare.py run "$mode" $FOLDER "$OUT" "$STEPS" 2>/dev/null | tee "$OUT/diffusers-$mode.json"
-  [ $mode = group-stream ] && cp "$OUT/diffusers-group.npy" "$OUT/diffusers-$mode.npy" 2>/dev/null
+  if [ $mode != group-stream ]; then
+    with_vram diffusers-$mode $PY tools/gpu_offload_compare.py run "$mode" $FOLDER "$OUT" "$STEPS" 2>/dev/null | tee "$OUT/diffusers-$mode.json"
+    cat "$OUT/diffusers-$mode-vram.json"
+  else
+    cp "$OUT/diffusers-group.npy" "$OUT/diffusers-$mode.npy" 2>/dev/null
+  fi
   RUNNER_PREFETCH_STREAM=$([ $mode = group-stream ] && echo 1 || echo 0) \
-  with_vram target/release/runner run /tmp/sdxl-random.toml --quiet --json --set "placement.offload=${mode%-stream}" --out "$OUT/runner-$mode.png" --dump "$OUT/dump-$mode" \
-    | tee "$OUT/runner-$mode.json" | tr -d '\n'; echo
+  with_vram runner-$mode target/release/runner run /tmp/sdxl-random.toml --quiet --json --set "placement.offload=${mode%-stream}" --out "$OUT/runner-$mode.png" --dump "$OUT/dump-$mode" > "$OUT/runner-$mode.json"
+  cat "$OUT/runner-$mode-vram.json"
   $PY - "$OUT" "$mode" <<'PY'
 import json, sys
 import numpy as np
