@@ -72,6 +72,21 @@ unsafe fn sym<T: Copy>(lib: *mut c_void, name: &CStr) -> Option<T> {
     }
 }
 
+/// Runs `f` with `ctx` current on this thread; `None` if it could not be made current (then
+/// nothing is popped: the thread's own context, libtorch's, stays as it was).
+fn within<R>(d: &Driver, ctx: CuContext, f: impl FnOnce() -> R) -> Option<R> {
+    // SAFETY: push/pop of a retained primary context around driver calls on this thread.
+    unsafe {
+        if (d.ctx_push)(ctx) != 0 {
+            return None;
+        }
+        let r = f();
+        let mut popped = std::ptr::null_mut();
+        (d.ctx_pop)(&mut popped);
+        Some(r)
+    }
+}
+
 /// Whether the user asked for the side stream.
 pub fn requested() -> bool {
     std::env::var("RUNNER_PREFETCH_STREAM").is_ok_and(|v| v == "1")
@@ -82,6 +97,7 @@ pub struct SideStream {
     driver: &'static Driver,
     ctx: CuContext,
     stream: CuStream,
+    device: usize,
 }
 
 /// Copies in flight on the side stream; the null stream waits for `done` before using them.
@@ -119,25 +135,16 @@ impl SideStream {
             if (d.device_get)(&mut dev, device as i32) != 0 || (d.primary_ctx_retain)(&mut ctx, dev) != 0 {
                 return None;
             }
-            let s = SideStream { driver: d, ctx, stream: std::ptr::null_mut() };
-            let ok = s.within(|| (d.stream_create)(&mut stream, CU_STREAM_NON_BLOCKING) == 0);
-            if !ok {
+            // Non-blocking: no implicit synchronisation with the legacy null stream libtorch uses.
+            if within(d, ctx, || (d.stream_create)(&mut stream, CU_STREAM_NON_BLOCKING) == 0) != Some(true) {
                 return None;
             }
-            Some(SideStream { stream, ..s })
+            Some(SideStream { driver: d, ctx, stream, device })
         }
     }
 
-    /// Runs `f` with the device's context current.
-    fn within<R>(&self, f: impl FnOnce() -> R) -> R {
-        // SAFETY: push/pop of a retained primary context around driver calls on this thread.
-        unsafe {
-            (self.driver.ctx_push)(self.ctx);
-            let r = f();
-            let mut popped = std::ptr::null_mut();
-            (self.driver.ctx_pop)(&mut popped);
-            r
-        }
+    fn within<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        within(self.driver, self.ctx, f)
     }
 
     /// Queues `host -> device` copies (pairs of device destination, pinned host source, bytes)
@@ -169,21 +176,24 @@ impl SideStream {
                 Some(pending)
             }
         })
+        .flatten()
     }
 
     /// Blocks the host until the side stream's work is done.
     pub fn synchronize(&self) {
         let d = self.driver;
         // SAFETY: a stream of this context.
-        self.within(|| unsafe {
-            (d.stream_synchronize)(self.stream);
-        });
+        let done = self.within(|| unsafe { (d.stream_synchronize)(self.stream) == 0 });
+        if done != Some(true) {
+            // Every stream of the device, ours included.
+            tch::Cuda::synchronize(self.device as i64);
+        }
     }
 
     /// The null stream waits for `p`'s copies before whatever is queued next.
     pub fn wait(&self, p: &Pending) -> bool {
         let d = self.driver;
         // SAFETY: a recorded event of this context.
-        self.within(|| unsafe { (d.stream_wait_event)(std::ptr::null_mut(), p.done, 0) == 0 })
+        self.within(|| unsafe { (d.stream_wait_event)(std::ptr::null_mut(), p.done, 0) == 0 }) == Some(true)
     }
 }
