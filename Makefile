@@ -5,7 +5,7 @@ SHELL := bash
 CARGO ?= cargo
 DEMO_MANIFEST ?= manifests/tiny-sd15.toml
 
-.PHONY: setup build test demo schema check-cargo
+.PHONY: setup build test demo schema fmt check-cargo
 
 check-cargo:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
@@ -29,3 +29,7 @@ demo: build
 ## schema: regenerate schemas/manifest.schema.json from the serde types
 schema: setup check-cargo
 	$(CARGO) run --quiet --locked -- schema > schemas/manifest.schema.json
+
+## fmt: format the Rust sources (rustfmt.toml: the house's long lines)
+fmt: check-cargo
+	$(CARGO) fmt

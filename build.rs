@@ -20,10 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", version_py.display());
     let version = std::fs::read_to_string(&version_py)
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_string()))
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_string())))
         .unwrap_or_else(|| "unknown".into());
     if version.split('+').next() != Some(EXPECTED_TORCH) {
         println!("cargo:warning=libtorch at {lib} is version {version}, tch 0.24 expects {EXPECTED_TORCH}: run `make setup`");

@@ -24,11 +24,7 @@ fn max_rss_bytes() -> u64 {
 }
 
 fn report(what: &str, bytes: u64, secs: f64, extra: &str) {
-    println!(
-        "{{\"impl\": \"runner\", \"what\": \"{what}\", \"bytes\": {bytes}, \"seconds\": {secs:.4}, \"gbps\": {:.3}, \"max_rss\": {}{extra}}}",
-        bytes as f64 / secs / 1e9,
-        max_rss_bytes()
-    );
+    println!("{{\"impl\": \"runner\", \"what\": \"{what}\", \"bytes\": {bytes}, \"seconds\": {secs:.4}, \"gbps\": {:.3}, \"max_rss\": {}{extra}}}", bytes as f64 / secs / 1e9, max_rss_bytes());
 }
 
 fn open(p: &Path) -> Checkpoint {
@@ -101,7 +97,13 @@ fn main() {
                 _ => None,
             };
             let store = load(&c, None, LoadOptions { float_kind, device: tch::Device::Cpu, populate: true }).unwrap();
-            let bytes: u64 = store.names().map(|n| { let t = store.get(n).unwrap(); t.numel() as u64 * t.kind().elt_size_in_bytes() as u64 }).sum();
+            let bytes: u64 = store
+                .names()
+                .map(|n| {
+                    let t = store.get(n).unwrap();
+                    t.numel() as u64 * t.kind().elt_size_in_bytes() as u64
+                })
+                .sum();
             let zc = store.zero_copy_count();
             if args[0] == "load-touch" {
                 // Read one byte per page of every tensor, as the python side does.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use runner::device::Device;
 use runner::manifest::{Dtype, Offload, Strategy};
-use runner::plan::{BudgetSource, ComponentInput, DeviceBudget, Inventory, PlanInput, modules, plan};
+use runner::plan::{modules, plan, BudgetSource, ComponentInput, DeviceBudget, Inventory, PlanInput};
 
 fn main() {
     for n in [2_000usize, 20_000, 200_000] {

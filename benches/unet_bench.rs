@@ -28,7 +28,10 @@ fn main() {
     let ctx = Tensor::randn([batch, 77, config.cross_attention_dim], (Kind::Float, Device::Cpu));
     let added = config.addition_text_time.map(|(dim, input)| {
         let pooled = input - 6 * dim;
-        (Tensor::randn([batch, pooled], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[size as f32 * 8.0, size as f32 * 8.0, 0.0, 0.0, size as f32 * 8.0, size as f32 * 8.0]).unsqueeze(0).repeat([batch, 1]))
+        (
+            Tensor::randn([batch, pooled], (Kind::Float, Device::Cpu)),
+            Tensor::from_slice(&[size as f32 * 8.0, size as f32 * 8.0, 0.0, 0.0, size as f32 * 8.0, size as f32 * 8.0]).unsqueeze(0).repeat([batch, 1]),
+        )
     });
     let run = || {
         let add = added.as_ref().map(|(t, i)| AddedCond { text_embeds: t, time_ids: i });

@@ -234,11 +234,7 @@ impl LayerArgs {
 /// A byte progress bar on stderr, hidden when stderr is not a terminal.
 fn progress_bar(what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}").expect("template").progress_chars("=> "));
     bar.set_message(what.to_string());
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -271,14 +267,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "wrote {}: {} files, {} hashed in {:.2} s ({:.2} GB/s)",
-                    r.lock.display(),
-                    r.files,
-                    runner::units::ByteSize(r.bytes),
-                    r.seconds,
-                    r.bytes as f64 / r.seconds.max(1e-9) / 1e9
-                );
+                println!("wrote {}: {} files, {} hashed in {:.2} s ({:.2} GB/s)", r.lock.display(), r.files, runner::units::ByteSize(r.bytes), r.seconds, r.bytes as f64 / r.seconds.max(1e-9) / 1e9);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -320,13 +309,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{:>12}  {}", "index", out.join(i).display());
                 }
                 let gbps = report.total_size as f64 / report.seconds.max(1e-9) / 1e9;
-                println!(
-                    "{} tensors, {} in {} file(s), {:.2} s ({gbps:.2} GB/s)",
-                    report.tensors,
-                    runner::units::ByteSize(report.total_size),
-                    report.files.len(),
-                    report.seconds
-                );
+                println!("{} tensors, {} in {} file(s), {:.2} s ({gbps:.2} GB/s)", report.tensors, runner::units::ByteSize(report.total_size), report.files.len(), report.seconds);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -453,7 +436,18 @@ fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only:
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_job(file: &std::path::Path, out: Option<PathBuf>, dump: Option<PathBuf>, devices: Option<&str>, simulate: bool, quiet: bool, json: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+fn run_job(
+    file: &std::path::Path,
+    out: Option<PathBuf>,
+    dump: Option<PathBuf>,
+    devices: Option<&str>,
+    simulate: bool,
+    quiet: bool,
+    json: bool,
+    locked: bool,
+    overrides: &Overrides,
+    color: Color,
+) -> anyhow::Result<ExitCode> {
     // The inventory's messages name `--devices`; a simulated run got its devices from `--simulate`.
     let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
     let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| anyhow::anyhow!(flag(e.to_string())))?;

@@ -66,11 +66,7 @@ impl FromStr for ByteSize {
             None => (num, ""),
         };
         let digits_ok = |d: &str| d.chars().all(|c| c.is_ascii_digit());
-        if int_part.is_empty()
-            || !digits_ok(int_part)
-            || !digits_ok(frac_part)
-            || (num.contains('.') && frac_part.is_empty())
-        {
+        if int_part.is_empty() || !digits_ok(int_part) || !digits_ok(frac_part) || (num.contains('.') && frac_part.is_empty()) {
             return Err(SizeError::NotANumber(input.to_string()));
         }
         let multiplier = unit_multiplier(input, unit)?;

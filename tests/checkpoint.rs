@@ -101,8 +101,24 @@ fn bad_files() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated.safetensors", bytes[..bytes.len() - 5].to_vec(), "truncated: tensors need 24 bytes of data but the file holds 19"),
         ("tiny.safetensors", vec![1, 2, 3], "truncated: 3 bytes"),
-        ("long-header.safetensors", { let mut b = bytes.clone(); b[..8].copy_from_slice(&((bytes.len() as u64) * 2).to_le_bytes()); b }, "runs past the end of the file"),
-        ("gigabytes.safetensors", { let mut b = bytes.clone(); b[..8].copy_from_slice(&(5u64 << 30).to_le_bytes()); b }, "over the 100 MB safetensors limit"),
+        (
+            "long-header.safetensors",
+            {
+                let mut b = bytes.clone();
+                b[..8].copy_from_slice(&((bytes.len() as u64) * 2).to_le_bytes());
+                b
+            },
+            "runs past the end of the file",
+        ),
+        (
+            "gigabytes.safetensors",
+            {
+                let mut b = bytes.clone();
+                b[..8].copy_from_slice(&(5u64 << 30).to_le_bytes());
+                b
+            },
+            "over the 100 MB safetensors limit",
+        ),
         ("not-json.safetensors", with_header("this is not json", 0), "header is not valid safetensors JSON"),
         ("out-of-bounds.safetensors", with_header(&header.trim_end().replace("[16,24]", "[16,32]"), 24), "tensor `b`: shape [2] of F32 needs 8 bytes but data_offsets [16, 32] hold 16"),
         ("overlap.safetensors", with_header(&header.trim_end().replace("[16,24]", "[8,16]"), 24), "overlaps the previous tensor"),
@@ -135,7 +151,12 @@ fn bad_indexes() {
     let s2 = "diffusion_pytorch_model-00002-of-00002.safetensors";
     type Shards<'a> = Vec<(&'a str, &'a [(&'a str, u64)])>;
     let cases: Vec<(&str, String, Shards, &str)> = vec![
-        ("missing-shard", format!(r#"{{"weight_map": {{"a": "{s1}", "b": "{s2}"}}}}"#), vec![(s1, &[("a", 1)])], "names shard `diffusion_pytorch_model-00002-of-00002.safetensors`, which does not exist"),
+        (
+            "missing-shard",
+            format!(r#"{{"weight_map": {{"a": "{s1}", "b": "{s2}"}}}}"#),
+            vec![(s1, &[("a", 1)])],
+            "names shard `diffusion_pytorch_model-00002-of-00002.safetensors`, which does not exist",
+        ),
         ("two-shards", format!(r#"{{"weight_map": {{"a": "{s1}", "b": "{s2}"}}}}"#), vec![(s1, &[("a", 1)]), (s2, &[("a", 1), ("b", 1)])], "tensor `a`: is in this shard but"),
         ("unlisted", format!(r#"{{"weight_map": {{"a": "{s1}"}}}}"#), vec![(s1, &[("a", 1), ("c", 1)])], "tensor `c`: is in this shard but"),
         ("absent-tensor", format!(r#"{{"weight_map": {{"a": "{s1}", "z": "{s1}"}}}}"#), vec![(s1, &[("a", 1)])], "tensor `z`: is missing"),

@@ -234,8 +234,7 @@ fn edited_copy(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(TensorInfo, V
     let header = read_header(&file).unwrap();
     let bytes = std::fs::read(&file).unwrap();
     let data = &bytes[header.data_start as usize..];
-    let mut tensors: Vec<(TensorInfo, Vec<u8>)> =
-        header.tensors.iter().map(|t| (t.clone(), data[t.data_offsets.0 as usize..t.data_offsets.1 as usize].to_vec())).collect();
+    let mut tensors: Vec<(TensorInfo, Vec<u8>)> = header.tensors.iter().map(|t| (t.clone(), data[t.data_offsets.0 as usize..t.data_offsets.1 as usize].to_vec())).collect();
     edit(&mut tensors);
     let mut off = 0;
     let mut body = vec![];

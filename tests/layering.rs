@@ -21,7 +21,19 @@ fn env_overrides_file_and_set_overrides_env() {
 
 #[test]
 fn later_set_wins_and_strings_need_no_quotes() {
-    let v = config_json(runner().args(["config", "--json", "manifests/tiny-sd15.toml", "--set", "run.steps=3", "--set", "run.steps=5", "--set", "run.prompt=a red fox", "--set", "run.negative_prompt=\"42\""]));
+    let v = config_json(runner().args([
+        "config",
+        "--json",
+        "manifests/tiny-sd15.toml",
+        "--set",
+        "run.steps=3",
+        "--set",
+        "run.steps=5",
+        "--set",
+        "run.prompt=a red fox",
+        "--set",
+        "run.negative_prompt=\"42\"",
+    ]));
     assert_eq!(v["manifest"]["run"]["steps"], 5);
     assert_eq!(v["manifest"]["run"]["prompt"], "a red fox");
     assert_eq!(v["manifest"]["run"]["negative_prompt"], "42");
@@ -29,12 +41,12 @@ fn later_set_wins_and_strings_need_no_quotes() {
 
 #[test]
 fn nested_keys_in_env_and_set() {
-    let v = config_json(
-        runner()
-            .args(["config", "--json", "manifests/sdxl.toml"])
-            .env("RUNNER_COMPONENTS__TEXT_ENCODER_2__DTYPE", "fp32")
-            .args(["--set", "placement.max_memory.\"cuda:1\"=10GiB", "--set", "components.unet.device=cuda:1"]),
-    );
+    let v = config_json(runner().args(["config", "--json", "manifests/sdxl.toml"]).env("RUNNER_COMPONENTS__TEXT_ENCODER_2__DTYPE", "fp32").args([
+        "--set",
+        "placement.max_memory.\"cuda:1\"=10GiB",
+        "--set",
+        "components.unet.device=cuda:1",
+    ]));
     let m = &v["manifest"];
     assert_eq!(m["components"]["text_encoder_2"]["dtype"], "fp32");
     assert_eq!(m["components"]["unet"]["device"], "cuda:1");

@@ -21,11 +21,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 fn project() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     copy_dir(&root().join("tests/fixtures/tiny-sd15"), &d.path().join("pipe"));
-    std::fs::write(
-        d.path().join("m.toml"),
-        "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[components.safety_checker]\nenabled = false\n",
-    )
-    .unwrap();
+    std::fs::write(d.path().join("m.toml"), "schema_version = 1\nname = \"m\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[components.safety_checker]\nenabled = false\n").unwrap();
     d
 }
 

@@ -3,21 +3,21 @@
 
 mod checkpoint;
 mod cli;
+mod clip;
 mod diagnostics;
 mod layering;
 mod load;
+mod lock;
 mod pipeline;
 mod plan;
 mod run;
-mod lock;
-mod clip;
-mod schema;
 mod safety;
 mod schedulers;
+mod schema;
 mod setup;
 mod shard;
-mod unet;
 mod torch;
+mod unet;
 
 pub mod util {
     use std::path::{Path, PathBuf};
@@ -96,10 +96,6 @@ pub mod util {
     /// Runs the command and returns (exit code, stdout, stderr).
     pub fn run(cmd: &mut Command) -> (i32, String, String) {
         let out = cmd.output().expect("runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }

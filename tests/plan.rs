@@ -99,7 +99,8 @@ fn too_small_gpus_explain_what_would_work() {
 fn offload_and_pins_from_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let root = sdxl(dir.path());
-    let (code, stdout, stderr) = plan(&["--json", "--devices", "cuda:0=4GB,cuda:1=4GB,cpu=64GiB", "--set", "components.unet.offload=sequential", "--set", "components.text_encoder.device=cuda:1"], &root);
+    let (code, stdout, stderr) =
+        plan(&["--json", "--devices", "cuda:0=4GB,cuda:1=4GB,cpu=64GiB", "--set", "components.unet.offload=sequential", "--set", "components.text_encoder.device=cuda:1"], &root);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["components"]["text_encoder"]["device"], "cuda:1");

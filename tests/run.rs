@@ -239,7 +239,12 @@ fn tiny_sdxl_twin_runs_on_simulated_devices() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(decode_png(&out).0, decode_png(&dir.path().join("one.png")).0);
     // A malformed --simulate spec, or budgets for devices it lacks: errors naming the flag.
-    for (spec, want) in [("cuda:0=", "--simulate \"cuda:0=\": size of `cuda:0`: empty size"), ("cuda0=4GB", "unknown device `cuda0`"), ("cuda:0=4GB,cuda:0=2GB", "`cuda:0` is given twice"), ("cuda:0", "`cuda:0` is not DEVICE=SIZE")] {
+    for (spec, want) in [
+        ("cuda:0=", "--simulate \"cuda:0=\": size of `cuda:0`: empty size"),
+        ("cuda0=4GB", "unknown device `cuda0`"),
+        ("cuda:0=4GB,cuda:0=2GB", "`cuda:0` is given twice"),
+        ("cuda:0", "`cuda:0` is not DEVICE=SIZE"),
+    ] {
         let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", spec]));
         assert_eq!(code, 1, "{stderr}");
         assert!(stderr.contains(want) && stderr.contains("--simulate") && !stderr.contains("--devices"), "{spec}: {stderr}");
@@ -584,7 +589,7 @@ fn components_that_do_not_fit_together_are_refused_before_loading() {
 fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     // diffusers' reset_device_map + a new placement: load under one plan, delete every weight
     // file, apply another plan (the UNet split over two devices), generate: same image.
-    use runner::plan::build::{BuildOptions, inventory, plan_input};
+    use runner::plan::build::{inventory, plan_input, BuildOptions};
     use runner::plan::inventory::Inventory;
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));

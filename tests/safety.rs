@@ -128,8 +128,7 @@ fn edited_copy(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(TensorInfo, V
     let header = read_header(&file).unwrap();
     let bytes = std::fs::read(&file).unwrap();
     let data = &bytes[header.data_start as usize..];
-    let mut tensors: Vec<(TensorInfo, Vec<u8>)> =
-        header.tensors.iter().map(|t| (t.clone(), data[t.data_offsets.0 as usize..t.data_offsets.1 as usize].to_vec())).collect();
+    let mut tensors: Vec<(TensorInfo, Vec<u8>)> = header.tensors.iter().map(|t| (t.clone(), data[t.data_offsets.0 as usize..t.data_offsets.1 as usize].to_vec())).collect();
     edit(&mut tensors);
     let mut off = 0;
     let mut body = vec![];
@@ -383,7 +382,12 @@ fn safety_checker_errors_name_the_problem() {
     let checker = load_checker(&src);
     let fe = tiny_processor();
     // Images of the wrong layout or kind.
-    for bad in [Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu)), Tensor::zeros([32, 32, 3], (Kind::Float, Device::Cpu)), Tensor::zeros([1, 8, 8, 3], (Kind::Uint8, Device::Cpu)), Tensor::zeros([0, 8, 8, 3], (Kind::Float, Device::Cpu))] {
+    for bad in [
+        Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([32, 32, 3], (Kind::Float, Device::Cpu)),
+        Tensor::zeros([1, 8, 8, 3], (Kind::Uint8, Device::Cpu)),
+        Tensor::zeros([0, 8, 8, 3], (Kind::Float, Device::Cpu)),
+    ] {
         let e = checker.check(&fe, &bad).unwrap_err().to_string();
         assert!(e.contains("images must be"), "{e}");
     }

@@ -49,10 +49,15 @@ fn reshards_losslessly_with_hub_names() {
 fn one_shard_has_no_index_and_variant_names() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("te");
-    let (code, _, stderr) = run(runner()
-        .args(["shard", "tests/fixtures/tiny-sdxl-unet-sharded/diffusion_pytorch_model.safetensors.index.json", "--out"])
-        .arg(&out)
-        .args(["--max-shard-size", "10GB", "--dtype", "fp16", "--variant", "fp16", "--json"]));
+    let (code, _, stderr) = run(runner().args(["shard", "tests/fixtures/tiny-sdxl-unet-sharded/diffusion_pytorch_model.safetensors.index.json", "--out"]).arg(&out).args([
+        "--max-shard-size",
+        "10GB",
+        "--dtype",
+        "fp16",
+        "--variant",
+        "fp16",
+        "--json",
+    ]));
     assert_eq!(code, 0, "{stderr}");
     let mut names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();

@@ -73,10 +73,7 @@ struct RawIndex {
 pub fn check_shard_name(index: &Path, name: &str) -> Result<(), CheckpointError> {
     let bad = name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\', '\0']) || Path::new(name).is_absolute();
     if bad {
-        return Err(CheckpointError::format(
-            index,
-            format!("shard name {name:?} is not a plain file name: shards must sit beside their index (no path separators or `..`)"),
-        ));
+        return Err(CheckpointError::format(index, format!("shard name {name:?} is not a plain file name: shards must sit beside their index (no path separators or `..`)")));
     }
     Ok(())
 }
@@ -93,9 +90,11 @@ pub fn parse_index(path: &Path, text: &str) -> Result<ShardIndex, CheckpointErro
     }
     let total_size = match raw.metadata.as_ref().and_then(|m| m.get("total_size")) {
         None => None,
-        Some(v) => Some(v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64)).ok_or_else(|| {
-            CheckpointError::format(path, format!("`metadata.total_size` must be a non-negative integer, found {v}"))
-        })?),
+        Some(v) => Some(
+            v.as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0).map(|f| f as u64))
+                .ok_or_else(|| CheckpointError::format(path, format!("`metadata.total_size` must be a non-negative integer, found {v}")))?,
+        ),
     };
     Ok(ShardIndex { path: path.to_path_buf(), total_size, weight_map: raw.weight_map.0 })
 }

@@ -168,11 +168,7 @@ pub fn resolve_folder(dir: &Path, library: Option<Library>, variant: Option<&str
     let mut notes = vec![];
     let candidates = |v: Option<&str>| -> Vec<(PathBuf, bool)> {
         let (single, index, legacy_index) = match v {
-            Some(v) => (
-                format!("{stem}.{v}.safetensors"),
-                format!("{stem}.safetensors.index.{v}.json"),
-                Some(format!("{stem}.safetensors.{v}.index.json")),
-            ),
+            Some(v) => (format!("{stem}.{v}.safetensors"), format!("{stem}.safetensors.index.{v}.json"), Some(format!("{stem}.safetensors.{v}.index.json"))),
             None => (format!("{stem}.safetensors"), format!("{stem}.safetensors.index.json"), None),
         };
         let mut c = match library {
@@ -268,9 +264,7 @@ impl Checkpoint {
                     for t in &h.tensors {
                         match index.weight_map.get(&t.name) {
                             None => return Err(CheckpointError::tensor(&p, &t.name, format!("is in this shard but `{}` does not list it", index.path.display()))),
-                            Some(s) if s != name => {
-                                return Err(CheckpointError::tensor(&p, &t.name, format!("is in this shard but `{}` maps it to `{s}`", index.path.display())))
-                            }
+                            Some(s) if s != name => return Err(CheckpointError::tensor(&p, &t.name, format!("is in this shard but `{}` maps it to `{s}`", index.path.display()))),
                             Some(_) => {}
                         }
                         if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc { file: i, info: t.clone() }) {

@@ -257,10 +257,8 @@ fn render_mismatch(m: &KeyMismatch) -> String {
 pub fn check_keys(model: &str, ck: &Checkpoint, expected: &Expected) -> Result<(), KeyMismatch> {
     let missing: Vec<String> = expected.keys().filter(|k| !ck.tensors.contains_key(*k)).cloned().collect();
     let unexpected: Vec<String> = ck.tensors.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
-    let wrong_shape: Vec<(String, Vec<u64>, Vec<u64>)> = expected
-        .iter()
-        .filter_map(|(k, want)| ck.tensors.get(k).filter(|t| &t.info.shape != want).map(|t| (k.clone(), t.info.shape.clone(), want.clone())))
-        .collect();
+    let wrong_shape: Vec<(String, Vec<u64>, Vec<u64>)> =
+        expected.iter().filter_map(|(k, want)| ck.tensors.get(k).filter(|t| &t.info.shape != want).map(|t| (k.clone(), t.info.shape.clone(), want.clone()))).collect();
     if missing.is_empty() && unexpected.is_empty() && wrong_shape.is_empty() {
         return Ok(());
     }

@@ -48,9 +48,28 @@ pub enum Dtype {
 
 impl Dtype {
     pub const ALL: [Dtype; 22] = [
-        Dtype::BOOL, Dtype::F4, Dtype::F6_E2M3, Dtype::F6_E3M2, Dtype::U8, Dtype::I8, Dtype::F8_E5M2, Dtype::F8_E4M3,
-        Dtype::F8_E8M0, Dtype::F8_E4M3FNUZ, Dtype::F8_E5M2FNUZ, Dtype::I16, Dtype::U16, Dtype::F16, Dtype::BF16,
-        Dtype::I32, Dtype::U32, Dtype::F32, Dtype::C64, Dtype::F64, Dtype::I64, Dtype::U64,
+        Dtype::BOOL,
+        Dtype::F4,
+        Dtype::F6_E2M3,
+        Dtype::F6_E3M2,
+        Dtype::U8,
+        Dtype::I8,
+        Dtype::F8_E5M2,
+        Dtype::F8_E4M3,
+        Dtype::F8_E8M0,
+        Dtype::F8_E4M3FNUZ,
+        Dtype::F8_E5M2FNUZ,
+        Dtype::I16,
+        Dtype::U16,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::I32,
+        Dtype::U32,
+        Dtype::F32,
+        Dtype::C64,
+        Dtype::F64,
+        Dtype::I64,
+        Dtype::U64,
     ];
 
     pub fn bits(self) -> u64 {
@@ -251,9 +270,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Header, Ch
             continue;
         }
         let t: RawTensor = serde_json::from_value(value).map_err(|e| CheckpointError::tensor(path, &name, format!("bad header entry: {e}")))?;
-        let dtype = Dtype::from_name(&t.dtype).ok_or_else(|| {
-            CheckpointError::tensor(path, &name, format!("unknown dtype `{}` (known: {})", t.dtype, Dtype::ALL.map(Dtype::name).join(", ")))
-        })?;
+        let dtype = Dtype::from_name(&t.dtype).ok_or_else(|| CheckpointError::tensor(path, &name, format!("unknown dtype `{}` (known: {})", t.dtype, Dtype::ALL.map(Dtype::name).join(", "))))?;
         tensors.push(TensorInfo { name, dtype, shape: t.shape, data_offsets: t.data_offsets });
     }
 
@@ -279,11 +296,7 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Header, Ch
             return Err(CheckpointError::tensor(path, &t.name, format!("{} elements of {} do not fill whole bytes", bits / t.dtype.bits(), t.dtype)));
         }
         if e - s != bits / 8 {
-            return Err(CheckpointError::tensor(
-                path,
-                &t.name,
-                format!("shape {:?} of {} needs {} bytes but data_offsets [{s}, {e}] hold {}", t.shape, t.dtype, bits / 8, e - s),
-            ));
+            return Err(CheckpointError::tensor(path, &t.name, format!("shape {:?} of {} needs {} bytes but data_offsets [{s}, {e}] hold {}", t.shape, t.dtype, bits / 8, e - s)));
         }
         end = e;
     }
@@ -410,10 +423,31 @@ mod tests {
     fn rejects_bad_headers() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![1, 2, 3], "truncated: 3 bytes"),
-            ({ let mut b = file(&[("a", "F32", &[1], (0, 4))], 4); b.truncate(b.len() - 2); b }, "truncated: tensors need 4 bytes"),
+            (
+                {
+                    let mut b = file(&[("a", "F32", &[1], (0, 4))], 4);
+                    b.truncate(b.len() - 2);
+                    b
+                },
+                "truncated: tensors need 4 bytes",
+            ),
             ((u64::MAX).to_le_bytes().to_vec(), "over the 100 MB"),
-            ({ let mut b = 1000u64.to_le_bytes().to_vec(); b.extend(b"{}"); b }, "runs past the end"),
-            ({ let mut b = 4u64.to_le_bytes().to_vec(); b.extend(b"nope"); b }, "not valid safetensors JSON"),
+            (
+                {
+                    let mut b = 1000u64.to_le_bytes().to_vec();
+                    b.extend(b"{}");
+                    b
+                },
+                "runs past the end",
+            ),
+            (
+                {
+                    let mut b = 4u64.to_le_bytes().to_vec();
+                    b.extend(b"nope");
+                    b
+                },
+                "not valid safetensors JSON",
+            ),
             (file(&[("a", "F33", &[1], (0, 4))], 4), "unknown dtype `F33`"),
             (file(&[("a", "F32", &[2], (0, 4))], 4), "needs 8 bytes"),
             (file(&[("a", "F32", &[1], (0, 4)), ("b", "F32", &[1], (2, 6))], 6), "overlaps"),
@@ -437,10 +471,8 @@ mod tests {
 
     #[test]
     fn encode_roundtrips_and_aligns() {
-        let ts = vec![
-            TensorInfo { name: "w".into(), dtype: Dtype::F16, shape: vec![3], data_offsets: (0, 6) },
-            TensorInfo { name: "b".into(), dtype: Dtype::F32, shape: vec![1], data_offsets: (6, 10) },
-        ];
+        let ts =
+            vec![TensorInfo { name: "w".into(), dtype: Dtype::F16, shape: vec![3], data_offsets: (0, 6) }, TensorInfo { name: "b".into(), dtype: Dtype::F32, shape: vec![1], data_offsets: (6, 10) }];
         let md = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let mut bytes = encode_header(&ts, &md);
         assert_eq!((bytes.len() - 8) % 8, 0);

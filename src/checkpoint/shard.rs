@@ -262,10 +262,13 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
         std::fs::rename(&tmp, out).map_err(|e| CheckpointError::io(out, e))?;
     }
     std::mem::forget(guard);
-    let files: Vec<(String, u64)> = files.into_iter().map(|(name, data)| {
-        let size = std::fs::metadata(out.join(&name)).map(|m| m.len()).unwrap_or(data);
-        (name, size)
-    }).collect();
+    let files: Vec<(String, u64)> = files
+        .into_iter()
+        .map(|(name, data)| {
+            let size = std::fs::metadata(out.join(&name)).map(|m| m.len()).unwrap_or(data);
+            (name, size)
+        })
+        .collect();
     Ok(ShardReport { out: out.to_path_buf(), files, index, tensors: names.len(), total_size, seconds: started.elapsed().as_secs_f64() })
 }
 

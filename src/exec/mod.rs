@@ -16,15 +16,15 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::CheckpointError;
 use crate::checkpoint::layout::{Component, PipelineFolder};
+use crate::checkpoint::CheckpointError;
 use crate::device::Device;
 use crate::manifest::{Dtype, LoadedManifest, Offload, PipelineKind};
-use crate::models::ModelError;
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
 use crate::models::weights::load_varstore;
-use crate::plan::build::{self, BuildOptions, component_config};
+use crate::models::ModelError;
+use crate::plan::build::{self, component_config, BuildOptions};
 use crate::plan::{Plan, PlanError};
 
 #[derive(Debug, thiserror::Error)]
@@ -551,12 +551,7 @@ impl Session<'_> {
     fn residency(&self) -> Result<offload::Residency<'_>, ExecError> {
         let offloaded = || self.plan.components.iter().filter(|c| c.offload != Offload::None && c.device != Device::Cpu);
         let visitors = offloaded().filter(|c| c.offload == Offload::Model).filter_map(|c| self.varstore(&c.name).map(|vs| offload::Visitor::new(&c.name, vs, c.device, c.split.clone()))).collect();
-        let runs_on = self
-            .plan
-            .components
-            .iter()
-            .map(|c| (c.name.clone(), c.split.as_ref().map_or_else(|| vec![c.device], |s| s.iter().map(|x| x.1).collect())))
-            .collect();
+        let runs_on = self.plan.components.iter().map(|c| (c.name.clone(), c.split.as_ref().map_or_else(|| vec![c.device], |s| s.iter().map(|x| x.1).collect()))).collect();
         let mut res = offload::Residency::new(self.ledger()?, visitors, vec![], runs_on, self.simulate);
         for c in offloaded().filter(|c| c.offload != Offload::Model) {
             if let Some(vs) = self.varstore(&c.name) {
@@ -578,7 +573,11 @@ impl Session<'_> {
         let device = |name: &str| -> Result<(tch::Device, tch::Device, Option<Split>), ExecError> {
             let cp = plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the new plan has no `{name}`")))?;
             let map = |d: Device| {
-                if self.simulate { tch::Device::Cpu } else { tch_device(d) }
+                if self.simulate {
+                    tch::Device::Cpu
+                } else {
+                    tch_device(d)
+                }
             };
             if cp.offload != Offload::None {
                 return Ok((tch::Device::Cpu, map(cp.device), None));
@@ -807,7 +806,11 @@ fn sdxl_conditioning(
     let (th, tw) = pair(r.target_size, (h, w));
     let time_ids = Tensor::from_slice(&[oh, ow, ch, cw, th, tw]).to_kind(Kind::Float).unsqueeze(0);
     let rep = |t: &Tensor| {
-        if t.dim() == 3 { t.repeat([batch, 1, 1]) } else { t.repeat([batch, 1]) }
+        if t.dim() == 3 {
+            t.repeat([batch, 1, 1])
+        } else {
+            t.repeat([batch, 1])
+        }
     };
     let (pos, pooled) = (rep(&pos), rep(&pooled));
     if dumping {

@@ -16,10 +16,10 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-use tch::Tensor;
 use tch::nn::VarStore;
+use tch::Tensor;
 
-use super::{ExecError, ledger, tch_device};
+use super::{ledger, tch_device, ExecError};
 use crate::device::Device;
 use crate::manifest::Offload;
 use crate::models::hooks::{self, ForwardHooks};
@@ -95,7 +95,11 @@ impl<'a> Residency<'a> {
         let simulate = self.simulate;
         let v = &mut self.visitors[i];
         let to = |d: Device| {
-            if simulate { tch::Device::Cpu } else { tch_device(d) }
+            if simulate {
+                tch::Device::Cpu
+            } else {
+                tch_device(d)
+            }
         };
         let there = ledger::weigh(v.vs, v.device, v.split.as_deref());
         let mut vars = v.vs.variables();
@@ -267,7 +271,8 @@ impl Stream {
             return false;
         }
         let dsts: Vec<Tensor> = u.vars.iter().map(|v| Tensor::empty(v.host.size(), (v.host.kind(), v.device))).collect();
-        let copies: Vec<(u64, *const std::ffi::c_void, usize)> = u.vars.iter().zip(&dsts).map(|(v, d)| (d.data_ptr() as u64, v.host.data_ptr() as *const std::ffi::c_void, ledger::tensor_bytes(&v.host) as usize)).collect();
+        let copies: Vec<(u64, *const std::ffi::c_void, usize)> =
+            u.vars.iter().zip(&dsts).map(|(v, d)| (d.data_ptr() as u64, v.host.data_ptr() as *const std::ffi::c_void, ledger::tensor_bytes(&v.host) as usize)).collect();
         let Some(pending) = side.copy(&copies) else { return false };
         u.in_flight = Some((dsts, pending));
         u.present = true;

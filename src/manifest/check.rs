@@ -39,8 +39,7 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         let Some(kind) = kind else { break };
         let path = key(&["components", name]);
         if !kind.components().contains(&name.as_str()) {
-            let mut d = err(&path, Want::Key, format!("unknown component `{name}` for a `{}` pipeline", kind.as_str()))
-                .with_label("not a component of this pipeline");
+            let mut d = err(&path, Want::Key, format!("unknown component `{name}` for a `{}` pipeline", kind.as_str())).with_label("not a component of this pipeline");
             if let Some(s) = did_you_mean(name, kind.components().iter().copied()) {
                 d = d.with_note(format!("did you mean `{s}`?"));
             }
@@ -71,10 +70,7 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
             // A name that does not parse is reported by the schema's pattern.
             if let Ok(dev) = name.parse::<Device>() {
                 if let Some(first) = budgets.insert(dev, name.clone()) {
-                    out.push(
-                        err(&path, Want::Key, format!("device `{dev}` appears twice in `placement.max_memory` (as `{first}` and `{name}`)"))
-                            .with_label("duplicate device"),
-                    );
+                    out.push(err(&path, Want::Key, format!("device `{dev}` appears twice in `placement.max_memory` (as `{first}` and `{name}`)")).with_label("duplicate device"));
                 }
             }
         }
@@ -99,17 +95,17 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
     let src_key = key(&["pipeline", "source"]);
     let src = m.pointer("/pipeline/source").and_then(J::as_str).filter(|s| !s.is_empty()).map(|p| resolve(&src_key, Path::new(p)));
     if let Some(src) = src {
-    if src.is_file() {
-        out.push(
-            err(&src_key, Want::Value, format!("`pipeline.source` must be a diffusers pipeline folder, but `{}` is a file", src.display()))
-                .with_label("a file")
-                .with_note("to take one component's weights from a file, set `components.<name>.source`"),
-        );
-    } else if !src.exists() {
-        out.push(warn(&src_key, Want::Value, format!("pipeline folder `{}` does not exist (yet)", src.display())).with_label("not found"));
-    } else if !src.join("model_index.json").is_file() {
-        out.push(warn(&src_key, Want::Value, format!("`{}` has no `model_index.json`: it does not look like a diffusers pipeline folder", src.display())).with_label("no model_index.json"));
-    }
+        if src.is_file() {
+            out.push(
+                err(&src_key, Want::Value, format!("`pipeline.source` must be a diffusers pipeline folder, but `{}` is a file", src.display()))
+                    .with_label("a file")
+                    .with_note("to take one component's weights from a file, set `components.<name>.source`"),
+            );
+        } else if !src.exists() {
+            out.push(warn(&src_key, Want::Value, format!("pipeline folder `{}` does not exist (yet)", src.display())).with_label("not found"));
+        } else if !src.join("model_index.json").is_file() {
+            out.push(warn(&src_key, Want::Value, format!("`{}` has no `model_index.json`: it does not look like a diffusers pipeline folder", src.display())).with_label("no model_index.json"));
+        }
     }
     for (name, comp) in obj(components) {
         if let Some(p) = comp.get("source").and_then(J::as_str).filter(|s| !s.is_empty()) {

@@ -32,10 +32,7 @@ impl Overrides {
     /// Takes the `RUNNER_<SECTION>__<KEY>` variables of this process. Variables without `__` are
     /// left alone: CI systems set `RUNNER_OS`, `RUNNER_TEMP`, `RUNNER_NAME`, ... for themselves.
     pub fn from_process(sets: Vec<String>) -> Self {
-        let mut env: Vec<(String, String)> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .filter(|(k, _)| is_override_var(k))
-            .collect();
+        let mut env: Vec<(String, String)> = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).filter(|(k, _)| is_override_var(k)).collect();
         env.sort();
         Overrides { env, sets }
     }
@@ -142,11 +139,8 @@ pub fn env_layer(name: &str, value: &str) -> Result<KeyLayer, Diagnostic> {
     let rest = name.strip_prefix(ENV_PREFIX).unwrap_or(name);
     let path: Vec<String> = rest.split(ENV_SEPARATOR).map(|s| s.to_ascii_lowercase()).collect();
     if path.iter().any(String::is_empty) {
-        return Err(Diagnostic::error(
-            format!("environment variable `{name}` has an empty key segment"),
-            origin.location(),
-        )
-        .with_note("nest keys with a double underscore: `RUNNER_RUN__STEPS=20` sets `run.steps`"));
+        return Err(Diagnostic::error(format!("environment variable `{name}` has an empty key segment"), origin.location())
+            .with_note("nest keys with a double underscore: `RUNNER_RUN__STEPS=20` sets `run.steps`"));
     }
     Ok(KeyLayer { origin, path, value: parse_literal(value) })
 }
@@ -155,8 +149,9 @@ pub fn env_layer(name: &str, value: &str) -> Result<KeyLayer, Diagnostic> {
 pub fn set_layer(arg: &str) -> Result<KeyLayer, Diagnostic> {
     let origin = Origin::Cli(format!("--set {arg}"));
     let Some((key, value)) = arg.split_once('=') else {
-        return Err(Diagnostic::error(format!("`--set {arg}` is not of the form KEY=VALUE"), origin.location())
-            .with_note("for example `--set run.steps=20` or `--set placement.max_memory.\"cuda:0\"=10GiB`"));
+        return Err(
+            Diagnostic::error(format!("`--set {arg}` is not of the form KEY=VALUE"), origin.location()).with_note("for example `--set run.steps=20` or `--set placement.max_memory.\"cuda:0\"=10GiB`")
+        );
     };
     let key = key.trim();
     let path: Vec<String> = match toml_edit::Key::parse(key) {

@@ -209,10 +209,7 @@ pub fn split_key(key: &str) -> Vec<String> {
 
 /// Joins key segments for messages, quoting segments that need it (`placement.max_memory."cuda:0"`).
 pub fn join_key(path: &[String]) -> String {
-    path.iter()
-        .map(|s| if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') { s.clone() } else { format!("{s:?}") })
-        .collect::<Vec<_>>()
-        .join(".")
+    path.iter().map(|s| if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') { s.clone() } else { format!("{s:?}") }).collect::<Vec<_>>().join(".")
 }
 
 /// Reads, merges, and validates a manifest. On failure, returns every diagnostic (errors and
@@ -246,11 +243,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
     let (json, non_finite) = to_json(&provenance.root);
     for p in non_finite {
         let key = join_key(&p);
-        diags.push(
-            Diagnostic::error(format!("`{key}` must be a finite number"), provenance.locate(&p, Want::Value))
-                .with_key(key)
-                .with_label("not a finite number"),
-        );
+        diags.push(Diagnostic::error(format!("`{key}` must be a finite number"), provenance.locate(&p, Want::Value)).with_key(key).with_label("not a finite number"));
     }
     diags.extend(schema::validate(&json, &provenance));
     diags.extend(check::check(&json, path, &provenance));
@@ -277,13 +270,7 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
         "validated"
     );
     match manifest {
-        Some(manifest) if !diags.iter().any(Diagnostic::is_error) => Ok(LoadedManifest {
-            manifest,
-            path: path.to_path_buf(),
-            source,
-            warnings: diags,
-            provenance,
-        }),
+        Some(manifest) if !diags.iter().any(Diagnostic::is_error) => Ok(LoadedManifest { manifest, path: path.to_path_buf(), source, warnings: diags, provenance }),
         _ => Err(diags),
     }
 }

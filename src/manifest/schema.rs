@@ -157,11 +157,7 @@ pub(super) fn validate(json: &J, prov: &Provenance) -> Vec<Diagnostic> {
     let mut out = vec![];
     // A value of the wrong type also fails its enum/pattern/range keywords: report the type only.
     let errors: Vec<_> = validator().iter_errors(json).collect();
-    let wrong_type: std::collections::HashSet<&str> = errors
-        .iter()
-        .filter(|e| matches!(e.kind, jsonschema::error::ValidationErrorKind::Type { .. }))
-        .map(|e| e.instance_path.as_str())
-        .collect();
+    let wrong_type: std::collections::HashSet<&str> = errors.iter().filter(|e| matches!(e.kind, jsonschema::error::ValidationErrorKind::Type { .. })).map(|e| e.instance_path.as_str()).collect();
     for err in &errors {
         if wrong_type.contains(err.instance_path.as_str()) && !matches!(err.kind, jsonschema::error::ValidationErrorKind::Type { .. }) {
             continue;
@@ -176,12 +172,9 @@ pub(super) fn validate(json: &J, prov: &Provenance) -> Vec<Diagnostic> {
                 for name in unexpected {
                     let mut sub = path.clone();
                     sub.push(name.clone());
-                    let allowed: Vec<&str> =
-                        node.and_then(|n| n.get("properties")).and_then(J::as_object).map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
+                    let allowed: Vec<&str> = node.and_then(|n| n.get("properties")).and_then(J::as_object).map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
                     let table = if path.is_empty() { "at the top level".to_string() } else { format!("in `[{key}]`") };
-                    let mut d = Diagnostic::error(format!("unknown key `{name}` {table}"), prov.locate(&sub, Want::Key))
-                        .with_key(join_key(&sub))
-                        .with_label("unknown key");
+                    let mut d = Diagnostic::error(format!("unknown key `{name}` {table}"), prov.locate(&sub, Want::Key)).with_key(join_key(&sub)).with_label("unknown key");
                     if let Some(s) = did_you_mean(name, allowed.iter().copied()) {
                         d = d.with_note(format!("did you mean `{s}`?"));
                     }
@@ -203,13 +196,9 @@ pub(super) fn validate(json: &J, prov: &Provenance) -> Vec<Diagnostic> {
             K::Type { kind } => {
                 let expected = match kind {
                     jsonschema::error::TypeKind::Single(t) => type_name(&t.to_string()).to_string(),
-                    jsonschema::error::TypeKind::Multiple(ts) => {
-                        ts.iter().map(|t| type_name(&t.to_string()).to_string()).collect::<Vec<_>>().join(" or ")
-                    }
+                    jsonschema::error::TypeKind::Multiple(ts) => ts.iter().map(|t| type_name(&t.to_string()).to_string()).collect::<Vec<_>>().join(" or "),
                 };
-                Diagnostic::error(format!("`{key}` must be {expected}, found {}", describe(&err.instance)), here(Want::Value))
-                    .with_key(key.clone())
-                    .with_label(format!("expected {expected}"))
+                Diagnostic::error(format!("`{key}` must be {expected}, found {}", describe(&err.instance)), here(Want::Value)).with_key(key.clone()).with_label(format!("expected {expected}"))
             }
             K::Enum { options } => {
                 let opts: Vec<&str> = options.as_array().map(|a| a.iter().filter_map(J::as_str).collect()).unwrap_or_default();
@@ -224,9 +213,7 @@ pub(super) fn validate(json: &J, prov: &Provenance) -> Vec<Diagnostic> {
             }
             K::Minimum { limit } | K::ExclusiveMinimum { limit } => {
                 let what = if matches!(err.kind, K::Minimum { .. }) { "at least" } else { "more than" };
-                Diagnostic::error(format!("`{key}` must be {what} {limit}, found {}", err.instance), here(Want::Value))
-                    .with_key(key.clone())
-                    .with_label(format!("must be {what} {limit}"))
+                Diagnostic::error(format!("`{key}` must be {what} {limit}, found {}", err.instance), here(Want::Value)).with_key(key.clone()).with_label(format!("must be {what} {limit}"))
             }
             K::Maximum { limit } | K::ExclusiveMaximum { limit } => {
                 let what = if matches!(err.kind, K::Maximum { .. }) { "at most" } else { "less than" };
@@ -288,4 +275,3 @@ fn pattern_diagnostic(pattern: &str, instance: &J, key: &str, loc: crate::diag::
     };
     Diagnostic::error(msg, loc).with_key(key.to_string()).with_label(label)
 }
-

@@ -2,8 +2,8 @@
 //! `AttnProcessor2_0` (scaled_dot_product_attention), `BasicTransformerBlock` with GEGLU
 //! feed-forward, `Transformer2DModel` for continuous (image) inputs.
 
-use tch::Tensor;
 use tch::nn;
+use tch::Tensor;
 
 use super::hooks::{Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::{conv2d, group_norm, on};
@@ -147,7 +147,11 @@ impl Transformer2DModel {
     pub fn new(vs: nn::Path, heads: i64, dim_head: i64, in_channels: i64, layers: i64, context_dim: i64, groups: i64, linear: bool) -> Self {
         let inner = heads * dim_head;
         let proj = |p: nn::Path, i, o| {
-            if linear { Proj::Linear(Linear::new(p, i, o, Default::default())) } else { Proj::Conv(conv2d(p, i, o, 1, 1, 0)) }
+            if linear {
+                Proj::Linear(Linear::new(p, i, o, Default::default()))
+            } else {
+                Proj::Conv(conv2d(p, i, o, 1, 1, 0))
+            }
         };
         Transformer2DModel {
             norm: group_norm(&vs / "norm", groups, in_channels, 1e-6),

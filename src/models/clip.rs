@@ -14,10 +14,10 @@ use serde_json::Value;
 use tch::nn::{self, Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use crate::checkpoint::CheckpointError;
-use crate::checkpoint::layout::{Checkpoint, Library, VariantPolicy, resolve_folder};
 use crate::models::hooks::{path_of, scoped};
-use crate::models::weights::{WeightsError, load_varstore};
+use crate::models::weights::{load_varstore, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClipError {
@@ -123,7 +123,11 @@ impl ClipTextConfig {
         };
         let positive = |key: &str, default: i64| -> Result<i64, ClipError> {
             let n = int(key, default)?;
-            if n > 0 { Ok(n) } else { Err(err(format!("`{key}` must be positive, got {n}"))) }
+            if n > 0 {
+                Ok(n)
+            } else {
+                Err(err(format!("`{key}` must be positive, got {n}")))
+            }
         };
         let act_name = match v.get("hidden_act") {
             None | Some(Value::Null) => "quick_gelu",
@@ -158,7 +162,11 @@ impl ClipTextConfig {
     }
 
     fn model_name(&self) -> &'static str {
-        if self.with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }
+        if self.with_projection {
+            "CLIPTextModelWithProjection"
+        } else {
+            "CLIPTextModel"
+        }
     }
 }
 

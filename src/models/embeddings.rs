@@ -2,7 +2,7 @@
 
 use tch::nn;
 
-use super::hooks::{Linear, scoped};
+use super::hooks::{scoped, Linear};
 use tch::{Kind, Tensor};
 
 /// diffusers `get_timestep_embedding`: `[sin, cos]` (or `[cos, sin]` with `flip_sin_to_cos`) of
@@ -14,7 +14,11 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, f
     let emb = timesteps.to_kind(Kind::Float).unsqueeze(-1) * emb.unsqueeze(0);
     let emb = Tensor::cat(&[emb.sin(), emb.cos()], -1);
     let emb = if flip_sin_to_cos { Tensor::cat(&[emb.narrow(-1, half, half), emb.narrow(-1, 0, half)], -1) } else { emb };
-    if dim % 2 == 1 { emb.constant_pad_nd([0, 1]) } else { emb }
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1])
+    } else {
+        emb
+    }
 }
 
 /// diffusers `Timesteps` (no parameters).

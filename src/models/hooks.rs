@@ -10,8 +10,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use tch::Tensor;
 use tch::nn::{self, Module};
+use tch::Tensor;
 
 pub trait ForwardHooks {
     /// `path` is about to run.

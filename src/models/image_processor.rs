@@ -159,13 +159,7 @@ pub fn numpy_to_pil(images: &Tensor) -> Result<Vec<RgbImage>, ImageProcessorErro
     let flat = images.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?.f_view([-1])?;
     let v: Vec<f32> = Vec::<f32>::try_from(&flat)?;
     let per = (h * w * 3) as usize;
-    Ok(v.chunks(per)
-        .map(|img| RgbImage {
-            height: h as usize,
-            width: w as usize,
-            data: img.iter().map(|&x| (x * 255.0f32).round_ties_even().clamp(0.0, 255.0) as u8).collect(),
-        })
-        .collect())
+    Ok(v.chunks(per).map(|img| RgbImage { height: h as usize, width: w as usize, data: img.iter().map(|&x| (x * 255.0f32).round_ties_even().clamp(0.0, 255.0) as u8).collect() }).collect())
 }
 
 /// PIL's `PRECISION_BITS` (Resample.c): 32 - 8 - 2.
@@ -444,9 +438,8 @@ impl ImageProcessor {
         }
         let d = ImageProcessor::default();
         let present = |key: &str| v.get(key).filter(|x| !x.is_null());
-        let boolean = |key: &str, default: bool| -> Result<bool, ImageProcessorError> {
-            present(key).map_or(Ok(default), |x| x.as_bool().ok_or_else(|| err(format!("`{key}` must be a boolean, got {x}"))))
-        };
+        let boolean =
+            |key: &str, default: bool| -> Result<bool, ImageProcessorError> { present(key).map_or(Ok(default), |x| x.as_bool().ok_or_else(|| err(format!("`{key}` must be a boolean, got {x}")))) };
         let positive = |key: &str, x: &Value| -> Result<usize, ImageProcessorError> {
             x.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| err(format!("`{key}` sizes must be positive integers, got {x}")))
         };
@@ -555,12 +548,7 @@ impl ImageProcessor {
                 img = center_crop(&img, self.crop_size.0, self.crop_size.1);
             }
             if *shape.get_or_insert((img.height, img.width)) != (img.height, img.width) {
-                return Err(ImageProcessorError::Input(format!(
-                    "processed images differ in size ({:?} and {}x{}); they cannot be batched",
-                    shape.unwrap_or_default(),
-                    img.height,
-                    img.width
-                )));
+                return Err(ImageProcessorError::Input(format!("processed images differ in size ({:?} and {}x{}); they cannot be batched", shape.unwrap_or_default(), img.height, img.width)));
             }
             let n = img.height * img.width;
             let base = out.len();

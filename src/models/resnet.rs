@@ -1,15 +1,19 @@
 //! diffusers `resnet.py`: `ResnetBlock2D`, `Downsample2D`, `Upsample2D`.
 
-use tch::Tensor;
 use tch::nn;
+use tch::Tensor;
 
-use super::hooks::{Conv2d, GroupNorm, Linear, scoped};
+use super::hooks::{scoped, Conv2d, GroupNorm, Linear};
 
 /// `t` on `like`'s device: a no-op unless a component is split across devices, where each
 /// no-split unit moves its inputs to its own weights (accelerate's `AlignDevicesHook`).
 pub fn on(t: &Tensor, like: &Tensor) -> Tensor {
     let d = like.device();
-    if t.device() == d { t.shallow_clone() } else { t.to_device(d) }
+    if t.device() == d {
+        t.shallow_clone()
+    } else {
+        t.to_device(d)
+    }
 }
 
 pub fn conv2d(vs: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, padding: i64) -> Conv2d {
@@ -64,7 +68,11 @@ impl ResnetBlock2D {
             None => x.shallow_clone(),
         };
         let out = shortcut + h;
-        if self.output_scale_factor == 1.0 { out } else { out / self.output_scale_factor }
+        if self.output_scale_factor == 1.0 {
+            out
+        } else {
+            out / self.output_scale_factor
+        }
     }
 }
 

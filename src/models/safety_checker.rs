@@ -98,8 +98,7 @@ impl SafetyCheckerConfig {
             None | Some(Value::Null) => "quick_gelu",
             Some(x) => x.as_str().ok_or_else(|| err(format!("`{p}hidden_act` must be a string, got {x}")))?,
         };
-        let hidden_act = Activation::from_name(act_name)
-            .ok_or_else(|| err(format!("`{p}hidden_act` `{act_name}` is not supported (quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)")))?;
+        let hidden_act = Activation::from_name(act_name).ok_or_else(|| err(format!("`{p}hidden_act` `{act_name}` is not supported (quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, relu, silu)")))?;
         let layer_norm_eps = match vc.get("layer_norm_eps") {
             None | Some(Value::Null) => 1e-5,
             Some(x) => x.as_f64().ok_or_else(|| err(format!("`{p}layer_norm_eps` must be a number, got {x}")))?,
@@ -131,7 +130,6 @@ impl SafetyCheckerConfig {
         Ok(SafetyCheckerConfig { vision, projection_dim: positive(v, "", "projection_dim", 512)? })
     }
 }
-
 
 /// Everything `StableDiffusionSafetyChecker.forward` computes, per image.
 #[derive(Debug)]

@@ -139,14 +139,7 @@ fn token_content(v: &Value) -> Option<String> {
 
 fn added_from_json(v: &Value, id: i64) -> Option<AddedToken> {
     let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-    Some(AddedToken {
-        content: token_content(v)?,
-        id,
-        single_word: flag("single_word"),
-        lstrip: flag("lstrip"),
-        rstrip: flag("rstrip"),
-        normalized: flag("normalized"),
-    })
+    Some(AddedToken { content: token_content(v)?, id, single_word: flag("single_word"), lstrip: flag("lstrip"), rstrip: flag("rstrip"), normalized: flag("normalized") })
 }
 
 fn json_id(path: &Path, what: &str, v: &Value) -> Result<i64, TokenizerError> {
@@ -272,10 +265,7 @@ impl ClipTokenizer {
             let (vp, mp) = (dir.join("vocab.json"), dir.join("merges.txt"));
             let missing: Vec<&str> = [("vocab.json", &vp), ("merges.txt", &mp)].iter().filter(|(_, p)| !p.is_file()).map(|(n, _)| *n).collect();
             if !missing.is_empty() {
-                return Err(TokenizerError::Folder {
-                    dir: dir.to_path_buf(),
-                    msg: format!("has neither `tokenizer.json` nor `vocab.json` + `merges.txt` (missing: {})", missing.join(", ")),
-                });
+                return Err(TokenizerError::Folder { dir: dir.to_path_buf(), msg: format!("has neither `tokenizer.json` nor `vocab.json` + `merges.txt` (missing: {})", missing.join(", ")) });
             }
             let vocab = parse_vocab(&vp, &read_json(&vp)?)?;
             let merges = build_merges(&mp, parse_merges_txt(&mp, &read_text(&mp)?)?, &vocab)?;
@@ -298,9 +288,7 @@ impl ClipTokenizer {
 
         // Special tokens: tokenizer_config.json, then special_tokens_map.json, then
         // `CLIPTokenizer.__init__`'s defaults.
-        let special = |key: &str, default: &str| -> String {
-            config.get(key).and_then(token_content).or_else(|| special_map.get(key).and_then(token_content)).unwrap_or_else(|| default.to_string())
-        };
+        let special = |key: &str, default: &str| -> String { config.get(key).and_then(token_content).or_else(|| special_map.get(key).and_then(token_content)).unwrap_or_else(|| default.to_string()) };
         let (bos_s, eos_s, pad_s, unk_s) =
             (special("bos_token", "<|startoftext|>"), special("eos_token", "<|endoftext|>"), special("pad_token", "<|endoftext|>"), special("unk_token", "<|endoftext|>"));
         let mut next_id = vocab.values().chain(added.iter().map(|a| &a.id)).copied().max().unwrap_or(-1) + 1;
@@ -533,11 +521,7 @@ impl ClipTokenizer {
             last.next = -1;
         }
 
-        let mut queue: BinaryHeap<Merge> = syms
-            .windows(2)
-            .enumerate()
-            .filter_map(|(pos, w)| self.merges.get(&(w[0].id, w[1].id)).map(|&(rank, new_id)| Merge { pos, rank, new_id }))
-            .collect();
+        let mut queue: BinaryHeap<Merge> = syms.windows(2).enumerate().filter_map(|(pos, w)| self.merges.get(&(w[0].id, w[1].id)).map(|&(rank, new_id)| Merge { pos, rank, new_id })).collect();
         while let Some(top) = queue.pop() {
             let cur = syms[top.pos];
             if cur.len == 0 || cur.next == -1 {

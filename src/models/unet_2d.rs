@@ -3,12 +3,12 @@
 use tch::nn;
 use tch::{Kind, Tensor};
 
-use super::ModelError;
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::hooks::{Conv2d, GroupNorm};
 use super::resnet::{conv2d, group_norm, on};
 use super::unet_2d_blocks::{BlockConfig, DownBlock, MidBlockCrossAttn, UpBlock};
 use super::weights::{cfg_bool, cfg_f64, cfg_list_str, cfg_list_u64, cfg_str, cfg_u64};
+use super::ModelError;
 
 /// The config values runner supports, read from `unet/config.json`.
 #[derive(Debug, Clone, PartialEq)]

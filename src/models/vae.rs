@@ -1,13 +1,13 @@
 //! diffusers `AutoencoderKL`: the decoder (latents -> image), built from `vae/config.json`.
 
-use tch::Tensor;
 use tch::nn;
+use tch::Tensor;
 
-use super::ModelError;
 use super::hooks::{Conv2d, GroupNorm};
 use super::resnet::{conv2d, group_norm};
 use super::unet_2d_blocks::{MidBlock2D, UpDecoderBlock2D};
 use super::weights::{cfg_bool, cfg_f64, cfg_list_str, cfg_list_u64, cfg_str, cfg_u64};
+use super::ModelError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AutoencoderKLConfig {

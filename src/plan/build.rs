@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use super::inventory::{Inventory, InventoryError};
-use super::memory::{RunShape, working_bytes};
-use super::{ComponentInput, PlanInput, modules};
+use super::memory::{working_bytes, RunShape};
+use super::{modules, ComponentInput, PlanInput};
 use crate::checkpoint::layout::{Component, PipelineFolder, WeightFiles};
 use crate::device::Device;
 use crate::manifest::{LoadedManifest, Offload, PipelineKind};

@@ -64,11 +64,7 @@ pub fn working_bytes(class: &str, config: &serde_json::Value, dtype: Dtype, shap
         "UNet2DConditionModel" => {
             let c0 = first_channels(config).unwrap_or(320);
             let x = b * n_latent * c0 * e;
-            let attention_first = config
-                .get("down_block_types")
-                .and_then(|v| v.get(0))
-                .and_then(|v| v.as_str())
-                .is_some_and(|s| s.starts_with("CrossAttn"));
+            let attention_first = config.get("down_block_types").and_then(|v| v.get(0)).and_then(|v| v.as_str()).is_some_and(|s| s.starts_with("CrossAttn"));
             if attention_first {
                 20 * x + 72 * MB
             } else {

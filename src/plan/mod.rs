@@ -58,7 +58,11 @@ impl ComponentInput {
     }
     /// Weights held on the device for the whole run.
     fn resident(&self) -> u64 {
-        if self.offloaded() { 0 } else { self.bytes }
+        if self.offloaded() {
+            0
+        } else {
+            self.bytes
+        }
     }
     /// What the device needs on top of resident weights while this component runs.
     fn transient(&self) -> u64 {
@@ -178,7 +182,11 @@ pub struct PlanError {
 }
 
 fn options_text(options: &[String]) -> String {
-    if options.is_empty() { String::new() } else { format!("\noptions that would fit:\n{}", options.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n")) }
+    if options.is_empty() {
+        String::new()
+    } else {
+        format!("\noptions that would fit:\n{}", options.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n"))
+    }
 }
 
 fn gb(b: u64) -> String {

@@ -84,11 +84,7 @@ impl<'a> Cfg<'a> {
             Some(Value::String(s)) => s.as_str(),
             Some(v) => return Err(self.bad(key, short(v), format!("expected one of {}", quoted(allowed)))),
         };
-        allowed
-            .iter()
-            .copied()
-            .find(|a| *a == s)
-            .ok_or_else(|| self.bad(key, format!("{s:?}"), format!("supported: {}", quoted(allowed))))
+        allowed.iter().copied().find(|a| *a == s).ok_or_else(|| self.bad(key, format!("{s:?}"), format!("supported: {}", quoted(allowed))))
     }
 
     /// A flag runner does not implement: it must be false (or absent).

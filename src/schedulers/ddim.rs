@@ -40,11 +40,7 @@ impl Ddim {
             Spacing::Trailing => np_arange(n as f64, 0.0, -(n as f64 / steps as f64)).into_iter().map(|t| t.round_ties_even() as i64 - 1).collect(),
         };
         if let Some(bad) = timesteps.iter().find(|&&t| t < 0 || t >= n as i64) {
-            return Err(SchedulerError::Steps {
-                class: Self::NAME,
-                steps,
-                reason: format!("timestep {bad} is outside the {n} training timesteps (steps_offset = {offset})"),
-            });
+            return Err(SchedulerError::Steps { class: Self::NAME, steps, reason: format!("timestep {bad} is outside the {n} training timesteps (steps_offset = {offset})") });
         }
         Ok(Ddim {
             alphas_cumprod_f64: widen(&ac),
@@ -78,10 +74,7 @@ impl Scheduler for Ddim {
         let b = 1.0 - a;
         let (pred_original, pred_epsilon) = match self.prediction {
             Prediction::Epsilon => ((sample - model_output * sqrt32(b) as f64) / sqrt32(a) as f64, model_output.shallow_clone()),
-            Prediction::VPrediction => (
-                sample * sqrt32(a) as f64 - model_output * sqrt32(b) as f64,
-                model_output * sqrt32(a) as f64 + sample * sqrt32(b) as f64,
-            ),
+            Prediction::VPrediction => (sample * sqrt32(a) as f64 - model_output * sqrt32(b) as f64, model_output * sqrt32(a) as f64 + sample * sqrt32(b) as f64),
         };
         let pred_original = match self.clip {
             Some(r) => pred_original.clamp(-r, r),

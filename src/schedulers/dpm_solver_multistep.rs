@@ -130,8 +130,7 @@ impl DpmSolverMultistep {
 
     /// diffusers `index_for_timestep` (the last index when the timestep is not in the schedule).
     fn index(&self, i: usize) -> usize {
-        self.step_index
-            .unwrap_or_else(|| schedule::index_for_timestep(&self.timesteps, self.timesteps[i]).unwrap_or(self.timesteps.len() - 1))
+        self.step_index.unwrap_or_else(|| schedule::index_for_timestep(&self.timesteps, self.timesteps[i]).unwrap_or(self.timesteps.len() - 1))
     }
 
     /// diffusers `convert_model_output`: the data prediction x0 (DPM-Solver++) or the noise (DPM-Solver).
@@ -210,12 +209,10 @@ impl DpmSolverMultistep {
         let d2 = (&d1_0 - &d1_1) * (1.0 / (r0 + r1)) as f64;
         if self.plus_plus {
             let e = exp32(-h) - 1.0;
-            sample * (sigma_t / sigma_s0) as f64 - d0 * (alpha_t * e) as f64 + d1 * (alpha_t * (e / h + 1.0)) as f64
-                - d2 * (alpha_t * ((exp32(-h) - 1.0 + h) / (h * h) - 0.5)) as f64
+            sample * (sigma_t / sigma_s0) as f64 - d0 * (alpha_t * e) as f64 + d1 * (alpha_t * (e / h + 1.0)) as f64 - d2 * (alpha_t * ((exp32(-h) - 1.0 + h) / (h * h) - 0.5)) as f64
         } else {
             let e = exp32(h) - 1.0;
-            sample * (alpha_t / alpha_s0) as f64 - d0 * (sigma_t * e) as f64 - d1 * (sigma_t * (e / h - 1.0)) as f64
-                - d2 * (sigma_t * ((exp32(h) - 1.0 - h) / (h * h) - 0.5)) as f64
+            sample * (alpha_t / alpha_s0) as f64 - d0 * (sigma_t * e) as f64 - d1 * (sigma_t * (e / h - 1.0)) as f64 - d2 * (sigma_t * ((exp32(h) - 1.0 - h) / (h * h) - 0.5)) as f64
         }
     }
 }
@@ -234,8 +231,7 @@ impl Scheduler for DpmSolverMultistep {
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
         let idx = self.index(i);
         let len = self.timesteps.len();
-        let lower_order_final =
-            idx == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_sigma_zero);
+        let lower_order_final = idx == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_sigma_zero);
         let lower_order_second = idx + 2 == len && self.lower_order_final && len < 15;
         let model_output = self.convert_model_output(model_output, sample, idx);
         self.model_outputs.rotate_left(1);

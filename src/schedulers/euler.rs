@@ -84,15 +84,7 @@ impl EulerDiscrete {
             timesteps = sigmas[..sigmas.len() - 1].iter().map(|&s| (0.25 * log32(s)) as f64).collect();
         }
         schedule::check_first_timestep(Self::NAME, steps, &timesteps)?;
-        Ok(EulerDiscrete {
-            alphas_cumprod: widen(&ac),
-            init_noise_sigma: init_noise_sigma(&sigmas, spacing),
-            sigmas_f64: widen(&sigmas),
-            sigmas,
-            timesteps,
-            prediction,
-            step_index: None,
-        })
+        Ok(EulerDiscrete { alphas_cumprod: widen(&ac), init_noise_sigma: init_noise_sigma(&sigmas, spacing), sigmas_f64: widen(&sigmas), sigmas, timesteps, prediction, step_index: None })
     }
 
     fn index(&self, i: usize) -> usize {

@@ -69,14 +69,7 @@ pub enum SchedulerError {
 }
 
 /// The diffusers classes [`build`] accepts.
-pub const SUPPORTED: &[&str] = &[
-    Pndm::NAME,
-    EulerDiscrete::NAME,
-    EulerAncestralDiscrete::NAME,
-    Ddim::NAME,
-    DpmSolverMultistep::NAME,
-    LmsDiscrete::NAME,
-];
+pub const SUPPORTED: &[&str] = &[Pndm::NAME, EulerDiscrete::NAME, EulerAncestralDiscrete::NAME, Ddim::NAME, DpmSolverMultistep::NAME, LmsDiscrete::NAME];
 
 /// Parses scheduler_config.json text (lenient: accepts -Infinity/Infinity/NaN, which Python's
 /// `json.dumps` writes and strict JSON refuses; they become the strings "-Infinity", ... that
@@ -128,14 +121,7 @@ pub fn build(config: &Value, kind: Option<SchedulerKind>, steps: usize) -> Resul
         Some(k) => class_of(k).to_string(),
         None => match map.get("_class_name") {
             Some(Value::String(s)) => s.clone(),
-            Some(v) => {
-                return Err(SchedulerError::BadValue {
-                    class: "scheduler",
-                    key: "_class_name".into(),
-                    value: short(v),
-                    reason: "expected a class name string".into(),
-                })
-            }
+            Some(v) => return Err(SchedulerError::BadValue { class: "scheduler", key: "_class_name".into(), value: short(v), reason: "expected a class name string".into() }),
             None => return Err(SchedulerError::MissingClass),
         },
     };
@@ -155,9 +141,7 @@ pub fn build(config: &Value, kind: Option<SchedulerKind>, steps: usize) -> Resul
         Pndm::NAME => Box::new(Pndm::new(&Cfg::new(Pndm::NAME, &map), steps)?),
         Ddim::NAME => Box::new(Ddim::new(&Cfg::new(Ddim::NAME, &map), steps)?),
         EulerDiscrete::NAME => Box::new(EulerDiscrete::new(&Cfg::new(EulerDiscrete::NAME, &map), steps)?),
-        EulerAncestralDiscrete::NAME => {
-            Box::new(EulerAncestralDiscrete::new(&Cfg::new(EulerAncestralDiscrete::NAME, &map), steps)?)
-        }
+        EulerAncestralDiscrete::NAME => Box::new(EulerAncestralDiscrete::new(&Cfg::new(EulerAncestralDiscrete::NAME, &map), steps)?),
         DpmSolverMultistep::NAME => Box::new(DpmSolverMultistep::new(&Cfg::new(DpmSolverMultistep::NAME, &map), steps)?),
         LmsDiscrete::NAME => Box::new(LmsDiscrete::new(&Cfg::new(LmsDiscrete::NAME, &map), steps)?),
         _ => return Err(SchedulerError::UnsupportedClass { name: class }),

@@ -60,11 +60,7 @@ impl Pndm {
         let step_ratio = (n / steps) as i64;
         // Every alphas_cumprod index step() will use must exist (diffusers would raise IndexError).
         if let Some(bad) = timesteps.iter().chain(timesteps.get(1).map(|t| t + step_ratio).iter()).find(|&&t| t < 0 || t >= n as i64) {
-            return Err(SchedulerError::Steps {
-                class: Self::NAME,
-                steps,
-                reason: format!("timestep {bad} is outside the {n} training timesteps (steps_offset = {offset}, timestep_spacing)"),
-            });
+            return Err(SchedulerError::Steps { class: Self::NAME, steps, reason: format!("timestep {bad} is outside the {n} training timesteps (steps_offset = {offset}, timestep_spacing)") });
         }
         Ok(Pndm {
             alphas_cumprod_f64: widen(&ac),
