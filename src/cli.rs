@@ -81,6 +81,12 @@ enum Command {
     /// denoise from the seeded initial latents with classifier-free guidance, decode, and write
     /// PNGs (atomically) whose tEXt chunks carry the prompt, seed, steps, guidance, scheduler and
     /// the manifest's sha256.
+    ///
+    /// Offload (`placement.offload`, or per component `components.NAME.offload`): `model` keeps
+    /// a component's weights in host memory and moves it to its device for its turn; `sequential`
+    /// streams one leaf module at a time; `group` one block group at a time, the next one
+    /// prefetched (RUNNER_PREFETCH_STREAM=1: on a side CUDA stream, experimental). Every mode gives
+    /// the image of no offload.
     #[command(after_help = LAYERS_HELP)]
     Run {
         #[arg(value_name = "MANIFEST")]
@@ -95,9 +101,9 @@ enum Command {
         #[arg(long, value_name = "SPEC", conflicts_with = "simulate")]
         devices: Option<String>,
         /// Plan for these devices (e.g. "cuda:0=40MB,cuda:1=40MB,cpu=2GiB") but execute everything
-        /// on the CPU: device maps and component boundaries run where no GPU exists. Weights are
-        /// accounted per simulated device (a budget exceeded is an error); working memory is
-        /// planned, not measured.
+        /// on the CPU: device maps, component boundaries and offload hooks run where no GPU
+        /// exists. Weights are accounted per simulated device (a budget exceeded is an error) and
+        /// their peaks reported beside the plan's; working memory is planned, not measured.
         #[arg(long, value_name = "SPEC")]
         simulate: Option<String>,
         /// No progress bars.
