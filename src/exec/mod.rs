@@ -552,7 +552,7 @@ impl Session<'_> {
         let offloaded = || self.plan.components.iter().filter(|c| c.offload != Offload::None && c.device != Device::Cpu);
         let visitors = offloaded().filter(|c| c.offload == Offload::Model).filter_map(|c| self.varstore(&c.name).map(|vs| offload::Visitor::new(&c.name, vs, c.device, c.split.clone()))).collect();
         let runs_on = self.plan.components.iter().map(|c| (c.name.clone(), c.split.as_ref().map_or_else(|| vec![c.device], |s| s.iter().map(|x| x.1).collect()))).collect();
-        let mut res = offload::Residency::new(self.ledger()?, visitors, vec![], runs_on, self.simulate);
+        let mut res = offload::Residency::new(self.ledger()?, visitors, runs_on, self.simulate);
         for c in offloaded().filter(|c| c.offload != Offload::Model) {
             if let Some(vs) = self.varstore(&c.name) {
                 let run = if self.simulate { tch::Device::Cpu } else { tch_device(c.device) };

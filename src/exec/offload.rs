@@ -1,7 +1,7 @@
 //! Offload at run time, per component, as diffusers' hooks do it:
-//! - `model` ([`Visitor`]): the whole component visits its device right before it runs; whatever
-//!   else with `model` offload sits on that device goes back to host memory first (diffusers
-//!   chains its hooks the same way, in pipeline order), so a device holds one at a time.
+//! - `model` ([`Visitor`]): the whole component visits its device right before it runs and goes
+//!   back to host memory when another component runs there (diffusers chains its hooks the same
+//!   way, in pipeline order), so a device holds one visitor at a time.
 //! - `sequential` and `group` ([`Stream`]): the component's variables stay in host memory and the
 //!   device holds empty placeholders (so that inputs still follow `weight.device()`); the model
 //!   code announces each module it runs ([`crate::models::hooks`]) and the stream brings a leaf
@@ -52,8 +52,8 @@ impl<'a> Visitor<'a> {
 }
 
 impl<'a> Residency<'a> {
-    pub fn new(ledger: ledger::Ledger, visitors: Vec<Visitor<'a>>, streams: Vec<Rc<Stream>>, runs_on: HashMap<String, Vec<Device>>, simulate: bool) -> Residency<'a> {
-        Residency { ledger: Rc::new(RefCell::new(ledger)), visitors, streams, runs_on, simulate }
+    pub fn new(ledger: ledger::Ledger, visitors: Vec<Visitor<'a>>, runs_on: HashMap<String, Vec<Device>>, simulate: bool) -> Residency<'a> {
+        Residency { ledger: Rc::new(RefCell::new(ledger)), visitors, streams: vec![], runs_on, simulate }
     }
 
     /// The ledger all streams of this residency share.
@@ -447,7 +447,7 @@ mod tests {
         let x = Tensor::ones([1, 4], (tch::Kind::Float, tch::Device::Cpu));
         let want = b.forward(&a.forward(&x));
         let run = |mode: Offload| {
-            let res = Residency::new(ledger::Ledger::new(&plan_with(1 << 20)), vec![], vec![], HashMap::new(), true);
+            let res = Residency::new(ledger::Ledger::new(&plan_with(1 << 20)), vec![], HashMap::new(), true);
             let s = Rc::new(Stream::new("unet", mode, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger()));
             assert_eq!(a.weight().numel(), 0, "placeholders while absent");
             hooks::set(Some(s.clone()));
@@ -471,7 +471,7 @@ mod tests {
     fn a_budget_exceeded_while_streaming_is_an_error_naming_the_component_and_bytes() {
         let vs = VarStore::new(tch::Device::Cpu);
         let a = crate::models::hooks::Linear::new(&vs.root() / "conv_in", 4, 4, Default::default());
-        let mut res = Residency::new(ledger::Ledger::new(&plan_with(50)), vec![], vec![], HashMap::new(), true);
+        let mut res = Residency::new(ledger::Ledger::new(&plan_with(50)), vec![], HashMap::new(), true);
         let s = Stream::new("unet", Offload::Sequential, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger());
         res.add_stream(s);
         res.enter("unet").unwrap();
@@ -514,7 +514,7 @@ mod properties {
                 let d = crate::plan::DevicePlan { device: Device::Cuda(0), budget_bytes: 1 << 30, source: crate::plan::inventory::BudgetSource::MaxMemory, resident_bytes: 0, planned_bytes: 0, weight_peak_bytes: 0, free_bytes: 1 << 30 };
                 crate::plan::Plan { strategy: crate::manifest::Strategy::Balanced, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
             };
-            let res = Residency::new(ledger::Ledger::new(&plan), vec![], vec![], HashMap::new(), true);
+            let res = Residency::new(ledger::Ledger::new(&plan), vec![], HashMap::new(), true);
             let mode = if group { Offload::Group } else { Offload::Sequential };
             let s = Rc::new(Stream::new("unet", mode, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger()));
             hooks::set(Some(s.clone()));
