@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use runner::device::Device;
-use runner::manifest::{Dtype, Offload, Strategy};
+use runner::manifest::{Dtype, Offload, Overflow, Strategy};
 use runner::plan::{modules, plan, BudgetSource, ComponentInput, DeviceBudget, Inventory, PlanInput};
 
 fn main() {
@@ -20,7 +20,7 @@ fn main() {
             .iter()
             .map(|&(device, budget)| DeviceBudget { device, budget, source: BudgetSource::DevicesFlag, total: None })
             .collect();
-        let input = PlanInput { components: vec![c], inventory: Inventory { devices }, strategy: Strategy::Auto, notes: vec![] };
+        let input = PlanInput { components: vec![c], inventory: Inventory { devices }, strategy: Strategy::Auto, overflow: Overflow::Stream, notes: vec![] };
         let t = Instant::now();
         let p = plan(&input).expect("plans");
         let planned = t.elapsed();

@@ -408,36 +408,109 @@ fn config(file: &std::path::Path, json: bool, overrides: &Overrides, color: Colo
     Ok(ExitCode::SUCCESS)
 }
 
-fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
-    use runner::plan::{build, inventory::Inventory, render};
-    let devices = devices.map(Inventory::parse_spec).transpose()?;
-    let loaded = match manifest::load(file, overrides) {
-        Ok(m) => m,
-        Err(diags) => {
-            diag::render_all(&diags, &mut stderr(color))?;
-            return Ok(ExitCode::FAILURE);
+/// Why `plan` or `run` failed: rendered for people on stderr, and with `--json` also as a JSON
+/// document on stdout (`{"error": {"message", "kind", "options"}}`), so that machines reading
+/// the output never get an empty one.
+struct Failure {
+    /// `manifest`, `devices`, `lock`, `checkpoint`, `plan`, `model`, `io`, `libtorch`, `run`.
+    kind: &'static str,
+    message: String,
+    /// For `plan`: the changes that would fit.
+    options: Vec<String>,
+    /// For `manifest`: the diagnostics, rendered at file:line:col.
+    diagnostics: Vec<Diagnostic>,
+}
+
+impl Failure {
+    fn new(kind: &'static str, message: impl std::fmt::Display) -> Failure {
+        Failure { kind, message: message.to_string(), options: vec![], diagnostics: vec![] }
+    }
+
+    fn manifest(file: &std::path::Path, diagnostics: Vec<Diagnostic>) -> Failure {
+        let n = diagnostics.iter().filter(|d| d.is_error()).count();
+        Failure { diagnostics, ..Failure::new("manifest", format!("`{}` is not a valid manifest ({n} error{})", file.display(), if n == 1 { "" } else { "s" })) }
+    }
+
+    fn plan(file: &std::path::Path, e: runner::plan::PlanError) -> Failure {
+        Failure { options: e.options.clone(), ..Failure::new("plan", format!("cannot place `{}` within the budgets: {}", file.display(), e.message)) }
+    }
+
+    /// A run's failure, `rename` applied to what it says (`--devices` -> `--simulate`).
+    fn exec(file: &std::path::Path, e: runner::exec::ExecError, rename: &dyn Fn(String) -> String) -> Failure {
+        use runner::exec::ExecError as E;
+        if let E::Plan(p) = e {
+            let mut f = Failure::plan(file, p);
+            f.message = rename(f.message);
+            return f;
         }
-    };
-    diag::render_all(&loaded.warnings, &mut stderr(color))?;
+        let kind = match &e {
+            E::Checkpoint(_) => "checkpoint",
+            E::Model(_) => "model",
+            E::Inventory(_) => "devices",
+            E::Text(_) => "tokenizer",
+            E::Scheduler(_) => "scheduler",
+            E::Io { .. } => "io",
+            E::Plan(_) | E::Unsupported(_) => "run",
+        };
+        Failure::new(kind, format!("`{}`: {}", file.display(), rename(e.to_string())))
+    }
+
+    fn report(self, json: bool, color: Color) -> anyhow::Result<ExitCode> {
+        if self.diagnostics.is_empty() {
+            eprintln!("error: {}{}", self.message, options_text(&self.options));
+        } else {
+            diag::render_all(&self.diagnostics, &mut stderr(color))?;
+        }
+        if json {
+            let mut error = serde_json::json!({"message": self.message, "kind": self.kind, "options": self.options});
+            if !self.diagnostics.is_empty() {
+                error["diagnostics"] = self.diagnostics.iter().map(Diagnostic::to_json).collect::<Vec<_>>().into();
+            }
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "error": error }))?);
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn options_text(options: &[String]) -> String {
+    if options.is_empty() {
+        String::new()
+    } else {
+        format!("\noptions that would fit:\n{}", options.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n"))
+    }
+}
+
+fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+    match plan_inner(file, json, devices, weights_only, locked, overrides, color) {
+        Ok(code) => Ok(code),
+        Err(f) => f.report(json, color),
+    }
+}
+
+fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only: bool, locked: bool, overrides: &Overrides, color: Color) -> Result<ExitCode, Failure> {
+    use runner::plan::{build, inventory::Inventory, render};
+    let devices = devices.map(Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", e))?;
+    let loaded = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
+    diag::render_all(&loaded.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
     if locked {
-        runner::lock::verify_lock(&loaded)?;
+        runner::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;
     }
     let t = std::time::Instant::now();
-    let pipeline = runner::checkpoint::open_for_manifest(&loaded)?;
+    let pipeline = runner::checkpoint::open_for_manifest(&loaded).map_err(|e| Failure::new("checkpoint", e))?;
     for n in &pipeline.notes {
         tracing::info!("{n}");
     }
     let opts = build::BuildOptions { devices, weights_only };
-    let inventory = build::inventory(&loaded, &opts)?;
+    let inventory = build::inventory(&loaded, &opts).map_err(|e| Failure::new("devices", e))?;
     let input = build::plan_input(&loaded, &pipeline, inventory, &opts);
-    let plan = runner::plan::plan(&input).map_err(|e| anyhow::anyhow!("cannot place `{}` within the budgets: {e}", file.display()))?;
+    let plan = runner::plan::plan(&input).map_err(|e| Failure::plan(file, e))?;
     tracing::debug!(elapsed = ?t.elapsed(), "planned");
-    if json {
-        println!("{}", serde_json::to_string_pretty(&render::to_json(&plan, weights_only))?);
+    let out = if json {
+        serde_json::to_string_pretty(&render::to_json(&plan, weights_only)).map_err(|e| Failure::new("io", e))? + "\n"
     } else {
-        println!("plan for {} ({}, strategy {})", file.display(), loaded.manifest.pipeline.kind.as_str(), plan.strategy.as_str());
-        print!("{}", render::to_table(&plan, weights_only));
-    }
+        format!("plan for {} ({}, strategy {}, overflow {})\n{}", file.display(), loaded.manifest.pipeline.kind.as_str(), plan.strategy.as_str(), plan.overflow.as_str(), render::to_table(&plan, weights_only))
+    };
+    print!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -454,36 +527,9 @@ fn run_job(
     overrides: &Overrides,
     color: Color,
 ) -> anyhow::Result<ExitCode> {
-    // The inventory's messages name `--devices`; a simulated run got its devices from `--simulate`.
-    let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
-    let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| anyhow::anyhow!(flag(e.to_string())))?;
-    let loaded = match manifest::load(file, overrides) {
-        Ok(m) => m,
-        Err(diags) => {
-            diag::render_all(&diags, &mut stderr(color))?;
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    diag::render_all(&loaded.warnings, &mut stderr(color))?;
-    if locked {
-        runner::lock::verify_lock(&loaded)?;
-    }
-    if let Some(t) = loaded.manifest.run.threads {
-        tch::set_num_threads(t as i32);
-    }
-    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate };
-    // libtorch reports failures inside an op (out of memory, an unsupported kernel) as panics
-    // through tch: turn them into an error message and exit 1, not a crash.
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner::exec::run(&loaded, &opts)));
-    std::panic::set_hook(previous);
-    let report = match result {
-        Ok(r) => r.map_err(|e| anyhow::anyhow!("`{}`: {}", file.display(), flag(e.to_string())))?,
-        Err(p) => {
-            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown error".into());
-            anyhow::bail!("`{}`: libtorch failed while running: {msg}", file.display());
-        }
+    let report = match run_inner(file, out, dump, devices, simulate, quiet, locked, overrides, color) {
+        Ok(r) => r,
+        Err(f) => return f.report(json, color),
     };
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -518,6 +564,45 @@ fn run_job(
         println!("peak resident weights: {}", used.join(", "));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_inner(
+    file: &std::path::Path,
+    out: Option<PathBuf>,
+    dump: Option<PathBuf>,
+    devices: Option<&str>,
+    simulate: bool,
+    quiet: bool,
+    locked: bool,
+    overrides: &Overrides,
+    color: Color,
+) -> Result<runner::exec::RunReport, Failure> {
+    // The inventory's messages name `--devices`; a simulated run got its devices from `--simulate`.
+    let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
+    let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", flag(e.to_string())))?;
+    let loaded = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
+    diag::render_all(&loaded.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
+    if locked {
+        runner::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;
+    }
+    if let Some(t) = loaded.manifest.run.threads {
+        tch::set_num_threads(t as i32);
+    }
+    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate };
+    // libtorch reports failures inside an op (out of memory, an unsupported kernel) as panics
+    // through tch: turn them into an error message and exit 1, not a crash.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner::exec::run(&loaded, &opts)));
+    std::panic::set_hook(previous);
+    match result {
+        Ok(r) => r.map_err(|e| Failure::exec(file, e, &flag)),
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown error".into());
+            Err(Failure::new("libtorch", format!("`{}`: libtorch failed while running: {msg}", file.display())))
+        }
+    }
 }
 
 fn info(json: bool) -> anyhow::Result<ExitCode> {

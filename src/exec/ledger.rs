@@ -12,10 +12,13 @@ use crate::device::Device;
 use crate::plan::Plan;
 use crate::units::ByteSize;
 
-/// One device's figures in `runner run --json`'s `devices`.
+/// One device's figures in `runner run --json`'s `devices`: the measured peak beside the plan's
+/// figures for it (`runner plan --json`'s `devices`: budget, planned, resident, weight peak, free).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DeviceUse {
     pub budget_bytes: u64,
+    /// Where the budget came from (`placement.max_memory`, `--devices`/`--simulate`, detected).
+    pub source: crate::plan::BudgetSource,
     /// The most weight bytes resident at once.
     pub peak_bytes: u64,
     /// The plan's prediction: weights held for the whole run (`runner plan`'s `resident_bytes`).
@@ -23,6 +26,10 @@ pub struct DeviceUse {
     /// The plan's prediction of `peak_bytes` (`runner plan`'s `weight_peak_bytes`): resident
     /// weights plus what the largest offloaded visitor brings.
     pub planned_peak_bytes: u64,
+    /// The plan's peak need on the device, working memory included (`runner plan`'s `planned`).
+    pub planned_bytes: u64,
+    /// The plan's room left on the device (`runner plan`'s `free`).
+    pub free_bytes: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -77,6 +84,9 @@ impl Ledger {
                     peak_bytes: self.peak.get(&d.device).copied().unwrap_or(0),
                     planned_resident_bytes: d.resident_bytes,
                     planned_peak_bytes: d.weight_peak_bytes,
+                    planned_bytes: d.planned_bytes,
+                    free_bytes: d.free_bytes,
+                    source: d.source,
                 };
                 (d.device.to_string(), use_)
             })

@@ -436,7 +436,7 @@ mod tests {
             weight_peak_bytes: 0,
             free_bytes: budget,
         };
-        Plan { strategy: crate::manifest::Strategy::Balanced, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
+        Plan { strategy: crate::manifest::Strategy::Balanced, overflow: crate::manifest::Overflow::Stream, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
     }
 
     #[test]
@@ -512,7 +512,7 @@ mod properties {
             let bytes = |n: i64| (4 * (3 * 3 * n + 3 * n + 3 * n * 3 + 3)) as u64;
             let plan = {
                 let d = crate::plan::DevicePlan { device: Device::Cuda(0), budget_bytes: 1 << 30, source: crate::plan::inventory::BudgetSource::MaxMemory, resident_bytes: 0, planned_bytes: 0, weight_peak_bytes: 0, free_bytes: 1 << 30 };
-                crate::plan::Plan { strategy: crate::manifest::Strategy::Balanced, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
+                crate::plan::Plan { strategy: crate::manifest::Strategy::Balanced, overflow: crate::manifest::Overflow::Stream, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
             };
             let res = Residency::new(ledger::Ledger::new(&plan), vec![], HashMap::new(), true);
             let mode = if group { Offload::Group } else { Offload::Sequential };

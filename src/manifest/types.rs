@@ -185,13 +185,47 @@ pub struct Placement {
     #[serde(default)]
     pub strategy: Strategy,
     /// Memory budget per device, e.g. `{ "cuda:0" = "10GiB", cpu = "32GiB" }`. When given, only
-    /// these devices take part (as in diffusers). When absent, detected devices are used.
+    /// the GPUs listed take part (as in diffusers); the host always does, its budget being `cpu`
+    /// here, else `--devices`' `cpu=`, else the detected RAM minus a reserve. When absent, the
+    /// detected (or `--devices`) GPUs take part.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("propertyNames" = { "pattern": crate::device::DEVICE_PATTERN }))]
     pub max_memory: Option<BTreeMap<String, ByteSize>>,
     /// Default offload mode of every component.
     #[serde(default)]
     pub offload: Offload,
+    /// What happens to a component that fits no GPU whole: `stream` it through a GPU with the
+    /// lightest offload mode that fits (default), put it on the `cpu` as diffusers does, or make
+    /// it an `error`.
+    #[serde(default)]
+    pub overflow: Overflow,
+}
+
+/// `placement.overflow`: where a component goes when it fits no GPU whole (nor, under `auto`,
+/// split across the GPUs).
+/// - `stream`: planned on a GPU with the lightest offload mode that fits (`model`, then `group`,
+///   then `sequential`), its weights in host memory; on the CPU only when no GPU can run it even
+///   streamed.
+/// - `cpu`: diffusers' placement: it runs on the CPU (`auto`: split over the GPUs and the CPU, as
+///   accelerate's `infer_auto_device_map`).
+/// - `error`: planning fails, explaining what would fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    #[default]
+    Stream,
+    Cpu,
+    Error,
+}
+
+impl Overflow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overflow::Stream => "stream",
+            Overflow::Cpu => "cpu",
+            Overflow::Error => "error",
+        }
+    }
 }
 
 impl Strategy {

@@ -52,14 +52,14 @@ pub fn run_shape(m: &LoadedManifest, p: &PipelineFolder) -> RunShape {
     }
 }
 
-/// The device budgets for this manifest.
+/// The device budgets for this manifest; the host always takes part (see [`Inventory`]).
 pub fn inventory(m: &LoadedManifest, opts: &BuildOptions) -> Result<Inventory, InventoryError> {
     match &m.manifest.placement.max_memory {
         Some(mm) => {
             let parsed: BTreeMap<Device, u64> = mm.iter().filter_map(|(k, v)| k.parse::<Device>().ok().map(|d| (d, v.0))).collect();
             Inventory::from_max_memory(&parsed, opts.devices.as_ref())
         }
-        None => Ok(opts.devices.clone().unwrap_or_else(Inventory::detect)),
+        None => Ok(opts.devices.clone().map(Inventory::with_detected_host).unwrap_or_else(Inventory::detect)),
     }
 }
 
@@ -104,5 +104,5 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, inventory: Inventory, 
             }
         })
         .collect();
-    PlanInput { components, inventory, strategy: m.manifest.placement.strategy, notes }
+    PlanInput { components, inventory, strategy: m.manifest.placement.strategy, overflow: m.manifest.placement.overflow, notes }
 }

@@ -1,8 +1,11 @@
 //! Devices and their budgets. Budgets come, in order of precedence, from `placement.max_memory`
-//! (only the listed devices take part, as in diffusers), from `--devices` (the hardware, as
-//! stated), or from detection: GPU totals via NVML or the CUDA driver (both loaded at run time;
-//! neither needs to exist) and host RAM from /proc/meminfo, each minus a reserve. Totals, not free
+//! (only the listed GPUs take part, as in diffusers), from `--devices` (the hardware, as stated),
+//! or from detection: GPU totals via NVML or the CUDA driver (both loaded at run time; neither
+//! needs to exist) and host RAM from /proc/meminfo, each minus a reserve. Totals, not free
 //! memory: the same machine always gives the same plan.
+//!
+//! The host always takes part: it is where offloaded and overflowing weights live. Its budget is
+//! `max_memory.cpu`, else `--devices`' `cpu=`, else the detected RAM minus the reserve.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -92,7 +95,8 @@ impl Inventory {
 
     /// Budgets from `placement.max_memory` (already validated device names). With `hardware`
     /// (from --devices), each budget is capped by the device's stated size and every listed
-    /// device must exist there.
+    /// device must exist there. A host that `max_memory` does not list gets `hardware`'s `cpu`
+    /// budget, else the detected one.
     pub fn from_max_memory(max_memory: &BTreeMap<Device, u64>, hardware: Option<&Inventory>) -> Result<Inventory, InventoryError> {
         let mut out = vec![];
         for (&device, &budget) in max_memory {
@@ -110,7 +114,27 @@ impl Inventory {
             };
             out.push(DeviceBudget { device, budget, source: BudgetSource::MaxMemory, total: None });
         }
-        Ok(Inventory::sorted(out))
+        let listed = Inventory::sorted(out);
+        Ok(match hardware.and_then(|hw| hw.get(Device::Cpu)) {
+            Some(host) => listed.with_host(Some(host.clone())),
+            None => listed.with_host(detect_host()),
+        })
+    }
+
+    /// Adds `host` as the `cpu` device when the inventory has none: the host always takes part.
+    pub fn with_host(mut self, host: Option<DeviceBudget>) -> Inventory {
+        if self.get(Device::Cpu).is_none() {
+            self.devices.extend(host);
+        }
+        Inventory::sorted(self.devices)
+    }
+
+    /// The host as `cpu`: what is listed, else the detected RAM minus the reserve.
+    pub fn with_detected_host(self) -> Inventory {
+        if self.get(Device::Cpu).is_some() {
+            return self;
+        }
+        self.with_host(detect_host())
     }
 
     /// What this machine has: GPUs (NVML, else the CUDA driver) and host RAM, minus reserves.
@@ -120,9 +144,7 @@ impl Inventory {
             .enumerate()
             .map(|(i, total)| DeviceBudget { device: Device::Cuda(i as u32), budget: total - gpu_reserve(total), source: BudgetSource::Detected, total: Some(total) })
             .collect();
-        if let Some(total) = host_ram() {
-            devices.push(DeviceBudget { device: Device::Cpu, budget: total - cpu_reserve(total), source: BudgetSource::Detected, total: Some(total) });
-        }
+        devices.extend(detect_host());
         Inventory::sorted(devices)
     }
 
@@ -135,12 +157,24 @@ impl Inventory {
     }
 }
 
-/// Host RAM (`MemTotal`), when /proc/meminfo exists.
+/// The host's budget from its detected RAM, minus the reserve.
+pub fn detect_host() -> Option<DeviceBudget> {
+    host_ram().map(|total| DeviceBudget { device: Device::Cpu, budget: total - cpu_reserve(total), source: BudgetSource::Detected, total: Some(total) })
+}
+
+/// Host RAM: `MemTotal` from /proc/meminfo, else physical pages x page size (other Unixes).
 pub fn host_ram() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let meminfo = || {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    meminfo().or_else(|| {
+        // SAFETY: sysconf has no preconditions.
+        let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+    })
 }
 
 /// Total memory of each visible GPU, from NVML or else the CUDA driver API, both opened with
@@ -266,6 +300,18 @@ mod tests {
         assert_eq!(inv.get(Device::Cpu).unwrap().budget, 8 << 30);
         let gpus_only = Inventory::parse_spec("cuda:0=8GB").unwrap();
         assert_eq!(Inventory::from_max_memory(&mm, Some(&gpus_only)).unwrap().get(Device::Cpu).unwrap().budget, 8 << 30, "the CPU needs no --devices entry");
+        // The host always takes part: from --devices' `cpu=` when max_memory does not list it, else detected.
+        let gpu_budgets = BTreeMap::from([(Device::Cuda(0), 1_000_000_000u64), (Device::Cuda(1), 1_000_000_000)]);
+        let two = Inventory::parse_spec("cuda:0=24GiB,cuda:1=24GiB,cpu=64GiB").unwrap();
+        let inv = Inventory::from_max_memory(&gpu_budgets, Some(&two)).unwrap();
+        assert_eq!(inv.get(Device::Cpu).map(|d| (d.budget, d.source)), Some((64 << 30, BudgetSource::DevicesFlag)));
+        let inv = Inventory::from_max_memory(&gpu_budgets, None).unwrap();
+        let host = inv.get(Device::Cpu).expect("a detected host");
+        assert_eq!(host.source, BudgetSource::Detected);
+        assert_eq!(host.budget, host.total.unwrap() - cpu_reserve(host.total.unwrap()));
+        assert_eq!(inv.devices.last().unwrap().device, Device::Cpu, "GPUs first, then the host");
+        let listed = Inventory::parse_spec("cuda:0=8GB,cpu=3GB").unwrap().with_detected_host();
+        assert_eq!(listed.get(Device::Cpu).unwrap().budget, 3_000_000_000, "a listed host is kept");
         let mm = BTreeMap::from([(Device::Cuda(3), 1u64)]);
         assert!(Inventory::from_max_memory(&mm, Some(&hw)).unwrap_err().to_string().contains("`cuda:3`, which --devices does not have"));
     }

@@ -1,19 +1,26 @@
 //! The resolver: manifest + device budgets + component sizes -> a concrete, explained device map.
 //!
 //! Pure and deterministic: no tch, no weights, no reading of free memory; the same inputs give
-//! the same plan on any machine. Strategies:
+//! the same plan on any machine. The host (`cpu`) always takes part: offloaded weights live there
+//! and it takes what fits no GPU. Each component, unless pinned, goes to the first of these that
+//! fits: whole on a GPU; split across the GPUs (`auto`); streamed through a GPU (`placement.overflow
+//! = "stream"`, the default: the lightest offload mode that fits, `model`, `group`, then
+//! `sequential`); the CPU. `overflow = "cpu"` sends what fits no GPU whole straight to the CPU, as
+//! diffusers does; `overflow = "error"` refuses it. Strategies, over the GPUs:
 //! - `balanced`: diffusers' pipeline-level `device_map="balanced"`
 //!   (`_assign_components_to_devices`): components largest first (ties by name, where diffusers'
 //!   order is hash-random), GPUs ordered by budget (largest first, ties by index) and visited in
-//!   snake order (0,1,1,0,0,1,...). Where diffusers puts a component that does not fit its slot on
-//!   the CPU (recording only the last such), runner tries the other GPUs, then the CPU, records
-//!   every overflow and explains it; the slot pointer does not advance, as in diffusers.
-//! - `sequential`: components in execution order fill devices in order, never going back.
-//! - `auto`: each component whole on the first device with room; a UNet that fits no single
-//!   device is split at diffusers' no-split boundaries across devices, in execution order.
+//!   snake order (0,1,1,0,0,1,...); the slot pointer does not advance past a component that does
+//!   not fit its slot, as in diffusers. Where diffusers puts such a component on the CPU (and
+//!   records only the last one), runner tries the other GPUs first, then the overflow policy,
+//!   and notes every overflow; with `overflow = "cpu"` it gives diffusers' map exactly.
+//! - `sequential`: components in execution order fill GPUs in order, never going back.
+//! - `auto`: each component whole on the first GPU with room; a UNet that fits no single GPU is
+//!   split at diffusers' no-split boundaries across the GPUs, in execution order (with `overflow =
+//!   "cpu"`, across the GPUs and then the CPU, as accelerate's `infer_auto_device_map`).
 //!
 //! Pins are placed first and must fit. Offload modes change what a component needs on its device
-//! (see [`memory`]); offloaded weights live on the host.
+//! (see [`memory`]); offloaded weights count against the host's budget.
 
 pub mod build;
 pub mod inventory;
@@ -26,7 +33,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::device::Device;
-use crate::manifest::{Dtype, Offload, Strategy};
+use crate::manifest::{Dtype, Offload, Overflow, Strategy};
 use crate::units::ByteSize;
 pub use inventory::{BudgetSource, DeviceBudget, Inventory};
 pub use modules::ModuleTree;
@@ -81,6 +88,8 @@ pub struct PlanInput {
     pub components: Vec<ComponentInput>,
     pub inventory: Inventory,
     pub strategy: Strategy,
+    /// Where a component that fits no GPU whole goes.
+    pub overflow: Overflow,
     /// Decisions made while building the input, repeated in the plan's notes.
     pub notes: Vec<String>,
 }
@@ -122,6 +131,9 @@ pub struct ComponentPlan {
     /// Its weight bytes on the device while it runs: all of them, except under `sequential`
     /// (the largest leaf module) and `group` offload (the two largest block groups).
     pub streamed_bytes: u64,
+    /// Set when it fit no GPU whole: `stream` (streamed through a GPU) or `cpu` (on the CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overflow: Option<Overflow>,
     pub reason: String,
 }
 
@@ -143,6 +155,7 @@ pub struct DevicePlan {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub strategy: Strategy,
+    pub overflow: Overflow,
     pub components: Vec<ComponentPlan>,
     pub devices: Vec<DevicePlan>,
     /// Host memory for offloaded weights (also counted in `cpu`'s plan when the CPU takes part).
@@ -224,10 +237,26 @@ impl Ledger {
 /// A placement, its reason, and bytes per device for a split.
 type Placed = (Placement, String, Option<BTreeMap<String, u64>>);
 
+/// Lighter on device memory from left to right: the order in which `stream` tries offload modes.
+const STREAM_MODES: [Offload; 3] = [Offload::Model, Offload::Group, Offload::Sequential];
+
+fn weight_rank(o: Offload) -> usize {
+    match o {
+        Offload::None => 0,
+        Offload::Model => 1,
+        Offload::Group => 2,
+        Offload::Sequential => 3,
+    }
+}
+
 struct State<'a> {
     input: &'a PlanInput,
+    /// The components as planned: `stream` may raise a component's offload mode.
+    comps: Vec<ComponentInput>,
     ledgers: Vec<Ledger>,
     placed: Vec<Option<Placed>>,
+    /// How a component that fit no GPU whole was placed.
+    overflowed: Vec<Option<Overflow>>,
     notes: Vec<String>,
     host_offload: u64,
 }
@@ -235,7 +264,8 @@ struct State<'a> {
 impl<'a> State<'a> {
     fn new(input: &'a PlanInput) -> Self {
         let ledgers = input.inventory.devices.iter().map(|d| Ledger { device: d.device, budget: d.budget, source: d.source, resident: 0, transient: 0 }).collect();
-        State { input, ledgers, placed: vec![None; input.components.len()], notes: vec![], host_offload: 0 }
+        let n = input.components.len();
+        State { input, comps: input.components.clone(), ledgers, placed: vec![None; n], overflowed: vec![None; n], notes: vec![], host_offload: 0 }
     }
 
     fn ledger(&self, d: Device) -> Option<usize> {
@@ -246,9 +276,13 @@ impl<'a> State<'a> {
         self.ledger(Device::Cpu)
     }
 
-    /// Whether component `i` fits whole on ledger `l`, host memory for its offloaded weights included.
-    fn fits(&self, i: usize, l: usize) -> bool {
-        let c = &self.input.components[i];
+    /// The GPUs' ledgers, in device order.
+    fn gpus(&self) -> Vec<usize> {
+        (0..self.ledgers.len()).filter(|&l| self.ledgers[l].device != Device::Cpu).collect()
+    }
+
+    /// Whether `c` fits whole on ledger `l`, host memory for its offloaded weights included.
+    fn fits_as(&self, c: &ComponentInput, l: usize) -> bool {
         let on_cpu = self.ledgers[l].device == Device::Cpu;
         // On the CPU, offloading to the host means nothing: the weights are simply resident.
         let (resident, transient) = if on_cpu { (c.bytes, c.working) } else { (c.resident(), c.transient()) };
@@ -263,8 +297,17 @@ impl<'a> State<'a> {
         true
     }
 
+    fn fits(&self, i: usize, l: usize) -> bool {
+        self.fits_as(&self.comps[i], l)
+    }
+
+    /// Of `candidates` where component `i` fits, the one with the most room left (ties: device order).
+    fn roomiest(&self, c: &ComponentInput, candidates: &[usize]) -> Option<usize> {
+        candidates.iter().copied().filter(|&l| self.fits_as(c, l)).max_by(|&a, &b| self.ledgers[a].free().cmp(&self.ledgers[b].free()).then(self.ledgers[b].device.cmp(&self.ledgers[a].device)))
+    }
+
     fn place(&mut self, i: usize, l: usize, reason: String) {
-        let c = &self.input.components[i];
+        let c = &self.comps[i];
         let on_cpu = self.ledgers[l].device == Device::Cpu;
         if on_cpu {
             self.ledgers[l].add(c.bytes, c.working);
@@ -283,25 +326,27 @@ impl<'a> State<'a> {
         self.placed[i] = Some((Placement::Whole(self.ledgers[l].device), reason, None));
     }
 
-    /// Splits component `i` across devices in order; `None` when even that does not fit.
-    fn try_split(&mut self, i: usize) -> bool {
-        let c = &self.input.components[i];
-        if !c.splittable() || c.offloaded() {
+    /// Splits component `i` over `over` (ledgers, in order) at its no-split units; false when
+    /// that does not fit.
+    fn try_split(&mut self, i: usize, over: &[usize]) -> bool {
+        let c = &self.comps[i];
+        if !c.splittable() || c.offloaded() || over.is_empty() {
             return false;
         }
         let mut ledgers = self.ledgers.clone();
         let mut assign: Vec<(String, Device)> = vec![];
         let mut per_device: BTreeMap<String, u64> = BTreeMap::new();
-        let mut cur = 0;
+        let mut k = 0;
         let mut used_devices: Vec<usize> = vec![];
         for u in &c.tree.units {
             // A device that runs part of the split also holds that part's activations.
-            while cur < ledgers.len() && !ledgers[cur].fits(u.bytes, if used_devices.contains(&cur) { 0 } else { c.working }) {
-                cur += 1;
+            while k < over.len() && !ledgers[over[k]].fits(u.bytes, if used_devices.contains(&over[k]) { 0 } else { c.working }) {
+                k += 1;
             }
-            if cur == ledgers.len() {
+            if k == over.len() {
                 return false;
             }
+            let cur = over[k];
             if !used_devices.contains(&cur) {
                 used_devices.push(cur);
                 ledgers[cur].add(0, c.working);
@@ -312,7 +357,7 @@ impl<'a> State<'a> {
         }
         let devices: Vec<String> = used_devices.iter().map(|&l| ledgers[l].device.to_string()).collect();
         self.ledgers = ledgers;
-        let reason = format!("fits no single device ({} needed); split at no-split boundaries over {} in execution order", gb(c.need()), devices.join(" + "));
+        let reason = format!("fits no single GPU ({} needed); split at no-split boundaries over {} in execution order", gb(c.need()), devices.join(" + "));
         self.placed[i] = Some((Placement::Split(modules::compress(&assign)), reason, Some(per_device)));
         self.notes.push(format!(
             "`{}` is split: each part runs where it is placed (nothing is streamed), so no reserve for the largest layer is kept (accelerate keeps one on the first GPU and the CPU because it runs offloaded layers there); every device of the split holds the component's working memory ({})",
@@ -322,9 +367,95 @@ impl<'a> State<'a> {
         true
     }
 
+    /// Component `i` fits no GPU whole (nor, under `auto`, split across them): `placement.overflow`
+    /// decides. `why` says what was tried, for the error.
+    fn overflow(&mut self, i: usize, why: &str) -> Result<(), PlanError> {
+        if self.gpus().is_empty() {
+            // Only the host takes part: the CPU is where everything runs, not an overflow.
+            return match self.cpu() {
+                Some(h) if self.fits(i, h) => {
+                    self.place(i, h, "no GPU takes part; on the CPU".into());
+                    Ok(())
+                }
+                _ => Err(self.not_fit(i, "no GPU takes part and the host has no room for it")),
+            };
+        }
+        match self.input.overflow {
+            Overflow::Error => Err(self.not_fit(i, &format!("{why}; `placement.overflow = \"error\"` sends nothing to the CPU or through a GPU streamed"))),
+            Overflow::Cpu => self.to_cpu(i, why, Overflow::Cpu),
+            Overflow::Stream => {
+                if self.stream(i) {
+                    Ok(())
+                } else {
+                    self.to_cpu(i, why, Overflow::Stream)
+                }
+            }
+        }
+    }
+
+    /// `stream`: the lightest offload mode (heavier than the component's own) that fits a GPU,
+    /// on the GPU with the most room for it; its weights live in host memory.
+    fn stream(&mut self, i: usize) -> bool {
+        let gpus = self.gpus();
+        let c = self.comps[i].clone();
+        for mode in STREAM_MODES {
+            if weight_rank(mode) <= weight_rank(c.offload) || (mode != Offload::Model && !streamable(&c.class)) {
+                continue;
+            }
+            let v = ComponentInput { offload: mode, ..c.clone() };
+            let Some(l) = self.roomiest(&v, &gpus) else { continue };
+            let d = self.ledgers[l].device;
+            let peak = v.need();
+            self.notes.push(format!(
+                "`{}` ({}) fits no GPU whole: streamed through {d} with `{}` offload, peak {} there, its weights in host memory; set `placement.overflow = \"cpu\"` for diffusers' placement (on the CPU)",
+                c.name,
+                gb(c.need()),
+                offload_name(mode),
+                gb(peak)
+            ));
+            self.comps[i] = v;
+            self.place(i, l, format!("fits no GPU whole; streamed through {d} with `{}` offload (placement.overflow = \"stream\")", offload_name(mode)));
+            self.overflowed[i] = Some(Overflow::Stream);
+            return true;
+        }
+        false
+    }
+
+    /// The component goes to the CPU, whose budget must hold it.
+    fn to_cpu(&mut self, i: usize, why: &str, policy: Overflow) -> Result<(), PlanError> {
+        let c = &self.comps[i];
+        let Some(h) = self.cpu().filter(|&h| self.fits(i, h)) else {
+            let host = self.cpu().map(|h| format!("; the host (`cpu`, budget from {}) has {} free of {}", self.ledgers[h].source, gb(self.ledgers[h].free()), gb(self.ledgers[h].budget))).unwrap_or_default();
+            let how = if policy == Overflow::Stream { " nor streamed through one" } else { "" };
+            return Err(self.not_fit(i, &format!("{why}{how}, and the CPU cannot take it: it needs {} there{host}", gb(c.bytes + c.working))));
+        };
+        let (name, need) = (c.name.clone(), c.need());
+        let note = match policy {
+            Overflow::Stream => {
+                let floor = self.stream_floor(i);
+                format!("`{name}` ({}) fits no GPU, not even streamed ({floor}): on the CPU", gb(need))
+            }
+            _ => format!("`{name}` ({}) fits no GPU: on the CPU, as diffusers places it (`placement.overflow = \"cpu\"`)", gb(need)),
+        };
+        self.notes.push(note.clone());
+        self.place(i, h, format!("fits no GPU; on the CPU (placement.overflow = \"{}\")", policy.as_str()));
+        self.overflowed[i] = Some(Overflow::Cpu);
+        Ok(())
+    }
+
+    /// What streaming component `i` would need at the least on a GPU, against the roomiest GPU.
+    fn stream_floor(&self, i: usize) -> String {
+        let c = &self.comps[i];
+        let mode = if streamable(&c.class) { Offload::Sequential } else { Offload::Model };
+        let mode = if weight_rank(c.offload) > weight_rank(mode) { c.offload } else { mode };
+        let v = ComponentInput { offload: mode, ..c.clone() };
+        let free = self.gpus().iter().map(|&l| self.ledgers[l].free()).max().unwrap_or(0);
+        format!("`{}` offload needs {} on a GPU, the roomiest has {} free", offload_name(v.offload), gb(v.need()), gb(free))
+    }
+
     fn not_fit(&self, i: usize, what: &str) -> PlanError {
-        let c = &self.input.components[i];
-        let largest = self.ledgers.iter().max_by(|a, b| a.budget.cmp(&b.budget).then(b.device.cmp(&a.device)));
+        let c = &self.comps[i];
+        let largest = self.ledgers.iter().filter(|l| l.device != Device::Cpu).max_by(|a, b| a.budget.cmp(&b.budget).then(b.device.cmp(&a.device)));
         let frees: Vec<String> = self.ledgers.iter().map(|l| format!("`{}` {} free of {}", l.device, gb(l.free()), gb(l.budget))).collect();
         let mut message = format!(
             "`{}` needs {} at {} ({} weights{}{}) and {what}",
@@ -336,9 +467,16 @@ impl<'a> State<'a> {
             if c.offloaded() { format!(", offload \"{}\"", offload_name(c.offload)) } else { String::new() },
         );
         if let Some(l) = largest {
-            message.push_str(&format!("; the largest budget is `{}` {}", l.device, gb(l.budget)));
+            message.push_str(&format!("; the largest GPU budget is `{}` {}", l.device, gb(l.budget)));
         }
         message.push_str(&format!(" ({})", frees.join(", ")));
+        // Offloaded weights live on the host: say so when that is what is short.
+        if let Some(h) = self.cpu() {
+            let host = &self.ledgers[h];
+            if c.offloaded() && !host.fits(c.bytes, 0) {
+                message.push_str(&format!("\nits offloaded weights ({}) live in host memory, and the host (`cpu`, budget from {}) has {} free of {}", gb(c.bytes), host.source, gb(host.free()), gb(host.budget)));
+            }
+        }
         // Streaming modes have a floor no budget below can meet: say what it is made of.
         match c.offload {
             Offload::Sequential => message.push_str(&format!(
@@ -364,7 +502,7 @@ impl<'a> State<'a> {
 
     fn finish(self) -> Plan {
         let mut components = vec![];
-        for (i, c) in self.input.components.iter().enumerate() {
+        for (i, c) in self.comps.iter().enumerate() {
             let (placement, reason, split_bytes) = self.placed[i].clone().expect("every component placed");
             let (device, split) = match placement {
                 Placement::Whole(d) => (d, None),
@@ -384,6 +522,7 @@ impl<'a> State<'a> {
                 split_bytes,
                 peak_bytes,
                 streamed_bytes,
+                overflow: self.overflowed[i],
                 reason,
             });
         }
@@ -404,7 +543,7 @@ impl<'a> State<'a> {
                 }
             })
             .collect();
-        Plan { strategy: self.input.strategy, components, devices, host_offload_bytes: self.host_offload, notes: self.notes }
+        Plan { strategy: self.input.strategy, overflow: self.input.overflow, components, devices, host_offload_bytes: self.host_offload, notes: self.notes }
     }
 }
 
@@ -427,7 +566,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan, PlanError> {
                 let weights: u64 = input.components.iter().map(|c| c.bytes).sum();
                 let budgets: u64 = input.inventory.devices.iter().map(|d| d.budget).sum();
                 e.message.push_str(&format!(
-                    "\nno single change (offload mode, auto split, fp16, unpinning) fits either: the weights alone total {} against {} of budgets; raise `placement.max_memory` or add devices",
+                    "\nno single change (offload mode, auto split, fp16, unpinning, overflow policy, host budget) fits either: the weights alone total {} against {} of budgets; raise `placement.max_memory` or add devices",
                     gb(weights),
                     gb(budgets)
                 ));
@@ -445,7 +584,7 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
     };
     let c = &input.components[idx];
     let mut out = vec![];
-    let mut try_with = |desc: String, f: &dyn Fn(&mut PlanInput)| {
+    let mut try_with = |desc: &dyn Fn(&Plan) -> String, f: &dyn Fn(&mut PlanInput)| {
         let mut v = input.clone();
         f(&mut v);
         if let Ok(p) = plan_once(&v) {
@@ -454,19 +593,21 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
                 Some(s) => s.iter().map(|x| x.1.to_string()).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(" + "),
                 None => cp.device.to_string(),
             };
-            out.push(format!("{desc}: `{name}` on {at}, peak {} there", gb(cp.peak_bytes)));
+            let how = if cp.offload != v.components[idx].offload { format!(" with `{}` offload", offload_name(cp.offload)) } else { String::new() };
+            out.push(format!("{}: `{name}` on {at}{how}, peak {} there", desc(&p), gb(cp.peak_bytes)));
         }
     };
+    let fixed = |s: String| move |_: &Plan| s.clone();
     for mode in [Offload::Model, Offload::Group, Offload::Sequential] {
         if c.offload != mode && (mode == Offload::Model || streamable(&c.class)) {
-            try_with(format!("components.{name}.offload = \"{}\"", offload_name(mode)), &|v| v.components[idx].offload = mode);
+            try_with(&fixed(format!("components.{name}.offload = \"{}\"", offload_name(mode))), &|v| v.components[idx].offload = mode);
         }
     }
     if input.strategy != Strategy::Auto && c.splittable() {
-        try_with("placement.strategy = \"auto\" (splits it across devices)".into(), &|v| v.strategy = Strategy::Auto);
+        try_with(&fixed("placement.strategy = \"auto\" (splits it across devices)".into()), &|v| v.strategy = Strategy::Auto);
     }
     if c.dtype == Dtype::Fp32 {
-        try_with(format!("components.{name}.dtype = \"fp16\""), &|v| {
+        try_with(&fixed(format!("components.{name}.dtype = \"fp16\"")), &|v| {
             let c = &mut v.components[idx];
             c.dtype = Dtype::Fp16;
             c.bytes = c.bytes.div_ceil(2);
@@ -481,7 +622,25 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
         });
     }
     if c.pin.is_some() {
-        try_with(format!("remove the pin `components.{name}.device`"), &|v| v.components[idx].pin = None);
+        try_with(&fixed(format!("remove the pin `components.{name}.device`")), &|v| v.components[idx].pin = None);
+    }
+    for policy in [Overflow::Stream, Overflow::Cpu] {
+        if input.overflow != policy {
+            try_with(&fixed(format!("placement.overflow = \"{}\"", policy.as_str())), &|v| v.overflow = policy);
+        }
+    }
+    // A host too small for what goes there: the budget that would do.
+    if let Some(host) = input.inventory.get(Device::Cpu) {
+        let weights: u64 = input.components.iter().map(|c| c.bytes + c.working).sum();
+        let desc = |p: &Plan| {
+            let need = p.devices.iter().find(|d| d.device == Device::Cpu).map_or(0, |d| d.planned_bytes);
+            format!("placement.max_memory.cpu = \"{}\" (the host holds {} then)", gb(need.max(host.budget)), gb(need))
+        };
+        try_with(&desc, &|v| {
+            if let Some(h) = v.inventory.devices.iter_mut().find(|d| d.device == Device::Cpu) {
+                h.budget = h.budget.saturating_add(weights);
+            }
+        });
     }
     out
 }
@@ -520,30 +679,43 @@ fn plan_once(input: &PlanInput) -> Result<Plan, PlanError> {
         }
         st.place(i, l, format!("pinned to {pin}"));
     }
+    // 2. The rest by strategy, GPUs only; what fits no GPU goes by `placement.overflow`.
     let rest: Vec<usize> = (0..input.components.len()).filter(|&i| st.placed[i].is_none()).collect();
     match input.strategy {
         Strategy::Balanced => balanced(&mut st, rest)?,
         Strategy::Sequential => {
+            let gpus = st.gpus();
             let mut cur = 0;
             for i in rest {
-                while cur < st.ledgers.len() && !st.fits(i, cur) {
-                    cur += 1;
+                // Never goes back; a component that fits no GPU left leaves the pointer where it was.
+                match (cur..gpus.len()).find(|&k| st.fits(i, gpus[k])) {
+                    Some(k) => {
+                        cur = k;
+                        let d = st.ledgers[gpus[k]].device;
+                        st.place(i, gpus[k], format!("next in execution order; first GPU in order with room ({d})"));
+                    }
+                    None => st.overflow(i, "does not fit whole in what is left of the GPUs after the components before it (sequential never goes back)")?,
                 }
-                if cur == st.ledgers.len() {
-                    return Err(st.not_fit(i, "does not fit in what is left of the devices after the ones before it (sequential never goes back)"));
-                }
-                let d = st.ledgers[cur].device;
-                st.place(i, cur, format!("next in execution order; first device in order with room ({d})"));
             }
         }
         Strategy::Auto => {
+            let gpus = st.gpus();
             for i in rest {
-                if let Some(l) = (0..st.ledgers.len()).find(|&l| st.fits(i, l)) {
+                if let Some(&l) = gpus.iter().find(|&&l| st.fits(i, l)) {
                     let d = st.ledgers[l].device;
-                    st.place(i, l, format!("fits whole; first device in order with room ({d})"));
-                } else if !st.try_split(i) {
-                    let why = if input.components[i].splittable() { "does not fit whole on any device, nor split across them" } else { "does not fit whole on any device (it is placed whole)" };
-                    return Err(st.not_fit(i, why));
+                    st.place(i, l, format!("fits whole; first GPU in order with room ({d})"));
+                } else if st.try_split(i, &gpus) {
+                } else if input.overflow == Overflow::Cpu && !gpus.is_empty() && st.cpu().is_some_and(|h| {
+                    // accelerate's `infer_auto_device_map`: GPUs in order, then the CPU.
+                    let over: Vec<usize> = gpus.iter().copied().chain([h]).collect();
+                    st.try_split(i, &over)
+                }) {
+                    st.overflowed[i] = Some(Overflow::Cpu);
+                    let name = st.comps[i].name.clone();
+                    st.notes.push(format!("`{name}` fits no GPU, nor split across them: split over the GPUs and the CPU, as accelerate's `infer_auto_device_map` does (`placement.overflow = \"cpu\"`)"));
+                } else {
+                    let why = if input.components[i].splittable() { "fits no GPU whole, nor split across the GPUs" } else { "fits no GPU whole (it is placed whole)" };
+                    st.overflow(i, why)?;
                 }
             }
         }
@@ -551,26 +723,19 @@ fn plan_once(input: &PlanInput) -> Result<Plan, PlanError> {
     Ok(st.finish())
 }
 
-/// diffusers' `_assign_components_to_devices`, with overflow handled on other devices.
+/// diffusers' `_assign_components_to_devices`, with overflow handled by `placement.overflow`.
 fn balanced(st: &mut State, rest: Vec<usize>) -> Result<(), PlanError> {
-    let input = st.input;
     let mut order = rest;
-    order.sort_by(|&a, &b| input.components[b].bytes.cmp(&input.components[a].bytes).then(input.components[a].name.cmp(&input.components[b].name)));
+    order.sort_by(|&a, &b| st.comps[b].bytes.cmp(&st.comps[a].bytes).then(st.comps[a].name.cmp(&st.comps[b].name)));
     // GPUs by budget (largest first, ties by index), then the snake cycle a,b,...,b,a.
-    let mut gpus: Vec<usize> = (0..st.ledgers.len()).filter(|&l| st.ledgers[l].device != Device::Cpu).collect();
+    let mut gpus = st.gpus();
     gpus.sort_by(|&a, &b| st.ledgers[b].free().cmp(&st.ledgers[a].free()).then(st.ledgers[a].device.cmp(&st.ledgers[b].device)));
     let cycle: Vec<usize> = gpus.iter().copied().chain(gpus.iter().rev().copied()).collect();
     let mut slot = 0usize;
     for i in order {
-        let c = &input.components[i];
         if cycle.is_empty() {
-            match st.cpu() {
-                Some(h) if st.fits(i, h) => {
-                    st.place(i, h, "no GPU takes part; on the CPU".into());
-                    continue;
-                }
-                _ => return Err(st.not_fit(i, "no GPU takes part and the CPU has no room")),
-            }
+            st.overflow(i, "no GPU takes part")?;
+            continue;
         }
         let l = cycle[slot % cycle.len()];
         let d = st.ledgers[l].device;
@@ -579,25 +744,23 @@ fn balanced(st: &mut State, rest: Vec<usize>) -> Result<(), PlanError> {
             slot += 1;
             continue;
         }
-        // diffusers would load it on the CPU here (and remember only the last such component).
-        let need = c.need();
-        let free = st.ledgers[l].free();
-        let other = gpus.iter().copied().filter(|&g| g != l && st.fits(i, g)).max_by(|&a, &b| st.ledgers[a].free().cmp(&st.ledgers[b].free()).then(st.ledgers[b].device.cmp(&st.ledgers[a].device)));
-        let target = other.or_else(|| st.cpu().filter(|&h| st.fits(i, h)));
-        match target {
+        // diffusers loads it on the CPU here (and remembers only the last such component); the
+        // slot pointer does not advance.
+        let (name, need, free) = (st.comps[i].name.clone(), st.comps[i].need(), st.ledgers[l].free());
+        let why = format!("fits neither its snake slot {d} ({} free) nor any other GPU", gb(free));
+        if st.input.overflow == Overflow::Cpu {
+            st.to_cpu(i, &format!("does not fit its snake slot {d} ({} free)", gb(free)), Overflow::Cpu)?;
+            continue;
+        }
+        let others: Vec<usize> = gpus.iter().copied().filter(|&g| g != l).collect();
+        match st.roomiest(&st.comps[i].clone(), &others) {
             Some(t) => {
                 let td = st.ledgers[t].device;
-                let note = format!(
-                    "overflow: `{}` ({}) did not fit its snake slot {d} ({} free); placed on {td} instead{}",
-                    c.name,
-                    gb(need),
-                    gb(free),
-                    if td == Device::Cpu { "" } else { " (diffusers would have put it on the CPU)" }
-                );
+                let note = format!("overflow: `{name}` ({}) did not fit its snake slot {d} ({} free); placed on {td} instead (diffusers would have put it on the CPU)", gb(need), gb(free));
                 st.notes.push(note.clone());
                 st.place(i, t, note.trim_start_matches("overflow: ").to_string());
             }
-            None => return Err(st.not_fit(i, &format!("fits neither its snake slot {d} ({} free) nor any other device", gb(free)))),
+            None => st.overflow(i, &why)?,
         }
     }
     Ok(())

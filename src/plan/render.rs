@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::Plan;
+use super::{BudgetSource, Plan};
 use crate::manifest::Offload;
 use crate::units::ByteSize;
 
@@ -29,6 +29,9 @@ pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
                 // Weight bytes on the device while it runs (all of them under `model`).
                 v["streamed_bytes"] = c.streamed_bytes.into();
             }
+            if let Some(o) = c.overflow {
+                v["overflow"] = json!(o);
+            }
             if let Some(split) = &c.split {
                 v["split"] = split.iter().map(|(k, d)| (k.clone(), serde_json::Value::from(d.to_string()))).collect::<serde_json::Map<_, _>>().into();
                 v["split_bytes"] = json!(c.split_bytes);
@@ -48,6 +51,7 @@ pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
         .collect();
     json!({
         "strategy": plan.strategy,
+        "overflow": plan.overflow,
         "weights_only": weights_only,
         "device_map": plan.device_map(),
         "hf_device_map": plan.hf_device_map(),
@@ -116,6 +120,14 @@ pub fn to_table(plan: &Plan, weights_only: bool) -> String {
         drows.push(vec![d.device.to_string(), b(d.budget_bytes), b(d.planned_bytes), b(d.free_bytes), d.source.to_string()]);
     }
     out.push_str(&table(&drows, 1));
+    if let Some(host) = plan.devices.iter().find(|d| d.device == crate::device::Device::Cpu) {
+        let from = match host.source {
+            BudgetSource::MaxMemory => "`placement.max_memory.cpu`".to_string(),
+            BudgetSource::DevicesFlag => "`cpu=` of the device spec".to_string(),
+            BudgetSource::Detected => "the detected RAM minus a reserve of 10%, at least 2 GiB (set `placement.max_memory.cpu` to choose)".to_string(),
+        };
+        out.push_str(&format!("host budget {} from {from}\n", b(host.budget_bytes)));
+    }
     for c in &plan.components {
         if let (Some(split), Some(bytes)) = (&c.split, &c.split_bytes) {
             out.push_str(&format!("\n{} split ({}):\n", c.name, bytes.iter().map(|(d, x)| format!("{d} {}", b(*x))).collect::<Vec<_>>().join(", ")));

@@ -40,7 +40,12 @@ fn inv(spec: &[(Device, u64)]) -> Inventory {
 }
 
 fn input(components: Vec<ComponentInput>, devices: &[(Device, u64)], strategy: Strategy) -> PlanInput {
-    PlanInput { components, inventory: inv(devices), strategy, notes: vec![] }
+    PlanInput { components, inventory: inv(devices), strategy, overflow: Overflow::Stream, notes: vec![] }
+}
+
+fn with_overflow(mut p: PlanInput, overflow: Overflow) -> PlanInput {
+    p.overflow = overflow;
+    p
 }
 
 const G: u64 = 1 << 30;
@@ -97,15 +102,97 @@ fn overflow_goes_to_another_gpu_and_is_explained() {
 
 #[test]
 fn nothing_fits_explains_options() {
-    let p = input(vec![comp("text_encoder", G / 4), unet(G / 10, 50)], &[(Device::Cuda(0), 4 * G), (Device::Cuda(1), 4 * G)], Strategy::Balanced);
+    let devices = [(Device::Cuda(0), 4 * G), (Device::Cuda(1), 4 * G), (Device::Cpu, 64 * G)];
+    let p = with_overflow(input(vec![comp("text_encoder", G / 4), unet(G / 10, 50)], &devices, Strategy::Balanced), Overflow::Error);
     let e = plan(&p).unwrap_err();
     assert_eq!(e.component.as_deref(), Some("unet"));
-    assert!(e.message.contains("`unet` needs 5.37 GB at fp16") && e.message.contains("the largest budget is `cuda:0` 4.29 GB"), "{}", e.message);
+    assert!(e.message.contains("`unet` needs 5.37 GB at fp16") && e.message.contains("the largest GPU budget is `cuda:0` 4.29 GB"), "{}", e.message);
+    assert!(e.message.contains("`placement.overflow = \"error\"` sends nothing to the CPU"), "{}", e.message);
     let opts = e.options.join("\n");
     assert!(opts.contains("components.unet.offload = \"group\""), "{opts}");
     assert!(opts.contains("components.unet.offload = \"sequential\""), "{opts}");
     assert!(opts.contains("placement.strategy = \"auto\" (splits it across devices): `unet` on cuda:0 + cuda:1"), "{opts}");
     assert!(!opts.contains("offload = \"model\""), "model offload still needs the whole UNet on one device: {opts}");
+    assert!(opts.contains("placement.overflow = \"stream\": `unet` on cuda:0 with `group` offload"), "{opts}");
+    assert!(opts.contains("placement.overflow = \"cpu\": `unet` on cpu"), "{opts}");
+}
+
+#[test]
+fn overflow_policies() {
+    // A UNet of 5 GiB-ish (units of 0.1 GiB, groups of 0.2 GiB) over two 4 GiB GPUs and the host.
+    let devices = [(Device::Cuda(0), 4 * G), (Device::Cuda(1), 4 * G), (Device::Cpu, 64 * G)];
+    let comps = vec![comp("text_encoder", G / 4), unet(G / 10, 50)];
+    // stream: the lightest mode that fits a GPU (`model` needs the whole UNet: no; `group` yes).
+    let p = plan(&input(comps.clone(), &devices, Strategy::Balanced)).unwrap();
+    let u = &p.components[1];
+    assert_eq!((u.device, u.offload, u.overflow), (Device::Cuda(0), Offload::Group, Some(Overflow::Stream)));
+    assert!(p.notes.iter().any(|n| n.contains("`unet` (5.37 GB) fits no GPU whole: streamed through cuda:0 with `group` offload, peak 429.5 MB there")), "{:?}", p.notes);
+    assert_eq!(p.devices[2].resident_bytes, u.bytes, "its weights are counted on the host");
+    assert!(p.devices.iter().all(|d| d.planned_bytes <= d.budget_bytes));
+    // cpu: diffusers' placement.
+    let p = plan(&with_overflow(input(comps.clone(), &devices, Strategy::Balanced), Overflow::Cpu)).unwrap();
+    assert_eq!((p.components[1].device, p.components[1].offload, p.components[1].overflow), (Device::Cpu, Offload::None, Some(Overflow::Cpu)));
+    assert_eq!(p.device_map()["text_encoder"], "cuda:0", "the slot pointer did not advance past the UNet");
+    // stream, with GPUs too small to stream through: the CPU, and the note says why.
+    let tiny = [(Device::Cuda(0), G / 100), (Device::Cuda(1), G / 100), (Device::Cpu, 64 * G)];
+    let p = plan(&input(comps.clone(), &tiny, Strategy::Balanced)).unwrap();
+    assert_eq!(p.device_map()["unet"], "cpu");
+    assert!(p.notes.iter().any(|n| n.contains("`unet` (5.37 GB) fits no GPU, not even streamed (`sequential` offload needs 26.84 MB on a GPU, the roomiest has 10.74 MB free): on the CPU")), "{:?}", p.notes);
+    // The host too small for the offloaded weights: the error names both and what would do.
+    let short = [(Device::Cuda(0), 4 * G), (Device::Cuda(1), 4 * G), (Device::Cpu, G)];
+    let e = plan(&input(comps.clone(), &short, Strategy::Balanced)).unwrap_err();
+    assert!(e.message.contains("`unet` needs 5.37 GB at fp16") && e.message.contains("nor streamed through one, and the CPU cannot take it: it needs 5.37 GB there; the host (`cpu`, budget from --devices) has 1.07 GB free of 1.07 GB"), "{}", e.message);
+    assert!(e.message.contains("the largest GPU budget is `cuda:0` 4.29 GB"), "{}", e.message);
+    assert!(e.options.iter().any(|o| o.starts_with("placement.max_memory.cpu = \"5.37 GB\"")), "{:?}", e.options);
+    // An explicit `model` offload whose weights the host cannot hold.
+    let mut te = comp("text_encoder", 2 * G);
+    te.offload = Offload::Model;
+    let e = plan(&input(vec![te], &[(Device::Cuda(0), 4 * G), (Device::Cpu, G)], Strategy::Balanced)).unwrap_err();
+    assert!(e.message.contains("its offloaded weights (2.15 GB) live in host memory, and the host (`cpu`, budget from --devices) has 1.07 GB free of 1.07 GB"), "{}", e.message);
+}
+
+#[test]
+fn stream_keeps_a_heavier_mode_the_manifest_asked_for() {
+    // `group` asked for, and not enough for a GPU: `stream` goes to `sequential`, never back to `model`.
+    let devices = [(Device::Cuda(0), G / 4), (Device::Cpu, 64 * G)];
+    let mut u = unet(G / 10, 50);
+    u.offload = Offload::Group;
+    let p = plan(&input(vec![u], &devices, Strategy::Auto)).unwrap();
+    assert_eq!((p.components[0].device, p.components[0].offload), (Device::Cuda(0), Offload::Sequential));
+    // A model without known blocks streams only with `model`.
+    let mut s = comp("safety_checker", G);
+    s.class = "StableDiffusionSafetyChecker".into();
+    let p = plan(&input(vec![s.clone()], &[(Device::Cuda(0), 2 * G), (Device::Cuda(1), G / 2), (Device::Cpu, 64 * G)], Strategy::Sequential)).unwrap();
+    assert_eq!((p.components[0].device, p.components[0].offload), (Device::Cuda(0), Offload::None));
+    let p = plan(&input(vec![comp("big", 3 * G), s], &[(Device::Cuda(0), 3 * G), (Device::Cuda(1), G / 2), (Device::Cpu, 64 * G)], Strategy::Sequential)).unwrap();
+    assert_eq!((p.components[1].device, p.components[1].offload), (Device::Cpu, Offload::None), "{:?}", p.notes);
+}
+
+#[test]
+fn auto_splits_across_gpus_before_the_cpu() {
+    // The layout: a 5.13 GB UNet, three 3 GB GPUs and a 64 GB host.
+    let devices = [(Device::Cuda(0), 3_000_000_000), (Device::Cuda(1), 3_000_000_000), (Device::Cuda(2), 3_000_000_000), (Device::Cpu, 64 * G)];
+    let p = plan(&input(vec![unet(5_134_927_368 / 100, 100)], &devices, Strategy::Auto)).unwrap();
+    let split = p.components[0].split.as_ref().expect("split");
+    assert!(split.iter().all(|(_, d)| *d != Device::Cpu), "{split:?}");
+    // overflow = "cpu" in `auto`: accelerate's order, GPUs then the CPU, when the GPUs are short.
+    let small = [(Device::Cuda(0), G), (Device::Cuda(1), G), (Device::Cpu, 64 * G)];
+    let p = plan(&with_overflow(input(vec![unet(G / 10, 50)], &small, Strategy::Auto), Overflow::Cpu)).unwrap();
+    let split = p.components[0].split.as_ref().expect("split");
+    assert_eq!((split.first().unwrap().1, split.last().unwrap().1), (Device::Cuda(0), Device::Cpu));
+    assert_eq!(p.components[0].overflow, Some(Overflow::Cpu));
+    // ... and the default streams it through a GPU instead.
+    let p = plan(&input(vec![unet(G / 10, 50)], &small, Strategy::Auto)).unwrap();
+    assert_eq!((p.components[0].device, p.components[0].offload), (Device::Cuda(0), Offload::Group));
+}
+
+#[test]
+fn sequential_keeps_filling_after_an_overflow() {
+    // The UNet fits no GPU; the VAE after it still goes to the GPU with room.
+    let devices = [(Device::Cuda(0), 2 * G), (Device::Cuda(1), 2 * G), (Device::Cpu, 64 * G)];
+    let p = plan(&with_overflow(input(vec![comp("te", G), unet(G / 10, 50), comp("vae", G / 2)], &devices, Strategy::Sequential), Overflow::Cpu)).unwrap();
+    let m = p.device_map();
+    assert_eq!((m["te"].as_str(), m["unet"].as_str(), m["vae"].as_str()), ("cuda:0", "cpu", "cuda:0"));
 }
 
 #[test]
@@ -186,31 +273,54 @@ fn arb_case() -> impl PropStrategy<Value = (Vec<u64>, Vec<u64>, Option<u64>)> {
     (proptest::collection::vec(1u64..100, 1..6), proptest::collection::vec(1u64..200, 1..4), proptest::option::of(1u64..300))
 }
 
-fn recompute_peaks(inp: &PlanInput, p: &Plan) -> BTreeMap<Device, u64> {
-    // Independent bookkeeping: resident weights + the largest transient need, per device.
-    let mut resident: BTreeMap<Device, u64> = BTreeMap::new();
-    let mut transient: BTreeMap<Device, u64> = BTreeMap::new();
+/// Independent bookkeeping per device: (resident weights, largest transient need).
+fn recompute(inp: &PlanInput, p: &Plan) -> BTreeMap<Device, (u64, u64)> {
+    let mut out: BTreeMap<Device, (u64, u64)> = BTreeMap::new();
     for (c, cp) in inp.components.iter().zip(&p.components) {
+        // `stream` may have raised the component's offload mode.
+        let c = &ComponentInput { offload: cp.offload, ..c.clone() };
         match &cp.split_bytes {
             Some(sb) => {
                 for (d, b) in sb {
-                    let d: Device = d.parse().unwrap();
-                    *resident.entry(d).or_default() += b;
-                    let t = transient.entry(d).or_default();
-                    *t = (*t).max(c.working);
+                    let e = out.entry(d.parse().unwrap()).or_default();
+                    e.0 += b;
+                    e.1 = e.1.max(c.working);
                 }
             }
             None => {
-                *resident.entry(cp.device).or_default() += if c.offload == Offload::None || cp.device == Device::Cpu { c.bytes } else { 0 };
-                let t = transient.entry(cp.device).or_default();
-                *t = (*t).max(if cp.device == Device::Cpu { c.working } else { c.transient() });
-                if c.offload != Offload::None && cp.device != Device::Cpu && inp.inventory.get(Device::Cpu).is_some() {
-                    *resident.entry(Device::Cpu).or_default() += c.bytes;
+                let on_cpu = cp.device == Device::Cpu;
+                let e = out.entry(cp.device).or_default();
+                e.0 += if c.offload == Offload::None || on_cpu { c.bytes } else { 0 };
+                e.1 = e.1.max(if on_cpu { c.working } else { c.transient() });
+                if c.offload != Offload::None && !on_cpu && inp.inventory.get(Device::Cpu).is_some() {
+                    out.entry(Device::Cpu).or_default().0 += c.bytes;
                 }
             }
         }
     }
-    resident.into_iter().map(|(d, r)| (d, r + transient.get(&d).copied().unwrap_or(0))).collect()
+    out
+}
+
+fn recompute_peaks(inp: &PlanInput, p: &Plan) -> BTreeMap<Device, u64> {
+    recompute(inp, p).into_iter().map(|(d, (r, t))| (d, r + t)).collect()
+}
+
+/// Whether `c`'s units fit the GPUs in order, each GPU taking a contiguous run of them plus the
+/// component's working memory, given what each GPU already holds.
+fn split_over_gpus_fits(c: &ComponentInput, gpus: &[(u64, u64, u64)]) -> bool {
+    let mut units = c.tree.units.iter().map(|u| u.bytes).peekable();
+    for &(budget, resident, transient) in gpus {
+        let Some(room) = budget.checked_sub(resident + transient.max(c.working)) else { continue };
+        let mut used = 0;
+        while let Some(&u) = units.peek() {
+            if used + u > room {
+                break;
+            }
+            used += u;
+            units.next();
+        }
+    }
+    units.peek().is_none()
 }
 
 proptest! {
@@ -272,6 +382,59 @@ proptest! {
                 prop_assert!(!ea.message.is_empty());
             }
             _ => prop_assert!(false, "not deterministic"),
+        }
+    }
+
+    /// `overflow = "cpu"` gives diffusers' `balanced` map exactly (weights only, a host with room),
+    /// overflows to the CPU included.
+    #[test]
+    fn balanced_with_overflow_cpu_is_diffusers_map((sizes, budgets, _) in arb_case()) {
+        let comps: Vec<ComponentInput> = sizes.iter().enumerate().map(|(i, &s)| comp(&format!("c{i}"), s)).collect();
+        let gpus: Vec<(u32, u64)> = budgets.iter().enumerate().map(|(i, &b)| (i as u32, b)).collect();
+        let reference = diffusers_balanced(&comps.iter().map(|c| (c.name.clone(), c.bytes)).collect::<Vec<_>>(), &gpus);
+        let mut devices: Vec<(Device, u64)> = gpus.iter().map(|&(i, b)| (Device::Cuda(i), b)).collect();
+        devices.push((Device::Cpu, 1000));
+        let p = plan(&with_overflow(input(comps, &devices, Strategy::Balanced), Overflow::Cpu)).unwrap();
+        prop_assert_eq!(p.device_map(), reference);
+    }
+
+    /// `stream` (the default): no component goes to the CPU while a GPU could run it whole,
+    /// streamed, or (under `auto`) split across the GPUs. Checked on the final plan: devices only
+    /// fill up as planning goes on, so what fits at the end fitted when the component was placed.
+    #[test]
+    fn stream_sends_nothing_to_the_cpu_that_a_gpu_could_run((sizes, budgets, _) in arb_case(), strategy in 0u8..3, unit in 1u64..12, working in 0u64..10, clip in proptest::collection::vec(proptest::bool::ANY, 6)) {
+        let strategy = [Strategy::Balanced, Strategy::Sequential, Strategy::Auto][strategy as usize];
+        let mut comps: Vec<ComponentInput> = sizes.iter().enumerate().map(|(i, &s)| {
+            let mut c = comp(&format!("c{i}"), s);
+            // Some without known blocks: they can only stream with `model`.
+            if !clip[i] { c.class = "StableDiffusionSafetyChecker".into(); }
+            c.working = working;
+            c
+        }).collect();
+        let mut u = unet(unit, 12);
+        u.working = working;
+        comps.push(u);
+        let mut devices: Vec<(Device, u64)> = budgets.iter().enumerate().map(|(i, &b)| (Device::Cuda(i as u32), b)).collect();
+        devices.push((Device::Cpu, 10_000));
+        let inp = input(comps, &devices, strategy);
+        let p = plan(&inp).unwrap();
+        let used = recompute(&inp, &p);
+        let gpus: Vec<(Device, u64, u64, u64)> = devices.iter().filter(|d| d.0 != Device::Cpu).map(|&(d, b)| {
+            let (r, t) = used.get(&d).copied().unwrap_or_default();
+            (d, b, r, t)
+        }).collect();
+        for (c, cp) in inp.components.iter().zip(&p.components) {
+            prop_assert!(p.devices.iter().all(|d| d.planned_bytes <= d.budget_bytes));
+            if cp.device != Device::Cpu || cp.split.is_some() { continue; }
+            let floor = if streamable(&c.class) { memory::device_weight_bytes(Offload::Sequential, c.bytes, c.tree.largest_leaf, c.tree.largest_group()) } else { c.bytes };
+            for &(d, budget, r, t) in &gpus {
+                prop_assert!(r + c.bytes + t.max(c.working) > budget, "`{}` on the CPU fits {:?} whole: {:?}", c.name, d, p);
+                prop_assert!(r + t.max(floor + c.working) > budget, "`{}` on the CPU could stream through {:?}: {:?}", c.name, d, p);
+            }
+            if strategy == Strategy::Auto && c.splittable() {
+                let g: Vec<(u64, u64, u64)> = gpus.iter().map(|&(_, b, r, t)| (b, r, t)).collect();
+                prop_assert!(!split_over_gpus_fits(c, &g), "`{}` on the CPU could be split over the GPUs: {:?}", c.name, p);
+            }
         }
     }
 
