@@ -132,6 +132,21 @@ impl ByteSize {
     }
 }
 
+impl ByteSize {
+    /// A size string for a manifest that is at least this many bytes: decimal units, rounded up
+    /// at two decimals, no space (`"10.85GB"`), so that a suggested budget always suffices.
+    pub fn manifest_at_least(self) -> String {
+        const UNITS: [(&str, u64); 4] = [("TB", 1_000_000_000_000), ("GB", 1_000_000_000), ("MB", 1_000_000), ("KB", 1_000)];
+        for (name, scale) in UNITS {
+            if self.0 >= scale {
+                let hundredths = (self.0 as u128 * 100).div_ceil(scale as u128);
+                return format!("{}{name}", trim_decimals(hundredths as f64 / 100.0));
+            }
+        }
+        format!("{}", self.0)
+    }
+}
+
 fn trim_decimals(v: f64) -> String {
     let s = format!("{v:.2}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
@@ -189,6 +204,17 @@ impl schemars::JsonSchema for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suggested_sizes_round_up_and_parse() {
+        for b in [1u64, 999, 1_000, 1_234_567, 10_844_000_001, 10_840_000_000, 5_134_927_368, u64::MAX / 1000] {
+            let s = ByteSize(b).manifest_at_least();
+            let back: ByteSize = s.parse().unwrap();
+            assert!(back.0 >= b && back.0 - b <= b / 100 + 1, "{b} -> {s} -> {}", back.0);
+        }
+        assert_eq!(ByteSize(10_844_000_001).manifest_at_least(), "10.85GB");
+        assert_eq!(ByteSize(10_840_000_000).manifest_at_least(), "10.84GB");
+    }
 
     fn p(s: &str) -> Result<u64, SizeError> {
         s.parse::<ByteSize>().map(|b| b.0)

@@ -65,21 +65,44 @@ fn seed_example_table() {
 fn too_small_gpus_explain_what_would_work() {
     let dir = tempfile::tempdir().unwrap();
     let root = sdxl(dir.path());
-    // The CPU takes the overflow diffusers would also send there, and says so.
+    // The UNet fits no 4 GB GPU whole: by default it is streamed through one (the lightest mode
+    // that fits), the fp32 VAE's 5.4 GB of activations fit no GPU even streamed: the CPU.
     let (code, stdout, stderr) = plan(&["--json", "--devices", "cuda:0=4GB,cuda:1=4GB,cpu=64GiB"], &root);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["overflow"], "stream");
+    let unet = &v["components"]["unet"];
+    assert_eq!((unet["device"].as_str(), unet["offload"].as_str(), unet["overflow"].as_str()), (Some("cuda:0"), Some("sequential"), Some("stream")), "{v}");
+    assert_eq!(v["components"]["vae"]["device"], "cpu");
+    assert_eq!(v["components"]["vae"]["overflow"], "cpu");
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("`unet` (5.51 GB) fits no GPU whole: streamed through cuda:0 with `sequential` offload, peak 431.5 MB there, its weights in host memory"), "{notes}");
+    assert!(notes.contains("`vae` (5.7 GB) fits no GPU, not even streamed (`sequential` offload needs 5.38 GB on a GPU, the roomiest has 4 GB free): on the CPU"), "{notes}");
+    assert_eq!(v["devices"]["cpu"]["resident"], 5_134_927_368u64 + 334_615_452, "the host holds the streamed UNet's weights and the VAE");
+    for d in v["devices"].as_object().unwrap().values() {
+        assert!(d["planned"].as_u64() <= d["budget"].as_u64(), "{d}");
+    }
+    // diffusers' placement on request: the CPU, with the note.
+    let (code, stdout, stderr) = plan(&["--json", "--devices", "cuda:0=4GB,cuda:1=4GB,cpu=64GiB", "--set", "placement.overflow=cpu"], &root);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["device_map"]["unet"], "cpu");
-    assert!(v["notes"][0].as_str().unwrap().contains("`unet` (5.51 GB) did not fit its snake slot cuda:0 (4 GB free); placed on cpu instead"), "{v}");
-    // With no room on the CPU either: an error that says what would work.
+    assert!(v["notes"][0].as_str().unwrap().contains("`unet` (5.51 GB) fits no GPU: on the CPU, as diffusers places it"), "{v}");
+    // With no room on the host for the streamed weights either: an error naming both, and the
+    // host budget that would do.
     let (code, _, stderr) = plan(&["--devices", "cuda:0=4GB,cuda:1=4GB,cpu=2GB"], &root);
     assert_eq!(code, 1);
-    assert!(stderr.contains("no single change (offload mode, auto split, fp16, unpinning) fits either: the weights alone total 7.1 GB against 10 GB of budgets"), "{stderr}");
-    // Weights only (diffusers' view): the auto split is a way out.
-    let (code, stdout, stderr) = plan(&["--weights-only", "--devices", "cuda:0=4GB,cuda:1=4GB,cpu=2GB"], &root);
+    assert!(stderr.contains("nor streamed through one, and the CPU cannot take it: it needs 5.51 GB there; the host (`cpu`, budget from placement.max_memory) has 2 GB free of 2 GB; the largest GPU budget is `cuda:0` 4 GB"), "{stderr}");
+    assert!(stderr.contains("a host budget of 10.84GB (`placement.max_memory.cpu = \"10.84GB\"`, on a host with that much RAM): `unet` on cuda:0 with `sequential` offload"), "{stderr}");
+    // ... which does plan.
+    let (code, _, stderr) = plan(&["--devices", "cuda:0=4GB,cuda:1=4GB,cpu=10.84GB", "--set", "placement.max_memory.cpu=10.84GB"], &root);
+    assert_eq!(code, 0, "{stderr}");
+    // `overflow = "error"` (weights only, diffusers' view): the auto split is a way out.
+    let (code, stdout, stderr) = plan(&["--weights-only", "--devices", "cuda:0=4GB,cuda:1=4GB,cpu=2GB", "--set", "placement.overflow=error"], &root);
     assert_eq!(code, 1, "{stdout}");
     assert!(stderr.contains("cannot place `manifests/sdxl.toml` within the budgets: `unet` needs"), "{stderr}");
-    assert!(stderr.contains("the largest budget is `cuda:0` 4 GB"), "{stderr}");
+    assert!(stderr.contains("`placement.overflow = \"error\"` neither streams it through a GPU nor puts it on the CPU"), "{stderr}");
+    assert!(stderr.contains("the largest GPU budget is `cuda:0` 4 GB"), "{stderr}");
     assert!(stderr.contains("placement.strategy = \"auto\" (splits it across devices): `unet` on cuda:0 + cuda:1"), "{stderr}");
     assert!(!stderr.contains("panicked"));
 
@@ -135,7 +158,7 @@ fn bad_device_specs_and_budgets() {
     // no GPU budget at all and a CPU too small
     let (code, _, stderr) = run(runner().args(["plan", "manifests/tiny-sd15.toml", "--set", "placement.max_memory.cpu=1MB"]));
     assert_eq!(code, 1);
-    assert!(stderr.contains("no GPU takes part and the CPU has no room"), "{stderr}");
+    assert!(stderr.contains("no GPU takes part and the host has no room for it"), "{stderr}");
 }
 
 #[test]
@@ -146,4 +169,163 @@ fn tiny_manifests_plan() {
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         assert!(v["device_map"]["unet"].is_string());
     }
+}
+
+/// A manifest over a pipeline folder at one dtype, with `placement` lines.
+fn manifest(dir: &Path, name: &str, kind: &str, source: &Path, dtype: &str, placement: &str) -> PathBuf {
+    let m = dir.join(format!("{name}.toml"));
+    std::fs::write(&m, format!("schema_version = 1\nname = \"{name}\"\n[pipeline]\nkind = \"{kind}\"\nsource = \"{}\"\ndtype = \"{dtype}\"\n[placement]\n{placement}\n", source.display())).unwrap();
+    m
+}
+
+#[test]
+fn seed_sd15_on_two_1gb_gpus_with_each_overflow_policy() {
+    // The seed's `max_memory={0:"1GB", 1:"1GB"}` on SD 1.5 fp16: the UNet (1.72 GB) fits neither GPU.
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::util::sparse_pipeline("sd15", dir.path(), Dtype::F16);
+    let m = manifest(dir.path(), "seed", "stable-diffusion", &root, "fp16", "max_memory = { \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
+    let plan = |args: &[&str]| {
+        let (code, stdout, stderr) = run(runner().arg("plan").arg(&m).arg("--json").args(args));
+        (code, serde_json::from_str::<serde_json::Value>(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}")), stderr)
+    };
+    // diffusers' map, from diffusers' own function (tests/data/balanced_maps.json).
+    let diffusers = serde_json::json!({"safety_checker": "cuda:0", "text_encoder": "cuda:1", "unet": "cpu", "vae": "cuda:1"});
+    let (code, v, stderr) = plan(&["--weights-only", "--set", "placement.overflow=cpu"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(v["device_map"], diffusers);
+    assert_eq!(v["devices"]["cpu"]["source"], "detected", "the host takes part although max_memory lists only GPUs");
+    assert!(v["notes"].to_string().contains("`unet` (1.72 GB) fits no GPU: on the CPU, as diffusers places it"), "{v}");
+    // Counting working memory, the VAE goes there too: its 512x512 decode runs in fp32
+    // (force_upcast) and holds 1.34 GB of activations, more than either GPU has.
+    let (code, v, stderr) = plan(&["--set", "placement.overflow=cpu"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(v["device_map"], serde_json::json!({"safety_checker": "cuda:0", "text_encoder": "cuda:1", "unet": "cpu", "vae": "cpu"}));
+    // stream (the default): every component on a GPU, the UNet streamed, within every budget;
+    // with working memory counted, all but the VAE.
+    for (args, vae) in [(&["--weights-only"][..], "cuda:"), (&[], "cpu")] {
+        let (code, v, stderr) = plan(args);
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(v["overflow"], "stream");
+        for (name, c) in v["components"].as_object().unwrap() {
+            let want = if name == "vae" { vae } else { "cuda:" };
+            assert!(c["device"].as_str().unwrap().starts_with(want), "{args:?} {name}: {c}");
+        }
+        let unet = &v["components"]["unet"];
+        assert_eq!(unet["overflow"], "stream");
+        assert!(["group", "sequential"].contains(&unet["offload"].as_str().unwrap()), "{unet}");
+        for (d, u) in v["devices"].as_object().unwrap() {
+            assert!(u["planned"].as_u64() <= u["budget"].as_u64(), "{d}: {u}");
+        }
+        let vae_bytes = if vae == "cpu" { v["components"]["vae"]["bytes"].as_u64().unwrap() } else { 0 };
+        assert_eq!(v["devices"]["cpu"]["resident"].as_u64().unwrap(), unet["bytes"].as_u64().unwrap() + vae_bytes, "the host counts the streamed weights");
+    }
+    // error: today's strict behaviour, explained, as a JSON document too.
+    let (code, v, stderr) = plan(&["--set", "placement.overflow=error"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("error: cannot place") && stderr.contains("`unet` needs") && stderr.contains("neither streams it through a GPU nor puts it on the CPU"), "{stderr}");
+    assert_eq!(v["error"]["kind"], "plan");
+    assert!(v["error"]["message"].as_str().unwrap().contains("`unet` needs"), "{v}");
+    let options = v["error"]["options"].to_string();
+    assert!(options.contains("placement.overflow = \\\"stream\\\": `unet` on cuda:") && options.contains("placement.overflow = \\\"cpu\\\": `unet` on cpu"), "{options}");
+    // A misspelt policy: did you mean.
+    let (code, _, stderr) = run(runner().arg("plan").arg(&m).args(["--set", "placement.overflow=steam"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("invalid value \"steam\" for `placement.overflow`") && stderr.contains("did you mean `stream`?"), "{stderr}");
+}
+
+#[test]
+fn balanced_maps_against_diffusers_own() {
+    // 880 GPU layouts (two to four GPUs of 500 MB to 8 GB) for SD 1.5 and SDXL at fp16 and fp32,
+    // mapped by diffusers' own `_assign_components_to_devices` (tools/make_balanced_maps.py).
+    // `overflow = "cpu"` must give diffusers' map; `stream` must keep every component within the
+    // budgets, keep diffusers' map where diffusers puts everything on GPUs, and never put on the
+    // CPU a component diffusers put on a GPU.
+    use runner::device::Device;
+    use runner::manifest::Overflow;
+    use runner::plan::{build, BudgetSource, DeviceBudget, Inventory};
+    let table: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::util::data("balanced_maps.json")).unwrap()).unwrap();
+    let cases = table["cases"].as_array().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut overflowing, mut diffusers_cpu, mut stream_cpu, mut streamed) = (0, 0, 0, 0);
+    for (pipe, kind) in [("sd15", "stable-diffusion"), ("sdxl", "stable-diffusion-xl")] {
+        let root = crate::util::sparse_pipeline(pipe, dir.path(), Dtype::F16);
+        for dtype in ["fp16", "fp32"] {
+            let m = manifest(dir.path(), &format!("{pipe}-{dtype}"), kind, &root, dtype, "");
+            let loaded = runner::manifest::load(&m, &Default::default()).unwrap();
+            let pipeline = runner::checkpoint::open_for_manifest(&loaded).unwrap();
+            let inputs: Vec<_> = [true, false].map(|weights_only| build::plan_input(&loaded, &pipeline, Inventory::default(), &build::BuildOptions { devices: None, weights_only })).into();
+            for case in cases.iter().filter(|c| c["pipeline"] == pipe && c["dtype"] == dtype) {
+                let mut devices: Vec<DeviceBudget> = case["max_memory_bytes"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(d, b)| DeviceBudget { device: d.parse().unwrap(), budget: b.as_u64().unwrap(), source: BudgetSource::MaxMemory, total: None })
+                    .collect();
+                devices.push(DeviceBudget { device: Device::Cpu, budget: 1 << 40, source: BudgetSource::MaxMemory, total: None });
+                devices.sort_by_key(|d| d.device);
+                let placed: std::collections::BTreeMap<String, String> = serde_json::from_value(case["placed"].clone()).unwrap();
+                for (weights_only, base) in [true, false].iter().zip(&inputs) {
+                    let mut input = base.clone();
+                    input.inventory = Inventory { devices: devices.clone() };
+                    for c in &input.components {
+                        assert_eq!(case["sizes"][&c.name], c.bytes, "{pipe} {dtype} {}: runner's size is accelerate's", c.name);
+                    }
+                    let label = format!("{pipe} {dtype} {} weights_only={weights_only}", case["max_memory"]);
+                    input.overflow = Overflow::Cpu;
+                    let cpu = runner::plan::plan(&input).unwrap_or_else(|e| panic!("{label}: {e}"));
+                    if *weights_only {
+                        assert_eq!(cpu.device_map(), placed, "{label}: overflow = \"cpu\" is diffusers' map");
+                    }
+                    input.overflow = Overflow::Stream;
+                    let stream = runner::plan::plan(&input).unwrap_or_else(|e| panic!("{label}: {e}"));
+                    for d in &stream.devices {
+                        assert!(d.planned_bytes <= d.budget_bytes, "{label}: {} over budget", d.device);
+                    }
+                    let map = stream.device_map();
+                    if !weights_only {
+                        continue;
+                    }
+                    if placed.values().all(|d| d != "cpu") {
+                        assert_eq!(map, placed, "{label}: diffusers' map where it keeps everything on GPUs");
+                        continue;
+                    }
+                    overflowing += 1;
+                    for (name, d) in &map {
+                        assert!(d != "cpu" || placed[name] == "cpu", "{label}: `{name}` on the CPU, diffusers put it on {}", placed[name]);
+                    }
+                    diffusers_cpu += placed.values().filter(|d| *d == "cpu").count();
+                    stream_cpu += map.values().filter(|d| *d == "cpu").count();
+                    streamed += stream.components.iter().filter(|c| c.overflow == Some(Overflow::Stream)).count();
+                }
+            }
+        }
+    }
+    eprintln!("{overflowing} layouts where diffusers overflows: diffusers puts {diffusers_cpu} components on the CPU, `stream` {stream_cpu} ({streamed} streamed through a GPU)");
+    assert!(overflowing > 400 && stream_cpu < diffusers_cpu / 4, "{overflowing} {diffusers_cpu} {stream_cpu}");
+}
+
+#[test]
+fn json_failures_are_json_documents() {
+    // Machines reading `plan --json` never get empty output: every failure is also a JSON document.
+    let dir = tempfile::tempdir().unwrap();
+    let doc = |args: &[&str]| {
+        let (code, stdout, stderr) = run(runner().arg("plan").arg("--json").args(args));
+        assert_eq!(code, 1, "{args:?}: {stdout}");
+        assert!(stderr.contains("error"), "people still get the message: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout:?}"));
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(v["error"]["options"].is_array(), "{v}");
+        v["error"].clone()
+    };
+    let e = doc(&["tests/data/bad/enums.toml"]);
+    assert_eq!(e["kind"], "manifest");
+    assert!(e["diagnostics"].as_array().unwrap().iter().any(|d| d["key"] == "placement.overflow" && d["line"] == 16), "{e}");
+    assert_eq!(doc(&["manifests/tiny-sd15.toml", "--devices", "cuda:0=lots"])["kind"], "devices");
+    assert_eq!(doc(&["manifests/tiny-sd15.toml", "--set", "placement.max_memory.cpu=1MB"])["kind"], "plan");
+    let missing = manifest(dir.path(), "missing", "stable-diffusion", &dir.path().join("nowhere"), "fp16", "");
+    let e = doc(&[missing.to_str().unwrap()]);
+    assert_eq!(e["kind"], "checkpoint", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("nowhere"), "{e}");
+    let unlocked = manifest(dir.path(), "unlocked", "stable-diffusion", &crate::util::root().join("tests/fixtures/tiny-sd15"), "fp32", "");
+    assert_eq!(doc(&[unlocked.to_str().unwrap(), "--locked"])["kind"], "lock");
 }

@@ -381,7 +381,7 @@ impl<'a> State<'a> {
             };
         }
         match self.input.overflow {
-            Overflow::Error => Err(self.not_fit(i, &format!("{why}; `placement.overflow = \"error\"` sends nothing to the CPU or through a GPU streamed"))),
+            Overflow::Error => Err(self.not_fit(i, &format!("{why}; `placement.overflow = \"error\"` neither streams it through a GPU nor puts it on the CPU"))),
             Overflow::Cpu => self.to_cpu(i, why, Overflow::Cpu),
             Overflow::Stream => {
                 if self.stream(i) {
@@ -634,7 +634,8 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
         let weights: u64 = input.components.iter().map(|c| c.bytes + c.working).sum();
         let desc = |p: &Plan| {
             let need = p.devices.iter().find(|d| d.device == Device::Cpu).map_or(0, |d| d.planned_bytes);
-            format!("placement.max_memory.cpu = \"{}\" (the host holds {} then)", gb(need.max(host.budget)), gb(need))
+            let at_least = ByteSize(need.max(host.budget)).manifest_at_least();
+            format!("a host budget of {at_least} (`placement.max_memory.cpu = \"{at_least}\"`, on a host with that much RAM)")
         };
         try_with(&desc, &|v| {
             if let Some(h) = v.inventory.devices.iter_mut().find(|d| d.device == Device::Cpu) {

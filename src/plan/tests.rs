@@ -107,7 +107,7 @@ fn nothing_fits_explains_options() {
     let e = plan(&p).unwrap_err();
     assert_eq!(e.component.as_deref(), Some("unet"));
     assert!(e.message.contains("`unet` needs 5.37 GB at fp16") && e.message.contains("the largest GPU budget is `cuda:0` 4.29 GB"), "{}", e.message);
-    assert!(e.message.contains("`placement.overflow = \"error\"` sends nothing to the CPU"), "{}", e.message);
+    assert!(e.message.contains("`placement.overflow = \"error\"` neither streams it through a GPU nor puts it on the CPU"), "{}", e.message);
     let opts = e.options.join("\n");
     assert!(opts.contains("components.unet.offload = \"group\""), "{opts}");
     assert!(opts.contains("components.unet.offload = \"sequential\""), "{opts}");
@@ -143,7 +143,7 @@ fn overflow_policies() {
     let e = plan(&input(comps.clone(), &short, Strategy::Balanced)).unwrap_err();
     assert!(e.message.contains("`unet` needs 5.37 GB at fp16") && e.message.contains("nor streamed through one, and the CPU cannot take it: it needs 5.37 GB there; the host (`cpu`, budget from --devices) has 1.07 GB free of 1.07 GB"), "{}", e.message);
     assert!(e.message.contains("the largest GPU budget is `cuda:0` 4.29 GB"), "{}", e.message);
-    assert!(e.options.iter().any(|o| o.starts_with("placement.max_memory.cpu = \"5.37 GB\"")), "{:?}", e.options);
+    assert!(e.options.iter().any(|o| o.starts_with("a host budget of 5.37GB (`placement.max_memory.cpu = \"5.37GB\"`")), "{:?}", e.options);
     // An explicit `model` offload whose weights the host cannot hold.
     let mut te = comp("text_encoder", 2 * G);
     te.offload = Offload::Model;
