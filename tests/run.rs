@@ -670,3 +670,100 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn simulated_gpus_without_a_host_entry_run_every_offload_mode() {
+    // The offload issue's `--simulate "cuda:0=40MB,cuda:1=40MB"`, with `max_memory` listing only
+    // those GPUs: the host takes part anyway (detected RAM), holding offloaded weights; every mode
+    // runs and gives the image of no offload; `run --json`'s devices are `plan --json`'s.
+    let dir = tempfile::tempdir().unwrap();
+    let sim = "cuda:0=40MB,cuda:1=40MB";
+    // manifests/tiny-sdxl.toml without its `cpu` budget.
+    let text = std::fs::read_to_string(root().join("manifests/tiny-sdxl.toml")).unwrap().replace(", cpu = \"2GiB\"", "").replace("\"../", &format!("\"{}/", root().display()));
+    assert!(!text.contains("cpu"), "{text}");
+    let manifest = dir.path().join("gpus-only.toml");
+    std::fs::write(&manifest, text).unwrap();
+    let manifest = manifest.to_str().unwrap();
+    let mut images = vec![];
+    for offload in ["none", "model", "group", "sequential"] {
+        let out = dir.path().join(format!("{offload}.png"));
+        let set = format!("placement.offload={offload}");
+        let (code, stdout, stderr) = run(runner().args(["run", manifest, "--quiet", "--json", "--simulate", sim, "--set", &set, "--out"]).arg(&out));
+        assert_eq!(code, 0, "{offload}: {stderr}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let (code, plan, stderr) = run(runner().args(["plan", manifest, "--json", "--devices", sim, "--set", &set]));
+        assert_eq!(code, 0, "{stderr}");
+        let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+        let host = &r["devices"]["cpu"];
+        assert_eq!(host["source"], "detected", "{offload}: {r}");
+        for (d, p) in plan["devices"].as_object().unwrap() {
+            let u = &r["devices"][d];
+            assert_eq!((&u["budget_bytes"], &u["planned_bytes"], &u["planned_resident_bytes"], &u["free_bytes"], &u["source"]), (&p["budget"], &p["planned"], &p["resident"], &p["free"], &p["source"]), "{offload} {d}");
+            assert!(u["peak_bytes"].as_u64() <= u["budget_bytes"].as_u64(), "{offload} {d}: {u}");
+        }
+        if offload != "none" {
+            assert!(host["peak_bytes"].as_u64().unwrap() > 0 && host["planned_resident_bytes"].as_u64().unwrap() > 0, "offloaded weights live on the host: {host}");
+        }
+        images.push(decode_png(&out).0);
+    }
+    assert!(images.windows(2).all(|w| w[0] == w[1]), "every offload mode gives the same image");
+    // The offload issue's second example: one small GPU, `model` offload, no host entry.
+    let (code, _, stderr) = run(runner().args(["run", manifest, "--quiet", "--simulate", "cuda:0=8MB,cuda:1=8MB", "--set", "placement.max_memory={\"cuda:0\"=\"8MB\",\"cuda:1\"=\"8MB\"}", "--set", "placement.offload=model", "--out"]).arg(dir.path().join("8mb.png")));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(decode_png(&dir.path().join("8mb.png")).0, images[0]);
+}
+
+#[test]
+fn a_unet_that_fits_no_gpu_runs_with_each_overflow_policy() {
+    // The tiny analogue of the seed's SD 1.5 on two 1 GB GPUs: each simulated GPU is below what
+    // the UNet needs whole (73.28 MB with its working memory) but above its streaming floor.
+    let dir = tempfile::tempdir().unwrap();
+    let sim = "cuda:0=72.6MB,cuda:1=72.6MB";
+    let budgets = "placement.max_memory={\"cuda:0\"=\"72.6MB\",\"cuda:1\"=\"72.6MB\"}";
+    let go = |policy: &str| {
+        let out = dir.path().join(format!("{policy}.png"));
+        let set = format!("placement.overflow={policy}");
+        let (code, stdout, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--json", "--simulate", sim, "--set", budgets, "--set", &set, "--out"]).arg(&out));
+        (code, serde_json::from_str::<serde_json::Value>(&stdout).unwrap_or_else(|e| panic!("{policy}: {e}: {stdout}\n{stderr}")), out, stderr)
+    };
+    let (code, r, stream_png, stderr) = go("stream");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(r["device_map"]["unet"].as_str().unwrap().starts_with("cuda:"), "{r}");
+    assert!(r["plan_notes"].to_string().contains("`unet` (73.28 MB) fits no GPU whole: streamed through"), "{r}");
+    let (code, r, cpu_png, stderr) = go("cpu");
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(r["device_map"]["unet"], "cpu", "{r}");
+    assert_eq!(decode_png(&stream_png).0, decode_png(&cpu_png).0);
+    let (code, r, _, stderr) = go("error");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("`placement.overflow = \"error\"` neither streams it through a GPU nor puts it on the CPU"), "{stderr}");
+    assert_eq!(r["error"]["kind"], "plan", "{r}");
+    assert!(r["error"]["options"].to_string().contains("placement.overflow = \\\"stream\\\""), "{r}");
+    // The same job without simulated GPUs: the same image.
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--out"]).arg(dir.path().join("plain.png")));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(decode_png(&stream_png).0, decode_png(&dir.path().join("plain.png")).0);
+}
+
+#[test]
+fn run_json_failures_are_json_documents() {
+    let doc = |args: &[&str]| {
+        let (code, stdout, stderr) = run(runner().args(["run", "--json", "--quiet"]).args(args));
+        assert_eq!(code, 1, "{args:?}: {stdout}");
+        assert!(stderr.starts_with("error") || stderr.contains("\nerror"), "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout:?}"))["error"].clone()
+    };
+    let e = doc(&["manifests/tiny-sdxl.toml", "--simulate", "cuda:0="]);
+    assert_eq!(e["kind"], "devices");
+    assert!(e["message"].as_str().unwrap().contains("--simulate") && !e["message"].as_str().unwrap().contains("--devices"), "{e}");
+    let e = doc(&["manifests/tiny-sdxl.toml", "--simulate", "cuda:0=40MB,cuda:1=40MB", "--set", "placement.max_memory.cpu=1MB", "--set", "placement.offload=model"]);
+    assert_eq!(e["kind"], "plan", "{e}");
+    assert!(!e["options"].as_array().unwrap().is_empty(), "{e}");
+    assert_eq!(doc(&["tests/data/bad/enums.toml"])["kind"], "manifest");
+    let e = doc(&["manifests/tiny-sd15.toml", "--set", "run.width=60"]);
+    assert_eq!(e["diagnostics"][0]["message"], "`run.width` must be a multiple of 8, found 60", "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-euler", dir.path());
+    let e = doc(&[m.to_str().unwrap(), "--set", &format!("pipeline.source={}", dir.path().join("nowhere").display())]);
+    assert_eq!(e["kind"], "checkpoint", "{e}");
+}
