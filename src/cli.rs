@@ -103,14 +103,16 @@ enum Command {
         /// Plan for these devices (e.g. "cuda:0=40MB,cuda:1=40MB,cpu=2GiB") but execute everything
         /// on the CPU: device maps, component boundaries and offload hooks run where no GPU
         /// exists. Weights are accounted per simulated device (a budget exceeded is an error) and
-        /// their peaks reported beside the plan's; working memory is planned, not measured.
+        /// their peaks reported beside the plan's; working memory is planned, not measured. Without
+        /// `cpu=`, the host's budget is placement.max_memory.cpu, else the detected RAM.
         #[arg(long, value_name = "SPEC")]
         simulate: Option<String>,
         /// No progress bars.
         #[arg(long, short)]
         quiet: bool,
         /// Print a JSON summary (images, seed, device map, timings, per-device budget and peak of
-        /// resident weights).
+        /// resident weights beside the plan's figures); a failure prints
+        /// {"error": {"message", "kind", "options"}}.
         #[arg(long)]
         json: bool,
         /// Check every file the manifest reads against MANIFEST.lock first.
@@ -123,7 +125,13 @@ enum Command {
     /// from safetensors headers at their dtypes, budgets from placement.max_memory (or --devices,
     /// or the detected GPUs and RAM minus a reserve), the placement strategy, pins and offload
     /// modes. Prints each component's device and why, and each device's budget, planned peak and
-    /// free memory. When nothing fits, says what is missing and which changes would work (exit 1).
+    /// free memory. When nothing fits, says what is missing and which changes would work (exit 1;
+    /// with --json, also as {"error": {"message", "kind", "options"}} on stdout).
+    ///
+    /// The host always takes part (offloaded weights live there). A component that fits no GPU
+    /// whole (nor, with strategy auto, split across them) goes by placement.overflow: "stream"
+    /// (default) runs it on a GPU with the lightest offload mode that fits (model, group,
+    /// sequential), "cpu" puts it on the CPU as diffusers does, "error" refuses.
     #[command(after_help = LAYERS_HELP)]
     Plan {
         #[arg(value_name = "MANIFEST")]
@@ -133,6 +141,7 @@ enum Command {
         json: bool,
         /// The hardware to plan for instead of this machine's, e.g.
         /// "cuda:0=24GiB,cuda:1=24GiB,cpu=64GiB". placement.max_memory still sets the budgets.
+        /// Without `cpu=`, the host's budget is the detected RAM minus a reserve.
         #[arg(long, value_name = "SPEC")]
         devices: Option<String>,
         /// Count weights only, as diffusers' device_map="balanced" does (no working memory).
@@ -508,7 +517,14 @@ fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights
     let out = if json {
         serde_json::to_string_pretty(&render::to_json(&plan, weights_only)).map_err(|e| Failure::new("io", e))? + "\n"
     } else {
-        format!("plan for {} ({}, strategy {}, overflow {})\n{}", file.display(), loaded.manifest.pipeline.kind.as_str(), plan.strategy.as_str(), plan.overflow.as_str(), render::to_table(&plan, weights_only))
+        format!(
+            "plan for {} ({}, strategy {}, overflow {})\n{}",
+            file.display(),
+            loaded.manifest.pipeline.kind.as_str(),
+            plan.strategy.as_str(),
+            plan.overflow.as_str(),
+            render::to_table(&plan, weights_only)
+        )
     };
     print!("{out}");
     Ok(ExitCode::SUCCESS)

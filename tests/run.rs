@@ -698,7 +698,11 @@ fn simulated_gpus_without_a_host_entry_run_every_offload_mode() {
         assert_eq!(host["source"], "detected", "{offload}: {r}");
         for (d, p) in plan["devices"].as_object().unwrap() {
             let u = &r["devices"][d];
-            assert_eq!((&u["budget_bytes"], &u["planned_bytes"], &u["planned_resident_bytes"], &u["free_bytes"], &u["source"]), (&p["budget"], &p["planned"], &p["resident"], &p["free"], &p["source"]), "{offload} {d}");
+            assert_eq!(
+                (&u["budget_bytes"], &u["planned_bytes"], &u["planned_resident_bytes"], &u["free_bytes"], &u["source"]),
+                (&p["budget"], &p["planned"], &p["resident"], &p["free"], &p["source"]),
+                "{offload} {d}"
+            );
             assert!(u["peak_bytes"].as_u64() <= u["budget_bytes"].as_u64(), "{offload} {d}: {u}");
         }
         if offload != "none" {
@@ -708,7 +712,9 @@ fn simulated_gpus_without_a_host_entry_run_every_offload_mode() {
     }
     assert!(images.windows(2).all(|w| w[0] == w[1]), "every offload mode gives the same image");
     // The offload issue's second example: one small GPU, `model` offload, no host entry.
-    let (code, _, stderr) = run(runner().args(["run", manifest, "--quiet", "--simulate", "cuda:0=8MB,cuda:1=8MB", "--set", "placement.max_memory={\"cuda:0\"=\"8MB\",\"cuda:1\"=\"8MB\"}", "--set", "placement.offload=model", "--out"]).arg(dir.path().join("8mb.png")));
+    let (code, _, stderr) = run(runner()
+        .args(["run", manifest, "--quiet", "--simulate", "cuda:0=8MB,cuda:1=8MB", "--set", "placement.max_memory={\"cuda:0\"=\"8MB\",\"cuda:1\"=\"8MB\"}", "--set", "placement.offload=model", "--out"])
+        .arg(dir.path().join("8mb.png")));
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(decode_png(&dir.path().join("8mb.png")).0, images[0]);
 }

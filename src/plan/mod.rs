@@ -382,12 +382,12 @@ impl<'a> State<'a> {
         }
         match self.input.overflow {
             Overflow::Error => Err(self.not_fit(i, &format!("{why}; `placement.overflow = \"error\"` neither streams it through a GPU nor puts it on the CPU"))),
-            Overflow::Cpu => self.to_cpu(i, why, Overflow::Cpu),
+            Overflow::Cpu => self.onto_cpu(i, why, Overflow::Cpu),
             Overflow::Stream => {
                 if self.stream(i) {
                     Ok(())
                 } else {
-                    self.to_cpu(i, why, Overflow::Stream)
+                    self.onto_cpu(i, why, Overflow::Stream)
                 }
             }
         }
@@ -422,10 +422,11 @@ impl<'a> State<'a> {
     }
 
     /// The component goes to the CPU, whose budget must hold it.
-    fn to_cpu(&mut self, i: usize, why: &str, policy: Overflow) -> Result<(), PlanError> {
+    fn onto_cpu(&mut self, i: usize, why: &str, policy: Overflow) -> Result<(), PlanError> {
         let c = &self.comps[i];
         let Some(h) = self.cpu().filter(|&h| self.fits(i, h)) else {
-            let host = self.cpu().map(|h| format!("; the host (`cpu`, budget from {}) has {} free of {}", self.ledgers[h].source, gb(self.ledgers[h].free()), gb(self.ledgers[h].budget))).unwrap_or_default();
+            let host =
+                self.cpu().map(|h| format!("; the host (`cpu`, budget from {}) has {} free of {}", self.ledgers[h].source, gb(self.ledgers[h].free()), gb(self.ledgers[h].budget))).unwrap_or_default();
             let how = if policy == Overflow::Stream { " nor streamed through one" } else { "" };
             return Err(self.not_fit(i, &format!("{why}{how}, and the CPU cannot take it: it needs {} there{host}", gb(c.bytes + c.working))));
         };
@@ -474,7 +475,13 @@ impl<'a> State<'a> {
         if let Some(h) = self.cpu() {
             let host = &self.ledgers[h];
             if c.offloaded() && !host.fits(c.bytes, 0) {
-                message.push_str(&format!("\nits offloaded weights ({}) live in host memory, and the host (`cpu`, budget from {}) has {} free of {}", gb(c.bytes), host.source, gb(host.free()), gb(host.budget)));
+                message.push_str(&format!(
+                    "\nits offloaded weights ({}) live in host memory, and the host (`cpu`, budget from {}) has {} free of {}",
+                    gb(c.bytes),
+                    host.source,
+                    gb(host.free()),
+                    gb(host.budget)
+                ));
             }
         }
         // Streaming modes have a floor no budget below can meet: say what it is made of.
@@ -706,14 +713,18 @@ fn plan_once(input: &PlanInput) -> Result<Plan, PlanError> {
                     let d = st.ledgers[l].device;
                     st.place(i, l, format!("fits whole; first GPU in order with room ({d})"));
                 } else if st.try_split(i, &gpus) {
-                } else if input.overflow == Overflow::Cpu && !gpus.is_empty() && st.cpu().is_some_and(|h| {
-                    // accelerate's `infer_auto_device_map`: GPUs in order, then the CPU.
-                    let over: Vec<usize> = gpus.iter().copied().chain([h]).collect();
-                    st.try_split(i, &over)
-                }) {
+                } else if input.overflow == Overflow::Cpu
+                    && !gpus.is_empty()
+                    && st.cpu().is_some_and(|h| {
+                        // accelerate's `infer_auto_device_map`: GPUs in order, then the CPU.
+                        let over: Vec<usize> = gpus.iter().copied().chain([h]).collect();
+                        st.try_split(i, &over)
+                    })
+                {
                     st.overflowed[i] = Some(Overflow::Cpu);
                     let name = st.comps[i].name.clone();
-                    st.notes.push(format!("`{name}` fits no GPU, nor split across them: split over the GPUs and the CPU, as accelerate's `infer_auto_device_map` does (`placement.overflow = \"cpu\"`)"));
+                    st.notes
+                        .push(format!("`{name}` fits no GPU, nor split across them: split over the GPUs and the CPU, as accelerate's `infer_auto_device_map` does (`placement.overflow = \"cpu\"`)"));
                 } else {
                     let why = if input.components[i].splittable() { "fits no GPU whole, nor split across the GPUs" } else { "fits no GPU whole (it is placed whole)" };
                     st.overflow(i, why)?;
@@ -750,7 +761,7 @@ fn balanced(st: &mut State, rest: Vec<usize>) -> Result<(), PlanError> {
         let (name, need, free) = (st.comps[i].name.clone(), st.comps[i].need(), st.ledgers[l].free());
         let why = format!("fits neither its snake slot {d} ({} free) nor any other GPU", gb(free));
         if st.input.overflow == Overflow::Cpu {
-            st.to_cpu(i, &format!("does not fit its snake slot {d} ({} free)", gb(free)), Overflow::Cpu)?;
+            st.onto_cpu(i, &format!("does not fit its snake slot {d} ({} free)", gb(free)), Overflow::Cpu)?;
             continue;
         }
         let others: Vec<usize> = gpus.iter().copied().filter(|&g| g != l).collect();

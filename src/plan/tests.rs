@@ -137,11 +137,20 @@ fn overflow_policies() {
     let tiny = [(Device::Cuda(0), G / 100), (Device::Cuda(1), G / 100), (Device::Cpu, 64 * G)];
     let p = plan(&input(comps.clone(), &tiny, Strategy::Balanced)).unwrap();
     assert_eq!(p.device_map()["unet"], "cpu");
-    assert!(p.notes.iter().any(|n| n.contains("`unet` (5.37 GB) fits no GPU, not even streamed (`sequential` offload needs 26.84 MB on a GPU, the roomiest has 10.74 MB free): on the CPU")), "{:?}", p.notes);
+    assert!(
+        p.notes.iter().any(|n| n.contains("`unet` (5.37 GB) fits no GPU, not even streamed (`sequential` offload needs 26.84 MB on a GPU, the roomiest has 10.74 MB free): on the CPU")),
+        "{:?}",
+        p.notes
+    );
     // The host too small for the offloaded weights: the error names both and what would do.
     let short = [(Device::Cuda(0), 4 * G), (Device::Cuda(1), 4 * G), (Device::Cpu, G)];
     let e = plan(&input(comps.clone(), &short, Strategy::Balanced)).unwrap_err();
-    assert!(e.message.contains("`unet` needs 5.37 GB at fp16") && e.message.contains("nor streamed through one, and the CPU cannot take it: it needs 5.37 GB there; the host (`cpu`, budget from --devices) has 1.07 GB free of 1.07 GB"), "{}", e.message);
+    assert!(
+        e.message.contains("`unet` needs 5.37 GB at fp16")
+            && e.message.contains("nor streamed through one, and the CPU cannot take it: it needs 5.37 GB there; the host (`cpu`, budget from --devices) has 1.07 GB free of 1.07 GB"),
+        "{}",
+        e.message
+    );
     assert!(e.message.contains("the largest GPU budget is `cuda:0` 4.29 GB"), "{}", e.message);
     assert!(e.options.iter().any(|o| o.starts_with("a host budget of 5.37GB (`placement.max_memory.cpu = \"5.37GB\"`")), "{:?}", e.options);
     // An explicit `model` offload whose weights the host cannot hold.
@@ -434,6 +443,38 @@ proptest! {
             if strategy == Strategy::Auto && c.splittable() {
                 let g: Vec<(u64, u64, u64)> = gpus.iter().map(|&(_, b, r, t)| (b, r, t)).collect();
                 prop_assert!(!split_over_gpus_fits(c, &g), "`{}` on the CPU could be split over the GPUs: {:?}", c.name, p);
+            }
+        }
+    }
+
+    /// `auto` splits across the GPUs before it uses the CPU, whatever the overflow policy: with a
+    /// UNet-like component and others, none is on the CPU (whole or in part) when a split over the
+    /// GPUs fits.
+    #[test]
+    fn auto_uses_the_cpu_only_when_no_split_over_the_gpus_fits((sizes, budgets, _) in arb_case(), unit in 1u64..30, n in 2usize..20, working in 0u64..10, policy in 0u8..2) {
+        let policy = [Overflow::Stream, Overflow::Cpu][policy as usize];
+        let mut comps: Vec<ComponentInput> = sizes.iter().enumerate().map(|(i, &s)| comp(&format!("c{i}"), s)).collect();
+        let mut u = unet(unit, n);
+        u.working = working;
+        comps.push(u);
+        let mut devices: Vec<(Device, u64)> = budgets.iter().enumerate().map(|(i, &b)| (Device::Cuda(i as u32), b)).collect();
+        devices.push((Device::Cpu, 10_000));
+        let inp = with_overflow(input(comps, &devices, Strategy::Auto), policy);
+        let p = plan(&inp).unwrap();
+        let used = recompute(&inp, &p);
+        let gpus: Vec<(u64, u64, u64)> = devices.iter().filter(|d| d.0 != Device::Cpu).map(|&(d, b)| {
+            let (r, t) = used.get(&d).copied().unwrap_or_default();
+            (b, r, t)
+        }).collect();
+        for (c, cp) in inp.components.iter().zip(&p.components) {
+            let on_cpu = cp.device == Device::Cpu || cp.split.as_ref().is_some_and(|s| s.iter().any(|(_, d)| *d == Device::Cpu));
+            if on_cpu && c.splittable() && cp.split.is_none() {
+                prop_assert!(!split_over_gpus_fits(c, &gpus), "`{}` on the CPU could be split over the GPUs: {:?}", c.name, p);
+            }
+            if on_cpu && cp.split.is_some() {
+                // a GPU+CPU split: its GPU part already took what the GPUs had; the rest must not fit them
+                let gpu_bytes: u64 = cp.split_bytes.as_ref().unwrap().iter().filter(|(d, _)| d.as_str() != "cpu").map(|(_, b)| b).sum();
+                prop_assert!(gpu_bytes < c.bytes);
             }
         }
     }
