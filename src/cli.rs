@@ -291,7 +291,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (_, Some(s)) => (Some(s), true),
                 (d, None) => (d, false),
             };
-            run_job(&file, out, dump, spec.as_deref(), simulated, quiet, json, locked, &layers.overrides(), cli.color)
+            run_job(RunJob { file: &file, out, dump, devices: spec.as_deref(), simulate: simulated, quiet, json, locked, overrides: &layers.overrides(), color: cli.color })
         }
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
@@ -530,20 +530,23 @@ fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights
     Ok(ExitCode::SUCCESS)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_job(
-    file: &std::path::Path,
+/// `runner run`'s flags, parsed.
+struct RunJob<'a> {
+    file: &'a std::path::Path,
     out: Option<PathBuf>,
     dump: Option<PathBuf>,
-    devices: Option<&str>,
+    devices: Option<&'a str>,
     simulate: bool,
     quiet: bool,
     json: bool,
     locked: bool,
-    overrides: &Overrides,
+    overrides: &'a Overrides,
     color: Color,
-) -> anyhow::Result<ExitCode> {
-    let report = match run_inner(file, out, dump, devices, simulate, quiet, locked, overrides, color) {
+}
+
+fn run_job(job: RunJob) -> anyhow::Result<ExitCode> {
+    let (json, quiet, color) = (job.json, job.quiet, job.color);
+    let report = match run_inner(job) {
         Ok(r) => r,
         Err(f) => return f.report(json, color),
     };
@@ -582,18 +585,8 @@ fn run_job(
     Ok(ExitCode::SUCCESS)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_inner(
-    file: &std::path::Path,
-    out: Option<PathBuf>,
-    dump: Option<PathBuf>,
-    devices: Option<&str>,
-    simulate: bool,
-    quiet: bool,
-    locked: bool,
-    overrides: &Overrides,
-    color: Color,
-) -> Result<runner::exec::RunReport, Failure> {
+fn run_inner(job: RunJob) -> Result<runner::exec::RunReport, Failure> {
+    let RunJob { file, out, dump, devices, simulate, quiet, locked, overrides, color, .. } = job;
     // The inventory's messages name `--devices`; a simulated run got its devices from `--simulate`.
     let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
     let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", flag(e.to_string())))?;
