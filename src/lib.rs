@@ -3,12 +3,14 @@
 //!
 //! Modules, one concern each: [`manifest`] (types, layering, validation), [`units`] and
 //! [`device`] (the value grammars manifests share with planning), [`diag`] (diagnostics that
-//! point at their source), [`runtime`] (libtorch start-up).
+//! point at their source), [`runtime`] (libtorch start-up), [`fsutil`] (writing outputs without
+//! damaging anything).
 
 pub mod checkpoint;
 pub mod device;
 pub mod diag;
 pub mod exec;
+pub mod fsutil;
 pub mod lock;
 pub mod manifest;
 pub mod models;

@@ -118,9 +118,7 @@ pub fn write_lock(m: &LoadedManifest) -> Result<LockReport, LockError> {
     let lock = LockFile { version: LOCK_VERSION, manifest: m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), files: entries };
     let path = lock_path(&m.path);
     let text = format!("# runner lock file: size and sha256 of every file `{}` reads. Regenerate with `runner lock`.\n{}", lock.manifest, toml::to_string(&lock).expect("lock serializes"));
-    let tmp = path.with_extension("lock.tmp");
-    std::fs::write(&tmp, text).map_err(|source| LockError::Io { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, &path).map_err(|source| LockError::Io { path: path.clone(), source })?;
+    crate::fsutil::write_file(&path, |w| w.write_all(text.as_bytes())).map_err(|source| LockError::Io { path: path.clone(), source })?;
     let bytes = hashes.iter().map(|(s, _)| s).sum();
     Ok(LockReport { lock: path, files: files.len(), bytes, seconds: t.elapsed().as_secs_f64() })
 }

@@ -103,3 +103,33 @@ fn reference_latents_are_tch_randn_draws() {
         assert!(store.get("latents.init").unwrap().equal(&drawn), "{case}");
     }
 }
+
+#[test]
+fn a_checkpoint_truncated_while_mapped_is_an_error_naming_it() {
+    // The child (this test again, in a process of its own): map a checkpoint, have it truncated
+    // under the mapping, read it. Without the watch this dies of SIGBUS without a word.
+    if let Ok(path) = std::env::var("RUNNER_TEST_SIGBUS_FILE") {
+        let c = Checkpoint::open(resolve_source(std::path::Path::new(&path), None, None, VariantPolicy::Require).unwrap()).unwrap();
+        let store = load(&c, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: true }).unwrap();
+        let header_end = c.files[0].1.data_start;
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(header_end).unwrap();
+        let sum = store.get("w").unwrap().sum(Kind::Float).double_value(&[]);
+        println!("read {sum} from a truncated file");
+        std::process::exit(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let n = 1 << 18; // 1 MiB of f32: many pages
+    let info = runner::checkpoint::safetensors::TensorInfo { name: "w".into(), dtype: runner::checkpoint::safetensors::Dtype::F32, shape: vec![n], data_offsets: (0, 4 * n) };
+    let mut bytes = runner::checkpoint::safetensors::encode_header(&[info], &Default::default());
+    bytes.extend(std::iter::repeat_n(0u8, 4 * n as usize));
+    std::fs::write(&path, bytes).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "load::a_checkpoint_truncated_while_mapped_is_an_error_naming_it", "--nocapture", "--test-threads=1"])
+        .env("RUNNER_TEST_SIGBUS_FILE", &path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit 1, not a signal: {:?}\n{stderr}", out.status);
+    assert!(stderr.contains(&format!("error: `{}` changed while runner was reading it (truncated or rewritten in place", path.display())), "{stderr}");
+}

@@ -42,7 +42,21 @@ pub struct TensorStore {
     tensors: BTreeMap<String, Tensor>,
     /// Names of the tensors that are views of a mapping (zero-copy).
     zero_copy: Vec<String>,
-    _maps: Vec<Arc<memmap2::MmapMut>>,
+    _maps: Vec<Arc<WatchedMap>>,
+}
+
+/// A mapping whose range is watched for SIGBUS (see [`super::sigbus`]) while it lives.
+struct WatchedMap {
+    // Dropped first: the range is unwatched before it is unmapped.
+    _watch: super::sigbus::Watch,
+    map: memmap2::MmapMut,
+}
+
+impl std::ops::Deref for WatchedMap {
+    type Target = memmap2::MmapMut;
+    fn deref(&self) -> &memmap2::MmapMut {
+        &self.map
+    }
 }
 
 impl TensorStore {
@@ -91,7 +105,7 @@ pub struct LoadOptions {
     pub populate: bool,
 }
 
-fn map_file(path: &Path, populate: bool) -> Result<memmap2::MmapMut, CheckpointError> {
+fn map_file(path: &Path, populate: bool) -> Result<WatchedMap, CheckpointError> {
     let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     let mut opts = memmap2::MmapOptions::new();
     if populate {
@@ -99,9 +113,11 @@ fn map_file(path: &Path, populate: bool) -> Result<memmap2::MmapMut, CheckpointE
     }
     // SAFETY: a private mapping, populated read-only (page-cache pages are shared, not copied),
     // then made writable copy-on-write: libtorch may write to views without touching the file.
-    // The file must not be truncated while mapped (as with every mmap loader).
+    // A file truncated while mapped faults on the lost pages: the watch turns that SIGBUS into
+    // an error naming the file.
     let map = unsafe { opts.map_copy_read_only(&file) }.map_err(|e| CheckpointError::io(path, e))?;
-    map.make_mut().map_err(|e| CheckpointError::io(path, e))
+    let map = map.make_mut().map_err(|e| CheckpointError::io(path, e))?;
+    Ok(WatchedMap { _watch: super::sigbus::watch(map.as_ptr(), map.len(), path), map })
 }
 
 /// Half-precision <-> f32 conversion on the CPU with SIMD (F16C where present), in parallel
@@ -158,7 +174,7 @@ fn shape_i64(path: &Path, t: &TensorInfo) -> Result<Vec<i64>, CheckpointError> {
 
 /// Loads `names` (all tensors when `None`) of a checkpoint.
 pub fn load(ck: &Checkpoint, names: Option<&[&str]>, opts: LoadOptions) -> Result<TensorStore, CheckpointError> {
-    let maps: Vec<Arc<memmap2::MmapMut>> = ck.files.iter().map(|(p, _)| map_file(p, opts.populate).map(Arc::new)).collect::<Result<_, _>>()?;
+    let maps: Vec<Arc<WatchedMap>> = ck.files.iter().map(|(p, _)| map_file(p, opts.populate).map(Arc::new)).collect::<Result<_, _>>()?;
     let mut tensors = BTreeMap::new();
     let mut zero_copy = vec![];
     let wanted: Vec<&str> = match names {

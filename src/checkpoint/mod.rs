@@ -7,6 +7,7 @@ pub mod layout;
 pub mod load;
 pub mod safetensors;
 pub mod shard;
+pub mod sigbus;
 
 use std::path::{Path, PathBuf};
 

@@ -317,6 +317,8 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Header, Ch
 pub struct MappedFile {
     pub path: PathBuf,
     pub header: Header,
+    // Dropped before the mapping: see [`super::sigbus`].
+    _watch: super::sigbus::Watch,
     map: memmap2::Mmap,
 }
 
@@ -327,11 +329,12 @@ impl MappedFile {
             return Err(CheckpointError::format(path, "is a directory, expected a .safetensors file"));
         }
         let file = File::open(path).map_err(io)?;
-        // SAFETY: the map is read-only; a file truncated under us by another process would fault,
-        // as with any mmap-based loader (safetensors, candle). Checkpoints are not written in place.
+        // SAFETY: the map is read-only; a file truncated under us by another process faults, and
+        // the watch turns that into an error naming the file.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let _watch = super::sigbus::watch(map.as_ptr(), map.len(), path);
         let header = parse_file_bytes(path, &map)?;
-        Ok(MappedFile { path: path.to_path_buf(), header, map })
+        Ok(MappedFile { path: path.to_path_buf(), header, _watch, map })
     }
 
     /// The bytes of one tensor.

@@ -12,13 +12,15 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::layout::{resolve_source, Checkpoint, Library, VariantPolicy};
-use super::safetensors::{encode_header, Dtype, MappedFile, TensorInfo};
+use super::safetensors::{encode_header, Dtype, TensorInfo};
 use super::CheckpointError;
+use crate::fsutil;
 use crate::manifest::Dtype as TargetDtype;
 
 /// Splits tensors `(name, bytes)` (already in key order) into shards of at most `max` bytes,
@@ -145,13 +147,20 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
     let src_dir = if src.is_dir() { src.to_path_buf() } else { src.parent().unwrap_or(Path::new(".")).to_path_buf() };
 
     // Refuse to clobber: the source itself, or a non-empty folder without --force.
+    // Replacing `out` must never delete the source: refuse an `out` that is, or holds, the source
+    // folder or any of its files (after resolving symbolic links and `..`).
+    let out_real = fsutil::resolve(out);
+    let read: Vec<PathBuf> = std::iter::once(src_dir.clone()).chain(checkpoint.files.iter().map(|(p, _)| p.clone())).collect();
+    for p in read {
+        let real = fsutil::resolve(&p);
+        if real.starts_with(&out_real) {
+            let what = if real == out_real { "is the source" } else { "holds the source" };
+            return Err(CheckpointError::format(out, format!("{what} (`{}`): replacing it would delete what is being sharded; write the shards to another folder", p.display())));
+        }
+    }
     if out.exists() {
         if !out.is_dir() {
             return Err(CheckpointError::format(out, "exists and is not a folder"));
-        }
-        let same = std::fs::canonicalize(out).ok() == std::fs::canonicalize(&src_dir).ok();
-        if same {
-            return Err(CheckpointError::format(out, "is the source folder: write the shards to another folder"));
         }
         let non_empty = std::fs::read_dir(out).map_err(|e| CheckpointError::io(out, e))?.next().is_some();
         if non_empty && !opts.force {
@@ -159,7 +168,9 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
         }
     }
 
-    let mut maps: Vec<MappedFile> = checkpoint.files.iter().map(|(p, _)| MappedFile::open(p)).collect::<Result<_, _>>()?;
+    // Read with pread, not through a mapping: a source truncated while it is read is then an error
+    // naming the file, not a SIGBUS.
+    let sources: Vec<File> = checkpoint.files.iter().map(|(p, _)| File::open(p).map_err(|e| CheckpointError::io(p, e))).collect::<Result<_, _>>()?;
     let names: Vec<&String> = checkpoint.tensors.keys().collect(); // sorted: key order
     let targets: Vec<Dtype> = names.iter().map(|n| out_dtype(checkpoint.tensors[*n].info.dtype, opts.dtype)).collect();
     let sizes: Vec<u64> = names
@@ -174,11 +185,12 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
     let n = plan.len().max(1);
     let total_size: u64 = sizes.iter().sum();
 
-    // Everything goes to a sibling temp folder that replaces `out` in one rename at the end.
+    // Everything goes to a sibling temp folder that replaces `out` in one rename at the end; what
+    // killed runs left there goes first.
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| CheckpointError::io(parent, e))?;
-    let base = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let tmp = parent.join(format!(".{base}.runner-tmp-{}", std::process::id()));
+    fsutil::remove_stale_temps(out);
+    let tmp = fsutil::temp_sibling(out, fsutil::TEMP_TAG);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
     let guard = TempDir(tmp.clone());
@@ -186,7 +198,7 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
     let mut files = vec![];
     let mut weight_map = BTreeMap::new();
     let mut done = 0u64;
-    let mut buf = Vec::new();
+    let (mut buf, mut chunk) = (Vec::new(), Vec::new());
     for (si, members) in plan.iter().enumerate() {
         let name = shard_file_name(stem, opts.variant.as_deref(), si, n);
         // Within a file, safetensors orders tensors by dtype (widest first), then name.
@@ -208,19 +220,30 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
         w.write_all(&encode_header(&infos, &metadata)).map_err(io)?;
         for &i in &order {
             let loc = &checkpoint.tensors[names[i]];
-            let data = maps[loc.file].data(&loc.info);
+            let (src_path, header) = &checkpoint.files[loc.file];
             let (src_dt, dst_dt) = (loc.info.dtype, targets[i]);
-            // Convert in chunks so that memory stays bounded even for one huge tensor.
-            let elem = (src_dt.bits() / 8).max(1) as usize;
-            for chunk in data.chunks((1 << 22) * elem) {
+            // Copy or convert in chunks so that memory stays bounded even for one huge tensor.
+            let elem = (src_dt.bits() / 8).max(1);
+            let (start, len) = (header.data_start + loc.info.data_offsets.0, loc.info.nbytes());
+            let mut at = 0u64;
+            while at < len {
+                let n = ((1u64 << 22) * elem).min(len - at) as usize;
+                chunk.resize(n, 0);
+                sources[loc.file].read_exact_at(&mut chunk, start + at).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        CheckpointError::format(src_path, format!("the file ended inside tensor `{}`: it was truncated or replaced while runner read it", names[i]))
+                    } else {
+                        CheckpointError::io(src_path, e)
+                    }
+                })?;
                 if src_dt == dst_dt {
-                    w.write_all(chunk).map_err(io)?;
+                    w.write_all(&chunk).map_err(io)?;
                 } else {
-                    convert(src_dt, dst_dt, chunk, &mut buf);
+                    convert(src_dt, dst_dt, &chunk, &mut buf);
                     w.write_all(&buf).map_err(io)?;
                 }
+                at += n as u64;
             }
-            maps[loc.file].release(&loc.info);
             done += sizes[i];
             progress(done, total_size);
         }
@@ -252,14 +275,23 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
         std::fs::copy(&config, tmp.join("config.json")).map_err(|e| CheckpointError::io(&config, e))?;
     }
 
-    // Swap in: `out` is never a half-written checkpoint.
-    if out.exists() {
-        let old = parent.join(format!(".{base}.runner-old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(|e| CheckpointError::io(out, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| CheckpointError::io(out, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, out).map_err(|e| CheckpointError::io(out, e))?;
+    // Swap in: `out` is never a half-written checkpoint, and never something another writer put
+    // there meanwhile (the rename does not replace: the check is made again, atomically).
+    let taken = || CheckpointError::format(out, "was written by someone else while sharding: pass --force to replace it");
+    let mut old = None;
+    if std::fs::symlink_metadata(out).is_ok() {
+        if opts.force {
+            let o = fsutil::temp_sibling(out, fsutil::OLD_TAG);
+            std::fs::rename(out, &o).map_err(|e| CheckpointError::io(out, e))?;
+            old = Some(o);
+        } else if std::fs::remove_dir(out).is_err() {
+            // It was empty when checked: someone filled it since.
+            return Err(taken());
+        }
+    }
+    fsutil::rename_no_replace(&tmp, out).map_err(|e| if e.kind() == std::io::ErrorKind::AlreadyExists { taken() } else { CheckpointError::io(out, e) })?;
+    if let Some(o) = old {
+        let _ = std::fs::remove_dir_all(o);
     }
     std::mem::forget(guard);
     let files: Vec<(String, u64)> = files

@@ -1,6 +1,5 @@
-//! PNG output: 8-bit RGB with tEXt metadata, written to a temp file and renamed into place.
+//! PNG output: 8-bit RGB with tEXt/iTXt metadata, written to a temp file and renamed into place.
 
-use std::io::Write;
 use std::path::Path;
 
 use tch::{Kind, Tensor};
@@ -16,31 +15,32 @@ pub fn to_rgb8(image: &Tensor) -> (u32, u32, Vec<u8>) {
     (w as u32, h as u32, data)
 }
 
-/// Writes `path` atomically (temp file beside it, then rename) with `text` as tEXt chunks.
+/// Writes `path` (atomically for a regular file, in place for a device or FIFO; see
+/// [`crate::fsutil::write_file`]) with `text`: Latin-1 text as tEXt chunks, anything else (a curly
+/// apostrophe, CJK, emoji) as UTF-8 iTXt chunks, as the PNG specification asks.
 pub fn write_png(path: &Path, width: u32, height: u32, rgb: &[u8], text: &[(&str, String)]) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp)?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width, height);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        for (k, v) in text {
+    let bytes = encode_png(width, height, rgb, text)?;
+    crate::fsutil::write_file(path, |w| w.write_all(&bytes))
+}
+
+/// The PNG file's bytes (encoded before any file is touched, so an encoding error writes nothing).
+pub fn encode_png(width: u32, height: u32, rgb: &[u8], text: &[(&str, String)]) -> std::io::Result<Vec<u8>> {
+    let mut out = vec![];
+    let mut enc = png::Encoder::new(&mut out, width, height);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    for (k, v) in text {
+        let latin1 = v.chars().all(|c| (c as u32) < 256);
+        if latin1 {
             enc.add_text_chunk(k.to_string(), v.clone()).map_err(std::io::Error::other)?;
-        }
-        let mut w = enc.write_header().map_err(std::io::Error::other)?;
-        w.write_image_data(rgb).map_err(std::io::Error::other)?;
-        w.finish().map_err(std::io::Error::other)?;
-        Ok::<(), std::io::Error>(())
-    })();
-    match result {
-        Ok(()) => std::fs::rename(&tmp, path),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
+        } else {
+            enc.add_itxt_chunk(k.to_string(), v.clone()).map_err(std::io::Error::other)?;
         }
     }
+    let mut w = enc.write_header().map_err(std::io::Error::other)?;
+    w.write_image_data(rgb).map_err(std::io::Error::other)?;
+    w.finish().map_err(std::io::Error::other)?;
+    Ok(out)
 }
 
 /// Writes a flat `name -> f32/i64 tensor` map as one safetensors file (for `--dump`), atomically.
@@ -62,11 +62,9 @@ pub fn write_dump(path: &Path, tensors: &[(String, Tensor)]) -> std::io::Result<
         infos.push(TensorInfo { name: name.clone(), dtype, shape, data_offsets: (data.len() as u64, (data.len() + n) as u64) });
         data.extend(buf);
     }
-    let mut bytes = encode_header(&infos, &Default::default());
-    bytes.extend(data);
-    let tmp = path.with_extension("safetensors.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    drop(f);
-    std::fs::rename(tmp, path)
+    let header = encode_header(&infos, &Default::default());
+    crate::fsutil::write_file(path, |w| {
+        w.write_all(&header)?;
+        w.write_all(&data)
+    })
 }
