@@ -773,3 +773,58 @@ fn run_json_failures_are_json_documents() {
     let e = doc(&[m.to_str().unwrap(), "--set", &format!("pipeline.source={}", dir.path().join("nowhere").display())]);
     assert_eq!(e["kind"], "checkpoint", "{e}");
 }
+
+#[test]
+fn devices_and_fifos_are_written_in_place_never_replaced() {
+    // `--out /dev/null` as root must not replace the device node: a FIFO stands in for it here.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("image.png");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::read(fifo).unwrap()
+    });
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--set", "run.steps=1", "--out"]).arg(&fifo));
+    assert_eq!(code, 0, "{stderr}");
+    let bytes = reader.join().unwrap();
+    assert_eq!(&bytes[1..4], b"PNG", "the image went through the FIFO");
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::metadata(&fifo).unwrap().file_type()), "still a FIFO");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file beside it");
+    // /dev/null is a character device: written in place (checked without writing to it).
+    assert_eq!(runner::fsutil::check_destination(Path::new("/dev/null")), Ok(runner::fsutil::Destination::InPlace("/dev/null".into())));
+}
+
+#[test]
+fn unwritable_outputs_fail_before_generating() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    for (out, want) in [
+        (dir.path().to_path_buf(), "is a folder, not a file"),
+        (file.join("x.png"), "is not a folder"),
+        (file.join("sub/x.png"), "is not a folder"),
+        (dir.path().join("x.jpg"), "must be a `.png` file"),
+    ] {
+        let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--out"]).arg(&out));
+        assert_eq!(code, 1, "{}: {stderr}", out.display());
+        assert!(stderr.contains(want) && stderr.contains(&out.display().to_string()), "{}: {stderr}", out.display());
+        assert!(!stderr.contains("os error 21"), "found before generating, not when writing: {stderr}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn prompts_outside_latin1_are_stored_as_utf8() {
+    // Text pasted from the web: a curly apostrophe, an em dash, CJK, an emoji.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("utf8.png");
+    let prompt = "a cat’s portrait — 猫の肖像 🐱";
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--set", "run.steps=1", "--set"]).arg(format!("run.prompt={prompt}")).arg("--out").arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let reader = dec.read_info().unwrap();
+    let info = reader.info();
+    let utf8: Vec<String> = info.utf8_text.iter().map(|t| t.get_text().unwrap()).collect();
+    assert!(utf8.iter().any(|t| t.contains(prompt)), "{utf8:?}");
+}

@@ -293,10 +293,10 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     // Every destination is checked now, not after the generation: a folder, a read-only place, a
     // file where a folder should be.
     for o in &outputs {
-        if o.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) && !matches!(crate::fsutil::check_destination(o), Ok(crate::fsutil::Destination::InPlace(_))) {
+        let dest = crate::fsutil::check_destination(o).map_err(|msg| ExecError::Io { what: "cannot write the image", path: o.clone(), source: std::io::Error::other(msg) })?;
+        if o.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) && !matches!(dest, crate::fsutil::Destination::InPlace(_)) {
             return Err(ExecError::Unsupported(format!("the output `{}` must be a `.png` file (or a device such as /dev/null)", o.display())));
         }
-        crate::fsutil::check_destination(o).map_err(|msg| ExecError::Io { what: "cannot write the image", path: o.clone(), source: std::io::Error::other(msg) })?;
     }
     if let Some(d) = &opts.dump {
         std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
