@@ -61,6 +61,10 @@ enum Command {
         /// Also check every file the manifest reads against MANIFEST.lock (see `runner lock`).
         #[arg(long)]
         locked: bool,
+        /// Check the manifest alone (schema and the rules between its keys), not its pipeline
+        /// folder: for CI before the models are downloaded. A missing folder is then a warning.
+        #[arg(long)]
+        manifest_only: bool,
         #[command(flatten)]
         layers: LayerArgs,
     },
@@ -269,7 +273,7 @@ fn stderr(color: Color) -> StandardStream {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Validate { files, json, locked, layers } => validate(&files, json, locked, &layers.overrides(), cli.color),
+        Command::Validate { files, json, locked, manifest_only, layers } => validate(&files, json, locked, manifest_only, &layers.overrides(), cli.color),
         Command::Lock { file, json, layers } => {
             let loaded = match manifest::load(&file, &layers.overrides()) {
                 Ok(m) => m,
@@ -340,21 +344,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn validate(files: &[PathBuf], json: bool, locked: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+fn validate(files: &[PathBuf], json: bool, locked: bool, manifest_only: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
     let mut all_ok = true;
     let mut reports = vec![];
     let mut err = stderr(color);
     for file in files {
         let (ok, diags) = match manifest::load(file, overrides) {
-            Ok(m) if locked => match runner::lock::verify_lock(&m) {
-                Ok(_) => (true, m.warnings),
-                Err(e) => {
-                    let mut d = m.warnings;
-                    d.push(Diagnostic::error(format!("--locked: {e}"), diag::Location::Path(runner::lock::lock_path(file))));
-                    (false, d)
+            Ok(m) => {
+                let mut d = m.warnings.clone();
+                if !manifest_only {
+                    // Everything knowable without loading a weight: the folder is required now.
+                    d.retain(|w| w.key.as_deref() != Some("pipeline.source"));
+                    if let Err(found) = runner::preflight::check(&m) {
+                        d.extend(found);
+                    }
                 }
-            },
-            Ok(m) => (true, m.warnings),
+                if locked {
+                    if let Err(e) = runner::lock::verify_lock(&m) {
+                        d.push(Diagnostic::error(format!("--locked: {e}"), diag::Location::Path(runner::lock::lock_path(file))));
+                    }
+                }
+                (!d.iter().any(Diagnostic::is_error), d)
+            }
             Err(d) => (false, d),
         };
         all_ok &= ok;
@@ -440,6 +451,12 @@ impl Failure {
         Failure { diagnostics, ..Failure::new("manifest", format!("`{}` is not a valid manifest ({n} error{})", file.display(), if n == 1 { "" } else { "s" })) }
     }
 
+    /// What preflight found in the pipeline folder (knowable without loading a weight).
+    fn pipeline(file: &std::path::Path, diagnostics: Vec<Diagnostic>) -> Failure {
+        let n = diagnostics.iter().filter(|d| d.is_error()).count();
+        Failure { diagnostics, ..Failure::new("pipeline", format!("`{}` cannot run with its pipeline folder ({n} error{})", file.display(), if n == 1 { "" } else { "s" })) }
+    }
+
     fn plan(file: &std::path::Path, e: runner::plan::PlanError) -> Failure {
         Failure { options: e.options.clone(), ..Failure::new("plan", format!("cannot place `{}` within the budgets: {}", file.display(), e.message)) }
     }
@@ -447,11 +464,15 @@ impl Failure {
     /// A run's failure, `rename` applied to what it says (`--devices` -> `--simulate`).
     fn exec(file: &std::path::Path, e: runner::exec::ExecError, rename: &dyn Fn(String) -> String) -> Failure {
         use runner::exec::ExecError as E;
-        if let E::Plan(p) = e {
-            let mut f = Failure::plan(file, p);
-            f.message = rename(f.message);
-            return f;
-        }
+        let e = match e {
+            E::Plan(p) => {
+                let mut f = Failure::plan(file, p);
+                f.message = rename(f.message);
+                return f;
+            }
+            E::Preflight(d) => return Failure::pipeline(file, d),
+            e => e,
+        };
         let kind = match &e {
             E::Checkpoint(_) => "checkpoint",
             E::Model(_) => "model",
@@ -459,7 +480,7 @@ impl Failure {
             E::Text(_) => "tokenizer",
             E::Scheduler(_) => "scheduler",
             E::Io { .. } => "io",
-            E::Plan(_) | E::Unsupported(_) => "run",
+            E::Plan(_) | E::Preflight(_) | E::Unsupported(_) => "run",
         };
         Failure::new(kind, format!("`{}`: {}", file.display(), rename(e.to_string())))
     }
@@ -505,7 +526,7 @@ fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights
         runner::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;
     }
     let t = std::time::Instant::now();
-    let pipeline = runner::checkpoint::open_for_manifest(&loaded).map_err(|e| Failure::new("checkpoint", e))?;
+    let (pipeline, _) = runner::preflight::check(&loaded).map_err(|d| Failure::pipeline(file, d))?;
     for n in &pipeline.notes {
         tracing::info!("{n}");
     }

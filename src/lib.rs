@@ -15,6 +15,7 @@ pub mod lock;
 pub mod manifest;
 pub mod models;
 pub mod plan;
+pub mod preflight;
 pub mod runtime;
 pub mod schedulers;
 pub mod units;

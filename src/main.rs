@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as with other Unix tools (Rust ignores SIGPIPE, and
+    // `println!` then panics on the broken pipe).
+    // SAFETY: restoring a signal's default disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     runner::runtime::configure_allocator();
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()

@@ -12,15 +12,24 @@ fn shipped_manifests_validate() {
         .collect();
     files.sort();
     assert!(files.len() >= 4, "{files:?}");
-    let (code, stdout, stderr) = run(runner().arg("validate").args(&files));
+    // The manifests alone: no errors; the only warnings are about model folders not committed.
+    let (code, stdout, stderr) = run(runner().args(["validate", "--manifest-only"]).args(&files));
     assert_eq!(code, 0, "{stderr}");
     for f in &files {
         assert!(stdout.contains(&format!("ok: {}", f.display())), "{stdout}");
     }
-    // No errors; the only warnings allowed are about model folders that are not committed.
     for line in stderr.lines().filter(|l| l.starts_with("warning:") || l.starts_with("error:")) {
         assert!(line.starts_with("warning:") && line.contains("does not exist (yet)"), "{line}");
     }
+    // With their pipeline folders: the tiny ones run; the real ones cannot here, and say why.
+    let (code, stdout, stderr) = run(runner().arg("validate").args(&files));
+    assert_eq!(code, 1);
+    for f in &files {
+        let tiny = f.to_string_lossy().contains("tiny");
+        assert_eq!(stdout.contains(&format!("ok: {}", f.display())), tiny, "{stdout}");
+        assert_eq!(stderr.contains(&format!("invalid: {}", f.display())), !tiny, "{stderr}");
+    }
+    assert!(stderr.contains("does not exist: the manifest cannot run"), "{stderr}");
 }
 
 #[test]
@@ -59,7 +68,7 @@ fn usage_errors_are_not_panics() {
 
 #[test]
 fn validate_json_report_for_valid_files() {
-    let (code, stdout, _) = run(runner().args(["validate", "--json", "tests/data/good/warnings.toml"]));
+    let (code, stdout, _) = run(runner().args(["validate", "--json", "--manifest-only", "tests/data/good/warnings.toml"]));
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["valid"], true);
@@ -71,4 +80,50 @@ fn validate_json_report_for_valid_files() {
     assert_eq!(d["file"], "tests/data/good/warnings.toml");
     assert_eq!(d["key"], "pipeline.source");
     assert_eq!((d["line"].as_u64(), d["column"].as_u64()), (Some(6), Some(10)));
+}
+
+#[test]
+fn devices_and_huge_files_are_not_manifests() {
+    // `validate /dev/urandom` must not read forever; a 2 MiB file is refused by size.
+    let (code, _, stderr) = run(runner().args(["validate", "/dev/urandom"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("`/dev/urandom` is not a regular file"), "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("name = \"{}\"\n", "x".repeat(2 << 20))).unwrap();
+    let (code, _, stderr) = run(runner().arg("validate").arg(&big));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("is larger than 1 MiB"), "{stderr}");
+    // A FIFO is read by intent (process substitution).
+    let fifo = dir.path().join("m.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let text = std::fs::read_to_string(crate::util::root().join("tests/data/good/full.toml")).unwrap();
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::write(fifo, text).unwrap()
+    });
+    let (code, _, stderr) = run(runner().arg("validate").arg("--manifest-only").arg(&fifo));
+    writer.join().unwrap();
+    assert!(!stderr.contains("not a regular file"), "{stderr}");
+    let _ = code;
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `runner schema | head -c 1`: the reader is gone before runner writes; no panic, no exit 101.
+    for args in [&["schema"][..], &["plan", "--json", "manifests/tiny-sd15.toml"], &["validate", "manifests/tiny-sd15.toml"]] {
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("runner"))
+            .args(args)
+            .current_dir(crate::util::root())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked") && out.status.code() != Some(101), "{args:?}: {:?} {stderr}", out.status);
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(libc::SIGPIPE), "{args:?}: {:?}", out.status);
+    }
 }

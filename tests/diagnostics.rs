@@ -36,7 +36,7 @@ fn bad_manifests_json() {
 
 #[test]
 fn warnings_do_not_fail_validation() {
-    let (code, stdout, stderr) = run(runner().args(["validate", "tests/data/good/warnings.toml"]));
+    let (code, stdout, stderr) = run(runner().args(["validate", "--manifest-only", "tests/data/good/warnings.toml"]));
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok: tests/data/good/warnings.toml (4 warnings)"), "{stdout}");
     insta::assert_snapshot!(stderr);
@@ -44,7 +44,7 @@ fn warnings_do_not_fail_validation() {
 
 #[test]
 fn every_key_is_accepted() {
-    let (code, stdout, stderr) = run(runner().args(["validate", "tests/data/good/full.toml"]));
+    let (code, stdout, stderr) = run(runner().args(["validate", "--manifest-only", "tests/data/good/full.toml"]));
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout, "ok: tests/data/good/full.toml\n");
     assert_eq!(stderr, "");
@@ -89,7 +89,7 @@ fn empty_file() {
 
 #[test]
 fn reports_all_files_and_fails_if_any_fails() {
-    let (code, stdout, stderr) = run(runner().args(["validate", "manifests/sd15.toml", "tests/data/bad/numbers.toml", "manifests/sdxl.toml"]));
+    let (code, stdout, stderr) = run(runner().args(["validate", "--manifest-only", "manifests/sd15.toml", "tests/data/bad/numbers.toml", "manifests/sdxl.toml"]));
     assert_eq!(code, 1);
     assert!(stdout.contains("ok: manifests/sd15.toml") && stdout.contains("ok: manifests/sdxl.toml"), "{stdout}");
     assert!(stderr.contains("invalid: tests/data/bad/numbers.toml: 7 errors"), "{stderr}");

@@ -10,6 +10,7 @@ mod load;
 mod lock;
 mod pipeline;
 mod plan;
+mod preflight;
 mod run;
 mod safety;
 mod schedulers;
@@ -64,6 +65,16 @@ pub mod util {
                 std::fs::create_dir_all(root.join(comp)).unwrap();
             }
         }
+        // The scheduler configs of the real SD 1.5 and SDXL base repositories.
+        let scheduler = match spec["model_index"]["scheduler"][1].as_str().unwrap() {
+            "PNDMScheduler" => {
+                r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": false, "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null}"#
+            }
+            _ => {
+                r#"{"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false}"#
+            }
+        };
+        std::fs::write(root.join("scheduler/scheduler_config.json"), scheduler).unwrap();
         for (comp, c) in spec["components"].as_object().unwrap() {
             let d = root.join(comp);
             std::fs::write(d.join("config.json"), serde_json::to_string_pretty(&c["config"]).unwrap()).unwrap();

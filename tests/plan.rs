@@ -324,8 +324,8 @@ fn json_failures_are_json_documents() {
     assert_eq!(doc(&["manifests/tiny-sd15.toml", "--set", "placement.max_memory.cpu=1MB"])["kind"], "plan");
     let missing = manifest(dir.path(), "missing", "stable-diffusion", &dir.path().join("nowhere"), "fp16", "");
     let e = doc(&[missing.to_str().unwrap()]);
-    assert_eq!(e["kind"], "checkpoint", "{e}");
-    assert!(e["message"].as_str().unwrap().contains("nowhere"), "{e}");
+    assert_eq!(e["kind"], "pipeline", "{e}");
+    assert!(e["diagnostics"][0]["message"].as_str().unwrap().contains("nowhere"), "{e}");
     let unlocked = manifest(dir.path(), "unlocked", "stable-diffusion", &crate::util::root().join("tests/fixtures/tiny-sd15"), "fp32", "");
     assert_eq!(doc(&[unlocked.to_str().unwrap(), "--locked"])["kind"], "lock");
 }

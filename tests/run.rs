@@ -771,7 +771,7 @@ fn run_json_failures_are_json_documents() {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest_for("sd15-euler", dir.path());
     let e = doc(&[m.to_str().unwrap(), "--set", &format!("pipeline.source={}", dir.path().join("nowhere").display())]);
-    assert_eq!(e["kind"], "checkpoint", "{e}");
+    assert_eq!(e["kind"], "pipeline", "{e}");
 }
 
 #[test]

@@ -95,7 +95,61 @@ fn unsupported_configs_are_errors() {
     assert!(e.contains("block type `AttnDownBlock2D` is not supported"), "{e}");
     let mut cfg = config(&dir);
     cfg["addition_embed_type"] = "image".into();
-    assert!(UNet2DConditionConfig::from_json(&cfg).unwrap_err().to_string().contains("addition_embed_type `image`"));
+    let e = UNet2DConditionConfig::from_json(&cfg).unwrap_err().to_string();
+    assert!(e.contains("`addition_embed_type` `image` is not supported"), "{e}");
+}
+
+#[test]
+fn broken_configs_are_errors_naming_the_key_never_defaults() {
+    // Wrong types and impossible values: an error naming the key, before any tensor exists.
+    let unet = config(&root().join("tests/fixtures/tiny-sd15/unet"));
+    for (key, value, want) in [
+        ("layers_per_block", serde_json::json!(-3), "`layers_per_block` must be a positive integer, got -3"),
+        ("layers_per_block", serde_json::json!("2"), "`layers_per_block` must be a positive integer, got \"2\""),
+        ("in_channels", serde_json::json!(0), "`in_channels` must be between 1 and 1048576, got 0"),
+        ("cross_attention_dim", serde_json::json!(u64::MAX), "`cross_attention_dim` must be between 1 and 1048576, got 18446744073709551615"),
+        ("block_out_channels", serde_json::json!([32, "64"]), "`block_out_channels[1]` must be a positive integer"),
+        ("block_out_channels", serde_json::json!([]), "`block_out_channels` must not be empty"),
+        ("norm_num_groups", serde_json::json!(7), "is not a multiple of `norm_num_groups` 7"),
+        ("attention_head_dim", serde_json::json!(0), "`attention_head_dim` must be between 1 and 1048576, got 0"),
+        ("norm_eps", serde_json::json!("tiny"), "`norm_eps` must be a finite number"),
+        ("use_linear_projection", serde_json::json!("yes"), "`use_linear_projection` must be true or false"),
+        ("down_block_types", serde_json::json!("CrossAttnDownBlock2D"), "`down_block_types` must be a list of strings"),
+    ] {
+        let mut cfg = unet.clone();
+        cfg[key] = value.clone();
+        let e = UNet2DConditionConfig::from_json(&cfg).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("unet/config.json"), "{key} = {value}: {e}");
+    }
+    for bad in [serde_json::json!([1, 2]), serde_json::json!(null), serde_json::json!("unet")] {
+        let e = UNet2DConditionConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(e.contains("expected a JSON object"), "{e}");
+    }
+    // A null key takes diffusers' default, as diffusers does.
+    let mut cfg = unet.clone();
+    cfg["num_attention_heads"] = serde_json::Value::Null;
+    assert!(UNet2DConditionConfig::from_json(&cfg).is_ok());
+    let vae = config(&root().join("tests/fixtures/tiny-sd15/vae"));
+    for (key, value, want) in [
+        ("latent_channels", serde_json::json!(-4), "`latent_channels` must be a positive integer, got -4"),
+        ("scaling_factor", serde_json::json!(0.0), "`scaling_factor` must not be 0"),
+        ("force_upcast", serde_json::json!(1), "`force_upcast` must be true or false"),
+        ("norm_num_groups", serde_json::json!(5), "is not a multiple of `norm_num_groups` 5"),
+    ] {
+        let mut cfg = vae.clone();
+        cfg[key] = value.clone();
+        let e = AutoencoderKLConfig::from_json(&cfg).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("vae/config.json"), "{key} = {value}: {e}");
+    }
+    // Files: missing, truncated, not an object.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let e = UNet2DConditionConfig::from_file(&path).unwrap_err().to_string();
+    assert!(e.contains(&path.display().to_string()) && e.contains("the file is missing"), "{e}");
+    std::fs::write(&path, &serde_json::to_string(&unet).unwrap()[..40]).unwrap();
+    assert!(UNet2DConditionConfig::from_file(&path).unwrap_err().to_string().contains("not valid JSON (truncated?)"));
+    std::fs::write(&path, "[1, 2]").unwrap();
+    assert!(AutoencoderKLConfig::from_file(&path).unwrap_err().to_string().contains("expected a JSON object, got a list"));
 }
 
 #[test]

@@ -31,12 +31,9 @@ pub struct Watch {
 /// Registers `len` bytes at `ptr`, mapped from `path`.
 pub fn watch(ptr: *const u8, len: usize, path: &Path) -> Watch {
     INSTALL.call_once(install);
-    let msg = format!(
-        "error: `{}` changed while runner was reading it (truncated or rewritten in place by another process): a mapped page of it is gone; nothing was written\n",
-        path.display()
-    )
-    .into_bytes()
-    .into_boxed_slice();
+    let msg = format!("error: `{}` changed while runner was reading it (truncated or rewritten in place by another process): a mapped page of it is gone; nothing was written\n", path.display())
+        .into_bytes()
+        .into_boxed_slice();
     let msg_len = msg.len();
     let msg = Box::into_raw(msg) as *mut u8;
     for (i, s) in REGISTRY.iter().enumerate() {

@@ -45,6 +45,9 @@ pub enum ExecError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Unsupported(String),
+    /// What [`crate::preflight::check`] found: problems knowable before loading a weight.
+    #[error("{}", crate::diag::render_plain(.0).trim_end())]
+    Preflight(Vec<crate::diag::Diagnostic>),
 }
 
 /// How to run, beyond the manifest.
@@ -264,8 +267,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let mut warnings = vec![];
     let kind_name = m.manifest.pipeline.kind;
     // 0. Plan (headers only), devices checked, outputs and dump folder writable, before loading.
-    let pipeline = crate::checkpoint::open_for_manifest(m)?;
-    check_kind(m, &pipeline)?;
+    let (pipeline, _configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
     warnings.extend(pipeline.notes.iter().cloned());
     let inventory = build::inventory(m, &opts.plan)?;
     let input = build::plan_input(m, &pipeline, inventory, &opts.plan);
@@ -306,9 +308,8 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     }
     let seed = seed_of(m);
 
-    // 1. Load components on their planned devices (after checking that their configs fit together:
-    //    a mismatch would otherwise surface as a libtorch shape error mid-run).
-    check_compatible(&pipeline, xl)?;
+    // 1. Load components on their planned devices (preflight checked that their configs fit
+    //    together: a mismatch would otherwise surface as a libtorch shape error mid-run).
     let t_load = Instant::now();
     let te = placed(&pipeline, &plan, m, "text_encoder", opts.simulate)?;
     let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2", opts.simulate)?) } else { None };
@@ -658,74 +659,6 @@ fn relocate(vs: &VarStore, device: tch::Device, split: Option<&[(String, tch::De
             }
         }
     });
-}
-
-/// The components' configs must agree: text hidden sizes (concatenated for SDXL) equal the
-/// UNet's `cross_attention_dim`, SDXL's pooled projection fits `projection_class_embeddings_input_dim`,
-/// and the VAE's latent channels are the UNet's input channels.
-fn check_compatible(p: &PipelineFolder, xl: bool) -> Result<(), ExecError> {
-    let cfg = |n: &str| p.component(n).map(component_config).unwrap_or(serde_json::Value::Null);
-    let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64());
-    let unet = UNet2DConditionConfig::from_json(&cfg("unet"))?;
-    let te = cfg("text_encoder");
-    let te2 = cfg("text_encoder_2");
-    let hidden = get(&te, "hidden_size").unwrap_or(0) + if xl { get(&te2, "hidden_size").unwrap_or(0) } else { 0 };
-    let mismatch = |what: String| ExecError::Unsupported(format!("the components of `{}` do not fit together: {what}", p.root.display()));
-    if hidden != unet.cross_attention_dim {
-        return Err(mismatch(format!(
-            "the text encoder{} hidden size{} {hidden} but the UNet's cross_attention_dim is {}",
-            if xl { "s'" } else { "'s" },
-            if xl { "s add up to" } else { " is" },
-            unet.cross_attention_dim
-        )));
-    }
-    if let (true, Some((time_dim, input))) = (xl, unet.addition_text_time) {
-        let pooled = get(&te2, "projection_dim").unwrap_or(0);
-        if pooled + 6 * time_dim != input {
-            return Err(mismatch(format!("text_encoder_2's projection_dim {pooled} + 6 x addition_time_embed_dim {time_dim} != the UNet's projection_class_embeddings_input_dim {input}")));
-        }
-    }
-    if xl && unet.addition_text_time.is_none() {
-        return Err(mismatch("an SDXL pipeline needs a UNet with `addition_embed_type = \"text_time\"`".into()));
-    }
-    let latent = get(&cfg("vae"), "latent_channels").unwrap_or(4);
-    if latent != unet.in_channels {
-        return Err(mismatch(format!("the VAE has {latent} latent channels but the UNet takes {}", unet.in_channels)));
-    }
-    Ok(())
-}
-
-/// The kind the manifest names must be the pipeline folder's.
-fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), ExecError> {
-    let class = p.index.class_name.clone().unwrap_or_default();
-    let has = |n: &str| p.index.components.get(n).is_some_and(|e| e.is_some());
-    match m.manifest.pipeline.kind {
-        PipelineKind::StableDiffusionXl => {
-            if class.contains("XL") && !has("text_encoder") && has("text_encoder_2") {
-                return Err(ExecError::Unsupported(format!(
-                    "`{}` is an SDXL refiner (no `text_encoder`): refiner pipelines (image-to-image with aesthetic-score conditioning) are not supported yet",
-                    p.root.display()
-                )));
-            }
-            if !class.contains("XL") || !has("text_encoder_2") || !has("tokenizer_2") {
-                return Err(ExecError::Unsupported(format!(
-                    "`pipeline.kind` is `stable-diffusion-xl` but `{}` holds a `{class}` without{}{}: is it an SD 1.x/2.x folder? (set `kind = \"stable-diffusion\"`)",
-                    p.root.display(),
-                    if has("text_encoder_2") { "" } else { " `text_encoder_2`" },
-                    if has("tokenizer_2") { "" } else { " `tokenizer_2`" }
-                )));
-            }
-        }
-        PipelineKind::StableDiffusion => {
-            if class.contains("XL") || has("text_encoder_2") {
-                return Err(ExecError::Unsupported(format!(
-                    "`pipeline.kind` is `stable-diffusion` but `{}` holds a `{class}` with two text encoders: set `kind = \"stable-diffusion-xl\"`",
-                    p.root.display()
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// What the UNet is conditioned on.

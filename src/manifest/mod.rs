@@ -105,6 +105,11 @@ impl LoadedManifest {
     /// Resolves a path value: relative to the manifest's folder when the manifest file set it,
     /// relative to the current directory when an environment variable or `--set` did (cargo's
     /// rule for config paths).
+    /// Where the value of `key` (`run.clip_skip`) was set: a file span, a variable or a flag.
+    pub fn locate_value(&self, key: &str) -> Location {
+        self.provenance.locate(&split_key(key), Want::Value)
+    }
+
     pub fn resolve_path(&self, key: &str, p: &Path) -> PathBuf {
         resolve_path_with(&self.path, self.origin(key), p)
     }
@@ -275,12 +280,30 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
     }
 }
 
+/// The largest manifest runner reads.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
 fn read_source(path: &Path) -> Result<SourceText, Vec<Diagnostic>> {
     let fail = |msg: String| vec![Diagnostic::error(msg, Location::Path(path.to_path_buf()))];
     if path.is_dir() {
         return Err(fail(format!("`{}` is a directory, not a manifest file", path.display())));
     }
-    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read manifest `{}`: {e}", path.display())))?;
+    // A manifest is kilobytes: read at most a little more than the cap, from a regular file or,
+    // by intent, a FIFO or stdin (`/dev/stdin`, `<(...)`); never a device such as /dev/urandom.
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read manifest `{}`: {e}", path.display())))?;
+    let t = meta.file_type();
+    let stdin = path == Path::new("/dev/stdin") || path == Path::new("-");
+    if !(t.is_file() || t.is_fifo() || (stdin && t.is_char_device())) {
+        return Err(fail(format!("`{}` is not a regular file (a device or socket): manifests are read from files, FIFOs or /dev/stdin", path.display())));
+    }
+    let mut bytes = vec![];
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read manifest `{}`: {e}", path.display())))?;
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(|e| fail(format!("cannot read manifest `{}`: {e}", path.display())))?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(fail(format!("`{}` is larger than {} MiB: a manifest is a few kilobytes of TOML (is it the right file?)", path.display(), MAX_MANIFEST_BYTES >> 20)));
+    }
     match String::from_utf8(bytes) {
         Ok(text) => Ok(SourceText { path: path.to_path_buf(), text }),
         Err(e) => {

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod config;
 pub mod embeddings;
 pub mod hooks;
 pub mod image_processor;
@@ -17,8 +18,8 @@ pub mod weights;
 /// A model config runner cannot run, or weights that do not fit it.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{model} config: {msg}")]
-    Config { model: String, msg: String },
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error(transparent)]
     Weights(#[from] weights::WeightsError),
 }

@@ -1,12 +1,14 @@
 //! diffusers `AutoencoderKL`: the decoder (latents -> image), built from `vae/config.json`.
 
+use std::path::Path;
+
 use tch::nn;
 use tch::Tensor;
 
+use super::config::{read_json, Cfg};
 use super::hooks::{Conv2d, GroupNorm};
 use super::resnet::{conv2d, group_norm};
 use super::unet_2d_blocks::{MidBlock2D, UpDecoderBlock2D};
-use super::weights::{cfg_bool, cfg_f64, cfg_list_str, cfg_list_u64, cfg_str, cfg_u64};
 use super::ModelError;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -24,28 +26,49 @@ pub struct AutoencoderKLConfig {
 }
 
 impl AutoencoderKLConfig {
+    /// From `vae/config.json` (errors name the file and key).
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        Self::from_json_at(&read_json(path, "AutoencoderKL")?, path)
+    }
+
     pub fn from_json(cfg: &serde_json::Value) -> Result<Self, ModelError> {
-        let err = |m: String| ModelError::Config { model: "AutoencoderKL".into(), msg: m };
-        let block_out: Vec<i64> = cfg_list_u64(cfg, "block_out_channels", 1, 64).into_iter().map(|v| v as i64).collect();
-        let up = cfg_list_str(cfg, "up_block_types");
-        if up.iter().any(|t| t != "UpDecoderBlock2D") || (up.len() != block_out.len() && !up.is_empty()) {
-            return Err(err(format!("up_block_types {up:?} are not supported (UpDecoderBlock2D per level)")));
+        Self::from_json_at(cfg, Path::new("vae/config.json"))
+    }
+
+    /// diffusers' `AutoencoderKL.__init__` defaults where a key is absent or null.
+    fn from_json_at(v: &serde_json::Value, path: &Path) -> Result<Self, ModelError> {
+        let cfg = Cfg::new(v, path, "AutoencoderKL")?;
+        let err = |m: String| ModelError::from(cfg.err(m));
+        let block_out = cfg.dims("block_out_channels", None, &[64])?;
+        let up = cfg.texts("up_block_types", &["UpDecoderBlock2D"])?;
+        if up.iter().any(|t| t != "UpDecoderBlock2D") || up.len() != block_out.len() {
+            return Err(err(format!("`up_block_types` {up:?} are not supported (one `UpDecoderBlock2D` per `block_out_channels` entry)")));
         }
-        let act = cfg_str(cfg, "act_fn", "silu");
+        let act = cfg.text("act_fn", "silu")?;
         if act != "silu" {
-            return Err(err(format!("act_fn `{act}` is not supported")));
+            return Err(err(format!("`act_fn` `{act}` is not supported (only `silu`)")));
+        }
+        let groups = cfg.dim("norm_num_groups", 32)?;
+        for (i, &c) in block_out.iter().enumerate() {
+            if c % groups != 0 {
+                return Err(err(format!("`block_out_channels[{i}]` {c} is not a multiple of `norm_num_groups` {groups}")));
+            }
+        }
+        let scaling_factor = cfg.num("scaling_factor", 0.18215)?;
+        if scaling_factor == 0.0 {
+            return Err(err("`scaling_factor` must not be 0".into()));
         }
         Ok(AutoencoderKLConfig {
-            latent_channels: cfg_u64(cfg, "latent_channels", 4) as i64,
-            out_channels: cfg_u64(cfg, "out_channels", 3) as i64,
+            latent_channels: cfg.dim("latent_channels", 4)?,
+            out_channels: cfg.dim("out_channels", 3)?,
             block_out_channels: block_out,
-            layers_per_block: cfg_u64(cfg, "layers_per_block", 1) as i64,
-            norm_num_groups: cfg_u64(cfg, "norm_num_groups", 32) as i64,
-            scaling_factor: cfg_f64(cfg, "scaling_factor", 0.18215),
-            shift_factor: cfg.get("shift_factor").and_then(|v| v.as_f64()),
-            force_upcast: cfg_bool(cfg, "force_upcast", true),
-            use_post_quant_conv: cfg_bool(cfg, "use_post_quant_conv", true),
-            mid_block_add_attention: cfg_bool(cfg, "mid_block_add_attention", true),
+            layers_per_block: cfg.dim("layers_per_block", 1)?,
+            norm_num_groups: groups,
+            scaling_factor,
+            shift_factor: cfg.opt_num("shift_factor")?,
+            force_upcast: cfg.flag("force_upcast", true)?,
+            use_post_quant_conv: cfg.flag("use_post_quant_conv", true)?,
+            mid_block_add_attention: cfg.flag("mid_block_add_attention", true)?,
         })
     }
 }

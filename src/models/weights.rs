@@ -51,34 +51,3 @@ pub fn load_varstore(vs: &mut VarStore, ck: &Checkpoint, model: &str, kind: Kind
     })?;
     Ok(())
 }
-
-/// A config.json value with diffusers' default.
-pub fn cfg_u64(cfg: &serde_json::Value, key: &str, default: u64) -> u64 {
-    cfg.get(key).and_then(|v| v.as_u64()).unwrap_or(default)
-}
-
-pub fn cfg_f64(cfg: &serde_json::Value, key: &str, default: f64) -> f64 {
-    cfg.get(key).and_then(|v| v.as_f64()).unwrap_or(default)
-}
-
-pub fn cfg_bool(cfg: &serde_json::Value, key: &str, default: bool) -> bool {
-    cfg.get(key).and_then(|v| v.as_bool()).unwrap_or(default)
-}
-
-pub fn cfg_str<'a>(cfg: &'a serde_json::Value, key: &str, default: &'a str) -> &'a str {
-    cfg.get(key).and_then(|v| v.as_str()).unwrap_or(default)
-}
-
-/// A list value (`[320, 640, ...]`), or a scalar repeated `n` times (diffusers accepts both for
-/// e.g. `attention_head_dim` and `transformer_layers_per_block`).
-pub fn cfg_list_u64(cfg: &serde_json::Value, key: &str, n: usize, default: u64) -> Vec<u64> {
-    match cfg.get(key) {
-        Some(serde_json::Value::Array(a)) => a.iter().map(|v| v.as_u64().unwrap_or(default)).collect(),
-        Some(v) if v.is_u64() => vec![v.as_u64().unwrap_or(default); n],
-        _ => vec![default; n],
-    }
-}
-
-pub fn cfg_list_str(cfg: &serde_json::Value, key: &str) -> Vec<String> {
-    cfg.get(key).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default()
-}

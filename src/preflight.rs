@@ -1,0 +1,242 @@
+//! Everything about a run that can be known without loading a weight, checked before anything
+//! is loaded: the pipeline folder and its `model_index.json`, the kind against the folder, the
+//! classes runner implements, every component's `config.json` (parsed strictly) and whether they
+//! fit together, the scheduler config, keys that depend on them (`clip_skip`), and the tensor file
+//! `run.latents` names. `validate`, `plan` and `run` all go through it: a manifest `validate`
+//! calls valid does not fail later for any of these.
+
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::layout::{Component, PipelineFolder, WeightFiles};
+use crate::diag::{Diagnostic, Location};
+use crate::manifest::{LoadedManifest, PipelineKind};
+use crate::models::clip::ClipTextConfig;
+use crate::models::safety_checker::SafetyCheckerConfig;
+use crate::models::unet_2d::UNet2DConditionConfig;
+use crate::models::vae::AutoencoderKLConfig;
+
+/// The classes runner implements, per component name.
+pub fn supported_classes(component: &str) -> Option<&'static [&'static str]> {
+    Some(match component {
+        "text_encoder" => &["CLIPTextModel", "CLIPTextModelWithProjection"],
+        "text_encoder_2" => &["CLIPTextModelWithProjection"],
+        "tokenizer" | "tokenizer_2" => &["CLIPTokenizer", "CLIPTokenizerFast"],
+        "unet" => &["UNet2DConditionModel"],
+        "vae" => &["AutoencoderKL"],
+        "safety_checker" => &["StableDiffusionSafetyChecker"],
+        "feature_extractor" => &["CLIPImageProcessor", "CLIPFeatureExtractor"],
+        "scheduler" => crate::schedulers::SUPPORTED,
+        _ => return None,
+    })
+}
+
+/// The typed configs of the model components, read once.
+#[derive(Debug, Clone)]
+pub struct Configs {
+    pub unet: UNet2DConditionConfig,
+    pub vae: AutoencoderKLConfig,
+    pub text_encoder: ClipTextConfig,
+    pub text_encoder_2: Option<ClipTextConfig>,
+    pub safety_checker: Option<SafetyCheckerConfig>,
+}
+
+/// The component's `config.json`: beside its weights (a `source` elsewhere), else in its
+/// pipeline subfolder.
+pub fn config_path(c: &Component) -> PathBuf {
+    let beside = c.checkpoint.as_ref().and_then(|ck| match &ck.weights.files {
+        WeightFiles::Single(p) => p.parent().map(|d| d.join("config.json")),
+        WeightFiles::Sharded(i) => i.path.parent().map(|d| d.join("config.json")),
+    });
+    beside.filter(|p| p.is_file()).unwrap_or_else(|| c.dir.join("config.json"))
+}
+
+/// Checks `m` against its pipeline folder; the folder, opened, and its configs, or every problem
+/// found.
+pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagnostic>> {
+    let at = |key: &str| m.locate_value(key);
+    let root = m.pipeline_source();
+    let one = |d: Diagnostic| Err(vec![d]);
+    // 1. The folder.
+    if !root.is_dir() {
+        let what = if root.exists() { "is not a folder" } else { "does not exist" };
+        return one(Diagnostic::error(format!("pipeline folder `{}` {what}: the manifest cannot run", root.display()), at("pipeline.source"))
+            .with_key("pipeline.source")
+            .with_note("`runner validate --manifest-only` checks the manifest alone, before the models are downloaded"));
+    }
+    if !root.join("model_index.json").is_file() {
+        return one(Diagnostic::error(format!("`{}` has no `model_index.json`: it is not a diffusers pipeline folder", root.display()), at("pipeline.source"))
+            .with_key("pipeline.source")
+            .with_note("download the whole pipeline (e.g. `huggingface-cli download REPO --local-dir DIR`), not just its weights"));
+    }
+    // 2. model_index.json, each component's weights and their headers.
+    let p = match crate::checkpoint::open_for_manifest(m) {
+        Ok(p) => p,
+        Err(e) => return one(Diagnostic::error(e.to_string(), Location::Path(root.join("model_index.json")))),
+    };
+    let mut out = vec![];
+    let index = Location::Path(p.index.path.clone());
+    // 3. The kind against the folder.
+    if let Err(msg) = check_kind(m, &p) {
+        out.push(Diagnostic::error(msg, at("pipeline.kind")).with_key("pipeline.kind"));
+    }
+    // 4. Classes runner implements.
+    for c in &p.components {
+        let Some(supported) = supported_classes(&c.name) else { continue };
+        if c.name == "scheduler" && m.manifest.pipeline.scheduler.is_some() {
+            continue; // the manifest's scheduler replaces the folder's class
+        }
+        let known_library = matches!(c.library.as_str(), "diffusers" | "transformers" | "stable_diffusion");
+        if !known_library || !supported.contains(&c.class.as_str()) {
+            out.push(Diagnostic::error(format!("`{}` is a `{}.{}`, which runner does not implement", c.name, c.library, c.class), index.clone()).with_note(format!(
+                "supported for `{}`: {}",
+                c.name,
+                supported.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    if !out.is_empty() {
+        return Err(out);
+    }
+    // 5. Configs, strictly.
+    let xl = m.manifest.pipeline.kind == PipelineKind::StableDiffusionXl;
+    let path_of = |name: &str| p.component(name).map(config_path);
+    let missing = |name: &str| Diagnostic::error(format!("the pipeline has no `{name}`"), index.clone());
+    let diag = |e: &dyn std::fmt::Display, path: &Path| Diagnostic::error(e.to_string(), Location::Path(path.to_path_buf()));
+    let read = |name: &str, out: &mut Vec<Diagnostic>| -> Option<PathBuf> {
+        let p = path_of(name);
+        if p.is_none() {
+            out.push(missing(name));
+        }
+        p
+    };
+    let unet = read("unet", &mut out).and_then(|path| UNet2DConditionConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
+    let vae = read("vae", &mut out).and_then(|path| AutoencoderKLConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
+    let te = read("text_encoder", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
+    let te2 = if xl { read("text_encoder_2", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) } else { None };
+    let safety = match path_of("safety_checker") {
+        Some(path) if p.component("safety_checker").is_some_and(|c| c.checkpoint.is_some()) => SafetyCheckerConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok(),
+        _ => None,
+    };
+    let (Some(unet), Some(vae), Some(text_encoder)) = (unet, vae, te) else { return Err(out) };
+    if xl && te2.is_none() {
+        return Err(out);
+    }
+    let configs = Configs { unet, vae, text_encoder, text_encoder_2: te2, safety_checker: safety };
+    if let Err(msg) = check_compatible(&configs, xl) {
+        out.push(Diagnostic::error(format!("the components of `{}` do not fit together: {msg}", p.root.display()), index.clone()));
+    }
+    // 6. The scheduler: its config, or the manifest's kind over it.
+    let sched_path = p.root.join("scheduler").join("scheduler_config.json");
+    let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::schedulers::parse_config(&t).map_err(|e| e.to_string()));
+    match sched {
+        Ok(cfg) => {
+            let steps = m.manifest.run.steps.unwrap_or(50) as usize;
+            if let Err(e) = crate::schedulers::build(&cfg, m.manifest.pipeline.scheduler, steps) {
+                out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone())));
+            }
+        }
+        Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
+    }
+    // 7. Keys that depend on the configs.
+    let r = &m.manifest.run;
+    if let Some(k) = r.clip_skip {
+        // diffusers takes hidden_states[-(clip_skip + 1)] (SD) or [-(clip_skip + 2)] (SDXL) of
+        // num_hidden_layers + 1 states.
+        let encoders = std::iter::once(&configs.text_encoder).chain(configs.text_encoder_2.as_ref());
+        let max = encoders.map(|c| c.num_hidden_layers - i64::from(xl)).min().unwrap_or(0);
+        if i64::from(k) > max {
+            out.push(
+                Diagnostic::error(format!("`run.clip_skip` is {k}, but the text encoder{} allow at most {max}", if xl { "s" } else { "" }), at("run.clip_skip"))
+                    .with_key("run.clip_skip")
+                    .with_note(format!("`text_encoder` has {} layers", configs.text_encoder.num_hidden_layers)),
+            );
+        }
+    }
+    if let Some(l) = &r.latents {
+        let path = m.resolve_path("run.latents", l);
+        let sample = configs.unet.sample_size as u64 * 8;
+        let (w, h) = (r.width.map(u64::from).unwrap_or(sample), r.height.map(u64::from).unwrap_or(sample));
+        let want = [u64::from(r.batch.unwrap_or(1)), configs.unet.in_channels as u64, h / 8, w / 8];
+        if let Err(msg) = check_latents(&path, &want) {
+            out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));
+        }
+    }
+    if out.is_empty() {
+        Ok((p, configs))
+    } else {
+        Err(out)
+    }
+}
+
+/// `run.latents`: a safetensors file holding `latents` (or one tensor) of the job's shape.
+fn check_latents(path: &Path, want: &[u64; 4]) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("`run.latents` `{}` is a folder, not a .safetensors file", path.display()));
+    }
+    let header = crate::checkpoint::safetensors::read_header(path).map_err(|e| format!("`run.latents`: {e}"))?;
+    let t = match header.get("latents") {
+        Some(t) => t,
+        None if header.tensors.len() == 1 => &header.tensors[0],
+        None => return Err(format!("`{}` holds {} tensors: name the latents `latents`", path.display(), header.tensors.len())),
+    };
+    if t.shape != want {
+        return Err(format!("`{}`: tensor `{}` has shape {:?}, the job needs {want:?} ([batch, channels, height/8, width/8])", path.display(), t.name, t.shape));
+    }
+    Ok(())
+}
+
+/// The kind the manifest names must be the pipeline folder's.
+fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), String> {
+    let class = p.index.class_name.clone().unwrap_or_default();
+    let has = |n: &str| p.index.components.get(n).is_some_and(|e| e.is_some());
+    match m.manifest.pipeline.kind {
+        PipelineKind::StableDiffusionXl => {
+            if class.contains("XL") && !has("text_encoder") && has("text_encoder_2") {
+                return Err(format!("`{}` is an SDXL refiner (no `text_encoder`): refiner pipelines (image-to-image with aesthetic-score conditioning) are not supported yet", p.root.display()));
+            }
+            if !class.contains("XL") || !has("text_encoder_2") || !has("tokenizer_2") {
+                return Err(format!(
+                    "`pipeline.kind` is `stable-diffusion-xl` but `{}` holds a `{class}` without{}{}: is it an SD 1.x/2.x folder? (set `kind = \"stable-diffusion\"`)",
+                    p.root.display(),
+                    if has("text_encoder_2") { "" } else { " `text_encoder_2`" },
+                    if has("tokenizer_2") { "" } else { " `tokenizer_2`" }
+                ));
+            }
+        }
+        PipelineKind::StableDiffusion => {
+            if class.contains("XL") || has("text_encoder_2") {
+                return Err(format!("`pipeline.kind` is `stable-diffusion` but `{}` holds a `{class}` with two text encoders: set `kind = \"stable-diffusion-xl\"`", p.root.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The components' configs must agree: text hidden sizes (concatenated for SDXL) equal the UNet's
+/// `cross_attention_dim`, SDXL's pooled projection fits `projection_class_embeddings_input_dim`,
+/// and the VAE's latent channels are the UNet's input channels.
+fn check_compatible(c: &Configs, xl: bool) -> Result<(), String> {
+    let unet = &c.unet;
+    let hidden = c.text_encoder.hidden_size + if xl { c.text_encoder_2.as_ref().map_or(0, |t| t.hidden_size) } else { 0 };
+    if hidden != unet.cross_attention_dim {
+        return Err(format!(
+            "the text encoder{} hidden size{} {hidden} but the UNet's cross_attention_dim is {}",
+            if xl { "s'" } else { "'s" },
+            if xl { "s add up to" } else { " is" },
+            unet.cross_attention_dim
+        ));
+    }
+    if let (true, Some((time_dim, input))) = (xl, unet.addition_text_time) {
+        let pooled = c.text_encoder_2.as_ref().map_or(0, |t| t.projection_dim);
+        if pooled + 6 * time_dim != input {
+            return Err(format!("text_encoder_2's projection_dim {pooled} + 6 x addition_time_embed_dim {time_dim} != the UNet's projection_class_embeddings_input_dim {input}"));
+        }
+    }
+    if xl && unet.addition_text_time.is_none() {
+        return Err("an SDXL pipeline needs a UNet with `addition_embed_type = \"text_time\"`".into());
+    }
+    if c.vae.latent_channels != unet.in_channels {
+        return Err(format!("the VAE has {} latent channels but the UNet takes {}", c.vae.latent_channels, unet.in_channels));
+    }
+    Ok(())
+}

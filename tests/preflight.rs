@@ -1,0 +1,106 @@
+//! Everything knowable without loading a weight is refused by `validate`, `plan` and `run` alike,
+//! with the file and key named: no "ok" for a manifest that cannot run, no libtorch trace later.
+
+use std::path::{Path, PathBuf};
+
+use crate::lock::copy_dir;
+use crate::util::{root, run, runner};
+
+/// A copy of the tiny SD 1.5 pipeline, damaged by `f`, and a manifest for it.
+fn broken(dir: &Path, f: impl FnOnce(&Path)) -> PathBuf {
+    let pipe = dir.join("pipe");
+    copy_dir(&root().join("tests/fixtures/tiny-sd15"), &pipe);
+    f(&pipe);
+    let m = dir.join("m.toml");
+    std::fs::write(
+        &m,
+        "schema_version = 1\nname = \"broken\"\n[pipeline]\nkind = \"stable-diffusion\"\nsource = \"pipe\"\n[run]\nprompt = \"a cat\"\nsteps = 1\nwidth = 64\nheight = 64\noutput = \"out.png\"\n",
+    )
+    .unwrap();
+    m
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// `validate`, `plan` and `run` all fail with `want` (exit 1, no panic, no libtorch trace), and
+/// nothing is written.
+fn refused(m: &Path, extra: &[&str], want: &str) {
+    for cmd in ["validate", "plan", "run"] {
+        let quiet: &[&str] = if cmd == "run" { &["--quiet"] } else { &[] };
+        let (code, stdout, stderr) = run(runner().arg(cmd).arg(m).args(extra).args(quiet).env("RUST_BACKTRACE", "0"));
+        let stderr = if cmd == "run" || cmd == "plan" { stderr } else { stderr + &stdout };
+        assert_eq!(code, 1, "{cmd} {}: {stderr}", m.display());
+        assert!(stderr.contains(want), "{cmd}: want {want:?} in:\n{stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("Exception raised from") && !stderr.contains("libtorch failed"), "{cmd}: {stderr}");
+    }
+    assert!(!m.with_file_name("out.png").exists());
+}
+
+#[test]
+fn the_folder_and_its_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |p| std::fs::remove_file(p.join("model_index.json")).unwrap());
+    refused(&m, &[], "has no `model_index.json`: it is not a diffusers pipeline folder");
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |p| std::fs::remove_dir_all(p).unwrap());
+    refused(&m, &[], "does not exist: the manifest cannot run");
+    // The kind must be the folder's.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |_| {});
+    refused(&m, &["--set", "pipeline.kind=stable-diffusion-xl"], "`pipeline.kind` is `stable-diffusion-xl` but");
+}
+
+#[test]
+fn classes_runner_does_not_implement_are_named() {
+    for (component, entry, want) in [
+        ("unet", serde_json::json!(["diffusers", "UNet3DConditionModel"]), "`unet` is a `diffusers.UNet3DConditionModel`, which runner does not implement"),
+        ("text_encoder", serde_json::json!(["evil", "MyEncoder"]), "`text_encoder` is a `evil.MyEncoder`, which runner does not implement"),
+        ("scheduler", serde_json::json!(["diffusers", "UniPCMultistepScheduler"]), "supported for `scheduler`: `PNDMScheduler`"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = broken(dir.path(), |p| edit_json(&p.join("model_index.json"), |v| v[component] = entry.clone()));
+        refused(&m, &[], want);
+        let (_, _, stderr) = run(runner().arg("validate").arg(&m));
+        assert!(stderr.contains(&format!("supported for `{component}`")), "{stderr}");
+    }
+}
+
+#[test]
+fn configs_missing_truncated_or_wrong() {
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        ("missing", Box::new(|p: &Path| std::fs::remove_file(p.join("unet/config.json")).unwrap()), "unet/config.json`: UNet2DConditionModel config: the file is missing"),
+        ("truncated", Box::new(|p: &Path| std::fs::write(p.join("vae/config.json"), "{\"block_out_channels\": [32,").unwrap()), "vae/config.json`: AutoencoderKL config: not valid JSON (truncated?)"),
+        ("a list", Box::new(|p: &Path| std::fs::write(p.join("unet/config.json"), "[]").unwrap()), "expected a JSON object, got a list"),
+        ("negative", Box::new(|p: &Path| edit_json(&p.join("unet/config.json"), |v| v["layers_per_block"] = (-3).into())), "`layers_per_block` must be a positive integer, got -3"),
+        ("groups", Box::new(|p: &Path| edit_json(&p.join("vae/config.json"), |v| v["norm_num_groups"] = 3.into())), "is not a multiple of `norm_num_groups` 3"),
+        ("text", Box::new(|p: &Path| edit_json(&p.join("text_encoder/config.json"), |v| v["hidden_size"] = "32".into())), "`hidden_size` must be an integer"),
+        ("mismatch", Box::new(|p: &Path| edit_json(&p.join("vae/config.json"), |v| v["latent_channels"] = 8.into())), "the VAE has 8 latent channels but the UNet takes 4"),
+        ("scheduler", Box::new(|p: &Path| edit_json(&p.join("scheduler/scheduler_config.json"), |v| v["beta_schedule"] = "cubic".into())), "scheduler_config.json"),
+    ];
+    for (what, damage, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let m = broken(dir.path(), |p| damage(p));
+        eprintln!("{what}");
+        refused(&m, &[], want);
+    }
+}
+
+#[test]
+fn keys_that_depend_on_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |_| {});
+    let layers = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(dir.path().join("pipe/text_encoder/config.json")).unwrap()).unwrap()["num_hidden_layers"].as_u64().unwrap();
+    refused(&m, &["--set", &format!("run.clip_skip={}", layers + 1)], &format!("`run.clip_skip` is {}, but the text encoder allow at most {layers}", layers + 1));
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", &format!("run.clip_skip={layers}")]));
+    assert_eq!(code, 0, "{stderr}");
+    // run.latents: not a tensor file, or the wrong shape.
+    std::fs::write(dir.path().join("latents.safetensors"), "not safetensors").unwrap();
+    refused(&m, &["--set", "run.latents=latents.safetensors"], "`run.latents`");
+    // A component source that is not a tensor file.
+    std::fs::write(dir.path().join("unet.safetensors"), b"\x00\x00").unwrap();
+    refused(&m, &["--set", "components.unet.source=unet.safetensors"], "unet.safetensors");
+}
