@@ -613,13 +613,16 @@ fn run_inner(job: RunJob) -> Result<runner::exec::RunReport, Failure> {
     let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", flag(e.to_string())))?;
     let loaded = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
     diag::render_all(&loaded.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
-    if locked {
+    let lock_sha256 = if locked {
         runner::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;
-    }
+        runner::lock::sha256_file(&runner::lock::lock_path(file)).ok().map(|(_, h)| h)
+    } else {
+        None
+    };
     if let Some(t) = loaded.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
-    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate };
+    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate, lock_sha256 };
     // libtorch reports failures inside an op (out of memory, an unsupported kernel) as panics
     // through tch: turn them into an error message and exit 1, not a crash.
     let previous = std::panic::take_hook();

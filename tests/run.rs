@@ -15,7 +15,8 @@ fn decode_png(path: &Path) -> (Vec<u8>, Vec<(String, String)>) {
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
     buf.truncate(info.buffer_size());
-    let text = reader.info().uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let info = reader.info();
+    let text = info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).chain(info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap()))).collect();
     (buf, text)
 }
 
@@ -34,13 +35,20 @@ fn png_equals_diffusers_and_carries_provenance() {
     let (theirs, _) = decode_png(&root().join("tests/fixtures/refs/sd15-pndm.png"));
     assert_eq!(ours, theirs, "same pixels as diffusers' PIL output");
     let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} in {text:?}"));
-    assert_eq!(get("prompt"), "a photo of a cat");
-    assert_eq!(get("negative_prompt"), "blurry");
-    assert_eq!(get("seed"), "0");
-    assert_eq!(get("steps"), "4");
-    assert_eq!(get("scheduler"), "PNDMScheduler");
-    let sha = get("manifest_sha256");
-    assert_eq!(sha.len(), 64);
+    let meta: serde_json::Value = serde_json::from_str(&get("runner")).unwrap();
+    assert_eq!(meta["prompt"], "a photo of a cat");
+    assert_eq!(meta["negative_prompt"], "blurry");
+    assert_eq!(meta["seed"], 0);
+    assert_eq!(meta["steps"], 4);
+    assert_eq!(meta["scheduler"], "PNDMScheduler");
+    assert_eq!(meta["model"], "tiny-sd15");
+    assert_eq!(meta["dtype"], "fp32");
+    assert_eq!(meta["manifest_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        get("parameters"),
+        format!("a photo of a cat\nNegative prompt: blurry\nSteps: 4, Sampler: PLMS, CFG scale: 7.5, Seed: 0, Size: 64x64, Model: tiny-sd15, Version: runner {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(text.iter().all(|(k, _)| k != "prompt"), "ComfyUI reads `prompt` as its JSON graph: {text:?}");
     // no temp files left beside the image
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
 }
@@ -599,8 +607,14 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
         runner::manifest::load(&p, &Default::default()).unwrap()
     };
     let sim = Inventory::parse_spec("cuda:0=1GB,cuda:1=1GB,cuda:2=1GB").unwrap();
-    let opts =
-        |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: BuildOptions { devices: Some(sim.clone()), weights_only: false }, progress: false, simulate: true };
+    let opts = |out: &str| runner::exec::RunOptions {
+        out: Some(dir.path().join(out)),
+        dump: None,
+        plan: BuildOptions { devices: Some(sim.clone()), weights_only: false },
+        progress: false,
+        simulate: true,
+        lock_sha256: None,
+    };
     let whole = write("whole", "{ \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
     // The second plan: cuda:0 keeps the text encoder and part of the UNet, cuda:1 the rest.
     let probe =
@@ -827,4 +841,62 @@ fn prompts_outside_latin1_are_stored_as_utf8() {
     let info = reader.info();
     let utf8: Vec<String> = info.utf8_text.iter().map(|t| t.get_text().unwrap()).collect();
     assert!(utf8.iter().any(|t| t.contains(prompt)), "{utf8:?}");
+}
+
+#[test]
+fn png_metadata_makes_each_image_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = |path: &Path| -> (serde_json::Value, String) {
+        let (_, text) = decode_png(path);
+        let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} in {text:?}"));
+        (serde_json::from_str(&get("runner")).unwrap(), get("parameters"))
+    };
+    // A batch: each image carries its place in it (one draw from one seed makes the batch).
+    let out = dir.path().join("b.png");
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--set", "run.steps=1", "--set", "run.batch=2", "--set", "run.seed=7", "--locked", "--out"]).arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let (m0, p0) = meta(&dir.path().join("b-0.png"));
+    let (m1, p1) = meta(&dir.path().join("b-1.png"));
+    assert_eq!((m0["seed"].as_u64(), m0["batch_index"].as_u64(), m1["batch_index"].as_u64(), m1["batch_size"].as_u64()), (Some(7), Some(0), Some(1), Some(2)));
+    assert!(p1.ends_with(&format!("Seed: 7, Size: 64x64, Model: tiny-sd15, Batch size: 2, Batch pos: 1, Version: runner {}", env!("CARGO_PKG_VERSION"))), "{p1}");
+    assert!(p0.contains("Batch pos: 0"), "{p0}");
+    // Locked: the lock file's digest; the effective manifest's digest follows `--set`.
+    let lock = runner::lock::sha256_file(&root().join("manifests/tiny-sd15.toml.lock")).unwrap().1;
+    assert_eq!(m0["lock_sha256"], lock.as_str());
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--set", "run.steps=1", "--set", "run.seed=8", "--out"]).arg(dir.path().join("c.png")));
+    assert_eq!(code, 0, "{stderr}");
+    let (m2, _) = meta(&dir.path().join("c.png"));
+    assert!(m2.get("lock_sha256").is_none());
+    assert_ne!(m2["manifest_sha256"], m0["manifest_sha256"], "--set changes the effective manifest");
+    // Latents instead of a seed: the file and its digest, no seed.
+    let lat = dir.path().join("lat.safetensors");
+    let t = tch::Tensor::zeros([1, 4, 8, 8], (tch::Kind::Float, tch::Device::Cpu));
+    tch::Tensor::write_safetensors(&[("latents", &t)], &lat).unwrap();
+    let (code, _, stderr) =
+        run(runner().args(["run", "manifests/tiny-sd15.toml", "--quiet", "--set", "run.steps=1", "--set"]).arg(format!("run.latents={}", lat.display())).arg("--out").arg(dir.path().join("l.png")));
+    assert_eq!(code, 0, "{stderr}");
+    let (m3, p3) = meta(&dir.path().join("l.png"));
+    assert!(m3["seed"].is_null() && m3["latents"][0] == "lat.safetensors" && m3["latents"][1].as_str().unwrap().len() == 64, "{m3}");
+    assert!(p3.contains("Latents: lat.safetensors (sha256 ") && !p3.contains("Seed:"), "{p3}");
+}
+
+#[test]
+fn huge_prompts_are_capped_in_logs_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "a very long prompt about a cat ".repeat(3000); // 93 kB
+    let m = dir.path().join("long.toml");
+    let text = std::fs::read_to_string(root().join("manifests/tiny-sd15.toml"))
+        .unwrap()
+        .replace("\"../", &format!("\"{}/", root().display()))
+        .replace("prompt = \"a photo of a cat\"", &format!("prompt = \"{long}\""));
+    std::fs::write(&m, text).unwrap();
+    let out = dir.path().join("long.png");
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--set", "run.steps=1", "--out"]).arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.len() < 2000, "the truncated part is not echoed whole: {} bytes", stderr.len());
+    assert!(stderr.contains("more characters)"), "{stderr}");
+    let (_, text) = decode_png(&out);
+    let stored: usize = text.iter().map(|(_, v)| v.len()).sum();
+    assert!(stored < 3 * runner::exec::png::MAX_STORED_CHARS + 2000, "{stored}");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("characters in all; the text encoder saw only its first 77 tokens")));
 }

@@ -64,6 +64,8 @@ pub struct RunOptions {
     /// `--simulate`: plan for the given devices (in `plan.devices`) but execute every component on
     /// the CPU, so that device maps and boundaries run where no GPU exists (CI).
     pub simulate: bool,
+    /// sha256 of MANIFEST.lock when the run is `--locked` (stored in the PNG).
+    pub lock_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -483,22 +485,44 @@ impl Session<'_> {
             dump.push(("image".into(), images.get(0)));
         }
 
-        // 6. Write.
-        let digest = manifest_digest(m);
+        // 6. Write, each image with what makes it again.
         let scheduler_name = scheduler.name().to_string();
+        let karras = matches!(m.manifest.pipeline.scheduler, Some(crate::manifest::SchedulerKind::DpmPP2MKarras))
+            || (m.manifest.pipeline.scheduler.is_none() && sched_cfg.get("use_karras_sigmas").and_then(|v| v.as_bool()) == Some(true));
+        let latents = match &r.latents {
+            Some(p) => {
+                let path = m.resolve_path("run.latents", p);
+                let sha = crate::lock::sha256_file(&path).map(|(_, h)| h).unwrap_or_default();
+                Some((path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), sha))
+            }
+            None => None,
+        };
+        let mut meta = png::ImageMeta {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            prompt: prompt.clone(),
+            negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
+            prompt_2: if xl { r.prompt_2.clone() } else { None },
+            negative_prompt_2: if xl { r.negative_prompt_2.clone() } else { None },
+            seed: if latents.is_some() { None } else { Some(seed) },
+            batch_index: 0,
+            batch_size: outputs.len(),
+            latents,
+            steps,
+            guidance_scale: guidance,
+            sampler: png::a1111_sampler(&scheduler_name, karras),
+            scheduler: scheduler_name.clone(),
+            clip_skip: r.clip_skip,
+            width: shape.width,
+            height: shape.height,
+            model: pipeline.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            lock_sha256: opts.lock_sha256.clone(),
+            dtype: dtype_summary(m),
+            manifest_sha256: manifest_digest(m),
+        };
         for (i, path) in outputs.iter().enumerate() {
             let (w, h, rgb) = png::to_rgb8(&images.get(i as i64));
-            let text = [
-                ("prompt", prompt.clone()),
-                ("negative_prompt", r.negative_prompt.clone().unwrap_or_default()),
-                ("seed", seed.to_string()),
-                ("steps", steps.to_string()),
-                ("guidance_scale", guidance.to_string()),
-                ("scheduler", scheduler_name.clone()),
-                ("manifest_sha256", digest.clone()),
-                ("software", format!("runner {}", env!("CARGO_PKG_VERSION"))),
-            ];
-            png::write_png(path, w, h, &rgb, &text).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
+            meta.batch_index = i;
+            png::write_png(path, w, h, &rgb, &meta.chunks()).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
         }
         if let Some(d) = &opts.dump {
             let p = d.join("dump.safetensors");
@@ -671,7 +695,12 @@ struct Conditioning {
 
 fn truncation_warning(enc: &text::TextEncoder, truncated: Option<String>, warnings: &mut Vec<String>) {
     if let Some(t) = truncated {
-        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {t:?}", enc.max_length()));
+        // diffusers echoes the whole remainder; a pasted megabyte would flood the terminal.
+        const SHOWN: usize = 200;
+        let n = t.chars().count();
+        let shown: String = t.chars().take(SHOWN).collect();
+        let more = if n > SHOWN { format!(" ... ({} more characters)", n - SHOWN) } else { String::new() };
+        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {shown:?}{more}", enc.max_length()));
     }
 }
 
@@ -794,7 +823,19 @@ fn sdxl_conditioning(
 }
 
 /// sha256 of the manifest file's bytes (what was reviewed), for image metadata.
+/// sha256 of the effective manifest (the file after environment variables and `--set`), as JSON.
 fn manifest_digest(m: &LoadedManifest) -> String {
     use sha2::{Digest, Sha256};
-    format!("{:x}", Sha256::digest(m.source.text.as_bytes()))
+    format!("{:x}", Sha256::digest(serde_json::to_vec(&m.manifest).unwrap_or_default()))
+}
+
+/// `fp16`, or `fp16 (vae fp32)` when components differ from the pipeline's dtype.
+fn dtype_summary(m: &LoadedManifest) -> String {
+    let base = m.manifest.pipeline.dtype;
+    let own: Vec<String> = m.manifest.components.iter().filter_map(|(n, c)| c.dtype.filter(|d| *d != base).map(|d| format!("{n} {}", d.as_str()))).collect();
+    if own.is_empty() {
+        base.as_str().to_string()
+    } else {
+        format!("{} ({})", base.as_str(), own.join(", "))
+    }
 }

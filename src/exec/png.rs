@@ -68,3 +68,108 @@ pub fn write_dump(path: &Path, tensors: &[(String, Tensor)]) -> std::io::Result<
         w.write_all(&data)
     })
 }
+
+/// What one image was made from: enough to make it again.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageMeta {
+    pub version: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_2: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub negative_prompt_2: Option<String>,
+    /// The generator's seed (the batch's: its images come from one draw), or none with `latents`.
+    pub seed: Option<u64>,
+    /// This image's place in its batch (`run.batch`); the batch's other images share the seed.
+    pub batch_index: usize,
+    pub batch_size: usize,
+    /// `run.latents` instead of a seed: the file and its sha256.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latents: Option<(String, String)>,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub scheduler: String,
+    /// The scheduler as A1111 names its samplers (`Euler a`, `DPM++ 2M Karras`).
+    pub sampler: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_skip: Option<u32>,
+    pub width: u64,
+    pub height: u64,
+    /// The pipeline folder's name.
+    pub model: String,
+    /// sha256 of MANIFEST.lock when the run was `--locked` (every file the manifest reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_sha256: Option<String>,
+    pub dtype: String,
+    /// sha256 of the effective manifest (after environment variables and `--set`), as JSON.
+    pub manifest_sha256: String,
+}
+
+/// Longest text stored per field; the model sees 77 tokens of a prompt anyway.
+pub const MAX_STORED_CHARS: usize = 2000;
+
+/// `text` capped at [`MAX_STORED_CHARS`], saying what was left out.
+pub fn capped(text: &str) -> String {
+    let n = text.chars().count();
+    if n <= MAX_STORED_CHARS {
+        return text.to_string();
+    }
+    format!("{} ... [{n} characters in all; the text encoder saw only its first 77 tokens]", text.chars().take(MAX_STORED_CHARS).collect::<String>())
+}
+
+impl ImageMeta {
+    /// The PNG text chunks: `parameters` in A1111's format (read by image viewers, galleries and
+    /// civitai), `runner` as JSON with every value, `Software`. Plain `prompt` is left out: ComfyUI
+    /// keeps its graph as JSON under that key and its readers parse it as such.
+    pub fn chunks(&self) -> Vec<(&'static str, String)> {
+        let quote = |s: &str| if s.contains([',', ':', '"', '\n']) { serde_json::to_string(s).unwrap_or_default() } else { s.to_string() };
+        let mut fields = vec![format!("Steps: {}", self.steps), format!("Sampler: {}", self.sampler), format!("CFG scale: {}", self.guidance_scale)];
+        match (&self.latents, self.seed) {
+            (Some((path, sha)), _) => fields.push(format!("Latents: {}", quote(&format!("{path} (sha256 {sha})")))),
+            (None, Some(seed)) => fields.push(format!("Seed: {seed}")),
+            (None, None) => {}
+        }
+        fields.push(format!("Size: {}x{}", self.width, self.height));
+        fields.push(format!("Model: {}", quote(&self.model)));
+        if let Some(k) = self.clip_skip {
+            fields.push(format!("Clip skip: {}", k + 1)); // A1111 counts the last layer as 1
+        }
+        if self.batch_size > 1 {
+            fields.push(format!("Batch size: {}, Batch pos: {}", self.batch_size, self.batch_index));
+        }
+        fields.push(format!("Version: runner {}", self.version));
+        let mut parameters = capped(&self.prompt);
+        if !self.negative_prompt.is_empty() {
+            parameters.push_str(&format!("\nNegative prompt: {}", capped(&self.negative_prompt)));
+        }
+        parameters.push('\n');
+        parameters.push_str(&fields.join(", "));
+        let mut json = self.clone();
+        for s in [&mut json.prompt, &mut json.negative_prompt] {
+            *s = capped(s);
+        }
+        for s in [&mut json.prompt_2, &mut json.negative_prompt_2].into_iter().flatten() {
+            *s = capped(s);
+        }
+        vec![("parameters", parameters), ("runner", serde_json::to_string(&json).unwrap_or_default()), ("Software", format!("runner {}", self.version))]
+    }
+}
+
+/// A1111's sampler name for a scheduler.
+pub fn a1111_sampler(class: &str, karras: bool) -> String {
+    let base = match class {
+        "EulerDiscreteScheduler" => "Euler",
+        "EulerAncestralDiscreteScheduler" => "Euler a",
+        "DDIMScheduler" => "DDIM",
+        "PNDMScheduler" => "PLMS",
+        "DPMSolverMultistepScheduler" => "DPM++ 2M",
+        "LMSDiscreteScheduler" => "LMS",
+        other => other,
+    };
+    if karras {
+        format!("{base} Karras")
+    } else {
+        base.to_string()
+    }
+}
