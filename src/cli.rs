@@ -11,7 +11,9 @@ use codespan_reporting::term::termcolor::{ColorChoice, StandardStream};
 use runner::diag::{self, Diagnostic};
 use runner::manifest::{self, Overrides};
 
-const LAYERS_HELP: &str = "\
+macro_rules! layers_help {
+    () => {
+        "\
 Configuration layers, lowest to highest priority:
   1. the manifest file
   2. environment variables RUNNER_<SECTION>__<KEY>, e.g. RUNNER_RUN__STEPS=20,
@@ -24,9 +26,12 @@ the current directory when 2 or 3 do.
 
 Sizes: a number of bytes, or a number with a unit: KB MB GB TB (powers of 1000) or KiB MiB GiB
 TiB (powers of 1024); decimals allowed (1.5GB). A lowercase b (5Gb) is refused: accelerate reads
-it as bits, huggingface_hub as bytes.";
+it as bits, huggingface_hub as bytes."
+    };
+}
 
-/// Run diffusion pipelines (Stable Diffusion 1.5, SDXL) from version-controlled TOML manifests.
+/// Run diffusion pipelines (Stable Diffusion 1.x and 2.x, SDXL) from version-controlled TOML
+/// manifests.
 #[derive(Debug, Parser)]
 #[command(name = "runner", version, about, after_help = "Logs: set RUST_LOG (e.g. RUST_LOG=runner=debug).")]
 pub struct Cli {
@@ -50,7 +55,7 @@ enum Command {
     /// express; every problem of a file is reported at once, at file:line:col.
     ///
     /// Exit status: 0 when every file is valid (warnings allowed), 1 otherwise.
-    #[command(after_help = LAYERS_HELP)]
+    #[command(after_help = concat!("Examples:\n  runner validate manifests/tiny-sd15.toml\n  runner validate --manifest-only manifests/*.toml     # before the models are downloaded\n  runner validate --json --set run.steps=20 manifests/tiny-sd15.toml\n\n", layers_help!()))]
     Validate {
         /// Manifest files.
         #[arg(required = true, value_name = "FILE")]
@@ -71,8 +76,9 @@ enum Command {
     /// Write MANIFEST.lock: the size and sha256 of every file the manifest reads
     /// (model_index.json, configs, tokenizer files, every weight shard, run.latents). With
     /// `--locked`, validate (and later plan and run) refuse files that differ from it.
-    #[command(after_help = LAYERS_HELP)]
+    #[command(after_help = concat!("Examples:\n  runner lock manifests/tiny-sd15.toml\n  runner validate --locked manifests/tiny-sd15.toml\n\n", layers_help!()))]
     Lock {
+        /// The manifest (TOML) to use.
         #[arg(value_name = "MANIFEST")]
         file: PathBuf,
         /// Print JSON.
@@ -83,16 +89,18 @@ enum Command {
     },
     /// Generate images: plan, load each component on its planned device, encode the prompts,
     /// denoise from the seeded initial latents with classifier-free guidance, decode, and write
-    /// PNGs (atomically) whose tEXt chunks carry the prompt, seed, steps, guidance, scheduler and
-    /// the manifest's sha256.
+    /// PNGs (atomically) whose text chunks carry what makes each image again: A1111's
+    /// `parameters` (prompt, steps, sampler, CFG scale, seed, size, model) and a `runner` JSON
+    /// with the batch position, dtype, lock and effective-manifest digests.
     ///
     /// Offload (`placement.offload`, or per component `components.NAME.offload`): `model` keeps
     /// a component's weights in host memory and moves it to its device for its turn; `sequential`
     /// streams one leaf module at a time; `group` one block group at a time, the next one
     /// prefetched (RUNNER_PREFETCH_STREAM=1: on a side CUDA stream, experimental). Every mode gives
     /// the image of no offload.
-    #[command(after_help = LAYERS_HELP)]
+    #[command(after_help = concat!("Examples:\n  runner run manifests/tiny-sd15.toml --out cat.png\n  runner run manifests/tiny-sdxl.toml --simulate \"cuda:0=40MB,cuda:1=40MB\" --json\n  RUST_LOG=runner=info runner run manifests/tiny-sd15.toml --set run.seed=7 --set run.steps=20\n\n", layers_help!()))]
     Run {
+        /// The manifest (TOML) to use.
         #[arg(value_name = "MANIFEST")]
         file: PathBuf,
         /// Write the image here instead of run.output (batches: NAME-0.png, NAME-1.png, ...).
@@ -136,8 +144,9 @@ enum Command {
     /// whole (nor, with strategy auto, split across them) goes by placement.overflow: "stream"
     /// (default) runs it on a GPU with the lightest offload mode that fits (model, group,
     /// sequential), "cpu" puts it on the CPU as diffusers does, "error" refuses.
-    #[command(after_help = LAYERS_HELP)]
+    #[command(after_help = concat!("Examples:\n  runner plan manifests/sdxl.toml --devices \"cuda:0=8GB,cuda:1=8GB,cpu=64GiB\"\n  runner plan manifests/tiny-sd15.toml --json\n  runner plan manifests/sdxl.toml --set placement.overflow=cpu --weights-only\n\n", layers_help!()))]
     Plan {
+        /// The manifest (TOML) to use.
         #[arg(value_name = "MANIFEST")]
         file: PathBuf,
         /// Print JSON (device_map, hf_device_map, components, devices).
@@ -158,8 +167,9 @@ enum Command {
         layers: LayerArgs,
     },
     /// Show the effective manifest after layering, and where each value came from.
-    #[command(after_help = LAYERS_HELP)]
+    #[command(after_help = concat!("Examples:\n  runner config manifests/tiny-sd15.toml\n  RUNNER_RUN__STEPS=20 runner config --json manifests/tiny-sd15.toml\n\n", layers_help!()))]
     Config {
+        /// The manifest (TOML) to use.
         #[arg(value_name = "MANIFEST")]
         file: PathBuf,
         /// Print JSON: the typed manifest and the origin of each key.
@@ -174,7 +184,9 @@ enum Command {
     ///
     /// PATH: a diffusers pipeline folder (with model_index.json), a component folder, a
     /// *.safetensors.index.json, or one .safetensors file.
+    #[command(after_help = "Examples:\n  runner inspect tests/fixtures/tiny-sdxl\n  runner inspect tests/fixtures/tiny-sdxl/unet --json\n  runner inspect models/sdxl --variant fp16\n")]
     Inspect {
+        /// A pipeline folder, component folder, *.safetensors.index.json or .safetensors file.
         path: PathBuf,
         /// Prefer weight files of this variant (e.g. fp16), as `pipeline.variant` does.
         #[arg(long)]
@@ -190,7 +202,11 @@ enum Command {
     /// SRC: a component folder, a *.safetensors.index.json, or one .safetensors file. DIR is
     /// replaced in one rename when everything is written: an interrupted run leaves no
     /// half-checkpoint. Memory stays bounded: tensors stream from the mapped source.
+    #[command(
+        after_help = "Examples:\n  runner shard tests/fixtures/tiny-sdxl/unet --out /tmp/unet-sharded --max-shard-size 300KB\n  runner shard models/sdxl/unet --out models/sdxl-unet-fp16 --dtype fp16 --variant fp16 --max-shard-size 2GB\n"
+    )]
     Shard {
+        /// The checkpoint to shard: a component folder, *.safetensors.index.json or .safetensors file.
         src: PathBuf,
         /// Output folder.
         #[arg(long, value_name = "DIR")]
@@ -216,8 +232,10 @@ enum Command {
         json: bool,
     },
     /// Print the manifest JSON schema (equal to schemas/manifest.schema.json).
+    #[command(after_help = "Examples:\n  runner schema > manifest.schema.json\n")]
     Schema,
     /// Show the libtorch this binary uses and the devices it sees; runs one op per backend.
+    #[command(after_help = "Examples:\n  runner info\n  LD_LIBRARY_PATH=/path/to/torch/lib runner info --json     # with the CUDA build of torch\n")]
     Info {
         /// Print JSON.
         #[arg(long)]

@@ -26,7 +26,7 @@ pub struct ByteSize(pub u64);
 
 /// The regular expression the JSON schema uses for size strings; [`ByteSize::from_str`] is the
 /// authority and gives the precise message when a string does not match.
-pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)? ?([kKmMgGtT]([iI])?)?B?$";
+pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?( ?([kKmMgGtT][iI]?)?B)?$";
 
 /// Why a size string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -257,11 +257,23 @@ mod tests {
     #[test]
     fn pattern_agrees_with_parser_on_shape() {
         let re = regex_lite(SIZE_PATTERN);
-        for ok in ["5GB", "1.5GiB", "512 MiB", "100", "3kB"] {
+        for ok in ["5GB", "1.5GiB", "512 MiB", "100", "3kB", "7B"] {
             assert!(re(ok), "{ok}");
         }
-        for bad in ["5XB", "-1GB", "1e9", "GB"] {
+        for bad in ["5XB", "-1GB", "1e9", "GB", "5G", "5Gi", "5Gb", "1.GB"] {
             assert!(!re(bad), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Every size the schema accepts, runner accepts (a schema-valid manifest never fails on
+        /// a size at run time).
+        #[test]
+        fn what_the_schema_accepts_parses(s in "[0-9]{1,4}(\\.[0-9]{0,2})? ?[kKmMgGtTxX]?[iI]?[bB]?") {
+            let re = regex_lite(SIZE_PATTERN);
+            if re(&s) {
+                proptest::prop_assert!(s.parse::<ByteSize>().is_ok(), "{:?} passes the schema but not the parser", s);
+            }
         }
     }
 

@@ -127,3 +127,21 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(libc::SIGPIPE), "{args:?}: {:?}", out.status);
     }
 }
+
+#[test]
+fn every_command_has_examples_and_described_arguments() {
+    for cmd in ["validate", "lock", "run", "plan", "config", "inspect", "shard", "schema", "info"] {
+        let (code, stdout, stderr) = run(runner().args([cmd, "--help"]));
+        assert_eq!(code, 0, "{cmd}: {stderr}");
+        assert!(stdout.contains("\nExamples:\n  runner "), "{cmd}: {stdout}");
+        // clap prints a positional's description on the line after its name: never empty.
+        let lines: Vec<&str> = stdout.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if l.trim_start().starts_with('<') && l.trim_end().ends_with('>') && l.starts_with("  <") {
+                assert!(lines.get(i + 1).is_some_and(|n| !n.trim().is_empty()), "{cmd}: `{l}` has no description");
+            }
+        }
+    }
+    let (_, stdout, _) = run(runner().arg("--help"));
+    assert!(stdout.contains("Stable Diffusion 1.x and 2.x, SDXL"), "{stdout}");
+}

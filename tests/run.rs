@@ -900,3 +900,18 @@ fn huge_prompts_are_capped_in_logs_and_metadata() {
     assert!(stored < 3 * runner::exec::png::MAX_STORED_CHARS + 2000, "{stored}");
     assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("characters in all; the text encoder saw only its first 77 tokens")));
 }
+
+#[test]
+fn progress_without_a_terminal_is_one_log_line_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--set", "run.steps=3", "--out"]).arg(dir.path().join("p.png")).env("RUST_LOG", "runner=info"));
+    assert_eq!(code, 0, "{stderr}");
+    for want in ["loaded text_encoder (", "loaded unet (", "step 1/4 (timestep", "step 4/4 (timestep", "decoding 1 image(s) of 64x64 with the VAE", "decoded in "] {
+        assert!(stderr.contains(want), "{want}: {stderr}");
+    }
+    // Rates for people: "0.12 s/step" or "8.3 steps/s", never "10.3944/s".
+    let step = stderr.lines().find(|l| l.contains("step 2/4")).unwrap();
+    assert!(step.ends_with(" s/step") || step.ends_with(" steps/s"), "{step}");
+    assert_eq!(runner::exec::human_rate(1.5), "1.50 s/step");
+    assert_eq!(runner::exec::human_rate(0.1), "10.0 steps/s");
+}

@@ -220,9 +220,31 @@ fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}").expect("template").progress_chars("=> "));
-    bar.set_message(what.to_string());
+    // The rate goes in the message, as people read it ("1.52 s/step"), not indicatif's "0.6579/s".
+    bar.set_style(indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}").expect("template").progress_chars("=> "));
+    bar.set_prefix(what.to_string());
     bar
+}
+
+/// A spinner for work without steps (the VAE decode), on a terminal only.
+fn spinner(what: &str, on: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !on || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let s = indicatif::ProgressBar::new_spinner();
+    s.set_message(what.to_string());
+    s.enable_steady_tick(std::time::Duration::from_millis(120));
+    s
+}
+
+/// A step rate as people read it: `1.52 s/step`, or `4.2 steps/s` when faster than one a second.
+pub fn human_rate(seconds_per_step: f64) -> String {
+    if seconds_per_step >= 1.0 || seconds_per_step <= 0.0 {
+        format!("{seconds_per_step:.2} s/step")
+    } else {
+        format!("{:.1} steps/s", 1.0 / seconds_per_step)
+    }
 }
 
 /// Runs the manifest's job.
@@ -319,8 +341,8 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let va = placed(&pipeline, &plan, m, "vae", opts.simulate)?;
     let bar = progress(if xl { 4 } else { 3 }, "loading", opts.progress);
     let step = |name: &str| {
-        tracing::info!(component = name, elapsed = ?t_load.elapsed(), "loaded");
-        bar.set_message(format!("loading {name}"));
+        tracing::info!("loaded {name} ({:.2} s since the load began)", t_load.elapsed().as_secs_f64());
+        bar.set_message(name.to_string());
         bar.inc(1);
     };
     let encoder = text::TextEncoder::load(&pipeline, &te, "text_encoder", "tokenizer")?;
@@ -436,7 +458,10 @@ impl Session<'_> {
             latents = tch::no_grad(|| scheduler.step(&noise_pred, i, &latents));
             sync(un.device);
             step_times.push(t_step.elapsed().as_secs_f64());
-            tracing::debug!(step = i, timestep = t, seconds = step_times[i], "denoised");
+            // One line per step for logs without a terminal (RUST_LOG=runner=info).
+            let rate = step_times.iter().sum::<f64>() / step_times.len() as f64;
+            tracing::info!("step {}/{} (timestep {t}): {:.3} s, {}", i + 1, timesteps.len(), step_times[i], human_rate(rate));
+            bar.set_message(human_rate(rate));
             if dumping {
                 dump.push((format!("step{i}.unet_output"), out));
                 dump.push((format!("step{i}.noise_pred"), noise_pred));
@@ -449,9 +474,13 @@ impl Session<'_> {
 
         // 5. Decode.
         let t_dec = Instant::now();
+        tracing::info!("decoding {} image(s) of {}x{} with the VAE", batch, shape.width, shape.height);
+        let spinner = spinner("decoding", opts.progress);
         res.enter("vae")?;
         let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(vae_kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
         sync(va.device);
+        spinner.finish_and_clear();
+        tracing::info!("decoded in {:.2} s", t_dec.elapsed().as_secs_f64());
         // diffusers `run_safety_checker`: flagged images come back black, with a warning.
         let images = match pipeline.component("safety_checker").filter(|c| c.checkpoint.is_some()) {
             None => images,
