@@ -544,13 +544,13 @@ fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights
         runner::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;
     }
     let t = std::time::Instant::now();
-    let (pipeline, _) = runner::preflight::check(&loaded).map_err(|d| Failure::pipeline(file, d))?;
+    let (pipeline, configs) = runner::preflight::check(&loaded).map_err(|d| Failure::pipeline(file, d))?;
     for n in &pipeline.notes {
         tracing::info!("{n}");
     }
     let opts = build::BuildOptions { devices, weights_only };
     let inventory = build::inventory(&loaded, &opts).map_err(|e| Failure::new("devices", e))?;
-    let input = build::plan_input(&loaded, &pipeline, inventory, &opts);
+    let input = build::plan_input(&loaded, &pipeline, &configs, inventory, &opts);
     let plan = runner::plan::plan(&input).map_err(|e| Failure::plan(file, e))?;
     tracing::debug!(elapsed = ?t.elapsed(), "planned");
     let out = if json {

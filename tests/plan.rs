@@ -252,8 +252,8 @@ fn balanced_maps_against_diffusers_own() {
         for dtype in ["fp16", "fp32"] {
             let m = manifest(dir.path(), &format!("{pipe}-{dtype}"), kind, &root, dtype, "");
             let loaded = runner::manifest::load(&m, &Default::default()).unwrap();
-            let pipeline = runner::checkpoint::open_for_manifest(&loaded).unwrap();
-            let inputs: Vec<_> = [true, false].map(|weights_only| build::plan_input(&loaded, &pipeline, Inventory::default(), &build::BuildOptions { devices: None, weights_only })).into();
+            let (pipeline, configs) = runner::preflight::check(&loaded).unwrap();
+            let inputs: Vec<_> = [true, false].map(|weights_only| build::plan_input(&loaded, &pipeline, &configs, Inventory::default(), &build::BuildOptions { devices: None, weights_only })).into();
             for case in cases.iter().filter(|c| c["pipeline"] == pipe && c["dtype"] == dtype) {
                 let mut devices: Vec<DeviceBudget> = case["max_memory_bytes"]
                     .as_object()

@@ -593,11 +593,17 @@ fn components_that_do_not_fit_together_are_refused_before_loading() {
     assert!(!stderr.contains("panicked"));
 }
 
+/// The planner's input for `m`, as `runner plan` builds it (after preflight).
+fn preflighted_input(m: &runner::manifest::LoadedManifest, inv_opts: &runner::plan::build::BuildOptions, opts: &runner::plan::build::BuildOptions) -> runner::plan::PlanInput {
+    let (pipeline, configs) = runner::preflight::check(m).unwrap();
+    runner::plan::build::plan_input(m, &pipeline, &configs, runner::plan::build::inventory(m, inv_opts).unwrap(), opts)
+}
+
 #[test]
 fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     // diffusers' reset_device_map + a new placement: load under one plan, delete every weight
     // file, apply another plan (the UNet split over two devices), generate: same image.
-    use runner::plan::build::{inventory, plan_input, BuildOptions};
+    use runner::plan::build::BuildOptions;
     use runner::plan::inventory::Inventory;
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&root().join("tests/fixtures/tiny-sd15"), &dir.path().join("pipe"));
@@ -617,25 +623,24 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     };
     let whole = write("whole", "{ \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
     // The second plan: cuda:0 keeps the text encoder and part of the UNet, cuda:1 the rest.
-    let probe =
-        runner::plan::plan(&plan_input(&whole, &runner::checkpoint::open_for_manifest(&whole).unwrap(), inventory(&whole, &BuildOptions::default()).unwrap(), &BuildOptions::default())).unwrap();
+    let probe = runner::plan::plan(&preflighted_input(&whole, &BuildOptions::default(), &BuildOptions::default())).unwrap();
     let c = |n: &str| probe.components.iter().find(|c| c.name == n).unwrap().clone();
     let (te, unet, vae) = (c("text_encoder"), c("unet"), c("vae"));
     let split = write(
         "split",
         &format!("{{ \"cuda:0\" = {}, \"cuda:1\" = {}, \"cuda:2\" = {} }}", te.peak_bytes + unet.working_bytes + unet.bytes / 2, unet.working_bytes + unet.bytes * 3 / 4, vae.peak_bytes + 1000),
     );
-    let plan_b = runner::plan::plan(&plan_input(&split, &runner::checkpoint::open_for_manifest(&split).unwrap(), inventory(&split, &opts("x").plan).unwrap(), &opts("x").plan)).unwrap();
+    let plan_b = runner::plan::plan(&preflighted_input(&split, &opts("x").plan, &opts("x").plan)).unwrap();
     let plan_b2 = plan_b.clone();
     assert!(plan_b.components.iter().any(|c| c.split.is_some()), "plan B splits the UNet");
     let offloaded = write("offloaded", "{ \"cuda:0\" = \"1GB\", cpu = \"1GB\" }\noffload = \"model\"");
     let build = BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=1GB,cpu=1GB").unwrap()), weights_only: false };
-    let plan_c = runner::plan::plan(&plan_input(&offloaded, &runner::checkpoint::open_for_manifest(&offloaded).unwrap(), inventory(&offloaded, &build).unwrap(), &build)).unwrap();
+    let plan_c = runner::plan::plan(&preflighted_input(&offloaded, &build, &build)).unwrap();
     let streaming: Vec<(&str, runner::plan::Plan)> = ["group", "sequential"]
         .into_iter()
         .map(|mode| {
             let m = write(mode, &format!("{{ \"cuda:0\" = \"1GB\", cpu = \"1GB\" }}\noffload = \"{mode}\""));
-            (mode, runner::plan::plan(&plan_input(&m, &runner::checkpoint::open_for_manifest(&m).unwrap(), inventory(&m, &build).unwrap(), &build)).unwrap())
+            (mode, runner::plan::plan(&preflighted_input(&m, &build, &build)).unwrap())
         })
         .collect();
 

@@ -24,7 +24,7 @@ use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
 use crate::models::weights::load_varstore;
 use crate::models::ModelError;
-use crate::plan::build::{self, component_config, BuildOptions};
+use crate::plan::build::{self, BuildOptions};
 use crate::plan::{Plan, PlanError};
 
 #[derive(Debug, thiserror::Error)]
@@ -163,8 +163,7 @@ fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, nam
     Ok(Loaded { component, device: home, kind: kind_of(dtype), split })
 }
 
-fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> {
-    let cfg = UNet2DConditionConfig::from_json(&component_config(l.component))?;
+fn load_unet(l: &Loaded, cfg: UNet2DConditionConfig) -> Result<(UNet2DConditionModel, VarStore), ExecError> {
     let mut vs = VarStore::new(l.device);
     let m = UNet2DConditionModel::new(vs.root(), cfg);
     vs.set_kind(l.kind);
@@ -176,8 +175,7 @@ fn load_unet(l: &Loaded) -> Result<(UNet2DConditionModel, VarStore), ExecError> 
 }
 
 /// The VAE decoder; an fp16 VAE with `force_upcast` runs in fp32, as diffusers upcasts it.
-fn load_vae(l: &Loaded) -> Result<(AutoencoderKLDecoder, VarStore, Kind), ExecError> {
-    let cfg = AutoencoderKLConfig::from_json(&component_config(l.component))?;
+fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<(AutoencoderKLDecoder, VarStore, Kind), ExecError> {
     let kind = if cfg.force_upcast && l.kind == Kind::Half { Kind::Float } else { l.kind };
     let mut vs = VarStore::new(l.device);
     let m = AutoencoderKLDecoder::new(vs.root(), cfg);
@@ -291,10 +289,11 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let mut warnings = vec![];
     let kind_name = m.manifest.pipeline.kind;
     // 0. Plan (headers only), devices checked, outputs and dump folder writable, before loading.
-    let (pipeline, _configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
+    // Configs are read once, here, and shared by the planner and the models.
+    let (pipeline, configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
     warnings.extend(pipeline.notes.iter().cloned());
     let inventory = build::inventory(m, &opts.plan)?;
-    let input = build::plan_input(m, &pipeline, inventory, &opts.plan);
+    let input = build::plan_input(m, &pipeline, &configs, inventory, &opts.plan);
     let plan = crate::plan::plan(&input)?;
     if !opts.simulate {
         check_devices(&plan)?;
@@ -305,7 +304,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
             warnings.push(format!("`{}` runs on the CPU, where its weights already live: `offload = \"{}\"` does nothing for it", c.name, format!("{:?}", c.offload).to_lowercase()));
         }
     }
-    let shape = build::run_shape(m, &pipeline);
+    let shape = build::run_shape(m, &configs);
     let r = &m.manifest.run;
     let steps = r.steps.unwrap_or(50) as usize;
     let xl = kind_name == PipelineKind::StableDiffusionXl;
@@ -345,15 +344,18 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         bar.set_message(name.to_string());
         bar.inc(1);
     };
-    let encoder = text::TextEncoder::load(&pipeline, &te, "text_encoder", "tokenizer")?;
+    let encoder = text::TextEncoder::load(&pipeline, &te, &configs.text_encoder, "tokenizer")?;
     step("text_encoder");
-    let encoder_2 = te2.as_ref().map(|l| text::TextEncoder::load(&pipeline, l, "text_encoder_2", "tokenizer_2")).transpose()?;
+    let encoder_2 = match (&te2, &configs.text_encoder_2) {
+        (Some(l), Some(cfg)) => Some(text::TextEncoder::load(&pipeline, l, cfg, "tokenizer_2")?),
+        _ => None,
+    };
     if xl {
         step("text_encoder_2");
     }
-    let (unet, unet_vs) = load_unet(&un)?;
+    let (unet, unet_vs) = load_unet(&un, configs.unet.clone())?;
     step("unet");
-    let (vae, vae_vs, vae_kind) = load_vae(&va)?;
+    let (vae, vae_vs, vae_kind) = load_vae(&va, configs.vae.clone())?;
     step("vae");
     bar.finish_and_clear();
     let load_s = t_load.elapsed().as_secs_f64();

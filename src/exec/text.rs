@@ -10,7 +10,6 @@ use crate::checkpoint::layout::{resolve_source, Checkpoint, PipelineFolder, Vari
 use crate::checkpoint::load::{load, LoadOptions};
 use crate::models::clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 use crate::models::tokenizer::ClipTokenizer;
-use crate::plan::build::component_config;
 
 pub struct TextEncoder {
     tokenizer: ClipTokenizer,
@@ -18,11 +17,11 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    pub fn load(pipeline: &PipelineFolder, l: &Loaded, _component: &str, tokenizer: &str) -> Result<TextEncoder, ExecError> {
+    /// `cfg` is the text encoder's config as preflight read it.
+    pub fn load(pipeline: &PipelineFolder, l: &Loaded, cfg: &ClipTextConfig, tokenizer: &str) -> Result<TextEncoder, ExecError> {
         let tok_dir = pipeline.root.join(tokenizer);
         let tokenizer = ClipTokenizer::from_folder(&tok_dir).map_err(|e| ExecError::Text(e.to_string()))?;
-        let cfg = ClipTextConfig::from_json(&component_config(l.component)).map_err(|e| ExecError::Text(format!("`{}`: {e}", l.component.dir.display())))?;
-        let model = ClipTextModel::load(&cfg, l.component.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+        let model = ClipTextModel::load(cfg, l.component.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
         Ok(TextEncoder { tokenizer, model })
     }
 

@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 
 use super::inventory::{Inventory, InventoryError};
-use super::memory::{working_bytes, RunShape};
+use super::memory::{working_bytes, Dims, RunShape};
 use super::{modules, ComponentInput, PlanInput};
-use crate::checkpoint::layout::{Component, PipelineFolder, WeightFiles};
+use crate::checkpoint::layout::{Component, PipelineFolder};
 use crate::device::Device;
 use crate::manifest::{LoadedManifest, Offload, PipelineKind};
+use crate::preflight::Configs;
 
 /// diffusers' execution order (`model_cpu_offload_seq`), then the safety checker.
 pub const EXECUTION_ORDER: [&str; 6] = ["text_encoder", "text_encoder_2", "image_encoder", "unet", "vae", "safety_checker"];
@@ -20,26 +21,11 @@ pub struct BuildOptions {
     pub weights_only: bool,
 }
 
-/// The component's config.json: beside its weights, else in its pipeline subfolder.
-pub fn component_config(c: &Component) -> serde_json::Value {
-    let beside = c.checkpoint.as_ref().and_then(|ck| match &ck.weights.files {
-        WeightFiles::Single(p) => p.parent().map(|d| d.join("config.json")),
-        WeightFiles::Sharded(i) => i.path.parent().map(|d| d.join("config.json")),
-    });
-    [beside, Some(c.dir.join("config.json"))]
-        .into_iter()
-        .flatten()
-        .find(|p| p.is_file())
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(serde_json::Value::Null)
-}
-
 /// The job's shape, with diffusers' defaults: size = UNet `sample_size` x 8, guidance 7.5 (SD)
 /// or 5.0 (SDXL), batch 1.
-pub fn run_shape(m: &LoadedManifest, p: &PipelineFolder) -> RunShape {
+pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
     let r = &m.manifest.run;
-    let sample = p.component("unet").map(component_config).and_then(|c| c.get("sample_size").and_then(|v| v.as_u64())).unwrap_or(64);
+    let sample = configs.unet.sample_size as u64;
     let default_guidance = match m.manifest.pipeline.kind {
         PipelineKind::StableDiffusion => 7.5,
         PipelineKind::StableDiffusionXl => 5.0,
@@ -63,8 +49,27 @@ pub fn inventory(m: &LoadedManifest, opts: &BuildOptions) -> Result<Inventory, I
     }
 }
 
-pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
-    let shape = run_shape(m, p);
+/// What the working-memory estimate needs of component `name`'s config.
+fn dims(configs: &Configs, name: &str) -> Dims {
+    let clip =
+        |c: &crate::models::clip::ClipTextConfig| Dims::Clip { hidden: c.hidden_size as u64, intermediate: c.intermediate_size as u64, layers: c.num_hidden_layers as u64, tokens: 77, guided: true };
+    match name {
+        "unet" => Dims::UNet { c0: configs.unet.block_out_channels[0] as u64, attention_first: configs.unet.down_block_types[0].starts_with("CrossAttn") },
+        "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast },
+        "text_encoder" => clip(&configs.text_encoder),
+        "text_encoder_2" => configs.text_encoder_2.as_ref().map_or(Dims::None, clip),
+        "safety_checker" => configs.safety_checker.as_ref().map_or(Dims::None, |s| {
+            let v = &s.vision;
+            Dims::Clip { hidden: v.hidden_size as u64, intermediate: v.intermediate_size as u64, layers: v.num_hidden_layers as u64, tokens: 257, guided: false }
+        }),
+        _ => Dims::None,
+    }
+}
+
+/// The planner's input: sizes from the checkpoint headers, working memory from the configs
+/// preflight read (the same the models are built from).
+pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
+    let shape = run_shape(m, configs);
     let mut comps: Vec<&Component> = p.components.iter().filter(|c| c.checkpoint.is_some()).collect();
     comps.sort_by_key(|c| (EXECUTION_ORDER.iter().position(|n| *n == c.name).unwrap_or(EXECUTION_ORDER.len()), c.name.clone()));
     let mut notes = vec![];
@@ -76,15 +81,15 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, inventory: Inventory, 
             let dtype = spec.and_then(|s| s.dtype).unwrap_or(m.manifest.pipeline.dtype);
             let e = dtype.size_bytes();
             let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), t.info.nbytes_as(e))).collect();
-            let config = component_config(c);
-            let tree = modules::build(&c.class, &config, &tensors);
+            let up_block_types = if c.name == "unet" { configs.unet.up_block_types.as_slice() } else { &[] };
+            let tree = modules::build(&c.class, up_block_types, &tensors);
             ComponentInput {
                 name: c.name.clone(),
                 class: c.class.clone(),
                 dtype,
                 bytes: ck.bytes_at(e),
-                working: if opts.weights_only { 0 } else { working_bytes(&c.class, &config, dtype, &shape) },
-                working_half: if opts.weights_only { 0 } else { working_bytes(&c.class, &config, crate::manifest::Dtype::Fp16, &shape) },
+                working: if opts.weights_only { 0 } else { working_bytes(&dims(configs, &c.name), dtype, &shape) },
+                working_half: if opts.weights_only { 0 } else { working_bytes(&dims(configs, &c.name), crate::manifest::Dtype::Fp16, &shape) },
                 tree,
                 pin: spec.and_then(|s| s.device),
                 offload: match spec.and_then(|s| s.offload) {

@@ -40,46 +40,55 @@ pub struct RunShape {
     pub guidance: bool,
 }
 
-fn f(cfg: &serde_json::Value, key: &str) -> Option<u64> {
-    cfg.get(key).and_then(|v| v.as_u64())
-}
-
-fn first_channels(cfg: &serde_json::Value) -> Option<u64> {
-    cfg.get("block_out_channels").and_then(|v| v.get(0)).and_then(|v| v.as_u64())
+/// What the working-memory estimate needs of a component's config (read from the typed configs
+/// preflight parsed; the planner itself holds no model code).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dims {
+    /// `block_out_channels[0]`, and whether the first down block has cross-attention.
+    UNet {
+        c0: u64,
+        attention_first: bool,
+    },
+    /// `block_out_channels[0]` and `force_upcast`.
+    Vae {
+        c0: u64,
+        force_upcast: bool,
+    },
+    /// A CLIP text encoder (77 tokens) or the safety checker's vision tower (257 tokens).
+    Clip {
+        hidden: u64,
+        intermediate: u64,
+        layers: u64,
+        tokens: u64,
+        guided: bool,
+    },
+    None,
 }
 
 /// Working memory of one component for a job (bytes).
-pub fn working_bytes(class: &str, config: &serde_json::Value, dtype: Dtype, shape: &RunShape) -> u64 {
+pub fn working_bytes(dims: &Dims, dtype: Dtype, shape: &RunShape) -> u64 {
     const MB: u64 = 1_000_000;
     let e = dtype.size_bytes();
     let b = shape.batch * if shape.guidance { 2 } else { 1 };
     let n_latent = (shape.width / 8) * (shape.height / 8);
-    let clip = |cfg: &serde_json::Value, b: u64, tokens: u64| {
-        let hidden = f(cfg, "hidden_size").unwrap_or(768);
-        let inter = f(cfg, "intermediate_size").unwrap_or(4 * hidden);
-        let layers = f(cfg, "num_hidden_layers").unwrap_or(12);
-        b * tokens * e * ((layers + 1) * hidden + 4 * hidden + inter) * 5 / 4
-    };
-    match class {
-        "UNet2DConditionModel" => {
-            let c0 = first_channels(config).unwrap_or(320);
+    match *dims {
+        Dims::UNet { c0, attention_first } => {
             let x = b * n_latent * c0 * e;
-            let attention_first = config.get("down_block_types").and_then(|v| v.get(0)).and_then(|v| v.as_str()).is_some_and(|s| s.starts_with("CrossAttn"));
             if attention_first {
                 20 * x + 72 * MB
             } else {
                 17 * x + 16 * MB
             }
         }
-        "AutoencoderKL" => {
-            let c0 = first_channels(config).unwrap_or(128);
-            let force_upcast = config.get("force_upcast").and_then(|v| v.as_bool()).unwrap_or(true);
+        Dims::Vae { c0, force_upcast } => {
             let e = if force_upcast && dtype != Dtype::Fp32 { 4 } else { e };
             10 * shape.batch * shape.width * shape.height * c0 * e
         }
-        c if c.starts_with("CLIPTextModel") => clip(config, b, 77),
-        "StableDiffusionSafetyChecker" => clip(&config.get("vision_config").cloned().unwrap_or_default(), shape.batch, 257),
-        _ => 0,
+        Dims::Clip { hidden, intermediate, layers, tokens, guided } => {
+            let b = if guided { b } else { shape.batch };
+            b * tokens * e * ((layers + 1) * hidden + 4 * hidden + intermediate) * 5 / 4
+        }
+        Dims::None => 0,
     }
 }
 
@@ -98,15 +107,15 @@ mod tests {
 
     #[test]
     fn working_memory_scales() {
-        let unet = serde_json::json!({"block_out_channels": [320, 640, 1280], "in_channels": 4, "down_block_types": ["DownBlock2D"]});
+        let unet = Dims::UNet { c0: 320, attention_first: false };
         let s = RunShape { width: 1024, height: 1024, batch: 1, guidance: true };
         let x = 2 * 16384 * 320 * 2;
-        let w = working_bytes("UNet2DConditionModel", &unet, Dtype::Fp16, &s);
+        let w = working_bytes(&unet, Dtype::Fp16, &s);
         assert_eq!(w, 17 * x + 16_000_000);
-        let no_cfg = working_bytes("UNet2DConditionModel", &unet, Dtype::Fp16, &RunShape { guidance: false, ..s });
+        let no_cfg = working_bytes(&unet, Dtype::Fp16, &RunShape { guidance: false, ..s });
         assert_eq!(no_cfg, 17 * x / 2 + 16_000_000, "CFG doubles the UNet batch");
-        let vae = serde_json::json!({"block_out_channels": [128, 256, 512, 512], "force_upcast": true});
-        assert_eq!(working_bytes("AutoencoderKL", &vae, Dtype::Fp16, &s), 10 * 1024 * 1024 * 128 * 4, "force_upcast decodes in fp32");
+        let vae = Dims::Vae { c0: 128, force_upcast: true };
+        assert_eq!(working_bytes(&vae, Dtype::Fp16, &s), 10 * 1024 * 1024 * 128 * 4, "force_upcast decodes in fp32");
         assert_eq!(device_weight_bytes(Offload::Group, 100, 5, 20), 40);
         assert_eq!(device_weight_bytes(Offload::Sequential, 100, 5, 20), 5);
         assert_eq!(device_weight_bytes(Offload::Model, 100, 5, 20), 100);

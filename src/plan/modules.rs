@@ -151,9 +151,9 @@ fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
 }
 
 /// Builds the tree of a component from `(tensor name, bytes at the target dtype)`.
-/// `class` is the diffusers/transformers class; `config` its config.json.
-pub fn build(class: &str, config: &serde_json::Value, tensors: &[(String, u64)]) -> ModuleTree {
-    let up_block_types: Vec<String> = config.get("up_block_types").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default();
+/// `class` is the diffusers/transformers class; `up_block_types` the UNet config's (empty for
+/// other classes).
+pub fn build(class: &str, up_block_types: &[String], tensors: &[(String, u64)]) -> ModuleTree {
     let splittable = class == "UNet2DConditionModel";
     let mut units: HashMap<String, (u64, Option<&'static str>)> = HashMap::new();
     let mut leaves: HashMap<&str, u64> = HashMap::new();
@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn unet_units_and_order() {
-        let cfg = serde_json::json!({"up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]});
+        let cfg = ["CrossAttnUpBlock2D".to_string(), "UpBlock2D".to_string()];
         let tree = build(
             "UNet2DConditionModel",
             &cfg,
@@ -293,7 +293,7 @@ mod tests {
     fn other_components_are_one_unit_with_layer_groups() {
         let tree = build(
             "CLIPTextModel",
-            &serde_json::json!({}),
+            &[],
             &t(&["text_model.embeddings.token_embedding.weight", "text_model.encoder.layers.1.mlp.fc1.weight", "text_model.encoder.layers.0.mlp.fc1.weight", "text_model.final_layer_norm.weight"]),
         );
         assert_eq!(tree.units.len(), 1);
