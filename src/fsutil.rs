@@ -156,7 +156,7 @@ fn writable_dir(dir: &Path) -> Result<(), String> {
 /// Writes `path` from `write`: a regular file atomically (temp file, fsync, rename, leftovers of
 /// killed writers removed first), a character device or FIFO in place.
 pub fn write_file(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<()> {
-    match check_destination(path).map_err(|m| std::io::Error::other(m))? {
+    match check_destination(path).map_err(std::io::Error::other)? {
         Destination::InPlace(p) => {
             let mut f = std::fs::OpenOptions::new().write(true).open(p)?;
             write(&mut f)?;
@@ -280,7 +280,7 @@ mod tests {
         // A symlink to a file is followed: the link stays a link.
         let link = dir.path().join("link.png");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        write_file(&link, &mut |w: &mut dyn Write| w.write_all(b"new")).unwrap();
+        write_file(&link, |w: &mut dyn Write| w.write_all(b"new")).unwrap();
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert_eq!(std::fs::read(&file).unwrap(), b"new");
     }

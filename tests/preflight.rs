@@ -71,7 +71,8 @@ fn classes_runner_does_not_implement_are_named() {
 
 #[test]
 fn configs_missing_truncated_or_wrong() {
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
         ("missing", Box::new(|p: &Path| std::fs::remove_file(p.join("unet/config.json")).unwrap()), "unet/config.json`: UNet2DConditionModel config: the file is missing"),
         ("truncated", Box::new(|p: &Path| std::fs::write(p.join("vae/config.json"), "{\"block_out_channels\": [32,").unwrap()), "vae/config.json`: AutoencoderKL config: not valid JSON (truncated?)"),
         ("a list", Box::new(|p: &Path| std::fs::write(p.join("unet/config.json"), "[]").unwrap()), "expected a JSON object, got a list"),

@@ -165,7 +165,7 @@ pub fn build(class: &str, up_block_types: &[String], tensors: &[(String, u64)]) 
         *leaves.entry(module).or_default() += bytes;
         let segs: Vec<&str> = if module.is_empty() { vec![] } else { module.split('.').collect() };
         let (unit_path, unit_class) = if splittable {
-            match unet_unit(&segs, &up_block_types) {
+            match unet_unit(&segs, up_block_types) {
                 Some((n, c)) => (segs[..n].join("."), Some(c)),
                 None => (module.to_string(), None),
             }
