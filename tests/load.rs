@@ -133,3 +133,42 @@ fn a_checkpoint_truncated_while_mapped_is_an_error_naming_it() {
     assert_eq!(out.status.code(), Some(1), "exit 1, not a signal: {:?}\n{stderr}", out.status);
     assert!(stderr.contains(&format!("error: `{}` changed while runner was reading it (truncated or rewritten in place", path.display())), "{stderr}");
 }
+
+#[test]
+fn models_are_built_from_the_checkpoint_without_initialising_or_copying() {
+    // Issue 13: no initialiser runs for a weight the checkpoint provides, and same-dtype CPU
+    // weights are the mapped file's bytes (zero-copy), not a copy.
+    use runner::models::weights::{build_from_checkpoint, initialised_params};
+    tch::set_num_threads(1);
+    let before = initialised_params();
+    let unet_dir = root().join("tests/fixtures/tiny-sd15/unet");
+    let cfg = runner::models::unet_2d::UNet2DConditionConfig::from_file(&unet_dir.join("config.json")).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let (_unet, mapped) =
+        build_from_checkpoint(&vs, &ck("tests/fixtures/tiny-sd15/unet"), "UNet2DConditionModel", Kind::Float, |root| runner::models::unet_2d::UNet2DConditionModel::new(root, cfg.clone())).unwrap();
+    let vars = vs.variables();
+    assert_eq!(vars.len(), 304, "every checkpoint tensor is a parameter");
+    for (name, t) in &vars {
+        assert!(mapped.contains(t.data_ptr() as *const u8), "`{name}` is a view of the mapped file");
+    }
+    let te_dir = root().join("tests/fixtures/tiny-sd15/text_encoder");
+    let te_cfg = runner::models::clip::ClipTextConfig::from_file(&te_dir.join("config.json")).unwrap();
+    let te = runner::models::clip::ClipTextModel::load(&te_cfg, &ck("tests/fixtures/tiny-sd15/text_encoder"), Device::Cpu, Kind::Float).unwrap();
+    for (name, t) in te.varstore().variables() {
+        assert!(te.mapped().contains(t.data_ptr() as *const u8), "`{name}`");
+    }
+    assert_eq!(initialised_params(), before, "no parameter was initialised");
+    // Converted weights are written once into their own buffers (not views), still no initialiser.
+    let vs16 = tch::nn::VarStore::new(Device::Cpu);
+    let (_unet16, mapped16) =
+        build_from_checkpoint(&vs16, &ck("tests/fixtures/tiny-sd15/unet"), "UNet2DConditionModel", Kind::Half, |root| runner::models::unet_2d::UNet2DConditionModel::new(root, cfg)).unwrap();
+    for (name, t) in vs16.variables() {
+        assert_eq!(t.kind(), Kind::Half, "{name}");
+        assert!(!mapped16.contains(t.data_ptr() as *const u8), "{name}");
+    }
+    assert_eq!(initialised_params(), before);
+    // A model built without a checkpoint does initialise (the counter counts).
+    let vs_random = tch::nn::VarStore::new(Device::Cpu);
+    let _ = runner::models::hooks::Linear::new(vs_random.root() / "x", 4, 4, Default::default());
+    assert_eq!(initialised_params(), before + 2);
+}

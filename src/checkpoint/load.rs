@@ -45,6 +45,26 @@ pub struct TensorStore {
     _maps: Vec<Arc<WatchedMap>>,
 }
 
+/// Keeps the mapped files that zero-copy tensors view alive: hold it as long as the tensors.
+pub struct Mapped(Vec<Arc<WatchedMap>>);
+
+impl Mapped {
+    /// Whether `p` points into one of the mapped files (a zero-copy view's data).
+    pub fn contains(&self, p: *const u8) -> bool {
+        let p = p as usize;
+        self.0.iter().any(|m| {
+            let start = m.map.as_ptr() as usize;
+            p >= start && p < start + m.map.len()
+        })
+    }
+}
+
+impl std::fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mapped({} files)", self.0.len())
+    }
+}
+
 /// A mapping whose range is watched for SIGBUS (see [`super::sigbus`]) while it lives.
 struct WatchedMap {
     // Dropped first: the range is unwatched before it is unmapped.
@@ -75,6 +95,11 @@ impl TensorStore {
     pub fn zero_copy_count(&self) -> usize {
         self.zero_copy.len()
     }
+    /// The tensors, and what keeps the mappings their views point into alive.
+    pub fn into_parts(self) -> (BTreeMap<String, Tensor>, Mapped) {
+        (self.tensors, Mapped(self._maps))
+    }
+
     /// Moves every tensor out as an owned copy, releasing the maps.
     pub fn into_owned(self) -> BTreeMap<String, Tensor> {
         let zc: std::collections::HashSet<String> = self.zero_copy.into_iter().collect();

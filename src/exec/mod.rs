@@ -17,12 +17,13 @@ use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::layout::{Component, PipelineFolder};
+use crate::checkpoint::load::Mapped;
 use crate::checkpoint::CheckpointError;
 use crate::device::Device;
 use crate::manifest::{Dtype, LoadedManifest, Offload, PipelineKind};
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
-use crate::models::weights::load_varstore;
+use crate::models::weights::build_from_checkpoint;
 use crate::models::ModelError;
 use crate::plan::build::{self, BuildOptions};
 use crate::plan::{Plan, PlanError};
@@ -163,31 +164,30 @@ fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, nam
     Ok(Loaded { component, device: home, kind: kind_of(dtype), split })
 }
 
-fn load_unet(l: &Loaded, cfg: UNet2DConditionConfig) -> Result<(UNet2DConditionModel, VarStore), ExecError> {
-    let mut vs = VarStore::new(l.device);
-    let m = UNet2DConditionModel::new(vs.root(), cfg);
-    vs.set_kind(l.kind);
-    load_varstore(&mut vs, l.component.checkpoint.as_ref().expect("weights"), "UNet2DConditionModel", l.kind).map_err(ModelError::from)?;
+/// The UNet, its parameters the checkpoint's tensors (no initialisation, no staging copy); a split
+/// UNet's parts go from the mapping to their devices.
+fn load_unet(l: &Loaded, cfg: UNet2DConditionConfig) -> Result<(UNet2DConditionModel, VarStore, Mapped), ExecError> {
+    let vs = VarStore::new(if l.split.is_some() { tch::Device::Cpu } else { l.device });
+    let ck = l.component.checkpoint.as_ref().expect("weights");
+    let (m, mapped) = build_from_checkpoint(&vs, ck, "UNet2DConditionModel", l.kind, |root| UNet2DConditionModel::new(root, cfg)).map_err(ModelError::from)?;
     if let Some(split) = &l.split {
         relocate(&vs, l.device, Some(split));
     }
-    Ok((m, vs))
+    Ok((m, vs, mapped))
 }
 
 /// The VAE decoder; an fp16 VAE with `force_upcast` runs in fp32, as diffusers upcasts it.
-fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<(AutoencoderKLDecoder, VarStore, Kind), ExecError> {
+fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<(AutoencoderKLDecoder, VarStore, Kind, Mapped), ExecError> {
     let kind = if cfg.force_upcast && l.kind == Kind::Half { Kind::Float } else { l.kind };
-    let mut vs = VarStore::new(l.device);
-    let m = AutoencoderKLDecoder::new(vs.root(), cfg);
-    vs.set_kind(kind);
+    let vs = VarStore::new(l.device);
     let ck = l.component.checkpoint.as_ref().expect("weights");
     // Text-to-image needs the decoder only: the encoder's weights stay unread.
     let decoder_only = crate::checkpoint::layout::Checkpoint {
         tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(),
         ..ck.clone()
     };
-    load_varstore(&mut vs, &decoder_only, "AutoencoderKL", kind).map_err(ModelError::from)?;
-    Ok((m, vs, kind))
+    let (m, mapped) = build_from_checkpoint(&vs, &decoder_only, "AutoencoderKL", kind, |root| AutoencoderKLDecoder::new(root, cfg)).map_err(ModelError::from)?;
+    Ok((m, vs, kind, mapped))
 }
 
 /// Output paths: `run.output` (or `<name>.png` beside the manifest), numbered for batches.
@@ -274,6 +274,8 @@ pub struct Session<'m> {
     vae: AutoencoderKLDecoder,
     vae_vs: VarStore,
     vae_kind: Kind,
+    /// The mapped checkpoint files the UNet's and VAE's same-dtype parameters view.
+    _mapped: [Mapped; 2],
     te: Dev,
     te2: Option<Dev>,
     un: Dev,
@@ -353,16 +355,39 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     if xl {
         step("text_encoder_2");
     }
-    let (unet, unet_vs) = load_unet(&un, configs.unet.clone())?;
+    let (unet, unet_vs, unet_mapped) = load_unet(&un, configs.unet.clone())?;
     step("unet");
-    let (vae, vae_vs, vae_kind) = load_vae(&va, configs.vae.clone())?;
+    let (vae, vae_vs, vae_kind, vae_mapped) = load_vae(&va, configs.vae.clone())?;
     step("vae");
     bar.finish_and_clear();
     let load_s = t_load.elapsed().as_secs_f64();
     let run_at = |l: &Loaded, name: &str| Dev { device: if opts.simulate { tch::Device::Cpu } else { tch_device(plan_device(&plan, name)) }, kind: l.kind };
     let (te, te2, un, va) = (run_at(&te, "text_encoder"), te2.as_ref().map(|l| run_at(l, "text_encoder_2")), run_at(&un, "unet"), run_at(&va, "vae"));
     let _ = (steps, guidance, do_cfg);
-    let session = Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, encoder, encoder_2, unet, unet_vs, vae, vae_vs, vae_kind, te, te2, un, va, load_s, started, warnings };
+    let session = Session {
+        m,
+        pipeline,
+        plan,
+        simulate: opts.simulate,
+        shape,
+        outputs,
+        seed,
+        encoder,
+        encoder_2,
+        unet,
+        unet_vs,
+        vae,
+        vae_vs,
+        vae_kind,
+        _mapped: [unet_mapped, vae_mapped],
+        te,
+        te2,
+        un,
+        va,
+        load_s,
+        started,
+        warnings,
+    };
     session.pin_offloaded(&[]);
     Ok(session)
 }

@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use crate::checkpoint::CheckpointError;
 use crate::models::hooks::{path_of, scoped};
-use crate::models::weights::{load_varstore, WeightsError};
+use crate::models::weights::{build_from_checkpoint, param, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClipError {
@@ -180,9 +180,8 @@ pub(crate) struct Linear {
 
 impl Linear {
     pub(crate) fn new(p: nn::Path, d_in: i64, d_out: i64, bias: bool) -> Linear {
-        // Zeros: every value is overwritten by the checkpoint, so random init is wasted time.
-        let weight = p.var("weight", &[d_out, d_in], Init::Const(0.));
-        let bias = bias.then(|| p.var("bias", &[d_out], Init::Const(0.)));
+        let weight = param(&p, "weight", &[d_out, d_in], Init::Const(0.));
+        let bias = bias.then(|| param(&p, "bias", &[d_out], Init::Const(0.)));
         Linear { weight, bias, path: path_of(&p) }
     }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
@@ -200,7 +199,7 @@ pub(crate) struct LayerNorm {
 
 impl LayerNorm {
     pub(crate) fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
-        LayerNorm { weight: p.var("weight", &[dim], Init::Const(1.)), bias: p.var("bias", &[dim], Init::Const(0.)), eps, dim, path: path_of(&p) }
+        LayerNorm { weight: param(&p, "weight", &[dim], Init::Const(1.)), bias: param(&p, "bias", &[dim], Init::Const(0.)), eps, dim, path: path_of(&p) }
     }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         scoped(&self.path, || x.f_layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true))
@@ -281,6 +280,8 @@ pub struct ClipTextModel {
     config: ClipTextConfig,
     /// Owns the variables the fields below are views of.
     _vs: VarStore,
+    /// The mapped checkpoint files same-dtype parameters view.
+    _mapped: crate::checkpoint::load::Mapped,
     token_embedding: Tensor,
     position_embedding: Tensor,
     /// Module paths of `embeddings`, `embeddings.token_embedding`, `embeddings.position_embedding`
@@ -310,26 +311,27 @@ impl ClipTextModel {
     /// config says, nothing extra but optional buffers).
     pub fn load(config: &ClipTextConfig, ck: &Checkpoint, device: Device, kind: Kind) -> Result<Self, ClipError> {
         let c = config;
-        let mut vs = VarStore::new(device);
-        // New variables are created at `kind` directly.
-        vs.set_kind(kind);
+        let vs = VarStore::new(device);
         let legacy_prefix = ck.tensors.keys().any(|k| k.starts_with("text_model."));
-        let (token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection) = {
-            let root = vs.root();
-            let text = if c.with_projection || legacy_prefix { &root / "text_model" } else { vs.root() };
+        // The parameters are the checkpoint's tensors (views of the mapped file at the same dtype).
+        let ((token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection), mapped) = build_from_checkpoint(&vs, ck, c.model_name(), kind, |root| {
+            let text = if c.with_projection || legacy_prefix { &root / "text_model" } else { root.clone() };
             let emb = &text / "embeddings";
             let embedding_paths = [path_of(&emb), path_of(&(&emb / "token_embedding")), path_of(&(&emb / "position_embedding"))];
-            let token_embedding = (&emb / "token_embedding").var("weight", &[c.vocab_size, c.hidden_size], Init::Const(0.));
-            let position_embedding = (&emb / "position_embedding").var("weight", &[c.max_position_embeddings, c.hidden_size], Init::Const(0.));
+            let token_embedding = param(&(&emb / "token_embedding"), "weight", &[c.vocab_size, c.hidden_size], Init::Const(0.));
+            let position_embedding = param(&(&emb / "position_embedding"), "weight", &[c.max_position_embeddings, c.hidden_size], Init::Const(0.));
             let enc = &text / "encoder" / "layers";
             let layers: Vec<EncoderLayer> = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c.hidden_size, c.intermediate_size, c.layer_norm_eps)).collect();
             let final_layer_norm = LayerNorm::new(&text / "final_layer_norm", c.hidden_size, c.layer_norm_eps);
             let text_projection = c.with_projection.then(|| Linear::new(&root / "text_projection", c.hidden_size, c.projection_dim, false));
             (token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection)
-        };
-        load_varstore(&mut vs, ck, c.model_name(), kind)?;
-        vs.freeze();
-        Ok(ClipTextModel { config: c.clone(), _vs: vs, token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection })
+        })?;
+        Ok(ClipTextModel { config: c.clone(), _vs: vs, _mapped: mapped, token_embedding, position_embedding, embedding_paths, layers, final_layer_norm, text_projection })
+    }
+
+    /// The mapped checkpoint files its same-dtype parameters view.
+    pub fn mapped(&self) -> &crate::checkpoint::load::Mapped {
+        &self._mapped
     }
 
     pub fn config(&self) -> &ClipTextConfig {

@@ -10,7 +10,8 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use tch::nn::{self, Module};
+use super::weights::param;
+use tch::nn;
 use tch::Tensor;
 
 pub trait ForwardHooks {
@@ -49,77 +50,102 @@ pub fn path_of(p: &nn::Path) -> String {
     p.components().collect::<Vec<_>>().join(".")
 }
 
-/// `nn::Linear` announcing its path.
+/// A linear layer announcing its path; its parameters come from the checkpoint ([`param`]).
 #[derive(Debug)]
 pub struct Linear {
-    pub inner: nn::Linear,
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
     pub path: String,
 }
 
 impl Linear {
     pub fn new(p: nn::Path, d_in: i64, d_out: i64, c: nn::LinearConfig) -> Linear {
-        Linear { path: path_of(&p), inner: nn::linear(p, d_in, d_out, c) }
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let ws = param(&p, "weight", &[d_out, d_in], c.ws_init);
+        let bs = c.bias.then(|| param(&p, "bias", &[d_out], c.bs_init.unwrap_or(nn::Init::Uniform { lo: -bound, up: bound })));
+        Linear { path: path_of(&p), ws, bs }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        scoped(&self.path, || self.inner.forward(x))
+        // tch's `nn::Linear::forward`.
+        scoped(&self.path, || x.linear(&self.ws, self.bs.as_ref()))
     }
     pub fn weight(&self) -> &Tensor {
-        &self.inner.ws
+        &self.ws
     }
 }
 
-/// `nn::Conv2D` announcing its path.
+/// A 2-D convolution (zero padding) announcing its path; parameters from the checkpoint.
 #[derive(Debug)]
 pub struct Conv2d {
-    pub inner: nn::Conv2D,
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
     pub path: String,
+    stride: i64,
+    padding: i64,
+    dilation: i64,
+    groups: i64,
 }
 
 impl Conv2d {
     pub fn new(p: nn::Path, cin: i64, cout: i64, k: i64, c: nn::ConvConfig) -> Conv2d {
-        Conv2d { path: path_of(&p), inner: nn::conv2d(p, cin, cout, k, c) }
+        let ws = param(&p, "weight", &[cout, cin / c.groups, k, k], c.ws_init);
+        let bs = c.bias.then(|| param(&p, "bias", &[cout], c.bs_init));
+        Conv2d { path: path_of(&p), ws, bs, stride: c.stride, padding: c.padding, dilation: c.dilation, groups: c.groups }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        scoped(&self.path, || self.inner.forward(x))
+        // tch's `nn::Conv2D::forward` with `PaddingMode::Zeros`.
+        scoped(&self.path, || x.conv2d(&self.ws, self.bs.as_ref(), [self.stride; 2], [self.padding; 2], [self.dilation; 2], self.groups))
     }
     pub fn weight(&self) -> &Tensor {
-        &self.inner.ws
+        &self.ws
     }
 }
 
-/// `nn::GroupNorm` announcing its path.
+/// Group normalisation announcing its path; affine parameters from the checkpoint.
 #[derive(Debug)]
 pub struct GroupNorm {
-    pub inner: nn::GroupNorm,
+    pub ws: Option<Tensor>,
+    pub bs: Option<Tensor>,
     pub path: String,
+    groups: i64,
+    eps: f64,
+    cudnn: bool,
 }
 
 impl GroupNorm {
     pub fn new(p: nn::Path, groups: i64, channels: i64, c: nn::GroupNormConfig) -> GroupNorm {
-        GroupNorm { path: path_of(&p), inner: nn::group_norm(p, groups, channels, c) }
+        let (ws, bs) = if c.affine { (Some(param(&p, "weight", &[channels], c.ws_init)), Some(param(&p, "bias", &[channels], c.bs_init))) } else { (None, None) };
+        GroupNorm { path: path_of(&p), ws, bs, groups, eps: c.eps, cudnn: c.cudnn_enabled }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        scoped(&self.path, || self.inner.forward(x))
+        // tch's `nn::GroupNorm::forward`.
+        scoped(&self.path, || Tensor::group_norm(x, self.groups, self.ws.as_ref(), self.bs.as_ref(), self.eps, self.cudnn))
     }
     /// The affine weight, when there is one.
     pub fn weight(&self) -> Option<&Tensor> {
-        self.inner.ws.as_ref()
+        self.ws.as_ref()
     }
 }
 
-/// `nn::LayerNorm` announcing its path.
+/// Layer normalisation announcing its path; affine parameters from the checkpoint.
 #[derive(Debug)]
 pub struct LayerNorm {
-    pub inner: nn::LayerNorm,
+    pub ws: Option<Tensor>,
+    pub bs: Option<Tensor>,
     pub path: String,
+    shape: Vec<i64>,
+    eps: f64,
+    cudnn: bool,
 }
 
 impl LayerNorm {
     pub fn new(p: nn::Path, shape: Vec<i64>, c: nn::LayerNormConfig) -> LayerNorm {
-        LayerNorm { path: path_of(&p), inner: nn::layer_norm(p, shape, c) }
+        let (ws, bs) = if c.elementwise_affine { (Some(param(&p, "weight", &shape, c.ws_init)), Some(param(&p, "bias", &shape, c.bs_init))) } else { (None, None) };
+        LayerNorm { path: path_of(&p), ws, bs, shape, eps: c.eps, cudnn: c.cudnn_enabled }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        scoped(&self.path, || self.inner.forward(x))
+        // tch's `nn::LayerNorm::forward`.
+        scoped(&self.path, || Tensor::layer_norm(x, self.shape.as_slice(), self.ws.as_ref(), self.bs.as_ref(), self.eps, self.cudnn))
     }
 }
 

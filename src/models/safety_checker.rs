@@ -19,7 +19,7 @@ use crate::checkpoint::layout::Checkpoint;
 use crate::checkpoint::CheckpointError;
 use crate::models::clip::{Activation, EncoderLayer, LayerNorm, Linear};
 use crate::models::image_processor::{ImageProcessor, ImageProcessorError};
-use crate::models::weights::{load_varstore, WeightsError};
+use crate::models::weights::{build_from_checkpoint, param, WeightsError};
 
 const MODEL: &str = "StableDiffusionSafetyChecker";
 
@@ -153,6 +153,8 @@ pub struct SafetyChecker {
     config: SafetyCheckerConfig,
     /// Owns the variables the fields below are views of.
     _vs: VarStore,
+    /// The mapped checkpoint file same-dtype parameters view.
+    _mapped: crate::checkpoint::load::Mapped,
     class_embedding: Tensor,
     patch_embedding: Tensor,
     position_embedding: Tensor,
@@ -185,27 +187,28 @@ impl SafetyChecker {
 
     pub fn load_with(config: &SafetyCheckerConfig, ck: &Checkpoint, device: Device, kind: Kind) -> Result<Self, SafetyError> {
         let c = &config.vision;
-        let mut vs = VarStore::new(device);
-        vs.set_kind(kind);
+        let vs = VarStore::new(device);
         let nested = ck.tensors.keys().any(|k| k.starts_with("vision_model.vision_model."));
-        let root = vs.root();
-        let tower = if nested { &root / "vision_model" / "vision_model" } else { &root / "vision_model" };
-        let emb = &tower / "embeddings";
-        let grid = c.image_size / c.patch_size;
-        let class_embedding = emb.var("class_embedding", &[c.hidden_size], Init::Const(0.));
-        let patch_embedding = (&emb / "patch_embedding").var("weight", &[c.hidden_size, c.num_channels, c.patch_size, c.patch_size], Init::Const(0.));
-        let position_embedding = (&emb / "position_embedding").var("weight", &[grid * grid + 1, c.hidden_size], Init::Const(0.));
-        let pre_layrnorm = LayerNorm::new(&tower / "pre_layrnorm", c.hidden_size, c.layer_norm_eps);
-        let enc = &tower / "encoder" / "layers";
-        let layers = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c.hidden_size, c.intermediate_size, c.layer_norm_eps)).collect();
-        let post_layernorm = LayerNorm::new(&tower / "post_layernorm", c.hidden_size, c.layer_norm_eps);
-        let visual_projection = Linear::new(&root / "visual_projection", c.hidden_size, config.projection_dim, false);
-        let concept_embeds = root.var("concept_embeds", &[17, config.projection_dim], Init::Const(1.));
-        let special_care_embeds = root.var("special_care_embeds", &[3, config.projection_dim], Init::Const(1.));
-        let cw = root.var("concept_embeds_weights", &[17], Init::Const(1.));
-        let sw = root.var("special_care_embeds_weights", &[3], Init::Const(1.));
-        load_varstore(&mut vs, ck, MODEL, kind)?;
-        vs.freeze();
+        // The parameters are the checkpoint's tensors (views of the mapped file at the same dtype).
+        let (parts, mapped) = build_from_checkpoint(&vs, ck, MODEL, kind, |root| {
+            let tower = if nested { &root / "vision_model" / "vision_model" } else { &root / "vision_model" };
+            let emb = &tower / "embeddings";
+            let grid = c.image_size / c.patch_size;
+            let class_embedding = param(&emb, "class_embedding", &[c.hidden_size], Init::Const(0.));
+            let patch_embedding = param(&(&emb / "patch_embedding"), "weight", &[c.hidden_size, c.num_channels, c.patch_size, c.patch_size], Init::Const(0.));
+            let position_embedding = param(&(&emb / "position_embedding"), "weight", &[grid * grid + 1, c.hidden_size], Init::Const(0.));
+            let pre_layrnorm = LayerNorm::new(&tower / "pre_layrnorm", c.hidden_size, c.layer_norm_eps);
+            let enc = &tower / "encoder" / "layers";
+            let layers: Vec<EncoderLayer> = (0..c.num_hidden_layers).map(|i| EncoderLayer::new(&enc / i, c.hidden_size, c.intermediate_size, c.layer_norm_eps)).collect();
+            let post_layernorm = LayerNorm::new(&tower / "post_layernorm", c.hidden_size, c.layer_norm_eps);
+            let visual_projection = Linear::new(&root / "visual_projection", c.hidden_size, config.projection_dim, false);
+            let concept_embeds = param(&root, "concept_embeds", &[17, config.projection_dim], Init::Const(1.));
+            let special_care_embeds = param(&root, "special_care_embeds", &[3, config.projection_dim], Init::Const(1.));
+            let cw = param(&root, "concept_embeds_weights", &[17], Init::Const(1.));
+            let sw = param(&root, "special_care_embeds_weights", &[3], Init::Const(1.));
+            (class_embedding, patch_embedding, position_embedding, pre_layrnorm, layers, post_layernorm, visual_projection, concept_embeds, special_care_embeds, cw, sw)
+        })?;
+        let (class_embedding, patch_embedding, position_embedding, pre_layrnorm, layers, post_layernorm, visual_projection, concept_embeds, special_care_embeds, cw, sw) = parts;
         let to_vec = |t: &Tensor| -> Result<Vec<f64>, SafetyError> { Ok(Vec::<f64>::try_from(&t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?)?) };
         Ok(SafetyChecker {
             config: config.clone(),
@@ -221,6 +224,7 @@ impl SafetyChecker {
             concept_embeds_weights: to_vec(&cw)?,
             special_care_embeds_weights: to_vec(&sw)?,
             _vs: vs,
+            _mapped: mapped,
             device,
             kind,
         })
