@@ -49,6 +49,11 @@ pub struct TensorStore {
 pub struct Mapped(Vec<Arc<WatchedMap>>);
 
 impl Mapped {
+    /// Nothing mapped (every tensor left the mapping).
+    pub fn none() -> Mapped {
+        Mapped(vec![])
+    }
+
     /// Whether `p` points into one of the mapped files (a zero-copy view's data).
     pub fn contains(&self, p: *const u8) -> bool {
         let p = p as usize;

@@ -144,6 +144,9 @@ pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kin
             }
             Ok::<(), WeightsError>(())
         })?;
+        // Every parameter now lives on the device: the mapping (and its pages) can go.
+        drop(mapped);
+        return Ok((m, Mapped::none()));
     }
     Ok((m, mapped))
 }
