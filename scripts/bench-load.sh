@@ -3,6 +3,8 @@
 # safetensors files built from tests/data/shapes/sd15.json, tokenizer/scheduler from the tiny
 # fixture), fp32 as stored and fp16 converted; 1 step at 64x64 so that loading dominates.
 #   scripts/bench-load.sh [RUNNER [OTHER_RUNNER]]   (interleaved when two binaries are given)
+# With .venv-fixtures present (tools/requirements-fixtures.lock), diffusers' from_pretrained on the
+# same folder runs interleaved too (tools/bench_load_diffusers.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=("${1:-target/release/runner}")
@@ -50,5 +52,10 @@ for dtype in fp32 fp16; do
       load=$(python3 -c "import json; print(round(json.load(open('$work/out.json'))['timings']['load_s'], 2))")
       echo "{\"binary\": \"$b\", \"dtype\": \"$dtype\", \"run\": $i, \"load_s\": $load, \"wall_s\": $wall, \"peak_rss_gib\": $(python3 -c "print(round($rss / 1048576, 2))")}"
     done
+    if [[ -x .venv-fixtures/bin/python ]]; then
+      /usr/bin/time -f "%M %e" -o "$work/time" env OMP_NUM_THREADS=2 .venv-fixtures/bin/python tools/bench_load_diffusers.py "$work/sd15" "$dtype" > "$work/py.json" 2>/dev/null
+      read -r rss wall < "$work/time"
+      echo "{\"binary\": \"diffusers\", \"dtype\": \"$dtype\", \"run\": $i, \"in_process\": $(cat "$work/py.json"), \"wall_s\": $wall, \"peak_rss_gib\": $(python3 -c "print(round($rss / 1048576, 2))")}"
+    fi
   done
 done
