@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
-use runner::models::weights::load_varstore;
+use runner::models::weights::build_from_checkpoint;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -19,10 +19,10 @@ fn main() {
     tch::set_num_threads(threads);
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let config = UNet2DConditionConfig::from_json(&cfg).unwrap();
-    let mut vs = VarStore::new(Device::Cpu);
-    let unet = UNet2DConditionModel::new(vs.root(), config.clone());
+    let vs = VarStore::new(Device::Cpu);
     let ck = Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap();
-    load_varstore(&mut vs, &ck, "UNet2DConditionModel", Kind::Float).unwrap();
+    // `_mapped` keeps the file the parameters view mapped while the UNet runs.
+    let (unet, _mapped) = build_from_checkpoint(&vs, &ck, "UNet2DConditionModel", Kind::Float, |root| UNet2DConditionModel::new(root, config.clone())).unwrap();
     tch::manual_seed(0);
     let x = Tensor::randn([batch, config.in_channels, size, size], (Kind::Float, Device::Cpu));
     let ctx = Tensor::randn([batch, 77, config.cross_attention_dim], (Kind::Float, Device::Cpu));

@@ -464,15 +464,19 @@ impl Failure {
         Failure { kind, message: message.to_string(), options: vec![], diagnostics: vec![] }
     }
 
-    fn manifest(file: &std::path::Path, diagnostics: Vec<Diagnostic>) -> Failure {
+    /// Diagnostics, summed up as "`FILE` WHAT (N errors)".
+    fn diagnosed(kind: &'static str, file: &std::path::Path, what: &str, diagnostics: Vec<Diagnostic>) -> Failure {
         let n = diagnostics.iter().filter(|d| d.is_error()).count();
-        Failure { diagnostics, ..Failure::new("manifest", format!("`{}` is not a valid manifest ({n} error{})", file.display(), if n == 1 { "" } else { "s" })) }
+        Failure { diagnostics, ..Failure::new(kind, format!("`{}` {what} ({n} error{})", file.display(), if n == 1 { "" } else { "s" })) }
+    }
+
+    fn manifest(file: &std::path::Path, diagnostics: Vec<Diagnostic>) -> Failure {
+        Failure::diagnosed("manifest", file, "is not a valid manifest", diagnostics)
     }
 
     /// What preflight found in the pipeline folder (knowable without loading a weight).
     fn pipeline(file: &std::path::Path, diagnostics: Vec<Diagnostic>) -> Failure {
-        let n = diagnostics.iter().filter(|d| d.is_error()).count();
-        Failure { diagnostics, ..Failure::new("pipeline", format!("`{}` cannot run with its pipeline folder ({n} error{})", file.display(), if n == 1 { "" } else { "s" })) }
+        Failure::diagnosed("pipeline", file, "cannot run with its pipeline folder", diagnostics)
     }
 
     fn plan(file: &std::path::Path, e: runner::plan::PlanError) -> Failure {
@@ -505,7 +509,7 @@ impl Failure {
 
     fn report(self, json: bool, color: Color) -> anyhow::Result<ExitCode> {
         if self.diagnostics.is_empty() {
-            eprintln!("error: {}{}", self.message, options_text(&self.options));
+            eprintln!("error: {}{}", self.message, runner::plan::options_text(&self.options));
         } else {
             diag::render_all(&self.diagnostics, &mut stderr(color))?;
         }
@@ -517,14 +521,6 @@ impl Failure {
             println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "error": error }))?);
         }
         Ok(ExitCode::FAILURE)
-    }
-}
-
-fn options_text(options: &[String]) -> String {
-    if options.is_empty() {
-        String::new()
-    } else {
-        format!("\noptions that would fit:\n{}", options.iter().map(|o| format!("  - {o}")).collect::<Vec<_>>().join("\n"))
     }
 }
 

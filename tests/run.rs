@@ -677,7 +677,8 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
     assert_eq!(decode_png(&a.images[0]).0, decode_png(&d.images[0]).0);
 }
 
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+/// Every file below `dir`.
+pub fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = vec![];
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();

@@ -114,20 +114,8 @@ fn pipeline_copy(dir: &Path) -> std::path::PathBuf {
 }
 
 fn listing(dir: &Path) -> Vec<String> {
-    let mut out: Vec<String> = walkdir(dir).into_iter().map(|p| p.strip_prefix(dir).unwrap().display().to_string()).collect();
+    let mut out: Vec<String> = crate::run::walk(dir).into_iter().map(|p| p.strip_prefix(dir).unwrap().display().to_string()).collect();
     out.sort();
-    out
-}
-
-fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walkdir(&p));
-        }
-        out.push(p);
-    }
     out
 }
 

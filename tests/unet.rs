@@ -2,10 +2,11 @@
 //! tiny fixtures (f32, CPU).
 
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
+use runner::checkpoint::load::Mapped;
 use runner::checkpoint::load::{load, LoadOptions, TensorStore};
 use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
 use runner::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
-use runner::models::weights::load_varstore;
+use runner::models::weights::build_from_checkpoint;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -35,12 +36,12 @@ pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[]) / scale
 }
 
-fn unet(pipeline: &str) -> UNet2DConditionModel {
+/// The UNet, and the mapped checkpoint its parameters view (keep it while the UNet is used).
+fn unet(pipeline: &str) -> (UNet2DConditionModel, Mapped) {
     let dir = root().join(format!("tests/fixtures/{pipeline}/unet"));
-    let mut vs = VarStore::new(Device::Cpu);
-    let m = UNet2DConditionModel::new(vs.root(), UNet2DConditionConfig::from_json(&config(&dir)).unwrap());
-    load_varstore(&mut vs, &weights(&dir), "UNet2DConditionModel", Kind::Float).unwrap();
-    m
+    let vs = VarStore::new(Device::Cpu);
+    let cfg = UNet2DConditionConfig::from_json(&config(&dir)).unwrap();
+    build_from_checkpoint(&vs, &weights(&dir), "UNet2DConditionModel", Kind::Float, |root| UNet2DConditionModel::new(root, cfg)).unwrap()
 }
 
 #[test]
@@ -48,7 +49,7 @@ fn unet_matches_diffusers() {
     tch::set_num_threads(1);
     for (case, pipeline) in [("sd15-pndm", "tiny-sd15"), ("sdxl-euler", "tiny-sdxl")] {
         let r = refs(case);
-        let m = unet(pipeline);
+        let (m, _mapped) = unet(pipeline);
         let ctx = r.get("unet.encoder_hidden_states").unwrap();
         let mut i = 0;
         while let Some(input) = r.get(&format!("step{i}.unet_input")) {
@@ -72,12 +73,12 @@ fn vae_decoder_matches_diffusers() {
     for (case, pipeline) in [("sd15-pndm", "tiny-sd15"), ("sdxl-euler", "tiny-sdxl")] {
         let r = refs(case);
         let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
-        let mut vs = VarStore::new(Device::Cpu);
-        let vae = AutoencoderKLDecoder::new(vs.root(), AutoencoderKLConfig::from_json(&config(&dir)).unwrap());
+        let vs = VarStore::new(Device::Cpu);
+        let cfg = AutoencoderKLConfig::from_json(&config(&dir)).unwrap();
         let ck = weights(&dir);
         // The decoder alone: the encoder's keys are not ours to load yet.
         let dec_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
-        load_varstore(&mut vs, &dec_only, "AutoencoderKL", Kind::Float).unwrap();
+        let (vae, _mapped) = build_from_checkpoint(&vs, &dec_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLDecoder::new(root, cfg)).unwrap();
         let img = tch::no_grad(|| vae.latents_to_image(r.get("latents.final").unwrap()));
         let d = rel(&img, r.get("vae.image").unwrap());
         eprintln!("{case}: vae rel diff {d:.2e}");
@@ -159,11 +160,11 @@ fn vae_encoder_matches_diffusers() {
     for pipeline in ["tiny-sd15", "tiny-sdxl"] {
         let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
         let cfg = config(&dir);
-        let mut vs = VarStore::new(Device::Cpu);
-        let enc = runner::models::vae::AutoencoderKLEncoder::new(vs.root(), AutoencoderKLConfig::from_json(&cfg).unwrap(), 3, true);
+        let vs = VarStore::new(Device::Cpu);
+        let vae_cfg = AutoencoderKLConfig::from_json(&cfg).unwrap();
         let ck = weights(&dir);
         let enc_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
-        load_varstore(&mut vs, &enc_only, "AutoencoderKL", Kind::Float).unwrap();
+        let (enc, _mapped) = build_from_checkpoint(&vs, &enc_only, "AutoencoderKL", Kind::Float, |root| runner::models::vae::AutoencoderKLEncoder::new(root, vae_cfg, 3, true)).unwrap();
         let (mean, logvar) = tch::no_grad(|| enc.encode(r.get(&format!("{pipeline}.input")).unwrap()));
         let (dm, dl) = (rel(&mean, r.get(&format!("{pipeline}.mean")).unwrap()), rel(&logvar, r.get(&format!("{pipeline}.logvar")).unwrap()));
         eprintln!("{pipeline}: encoder mean {dm:.2e}, logvar {dl:.2e}");

@@ -212,9 +212,14 @@ fn seed_of(m: &LoadedManifest) -> u64 {
     })
 }
 
-fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
+/// Progress is drawn when asked for and stderr is a terminal (logs say the rest).
+fn shows_progress(on: bool) -> bool {
     use std::io::IsTerminal;
-    if !on || !std::io::stderr().is_terminal() {
+    on && std::io::stderr().is_terminal()
+}
+
+fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
+    if !shows_progress(on) {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
@@ -226,8 +231,7 @@ fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
 
 /// A spinner for work without steps (the VAE decode), on a terminal only.
 fn spinner(what: &str, on: bool) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if !on || !std::io::stderr().is_terminal() {
+    if !shows_progress(on) {
         return indicatif::ProgressBar::hidden();
     }
     let s = indicatif::ProgressBar::new_spinner();

@@ -1,6 +1,6 @@
 //! CLIP text encoders (transformers `CLIPTextModel`, `CLIPTextModelWithProjection`,
 //! models/clip/modeling_clip.py of transformers 5.24), with variables at the checkpoint's key
-//! paths so that [`load_varstore`] fills them strictly.
+//! paths so that [`build_from_checkpoint`](super::weights::build_from_checkpoint) fills them strictly.
 //!
 //! Key layout: transformers 5 saves `CLIPTextModel` without the `text_model.` prefix
 //! (`embeddings.token_embedding.weight`), transformers 4 and original SD checkpoints with it;

@@ -194,7 +194,8 @@ pub struct PlanError {
     pub options: Vec<String>,
 }
 
-fn options_text(options: &[String]) -> String {
+/// "options that would fit:" and one line per option (nothing when there is none).
+pub fn options_text(options: &[String]) -> String {
     if options.is_empty() {
         String::new()
     } else {
