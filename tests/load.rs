@@ -161,7 +161,7 @@ fn models_are_built_from_the_checkpoint_without_initialising_or_copying() {
     // Converted weights are written once into their own buffers (not views), still no initialiser.
     let vs16 = tch::nn::VarStore::new(Device::Cpu);
     let (_unet16, mapped16) =
-        build_from_checkpoint(&vs16, &ck("tests/fixtures/tiny-sd15/unet"), "UNet2DConditionModel", Kind::Half, |root| runner::models::unet_2d::UNet2DConditionModel::new(root, cfg)).unwrap();
+        build_from_checkpoint(&vs16, &ck("tests/fixtures/tiny-sd15/unet"), "UNet2DConditionModel", Kind::Half, |root| runner::models::unet_2d::UNet2DConditionModel::new(root, cfg.clone())).unwrap();
     for (name, t) in vs16.variables() {
         assert_eq!(t.kind(), Kind::Half, "{name}");
         assert!(!mapped16.contains(t.data_ptr() as *const u8), "{name}");
@@ -171,4 +171,73 @@ fn models_are_built_from_the_checkpoint_without_initialising_or_copying() {
     let vs_random = tch::nn::VarStore::new(Device::Cpu);
     let _ = runner::models::hooks::Linear::new(vs_random.root() / "x", 4, 4, Default::default());
     assert_eq!(initialised_params(), before + 2);
+}
+
+#[test]
+fn a_mismatched_checkpoint_is_refused_before_any_tensor_is_prepared() {
+    // The dry pass learns what the model asks for; the key check runs before any byte is
+    // converted or any tensor placed (progress counts placed bytes).
+    use runner::models::weights::{build_from_checkpoint, with_progress, WeightsError};
+    use std::cell::Cell;
+    use std::rc::Rc;
+    tch::set_num_threads(1);
+    let placed = Rc::new(Cell::new(0u64));
+    let sink = placed.clone();
+    let vae_dir = root().join("tests/fixtures/tiny-sd15/vae");
+    let cfg = runner::models::vae::AutoencoderKLConfig::from_file(&vae_dir.join("config.json")).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let err = with_progress(Rc::new(move |b| sink.set(sink.get() + b)), || {
+        build_from_checkpoint(&vs, &ck("tests/fixtures/tiny-sd15/unet"), "AutoencoderKL", Kind::Half, |root| runner::models::vae::AutoencoderKLDecoder::new(root, cfg.clone()))
+    })
+    .err()
+    .expect("a UNet checkpoint does not build a VAE");
+    assert!(matches!(err, WeightsError::Keys(_)), "{err}");
+    assert!(err.to_string().contains("missing key(s) in state_dict"), "{err}");
+    assert_eq!(placed.get(), 0, "nothing was converted or placed");
+    assert!(vs.variables().is_empty());
+
+    // A good load reports every byte it placed, at the target dtype.
+    let sink = placed.clone();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let unet_cfg = runner::models::unet_2d::UNet2DConditionConfig::from_file(&root().join("tests/fixtures/tiny-sd15/unet/config.json")).unwrap();
+    with_progress(Rc::new(move |b| sink.set(sink.get() + b)), || {
+        build_from_checkpoint(&vs, &ck("tests/fixtures/tiny-sd15/unet"), "UNet2DConditionModel", Kind::Half, |root| runner::models::unet_2d::UNet2DConditionModel::new(root, unet_cfg.clone()))
+    })
+    .unwrap();
+    let want: u64 = vs.variables().values().map(|t| (t.numel() * 2) as u64).sum();
+    assert_eq!(placed.get(), want);
+}
+
+/// A safetensors file whose header length leaves its f32 data at an odd offset.
+fn unaligned_file(dir: &std::path::Path, values: &[f32]) -> std::path::PathBuf {
+    let mut header = format!(r#"{{"lin.weight":{{"dtype":"F32","shape":[{},1],"data_offsets":[0,{}]}}}}"#, values.len(), values.len() * 4);
+    while (8 + header.len()) % 4 != 1 {
+        header.push(' ');
+    }
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    for v in values {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let path = dir.join("diffusion_pytorch_model.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn an_unaligned_tensor_is_converted_not_refused() {
+    use runner::models::weights::build_from_checkpoint;
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let values = [1.5f32, -2.0, 3.25];
+    unaligned_file(dir.path(), &values);
+    let c = Checkpoint::open(resolve_source(dir.path(), None, None, VariantPolicy::Require).unwrap()).unwrap();
+    for kind in [Kind::Float, Kind::Half] {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let (lin, mapped) =
+            build_from_checkpoint(&vs, &c, "Linear", kind, |root| runner::models::hooks::Linear::new(root / "lin", 1, 3, tch::nn::LinearConfig { bias: false, ..Default::default() })).unwrap();
+        assert_eq!(lin.ws.kind(), kind);
+        assert_eq!(Vec::<f32>::try_from(lin.ws.to_kind(Kind::Float).flatten(0, -1)).unwrap(), values);
+        assert!(!mapped.contains(lin.ws.data_ptr() as *const u8), "an unaligned tensor is a copy, not a misaligned view");
+    }
 }

@@ -41,7 +41,7 @@ fn unet(pipeline: &str) -> (UNet2DConditionModel, Mapped) {
     let dir = root().join(format!("tests/fixtures/{pipeline}/unet"));
     let vs = VarStore::new(Device::Cpu);
     let cfg = UNet2DConditionConfig::from_json(&config(&dir)).unwrap();
-    build_from_checkpoint(&vs, &weights(&dir), "UNet2DConditionModel", Kind::Float, |root| UNet2DConditionModel::new(root, cfg)).unwrap()
+    build_from_checkpoint(&vs, &weights(&dir), "UNet2DConditionModel", Kind::Float, |root| UNet2DConditionModel::new(root, cfg.clone())).unwrap()
 }
 
 #[test]
@@ -78,7 +78,7 @@ fn vae_decoder_matches_diffusers() {
         let ck = weights(&dir);
         // The decoder alone: the encoder's keys are not ours to load yet.
         let dec_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
-        let (vae, _mapped) = build_from_checkpoint(&vs, &dec_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLDecoder::new(root, cfg)).unwrap();
+        let (vae, _mapped) = build_from_checkpoint(&vs, &dec_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLDecoder::new(root, cfg.clone())).unwrap();
         let img = tch::no_grad(|| vae.latents_to_image(r.get("latents.final").unwrap()));
         let d = rel(&img, r.get("vae.image").unwrap());
         eprintln!("{case}: vae rel diff {d:.2e}");
@@ -164,7 +164,7 @@ fn vae_encoder_matches_diffusers() {
         let vae_cfg = AutoencoderKLConfig::from_json(&cfg).unwrap();
         let ck = weights(&dir);
         let enc_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
-        let (enc, _mapped) = build_from_checkpoint(&vs, &enc_only, "AutoencoderKL", Kind::Float, |root| runner::models::vae::AutoencoderKLEncoder::new(root, vae_cfg, 3, true)).unwrap();
+        let (enc, _mapped) = build_from_checkpoint(&vs, &enc_only, "AutoencoderKL", Kind::Float, |root| runner::models::vae::AutoencoderKLEncoder::new(root, vae_cfg.clone(), 3, true)).unwrap();
         let (mean, logvar) = tch::no_grad(|| enc.encode(r.get(&format!("{pipeline}.input")).unwrap()));
         let (dm, dl) = (rel(&mean, r.get(&format!("{pipeline}.mean")).unwrap()), rel(&logvar, r.get(&format!("{pipeline}.logvar")).unwrap()));
         eprintln!("{pipeline}: encoder mean {dm:.2e}, logvar {dl:.2e}");

@@ -202,9 +202,89 @@ fn shape_i64(path: &Path, t: &TensorInfo) -> Result<Vec<i64>, CheckpointError> {
     t.shape.iter().map(|&d| i64::try_from(d).map_err(|_| CheckpointError::tensor(path, &t.name, "dimension too large"))).collect()
 }
 
+/// A checkpoint's files, mapped (one per file): tensors are taken from it one at a time.
+pub struct Maps(Vec<Arc<WatchedMap>>);
+
+/// Where a zero-copy tensor's bytes lie in the mapping: its pages can be released once the
+/// tensor has been copied elsewhere (e.g. to a GPU).
+#[derive(Debug, Clone, Copy)]
+pub struct Source {
+    file: usize,
+    start: usize,
+    len: usize,
+}
+
+impl Maps {
+    /// Maps every file of `ck` copy-on-write (`populate`: fault every page in now).
+    pub fn open(ck: &Checkpoint, populate: bool) -> Result<Maps, CheckpointError> {
+        Ok(Maps(ck.files.iter().map(|(p, _)| map_file(p, populate).map(Arc::new)).collect::<Result<_, _>>()?))
+    }
+
+    /// Tensor `name` on the CPU, floats cast to `float_kind`: a view of the mapping when the
+    /// dtype already matches and the data is aligned (then its [`Source`] is returned); else
+    /// converted once into a buffer of its own, and the source pages released.
+    pub fn tensor(&self, ck: &Checkpoint, name: &str, float_kind: Option<Kind>) -> Result<(Tensor, Option<Source>), CheckpointError> {
+        let loc = ck.tensors.get(name).ok_or_else(|| CheckpointError::tensor(&ck.files[0].0, name, "not in this checkpoint"))?;
+        let (path, header) = &ck.files[loc.file];
+        let info = &loc.info;
+        let kind = kind_of(info.dtype).ok_or_else(|| CheckpointError::tensor(path, name, format!("dtype {} has no libtorch equivalent", info.dtype)))?;
+        let target = match float_kind {
+            Some(k) if info.dtype.is_float() => k,
+            _ => kind,
+        };
+        let shape = shape_i64(path, info)?;
+        let map = &self.0[loc.file];
+        let start = (header.data_start + info.data_offsets.0) as usize;
+        let len = info.nbytes() as usize;
+        let bytes = &map[start..start + len];
+        let err = |e: tch::TchError| CheckpointError::tensor(path, name, e.to_string());
+        if (bytes.as_ptr() as usize) % kind.elt_size_in_bytes().max(1) != 0 {
+            // Unaligned data (possible in files not written by safetensors): copied, then converted.
+            let owned = Tensor::f_from_data_size(bytes, &shape, kind).and_then(|t| t.f_to_kind(target)).map_err(err)?;
+            release_range(map, start, len);
+            return Ok((owned, None));
+        }
+        // SAFETY: the range lies in the mapping (validated header), which `self` keeps alive as
+        // long as views are used (callers hold it, see [`Mapped`]); the mapping is private, so
+        // in-place writes do not reach the file.
+        let view = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], kind, Device::Cpu) }.map_err(err)?;
+        if target == kind {
+            return Ok((view, Some(Source { file: loc.file, start, len })));
+        }
+        let out = match convert_fast(info.dtype, target, bytes, &shape) {
+            Some(out) => out,
+            None => view.f_to_kind(target),
+        }
+        .map_err(err)?;
+        release_range(map, start, len);
+        Ok((out, None))
+    }
+
+    /// Faults the pages of `src` in ahead of their use (the kernel reads ahead from disk).
+    pub fn prefetch(&self, src: Source) {
+        let map = &self.0[src.file];
+        let _ = map.advise_range(memmap2::Advice::WillNeed, src.start / 4096 * 4096, src.len + src.start % 4096);
+        let mut sum = 0u8;
+        for i in (src.start..src.start + src.len).step_by(4096) {
+            sum = sum.wrapping_add(map[i]);
+        }
+        std::hint::black_box(sum);
+    }
+
+    /// Drops the pages of `src`: its tensor was copied elsewhere and no view of it remains.
+    pub fn release(&self, src: Source) {
+        release_range(&self.0[src.file], src.start, src.len);
+    }
+
+    /// What keeps the mappings alive for the views taken from them.
+    pub fn into_mapped(self) -> Mapped {
+        Mapped(self.0)
+    }
+}
+
 /// Loads `names` (all tensors when `None`) of a checkpoint.
 pub fn load(ck: &Checkpoint, names: Option<&[&str]>, opts: LoadOptions) -> Result<TensorStore, CheckpointError> {
-    let maps: Vec<Arc<WatchedMap>> = ck.files.iter().map(|(p, _)| map_file(p, opts.populate).map(Arc::new)).collect::<Result<_, _>>()?;
+    let maps = Maps::open(ck, opts.populate)?;
     let mut tensors = BTreeMap::new();
     let mut zero_copy = vec![];
     let wanted: Vec<&str> = match names {
@@ -212,57 +292,34 @@ pub fn load(ck: &Checkpoint, names: Option<&[&str]>, opts: LoadOptions) -> Resul
         None => ck.tensors.keys().map(String::as_str).collect(),
     };
     for name in wanted {
-        let loc = ck.tensors.get(name).ok_or_else(|| CheckpointError::tensor(&ck.files[0].0, name, "not in this checkpoint"))?;
-        let (path, header) = &ck.files[loc.file];
-        let info = &loc.info;
-        let kind = kind_of(info.dtype).ok_or_else(|| CheckpointError::tensor(path, name, format!("dtype {} has no libtorch equivalent", info.dtype)))?;
-        let target = match opts.float_kind {
-            Some(k) if info.dtype.is_float() => k,
-            _ => kind,
-        };
-        let shape = shape_i64(path, info)?;
-        let map = &maps[loc.file];
-        let start = (header.data_start + info.data_offsets.0) as usize;
-        let len = info.nbytes() as usize;
-        let ptr = map[start..start + len].as_ptr();
-        let aligned = (ptr as usize) % kind.elt_size_in_bytes().max(1) == 0;
-        // SAFETY: `ptr..ptr+len` lies in the mapping (validated header), which the store keeps
-        // alive; the mapping is private, so in-place writes do not reach the file.
-        let view = |p: *const u8| unsafe { Tensor::f_from_blob(p, &shape, &[], kind, Device::Cpu) };
-        let err = |e: tch::TchError| CheckpointError::tensor(path, name, e.to_string());
-        let t = if aligned {
-            let v = view(ptr).map_err(err)?;
-            if target == kind && opts.device == Device::Cpu {
+        let (t, view) = maps.tensor(ck, name, opts.float_kind)?;
+        let t = match (opts.device, view) {
+            (Device::Cpu, Some(_)) => {
                 zero_copy.push(name.to_string());
-                v
-            } else if let Some(out) = convert_fast(info.dtype, target, &map[start..start + len], &shape) {
-                let out = out.and_then(|t| t.f_to_device(opts.device)).map_err(err)?;
-                release(map, start, len);
-                out
-            } else {
-                let out = v.f_to_device(opts.device).and_then(|t| t.f_to_kind(target)).map_err(err)?;
-                release(map, start, len);
-                out
+                t
             }
-        } else {
-            // Unaligned data (possible in files not written by safetensors): copy, then convert.
-            let bytes = &map[start..start + len];
-            let owned = Tensor::f_from_data_size(bytes, &shape, kind).map_err(err)?;
-            owned.f_to_device(opts.device).and_then(|t| t.f_to_kind(target)).map_err(err)?
+            (Device::Cpu, None) => t,
+            (device, view) => {
+                let moved = t.f_to_device(device).map_err(|e| CheckpointError::tensor(&ck.files[ck.tensors[name].file].0, name, e.to_string()))?;
+                if let Some(v) = view {
+                    maps.release(v);
+                }
+                moved
+            }
         };
         tensors.insert(name.to_string(), t);
     }
-    Ok(TensorStore { tensors, zero_copy, _maps: maps })
+    Ok(TensorStore { tensors, zero_copy, _maps: maps.0 })
 }
 
-/// Drops the pages of a source range that was converted (and so is no longer viewed).
-fn release(map: &memmap2::MmapMut, start: usize, len: usize) {
+/// Drops the pages of a source range that was converted or copied (and so is no longer viewed).
+fn release_range(map: &memmap2::MmapMut, start: usize, len: usize) {
     let page = 4096;
     let s = start.div_ceil(page) * page;
     let e = (start + len) / page * page;
     if e > s {
-        // SAFETY: no live tensor views this range (its data was converted into a new tensor);
-        // a private mapping re-reads the file if it is ever touched again.
+        // SAFETY: no live tensor views this range (its data was converted into a new tensor or
+        // copied to a device); a private mapping re-reads the file if it is ever touched again.
         let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, e - s) };
     }
 }

@@ -169,7 +169,7 @@ fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, nam
 fn load_unet(l: &Loaded, cfg: UNet2DConditionConfig) -> Result<(UNet2DConditionModel, VarStore, Mapped), ExecError> {
     let vs = VarStore::new(if l.split.is_some() { tch::Device::Cpu } else { l.device });
     let ck = l.component.checkpoint.as_ref().expect("weights");
-    let (m, mapped) = build_from_checkpoint(&vs, ck, "UNet2DConditionModel", l.kind, |root| UNet2DConditionModel::new(root, cfg)).map_err(ModelError::from)?;
+    let (m, mapped) = build_from_checkpoint(&vs, ck, "UNet2DConditionModel", l.kind, |root| UNet2DConditionModel::new(root, cfg.clone())).map_err(ModelError::from)?;
     if let Some(split) = &l.split {
         relocate(&vs, l.device, Some(split));
     }
@@ -186,7 +186,7 @@ fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<(AutoencoderKLDecode
         tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(),
         ..ck.clone()
     };
-    let (m, mapped) = build_from_checkpoint(&vs, &decoder_only, "AutoencoderKL", kind, |root| AutoencoderKLDecoder::new(root, cfg)).map_err(ModelError::from)?;
+    let (m, mapped) = build_from_checkpoint(&vs, &decoder_only, "AutoencoderKL", kind, |root| AutoencoderKLDecoder::new(root, cfg.clone())).map_err(ModelError::from)?;
     Ok((m, vs, kind, mapped))
 }
 

@@ -6,12 +6,14 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::mpsc::Receiver;
 
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::layout::Checkpoint;
-use crate::checkpoint::load::{check_keys, load, KeyMismatch, LoadOptions, Mapped};
+use crate::checkpoint::load::{check_keys, KeyMismatch, Mapped, Maps, Source as MapSource};
 use crate::checkpoint::CheckpointError;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,22 +32,46 @@ pub fn optional_buffer(name: &str) -> bool {
     name.ends_with("position_ids")
 }
 
-/// The checkpoint tensors a model under construction takes its parameters from, and the
-/// parameters it asked for (name -> shape).
-struct Source {
-    tensors: BTreeMap<String, Tensor>,
-    requested: BTreeMap<String, Vec<u64>>,
+/// What [`param`] hands out while [`build_from_checkpoint`] runs.
+enum Source {
+    /// The first pass: placeholders that own no memory, recording what the model asks for
+    /// (name -> shape) and in which order.
+    Dry { requested: BTreeMap<String, Vec<u64>>, order: Vec<String> },
+    /// The second pass: the checkpoint's tensors, prepared ahead by a worker in the order the
+    /// dry pass recorded and moved to `device` as the model takes them.
+    Stream { rx: Receiver<Prepared>, device: Device, early: BTreeMap<String, Prepared>, error: Option<WeightsError>, zero_copy: bool },
+}
+
+/// A tensor the worker prepared: a view of the mapping (with where it lies) or a converted buffer.
+struct Prepared {
+    name: String,
+    tensor: Result<(Tensor, Option<MapSource>), CheckpointError>,
 }
 
 thread_local! {
     static SOURCE: RefCell<Option<Source>> = const { RefCell::new(None) };
     static INITIALISED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static PROGRESS: RefCell<Option<Rc<dyn Fn(u64)>>> = const { RefCell::new(None) };
 }
 
 /// How many parameters this thread has created with an initialiser (built without a
 /// checkpoint); loading a model from its checkpoint adds none.
 pub fn initialised_params() -> usize {
     INITIALISED.with(|c| c.get())
+}
+
+/// Runs `f` with `sink` told the bytes of every parameter placed by the models it builds on this
+/// thread (a progress bar per component).
+pub fn with_progress<R>(sink: Rc<dyn Fn(u64)>, f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PROGRESS.with(|p| p.borrow_mut().take());
+        }
+    }
+    PROGRESS.with(|p| *p.borrow_mut() = Some(sink));
+    let _reset = Reset;
+    f()
 }
 
 /// Clears the source even when model construction panics.
@@ -57,10 +83,15 @@ impl Drop for SourceGuard {
     }
 }
 
+/// A tensor of `shape` that owns no memory (a zero-dim zero expanded): the dry pass's placeholder.
+fn placeholder(shape: &[i64]) -> Tensor {
+    Tensor::zeros([], (Kind::Float, Device::Cpu)).expand(shape, true)
+}
+
 /// A model parameter `name` under `p` of `shape`. While [`build_from_checkpoint`] runs, it is
 /// the checkpoint's tensor itself (a view of the mapped file when the dtype matches, else
-/// converted once): nothing is allocated, initialised or copied. Otherwise (a model built
-/// without a checkpoint, e.g. in tests) a variable initialised with `init`.
+/// converted once), on the model's device: nothing is initialised or staged. Otherwise (a model
+/// built without a checkpoint, e.g. in tests) a variable initialised with `init`.
 pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> Tensor {
     let full = {
         let base = p.components().collect::<Vec<_>>().join(".");
@@ -70,16 +101,7 @@ pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> Tensor 
             format!("{base}.{name}")
         }
     };
-    let taken = SOURCE.with(|s| {
-        s.borrow_mut().as_mut().map(|src| {
-            src.requested.insert(full.clone(), shape.iter().map(|&d| d as u64).collect());
-            match src.tensors.remove(&full) {
-                Some(t) if t.size() == shape => t,
-                // Missing or mis-shaped: reported with every other mismatch before anything runs.
-                _ => Tensor::empty(shape, (Kind::Float, Device::Cpu)),
-            }
-        })
-    });
+    let taken = SOURCE.with(|s| s.borrow_mut().as_mut().map(|src| take(src, full, shape)));
     match taken {
         Some(t) => p.add(name, t, false),
         None => {
@@ -89,41 +111,131 @@ pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> Tensor 
     }
 }
 
-/// Builds a model whose parameters are the checkpoint's tensors (see [`param`]): the
-/// `low_cpu_mem_usage` / meta-device idea, without a meta device. Floats are cast to `kind`
-/// once, at load; same-dtype tensors stay views of the mapped files, which the returned
-/// [`Mapped`] keeps alive (hold it as long as `vs`). Missing, unexpected and mis-shaped keys are
-/// an error listing them all, before any device memory is allocated; then the parameters move
-/// to `vs`'s device.
-pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kind: Kind, build: impl FnOnce(nn::Path) -> M) -> Result<(M, Mapped), WeightsError> {
-    let store = load(ck, None, LoadOptions { float_kind: Some(kind), device: Device::Cpu, populate: false })?;
-    let (tensors, mapped) = store.into_parts();
-    let _guard = SourceGuard;
-    SOURCE.with(|s| *s.borrow_mut() = Some(Source { tensors, requested: BTreeMap::new() }));
-    let m = build(vs.root());
-    let src = SOURCE.with(|s| s.borrow_mut().take()).expect("the source outlives the build");
-    let mut expected = src.requested;
-    // Optional buffers present in the checkpoint are not "unexpected".
-    for (name, t) in &ck.tensors {
-        if optional_buffer(name) && !expected.contains_key(name) {
-            expected.insert(name.clone(), t.info.shape.clone());
+fn take(src: &mut Source, full: String, shape: &[i64]) -> Tensor {
+    let (rx, device, early, error, zero_copy) = match src {
+        Source::Dry { requested, order } => {
+            requested.insert(full.clone(), shape.iter().map(|&d| d as u64).collect());
+            order.push(full);
+            return placeholder(shape);
+        }
+        Source::Stream { rx, device, early, error, zero_copy } => (rx, *device, early, error, zero_copy),
+    };
+    // The worker follows the dry pass's order; a model that asks in another order still gets
+    // its tensor (earlier arrivals wait in `early`).
+    let mut got = early.remove(&full);
+    while got.is_none() {
+        match rx.recv() {
+            Ok(p) if p.name == full => got = Some(p),
+            Ok(p) => {
+                early.insert(p.name.clone(), p);
+            }
+            Err(_) => break,
         }
     }
-    check_keys(model, ck, &expected)?;
+    let fail = |error: &mut Option<WeightsError>, e: WeightsError| {
+        error.get_or_insert(e);
+        placeholder(shape)
+    };
+    let Some(Prepared { tensor, .. }) = got else {
+        return fail(error, WeightsError::Other { model: String::new(), msg: format!("`{full}` was not prepared") });
+    };
+    let (t, view) = match tensor {
+        Ok(x) => x,
+        Err(e) => return fail(error, e.into()),
+    };
+    let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+    let t = if device == Device::Cpu {
+        *zero_copy |= view.is_some();
+        t
+    } else {
+        match t.f_to_device(device) {
+            Ok(moved) => {
+                // The host copy (a converted buffer, or the mapped pages) goes now: the load holds
+                // a few tensors on the host at a time, never the component.
+                drop(t);
+                if let Some(v) = view {
+                    MAPS.with(|m| m.borrow().as_ref().map(|m| m.release(v)));
+                }
+                moved
+            }
+            Err(e) => return fail(error, WeightsError::Other { model: String::new(), msg: format!("cannot move `{full}` to {device:?}: {e}") }),
+        }
+    };
+    PROGRESS.with(|p| p.borrow().as_ref().map(|f| f(bytes)));
+    t
+}
+
+thread_local! {
+    /// The maps of the checkpoint being streamed, for releasing device-bound views' pages.
+    static MAPS: RefCell<Option<std::sync::Arc<Maps>>> = const { RefCell::new(None) };
+}
+
+/// Tensors prepared ahead of the model taking them: one being moved, this many waiting.
+const WINDOW: usize = 2;
+
+/// Builds a model whose parameters are the checkpoint's tensors (see [`param`]): the
+/// `low_cpu_mem_usage` / meta-device idea. A dry pass with placeholders learns the parameters
+/// the model asks for, so missing, unexpected and mis-shaped keys are an error listing them all
+/// before any byte is converted or any device memory allocated. Then a worker thread prepares
+/// each tensor (a view of the mapped file when the dtype is `kind`, else converted once) while
+/// the model takes the previous one to `vs`'s device, so reading overlaps copying; tensors
+/// bound for a GPU leave nothing behind on the host. Same-dtype CPU tensors stay views of the
+/// mapped files, which the returned [`Mapped`] keeps alive (hold it as long as `vs`).
+pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kind: Kind, build: impl Fn(nn::Path) -> M) -> Result<(M, Mapped), WeightsError> {
+    let _guard = SourceGuard;
+    // 1. Dry pass: what the model asks for, checked against the checkpoint.
+    SOURCE.with(|s| *s.borrow_mut() = Some(Source::Dry { requested: BTreeMap::new(), order: vec![] }));
+    drop(build(VarStore::new(Device::Cpu).root()));
+    let Some(Source::Dry { mut requested, order }) = SOURCE.with(|s| s.borrow_mut().take()) else { unreachable!("the dry source outlives the dry build") };
+    // Optional buffers present in the checkpoint are not "unexpected".
+    for (name, t) in &ck.tensors {
+        if optional_buffer(name) && !requested.contains_key(name) {
+            requested.insert(name.clone(), t.info.shape.clone());
+        }
+    }
+    check_keys(model, ck, &requested)?;
+
+    // 2. The real pass, streamed.
+    let maps = std::sync::Arc::new(Maps::open(ck, false)?);
     let device = vs.device();
-    if device != Device::Cpu {
-        tch::no_grad(|| {
-            for (_, mut var) in vs.variables() {
-                if var.device() != device {
-                    let moved = var.f_to_device(device).map_err(|e| WeightsError::Other { model: model.to_string(), msg: e.to_string() })?;
-                    var.set_data(&moved);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Prepared>(WINDOW);
+    let built = std::thread::scope(|scope| {
+        let worker_maps = maps.clone();
+        scope.spawn(move || {
+            for name in order {
+                let tensor = worker_maps.tensor(ck, &name, Some(kind));
+                // A GPU-bound view is read now, while the model copies the previous tensor.
+                if let (Ok((_, Some(v))), true) = (&tensor, device != Device::Cpu) {
+                    worker_maps.prefetch(*v);
+                }
+                if tx.send(Prepared { name, tensor }).is_err() {
+                    break; // the build ended early (a panic): nothing more is wanted
                 }
             }
-            Ok::<(), WeightsError>(())
-        })?;
-        // Every parameter now lives on the device: the mapping (and its pages) can go.
-        drop(mapped);
-        return Ok((m, Mapped::none()));
+        });
+        struct MapsReset;
+        impl Drop for MapsReset {
+            fn drop(&mut self) {
+                MAPS.with(|m| m.borrow_mut().take());
+            }
+        }
+        let _reset = MapsReset;
+        MAPS.with(|m| *m.borrow_mut() = Some(maps.clone()));
+        SOURCE.with(|s| *s.borrow_mut() = Some(Source::Stream { rx, device, early: BTreeMap::new(), error: None, zero_copy: false }));
+        let m = build(vs.root());
+        // Dropping the receiver lets the worker finish even if the model skipped a tensor.
+        let src = SOURCE.with(|s| s.borrow_mut().take());
+        (m, src)
+    });
+    let (m, src) = built;
+    let Some(Source::Stream { error, zero_copy, .. }) = src else { unreachable!("the stream source outlives the build") };
+    if let Some(e) = error {
+        return Err(match e {
+            WeightsError::Other { msg, .. } => WeightsError::Other { model: model.to_string(), msg },
+            e => e,
+        });
     }
-    Ok((m, mapped))
+    let maps = std::sync::Arc::into_inner(maps).expect("the worker and the build have ended");
+    // Every parameter left the mapping (converted, or on the device): its pages can go.
+    Ok((m, if zero_copy { maps.into_mapped() } else { Mapped::none() }))
 }
