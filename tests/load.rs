@@ -189,8 +189,7 @@ fn a_mismatched_checkpoint_is_refused_before_any_tensor_is_prepared() {
     let err = with_progress(Rc::new(move |b| sink.set(sink.get() + b)), || {
         build_from_checkpoint(&vs, &ck("tests/fixtures/tiny-sd15/unet"), "AutoencoderKL", Kind::Half, |root| runner::models::vae::AutoencoderKLDecoder::new(root, cfg.clone()))
     })
-    .err()
-    .expect("a UNet checkpoint does not build a VAE");
+    .expect_err("a UNet checkpoint does not build a VAE");
     assert!(matches!(err, WeightsError::Keys(_)), "{err}");
     assert!(err.to_string().contains("missing key(s) in state_dict"), "{err}");
     assert_eq!(placed.get(), 0, "nothing was converted or placed");

@@ -912,7 +912,7 @@ fn progress_without_a_terminal_is_one_log_line_per_step() {
     let dir = tempfile::tempdir().unwrap();
     let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sd15.toml", "--set", "run.steps=3", "--out"]).arg(dir.path().join("p.png")).env("RUST_LOG", "runner=info"));
     assert_eq!(code, 0, "{stderr}");
-    for want in ["loaded text_encoder (", "loaded unet (", "step 1/4 (timestep", "step 4/4 (timestep", "decoding 1 image(s) of 64x64 with the VAE", "decoded in "] {
+    for want in ["loaded text_encoder: ", "loaded unet: ", "step 1/4 (timestep", "step 4/4 (timestep", "decoding 1 image(s) of 64x64 with the VAE", "decoded in "] {
         assert!(stderr.contains(want), "{want}: {stderr}");
     }
     // Rates for people: "0.12 s/step" or "8.3 steps/s", never "10.3944/s".

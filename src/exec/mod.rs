@@ -16,7 +16,7 @@ use serde::Serialize;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::layout::{Component, PipelineFolder};
+use crate::checkpoint::layout::{Checkpoint, Component, PipelineFolder};
 use crate::checkpoint::load::Mapped;
 use crate::checkpoint::CheckpointError;
 use crate::device::Device;
@@ -176,18 +176,58 @@ fn load_unet(l: &Loaded, cfg: UNet2DConditionConfig) -> Result<(UNet2DConditionM
     Ok((m, vs, mapped))
 }
 
-/// The VAE decoder; an fp16 VAE with `force_upcast` runs in fp32, as diffusers upcasts it.
+/// The dtype the VAE runs at: an fp16 VAE with `force_upcast` runs in fp32, as diffusers upcasts it.
+fn vae_kind(l: &Loaded, cfg: &AutoencoderKLConfig) -> Kind {
+    if cfg.force_upcast && l.kind == Kind::Half {
+        Kind::Float
+    } else {
+        l.kind
+    }
+}
+
+/// The VAE's tensors that text-to-image uses: the decoder's (the encoder's stay unread).
+fn decoder_only(ck: &Checkpoint) -> Checkpoint {
+    Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck.clone() }
+}
+
+/// The VAE decoder, at [`vae_kind`].
 fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<(AutoencoderKLDecoder, VarStore, Kind, Mapped), ExecError> {
-    let kind = if cfg.force_upcast && l.kind == Kind::Half { Kind::Float } else { l.kind };
+    let kind = vae_kind(l, &cfg);
     let vs = VarStore::new(l.device);
-    let ck = l.component.checkpoint.as_ref().expect("weights");
-    // Text-to-image needs the decoder only: the encoder's weights stay unread.
-    let decoder_only = crate::checkpoint::layout::Checkpoint {
-        tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(),
-        ..ck.clone()
-    };
-    let (m, mapped) = build_from_checkpoint(&vs, &decoder_only, "AutoencoderKL", kind, |root| AutoencoderKLDecoder::new(root, cfg.clone())).map_err(ModelError::from)?;
+    let ck = decoder_only(l.component.checkpoint.as_ref().expect("weights"));
+    let (m, mapped) = build_from_checkpoint(&vs, &ck, "AutoencoderKL", kind, |root| AutoencoderKLDecoder::new(root, cfg.clone())).map_err(ModelError::from)?;
     Ok((m, vs, kind, mapped))
+}
+
+/// The bytes a checkpoint's tensors take once loaded with floats at `kind`.
+fn placed_bytes(ck: &Checkpoint, kind: Kind) -> u64 {
+    ck.tensors.values().map(|t| if t.info.dtype.is_float() { t.info.numel() * kind.elt_size_in_bytes() as u64 } else { t.info.nbytes() }).sum()
+}
+
+/// A scoped thread's result; its panic goes on in this thread.
+fn joined<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// One component's load: a byte bar, and a log line with its rate when done.
+struct ComponentLoad {
+    name: &'static str,
+    total: u64,
+    bar: indicatif::ProgressBar,
+    started: Instant,
+}
+
+impl ComponentLoad {
+    fn run<R>(self, f: impl FnOnce() -> Result<R, ExecError>) -> Result<R, ExecError> {
+        let sink = self.bar.clone();
+        let r = crate::models::weights::with_progress(std::rc::Rc::new(move |b| sink.inc(b)), f);
+        self.bar.finish_and_clear();
+        if r.is_ok() {
+            let s = self.started.elapsed().as_secs_f64();
+            tracing::info!("loaded {}: {} in {s:.2} s ({}/s)", self.name, crate::units::ByteSize(self.total), crate::units::ByteSize((self.total as f64 / s.max(1e-6)) as u64));
+        }
+        r
+    }
 }
 
 /// Output paths: `run.output` (or `<name>.png` beside the manifest), numbered for batches.
@@ -225,6 +265,17 @@ fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     // The rate goes in the message, as people read it ("1.52 s/step"), not indicatif's "0.6579/s".
     bar.set_style(indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}").expect("template").progress_chars("=> "));
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// A bar counting bytes (a component's load), on a terminal only.
+fn byte_progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
+    if !shows_progress(on) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(indicatif::ProgressStyle::with_template("{prefix:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("template").progress_chars("=> "));
     bar.set_prefix(what.to_string());
     bar
 }
@@ -344,26 +395,25 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2", opts.simulate)?) } else { None };
     let un = placed(&pipeline, &plan, m, "unet", opts.simulate)?;
     let va = placed(&pipeline, &plan, m, "vae", opts.simulate)?;
-    let bar = progress(if xl { 4 } else { 3 }, "loading", opts.progress);
-    let step = |name: &str| {
-        tracing::info!("loaded {name} ({:.2} s since the load began)", t_load.elapsed().as_secs_f64());
-        bar.set_message(name.to_string());
-        bar.inc(1);
+    // Components load concurrently, each streaming its tensors (a few at a time on the host),
+    // so running them together costs no memory beyond their results; one byte bar each.
+    let bars = indicatif::MultiProgress::new();
+    let component_load = |name: &'static str, l: &Loaded| {
+        let ck = l.component.checkpoint.as_ref().expect("weights");
+        let total = if name == "vae" { placed_bytes(&decoder_only(ck), vae_kind(l, &configs.vae)) } else { placed_bytes(ck, l.kind) };
+        ComponentLoad { name, total, bar: bars.add(byte_progress(total, name, opts.progress)), started: Instant::now() }
     };
-    let encoder = text::TextEncoder::load(&pipeline, &te, &configs.text_encoder, "tokenizer")?;
-    step("text_encoder");
-    let encoder_2 = match (&te2, &configs.text_encoder_2) {
-        (Some(l), Some(cfg)) => Some(text::TextEncoder::load(&pipeline, l, cfg, "tokenizer_2")?),
-        _ => None,
-    };
-    if xl {
-        step("text_encoder_2");
-    }
-    let (unet, unet_vs, unet_mapped) = load_unet(&un, configs.unet.clone())?;
-    step("unet");
-    let (vae, vae_vs, vae_kind, vae_mapped) = load_vae(&va, configs.vae.clone())?;
-    step("vae");
-    bar.finish_and_clear();
+    let (encoder, encoder_2, unet, vae) = std::thread::scope(|scope| {
+        let te_job = scope.spawn(|| component_load("text_encoder", &te).run(|| text::TextEncoder::load(&pipeline, &te, &configs.text_encoder, "tokenizer")));
+        let te2_job = scope.spawn(|| match (&te2, &configs.text_encoder_2) {
+            (Some(l), Some(cfg)) => component_load("text_encoder_2", l).run(|| text::TextEncoder::load(&pipeline, l, cfg, "tokenizer_2").map(Some)),
+            _ => Ok(None),
+        });
+        let unet_job = scope.spawn(|| component_load("unet", &un).run(|| load_unet(&un, configs.unet.clone())));
+        let vae = component_load("vae", &va).run(|| load_vae(&va, configs.vae.clone()));
+        (joined(te_job), joined(te2_job), joined(unet_job), vae)
+    });
+    let (encoder, encoder_2, (unet, unet_vs, unet_mapped), (vae, vae_vs, vae_kind, vae_mapped)) = (encoder?, encoder_2?, unet?, vae?);
     let load_s = t_load.elapsed().as_secs_f64();
     let run_at = |l: &Loaded, name: &str| Dev { device: if opts.simulate { tch::Device::Cpu } else { tch_device(plan_device(&plan, name)) }, kind: l.kind };
     let (te, te2, un, va) = (run_at(&te, "text_encoder"), te2.as_ref().map(|l| run_at(l, "text_encoder_2")), run_at(&un, "unet"), run_at(&va, "vae"));

@@ -32,6 +32,9 @@ pub fn optional_buffer(name: &str) -> bool {
     name.ends_with("position_ids")
 }
 
+/// Told the bytes of each parameter as it is placed.
+pub type ProgressSink = Rc<dyn Fn(u64)>;
+
 /// What [`param`] hands out while [`build_from_checkpoint`] runs.
 enum Source {
     /// The first pass: placeholders that own no memory, recording what the model asks for
@@ -51,7 +54,7 @@ struct Prepared {
 thread_local! {
     static SOURCE: RefCell<Option<Source>> = const { RefCell::new(None) };
     static INITIALISED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    static PROGRESS: RefCell<Option<Rc<dyn Fn(u64)>>> = const { RefCell::new(None) };
+    static PROGRESS: RefCell<Option<ProgressSink>> = const { RefCell::new(None) };
 }
 
 /// How many parameters this thread has created with an initialiser (built without a
@@ -62,7 +65,7 @@ pub fn initialised_params() -> usize {
 
 /// Runs `f` with `sink` told the bytes of every parameter placed by the models it builds on this
 /// thread (a progress bar per component).
-pub fn with_progress<R>(sink: Rc<dyn Fn(u64)>, f: impl FnOnce() -> R) -> R {
+pub fn with_progress<R>(sink: ProgressSink, f: impl FnOnce() -> R) -> R {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
