@@ -16,6 +16,21 @@ fn main() {
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
 
+    // 3. The allocator-statistics shim (C++ against libtorch's headers: tch exposes no memory
+    //    stats); the symbols it calls are in the libtorch libraries torch-sys links.
+    let include = Path::new(&lib).join("../include");
+    println!("cargo:rerun-if-changed=src/exec/shim/allocator_stats.cpp");
+    cc::Build::new()
+        .cpp(true)
+        .file("src/exec/shim/allocator_stats.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("runner_allocator_stats");
+
     let version_py = Path::new(&lib).join("../version.py");
     println!("cargo:rerun-if-changed={}", version_py.display());
     let version = std::fs::read_to_string(&version_py)

@@ -348,6 +348,15 @@ fn check_ledger(report: &serde_json::Value, manifest: &Path) {
     }
     let mapped: std::collections::BTreeSet<&str> = report["device_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
     assert!(used >= mapped.len().min(2), "{devices:?}");
+    // Simulated and CPU devices have no caching allocator; the host figures are the process's.
+    assert!(devices.values().all(|u| u["allocator"].is_null()), "{devices:?}");
+    let host = &report["host"];
+    let at = |k: &str| host[k].as_u64().unwrap();
+    assert!(at("rss_before_load_bytes") > 0 && at("load_peak_rss_bytes") >= at("rss_before_load_bytes") && at("peak_rss_bytes") >= at("load_peak_rss_bytes"), "{host}");
+    // Simulated, every weight lives in host memory: what the load placed there is what the
+    // ledger counts on all devices together.
+    let weights: u64 = devices.values().map(|u| u["peak_bytes"].as_u64().unwrap()).sum();
+    assert_eq!(at("loaded_bytes"), weights, "{host} {devices:?}");
 }
 
 #[test]

@@ -30,6 +30,10 @@ pub struct DeviceUse {
     pub planned_bytes: u64,
     /// The plan's room left on the device (`runner plan`'s `free`).
     pub free_bytes: u64,
+    /// A CUDA device's caching-allocator counters at the end of the run (peaks since the process
+    /// started), measured as diffusers measures (`torch.cuda.max_memory_reserved()`); null for
+    /// the CPU and under `--simulate`.
+    pub allocator: Option<super::allocator::AllocatorStats>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -87,6 +91,7 @@ impl Ledger {
                     planned_bytes: d.planned_bytes,
                     free_bytes: d.free_bytes,
                     source: d.source,
+                    allocator: None,
                 };
                 (d.device.to_string(), use_)
             })

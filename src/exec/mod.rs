@@ -3,6 +3,7 @@
 //! the seeded CPU generator, classifier-free guidance with [negative, positive] batches, the
 //! scheduler loop, VAE decode), then PNGs with their provenance in tEXt chunks.
 
+pub mod allocator;
 mod cuda_stream;
 pub mod ledger;
 mod offload;
@@ -100,7 +101,24 @@ pub struct RunReport {
     /// The residency ledger per planned device: budget, measured peak of resident weights, and
     /// the plan's prediction.
     pub devices: std::collections::BTreeMap<String, ledger::DeviceUse>,
+    /// This process's host memory around the load and the run.
+    pub host: HostMemory,
     pub warnings: Vec<String>,
+}
+
+/// Host memory of the process (`/proc/self/status`; zeros where there is none), to hold a load's
+/// footprint against what it placed on the host: `load_peak_rss_bytes - rss_before_load_bytes`
+/// is what loading cost beyond the process's start-up.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct HostMemory {
+    /// Resident before the first component was read (libraries, tokenizers, plan).
+    pub rss_before_load_bytes: u64,
+    /// The peak resident set by the end of the load.
+    pub load_peak_rss_bytes: u64,
+    /// The peak resident set by the end of the run.
+    pub peak_rss_bytes: u64,
+    /// Weight bytes the load placed in host memory (CPU components and offloaded weights).
+    pub loaded_bytes: u64,
 }
 
 pub fn kind_of(d: Dtype) -> Kind {
@@ -197,6 +215,11 @@ fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<(AutoencoderKLDecode
     let ck = decoder_only(l.component.checkpoint.as_ref().expect("weights"));
     let (m, mapped) = build_from_checkpoint(&vs, &ck, "AutoencoderKL", kind, |root| AutoencoderKLDecoder::new(root, cfg.clone())).map_err(ModelError::from)?;
     Ok((m, vs, kind, mapped))
+}
+
+/// A loaded component's checkpoint (preflight found one).
+fn ck_of<'a>(l: &Loaded<'a>) -> &'a Checkpoint {
+    l.component.checkpoint.as_ref().expect("weights")
 }
 
 /// The bytes a checkpoint's tensors take once loaded with floats at `kind`.
@@ -336,6 +359,7 @@ pub struct Session<'m> {
     un: Dev,
     va: Dev,
     load_s: f64,
+    host: HostMemory,
     started: Instant,
     warnings: Vec<String>,
 }
@@ -397,6 +421,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let va = placed(&pipeline, &plan, m, "vae", opts.simulate)?;
     // Components load concurrently, each streaming its tensors (a few at a time on the host),
     // so running them together costs no memory beyond their results; one byte bar each.
+    let rss_before = allocator::host_rss().map_or(0, |(rss, _)| rss);
     let bars = indicatif::MultiProgress::new();
     let component_load = |name: &'static str, l: &Loaded| {
         let ck = l.component.checkpoint.as_ref().expect("weights");
@@ -415,6 +440,16 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     });
     let (encoder, encoder_2, (unet, unet_vs, unet_mapped), (vae, vae_vs, vae_kind, vae_mapped)) = (encoder?, encoder_2?, unet?, vae?);
     let load_s = t_load.elapsed().as_secs_f64();
+    let on_host = |l: &Loaded, bytes: u64| if l.device == tch::Device::Cpu || l.split.is_some() { bytes } else { 0 };
+    let host = HostMemory {
+        rss_before_load_bytes: rss_before,
+        load_peak_rss_bytes: allocator::host_rss().map_or(0, |(_, peak)| peak),
+        peak_rss_bytes: 0,
+        loaded_bytes: on_host(&te, placed_bytes(ck_of(&te), te.kind))
+            + te2.as_ref().map_or(0, |l| on_host(l, placed_bytes(ck_of(l), l.kind)))
+            + on_host(&un, placed_bytes(ck_of(&un), un.kind))
+            + on_host(&va, placed_bytes(&decoder_only(ck_of(&va)), vae_kind)),
+    };
     let run_at = |l: &Loaded, name: &str| Dev { device: if opts.simulate { tch::Device::Cpu } else { tch_device(plan_device(&plan, name)) }, kind: l.kind };
     let (te, te2, un, va) = (run_at(&te, "text_encoder"), te2.as_ref().map(|l| run_at(l, "text_encoder_2")), run_at(&un, "unet"), run_at(&va, "vae"));
     let _ = (steps, guidance, do_cfg);
@@ -439,6 +474,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         un,
         va,
         load_s,
+        host,
         started,
         warnings,
     };
@@ -638,7 +674,17 @@ impl Session<'_> {
             let p = d.join("dump.safetensors");
             png::write_dump(&p, &dump).map_err(|source| ExecError::Io { what: "cannot write the dump", path: p, source })?;
         }
-        let devices = res.ledger.borrow().report(plan);
+        let mut devices = res.ledger.borrow().report(plan);
+        if !self.simulate {
+            for d in &plan.devices {
+                if let (Device::Cuda(i), Some(use_)) = (d.device, devices.get_mut(&d.device.to_string())) {
+                    use_.allocator = allocator::stats(i as usize).unwrap_or_else(|e| {
+                        warnings.push(format!("cannot read the CUDA allocator's counters of {}: {e}", d.device));
+                        None
+                    });
+                }
+            }
+        }
         drop(res);
         let first_step_s = step_times.first().copied().unwrap_or(0.0);
         let rest = if step_times.len() > 1 { &step_times[1..] } else { &step_times[..] };
@@ -656,6 +702,7 @@ impl Session<'_> {
             plan_notes: plan.notes.clone(),
             timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
             devices,
+            host: HostMemory { peak_rss_bytes: allocator::host_rss().map_or(0, |(_, peak)| peak), ..self.host },
             warnings,
         })
     }
