@@ -8,7 +8,9 @@
 # 2. Real-size SDXL (random fp16 weights), 1024x1024, STEPS steps, under none / model / group /
 #    sequential: runner and diffusers on the same folder and card, one process per run, each
 #    with its wall time, the process's peak VRAM as nvidia-smi sees it (CUDA context included, the
-#    same measure for both) and diffusers' allocator peak; runner's image against diffusers'.
+#    same measure for both), both sides' caching-allocator peak reserved since process start
+#    (runner: `run --json` devices.cuda:0.allocator; diffusers: torch.cuda.max_memory_reserved())
+#    and their ratio; runner's image against diffusers'.
 # Other GPU scripts: gpu-sd15.sh (executor parity, working memory), gpu-sdxl.sh, gpu-split.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,7 +96,15 @@ from safetensors.numpy import load_file
 out, mode = sys.argv[1], sys.argv[2]
 r = json.load(open(f"{out}/runner-{mode}.json"))
 t = r["timings"]
-print(json.dumps({"runner": {"total_s": t["total_s"], "denoise_s": t["denoise_s"], "load_s": t["load_s"], "seconds_per_step": t["seconds_per_step"], "ledger_peak_bytes": {d: u["peak_bytes"] for d, u in r["devices"].items()}}}))
+print(json.dumps({"runner": {"total_s": t["total_s"], "denoise_s": t["denoise_s"], "load_s": t["load_s"], "seconds_per_step": t["seconds_per_step"], "ledger_peak_bytes": {d: u["peak_bytes"] for d, u in r["devices"].items()},
+                             "allocator": {d: u["allocator"] for d, u in r["devices"].items() if u["allocator"]}, "host": r["host"]}}))
+# VRAM measured the same way on both sides: the caching allocator's peak reserved since the process started.
+try:
+    theirs = json.loads(open(f"{out}/diffusers-{mode.removesuffix('-stream')}.json").read().strip().splitlines()[-1])["peak_vram_reserved_process"]
+    ours = r["devices"]["cuda:0"]["allocator"]["peak_reserved_bytes"]
+    print(json.dumps({"mode": mode, "peak_reserved_runner": ours, "peak_reserved_diffusers": theirs, "ratio": round(ours / theirs, 3)}))
+except Exception as e:
+    print(json.dumps({"mode": mode, "peak_reserved_compare_error": str(e)}))
 try:
     ours = load_file(f"{out}/dump-{mode}/dump.safetensors")["image"]
     theirs = np.load(f"{out}/diffusers-{mode}.npy")

@@ -51,10 +51,13 @@ def build_folder(folder):
 
 def measure(pipe, steps, warmup_steps):
     """The SDXL job of the GPU scripts (seed 0, 1024x1024, guidance 5.0) after a short warm-up:
-    the image (float HWC in [0, 1]) and the seconds it took; allocator peaks are reset first."""
+    the image (float HWC in [0, 1]) and the seconds it took; allocator peaks are reset first.
+    `measure.reserved_before_reset` keeps the peak reserved from process start to the reset
+    (load and warm-up): the figure runner's `run --json` allocator peak is compared with."""
     kw = dict(prompt="a cute dog running on the grass", negative_prompt="", guidance_scale=5.0, num_inference_steps=steps, height=1024, width=1024, output_type="np")
     pipe(**{**kw, "num_inference_steps": warmup_steps}, generator=torch.Generator("cpu").manual_seed(0))
     torch.cuda.synchronize()
+    measure.reserved_before_reset = torch.cuda.max_memory_reserved()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     img = pipe(**kw, generator=torch.Generator("cpu").manual_seed(0)).images[0]
