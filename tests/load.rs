@@ -240,3 +240,21 @@ fn an_unaligned_tensor_is_converted_not_refused() {
         assert!(!mapped.contains(lin.ws.data_ptr() as *const u8), "an unaligned tensor is a copy, not a misaligned view");
     }
 }
+
+#[test]
+fn pages_of_a_copied_view_are_released_and_reread_from_the_file_if_touched() {
+    // Pinning an offloaded weight copies it out of the mapping; the view's pages then go, so the
+    // host holds one copy. A released range still reads the file's bytes.
+    use runner::checkpoint::load::TensorStore;
+    tch::set_num_threads(1);
+    let c = ck("tests/fixtures/tiny-sdxl-unet-sharded");
+    let store: TensorStore = load(&c, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: true }).unwrap();
+    let name = "conv_in.weight";
+    let want = reference(&c, name, Kind::Float);
+    let view = store.get(name).unwrap().shallow_clone();
+    let converted = view.to_kind(Kind::Half);
+    let (_, mapped) = store.into_parts();
+    assert!(mapped.release_copied(&view), "a view of the mapping");
+    assert!(!mapped.release_copied(&converted), "a tensor of its own is not the mapping's");
+    assert!(view.equal(&want), "released pages are read again from the file");
+}

@@ -64,6 +64,23 @@ impl Mapped {
     }
 }
 
+impl Mapped {
+    /// Drops the mapped pages that `t` viewed, once its data has been copied elsewhere (pinned
+    /// memory, a device) and nothing views them any more: the host then holds one copy of the
+    /// weight, not two. Returns whether `t` was a view of these mappings.
+    pub fn release_copied(&self, t: &Tensor) -> bool {
+        let (p, len) = (t.data_ptr() as usize, t.numel() * t.kind().elt_size_in_bytes());
+        for m in &self.0 {
+            let start = m.map.as_ptr() as usize;
+            if p >= start && p + len <= start + m.map.len() {
+                release_range(&m.map, p - start, len);
+                return true;
+            }
+        }
+        false
+    }
+}
+
 impl std::fmt::Debug for Mapped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Mapped({} files)", self.0.len())

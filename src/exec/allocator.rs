@@ -2,7 +2,7 @@
 //! `reserved_bytes.all.peak` is what `max_memory_reserved()` returns), read through a small C++
 //! shim (src/exec/shim/allocator_stats.cpp, built by build.rs): tch exposes no memory stats, and
 //! nvidia-smi's figure (the whole process: CUDA context, libraries, cache) cannot be compared
-//! with diffusers' own measure. Host memory from /proc/self/status.
+//! with diffusers' own measure. Host memory and the process's age from /proc.
 
 use std::ffi::{c_char, c_int, CStr};
 
@@ -52,6 +52,18 @@ pub fn host_rss() -> Option<(u64, u64)> {
     Some((kb("VmRSS:")?, kb("VmHWM:")?))
 }
 
+/// Seconds since this process started (`/proc/self/stat`'s start time against `/proc/uptime`,
+/// 10 ms resolution): start-up before `main` (the dynamic loader mapping libtorch) included.
+pub fn process_age_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let start_ticks: f64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| (uptime - start_ticks / hz).max(0.0))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -62,5 +74,7 @@ mod tests {
         assert_eq!(super::stats(0), Ok(None));
         let (rss, peak) = super::host_rss().expect("linux");
         assert!(rss > 0 && peak >= rss, "{rss} {peak}");
+        let age = super::process_age_s().expect("linux");
+        assert!((0.0..3600.0).contains(&age), "{age}");
     }
 }

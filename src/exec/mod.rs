@@ -72,6 +72,8 @@ pub struct RunOptions {
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Timings {
+    /// From the process's start to the load's (libraries, manifest, headers, plan).
+    pub startup_s: f64,
     pub load_s: f64,
     pub encode_s: f64,
     pub denoise_s: f64,
@@ -353,11 +355,12 @@ pub struct Session<'m> {
     vae_vs: VarStore,
     vae_kind: Kind,
     /// The mapped checkpoint files the UNet's and VAE's same-dtype parameters view.
-    _mapped: [Mapped; 2],
+    mapped: [Mapped; 2],
     te: Dev,
     te2: Option<Dev>,
     un: Dev,
     va: Dev,
+    startup_s: f64,
     load_s: f64,
     host: HostMemory,
     started: Instant,
@@ -415,6 +418,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     // 1. Load components on their planned devices (preflight checked that their configs fit
     //    together: a mismatch would otherwise surface as a libtorch shape error mid-run).
     let t_load = Instant::now();
+    let startup_s = allocator::process_age_s().unwrap_or(0.0);
     let te = placed(&pipeline, &plan, m, "text_encoder", opts.simulate)?;
     let te2 = if xl { Some(placed(&pipeline, &plan, m, "text_encoder_2", opts.simulate)?) } else { None };
     let un = placed(&pipeline, &plan, m, "unet", opts.simulate)?;
@@ -468,11 +472,12 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         vae,
         vae_vs,
         vae_kind,
-        _mapped: [unet_mapped, vae_mapped],
+        mapped: [unet_mapped, vae_mapped],
         te,
         te2,
         un,
         va,
+        startup_s,
         load_s,
         host,
         started,
@@ -700,7 +705,7 @@ impl Session<'_> {
             device_map: plan.device_map(),
             simulated: opts.simulate,
             plan_notes: plan.notes.clone(),
-            timings: Timings { load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
+            timings: Timings { startup_s: self.startup_s, load_s, encode_s, denoise_s, first_step_s, seconds_per_step, decode_s, total_s: started.elapsed().as_secs_f64() },
             devices,
             host: HostMemory { peak_rss_bytes: allocator::host_rss().map_or(0, |(_, peak)| peak), ..self.host },
             warnings,
@@ -725,6 +730,17 @@ impl Session<'_> {
             l.add(name, &bytes)?;
         }
         Ok(l)
+    }
+
+    /// The mapped checkpoint files a component's same-dtype CPU weights view.
+    fn mapped(&self, name: &str) -> Option<&Mapped> {
+        match name {
+            "text_encoder" => Some(self.encoder.mapped()),
+            "text_encoder_2" => self.encoder_2.as_ref().map(|e| e.mapped()),
+            "unet" => Some(&self.mapped[0]),
+            "vae" => Some(&self.mapped[1]),
+            _ => None,
+        }
     }
 
     fn varstore(&self, name: &str) -> Option<&VarStore> {
@@ -805,13 +821,17 @@ impl Session<'_> {
                 continue;
             };
             let cuda = tch_device(c.device);
+            let mapped = self.mapped(&c.name);
             tch::no_grad(|| {
                 for (_, mut var) in vs.variables() {
                     if var.device() == tch::Device::Cpu {
                         // `_pin_memory`: `pin_memory(device)` warns that its argument is deprecated,
                         // and tch always passes one.
                         if let Ok(pinned) = var.f_internal_pin_memory(cuda) {
+                            let view = var.shallow_clone();
                             var.set_data(&pinned);
+                            // A view of the checkpoint: its pages go, the pinned copy is the one.
+                            mapped.map(|m| m.release_copied(&view));
                         }
                     }
                 }

@@ -29,6 +29,11 @@ impl TextEncoder {
         self.model.varstore()
     }
 
+    /// The mapped checkpoint files its same-dtype CPU weights view.
+    pub fn mapped(&self) -> &crate::checkpoint::load::Mapped {
+        self.model.mapped()
+    }
+
     pub fn max_length(&self) -> usize {
         self.tokenizer.max_length()
     }

@@ -173,8 +173,31 @@ thread_local! {
     static MAPS: RefCell<Option<std::sync::Arc<Maps>>> = const { RefCell::new(None) };
 }
 
-/// Tensors prepared ahead of the model taking them: one being moved, this many waiting.
+/// Tensors prepared ahead of the model taking them: one being moved, this many waiting (and a
+/// batch being prepared).
 const WINDOW: usize = 2;
+
+/// Source bytes per preparation batch: enough tensors for every core, few enough that a
+/// GPU-bound load holds little on the host.
+const BATCH_BYTES: u64 = 64 << 20;
+
+/// `order` cut into consecutive batches of at most [`BATCH_BYTES`] (a larger tensor alone).
+fn batches<'a>(ck: &Checkpoint, order: &'a [String]) -> Vec<&'a [String]> {
+    let mut out = vec![];
+    let (mut start, mut bytes) = (0, 0);
+    for (i, name) in order.iter().enumerate() {
+        let b = ck.tensors.get(name).map_or(0, |t| t.info.nbytes());
+        if i > start && bytes + b > BATCH_BYTES {
+            out.push(&order[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b;
+    }
+    if start < order.len() {
+        out.push(&order[start..]);
+    }
+    out
+}
 
 /// Builds a model whose parameters are the checkpoint's tensors (see [`param`]): the
 /// `low_cpu_mem_usage` / meta-device idea. A dry pass with placeholders learns the parameters
@@ -205,14 +228,25 @@ pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kin
     let built = std::thread::scope(|scope| {
         let worker_maps = maps.clone();
         scope.spawn(move || {
-            for name in order {
-                let tensor = worker_maps.tensor(ck, &name, Some(kind));
-                // A GPU-bound view is read now, while the model copies the previous tensor.
-                if let (Ok((_, Some(v))), true) = (&tensor, device != Device::Cpu) {
-                    worker_maps.prefetch(*v);
-                }
-                if tx.send(Prepared { name, tensor }).is_err() {
-                    break; // the build ended early (a panic): nothing more is wanted
+            use rayon::prelude::*;
+            // Small tensors are prepared a batch at a time on every core (most of a UNet's
+            // tensors are too small for one conversion to use more than one), in order.
+            for batch in batches(ck, &order) {
+                let prepared: Vec<Prepared> = batch
+                    .par_iter()
+                    .map(|name| {
+                        let tensor = worker_maps.tensor(ck, name, Some(kind));
+                        // A GPU-bound view is read now, while the model copies the previous tensor.
+                        if let (Ok((_, Some(v))), true) = (&tensor, device != Device::Cpu) {
+                            worker_maps.prefetch(*v);
+                        }
+                        Prepared { name: name.clone(), tensor }
+                    })
+                    .collect();
+                for p in prepared {
+                    if tx.send(p).is_err() {
+                        return; // the build ended early (a panic): nothing more is wanted
+                    }
                 }
             }
         });
