@@ -10,7 +10,9 @@
 #    with its wall time, the process's peak VRAM as nvidia-smi sees it (CUDA context included, the
 #    same measure for both), both sides' caching-allocator peak reserved since process start
 #    (runner: `run --json` devices.cuda:0.allocator; diffusers: torch.cuda.max_memory_reserved())
-#    and their ratio; runner's image against diffusers'.
+#    and their ratio; runner's image against diffusers'; runner's load rate (weights on cuda:0
+#    over load_s, from the page cache: the folder was just written) against the host-to-device
+#    bandwidth torch measures on the same card.
 # Other GPU scripts: gpu-sd15.sh (executor parity, working memory), gpu-sdxl.sh, gpu-split.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,23 @@ for m in tiny-sd15 tiny-sdxl; do
     $PY -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], sys.argv[3], sys.argv[4], {d: u["peak_bytes"] for d, u in r["devices"].items()})' "$OUT/$m-$mode.json" "$m" "$mode" "$same"
   done
 done
+
+echo "== host-to-device bandwidth (1 GiB, pageable and pinned; torch) for the load-rate goal"
+$PY - <<'PY' | tee "$OUT/h2d.json"
+import json, time, torch
+x = torch.empty(1 << 30, dtype=torch.uint8)
+x.fill_(1)
+out = {}
+for name, src in (("pageable", x), ("pinned", x.pin_memory())):
+    best = 0.0
+    for _ in range(3):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        y = src.to("cuda", non_blocking=False); torch.cuda.synchronize()
+        best = max(best, src.numel() / (time.perf_counter() - t))
+        del y
+    out[f"h2d_{name}_gb_s"] = round(best / 1e9, 2)
+print(json.dumps(out))
+PY
 
 echo "== real-size SDXL 1024x1024, $STEPS steps, fp16: runner vs diffusers per offload mode"
 FOLDER=/tmp/sdxl-random
@@ -98,6 +117,14 @@ r = json.load(open(f"{out}/runner-{mode}.json"))
 t = r["timings"]
 print(json.dumps({"runner": {"total_s": t["total_s"], "denoise_s": t["denoise_s"], "load_s": t["load_s"], "seconds_per_step": t["seconds_per_step"], "ledger_peak_bytes": {d: u["peak_bytes"] for d, u in r["devices"].items()},
                              "allocator": {d: u["allocator"] for d, u in r["devices"].items() if u["allocator"]}, "host": r["host"]}}))
+# The load rate against the measured host-to-device bandwidth (goal: >= 50% of pageable), mode none.
+if mode == "none":
+    try:
+        bw = json.load(open(f"{out}/h2d.json"))["h2d_pageable_gb_s"]
+        rate = r["devices"]["cuda:0"]["peak_bytes"] / t["load_s"] / 1e9
+        print(json.dumps({"load_gb_s": round(rate, 2), "h2d_pageable_gb_s": bw, "fraction": round(rate / bw, 2)}))
+    except Exception as e:
+        print(json.dumps({"load_rate_error": str(e)}))
 # VRAM measured the same way on both sides: the caching allocator's peak reserved since the process started.
 try:
     theirs = json.loads(open(f"{out}/diffusers-{mode.removesuffix('-stream')}.json").read().strip().splitlines()[-1])["peak_vram_reserved_process"]

@@ -283,24 +283,24 @@ fn shows_progress(on: bool) -> bool {
     on && std::io::stderr().is_terminal()
 }
 
+/// A bar of steps; the rate goes in the message, as people read it ("1.52 s/step"), not
+/// indicatif's "0.6579/s".
 fn progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
-    if !shows_progress(on) {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    // The rate goes in the message, as people read it ("1.52 s/step"), not indicatif's "0.6579/s".
-    bar.set_style(indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}").expect("template").progress_chars("=> "));
-    bar.set_prefix(what.to_string());
-    bar
+    bar(total, what, on, "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
 }
 
-/// A bar counting bytes (a component's load), on a terminal only.
+/// A bar counting bytes (a component's load).
 fn byte_progress(total: u64, what: &str, on: bool) -> indicatif::ProgressBar {
+    bar(total, what, on, "{prefix:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+}
+
+/// A bar drawn with `template`, on a terminal only.
+fn bar(total: u64, what: &str, on: bool, template: &str) -> indicatif::ProgressBar {
     if !shows_progress(on) {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(indicatif::ProgressStyle::with_template("{prefix:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}").expect("template").progress_chars("=> "));
+    bar.set_style(indicatif::ProgressStyle::with_template(template).expect("template").progress_chars("=> "));
     bar.set_prefix(what.to_string());
     bar
 }
