@@ -5,7 +5,8 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use super::{ExecError, Loaded};
+use super::loading::Loaded;
+use super::ExecError;
 use crate::checkpoint::layout::{resolve_source, Checkpoint, PipelineFolder, VariantPolicy};
 use crate::checkpoint::load::{load, LoadOptions};
 use crate::models::clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};

@@ -1,0 +1,206 @@
+//! Loading a pipeline's components onto their planned devices: each built from its checkpoint
+//! (src/models/weights.rs), concurrently, with a byte progress bar each; and moving loaded
+//! weights between devices.
+
+use std::time::Instant;
+
+use tch::nn::VarStore;
+use tch::Kind;
+
+use super::{kind_of, ledger, tch_device, ExecError};
+
+use super::text::TextEncoder;
+use crate::checkpoint::layout::{Checkpoint, Component, PipelineFolder};
+use crate::checkpoint::load::Mapped;
+use crate::device::Device;
+use crate::manifest::{LoadedManifest, Offload};
+use crate::models::clip::ClipTextConfig;
+use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
+use crate::models::weights::build_from_checkpoint;
+use crate::models::ModelError;
+use crate::plan::Plan;
+
+/// A model with the variables it was built into and the mapped files its same-dtype CPU
+/// parameters view (hold them together).
+pub(crate) struct Held<M> {
+    pub model: M,
+    pub vs: VarStore,
+    pub mapped: Mapped,
+}
+
+pub(crate) struct Loaded<'a> {
+    pub component: &'a Component,
+    /// Where it runs (a split component: where it starts).
+    pub device: tch::Device,
+    pub kind: Kind,
+    /// A component split by the `auto` strategy: module path -> device, in execution order.
+    pub split: Option<Split>,
+}
+
+pub(crate) fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, name: &str, simulate: bool) -> Result<Loaded<'a>, ExecError> {
+    let component = pipeline.component(name).filter(|c| c.checkpoint.is_some()).ok_or_else(|| ExecError::Unsupported(format!("the pipeline has no `{name}` weights")))?;
+    let cp = plan.components.iter().find(|c| c.name == name).expect("planned");
+    check_split(name, cp.split.is_some())?;
+    let dtype = m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(m.manifest.pipeline.dtype);
+    let device = if simulate { tch::Device::Cpu } else { tch_device(cp.device) };
+    let split = cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), if simulate { tch::Device::Cpu } else { tch_device(*d) })).collect());
+    // Offloaded weights live in host memory and visit `device` while the component runs.
+    let home = if cp.offload != Offload::None { tch::Device::Cpu } else { device };
+    Ok(Loaded { component, device: home, kind: kind_of(dtype), split })
+}
+
+/// The UNet, its parameters the checkpoint's tensors (no initialisation, no staging copy); a split
+/// UNet's parts go from the mapping to their devices.
+pub(crate) fn load_unet(l: &Loaded, cfg: UNet2DConditionConfig) -> Result<Held<UNet2DConditionModel>, ExecError> {
+    let vs = VarStore::new(if l.split.is_some() { tch::Device::Cpu } else { l.device });
+    let (model, mapped) = build_from_checkpoint(&vs, ck_of(l), "UNet2DConditionModel", l.kind, |root| UNet2DConditionModel::new(root, cfg.clone())).map_err(ModelError::from)?;
+    if let Some(split) = &l.split {
+        relocate(&vs, l.device, Some(split));
+    }
+    Ok(Held { model, vs, mapped })
+}
+
+/// The dtype the VAE runs at: an fp16 VAE with `force_upcast` runs in fp32, as diffusers upcasts it.
+pub(crate) fn vae_kind(l: &Loaded, cfg: &AutoencoderKLConfig) -> Kind {
+    if cfg.force_upcast && l.kind == Kind::Half {
+        Kind::Float
+    } else {
+        l.kind
+    }
+}
+
+/// The VAE's tensors that text-to-image uses: the decoder's (the encoder's stay unread).
+pub(crate) fn decoder_only(ck: &Checkpoint) -> Checkpoint {
+    Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck.clone() }
+}
+
+/// The VAE decoder, at [`vae_kind`].
+pub(crate) fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<Held<AutoencoderKLDecoder>, ExecError> {
+    let vs = VarStore::new(l.device);
+    let (model, mapped) = build_from_checkpoint(&vs, &decoder_only(ck_of(l)), "AutoencoderKL", vae_kind(l, &cfg), |root| AutoencoderKLDecoder::new(root, cfg.clone())).map_err(ModelError::from)?;
+    Ok(Held { model, vs, mapped })
+}
+
+/// Only the UNet runs split across devices (its blocks move their inputs to their weights).
+pub(crate) fn check_split(name: &str, split: bool) -> Result<(), ExecError> {
+    if split && name != "unet" {
+        return Err(ExecError::Unsupported(format!("`{name}` is split across devices; runner runs split UNets only")));
+    }
+    Ok(())
+}
+
+/// A loaded component's checkpoint (preflight found one).
+pub(crate) fn ck_of<'a>(l: &Loaded<'a>) -> &'a Checkpoint {
+    l.component.checkpoint.as_ref().expect("weights")
+}
+
+/// The bytes a checkpoint's tensors take once loaded with floats at `kind`.
+pub(crate) fn placed_bytes(ck: &Checkpoint, kind: Kind) -> u64 {
+    ck.tensors.values().map(|t| if t.info.dtype.is_float() { t.info.numel() * kind.elt_size_in_bytes() as u64 } else { t.info.nbytes() }).sum()
+}
+
+/// A scoped thread's result; its panic goes on in this thread.
+pub(crate) fn joined<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// What a pipeline's `load` needs: where each component goes, and one byte bar per component.
+pub(crate) struct Loader<'a> {
+    pub m: &'a LoadedManifest,
+    pub pipeline: &'a PipelineFolder,
+    pub plan: &'a Plan,
+    pub configs: &'a crate::preflight::Configs,
+    simulate: bool,
+    progress: bool,
+    bars: indicatif::MultiProgress,
+    host_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(m: &'a LoadedManifest, pipeline: &'a PipelineFolder, plan: &'a Plan, configs: &'a crate::preflight::Configs, simulate: bool, progress: bool) -> Self {
+        Loader { m, pipeline, plan, configs, simulate, progress, bars: indicatif::MultiProgress::new(), host_bytes: Default::default() }
+    }
+
+    /// Where component `name` is loaded and at which dtype.
+    pub fn placed(&self, name: &str) -> Result<Loaded<'a>, ExecError> {
+        placed(self.pipeline, self.plan, self.m, name, self.simulate)
+    }
+
+    /// Tracks the load of `name` (placed as `l`), `bytes` once loaded; `bytes` count as host
+    /// memory when its weights live there.
+    pub fn track(&self, name: &'static str, l: &Loaded, bytes: u64) -> ComponentLoad {
+        if l.device == tch::Device::Cpu || l.split.is_some() {
+            self.host_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
+        ComponentLoad { name, total: bytes, bar: self.bars.add(super::byte_progress(bytes, name, self.progress)), started: Instant::now() }
+    }
+
+    /// [`Self::track`] with the bytes of `l`'s whole checkpoint at its dtype.
+    pub fn track_whole(&self, name: &'static str, l: &Loaded) -> ComponentLoad {
+        self.track(name, l, placed_bytes(ck_of(l), l.kind))
+    }
+
+    /// A CLIP text encoder and its tokenizer (from the pipeline's `tokenizer` folder).
+    pub fn text_encoder(&self, name: &'static str, l: &Loaded, cfg: &ClipTextConfig, tokenizer: &str) -> Result<TextEncoder, ExecError> {
+        self.track_whole(name, l).run(|| TextEncoder::load(self.pipeline, l, cfg, tokenizer))
+    }
+
+    pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {
+        self.track_whole("unet", l).run(|| load_unet(l, self.configs.unet.clone()))
+    }
+
+    /// The VAE's decoder and the dtype it runs at ([`vae_kind`]).
+    pub fn vae(&self, l: &Loaded) -> Result<(Held<AutoencoderKLDecoder>, Kind), ExecError> {
+        let kind = vae_kind(l, &self.configs.vae);
+        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), kind)).run(|| load_vae(l, self.configs.vae.clone())).map(|h| (h, kind))
+    }
+
+    /// Weight bytes the load placed in host memory.
+    pub fn host_bytes(&self) -> u64 {
+        self.host_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One component's load: a byte bar, and a log line with its rate when done.
+pub(crate) struct ComponentLoad {
+    name: &'static str,
+    total: u64,
+    bar: indicatif::ProgressBar,
+    started: Instant,
+}
+
+impl ComponentLoad {
+    pub fn run<R>(self, f: impl FnOnce() -> Result<R, ExecError>) -> Result<R, ExecError> {
+        let sink = self.bar.clone();
+        let r = crate::models::weights::with_progress(std::rc::Rc::new(move |b| sink.inc(b)), f);
+        self.bar.finish_and_clear();
+        if r.is_ok() {
+            let s = self.started.elapsed().as_secs_f64();
+            tracing::info!("loaded {}: {} in {s:.2} s ({}/s)", self.name, crate::units::ByteSize(self.total), crate::units::ByteSize((self.total as f64 / s.max(1e-6)) as u64));
+        }
+        r
+    }
+}
+
+pub(crate) fn plan_device(plan: &Plan, name: &str) -> Device {
+    plan.components.iter().find(|c| c.name == name).map(|c| c.device).unwrap_or(Device::Cpu)
+}
+
+/// A split component's module prefixes and their devices.
+pub(crate) type Split = Vec<(String, tch::Device)>;
+
+/// Moves every variable of `vs` to `device`, or, for a split component, to the device of the
+/// longest module prefix that names it (the model's units move their inputs to their weights).
+pub(crate) fn relocate(vs: &VarStore, device: tch::Device, split: Option<&[(String, tch::Device)]>) {
+    let device_of = |name: &str| split.and_then(|s| ledger::device_of(s, name)).unwrap_or(device);
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            let d = device_of(&name);
+            if var.device() != d {
+                let moved = var.to_device(d);
+                var.set_data(&moved);
+            }
+        }
+    });
+}

@@ -1,0 +1,284 @@
+//! One file per pipeline kind, each reading like its diffusers `__call__` (encode the prompt,
+//! prepare the latents, the denoising loop, decode). What every kind shares lives here and in the
+//! session: where components run ([`Call::dev`]), offload hooks and the ledger ([`Call::enter`]),
+//! the scheduler from the folder, the seeded initial noise, the instrumented loop (timings,
+//! progress, dumps), the decode with the safety checker. A new kind is a new file here plus its
+//! models, and one arm in [`load`].
+
+mod stable_diffusion;
+mod stable_diffusion_xl;
+
+use std::time::Instant;
+
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+use super::loading::{plan_device, Loader};
+use super::offload::Residency;
+use super::{kind_of, tch_device, text, ExecError};
+use crate::checkpoint::layout::PipelineFolder;
+use crate::checkpoint::load::Mapped;
+use crate::manifest::{LoadedManifest, PipelineKind};
+use crate::models::vae::AutoencoderKLDecoder;
+use crate::plan::memory::RunShape;
+use crate::plan::Plan;
+use crate::schedulers::Scheduler;
+
+/// A loaded pipeline of one kind: its models and its `__call__`.
+pub(crate) trait Pipeline {
+    /// The components it holds weights of, by manifest name: their variables and the mapped files
+    /// their same-dtype CPU parameters view (for the ledger, offload, pinning and re-plans).
+    fn components(&self) -> Vec<(&'static str, &VarStore, &Mapped)>;
+
+    /// diffusers' `__call__`, from the manifest's `[run]` to images.
+    fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError>;
+}
+
+/// Loads the pipeline of `kind` (its components concurrently, see [`Loader`]).
+pub(crate) fn load(kind: PipelineKind, lx: &Loader) -> Result<Box<dyn Pipeline>, ExecError> {
+    Ok(match kind {
+        PipelineKind::StableDiffusion => Box::new(stable_diffusion::StableDiffusion::load(lx)?),
+        PipelineKind::StableDiffusionXl => Box::new(stable_diffusion_xl::StableDiffusionXl::load(lx)?),
+    })
+}
+
+/// What a `__call__` produced.
+pub(crate) struct Generated {
+    /// [B, 3, H, W] in [0, 1], f32 on the CPU.
+    pub images: Tensor,
+    /// The latents the VAE decoded (before its scale), for `--dump`.
+    pub latents: Tensor,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    /// Calls of the denoising model (one per timestep).
+    pub model_calls: usize,
+    pub step_times: Vec<f64>,
+    pub encode_s: f64,
+    pub denoise_s: f64,
+    pub decode_s: f64,
+    pub scheduler: String,
+    /// The sigmas follow Karras' schedule (for the A1111 sampler name).
+    pub karras: bool,
+    /// Second-encoder prompts, for the PNG metadata of kinds that have them.
+    pub prompt_2: Option<String>,
+    pub negative_prompt_2: Option<String>,
+}
+
+/// A device and dtype a component runs at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dev {
+    pub device: tch::Device,
+    pub kind: Kind,
+}
+
+/// `--dump`'s tensors, in the order they were made (names are a contract: tests/fixtures/refs).
+pub(crate) struct Dump(Option<Vec<(String, Tensor)>>);
+
+impl Dump {
+    pub fn new(on: bool) -> Dump {
+        Dump(on.then(Vec::new))
+    }
+
+    pub fn on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub fn push(&mut self, name: impl Into<String>, t: &Tensor) {
+        if let Some(d) = &mut self.0 {
+            d.push((name.into(), t.shallow_clone()));
+        }
+    }
+
+    pub fn into_tensors(self) -> Vec<(String, Tensor)> {
+        self.0.unwrap_or_default()
+    }
+}
+
+/// One denoising step's tensors, for the loop's dumps.
+pub(crate) struct Step {
+    /// What the model returned (the whole guidance batch).
+    pub output: Tensor,
+    /// After guidance.
+    pub noise_pred: Tensor,
+    /// After the scheduler's step.
+    pub latents: Tensor,
+}
+
+/// One run of a pipeline: the job, the plan, and the shared machinery its `__call__` uses.
+pub(crate) struct Call<'a> {
+    pub m: &'a LoadedManifest,
+    pub pipeline: &'a PipelineFolder,
+    pub plan: &'a Plan,
+    pub shape: RunShape,
+    pub seed: u64,
+    pub simulate: bool,
+    pub progress: bool,
+    pub res: Residency<'a>,
+    pub dump: Dump,
+    pub warnings: Vec<String>,
+}
+
+impl Call<'_> {
+    /// Where component `name` runs (a split one: where it starts) and its dtype.
+    pub fn dev(&self, name: &str) -> Dev {
+        let dtype = self.m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(self.m.manifest.pipeline.dtype);
+        Dev { device: if self.simulate { tch::Device::Cpu } else { tch_device(plan_device(self.plan, name)) }, kind: kind_of(dtype) }
+    }
+
+    /// Component `name` is about to run: offloaded weights come to its device (diffusers' hooks).
+    pub fn enter(&mut self, name: &str) -> Result<(), ExecError> {
+        self.res.enter(name)
+    }
+
+    /// The scheduler of the folder's `scheduler/scheduler_config.json` (or the manifest's
+    /// choice) set to `steps`, and that config.
+    pub fn scheduler(&self, steps: usize) -> Result<(Box<dyn Scheduler>, serde_json::Value), ExecError> {
+        let path = self.pipeline.root.join("scheduler").join("scheduler_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ExecError::Io { what: "cannot read", path: path.clone(), source })?;
+        let cfg = crate::schedulers::parse_config(&text).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", path.display())))?;
+        let scheduler = crate::schedulers::build(&cfg, self.m.manifest.pipeline.scheduler, steps).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", path.display())))?;
+        Ok((scheduler, cfg))
+    }
+
+    /// diffusers `prepare_latents`: `run.latents`, else randn of `shape` on a CPU generator seeded
+    /// with the seed, drawn at `draw_kind` (the prompt embeddings' dtype), then on `to`'s device
+    /// and dtype times the scheduler's `init_noise_sigma`. Dumps the noise and the schedule.
+    pub fn prepare_latents(&mut self, shape: [i64; 4], draw_kind: Kind, scheduler: &dyn Scheduler, to: Dev) -> Result<Tensor, ExecError> {
+        let r = &self.m.manifest.run;
+        tch::manual_seed(self.seed as i64);
+        let init = match &r.latents {
+            Some(p) => text::load_latents(&self.m.resolve_path("run.latents", p), &shape)?,
+            None => Tensor::randn(shape, (draw_kind, tch::Device::Cpu)),
+        };
+        self.dump.push("latents.init", &init);
+        if self.dump.on() {
+            self.dump.push("scheduler.timesteps", &Tensor::from_slice(scheduler.timesteps()).to_kind(Kind::Float));
+            if let Some(s) = scheduler.sigmas() {
+                self.dump.push("scheduler.sigmas", &Tensor::from_slice(s).to_kind(Kind::Float));
+            }
+        }
+        Ok((init.to_device(to.device) * scheduler.init_noise_sigma()).to_kind(to.kind))
+    }
+
+    /// The denoising loop around `step` (one call per timestep): a progress bar, a log line per
+    /// step, per-step timings (synchronised on CUDA), and the dumps `step{i}.{model}_output`,
+    /// `step{i}.noise_pred`, `step{i}.latents`. Returns the final latents, each step's seconds and
+    /// the loop's.
+    pub fn denoise(
+        &mut self,
+        model: &str,
+        timesteps: &[f64],
+        mut latents: Tensor,
+        on: tch::Device,
+        mut step: impl FnMut(&Tensor, usize, f64) -> Result<Step, ExecError>,
+    ) -> Result<(Tensor, Vec<f64>, f64), ExecError> {
+        let t_den = Instant::now();
+        let mut step_times = vec![];
+        let bar = super::progress(timesteps.len() as u64, "denoising", self.progress);
+        for (i, &t) in timesteps.iter().enumerate() {
+            let t_step = Instant::now();
+            let s = step(&latents, i, t)?;
+            sync(on);
+            step_times.push(t_step.elapsed().as_secs_f64());
+            // One line per step for logs without a terminal (RUST_LOG=runner=info).
+            let rate = step_times.iter().sum::<f64>() / step_times.len() as f64;
+            tracing::info!("step {}/{} (timestep {t}): {:.3} s, {}", i + 1, timesteps.len(), step_times[i], super::human_rate(rate));
+            bar.set_message(super::human_rate(rate));
+            self.dump.push(format!("step{i}.{model}_output"), &s.output);
+            self.dump.push(format!("step{i}.noise_pred"), &s.noise_pred);
+            self.dump.push(format!("step{i}.latents"), &s.latents);
+            latents = s.latents;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok((latents, step_times, t_den.elapsed().as_secs_f64()))
+    }
+
+    /// The VAE decode of `latents` at `kind`, then diffusers' `run_safety_checker` when the
+    /// folder has one: images in [0, 1] on the CPU, and the seconds it took.
+    pub fn decode(&mut self, vae: &AutoencoderKLDecoder, kind: Kind, latents: &Tensor) -> Result<(Tensor, f64), ExecError> {
+        let t_dec = Instant::now();
+        let va = self.dev("vae");
+        tracing::info!("decoding {} image(s) of {}x{} with the VAE", latents.size()[0], self.shape.width, self.shape.height);
+        let spinner = super::spinner("decoding", self.progress);
+        self.enter("vae")?;
+        let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+        sync(va.device);
+        spinner.finish_and_clear();
+        tracing::info!("decoded in {:.2} s", t_dec.elapsed().as_secs_f64());
+        let images = self.safety_check(images)?;
+        Ok((images, t_dec.elapsed().as_secs_f64()))
+    }
+
+    /// diffusers `run_safety_checker`: flagged images come back black, with a warning. The
+    /// checker is loaded for this one call, straight onto the device it runs on, and dropped.
+    fn safety_check(&mut self, images: Tensor) -> Result<Tensor, ExecError> {
+        let Some(sc) = self.pipeline.component("safety_checker").filter(|c| c.checkpoint.is_some()) else {
+            return Ok(images);
+        };
+        // `enter` sends the visitors on its device back to host memory, as diffusers' hooks do.
+        self.enter("safety_checker")?;
+        let run = self.dev("safety_checker");
+        let processor = crate::models::image_processor::ImageProcessor::from_folder(&self.pipeline.root.join("feature_extractor")).map_err(|e| ExecError::Text(e.to_string()))?;
+        let checker = crate::models::safety_checker::SafetyChecker::load(&sc.dir, sc.checkpoint.as_ref().expect("weights"), run.device, run.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+        let bytes = super::ledger::weigh(checker.varstore(), plan_device(self.plan, "safety_checker"), None);
+        self.res.ledger.borrow_mut().add("safety_checker", &bytes)?;
+        let (flags, checked) = tch::no_grad(|| checker.check(&processor, &images)).map_err(|e| ExecError::Text(e.to_string()))?;
+        drop(checker);
+        self.res.ledger.borrow_mut().remove(&bytes);
+        if flags.iter().any(|&f| f) {
+            self.warnings.push("Potential NSFW content was detected in one or more images. A black image will be returned instead. Try again with a different prompt and/or seed.".into());
+        }
+        Ok(checked)
+    }
+}
+
+/// Classifier-free guidance over a [negative, positive] batch (`out` as is without guidance).
+pub(crate) fn guide(out: &Tensor, do_cfg: bool, guidance: f64) -> Tensor {
+    if do_cfg {
+        let ch = out.chunk(2, 0);
+        &ch[0] + (&ch[1] - &ch[0]) * guidance
+    } else {
+        out.shallow_clone()
+    }
+}
+
+/// The latents as the model sees them: twice under guidance.
+pub(crate) fn model_input(latents: &Tensor, do_cfg: bool) -> Tensor {
+    if do_cfg {
+        Tensor::cat(&[latents, latents], 0)
+    } else {
+        latents.shallow_clone()
+    }
+}
+
+/// diffusers' `vae_scale_factor`: 2 ** (levels - 1).
+pub(crate) fn vae_scale_factor(vae: &AutoencoderKLDecoder) -> i64 {
+    1i64 << (vae.config.block_out_channels.len() as i64 - 1)
+}
+
+/// Waits for a CUDA device's queued work (step timings mean what they say).
+fn sync(d: tch::Device) {
+    if let tch::Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// diffusers' warning for a prompt longer than the text encoder takes; the remainder is shown
+/// up to 200 characters (diffusers echoes it whole: a pasted megabyte would flood the terminal).
+pub(crate) fn truncation_warning(enc: &text::TextEncoder, truncated: Option<String>, warnings: &mut Vec<String>) {
+    if let Some(t) = truncated {
+        const SHOWN: usize = 200;
+        let n = t.chars().count();
+        let shown: String = t.chars().take(SHOWN).collect();
+        let more = if n > SHOWN { format!(" ... ({} more characters)", n - SHOWN) } else { String::new() };
+        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {shown:?}{more}", enc.max_length()));
+    }
+}
+
+/// Whether the run's sigmas follow Karras' schedule (the manifest's scheduler or the folder's
+/// `use_karras_sigmas`).
+pub(crate) fn karras(m: &LoadedManifest, sched_cfg: &serde_json::Value) -> bool {
+    matches!(m.manifest.pipeline.scheduler, Some(crate::manifest::SchedulerKind::DpmPP2MKarras))
+        || (m.manifest.pipeline.scheduler.is_none() && sched_cfg.get("use_karras_sigmas").and_then(|v| v.as_bool()) == Some(true))
+}

@@ -1,0 +1,313 @@
+//! A pipeline loaded onto the devices of a plan, whatever its kind: planning and checks before
+//! any weight is read, loading, the ledger and offload hooks around the pipeline's `__call__`,
+//! re-plans without reading a file, and the outputs (PNGs with their provenance, dumps, the
+//! report).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use tch::nn::VarStore;
+
+use super::loading::{check_split, relocate, Loader, Split};
+use super::pipelines::{self, Call, Dump, Pipeline};
+use super::{allocator, check_devices, ledger, offload, output_paths, png, seed_of, tch_device, ExecError, HostMemory, RunOptions, RunReport, Timings};
+use crate::checkpoint::layout::PipelineFolder;
+use crate::checkpoint::load::Mapped;
+use crate::device::Device;
+use crate::manifest::{LoadedManifest, Offload};
+use crate::plan::build;
+use crate::plan::Plan;
+
+/// A pipeline loaded onto the devices of a plan: generate with it, or move its weights to a new
+/// plan without reading any file again (diffusers' `reset_device_map` + a new placement).
+pub struct Session<'m> {
+    m: &'m LoadedManifest,
+    pipeline: PipelineFolder,
+    plan: Plan,
+    simulate: bool,
+    shape: crate::plan::memory::RunShape,
+    outputs: Vec<PathBuf>,
+    seed: u64,
+    model: Box<dyn Pipeline>,
+    startup_s: f64,
+    load_s: f64,
+    host: HostMemory,
+    started: Instant,
+    warnings: Vec<String>,
+}
+
+/// Plans, checks and loads (step 0 and 1 of a run).
+pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>, ExecError> {
+    let started = Instant::now();
+    let mut warnings = vec![];
+    // 0. Plan (headers only), devices checked, outputs and dump folder writable, before loading.
+    // Configs are read once, here, and shared by the planner and the models.
+    let (pipeline, configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
+    warnings.extend(pipeline.notes.iter().cloned());
+    let inventory = build::inventory(m, &opts.plan)?;
+    let input = build::plan_input(m, &pipeline, &configs, inventory, &opts.plan);
+    let plan = crate::plan::plan(&input)?;
+    if !opts.simulate {
+        check_devices(&plan)?;
+    }
+    for c in &plan.components {
+        tracing::info!(component = %c.name, device = %c.device, dtype = c.dtype.as_str(), bytes = c.bytes, peak = c.peak_bytes, split = c.split.is_some(), "planned");
+        if c.device == Device::Cpu && c.offload != Offload::None {
+            warnings.push(format!("`{}` runs on the CPU, where its weights already live: `offload = \"{}\"` does nothing for it", c.name, format!("{:?}", c.offload).to_lowercase()));
+        }
+    }
+    let shape = build::run_shape(m, &configs);
+    if shape.width % 8 != 0 || shape.height % 8 != 0 {
+        return Err(ExecError::Unsupported(format!("width and height must be multiples of 8, got {}x{}", shape.width, shape.height)));
+    }
+    let outputs = output_paths(m, opts, shape.batch as usize);
+    // Every destination is checked now, not after the generation: a folder, a read-only place, a
+    // file where a folder should be.
+    for o in &outputs {
+        let dest = crate::fsutil::check_destination(o).map_err(|msg| ExecError::Io { what: "cannot write the image", path: o.clone(), source: std::io::Error::other(msg) })?;
+        if o.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) && !matches!(dest, crate::fsutil::Destination::InPlace(_)) {
+            return Err(ExecError::Unsupported(format!("the output `{}` must be a `.png` file (or a device such as /dev/null)", o.display())));
+        }
+    }
+    if let Some(d) = &opts.dump {
+        std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
+        let probe = d.join(".runner-write-test");
+        std::fs::write(&probe, b"").map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
+        let _ = std::fs::remove_file(probe);
+    }
+    let seed = seed_of(m);
+
+    // 1. Load components on their planned devices (preflight checked that their configs fit
+    //    together: a mismatch would otherwise surface as a libtorch shape error mid-run).
+    let t_load = Instant::now();
+    let startup_s = allocator::process_age_s().unwrap_or(0.0);
+    let rss_before = allocator::host_rss().map_or(0, |(rss, _)| rss);
+    let lx = Loader::new(m, &pipeline, &plan, &configs, opts.simulate, opts.progress);
+    let model = pipelines::load(m.manifest.pipeline.kind, &lx)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let host = HostMemory { rss_before_load_bytes: rss_before, load_peak_rss_bytes: allocator::host_rss().map_or(0, |(_, peak)| peak), peak_rss_bytes: 0, loaded_bytes: lx.host_bytes() };
+    drop(lx);
+    let session = Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, model, startup_s, load_s, host, started, warnings };
+    session.pin_offloaded(&[]);
+    Ok(session)
+}
+
+impl Session<'_> {
+    /// The plan the weights are placed by.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Generates the manifest's images (steps 2 to 6 of a run): the pipeline's `__call__` between
+    /// offload hooks and the ledger, then the outputs.
+    pub fn generate(&mut self, opts: &RunOptions) -> Result<RunReport, ExecError> {
+        let m = self.m;
+        let mut cx = Call {
+            m,
+            pipeline: &self.pipeline,
+            plan: &self.plan,
+            shape: self.shape,
+            seed: self.seed,
+            simulate: self.simulate,
+            progress: opts.progress,
+            res: self.residency()?,
+            dump: Dump::new(opts.dump.is_some()),
+            warnings: self.warnings.clone(),
+        };
+        let g = self.model.call(&mut cx)?;
+        // diffusers' `maybe_free_model_hooks`: offloaded components end in host memory (and a
+        // budget a stream exceeded is an error before anything is written).
+        cx.res.leave_all()?;
+        cx.dump.push("latents.final", &g.latents);
+        cx.dump.push("image", &g.images.get(0));
+        let Call { res, dump, mut warnings, .. } = cx;
+
+        // 6. Write, each image with what makes it again.
+        let r = &m.manifest.run;
+        let latents = r.latents.as_ref().map(|p| {
+            let path = m.resolve_path("run.latents", p);
+            let sha = crate::lock::sha256_file(&path).map(|(_, h)| h).unwrap_or_default();
+            (path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), sha)
+        });
+        let mut meta = png::ImageMeta {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            prompt: r.prompt.clone().unwrap_or_default(),
+            negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
+            prompt_2: g.prompt_2.clone(),
+            negative_prompt_2: g.negative_prompt_2.clone(),
+            seed: if latents.is_some() { None } else { Some(self.seed) },
+            batch_index: 0,
+            batch_size: self.outputs.len(),
+            latents,
+            steps: g.steps,
+            guidance_scale: g.guidance_scale,
+            sampler: png::a1111_sampler(&g.scheduler, g.karras),
+            scheduler: g.scheduler.clone(),
+            clip_skip: r.clip_skip,
+            width: self.shape.width,
+            height: self.shape.height,
+            model: self.pipeline.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            lock_sha256: opts.lock_sha256.clone(),
+            dtype: dtype_summary(m),
+            manifest_sha256: manifest_digest(m),
+        };
+        for (i, path) in self.outputs.iter().enumerate() {
+            let (w, h, rgb) = png::to_rgb8(&g.images.get(i as i64));
+            meta.batch_index = i;
+            png::write_png(path, w, h, &rgb, &meta.chunks()).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
+        }
+        if let Some(d) = &opts.dump {
+            let p = d.join("dump.safetensors");
+            png::write_dump(&p, &dump.into_tensors()).map_err(|source| ExecError::Io { what: "cannot write the dump", path: p, source })?;
+        }
+        let mut devices = res.ledger.borrow().report(&self.plan);
+        if !self.simulate {
+            for d in &self.plan.devices {
+                if let (Device::Cuda(i), Some(use_)) = (d.device, devices.get_mut(&d.device.to_string())) {
+                    use_.allocator = allocator::stats(i as usize).unwrap_or_else(|e| {
+                        warnings.push(format!("cannot read the CUDA allocator's counters of {}: {e}", d.device));
+                        None
+                    });
+                }
+            }
+        }
+        drop(res);
+        let first_step_s = g.step_times.first().copied().unwrap_or(0.0);
+        let rest = if g.step_times.len() > 1 { &g.step_times[1..] } else { &g.step_times[..] };
+        let seconds_per_step = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
+        Ok(RunReport {
+            images: self.outputs.clone(),
+            seed: self.seed,
+            steps: g.steps,
+            unet_calls: g.model_calls,
+            scheduler: g.scheduler,
+            width: self.shape.width,
+            height: self.shape.height,
+            device_map: self.plan.device_map(),
+            simulated: opts.simulate,
+            plan_notes: self.plan.notes.clone(),
+            timings: Timings {
+                startup_s: self.startup_s,
+                load_s: self.load_s,
+                encode_s: g.encode_s,
+                denoise_s: g.denoise_s,
+                first_step_s,
+                seconds_per_step,
+                decode_s: g.decode_s,
+                total_s: self.started.elapsed().as_secs_f64(),
+            },
+            devices,
+            host: HostMemory { peak_rss_bytes: allocator::host_rss().map_or(0, |(_, peak)| peak), ..self.host },
+            warnings,
+        })
+    }
+
+    /// The ledger of the weights held now, each variable on its planned device.
+    fn ledger(&self) -> Result<ledger::Ledger, ExecError> {
+        let mut l = ledger::Ledger::new(&self.plan);
+        for (name, vs, _) in self.model.components() {
+            let cp = self.plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the plan has no `{name}`")))?;
+            let bytes = match cp.offload {
+                Offload::None => ledger::weigh(vs, cp.device, cp.split.as_deref()),
+                _ => ledger::weigh(vs, Device::Cpu, None),
+            };
+            l.add(name, &bytes)?;
+        }
+        Ok(l)
+    }
+
+    fn varstore(&self, name: &str) -> Option<&VarStore> {
+        self.model.components().into_iter().find(|c| c.0 == name).map(|c| c.1)
+    }
+
+    /// The ledger and the offload hooks of the components that have them.
+    fn residency(&self) -> Result<offload::Residency<'_>, ExecError> {
+        let offloaded = || self.plan.components.iter().filter(|c| c.offload != Offload::None && c.device != Device::Cpu);
+        let visitors = offloaded().filter(|c| c.offload == Offload::Model).filter_map(|c| self.varstore(&c.name).map(|vs| offload::Visitor::new(&c.name, vs, c.device, c.split.clone()))).collect();
+        let runs_on = self.plan.components.iter().map(|c| (c.name.clone(), c.split.as_ref().map_or_else(|| vec![c.device], |s| s.iter().map(|x| x.1).collect()))).collect();
+        let mut res = offload::Residency::new(self.ledger()?, visitors, runs_on, self.simulate);
+        for c in offloaded().filter(|c| c.offload != Offload::Model) {
+            if let Some(vs) = self.varstore(&c.name) {
+                let run = if self.simulate { tch::Device::Cpu } else { tch_device(c.device) };
+                res.add_stream(offload::Stream::new(&c.name, c.offload, vs, c.device, run, res.shared_ledger()));
+            }
+        }
+        Ok(res)
+    }
+
+    /// Moves the loaded weights to `plan` (devices only: dtypes are the manifest's) without reading
+    /// any file: every component's parameters go to their new devices, a split one's by module.
+    pub fn apply_plan(&mut self, plan: Plan) -> Result<(), ExecError> {
+        if !self.simulate {
+            check_devices(&plan)?;
+        }
+        let map = |d: Device| if self.simulate { tch::Device::Cpu } else { tch_device(d) };
+        for (name, vs, _) in self.model.components() {
+            let cp = plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the new plan has no `{name}`")))?;
+            check_split(name, cp.split.is_some())?;
+            // `model`-style offload keeps the weights in host memory between runs.
+            if cp.offload != Offload::None {
+                relocate(vs, tch::Device::Cpu, None);
+            } else {
+                let split: Option<Split> = cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), map(*d))).collect());
+                relocate(vs, map(cp.device), split.as_deref());
+            }
+        }
+        let already: Vec<String> = self.plan.components.iter().filter(|c| c.offload != Offload::None).map(|c| c.name.clone()).collect();
+        self.plan = plan;
+        self.pin_offloaded(&already);
+        Ok(())
+    }
+
+    /// Offloaded weights go to page-locked host memory on CUDA machines, so their trips to
+    /// the device are fast, asynchronous DMA copies; the mapped pages they were copied from go.
+    fn pin_offloaded(&self, already: &[String]) {
+        if self.simulate {
+            return;
+        }
+        for (name, vs, mapped) in self.model.components() {
+            let Some(c) = self.plan.components.iter().find(|c| c.name == name && c.offload != Offload::None && !already.contains(&c.name)) else {
+                continue;
+            };
+            let Device::Cuda(_) = c.device else {
+                continue;
+            };
+            pin(vs, tch_device(c.device), mapped);
+        }
+    }
+}
+
+/// Pins `vs`'s host variables for `cuda`; a view of the checkpoint then drops its mapped pages,
+/// so the pinned copy is the only one.
+fn pin(vs: &VarStore, cuda: tch::Device, mapped: &Mapped) {
+    tch::no_grad(|| {
+        for (_, mut var) in vs.variables() {
+            if var.device() == tch::Device::Cpu {
+                // `_pin_memory`: `pin_memory(device)` warns that its argument is deprecated, and tch
+                // always passes one.
+                if let Ok(pinned) = var.f_internal_pin_memory(cuda) {
+                    let view = var.shallow_clone();
+                    var.set_data(&pinned);
+                    mapped.release_copied(&view);
+                }
+            }
+        }
+    });
+}
+
+/// sha256 of the effective manifest (the file after environment variables and `--set`), as JSON.
+fn manifest_digest(m: &LoadedManifest) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(serde_json::to_vec(&m.manifest).unwrap_or_default()))
+}
+
+/// `fp16`, or `fp16 (vae fp32)` when components differ from the pipeline's dtype.
+fn dtype_summary(m: &LoadedManifest) -> String {
+    let base = m.manifest.pipeline.dtype;
+    let own: Vec<String> = m.manifest.components.iter().filter_map(|(n, c)| c.dtype.filter(|d| *d != base).map(|d| format!("{n} {}", d.as_str()))).collect();
+    if own.is_empty() {
+        base.as_str().to_string()
+    } else {
+        format!("{} ({})", base.as_str(), own.join(", "))
+    }
+}
