@@ -143,7 +143,7 @@ impl<'a> Loader<'a> {
 
     /// A CLIP text encoder and its tokenizer (from the pipeline's `tokenizer` folder).
     pub fn text_encoder(&self, name: &'static str, l: &Loaded, cfg: &ClipTextConfig, tokenizer: &str) -> Result<TextEncoder, ExecError> {
-        self.track_whole(name, l).run(|| TextEncoder::load(self.pipeline, l, cfg, tokenizer))
+        self.track_whole(name, l).run(|| TextEncoder::load(self.pipeline, ck_of(l), l.device, l.kind, cfg, tokenizer))
     }
 
     pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use super::loading::Loaded;
 use super::ExecError;
 use crate::checkpoint::layout::{resolve_source, Checkpoint, PipelineFolder, VariantPolicy};
 use crate::checkpoint::load::{load, LoadOptions};
@@ -18,11 +17,12 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// `cfg` is the text encoder's config as preflight read it.
-    pub fn load(pipeline: &PipelineFolder, l: &Loaded, cfg: &ClipTextConfig, tokenizer: &str) -> Result<TextEncoder, ExecError> {
+    /// `cfg` is the text encoder's config as preflight read it; `tokenizer` the pipeline's
+    /// subfolder.
+    pub fn load(pipeline: &PipelineFolder, ck: &Checkpoint, device: tch::Device, kind: Kind, cfg: &ClipTextConfig, tokenizer: &str) -> Result<TextEncoder, ExecError> {
         let tok_dir = pipeline.root.join(tokenizer);
         let tokenizer = ClipTokenizer::from_folder(&tok_dir).map_err(|e| ExecError::Text(e.to_string()))?;
-        let model = ClipTextModel::load(cfg, l.component.checkpoint.as_ref().expect("weights"), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string()))?;
+        let model = ClipTextModel::load(cfg, ck, device, kind).map_err(|e| ExecError::Text(e.to_string()))?;
         Ok(TextEncoder { tokenizer, model })
     }
 
