@@ -17,6 +17,7 @@ mod schedulers;
 mod schema;
 mod setup;
 mod shard;
+mod t5;
 mod torch;
 mod unet;
 

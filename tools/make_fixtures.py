@@ -14,6 +14,9 @@ Outputs (committed; random weights, deterministic seeds):
                                        with fp16 variants of unet, vae and text_encoder_2 only
                                        (text_encoder exercises the per-component variant fallback)
   tests/fixtures/tiny-sdxl-unet-sharded/  the SDXL UNet saved with a small max_shard_size
+  tests/fixtures/tiny-sd3/, tiny-sd35/ StableDiffusion3Pipeline (SD3 and SD3.5 MMDiT-X transformers, T5,
+                                       flow matching): built by tools/make_fixtures_sd3.py, run last
+                                       (needs sentencepiece + protobuf, in the requirements)
   tests/fixtures/versions.json         the exact package versions used
 """
 import gzip
@@ -210,11 +213,16 @@ def main():
         clip_vocab(vocab_dir)
         sd15(vocab_dir, OUT / "tiny-sd15")
         sdxl(vocab_dir, OUT / "tiny-sdxl", OUT / "tiny-sdxl-unet-sharded")
-    import diffusers, transformers, safetensors
+    import diffusers, transformers, safetensors, sentencepiece, tokenizers
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
+                "safetensors": safetensors.__version__, "python": sys.version.split()[0],
+                # the T5 tokenizer of tiny-sd3 / tiny-sd35 (trained by sentencepiece, tokenizer.json by tokenizers)
+                "sentencepiece": sentencepiece.__version__, "tokenizers": tokenizers.__version__}
     (OUT / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
     check_loads()
+    sys.dont_write_bytecode = True  # no tools/__pycache__ from the import below
+    import make_fixtures_sd3  # tools/ is on sys.path when this file runs as a script
+    make_fixtures_sd3.main()
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total / 1e6:.1f} MB)")
 

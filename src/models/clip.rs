@@ -62,7 +62,7 @@ impl Activation {
         })
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         match self {
             // QuickGELUActivation: x * sigmoid(1.702 x)
             Activation::QuickGelu => x.f_mul(&x.f_mul_scalar(1.702)?.f_sigmoid()?),

@@ -9,6 +9,8 @@ pub mod hooks;
 pub mod image_processor;
 pub mod resnet;
 pub mod safety_checker;
+pub mod t5;
+pub mod t5_tokenizer;
 pub mod tokenizer;
 pub mod unet_2d;
 pub mod unet_2d_blocks;

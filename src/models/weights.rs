@@ -39,7 +39,7 @@ pub type ProgressSink = Rc<dyn Fn(u64)>;
 enum Source {
     /// The first pass: placeholders that own no memory, recording what the model asks for
     /// (name -> shape) and in which order.
-    Dry { requested: BTreeMap<String, Vec<u64>>, order: Vec<String> },
+    Dry { requested: BTreeMap<String, Vec<u64>>, order: Vec<(String, Option<Kind>)> },
     /// The second pass: the checkpoint's tensors, prepared ahead by a worker in the order the
     /// dry pass recorded and moved to `device` as the model takes them.
     Stream { rx: Receiver<Prepared>, device: Device, early: BTreeMap<String, Prepared>, error: Option<WeightsError>, zero_copy: bool },
@@ -96,6 +96,22 @@ fn placeholder(shape: &[i64]) -> Tensor {
 /// converted once), on the model's device: nothing is initialised or staged. Otherwise (a model
 /// built without a checkpoint, e.g. in tests) a variable initialised with `init`.
 pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> Tensor {
+    param_with(p, name, shape, init, None)
+}
+
+/// [`param`] kept at `kind` whatever the model's dtype (transformers' `_keep_in_fp32_modules`:
+/// T5's `wo` stays fp32 in an fp16 model).
+pub fn param_at(p: &nn::Path, name: &str, shape: &[i64], kind: Kind) -> Tensor {
+    let t = param_with(p, name, shape, nn::Init::Const(0.), Some(kind));
+    if t.kind() == kind || SOURCE.with(|s| s.borrow().is_some()) {
+        t
+    } else {
+        // Built without a checkpoint (tests): the variable itself at `kind`.
+        t.to_kind(kind)
+    }
+}
+
+fn param_with(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init, kind: Option<Kind>) -> Tensor {
     let full = {
         let base = p.components().collect::<Vec<_>>().join(".");
         if base.is_empty() {
@@ -104,7 +120,7 @@ pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> Tensor 
             format!("{base}.{name}")
         }
     };
-    let taken = SOURCE.with(|s| s.borrow_mut().as_mut().map(|src| take(src, full, shape)));
+    let taken = SOURCE.with(|s| s.borrow_mut().as_mut().map(|src| take(src, full, shape, kind)));
     match taken {
         Some(t) => p.add(name, t, false),
         None => {
@@ -114,11 +130,11 @@ pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> Tensor 
     }
 }
 
-fn take(src: &mut Source, full: String, shape: &[i64]) -> Tensor {
+fn take(src: &mut Source, full: String, shape: &[i64], kind: Option<Kind>) -> Tensor {
     let (rx, device, early, error, zero_copy) = match src {
         Source::Dry { requested, order } => {
             requested.insert(full.clone(), shape.iter().map(|&d| d as u64).collect());
-            order.push(full);
+            order.push((full, kind));
             return placeholder(shape);
         }
         Source::Stream { rx, device, early, error, zero_copy } => (rx, *device, early, error, zero_copy),
@@ -182,10 +198,10 @@ const WINDOW: usize = 2;
 const BATCH_BYTES: u64 = 64 << 20;
 
 /// `order` cut into consecutive batches of at most [`BATCH_BYTES`] (a larger tensor alone).
-fn batches<'a>(ck: &Checkpoint, order: &'a [String]) -> Vec<&'a [String]> {
+fn batches<'a>(ck: &Checkpoint, order: &'a [(String, Option<Kind>)]) -> Vec<&'a [(String, Option<Kind>)]> {
     let mut out = vec![];
     let (mut start, mut bytes) = (0, 0);
-    for (i, name) in order.iter().enumerate() {
+    for (i, (name, _)) in order.iter().enumerate() {
         let b = ck.tensors.get(name).map_or(0, |t| t.info.nbytes());
         if i > start && bytes + b > BATCH_BYTES {
             out.push(&order[start..i]);
@@ -234,8 +250,8 @@ pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kin
             for batch in batches(ck, &order) {
                 let prepared: Vec<Prepared> = batch
                     .par_iter()
-                    .map(|name| {
-                        let tensor = worker_maps.tensor(ck, name, Some(kind));
+                    .map(|(name, own)| {
+                        let tensor = worker_maps.tensor(ck, name, Some(own.unwrap_or(kind)));
                         // A GPU-bound view is read now, while the model copies the previous tensor.
                         if let (Ok((_, Some(v))), true) = (&tensor, device != Device::Cpu) {
                             worker_maps.prefetch(*v);

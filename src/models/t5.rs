@@ -1,0 +1,287 @@
+//! T5 encoder (transformers `T5EncoderModel`, models/t5/modeling_t5.py of transformers 5.24): SD3's
+//! and FLUX's `text_encoder_3` / `text_encoder_2`. Variables sit at the checkpoint's key paths
+//! (`encoder.block.{i}.layer.0.SelfAttention.q.weight`, ...), so a sharded T5-XXL loads unchanged.
+//!
+//! What transformers does and this follows: the relative position bias comes from the first
+//! block's `relative_attention_bias` and is shared by every block; attention scores are not scaled
+//! (T5 folds the scale into its initialisation); the layer norm is an RMS norm accumulated in fp32;
+//! v1.1 checkpoints use a gated-GELU (`gelu_new`) feed-forward; in an fp16 model the `wo`
+//! projections stay fp32 (`_keep_in_fp32_modules`) and hidden states are clamped to fp16's range
+//! after each sub-layer. `encoder.embed_tokens.weight` is tied to `shared.weight`: a checkpoint
+//! holding either (or both) loads.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::layout::Checkpoint;
+use crate::checkpoint::load::Mapped;
+use crate::models::clip::Activation;
+use crate::models::config::{Cfg, ConfigError};
+use crate::models::hooks::{path_of, scoped};
+use crate::models::weights::{build_from_checkpoint, param, param_at, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum T5Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("T5EncoderModel: libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// transformers `T5Config`, the fields the encoder reads (defaults as there).
+#[derive(Debug, Clone, PartialEq)]
+pub struct T5Config {
+    pub vocab_size: i64,
+    pub d_model: i64,
+    pub d_kv: i64,
+    pub d_ff: i64,
+    pub num_layers: i64,
+    pub num_heads: i64,
+    pub relative_attention_num_buckets: i64,
+    pub relative_attention_max_distance: i64,
+    pub layer_norm_epsilon: f64,
+    /// `feed_forward_proj = "gated-..."` (T5 1.1, T5-XXL): act(`wi_0`) * `wi_1`; else act(`wi`).
+    pub gated: bool,
+    /// `dense_act_fn` (transformers derives it from `feed_forward_proj`; "gelu" means `gelu_new`).
+    pub act: Activation,
+}
+
+impl T5Config {
+    /// From a component's `config.json` (`path` names it in errors).
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let c = Cfg::new(v, path, "T5EncoderModel")?;
+        let proj = c.text("feed_forward_proj", "relu")?;
+        let (gated, derived) = match proj.strip_prefix("gated-") {
+            Some(act) => (true, act),
+            None => (false, proj),
+        };
+        // T5Config: `dense_act_fn` is the part after "gated-", with "gelu" read as "gelu_new".
+        let derived = if derived == "gelu" { "gelu_new" } else { derived };
+        let act_name = c.text("dense_act_fn", derived)?;
+        let act = Activation::from_name(act_name).ok_or_else(|| c.err(format!("`dense_act_fn` = {act_name:?} (from `feed_forward_proj` = {proj:?}) is not an activation runner implements")))?;
+        Ok(T5Config {
+            vocab_size: c.dim("vocab_size", 32128)?,
+            d_model: c.dim("d_model", 512)?,
+            d_kv: c.dim("d_kv", 64)?,
+            d_ff: c.dim("d_ff", 2048)?,
+            num_layers: c.dim("num_layers", 6)?,
+            num_heads: c.dim("num_heads", 8)?,
+            relative_attention_num_buckets: c.dim("relative_attention_num_buckets", 32)?,
+            relative_attention_max_distance: c.dim("relative_attention_max_distance", 128)?,
+            layer_norm_epsilon: c.num("layer_norm_epsilon", 1e-6)?,
+            gated,
+            act,
+        })
+    }
+}
+
+/// A bias-free linear layer announcing its path.
+struct Linear {
+    weight: Tensor,
+    path: String,
+}
+
+impl Linear {
+    fn new(p: nn::Path, d_in: i64, d_out: i64) -> Linear {
+        Linear { weight: param(&p, "weight", &[d_out, d_in], nn::Init::Const(0.)), path: path_of(&p) }
+    }
+
+    /// A `wo`: fp32 in an fp16 model.
+    fn keep_fp32(p: nn::Path, d_in: i64, d_out: i64, model_kind: Kind) -> Linear {
+        let weight = if model_kind == Kind::Half { param_at(&p, "weight", &[d_out, d_in], Kind::Float) } else { param(&p, "weight", &[d_out, d_in], nn::Init::Const(0.)) };
+        Linear { weight, path: path_of(&p) }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || x.f_linear::<&Tensor>(&self.weight, None))
+    }
+}
+
+/// `T5LayerNorm`: RMS norm without bias, the variance accumulated in fp32.
+struct LayerNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
+        LayerNorm { weight: param(&p, "weight", &[dim], nn::Init::Const(1.)), eps }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        let variance = x.f_to_kind(Kind::Float)?.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
+        let mut h = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) {
+            h = h.f_to_kind(self.weight.kind())?;
+        }
+        self.weight.f_mul(&h)
+    }
+}
+
+/// `T5Block` of the encoder: self-attention then feed-forward, each pre-normed with a residual.
+struct Block {
+    path: String,
+    attn_norm: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ff_norm: LayerNorm,
+    /// `wi`, or `wi_0` when gated.
+    wi: Linear,
+    /// `wi_1` (gated only).
+    wi_1: Option<Linear>,
+    wo: Linear,
+    act: Activation,
+}
+
+impl Block {
+    fn new(p: nn::Path, c: &T5Config, kind: Kind) -> Block {
+        let attn = &p / "layer" / 0;
+        let sa = &attn / "SelfAttention";
+        let ff = &p / "layer" / 1;
+        let dense = &ff / "DenseReluDense";
+        let inner = c.num_heads * c.d_kv;
+        let (wi, wi_1) =
+            if c.gated { (Linear::new(&dense / "wi_0", c.d_model, c.d_ff), Some(Linear::new(&dense / "wi_1", c.d_model, c.d_ff))) } else { (Linear::new(&dense / "wi", c.d_model, c.d_ff), None) };
+        Block {
+            path: path_of(&p),
+            attn_norm: LayerNorm::new(&attn / "layer_norm", c.d_model, c.layer_norm_epsilon),
+            q: Linear::new(&sa / "q", c.d_model, inner),
+            k: Linear::new(&sa / "k", c.d_model, inner),
+            v: Linear::new(&sa / "v", c.d_model, inner),
+            o: Linear::new(&sa / "o", inner, c.d_model),
+            ff_norm: LayerNorm::new(&ff / "layer_norm", c.d_model, c.layer_norm_epsilon),
+            wi,
+            wi_1,
+            wo: Linear::keep_fp32(&dense / "wo", c.d_ff, c.d_model, kind),
+            act: c.act,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, bias: &Tensor, heads: i64) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || {
+            let (b, t, _) = x.size3()?;
+            let y = self.attn_norm.forward(x)?;
+            let split = |z: Tensor| z.f_view([b, t, heads, -1])?.f_transpose(1, 2);
+            let (q, k, v) = (split(self.q.forward(&y)?)?, split(self.k.forward(&y)?)?, split(self.v.forward(&y)?)?);
+            // Unscaled scores plus the position bias (T5's eager attention), softmax over keys.
+            let scores = q.f_matmul(&k.f_transpose(2, 3)?)?.f_add(&bias.f_to_kind(q.kind())?)?;
+            let a = scores.f_softmax(-1, None::<Kind>)?.f_matmul(&v)?.f_transpose(1, 2)?.f_reshape([b, t, -1])?;
+            let x = clamp_fp16(&x.f_add(&self.o.forward(&a)?)?)?;
+            let y = self.ff_norm.forward(&x)?;
+            let h = self.act.apply(&self.wi.forward(&y)?)?;
+            let h = match &self.wi_1 {
+                None => h,
+                Some(wi_1) => h.f_mul(&wi_1.forward(&y)?)?,
+            };
+            // `wo` may be fp32 in an fp16 model: its input follows it (and the sum promotes).
+            let h = if h.kind() != self.wo.weight.kind() { h.f_to_kind(self.wo.weight.kind())? } else { h };
+            clamp_fp16(&x.f_add(&self.wo.forward(&h)?)?)
+        })
+    }
+}
+
+/// transformers' fp16 guard after each sub-layer: clamp to the largest finite value (1000 below
+/// it when an inf already appeared).
+fn clamp_fp16(x: &Tensor) -> Result<Tensor, tch::TchError> {
+    if x.kind() != Kind::Half {
+        return Ok(x.shallow_clone());
+    }
+    let max = 65504.0 - if x.f_isinf()?.f_any()?.int64_value(&[]) != 0 { 1000.0 } else { 0.0 };
+    x.f_clamp(-max, max)
+}
+
+/// `_relative_position_bucket` for a bidirectional encoder: [query, key] bucket ids.
+fn position_buckets(len: i64, num_buckets: i64, max_distance: i64, device: Device) -> Result<Tensor, tch::TchError> {
+    let ctx = Tensor::f_arange(len, (Kind::Int64, device))?.f_unsqueeze(1)?;
+    let mem = Tensor::f_arange(len, (Kind::Int64, device))?.f_unsqueeze(0)?;
+    let rel = mem.f_sub(&ctx)?;
+    let half = num_buckets / 2;
+    let mut buckets = rel.f_gt(0)?.f_to_kind(Kind::Int64)?.f_mul_scalar(half)?;
+    let rel = rel.f_abs()?;
+    let max_exact = half / 2;
+    let is_small = rel.f_lt(max_exact)?;
+    // max_exact + log(rel / max_exact) / log(max_distance / max_exact) * (half - max_exact), truncated.
+    let large = rel
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(max_exact as f64)?
+        .f_log()?
+        .f_div_scalar((max_distance as f64 / max_exact as f64).ln())?
+        .f_mul_scalar((half - max_exact) as f64)?
+        .f_to_kind(Kind::Int64)?
+        .f_add_scalar(max_exact)?
+        .f_clamp_max(half - 1)?;
+    buckets = buckets.f_add(&rel.f_where_self(&is_small, &large)?)?;
+    Ok(buckets)
+}
+
+/// transformers `T5EncoderModel`.
+pub struct T5EncoderModel {
+    pub config: T5Config,
+    vs: VarStore,
+    mapped: Mapped,
+    shared: Tensor,
+    relative_attention_bias: Tensor,
+    blocks: Vec<Block>,
+    final_layer_norm: LayerNorm,
+}
+
+impl T5EncoderModel {
+    /// Builds the model from `ck`, strictly; floats at `kind` (the `wo`s fp32 when `kind` is fp16).
+    pub fn load(config: &T5Config, ck: &Checkpoint, device: Device, kind: Kind) -> Result<Self, T5Error> {
+        let c = config;
+        // The tied embedding: `shared.weight` is the parameter; a copy saved as
+        // `encoder.embed_tokens.weight` is the same tensor (taken when `shared` is absent).
+        let tied = "encoder.embed_tokens.weight";
+        let embed_key = if ck.tensors.contains_key("shared.weight") || !ck.tensors.contains_key(tied) { "shared" } else { "encoder.embed_tokens" };
+        let ck = if embed_key == "shared" && ck.tensors.contains_key(tied) {
+            Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| k.as_str() != tied).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck.clone() }
+        } else {
+            ck.clone()
+        };
+        let vs = VarStore::new(device);
+        let ((shared, relative_attention_bias, blocks, final_layer_norm), mapped) = build_from_checkpoint(&vs, &ck, "T5EncoderModel", kind, |root| {
+            let emb = embed_key.split('.').fold(root.clone(), |p, s| &p / s);
+            let shared = param(&emb, "weight", &[c.vocab_size, c.d_model], nn::Init::Const(0.));
+            let enc = &root / "encoder";
+            let bias = param(&(&enc / "block" / 0 / "layer" / 0 / "SelfAttention" / "relative_attention_bias"), "weight", &[c.relative_attention_num_buckets, c.num_heads], nn::Init::Const(0.));
+            let blocks = (0..c.num_layers).map(|i| Block::new(&enc / "block" / i, c, kind)).collect::<Vec<_>>();
+            let final_layer_norm = LayerNorm::new(&enc / "final_layer_norm", c.d_model, c.layer_norm_epsilon);
+            (shared, bias, blocks, final_layer_norm)
+        })?;
+        Ok(T5EncoderModel { config: c.clone(), vs, mapped, shared, relative_attention_bias, blocks, final_layer_norm })
+    }
+
+    /// The variables (the executor moves and accounts them).
+    pub fn varstore(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// The mapped checkpoint files its same-dtype CPU parameters view.
+    pub fn mapped(&self) -> &Mapped {
+        &self.mapped
+    }
+
+    /// `last_hidden_state` [B, T, d_model] for `input_ids` [B, T] (no attention mask, as the
+    /// diffusion pipelines call it).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor, T5Error> {
+        let c = &self.config;
+        let device = self.shared.device();
+        let ids = input_ids.f_to_device(device)?;
+        let t = ids.size()[1];
+        let mut x = Tensor::f_embedding(&self.shared, &ids, -1, false, false)?;
+        // compute_bias: [1, heads, T, T] from the first block's table, shared by all blocks.
+        let buckets = position_buckets(t, c.relative_attention_num_buckets, c.relative_attention_max_distance, device)?;
+        let bias = Tensor::f_embedding(&self.relative_attention_bias, &buckets, -1, false, false)?.f_permute([2, 0, 1])?.f_unsqueeze(0)?;
+        for block in &self.blocks {
+            x = block.forward(&x, &bias, c.num_heads)?;
+        }
+        Ok(self.final_layer_norm.forward(&x)?)
+    }
+}
