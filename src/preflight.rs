@@ -12,6 +12,7 @@ use crate::diag::{Diagnostic, Location};
 use crate::manifest::{LoadedManifest, PipelineKind};
 use crate::models::clip::ClipTextConfig;
 use crate::models::safety_checker::SafetyCheckerConfig;
+use crate::models::t5::T5Config;
 use crate::models::unet_2d::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
 
@@ -20,7 +21,9 @@ pub fn supported_classes(component: &str) -> Option<&'static [&'static str]> {
     Some(match component {
         "text_encoder" => &["CLIPTextModel", "CLIPTextModelWithProjection"],
         "text_encoder_2" => &["CLIPTextModelWithProjection"],
+        "text_encoder_3" => &["T5EncoderModel"],
         "tokenizer" | "tokenizer_2" => &["CLIPTokenizer", "CLIPTokenizerFast"],
+        "tokenizer_3" => &["T5TokenizerFast", "T5Tokenizer"],
         "unet" => &["UNet2DConditionModel"],
         "vae" => &["AutoencoderKL"],
         "safety_checker" => &["StableDiffusionSafetyChecker"],
@@ -33,11 +36,21 @@ pub fn supported_classes(component: &str) -> Option<&'static [&'static str]> {
 /// The typed configs of the model components, read once.
 #[derive(Debug, Clone)]
 pub struct Configs {
-    pub unet: UNet2DConditionConfig,
+    /// SD and SDXL's denoiser.
+    pub unet: Option<UNet2DConditionConfig>,
     pub vae: AutoencoderKLConfig,
     pub text_encoder: ClipTextConfig,
     pub text_encoder_2: Option<ClipTextConfig>,
+    /// SD3's T5 (absent when disabled).
+    pub text_encoder_3: Option<T5Config>,
     pub safety_checker: Option<SafetyCheckerConfig>,
+}
+
+impl Configs {
+    /// The UNet's config (preflight read it for every kind that has one).
+    pub fn unet(&self) -> &UNet2DConditionConfig {
+        self.unet.as_ref().expect("a UNet pipeline")
+    }
 }
 
 /// The component's `config.json`: beside its weights (a `source` elsewhere), else in its
@@ -98,7 +111,9 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
         return Err(out);
     }
     // 5. Configs, strictly.
-    let xl = m.manifest.pipeline.kind == PipelineKind::StableDiffusionXl;
+    let kind = m.manifest.pipeline.kind;
+    let xl = kind == PipelineKind::StableDiffusionXl;
+    let sd3 = kind == PipelineKind::StableDiffusion3;
     let path_of = |name: &str| p.component(name).map(config_path);
     let missing = |name: &str| Diagnostic::error(format!("the pipeline has no `{name}`"), index.clone());
     let diag = |e: &dyn std::fmt::Display, path: &Path| Diagnostic::error(e.to_string(), Location::Path(path.to_path_buf()));
@@ -109,20 +124,29 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
         }
         p
     };
-    let unet = read("unet", &mut out).and_then(|path| UNet2DConditionConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
+    let unet = if sd3 { None } else { read("unet", &mut out).and_then(|path| UNet2DConditionConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) };
     let vae = read("vae", &mut out).and_then(|path| AutoencoderKLConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
     let te = read("text_encoder", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
-    let te2 = if xl { read("text_encoder_2", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) } else { None };
+    let te2 = if xl || sd3 { read("text_encoder_2", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) } else { None };
+    let te3_disabled = m.manifest.components.get("text_encoder_3").and_then(|c| c.enabled) == Some(false);
+    let te3 = match (sd3 && !te3_disabled, path_of("text_encoder_3")) {
+        (false, _) => None,
+        (true, None) => {
+            out.push(missing("text_encoder_3").with_note("to run without T5 as diffusers does with `text_encoder_3=None` (zeros in its place), set `components.text_encoder_3.enabled = false`"));
+            None
+        }
+        (true, Some(path)) => crate::models::config::read_json(&path, "T5EncoderModel").and_then(|v| T5Config::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok(),
+    };
     let safety = match path_of("safety_checker") {
         Some(path) if p.component("safety_checker").is_some_and(|c| c.checkpoint.is_some()) => SafetyCheckerConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok(),
         _ => None,
     };
-    let (Some(unet), Some(vae), Some(text_encoder)) = (unet, vae, te) else { return Err(out) };
-    if xl && te2.is_none() {
+    let (Some(vae), Some(text_encoder)) = (vae, te) else { return Err(out) };
+    if (!sd3 && unet.is_none()) || ((xl || sd3) && te2.is_none()) || (sd3 && !te3_disabled && te3.is_none()) {
         return Err(out);
     }
-    let configs = Configs { unet, vae, text_encoder, text_encoder_2: te2, safety_checker: safety };
-    if let Err(msg) = check_compatible(&configs, xl) {
+    let configs = Configs { unet, vae, text_encoder, text_encoder_2: te2, text_encoder_3: te3, safety_checker: safety };
+    if let Err(msg) = if sd3 { Ok(()) } else { check_compatible(&configs, xl) } {
         out.push(Diagnostic::error(format!("the components of `{}` do not fit together: {msg}", p.root.display()), index.clone()));
     }
     // 6. The scheduler: its config, or the manifest's kind over it.
@@ -154,9 +178,8 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     }
     if let Some(l) = &r.latents {
         let path = m.resolve_path("run.latents", l);
-        let sample = configs.unet.sample_size as u64 * 8;
-        let (w, h) = (r.width.map(u64::from).unwrap_or(sample), r.height.map(u64::from).unwrap_or(sample));
-        let want = [u64::from(r.batch.unwrap_or(1)), configs.unet.in_channels as u64, h / 8, w / 8];
+        let shape = crate::plan::build::run_shape(m, &configs);
+        let want = [shape.batch, configs.vae.latent_channels as u64, shape.height / 8, shape.width / 8];
         if let Err(msg) = check_latents(&path, &want) {
             out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));
         }
@@ -189,7 +212,21 @@ fn check_latents(path: &Path, want: &[u64; 4]) -> Result<(), String> {
 fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), String> {
     let class = p.index.class_name.clone().unwrap_or_default();
     let has = |n: &str| p.index.components.get(n).is_some_and(|e| e.is_some());
+    let sd3_folder = class.contains("StableDiffusion3") || has("transformer");
+    if sd3_folder && m.manifest.pipeline.kind != PipelineKind::StableDiffusion3 {
+        return Err(format!(
+            "`pipeline.kind` is `{}` but `{}` holds a `{class}` (a transformer, not a UNet): set `kind = \"stable-diffusion-3\"`",
+            m.manifest.pipeline.kind.as_str(),
+            p.root.display()
+        ));
+    }
     match m.manifest.pipeline.kind {
+        PipelineKind::StableDiffusion3 => {
+            if !sd3_folder {
+                let guess = if class.contains("XL") || has("text_encoder_2") { "stable-diffusion-xl" } else { "stable-diffusion" };
+                return Err(format!("`pipeline.kind` is `stable-diffusion-3` but `{}` holds a `{class}` without a `transformer`: set `kind = \"{guess}\"`", p.root.display()));
+            }
+        }
         PipelineKind::StableDiffusionXl => {
             if class.contains("XL") && !has("text_encoder") && has("text_encoder_2") {
                 return Err(format!("`{}` is an SDXL refiner (no `text_encoder`): refiner pipelines (image-to-image with aesthetic-score conditioning) are not supported yet", p.root.display()));
@@ -216,7 +253,7 @@ fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), String> {
 /// `cross_attention_dim`, SDXL's pooled projection fits `projection_class_embeddings_input_dim`,
 /// and the VAE's latent channels are the UNet's input channels.
 fn check_compatible(c: &Configs, xl: bool) -> Result<(), String> {
-    let unet = &c.unet;
+    let unet = c.unet();
     let hidden = c.text_encoder.hidden_size + if xl { c.text_encoder_2.as_ref().map_or(0, |t| t.hidden_size) } else { 0 };
     if hidden != unet.cross_attention_dim {
         return Err(format!(

@@ -147,7 +147,7 @@ impl<'a> Loader<'a> {
     }
 
     pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {
-        self.track_whole("unet", l).run(|| load_unet(l, self.configs.unet.clone()))
+        self.track_whole("unet", l).run(|| load_unet(l, self.configs.unet().clone()))
     }
 
     /// The VAE's decoder and the dtype it runs at ([`vae_kind`]).

@@ -43,12 +43,9 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
             if let Some(s) = did_you_mean(name, kind.components().iter().copied()) {
                 d = d.with_note(format!("did you mean `{s}`?"));
             }
-            let other = match kind {
-                PipelineKind::StableDiffusion => PipelineKind::StableDiffusionXl,
-                PipelineKind::StableDiffusionXl => PipelineKind::StableDiffusion,
-            };
-            if other.components().contains(&name.as_str()) {
-                d = d.with_note(format!("`{name}` belongs to `{}` pipelines; is `pipeline.kind` right?", other.as_str()));
+            let others: Vec<&str> = PipelineKind::ALL.iter().filter(|k| **k != kind && k.components().contains(&name.as_str())).map(|k| k.as_str()).collect();
+            if !others.is_empty() {
+                d = d.with_note(format!("`{name}` belongs to `{}` pipelines; is `pipeline.kind` right?", others.join("` and `")));
             }
             d = d.with_note(format!("components of `{}`: {}", kind.as_str(), kind.components().iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")));
             out.push(d);
@@ -138,11 +135,15 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         }
     }
 
-    // SDXL-only keys on an SD pipeline are ignored by diffusers' StableDiffusionPipeline.
-    if kind == Some(PipelineKind::StableDiffusion) {
-        for name in ["prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"] {
+    // Keys of other kinds are ignored by this kind's diffusers pipeline: said, not refused.
+    if let Some(kind) = kind {
+        let mut foreign: Vec<&str> = PipelineKind::ALL.iter().flat_map(|k| k.own_run_keys().iter().copied()).filter(|n| !kind.own_run_keys().contains(n)).collect();
+        foreign.sort_unstable();
+        foreign.dedup();
+        for name in foreign {
             if m.get("run").and_then(|r| r.get(name)).is_some() {
-                out.push(warn(&key(&["run", name]), Want::Key, format!("`run.{name}` only applies to `stable-diffusion-xl` pipelines and is ignored here")).with_label("ignored"));
+                let kinds: Vec<&str> = PipelineKind::ALL.iter().filter(|k| k.own_run_keys().contains(&name)).map(|k| k.as_str()).collect();
+                out.push(warn(&key(&["run", name]), Want::Key, format!("`run.{name}` only applies to `{}` pipelines and is ignored here", kinds.join("` and `"))).with_label("ignored"));
             }
         }
     }

@@ -58,20 +58,26 @@ pub struct Pipeline {
     pub scheduler: Option<SchedulerKind>,
 }
 
-/// The kind of pipeline: `stable-diffusion` (SD 1.x/2.x, diffusers `StableDiffusionPipeline`) or
-/// `stable-diffusion-xl` (`StableDiffusionXLPipeline`).
+/// The kind of pipeline: `stable-diffusion` (SD 1.x/2.x, diffusers `StableDiffusionPipeline`),
+/// `stable-diffusion-xl` (`StableDiffusionXLPipeline`) or `stable-diffusion-3` (SD3 / SD3.5,
+/// `StableDiffusion3Pipeline`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PipelineKind {
     StableDiffusion,
     StableDiffusionXl,
+    #[serde(rename = "stable-diffusion-3")]
+    StableDiffusion3,
 }
 
 impl PipelineKind {
+    pub const ALL: [PipelineKind; 3] = [PipelineKind::StableDiffusion, PipelineKind::StableDiffusionXl, PipelineKind::StableDiffusion3];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PipelineKind::StableDiffusion => "stable-diffusion",
             PipelineKind::StableDiffusionXl => "stable-diffusion-xl",
+            PipelineKind::StableDiffusion3 => "stable-diffusion-3",
         }
     }
 
@@ -81,6 +87,7 @@ impl PipelineKind {
         match self {
             PipelineKind::StableDiffusion => &["text_encoder", "unet", "vae", "safety_checker"],
             PipelineKind::StableDiffusionXl => &["text_encoder", "text_encoder_2", "unet", "vae"],
+            PipelineKind::StableDiffusion3 => &["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"],
         }
     }
 
@@ -89,6 +96,17 @@ impl PipelineKind {
         match self {
             PipelineKind::StableDiffusion => &["safety_checker"],
             PipelineKind::StableDiffusionXl => &[],
+            // diffusers' `text_encoder_3=None`: zeros in T5's place.
+            PipelineKind::StableDiffusion3 => &["text_encoder_3"],
+        }
+    }
+
+    /// `run` keys only this kind reads (elsewhere they are warned about as ignored).
+    pub fn own_run_keys(self) -> &'static [&'static str] {
+        match self {
+            PipelineKind::StableDiffusion => &[],
+            PipelineKind::StableDiffusionXl => &["prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"],
+            PipelineKind::StableDiffusion3 => &["prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length"],
         }
     }
 }
@@ -259,12 +277,22 @@ pub struct Run {
     pub prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
-    /// SDXL: prompt for the second text encoder (default: `prompt`).
+    /// SDXL, SD3: prompt for the second text encoder (default: `prompt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_2: Option<String>,
-    /// SDXL: negative prompt for the second text encoder (default: `negative_prompt`).
+    /// SDXL, SD3: negative prompt for the second text encoder (default: `negative_prompt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt_2: Option<String>,
+    /// SD3: prompt for the T5 text encoder (default: `prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_3: Option<String>,
+    /// SD3: negative prompt for the T5 text encoder (default: `negative_prompt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt_3: Option<String>,
+    /// SD3: T5 tokens the prompt is padded or truncated to (diffusers' default 256, at most 512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 512))]
+    pub max_sequence_length: Option<u32>,
     /// Number of denoising steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]

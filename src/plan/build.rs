@@ -25,10 +25,13 @@ pub struct BuildOptions {
 /// or 5.0 (SDXL), batch 1.
 pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
     let r = &m.manifest.run;
-    let sample = configs.unet.sample_size as u64;
+    // diffusers' default size: the denoiser's sample_size in latents, times the VAE's factor.
+    let scale = 1u64 << (configs.vae.block_out_channels.len() - 1);
+    let sample = configs.unet.as_ref().map_or(128, |u| u.sample_size as u64) * scale / 8;
     let default_guidance = match m.manifest.pipeline.kind {
         PipelineKind::StableDiffusion => 7.5,
         PipelineKind::StableDiffusionXl => 5.0,
+        PipelineKind::StableDiffusion3 => 7.0,
     };
     RunShape {
         width: r.width.map(u64::from).unwrap_or(sample * 8),
@@ -54,7 +57,7 @@ fn dims(configs: &Configs, name: &str) -> Dims {
     let clip =
         |c: &crate::models::clip::ClipTextConfig| Dims::Clip { hidden: c.hidden_size as u64, intermediate: c.intermediate_size as u64, layers: c.num_hidden_layers as u64, tokens: 77, guided: true };
     match name {
-        "unet" => Dims::UNet { c0: configs.unet.block_out_channels[0] as u64, attention_first: configs.unet.down_block_types[0].starts_with("CrossAttn") },
+        "unet" => configs.unet.as_ref().map_or(Dims::None, |u| Dims::UNet { c0: u.block_out_channels[0] as u64, attention_first: u.down_block_types[0].starts_with("CrossAttn") }),
         "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast },
         "text_encoder" => clip(&configs.text_encoder),
         "text_encoder_2" => configs.text_encoder_2.as_ref().map_or(Dims::None, clip),
@@ -81,7 +84,10 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
             let dtype = spec.and_then(|s| s.dtype).unwrap_or(m.manifest.pipeline.dtype);
             let e = dtype.size_bytes();
             let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), t.info.nbytes_as(e))).collect();
-            let up_block_types = if c.name == "unet" { configs.unet.up_block_types.as_slice() } else { &[] };
+            let up_block_types = match (&configs.unet, c.name.as_str()) {
+                (Some(u), "unet") => u.up_block_types.as_slice(),
+                _ => &[],
+            };
             let tree = modules::build(&c.class, up_block_types, &tensors);
             ComponentInput {
                 name: c.name.clone(),
