@@ -23,9 +23,14 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
         "DDIMScheduler" => Some("ddim"),
         "DPMSolverMultistepScheduler" if m["scheduler_config"]["use_karras_sigmas"] == true => Some("dpmpp-2m-karras"),
         "DPMSolverMultistepScheduler" => Some("dpmpp-2m"),
+        "FlowMatchEulerDiscreteScheduler" => None,
         other => panic!("{other}"),
     };
-    let kind = if m["pipeline"] == "tiny-sdxl" { "stable-diffusion-xl" } else { "stable-diffusion" };
+    let kind = match m["pipeline"].as_str().unwrap() {
+        "tiny-sdxl" => "stable-diffusion-xl",
+        "tiny-sd3" | "tiny-sd35" => "stable-diffusion-3",
+        _ => "stable-diffusion",
+    };
     let mut text = format!(
         "schema_version = 1\nname = \"{case}\"\n[pipeline]\nkind = \"{kind}\"\nsource = \"{}\"\ndtype = \"fp32\"\n",
         root().join("tests/fixtures").join(m["pipeline"].as_str().unwrap()).display()
@@ -33,10 +38,18 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
     if let Some(s) = scheduler {
         text.push_str(&format!("scheduler = \"{s}\"\n"));
     }
+    if m["text_encoder_3"] == false {
+        text.push_str("[components.text_encoder_3]\nenabled = false\n");
+    }
     text.push_str("[placement]\nmax_memory = { cpu = \"4GiB\" }\n[run]\n");
     text.push_str(&format!("prompt = {}\n", m["prompt"]));
-    if let Some(n) = m["negative_prompt"].as_str() {
-        text.push_str(&format!("negative_prompt = {:?}\n", n));
+    for key in ["negative_prompt", "prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"] {
+        if let Some(n) = m[key].as_str() {
+            text.push_str(&format!("{key} = {n:?}\n"));
+        }
+    }
+    if let Some(n) = m["max_sequence_length"].as_u64() {
+        text.push_str(&format!("max_sequence_length = {n}\n"));
     }
     text.push_str(&format!(
         "guidance_scale = {}\nsteps = {}\nseed = {}\nbatch = {}\nwidth = {}\nheight = {}\noutput = \"out.png\"\nthreads = 1\n",
@@ -62,7 +75,7 @@ fn check_case(case: &str) {
         runner::checkpoint::load::load(&ck, None, runner::checkpoint::load::LoadOptions { float_kind: None, device: tch::Device::Cpu, populate: false }).unwrap()
     };
     let want = refs(case);
-    for name in ["tokens.prompt.input_ids", "tokens.negative.input_ids", "tokens.prompt.input_ids_2", "tokens.negative.input_ids_2"] {
+    for name in ["tokens.prompt.input_ids", "tokens.negative.input_ids", "tokens.prompt.input_ids_2", "tokens.negative.input_ids_2", "tokens.prompt.input_ids_3", "tokens.negative.input_ids_3"] {
         if let Some(w) = want.get(name) {
             assert!(got.get(name).unwrap().view([-1]).equal(&w.view([-1])), "{case}: {name}");
         }
@@ -82,7 +95,7 @@ fn check_case(case: &str) {
     let d = (a - b).abs().max().double_value(&[]);
     eprintln!("{case}: image max |diff| {d:.2e}, {} tensors compared", names.len());
     assert!(d <= 2e-3, "{case}: image max |diff| {d}");
-    let out = dir.path().join(if case_meta(case)["batch"] == 1 { "out.png" } else { "out-0.png" });
+    let out = dir.path().join(if case_meta(case)["batch"].as_u64().unwrap_or(1) == 1 { "out.png" } else { "out-0.png" });
     assert!(out.is_file(), "{}", out.display());
 }
 

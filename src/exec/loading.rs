@@ -9,12 +9,13 @@ use tch::Kind;
 
 use super::{kind_of, ledger, tch_device, ExecError};
 
-use super::text::TextEncoder;
+use super::text::{T5TextEncoder, TextEncoder};
 use crate::checkpoint::layout::{Checkpoint, Component, PipelineFolder};
 use crate::checkpoint::load::Mapped;
 use crate::device::Device;
 use crate::manifest::{LoadedManifest, Offload};
 use crate::models::clip::ClipTextConfig;
+use crate::models::t5::T5Config;
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
 use crate::models::weights::build_from_checkpoint;
@@ -75,10 +76,10 @@ pub(crate) fn decoder_only(ck: &Checkpoint) -> Checkpoint {
     Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck.clone() }
 }
 
-/// The VAE decoder, at [`vae_kind`].
-pub(crate) fn load_vae(l: &Loaded, cfg: AutoencoderKLConfig) -> Result<Held<AutoencoderKLDecoder>, ExecError> {
+/// The VAE decoder, at `kind`.
+pub(crate) fn load_vae(l: &Loaded, kind: Kind, cfg: AutoencoderKLConfig) -> Result<Held<AutoencoderKLDecoder>, ExecError> {
     let vs = VarStore::new(l.device);
-    let (model, mapped) = build_from_checkpoint(&vs, &decoder_only(ck_of(l)), "AutoencoderKL", vae_kind(l, &cfg), |root| AutoencoderKLDecoder::new(root, cfg.clone())).map_err(ModelError::from)?;
+    let (model, mapped) = build_from_checkpoint(&vs, &decoder_only(ck_of(l)), "AutoencoderKL", kind, |root| AutoencoderKLDecoder::new(root, cfg.clone())).map_err(ModelError::from)?;
     Ok(Held { model, vs, mapped })
 }
 
@@ -146,14 +147,22 @@ impl<'a> Loader<'a> {
         self.track_whole(name, l).run(|| TextEncoder::load(self.pipeline, ck_of(l), l.device, l.kind, cfg, tokenizer))
     }
 
+    /// A T5 encoder and its tokenizer (from the pipeline's `tokenizer` folder).
+    pub fn t5(&self, name: &'static str, l: &Loaded, cfg: &T5Config, tokenizer: &str) -> Result<T5TextEncoder, ExecError> {
+        // transformers keeps `wo` in fp32 in an fp16 model: those bytes count at 4.
+        let bytes = ck_of(l).tensors.iter().map(|(k, t)| if l.kind == Kind::Half && k.ends_with(".wo.weight") { t.info.numel() * 4 } else { t.info.numel() * l.kind.elt_size_in_bytes() as u64 }).sum();
+        self.track(name, l, bytes).run(|| T5TextEncoder::load(self.pipeline, ck_of(l), l.device, l.kind, cfg, tokenizer))
+    }
+
     pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {
         self.track_whole("unet", l).run(|| load_unet(l, self.configs.unet().clone()))
     }
 
-    /// The VAE's decoder and the dtype it runs at ([`vae_kind`]).
-    pub fn vae(&self, l: &Loaded) -> Result<(Held<AutoencoderKLDecoder>, Kind), ExecError> {
-        let kind = vae_kind(l, &self.configs.vae);
-        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), kind)).run(|| load_vae(l, self.configs.vae.clone())).map(|h| (h, kind))
+    /// The VAE's decoder and the dtype it runs at: with `upcast`, [`vae_kind`] (SD, SDXL);
+    /// else the component's (SD3 never upcasts).
+    pub fn vae(&self, l: &Loaded, upcast: bool) -> Result<(Held<AutoencoderKLDecoder>, Kind), ExecError> {
+        let kind = if upcast { vae_kind(l, &self.configs.vae) } else { l.kind };
+        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), kind)).run(|| load_vae(l, kind, self.configs.vae.clone())).map(|h| (h, kind))
     }
 
     /// Weight bytes the load placed in host memory.

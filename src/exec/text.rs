@@ -9,6 +9,8 @@ use super::ExecError;
 use crate::checkpoint::layout::{resolve_source, Checkpoint, PipelineFolder, VariantPolicy};
 use crate::checkpoint::load::{load, LoadOptions};
 use crate::models::clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
+use crate::models::t5::{T5Config, T5EncoderModel};
+use crate::models::t5_tokenizer::T5Tokenizer;
 use crate::models::tokenizer::ClipTokenizer;
 
 pub struct TextEncoder {
@@ -68,6 +70,38 @@ impl TextEncoder {
         let back = clip_skip.unwrap_or(0) as usize + 2;
         let idx = n.checked_sub(back).ok_or_else(|| ExecError::Text(format!("clip_skip {} is more than the text encoder's {} layers", back - 2, n - 1)))?;
         Ok(out.hidden_states[idx].shallow_clone())
+    }
+}
+
+/// SD3's and FLUX's T5 text encoder with its tokenizer (diffusers `_get_t5_prompt_embeds`).
+pub struct T5TextEncoder {
+    tokenizer: T5Tokenizer,
+    model: T5EncoderModel,
+}
+
+impl T5TextEncoder {
+    /// `cfg` is the encoder's config as preflight read it; `tokenizer` the pipeline's subfolder.
+    pub fn load(pipeline: &PipelineFolder, ck: &Checkpoint, device: tch::Device, kind: Kind, cfg: &T5Config, tokenizer: &str) -> Result<T5TextEncoder, ExecError> {
+        let tokenizer = T5Tokenizer::from_folder(&pipeline.root.join(tokenizer)).map_err(|e| ExecError::Text(e.to_string()))?;
+        let model = T5EncoderModel::load(cfg, ck, device, kind).map_err(|e| ExecError::Text(e.to_string()))?;
+        Ok(T5TextEncoder { tokenizer, model })
+    }
+
+    pub fn varstore(&self) -> &tch::nn::VarStore {
+        self.model.varstore()
+    }
+
+    pub fn mapped(&self) -> &crate::checkpoint::load::Mapped {
+        self.model.mapped()
+    }
+
+    /// Ids [1, max_length] (padded, truncated with `</s>` kept), the last hidden state, and the
+    /// truncated text, if any.
+    pub fn run(&self, text: &str, max_length: usize) -> Result<(Tensor, Tensor, Option<String>), ExecError> {
+        let enc = self.tokenizer.encode(text, max_length).map_err(|e| ExecError::Text(e.to_string()))?;
+        let ids = Tensor::from_slice(&enc.ids).unsqueeze(0);
+        let states = self.model.forward(&ids).map_err(|e| ExecError::Text(e.to_string()))?;
+        Ok((ids, states, enc.truncated))
     }
 }
 

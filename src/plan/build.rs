@@ -11,7 +11,7 @@ use crate::manifest::{LoadedManifest, Offload, PipelineKind};
 use crate::preflight::Configs;
 
 /// diffusers' execution order (`model_cpu_offload_seq`), then the safety checker.
-pub const EXECUTION_ORDER: [&str; 6] = ["text_encoder", "text_encoder_2", "image_encoder", "unet", "vae", "safety_checker"];
+pub const EXECUTION_ORDER: [&str; 8] = ["text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder", "unet", "transformer", "vae", "safety_checker"];
 
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {

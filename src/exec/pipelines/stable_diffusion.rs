@@ -26,7 +26,7 @@ impl StableDiffusion {
         let (text_encoder, unet, vae) = std::thread::scope(|s| {
             let te = s.spawn(|| lx.text_encoder("text_encoder", &te, &lx.configs.text_encoder, "tokenizer"));
             let unet = s.spawn(|| lx.unet(&un));
-            let vae = lx.vae(&va);
+            let vae = lx.vae(&va, true);
             (joined(te), joined(unet), vae)
         });
         let (vae, vae_kind) = vae?;

@@ -37,7 +37,7 @@ impl StableDiffusionXl {
             let te = s.spawn(|| lx.text_encoder("text_encoder", &te, &lx.configs.text_encoder, "tokenizer"));
             let te2 = s.spawn(|| lx.text_encoder("text_encoder_2", &te2, cfg2, "tokenizer_2"));
             let unet = s.spawn(|| lx.unet(&un));
-            let vae = lx.vae(&va);
+            let vae = lx.vae(&va, true);
             (joined(te), joined(te2), joined(unet), vae)
         });
         let (vae, vae_kind) = vae?;
