@@ -15,6 +15,7 @@ mod run;
 mod safety;
 mod schedulers;
 mod schema;
+mod sd3_transformer;
 mod setup;
 mod shard;
 mod t5;

@@ -1,0 +1,328 @@
+//! diffusers `SD3Transformer2DModel` (models/transformers/transformer_sd3.py of diffusers 0.42.1):
+//! the MMDiT of Stable Diffusion 3 and, with `qk_norm = "rms_norm"` and `dual_attention_layers`
+//! (MMDiT-X), of SD 3.5. Variables sit at the checkpoint's key paths (`pos_embed.proj.weight`,
+//! `transformer_blocks.{i}.attn.to_q.weight`, ...), so a sharded checkpoint loads unchanged.
+//!
+//! What diffusers does and this follows: latents are cut into `patch_size` patches by a strided
+//! convolution (`PatchEmbed`) plus a position table cropped from the centre of the
+//! `pos_embed_max_size`² grid — the table is the checkpoint's `pos_embed.pos_embed` buffer, not
+//! recomputed; the timestep's 256-channel sinusoid (cos first) goes through an MLP and is added to
+//! the projected pooled text embeddings (`temb`); the text states are projected by
+//! `context_embedder` and run beside the image tokens through the `JointTransformerBlock`s, the
+//! last of which (`context_pre_only`) drops them; `norm_out` and `proj_out` then unpatchify.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tch::nn::{self, Init, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::layout::Checkpoint;
+use crate::checkpoint::load::Mapped;
+use crate::models::config::{Cfg, ConfigError};
+use crate::models::embeddings::timestep_embedding;
+use crate::models::hooks::{path_of, scoped};
+use crate::models::mmdit_blocks::{AdaLayerNormContinuous, JointTransformerBlock, Linear};
+use crate::models::resnet::on;
+use crate::models::weights::{build_from_checkpoint, param, WeightsError};
+
+const MODEL: &str = "SD3Transformer2DModel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Sd3Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// Inputs the transformer cannot take (shapes, sizes beyond the position table).
+    #[error("SD3Transformer2DModel: {0}")]
+    Input(String),
+    #[error("SD3Transformer2DModel: libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The query/key normalisation of the attentions (`qk_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// `"rms_norm"` (SD 3.5): an RMS norm with a weight over each head, eps 1e-6.
+    RmsNorm,
+}
+
+/// diffusers `SD3Transformer2DModel`'s config (defaults as there: SD3 medium's sizes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SD3Transformer2DConfig {
+    /// The default latent height/width (the pipeline's default image size / vae_scale_factor).
+    pub sample_size: i64,
+    pub patch_size: i64,
+    pub in_channels: i64,
+    pub num_layers: i64,
+    pub attention_head_dim: i64,
+    pub num_attention_heads: i64,
+    /// The channels of the text states (T5 `d_model`, and CLIP's zero-padded to it).
+    pub joint_attention_dim: i64,
+    /// `context_embedder`'s output: equal to `num_attention_heads * attention_head_dim`.
+    pub caption_projection_dim: i64,
+    /// The pooled CLIP embeddings' channels (both encoders' concatenated).
+    pub pooled_projection_dim: i64,
+    pub out_channels: i64,
+    /// The side of the stored position grid, in patches: larger latents are refused.
+    pub pos_embed_max_size: i64,
+    /// The blocks with a second self-attention (`attn2`, MMDiT-X); indices past the last block
+    /// have no effect, as in diffusers.
+    pub dual_attention_layers: Vec<i64>,
+    pub qk_norm: Option<QkNorm>,
+}
+
+impl SD3Transformer2DConfig {
+    /// From a component's `config.json` (`path` names it in errors).
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self, ConfigError> {
+        let c = Cfg::new(v, path, MODEL)?;
+        let in_channels = c.dim("in_channels", 16)?;
+        // diffusers: `out_channels if out_channels is not None else in_channels` (absent: 16).
+        let out_channels = if v.get("out_channels").is_some_and(Value::is_null) { in_channels } else { c.dim("out_channels", 16)? };
+        // A null size makes diffusers compute an uncropped sincos table at run time instead of
+        // storing one; no SD3 checkpoint does that.
+        if v.get("pos_embed_max_size").is_some_and(Value::is_null) {
+            return Err(c.err("`pos_embed_max_size` = null (position embeddings computed at run time, not stored) is not supported by runner"));
+        }
+        let dual_attention_layers = match v.get("dual_attention_layers") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => {
+                a.iter().enumerate().map(|(i, x)| x.as_i64().ok_or_else(|| c.err(format!("`dual_attention_layers[{i}]` must be an integer, got {x}")))).collect::<Result<Vec<_>, _>>()?
+            }
+            Some(x) => return Err(c.err(format!("`dual_attention_layers` must be a list of block indices, got {x}"))),
+        };
+        let qk_norm = match c.opt_text("qk_norm")? {
+            None => None,
+            Some("rms_norm") => Some(QkNorm::RmsNorm),
+            Some(other) => return Err(c.err(format!("`qk_norm` = {other:?} is not supported by runner (null or \"rms_norm\")"))),
+        };
+        let cfg = SD3Transformer2DConfig {
+            sample_size: c.dim("sample_size", 128)?,
+            patch_size: c.dim("patch_size", 2)?,
+            in_channels,
+            num_layers: c.dim("num_layers", 18)?,
+            attention_head_dim: c.dim("attention_head_dim", 64)?,
+            num_attention_heads: c.dim("num_attention_heads", 18)?,
+            joint_attention_dim: c.dim("joint_attention_dim", 4096)?,
+            caption_projection_dim: c.dim("caption_projection_dim", 1152)?,
+            pooled_projection_dim: c.dim("pooled_projection_dim", 2048)?,
+            out_channels,
+            pos_embed_max_size: c.dim("pos_embed_max_size", 96)?,
+            dual_attention_layers,
+            qk_norm,
+        };
+        // The projected text states enter blocks of width heads * head_dim (diffusers fails at
+        // the first block's norm otherwise).
+        if cfg.caption_projection_dim != cfg.inner_dim() {
+            return Err(c.err(format!("`caption_projection_dim` {} must equal `num_attention_heads` * `attention_head_dim` = {}", cfg.caption_projection_dim, cfg.inner_dim())));
+        }
+        Ok(cfg)
+    }
+
+    /// The width of the token streams, `num_attention_heads * attention_head_dim`.
+    pub fn inner_dim(&self) -> i64 {
+        self.num_attention_heads * self.attention_head_dim
+    }
+}
+
+/// diffusers `PatchEmbed(..., pos_embed_max_size)`: `proj` (a conv with kernel and stride
+/// `patch_size`) to [B, h*w, D] tokens, plus the centre crop of the stored position grid.
+struct PatchEmbed {
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    /// `pos_embed.pos_embed`, [1, max², D].
+    pos_embed: Tensor,
+    patch_size: i64,
+    max_size: i64,
+    path: String,
+    proj_path: String,
+}
+
+impl PatchEmbed {
+    fn new(p: nn::Path, c: &SD3Transformer2DConfig) -> PatchEmbed {
+        let (d, k) = (c.inner_dim(), c.patch_size);
+        let proj = &p / "proj";
+        PatchEmbed {
+            proj_weight: param(&proj, "weight", &[d, c.in_channels, k, k], Init::Const(0.)),
+            proj_bias: param(&proj, "bias", &[d], Init::Const(0.)),
+            pos_embed: param(&p, "pos_embed", &[1, c.pos_embed_max_size * c.pos_embed_max_size, d], Init::Const(0.)),
+            patch_size: k,
+            max_size: c.pos_embed_max_size,
+            path: path_of(&p),
+            proj_path: path_of(&proj),
+        }
+    }
+
+    /// `latent` [B, C, H, W] with H and W multiples of the patch size and at most
+    /// `pos_embed_max_size` patches (checked by the caller).
+    fn forward(&self, latent: &Tensor) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || {
+            let (_, _, height, width) = latent.size4()?;
+            let (h, w) = (height / self.patch_size, width / self.patch_size);
+            let k = self.patch_size;
+            let x = scoped(&self.proj_path, || latent.f_conv2d(&self.proj_weight, Some(&self.proj_bias), [k, k], [0, 0], [1, 1], 1))?;
+            let x = x.f_flatten(2, -1)?.f_transpose(1, 2)?;
+            // cropped_pos_embed: the centre h x w of the max x max grid (top/left rounded down).
+            let (top, left) = ((self.max_size - h) / 2, (self.max_size - w) / 2);
+            let d = self.pos_embed.size()[2];
+            let pos = self.pos_embed.f_reshape([1, self.max_size, self.max_size, d])?.f_narrow(1, top, h)?.f_narrow(2, left, w)?.f_reshape([1, -1, d])?;
+            x.f_add(&pos)?.f_to_kind(x.kind())?.f_contiguous()
+        })
+    }
+}
+
+/// `linear_2(silu(linear_1(x)))`: diffusers `TimestepEmbedding` and `PixArtAlphaTextProjection(act_fn="silu")`.
+struct SiluMlp {
+    linear_1: Linear,
+    linear_2: Linear,
+    path: String,
+}
+
+impl SiluMlp {
+    fn new(p: nn::Path, d_in: i64, d: i64) -> SiluMlp {
+        SiluMlp { linear_1: Linear::new(&p / "linear_1", d_in, d), linear_2: Linear::new(&p / "linear_2", d, d), path: path_of(&p) }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || self.linear_2.forward(&self.linear_1.forward(x)?.f_silu()?))
+    }
+}
+
+/// diffusers `CombinedTimestepTextProjEmbeddings`: `timestep_embedder(Timesteps(256,
+/// flip_sin_to_cos=True, downscale_freq_shift=0)(t))` + `text_embedder(pooled)`.
+struct CombinedTimestepTextProjEmbeddings {
+    timestep_embedder: SiluMlp,
+    text_embedder: SiluMlp,
+    path: String,
+}
+
+impl CombinedTimestepTextProjEmbeddings {
+    fn new(p: nn::Path, dim: i64, pooled_dim: i64) -> CombinedTimestepTextProjEmbeddings {
+        CombinedTimestepTextProjEmbeddings {
+            timestep_embedder: SiluMlp::new(&p / "timestep_embedder", 256, dim),
+            text_embedder: SiluMlp::new(&p / "text_embedder", pooled_dim, dim),
+            path: path_of(&p),
+        }
+    }
+
+    fn forward(&self, timestep: &Tensor, pooled: &Tensor) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || {
+            let w = &self.timestep_embedder.linear_1.weight;
+            let (timestep, pooled) = (&on(timestep, w), &on(pooled, w));
+            // The sinusoid is computed in fp32 from the (float) timestep, then cast to the
+            // pooled embeddings' dtype.
+            let proj = timestep_embedding(timestep, 256, true, 0.0).f_to_kind(pooled.kind())?;
+            self.timestep_embedder.forward(&proj)?.f_add(&self.text_embedder.forward(pooled)?)
+        })
+    }
+}
+
+/// diffusers `SD3Transformer2DModel`.
+pub struct SD3Transformer2DModel {
+    pub config: SD3Transformer2DConfig,
+    vs: VarStore,
+    mapped: Mapped,
+    pos_embed: PatchEmbed,
+    time_text_embed: CombinedTimestepTextProjEmbeddings,
+    context_embedder: Linear,
+    transformer_blocks: Vec<JointTransformerBlock>,
+    norm_out: AdaLayerNormContinuous,
+    proj_out: Linear,
+}
+
+impl SD3Transformer2DModel {
+    /// Builds the model from `ck`, strictly (every parameter and the `pos_embed.pos_embed`
+    /// buffer present with its shape, nothing else); floats at `kind`.
+    pub fn load(config: &SD3Transformer2DConfig, ck: &Checkpoint, device: Device, kind: Kind) -> Result<Self, Sd3Error> {
+        let c = config;
+        let d = c.inner_dim();
+        let vs = VarStore::new(device);
+        let (parts, mapped) = build_from_checkpoint(&vs, ck, MODEL, kind, |root| {
+            let pos_embed = PatchEmbed::new(&root / "pos_embed", c);
+            let time_text_embed = CombinedTimestepTextProjEmbeddings::new(&root / "time_text_embed", d, c.pooled_projection_dim);
+            let context_embedder = Linear::new(&root / "context_embedder", c.joint_attention_dim, c.caption_projection_dim);
+            let blocks = (0..c.num_layers)
+                .map(|i| {
+                    let last = i == c.num_layers - 1;
+                    let dual = c.dual_attention_layers.contains(&i);
+                    JointTransformerBlock::new(&root / "transformer_blocks" / i, d, c.num_attention_heads, c.attention_head_dim, last, c.qk_norm == Some(QkNorm::RmsNorm), dual)
+                })
+                .collect::<Vec<_>>();
+            let norm_out = AdaLayerNormContinuous::new(&root / "norm_out", d, d);
+            let proj_out = Linear::new(&root / "proj_out", d, c.patch_size * c.patch_size * c.out_channels);
+            (pos_embed, time_text_embed, context_embedder, blocks, norm_out, proj_out)
+        })?;
+        let (pos_embed, time_text_embed, context_embedder, transformer_blocks, norm_out, proj_out) = parts;
+        Ok(SD3Transformer2DModel { config: c.clone(), vs, mapped, pos_embed, time_text_embed, context_embedder, transformer_blocks, norm_out, proj_out })
+    }
+
+    /// The variables (the executor moves and accounts them).
+    pub fn varstore(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// The mapped checkpoint files its same-dtype CPU parameters view.
+    pub fn mapped(&self) -> &Mapped {
+        &self.mapped
+    }
+
+    /// The model's prediction [B, out_channels, H, W] for `hidden_states` [B, in_channels, H, W]
+    /// (latents; H and W multiples of `patch_size`, at most `pos_embed_max_size` patches),
+    /// `timestep` [B] (float: the flow-matching timesteps are fractional; a single value is
+    /// broadcast), `encoder_hidden_states` [B, T, joint_attention_dim] and `pooled_projections`
+    /// [B, pooled_projection_dim]. Inputs go to the model's device and float dtype.
+    pub fn forward(&self, hidden_states: &Tensor, timestep: &Tensor, encoder_hidden_states: &Tensor, pooled_projections: &Tensor) -> Result<Tensor, Sd3Error> {
+        let c = &self.config;
+        let input = |msg: String| Sd3Error::Input(msg);
+        let (b, channels, height, width) = hidden_states.size4().map_err(|_| input(format!("hidden_states must be [B, C, H, W], got {:?}", hidden_states.size())))?;
+        if channels != c.in_channels {
+            return Err(input(format!("hidden_states has {channels} channels, the config's `in_channels` is {}", c.in_channels)));
+        }
+        let p = c.patch_size;
+        if height % p != 0 || width % p != 0 {
+            return Err(input(format!("latent height and width ({height}x{width}) must be multiples of `patch_size` {p}")));
+        }
+        // diffusers' cropped_pos_embed raises the same.
+        for (name, n) in [("Height", height / p), ("Width", width / p)] {
+            if n > c.pos_embed_max_size {
+                return Err(input(format!("{name} ({n} patches) cannot be greater than `pos_embed_max_size`: {}", c.pos_embed_max_size)));
+            }
+        }
+        match encoder_hidden_states.size().as_slice() {
+            &[eb, _, dim] if eb == b && dim == c.joint_attention_dim => {}
+            s => return Err(input(format!("encoder_hidden_states must be [{b}, T, {}] (`joint_attention_dim`), got {s:?}", c.joint_attention_dim))),
+        }
+        match pooled_projections.size().as_slice() {
+            &[pb, dim] if pb == b && dim == c.pooled_projection_dim => {}
+            s => return Err(input(format!("pooled_projections must be [{b}, {}] (`pooled_projection_dim`), got {s:?}", c.pooled_projection_dim))),
+        }
+        match timestep.size().as_slice() {
+            &[n] if n == b || n == 1 => {}
+            s => return Err(input(format!("timestep must be [{b}] (one per sample), got {s:?}"))),
+        }
+
+        let w = &self.pos_embed.proj_weight;
+        let (device, kind) = (w.device(), w.kind());
+        let to_model = |t: &Tensor| t.f_to_device(device)?.f_to_kind(kind);
+        let mut hidden = self.pos_embed.forward(&to_model(hidden_states)?)?;
+        let temb = self.time_text_embed.forward(&timestep.f_to_device(device)?, &to_model(pooled_projections)?)?;
+        let mut context = self.context_embedder.forward(&on(&to_model(encoder_hidden_states)?, &self.context_embedder.weight))?;
+        for block in &self.transformer_blocks {
+            let (ctx, h) = block.forward(&hidden, &context, &temb)?;
+            hidden = h;
+            // After the last (context_pre_only) block there is none, and none is needed.
+            if let Some(ctx) = ctx {
+                context = ctx;
+            }
+        }
+        let w = self.norm_out.weight();
+        let hidden = self.norm_out.forward(&on(&hidden, w), &on(&temb, w))?;
+        let hidden = self.proj_out.forward(&hidden)?;
+
+        // Unpatchify: [B, h*w, p*p*C] -> [B, h, w, p, q, C] -> einsum("nhwpqc->nchpwq") -> [B, C, H, W].
+        let (h, wd) = (height / p, width / p);
+        let out = hidden.f_reshape([b, h, wd, p, p, c.out_channels])?.f_permute([0, 5, 1, 3, 2, 4])?.f_reshape([b, c.out_channels, h * p, wd * p])?;
+        Ok(out)
+    }
+}
