@@ -12,6 +12,7 @@ use crate::diag::{Diagnostic, Location};
 use crate::manifest::{LoadedManifest, PipelineKind};
 use crate::models::clip::ClipTextConfig;
 use crate::models::safety_checker::SafetyCheckerConfig;
+use crate::models::sd3_transformer::SD3Transformer2DConfig;
 use crate::models::t5::T5Config;
 use crate::models::unet_2d::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
@@ -43,6 +44,8 @@ pub struct Configs {
     pub text_encoder_2: Option<ClipTextConfig>,
     /// SD3's T5 (absent when disabled).
     pub text_encoder_3: Option<T5Config>,
+    /// SD3's denoiser.
+    pub transformer: Option<SD3Transformer2DConfig>,
     pub safety_checker: Option<SafetyCheckerConfig>,
 }
 
@@ -128,6 +131,11 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     let vae = read("vae", &mut out).and_then(|path| AutoencoderKLConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
     let te = read("text_encoder", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
     let te2 = if xl || sd3 { read("text_encoder_2", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) } else { None };
+    let transformer = if sd3 {
+        read("transformer", &mut out).and_then(|path| crate::models::config::read_json(&path, "SD3Transformer2DModel").and_then(|v| SD3Transformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
+    } else {
+        None
+    };
     let te3_disabled = m.manifest.components.get("text_encoder_3").and_then(|c| c.enabled) == Some(false);
     let te3 = match (sd3 && !te3_disabled, path_of("text_encoder_3")) {
         (false, _) => None,
@@ -142,11 +150,11 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
         _ => None,
     };
     let (Some(vae), Some(text_encoder)) = (vae, te) else { return Err(out) };
-    if (!sd3 && unet.is_none()) || ((xl || sd3) && te2.is_none()) || (sd3 && !te3_disabled && te3.is_none()) {
+    if (!sd3 && unet.is_none()) || (sd3 && transformer.is_none()) || ((xl || sd3) && te2.is_none()) || (sd3 && !te3_disabled && te3.is_none()) {
         return Err(out);
     }
-    let configs = Configs { unet, vae, text_encoder, text_encoder_2: te2, text_encoder_3: te3, safety_checker: safety };
-    if let Err(msg) = if sd3 { Ok(()) } else { check_compatible(&configs, xl) } {
+    let configs = Configs { unet, vae, text_encoder, text_encoder_2: te2, text_encoder_3: te3, transformer, safety_checker: safety };
+    if let Err(msg) = if sd3 { check_compatible_sd3(&configs) } else { check_compatible(&configs, xl) } {
         out.push(Diagnostic::error(format!("the components of `{}` do not fit together: {msg}", p.root.display()), index.clone()));
     }
     // 6. The scheduler: its config, or the manifest's kind over it.
@@ -189,6 +197,32 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     } else {
         Err(out)
     }
+}
+
+/// SD3's components must agree: the CLIPs' hidden sizes fit within T5's width (they are
+/// zero-padded to it) and T5's width is the transformer's `joint_attention_dim`; the CLIPs'
+/// projections add up to `pooled_projection_dim`; the VAE's latent channels are the
+/// transformer's input channels.
+fn check_compatible_sd3(c: &Configs) -> Result<(), String> {
+    let tr = c.transformer.as_ref().expect("read for SD3");
+    let te2 = c.text_encoder_2.as_ref().expect("read for SD3");
+    let clip = c.text_encoder.hidden_size + te2.hidden_size;
+    if clip > tr.joint_attention_dim {
+        return Err(format!("the CLIP text encoders' hidden sizes add up to {clip}, more than the transformer's joint_attention_dim {}", tr.joint_attention_dim));
+    }
+    if let Some(t5) = &c.text_encoder_3 {
+        if t5.d_model != tr.joint_attention_dim {
+            return Err(format!("text_encoder_3's d_model is {} but the transformer's joint_attention_dim is {}", t5.d_model, tr.joint_attention_dim));
+        }
+    }
+    let pooled = c.text_encoder.projection_dim + te2.projection_dim;
+    if pooled != tr.pooled_projection_dim {
+        return Err(format!("the text encoders' projection_dims add up to {pooled} but the transformer's pooled_projection_dim is {}", tr.pooled_projection_dim));
+    }
+    if c.vae.latent_channels != tr.in_channels {
+        return Err(format!("the VAE has {} latent channels but the transformer takes {}", c.vae.latent_channels, tr.in_channels));
+    }
+    Ok(())
 }
 
 /// `run.latents`: a safetensors file holding `latents` (or one tensor) of the job's shape.

@@ -15,6 +15,7 @@ use crate::checkpoint::load::Mapped;
 use crate::device::Device;
 use crate::manifest::{LoadedManifest, Offload};
 use crate::models::clip::ClipTextConfig;
+use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
 use crate::models::t5::T5Config;
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
@@ -152,6 +153,10 @@ impl<'a> Loader<'a> {
         // transformers keeps `wo` in fp32 in an fp16 model: those bytes count at 4.
         let bytes = ck_of(l).tensors.iter().map(|(k, t)| if l.kind == Kind::Half && k.ends_with(".wo.weight") { t.info.numel() * 4 } else { t.info.numel() * l.kind.elt_size_in_bytes() as u64 }).sum();
         self.track(name, l, bytes).run(|| T5TextEncoder::load(self.pipeline, ck_of(l), l.device, l.kind, cfg, tokenizer))
+    }
+
+    pub fn sd3_transformer(&self, l: &Loaded, cfg: &SD3Transformer2DConfig) -> Result<SD3Transformer2DModel, ExecError> {
+        self.track_whole("transformer", l).run(|| SD3Transformer2DModel::load(cfg, ck_of(l), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string())))
     }
 
     pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {

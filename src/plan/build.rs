@@ -27,7 +27,8 @@ pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
     let r = &m.manifest.run;
     // diffusers' default size: the denoiser's sample_size in latents, times the VAE's factor.
     let scale = 1u64 << (configs.vae.block_out_channels.len() - 1);
-    let sample = configs.unet.as_ref().map_or(128, |u| u.sample_size as u64) * scale / 8;
+    let latent = configs.unet.as_ref().map(|u| u.sample_size).or(configs.transformer.as_ref().map(|t| t.sample_size)).unwrap_or(64) as u64;
+    let sample = latent * scale / 8;
     let default_guidance = match m.manifest.pipeline.kind {
         PipelineKind::StableDiffusion => 7.5,
         PipelineKind::StableDiffusionXl => 5.0,

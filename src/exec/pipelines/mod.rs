@@ -6,6 +6,7 @@
 //! models, and one arm in [`load`].
 
 mod stable_diffusion;
+mod stable_diffusion_3;
 mod stable_diffusion_xl;
 
 use std::time::Instant;
@@ -39,7 +40,7 @@ pub(crate) fn load(kind: PipelineKind, lx: &Loader) -> Result<Box<dyn Pipeline>,
     Ok(match kind {
         PipelineKind::StableDiffusion => Box::new(stable_diffusion::StableDiffusion::load(lx)?),
         PipelineKind::StableDiffusionXl => Box::new(stable_diffusion_xl::StableDiffusionXl::load(lx)?),
-        PipelineKind::StableDiffusion3 => return Err(ExecError::Unsupported("`stable-diffusion-3` pipelines plan and validate, but their executor has not landed yet".into())),
+        PipelineKind::StableDiffusion3 => Box::new(stable_diffusion_3::StableDiffusion3::load(lx)?),
     })
 }
 
@@ -134,10 +135,26 @@ impl Call<'_> {
     /// The scheduler of the folder's `scheduler/scheduler_config.json` (or the manifest's
     /// choice) set to `steps`, and that config.
     pub fn scheduler(&self, steps: usize) -> Result<(Box<dyn Scheduler>, serde_json::Value), ExecError> {
+        self.scheduler_for(steps, None)
+    }
+
+    /// [`Self::scheduler`] for a flow-matching pipeline: with `use_dynamic_shifting`, `mu` from
+    /// the image's sequence length in patches (diffusers' `calculate_shift` on the config's
+    /// base/max shift and sequence lengths).
+    pub fn flow_match_scheduler(&self, steps: usize, image_seq_len: usize) -> Result<(Box<dyn Scheduler>, serde_json::Value), ExecError> {
+        self.scheduler_for(steps, Some(image_seq_len))
+    }
+
+    fn scheduler_for(&self, steps: usize, image_seq_len: Option<usize>) -> Result<(Box<dyn Scheduler>, serde_json::Value), ExecError> {
         let path = self.pipeline.root.join("scheduler").join("scheduler_config.json");
+        let err = |e: crate::schedulers::SchedulerError| ExecError::Scheduler(format!("`{}`: {e}", path.display()));
         let text = std::fs::read_to_string(&path).map_err(|source| ExecError::Io { what: "cannot read", path: path.clone(), source })?;
-        let cfg = crate::schedulers::parse_config(&text).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", path.display())))?;
-        let scheduler = crate::schedulers::build(&cfg, self.m.manifest.pipeline.scheduler, steps).map_err(|e| ExecError::Scheduler(format!("`{}`: {e}", path.display())))?;
+        let cfg = crate::schedulers::parse_config(&text).map_err(err)?;
+        let mu = match image_seq_len {
+            Some(n) => crate::schedulers::dynamic_shift_mu(&cfg, n).map_err(err)?,
+            None => None,
+        };
+        let scheduler = crate::schedulers::build_with_mu(&cfg, self.m.manifest.pipeline.scheduler, steps, mu).map_err(err)?;
         Ok((scheduler, cfg))
     }
 
@@ -269,12 +286,17 @@ fn sync(d: tch::Device) {
 /// up to 200 characters (diffusers echoes it whole: a pasted megabyte would flood the terminal).
 pub(crate) fn truncation_warning(enc: &text::TextEncoder, truncated: Option<String>, warnings: &mut Vec<String>) {
     if let Some(t) = truncated {
-        const SHOWN: usize = 200;
-        let n = t.chars().count();
-        let shown: String = t.chars().take(SHOWN).collect();
-        let more = if n > SHOWN { format!(" ... ({} more characters)", n - SHOWN) } else { String::new() };
-        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {shown:?}{more}", enc.max_length()));
+        warnings.push(format!("The following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {}", enc.max_length(), shown(&t)));
     }
+}
+
+/// A truncated remainder as the warnings show it: quoted, its first 200 characters.
+pub(crate) fn shown(t: &str) -> String {
+    const SHOWN: usize = 200;
+    let n = t.chars().count();
+    let head: String = t.chars().take(SHOWN).collect();
+    let more = if n > SHOWN { format!(" ... ({} more characters)", n - SHOWN) } else { String::new() };
+    format!("{head:?}{more}")
 }
 
 /// Whether the run's sigmas follow Karras' schedule (the manifest's scheduler or the folder's
