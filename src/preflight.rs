@@ -163,8 +163,19 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     match sched {
         Ok(cfg) => {
             let steps = m.manifest.run.steps.unwrap_or(50) as usize;
-            if let Err(e) = crate::schedulers::build(&cfg, m.manifest.pipeline.scheduler, steps) {
-                out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone())));
+            let kind = m.manifest.pipeline.kind;
+            match crate::schedulers::build(&cfg, m.manifest.pipeline.scheduler, steps) {
+                Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
+                // The folder's own class is checked against the kind here (a `pipeline.scheduler`
+                // kind is checked against the folder's config class by `build`).
+                Ok(s) if crate::schedulers::is_flow_matching(s.name()) != kind.flow_matching() => {
+                    let (has, needs) = if kind.flow_matching() { ("a noise-prediction", "a flow-matching") } else { ("a flow-matching", "a noise-prediction") };
+                    out.push(Diagnostic::error(
+                        format!("`{}`: `{}` is {has} scheduler, but a `{}` pipeline needs {needs} one", sched_path.display(), s.name(), kind.as_str()),
+                        Location::Path(sched_path.clone()),
+                    ));
+                }
+                Ok(_) => {}
             }
         }
         Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),

@@ -90,6 +90,21 @@ fn configs_missing_truncated_or_wrong() {
     }
 }
 
+/// A UNet pipeline refuses a flow-matching scheduler: the folder's own (SD3's config put in) or
+/// the manifest's `flow-match-euler` over the folder's noise-prediction config.
+#[test]
+fn unet_pipelines_refuse_flow_matching_schedulers() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |p| {
+        std::fs::copy(root().join("tests/fixtures/tiny-sd3/scheduler/scheduler_config.json"), p.join("scheduler/scheduler_config.json")).unwrap();
+        edit_json(&p.join("model_index.json"), |v| v["scheduler"] = serde_json::json!(["diffusers", "FlowMatchEulerDiscreteScheduler"]));
+    });
+    refused(&m, &[], "`FlowMatchEulerDiscreteScheduler` is a flow-matching scheduler, but a `stable-diffusion` pipeline needs a noise-prediction one");
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |_| {});
+    refused(&m, &["--set", "pipeline.scheduler=flow-match-euler"], "`FlowMatchEulerDiscreteScheduler` cannot run from a `PNDMScheduler` config");
+}
+
 #[test]
 fn keys_that_depend_on_the_folder() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,12 +1,13 @@
 //! Scheduler parity with diffusers 0.42.1 on the committed pipeline references
 //! (tests/fixtures/refs/<case>.{json,safetensors}, tools/make_references.py): schedules, and a
-//! replay of each run's denoising loop fed with the recorded guided noise predictions.
+//! replay of each run's denoising loop fed with the recorded guided noise predictions (the
+//! velocity, for the SD3 / SD3.5 flow-matching references).
 //! (src/schedulers/*.rs test more configurations against tests/fixtures/refs/schedulers.json.)
 
 use runner::checkpoint::layout::{resolve_source, Checkpoint, VariantPolicy};
 use runner::checkpoint::load::{load, LoadOptions, TensorStore};
 use runner::manifest::SchedulerKind;
-use runner::schedulers::{build, parse_config, Scheduler, SchedulerError};
+use runner::schedulers::{build, build_with_mu, calculate_shift, dynamic_shift_mu, parse_config, Scheduler, SchedulerError};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -214,4 +215,137 @@ fn kind_overrides_the_class_and_keeps_shared_values() {
     assert_eq!(build(&cfg, Some(SchedulerKind::DpmPP2M), 4).unwrap().timesteps(), [801.0, 601.0, 401.0, 201.0]);
     let pndm6 = build(&pndm, None, 6).unwrap();
     assert_eq!(pndm6.timesteps(), [831.0, 665.0, 665.0, 499.0, 333.0, 167.0, 1.0]);
+}
+
+/// The SD3 / SD3.5 pipeline references: FlowMatchEulerDiscreteScheduler's schedule equal to
+/// diffusers' in float32, each step equal given the recorded latents and guided velocity, and
+/// the whole loop replayed to `latents.final`.
+#[test]
+fn flow_match_matches_sd3_references() {
+    tch::set_num_threads(1);
+    for case in ["sd3-cfg", "sd3-long-prompt-msl16", "sd3-negative-nonsquare", "sd3-no-t5", "sd35-cfg", "sd35-noguidance"] {
+        let (meta, store) = refs(case);
+        let steps = meta["steps"].as_u64().unwrap() as usize;
+        let pipeline = meta["pipeline"].as_str().unwrap();
+        let own = parse_config(&std::fs::read_to_string(root().join(format!("tests/fixtures/{pipeline}/scheduler/scheduler_config.json"))).unwrap()).unwrap();
+        for (config, kind) in [(&meta["scheduler_config"], None), (&own, Some(SchedulerKind::FlowMatchEuler))] {
+            let mut s = build(config, kind, steps).unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(s.name(), "FlowMatchEulerDiscreteScheduler");
+            assert_eq!(s.timesteps().len() as u64, meta["transformer_calls"].as_u64().unwrap(), "{case}");
+            assert_eq!(s.timesteps(), values(store.get("scheduler.timesteps").unwrap()), "{case}: timesteps");
+            assert_eq!(s.sigmas().unwrap(), values(store.get("scheduler.sigmas").unwrap()), "{case}: sigmas");
+            assert!(s.alphas_cumprod().is_empty());
+            let init = store.get("latents.init").unwrap();
+            let batch = init.size()[0];
+            let mut chained = init * s.init_noise_sigma();
+            assert!(chained.equal(init), "{case}: init_noise_sigma is 1");
+            let mut worst = 0f64;
+            for i in 0..steps {
+                let t = store.get(&format!("step{i}.timestep")).unwrap();
+                assert!(values(t).iter().all(|&x| x == s.timesteps()[i]), "{case}: step {i}: timestep {t:?}");
+                let prev = if i == 0 { init.shallow_clone() } else { store.get(&format!("step{}.latents", i - 1)).unwrap().shallow_clone() };
+                // The transformer's input is the latents as they are (twice under CFG).
+                let input = store.get(&format!("step{i}.transformer_input")).unwrap();
+                assert!(s.scale_model_input(&prev, i).equal(&input.narrow(0, 0, batch)), "{case}: step {i}: model input");
+                let v = store.get(&format!("step{i}.noise_pred")).unwrap();
+                // One step from the recorded latents (a scheduler of its own, at step i), and the
+                // chained loop's.
+                let mut fresh = build(config, kind, steps).unwrap();
+                let one = fresh.step(v, i, &prev);
+                chained = s.step(v, i, &chained);
+                let want = store.get(&format!("step{i}.latents")).unwrap();
+                let (d1, d2) = (rel_t(&one, want), rel_t(&chained, want));
+                assert!(d1 <= 1e-6 && d2 <= 1e-6, "{case}: step {i}: {d1:e} (from the recorded latents), {d2:e} (chained)");
+                worst = worst.max(d1).max(d2);
+            }
+            let d = rel_t(&chained, store.get("latents.final").unwrap());
+            assert!(d <= 1e-6, "{case}: final latents differ by {d:e}");
+            eprintln!("{case} ({}): schedule equal, loop {:e}", if kind.is_some() { "kind over the pipeline's config" } else { "recorded config" }, worst.max(d));
+        }
+    }
+}
+
+fn flow_err(extra: &str, mu: Option<f64>) -> String {
+    let sd3 = std::fs::read_to_string(root().join("tests/fixtures/tiny-sd3/scheduler/scheduler_config.json")).unwrap();
+    let mut v = parse_config(&sd3).unwrap();
+    let extra = parse_config(&format!("{{{extra}}}")).unwrap();
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    match build_with_mu(&v, None, 4, mu) {
+        Ok(_) => panic!("{extra}: built"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Keys runner does not implement are refused by name, never ignored; dynamic shifting needs the
+/// pipeline's mu.
+#[test]
+fn flow_match_unsupported_values_name_the_key() {
+    for (extra, key) in [
+        (r#""invert_sigmas": true"#, "`invert_sigmas`"),
+        (r#""use_karras_sigmas": true"#, "`use_karras_sigmas`"),
+        (r#""use_exponential_sigmas": true"#, "`use_exponential_sigmas`"),
+        (r#""use_beta_sigmas": true"#, "`use_beta_sigmas`"),
+        (r#""stochastic_sampling": true"#, "`stochastic_sampling`"),
+        (r#""shift_terminal": 0.1"#, "`shift_terminal`"),
+        (r#""time_shift_type": "cubic""#, "`time_shift_type`"),
+        (r#""shift": "3""#, "`shift`"),
+        (r#""shift": -1.0"#, "`shift`"),
+        (r#""num_train_timesteps": 1.5"#, "`num_train_timesteps`"),
+        (r#""use_dynamic_shifting": true"#, "`use_dynamic_shifting`"),
+    ] {
+        let e = flow_err(extra, None);
+        assert!(e.contains("FlowMatchEulerDiscreteScheduler") && e.contains(key), "{extra}: {e}");
+    }
+    assert!(flow_err(r#""use_dynamic_shifting": true"#, None).contains("mu"));
+    assert!(flow_err(r#""use_dynamic_shifting": true"#, Some(f64::NAN)).contains("mu = NaN"));
+    assert!(flow_err(r#""use_dynamic_shifting": true, "time_shift_type": "linear""#, Some(0.0)).contains("mu = 0"));
+    // Defaults (and 0.0, which diffusers' `if shift_terminal:` skips) build.
+    let sd3 = parse_config(&std::fs::read_to_string(root().join("tests/fixtures/tiny-sd3/scheduler/scheduler_config.json")).unwrap()).unwrap();
+    let mut v = sd3.clone();
+    v["shift_terminal"] = 0.0.into();
+    assert_eq!(build(&v, None, 4).unwrap().timesteps().len(), 4);
+    // mu is unused without use_dynamic_shifting, as in diffusers.
+    assert_eq!(build_with_mu(&sd3, None, 4, Some(3.0)).unwrap().timesteps(), build(&sd3, None, 4).unwrap().timesteps());
+}
+
+/// The pipeline's mu: calculate_shift of the config's values under use_dynamic_shifting, none otherwise.
+#[test]
+fn flow_match_dynamic_shift_mu() {
+    let sd3 = parse_config(&std::fs::read_to_string(root().join("tests/fixtures/tiny-sd3/scheduler/scheduler_config.json")).unwrap()).unwrap();
+    assert_eq!(dynamic_shift_mu(&sd3, 4096).unwrap(), None);
+    let mut flux = sd3.clone();
+    flux["use_dynamic_shifting"] = true.into();
+    assert_eq!(dynamic_shift_mu(&flux, 4096).unwrap(), Some(calculate_shift(4096, 256, 4096, 0.5, 1.15)));
+    assert!((dynamic_shift_mu(&flux, 256).unwrap().unwrap() - 0.5).abs() < 1e-12);
+    let mu = dynamic_shift_mu(&flux, 1024).unwrap();
+    let s = build_with_mu(&flux, None, 4, mu).unwrap();
+    // Shifted less than SD3's static shift of 3 at 1024 tokens (mu = 0.63, exp(mu) = 1.88).
+    assert!(s.timesteps()[1] < build(&sd3, None, 4).unwrap().timesteps()[1]);
+    let mut bad = flux.clone();
+    bad["base_shift"] = Value::Null;
+    let e = dynamic_shift_mu(&bad, 1024).unwrap_err().to_string();
+    assert!(e.contains("`base_shift`"), "{e}");
+    bad = flux.clone();
+    bad["max_image_seq_len"] = 256.into();
+    assert!(dynamic_shift_mu(&bad, 1024).unwrap_err().to_string().contains("`max_image_seq_len`"));
+}
+
+/// A noise-prediction scheduler refuses a flow-matching config and the reverse, naming both.
+#[test]
+fn flow_matching_and_noise_prediction_do_not_mix() {
+    let sd3 = parse_config(&std::fs::read_to_string(root().join("tests/fixtures/tiny-sd3/scheduler/scheduler_config.json")).unwrap()).unwrap();
+    let sd15 = parse_config(&std::fs::read_to_string(root().join("tests/fixtures/tiny-sd15/scheduler/scheduler_config.json")).unwrap()).unwrap();
+    for kind in [SchedulerKind::Euler, SchedulerKind::Pndm, SchedulerKind::DpmPP2MKarras] {
+        let e = build(&sd3, Some(kind), 4).err().unwrap();
+        assert!(matches!(e, SchedulerError::Incompatible { .. }), "{e}");
+        assert!(e.to_string().contains("`FlowMatchEulerDiscreteScheduler` config") && e.to_string().contains("flow-matching"), "{e}");
+    }
+    let e = build(&sd15, Some(SchedulerKind::FlowMatchEuler), 4).err().unwrap().to_string();
+    assert!(e.contains("`FlowMatchEulerDiscreteScheduler` cannot run from a `PNDMScheduler` config"), "{e}");
+    // mu belongs to flow matching only (diffusers' other set_timesteps take none).
+    let e = build_with_mu(&sd15, None, 4, Some(1.0)).err().unwrap().to_string();
+    assert!(e.contains("PNDMScheduler") && e.contains("mu"), "{e}");
+    assert_eq!(build(&sd15, Some(SchedulerKind::Euler), 4).unwrap().name(), "EulerDiscreteScheduler");
 }

@@ -1,11 +1,11 @@
-//! UNet2DConditionModel and the AutoencoderKL decoder against diffusers' own outputs on the
-//! tiny fixtures (f32, CPU).
+//! UNet2DConditionModel and the AutoencoderKL decoder (SD, SDXL and SD3's) against diffusers' own
+//! outputs on the tiny fixtures (f32, CPU).
 
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use runner::checkpoint::load::Mapped;
 use runner::checkpoint::load::{load, LoadOptions, TensorStore};
 use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
-use runner::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
+use runner::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder, AutoencoderKLEncoder};
 use runner::models::weights::build_from_checkpoint;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -87,6 +87,48 @@ fn vae_decoder_matches_diffusers() {
     }
 }
 
+/// SD3 / SD3.5's VAE: 16 latent channels, no quant convs, latents scaled and shifted
+/// (`latents / scaling_factor + shift_factor`) before decoding.
+#[test]
+fn sd3_vae_decoder_matches_diffusers() {
+    tch::set_num_threads(1);
+    for (case, pipeline) in [("sd3-cfg", "tiny-sd3"), ("sd3-negative-nonsquare", "tiny-sd3"), ("sd35-cfg", "tiny-sd35")] {
+        let r = refs(case);
+        let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
+        let cfg = AutoencoderKLConfig::from_json(&config(&dir)).unwrap();
+        assert_eq!((cfg.latent_channels, cfg.use_quant_conv, cfg.use_post_quant_conv), (16, false, false), "{pipeline}");
+        assert_eq!(cfg.shift_factor, Some(0.0609));
+        let ck = weights(&dir);
+        assert!(!ck.tensors.keys().any(|k| k.contains("quant_conv")), "{pipeline}: no quant convs in the checkpoint");
+        let dec_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
+        let vs = VarStore::new(Device::Cpu);
+        let (vae, _mapped) = build_from_checkpoint(&vs, &dec_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLDecoder::new(root, cfg.clone())).unwrap();
+        let latents = r.get("latents.final").unwrap();
+        // The scale and shift, op for op: equal.
+        let z = vae.unscale_latents(latents);
+        assert!(z.equal(r.get("vae.input").unwrap()), "{case}: vae.decode's input differs by {:e}", rel(&z, r.get("vae.input").unwrap()));
+        let img = tch::no_grad(|| vae.latents_to_image(latents));
+        let want = r.get("image").unwrap();
+        assert_eq!(img.size(), [&[1], want.size().as_slice()].concat(), "{case}");
+        let d = rel(&img.squeeze_dim(0), want);
+        eprintln!("{case}: vae rel diff {d:.2e}");
+        assert!(d < 1e-4, "{case}: {d}");
+        // Without the shift the image is measurably different: the check sees it.
+        let unshifted = tch::no_grad(|| vae.decode(&(latents / cfg.scaling_factor)));
+        let unshifted = (unshifted / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1]).squeeze_dim(0);
+        assert!(rel(&unshifted, want) > 1e-3, "{case}: the shift is visible");
+    }
+    // A config that asks for post_quant_conv on a checkpoint without one: an error naming it.
+    let dir = root().join("tests/fixtures/tiny-sd3/vae");
+    let mut v = config(&dir);
+    v["use_post_quant_conv"] = true.into();
+    let cfg = AutoencoderKLConfig::from_json(&v).unwrap();
+    let ck = weights(&dir);
+    let dec_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
+    let e = build_from_checkpoint(&VarStore::new(Device::Cpu), &dec_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLDecoder::new(root, cfg.clone())).err().unwrap().to_string();
+    assert!(e.contains("post_quant_conv"), "{e}");
+}
+
 #[test]
 fn unsupported_configs_are_errors() {
     let dir = root().join("tests/fixtures/tiny-sd15/unet");
@@ -136,6 +178,9 @@ fn broken_configs_are_errors_naming_the_key_never_defaults() {
         ("scaling_factor", serde_json::json!(0.0), "`scaling_factor` must not be 0"),
         ("force_upcast", serde_json::json!(1), "`force_upcast` must be true or false"),
         ("norm_num_groups", serde_json::json!(5), "is not a multiple of `norm_num_groups` 5"),
+        ("shift_factor", serde_json::json!("0.06"), "`shift_factor` must be a finite number"),
+        ("use_quant_conv", serde_json::json!(0), "`use_quant_conv` must be true or false"),
+        ("use_post_quant_conv", serde_json::json!("false"), "`use_post_quant_conv` must be true or false"),
     ] {
         let mut cfg = vae.clone();
         cfg[key] = value.clone();
@@ -164,7 +209,7 @@ fn vae_encoder_matches_diffusers() {
         let vae_cfg = AutoencoderKLConfig::from_json(&cfg).unwrap();
         let ck = weights(&dir);
         let enc_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
-        let (enc, _mapped) = build_from_checkpoint(&vs, &enc_only, "AutoencoderKL", Kind::Float, |root| runner::models::vae::AutoencoderKLEncoder::new(root, vae_cfg.clone(), 3, true)).unwrap();
+        let (enc, _mapped) = build_from_checkpoint(&vs, &enc_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLEncoder::new(root, vae_cfg.clone(), 3, vae_cfg.use_quant_conv)).unwrap();
         let (mean, logvar) = tch::no_grad(|| enc.encode(r.get(&format!("{pipeline}.input")).unwrap()));
         let (dm, dl) = (rel(&mean, r.get(&format!("{pipeline}.mean")).unwrap()), rel(&logvar, r.get(&format!("{pipeline}.logvar")).unwrap()));
         eprintln!("{pipeline}: encoder mean {dm:.2e}, logvar {dl:.2e}");

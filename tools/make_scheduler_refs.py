@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Records diffusers' own scheduler schedules and steps for configurations the pipeline references
 (tools/make_references.py) do not cover: spacings, steps_offset, v_prediction, Karras sigmas,
-solver orders, zero-terminal-SNR rescaling, ... for runner's scheduler tests.
+solver orders, zero-terminal-SNR rescaling, flow-matching shifts (static, and dynamic with the
+pipeline's `mu`), ... for runner's scheduler tests.
 
     .venv-fixtures/bin/python tools/make_scheduler_refs.py
 
@@ -11,7 +12,9 @@ and kept from the existing file otherwise.
 
 Writes tests/fixtures/refs/schedulers.json: {"diffusers": version, "cases": [...]}, each case with
 the config runner builds from (`config`, and `kind` when built as `X.from_config(config)`), `steps`,
-diffusers' `timesteps`, `sigmas` (or null), `init_noise_sigma`, `alphas_cumprod` at `ac_index`,
+diffusers' `timesteps`, `sigmas` (or null), `init_noise_sigma`, `alphas_cumprod` at `ac_index`
+(flow matching has neither: 1.0 and none, as its pipelines draw the latents unscaled), `mu` (passed
+to `set_timesteps` when not null),
 and a replay of the pipeline loop on a [1, 4, 2, 2] sample: `seed` (the CPU generator that draws
 the initial latents and any scheduler noise), `latents_init` (the unscaled draw), per step the
 scaled model input, the model output fed to `step` (drawn from a second generator) and the sample
@@ -53,11 +56,36 @@ KINDS = {
     "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
     "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "lms": ("LMSDiscreteScheduler", {}),
+    "flow-match-euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 
 def sd(cls, **kw):
     return {**SD, "_class_name": cls, **kw}
+
+
+FLOW = "FlowMatchEulerDiscreteScheduler"
+# Stable Diffusion 3 / 3.5's scheduler_config.json (the tiny fixtures').
+SD3 = {
+    "_class_name": FLOW, "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 4096,
+    "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0, "shift_terminal": None, "stochastic_sampling": False,
+    "time_shift_type": "exponential", "use_beta_sigmas": False, "use_dynamic_shifting": False,
+    "use_exponential_sigmas": False, "use_karras_sigmas": False,
+}
+# FLUX.1's (resolution-dependent shifting: the pipeline passes `mu`).
+FLUX = {"_class_name": FLOW, "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+        "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
+
+
+def flow(**kw):
+    return {**SD3, **kw}
+
+
+def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    # diffusers' pipeline_stable_diffusion_3.calculate_shift
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
 
 
 PNDM, DDIM, EULER, EULER_A, DPM, LMS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
@@ -124,6 +152,29 @@ CASES = [
     ("lms-linspace-8", sd(LMS, timestep_spacing="linspace"), None, 8),
     ("lms-karras-6", sd(LMS, use_karras_sigmas=True), None, 6),
     ("lms-trailing-vpred-5", sd(LMS, timestep_spacing="trailing", prediction_type="v_prediction"), None, 5),
+    ("flow-sd3-1", SD3, None, 1),
+    ("flow-sd3-2", SD3, None, 2),
+    ("flow-sd3-4", SD3, None, 4),
+    ("flow-sd3-7", SD3, None, 7),
+    ("flow-sd3-28", SD3, None, 28),
+    ("flow-sd3-50", SD3, None, 50),
+    ("flow-kind-4", SD3, "flow-match-euler", 4),
+    ("flow-defaults-6", {"_class_name": FLOW}, None, 6),
+    # a shift float32 cannot hold: __init__ shifts in float32, set_timesteps in float64
+    ("flow-shift-1.7-9", flow(shift=1.7), None, 9),
+    ("flow-n500-shift-2.5-13", flow(num_train_timesteps=500, shift=2.5), None, 13),
+    ("flow-use-default-values-5", flow(_use_default_values=["shift"]), None, 5),
+]
+
+# name, config, kind, steps, mu (StableDiffusion3Pipeline / FluxPipeline: calculate_shift(image_seq_len))
+FLOW_MU_CASES = [
+    ("flow-dynamic-1024px-28", FLUX, None, 28, calculate_shift(4096)),
+    ("flow-dynamic-512px-4", FLUX, None, 4, calculate_shift(1024)),
+    ("flow-dynamic-768x512-9", FLUX, None, 9, calculate_shift(1536)),
+    ("flow-dynamic-linear-6", {**FLUX, "time_shift_type": "linear"}, None, 6, calculate_shift(1024)),
+    ("flow-dynamic-linear-mu-2-5", {**FLUX, "time_shift_type": "linear"}, None, 5, 2.0),
+    # mu is ignored without use_dynamic_shifting
+    ("flow-sd3-mu-ignored-4", SD3, None, 4, 0.9),
 ]
 
 
@@ -133,38 +184,42 @@ def floats(t):
     return [float(f"{x:.9g}") for x in torch.as_tensor(t).detach().to(torch.float32).flatten().tolist()]
 
 
-def build(config, kind, steps):
+def build(config, kind, steps, mu=None):
     if kind:
         name, extra = KINDS[kind]
     else:
         name, extra = config["_class_name"], {}
     cls = getattr(diffusers, name)
     sched = cls.from_config(dict(config), **extra)
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
     return sched
 
 
-def record(name, config, kind, steps, seed):
-    sched = build(config, kind, steps)
-    n = len(sched.alphas_cumprod)
-    ac_index = sorted(set(list(range(0, n, 37)) + [1, n - 2, n - 1]))
+def record(name, config, kind, steps, seed, mu=None):
+    sched = build(config, kind, steps, mu)
+    # Flow matching has no alphas_cumprod, init_noise_sigma nor scale_model_input.
+    is_flow = not hasattr(sched, "alphas_cumprod")
+    n = 0 if is_flow else len(sched.alphas_cumprod)
+    ac_index = [] if is_flow else sorted(set(list(range(0, n, 37)) + [1, n - 2, n - 1]))
     case = dict(name=name, config=config, kind=kind, steps=steps, class_name=type(sched).__name__,
                 timesteps=floats(sched.timesteps),
                 sigmas=floats(sched.sigmas) if hasattr(sched, "sigmas") else None,
-                init_noise_sigma=floats(sched.init_noise_sigma)[0],
-                ac_index=ac_index, alphas_cumprod=floats(sched.alphas_cumprod[ac_index]), seed=seed)
+                init_noise_sigma=1.0 if is_flow else floats(sched.init_noise_sigma)[0],
+                ac_index=ac_index, alphas_cumprod=[] if is_flow else floats(sched.alphas_cumprod[ac_index]), seed=seed)
+    if mu is not None:
+        case["mu"] = mu
 
     # The pipeline loop (StableDiffusionPipeline.__call__), with a stand-in model.
     gen = torch.Generator("cpu").manual_seed(seed)
     model_gen = torch.Generator("cpu").manual_seed(seed + 1)
     shape = (1, 4, 2, 2)
     drawn = torch.randn(shape, generator=gen)
-    latents = drawn * sched.init_noise_sigma
+    latents = drawn * case["init_noise_sigma"]
     params = set(inspect.signature(sched.step).parameters)
     extra = {k: v for k, v in (("eta", 0.0), ("generator", gen)) if k in params}
     steps_rec = []
     for t in sched.timesteps:
-        x = sched.scale_model_input(latents, t)
+        x = latents if is_flow else sched.scale_model_input(latents, t)
         eps = 0.8 * x + 0.3 * torch.randn(shape, generator=model_gen)
         latents = sched.step(eps, t, latents, **extra, return_dict=False)[0]
         steps_rec.append(dict(input=floats(x), model_output=floats(eps), latents=floats(latents)))
@@ -187,6 +242,8 @@ def main():
                 print(f"{name}: skipped (no scipy)")
             continue
         cases.append(record(name, config, kind, steps, seed))
+    for seed, (name, config, kind, steps, mu) in enumerate(FLOW_MU_CASES, start=len(CASES)):
+        cases.append(record(name, config, kind, steps, seed, mu))
     # One case a line: reviewable diffs, a fraction of the indented size.
     body = ",\n".join(json.dumps(c, separators=(",", ":")) for c in cases)
     OUT.write_text(f'{{"diffusers": {json.dumps(diffusers.__version__)}, "cases": [\n{body}\n]}}\n')

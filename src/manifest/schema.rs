@@ -147,6 +147,7 @@ fn alias_hint(given: &str) -> Option<&'static str> {
         "ddimscheduler" => "ddim",
         "pndmscheduler" => "pndm",
         "lmsdiscretescheduler" => "lms",
+        "flowmatcheulerdiscretescheduler" | "flow-match" | "flowmatch-euler" => "flow-match-euler",
         _ => return None,
     })
 }

@@ -91,6 +91,14 @@ impl PipelineKind {
         }
     }
 
+    /// Whether the pipeline's denoiser is trained for flow matching (and so needs a
+    /// `FlowMatch*` scheduler) rather than noise prediction (the UNet pipelines).
+    pub fn flow_matching(self) -> bool {
+        match self {
+            PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl => false,
+        }
+    }
+
     /// Components a pipeline of this kind can run without (`enabled = false`).
     pub fn optional_components(self) -> &'static [&'static str] {
         match self {
@@ -140,7 +148,8 @@ impl Dtype {
 /// A scheduler, by the diffusers class it mirrors: `pndm` (PNDMScheduler), `ddim`
 /// (DDIMScheduler), `euler` (EulerDiscreteScheduler), `euler-ancestral`
 /// (EulerAncestralDiscreteScheduler), `dpmpp-2m` (DPMSolverMultistepScheduler),
-/// `dpmpp-2m-karras` (the same with `use_karras_sigmas = true`), `lms` (LMSDiscreteScheduler).
+/// `dpmpp-2m-karras` (the same with `use_karras_sigmas = true`), `lms` (LMSDiscreteScheduler),
+/// `flow-match-euler` (FlowMatchEulerDiscreteScheduler, for flow-matching models such as SD3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SchedulerKind {
@@ -153,6 +162,7 @@ pub enum SchedulerKind {
     #[serde(rename = "dpmpp-2m-karras")]
     DpmPP2MKarras,
     Lms,
+    FlowMatchEuler,
 }
 
 /// How a component's weights are kept while the pipeline runs: `none` (resident on the planned

@@ -19,8 +19,13 @@ pub struct AutoencoderKLConfig {
     pub layers_per_block: i64,
     pub norm_num_groups: i64,
     pub scaling_factor: f64,
+    /// SD3's latents are shifted as well as scaled (`latents / scaling_factor + shift_factor`
+    /// before decoding); None (null, absent) for SD 1.x/2.x and SDXL.
     pub shift_factor: Option<f64>,
     pub force_upcast: bool,
+    /// Whether the checkpoint has `quant_conv` (encoder side) / `post_quant_conv` (decoder
+    /// side); SD3's VAE has neither.
+    pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
 }
@@ -67,13 +72,14 @@ impl AutoencoderKLConfig {
             scaling_factor,
             shift_factor: cfg.opt_num("shift_factor")?,
             force_upcast: cfg.flag("force_upcast", true)?,
+            use_quant_conv: cfg.flag("use_quant_conv", true)?,
             use_post_quant_conv: cfg.flag("use_post_quant_conv", true)?,
             mid_block_add_attention: cfg.flag("mid_block_add_attention", true)?,
         })
     }
 }
 
-/// The decoder half of `AutoencoderKL` (`post_quant_conv` + `decoder.*`).
+/// The decoder half of `AutoencoderKL` (`post_quant_conv` where the config has it + `decoder.*`).
 #[derive(Debug)]
 pub struct AutoencoderKLDecoder {
     pub config: AutoencoderKLConfig,
@@ -111,7 +117,8 @@ impl AutoencoderKLDecoder {
         }
     }
 
-    /// Decodes raw latents `z` (already divided by `scaling_factor`) to an image in [-1, 1].
+    /// Decodes raw latents `z` (the pipeline's latents through [`Self::unscale_latents`]) to an
+    /// image in [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Tensor {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z),
@@ -124,14 +131,20 @@ impl AutoencoderKLDecoder {
         self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
     }
 
-    /// Pipeline latents to `[B, H, W, 3]` floats in [0, 1] (diffusers' `VaeImageProcessor`
-    /// postprocess with `do_denormalize`).
-    pub fn latents_to_image(&self, latents: &Tensor) -> Tensor {
-        let mut z = latents / self.config.scaling_factor;
-        if let Some(s) = self.config.shift_factor {
-            z += s;
+    /// What the pipelines pass to `vae.decode`: `latents / scaling_factor` (SD, SDXL), then
+    /// `+ shift_factor` where the config has one (SD3), in the latents' dtype, op for op.
+    pub fn unscale_latents(&self, latents: &Tensor) -> Tensor {
+        let z = latents / self.config.scaling_factor;
+        match self.config.shift_factor {
+            Some(s) => z + s,
+            None => z,
         }
-        let img = self.decode(&z);
+    }
+
+    /// Pipeline latents to `[B, H, W, 3]` floats in [0, 1]: [`Self::unscale_latents`],
+    /// [`Self::decode`], then diffusers' `VaeImageProcessor` postprocess with `do_denormalize`.
+    pub fn latents_to_image(&self, latents: &Tensor) -> Tensor {
+        let img = self.decode(&self.unscale_latents(latents));
         (img / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1])
     }
 }
@@ -180,7 +193,8 @@ pub struct AutoencoderKLEncoder {
 }
 
 impl AutoencoderKLEncoder {
-    /// `vs` is the model root (keys `encoder.*`, `quant_conv.*`).
+    /// `vs` is the model root (keys `encoder.*`, `quant_conv.*`); `use_quant_conv` is the
+    /// config's (`config.use_quant_conv`).
     pub fn new(vs: nn::Path, config: AutoencoderKLConfig, in_channels: i64, use_quant_conv: bool) -> Self {
         let c = &config;
         let e = &vs / "encoder";

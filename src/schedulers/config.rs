@@ -50,6 +50,15 @@ impl<'a> Cfg<'a> {
         }
     }
 
+    /// A `float | None` key with a non-None default: absent takes `default`, `null` is None.
+    pub fn nullable_f64(&self, key: &str, default: f64) -> Result<Option<f64>, SchedulerError> {
+        match self.get(key) {
+            None => Ok(Some(default)),
+            Some(Value::Null) => Ok(None),
+            Some(v) => self.num(key, v).map(Some),
+        }
+    }
+
     pub fn int(&self, key: &str, default: i64) -> Result<i64, SchedulerError> {
         match self.get(key) {
             None => Ok(default),

@@ -1,4 +1,5 @@
-//! Schedulers (diffusers `PNDMScheduler`, `EulerDiscreteScheduler`, ...), mirroring diffusers
+//! Schedulers (diffusers `PNDMScheduler`, `EulerDiscreteScheduler`, ...,
+//! `FlowMatchEulerDiscreteScheduler`), mirroring diffusers
 //! 0.42.1 step by step so that runner's latents match diffusers' to float rounding.
 //!
 //! Each scheduler is built from a `scheduler_config.json` (its `_class_name`) or from a
@@ -13,6 +14,7 @@ mod ddim;
 mod dpm_solver_multistep;
 mod euler;
 mod euler_ancestral;
+mod flow_match_euler;
 mod lms;
 mod pndm;
 pub mod schedule;
@@ -26,6 +28,7 @@ pub use ddim::Ddim;
 pub use dpm_solver_multistep::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestralDiscrete;
+pub use flow_match_euler::{calculate_shift, FlowMatchEulerDiscrete, TimeShift};
 pub use lms::LmsDiscrete;
 pub use pndm::Pndm;
 
@@ -47,7 +50,7 @@ pub trait Scheduler {
     fn sigmas(&self) -> Option<&[f64]>;
     /// diffusers class name, e.g. "EulerDiscreteScheduler".
     fn name(&self) -> &'static str;
-    /// diffusers `scheduler.alphas_cumprod` (float32 values).
+    /// diffusers `scheduler.alphas_cumprod` (float32 values); empty for flow matching, which has none.
     fn alphas_cumprod(&self) -> &[f64];
 }
 
@@ -66,10 +69,15 @@ pub enum SchedulerError {
     BadValue { class: &'static str, key: String, value: String, reason: String },
     #[error("{class}: {steps} inference steps: {reason}")]
     Steps { class: &'static str, steps: usize, reason: String },
+    /// A flow-matching config given to a noise-prediction scheduler, or the other way round.
+    #[error("scheduler_config.json: `{class}` cannot run from a `{config_class}` config: {reason}")]
+    Incompatible { class: &'static str, config_class: String, reason: &'static str },
+    #[error("{class}: mu = {mu} (from the pipeline): {reason}")]
+    Mu { class: &'static str, mu: f64, reason: String },
 }
 
 /// The diffusers classes [`build`] accepts.
-pub const SUPPORTED: &[&str] = &[Pndm::NAME, EulerDiscrete::NAME, EulerAncestralDiscrete::NAME, Ddim::NAME, DpmSolverMultistep::NAME, LmsDiscrete::NAME];
+pub const SUPPORTED: &[&str] = &[Pndm::NAME, EulerDiscrete::NAME, EulerAncestralDiscrete::NAME, Ddim::NAME, DpmSolverMultistep::NAME, LmsDiscrete::NAME, FlowMatchEulerDiscrete::NAME];
 
 /// Parses scheduler_config.json text (lenient: accepts -Infinity/Infinity/NaN, which Python's
 /// `json.dumps` writes and strict JSON refuses; they become the strings "-Infinity", ... that
@@ -115,37 +123,80 @@ fn quote_non_finite(text: &str) -> String {
 /// `dpmpp-2m` / `dpmpp-2m-karras` set what their names say on top of the config
 /// (`algorithm_type = "dpmsolver++"`, `solver_order = 2`, `use_karras_sigmas`), like
 /// `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=...)`.
+///
+/// A flow-matching config with `use_dynamic_shifting` needs the pipeline's `mu`: see
+/// [`build_with_mu`].
 pub fn build(config: &Value, kind: Option<SchedulerKind>, steps: usize) -> Result<Box<dyn Scheduler>, SchedulerError> {
-    let map = config.as_object().ok_or_else(|| SchedulerError::NotAnObject(short(config)))?;
-    let class: String = match kind {
-        Some(k) => class_of(k).to_string(),
+    build_with_mu(config, kind, steps, None)
+}
+
+/// [`build`], with diffusers `set_timesteps(steps, mu=mu)`: `mu` is the resolution-dependent
+/// shift the flow-matching pipelines pass when the config has `use_dynamic_shifting` (see
+/// [`dynamic_shift_mu`]); it is required then, unused otherwise (as in diffusers), and refused by
+/// the other schedulers, whose `set_timesteps` takes no `mu`.
+pub fn build_with_mu(config: &Value, kind: Option<SchedulerKind>, steps: usize, mu: Option<f64>) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    let own = config.as_object().and_then(|m| m.get("_class_name")).and_then(Value::as_str).map(str::to_string);
+    let mut map = init_map(config)?;
+    let class: &'static str = match kind {
+        Some(k) => class_of(k),
         None => match map.get("_class_name") {
-            Some(Value::String(s)) => s.clone(),
+            Some(Value::String(s)) => SUPPORTED.iter().copied().find(|c| c == s).ok_or_else(|| SchedulerError::UnsupportedClass { name: s.clone() })?,
             Some(v) => return Err(SchedulerError::BadValue { class: "scheduler", key: "_class_name".into(), value: short(v), reason: "expected a class name string".into() }),
             None => return Err(SchedulerError::MissingClass),
         },
     };
-    let mut map = map.clone();
-    // diffusers `extract_init_dict`: keys listed in `_use_default_values` take the class defaults.
-    if let Some(Value::Array(keys)) = map.get("_use_default_values").cloned() {
-        for k in keys.iter().filter_map(Value::as_str) {
-            map.shift_remove(k);
-        }
+    // A model trained for flow matching (SD3, FLUX) cannot be sampled with a noise-prediction
+    // scheduler, nor the reverse; diffusers' from_config would build either silently.
+    if let Some(own) = own.filter(|o| is_flow_matching(o) != is_flow_matching(class)) {
+        let reason = if is_flow_matching(class) { "a flow-matching scheduler needs a flow-matching model (SD3, FLUX)" } else { "a flow-matching model (SD3, FLUX) needs a flow-matching scheduler" };
+        return Err(SchedulerError::Incompatible { class, config_class: own, reason });
+    }
+    if let (Some(m), false) = (mu, class == FlowMatchEulerDiscrete::NAME) {
+        return Err(SchedulerError::Mu { class, mu: m, reason: "only flow-matching schedulers take mu".into() });
     }
     if let Some(k @ (SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras)) = kind {
         map.insert("algorithm_type".into(), "dpmsolver++".into());
         map.insert("solver_order".into(), 2.into());
         map.insert("use_karras_sigmas".into(), (k == SchedulerKind::DpmPP2MKarras).into());
     }
-    Ok(match class.as_str() {
+    Ok(match class {
         Pndm::NAME => Box::new(Pndm::new(&Cfg::new(Pndm::NAME, &map), steps)?),
         Ddim::NAME => Box::new(Ddim::new(&Cfg::new(Ddim::NAME, &map), steps)?),
         EulerDiscrete::NAME => Box::new(EulerDiscrete::new(&Cfg::new(EulerDiscrete::NAME, &map), steps)?),
         EulerAncestralDiscrete::NAME => Box::new(EulerAncestralDiscrete::new(&Cfg::new(EulerAncestralDiscrete::NAME, &map), steps)?),
         DpmSolverMultistep::NAME => Box::new(DpmSolverMultistep::new(&Cfg::new(DpmSolverMultistep::NAME, &map), steps)?),
         LmsDiscrete::NAME => Box::new(LmsDiscrete::new(&Cfg::new(LmsDiscrete::NAME, &map), steps)?),
-        _ => return Err(SchedulerError::UnsupportedClass { name: class }),
+        FlowMatchEulerDiscrete::NAME => Box::new(FlowMatchEulerDiscrete::new(&Cfg::new(FlowMatchEulerDiscrete::NAME, &map), steps, mu)?),
+        _ => return Err(SchedulerError::UnsupportedClass { name: class.to_string() }),
     })
+}
+
+/// The `mu` a flow-matching pipeline passes for `image_seq_len` latent tokens (SD3:
+/// `(latent_height / patch_size) * (latent_width / patch_size)`): diffusers' `calculate_shift`
+/// of the config's `base_image_seq_len`, `max_image_seq_len`, `base_shift` and `max_shift` when
+/// `use_dynamic_shifting` is set, else None (the pipelines pass no `mu` then). Pass it to
+/// [`build_with_mu`].
+pub fn dynamic_shift_mu(config: &Value, image_seq_len: usize) -> Result<Option<f64>, SchedulerError> {
+    let map = init_map(config)?;
+    let cfg = Cfg::new(FlowMatchEulerDiscrete::NAME, &map);
+    flow_match_euler::FlowMatchConfig::read(&cfg)?.mu(&cfg, image_seq_len)
+}
+
+/// Whether a diffusers scheduler class is a flow-matching one (`FlowMatch*`).
+pub fn is_flow_matching(class: &str) -> bool {
+    class.starts_with("FlowMatch")
+}
+
+/// The config as `__init__` sees it: diffusers `extract_init_dict` gives the keys listed in
+/// `_use_default_values` the class defaults.
+fn init_map(config: &Value) -> Result<serde_json::Map<String, Value>, SchedulerError> {
+    let mut map = config.as_object().ok_or_else(|| SchedulerError::NotAnObject(short(config)))?.clone();
+    if let Some(Value::Array(keys)) = map.get("_use_default_values").cloned() {
+        for k in keys.iter().filter_map(Value::as_str) {
+            map.shift_remove(k);
+        }
+    }
+    Ok(map)
 }
 
 /// The diffusers class of a runner scheduler name.
@@ -157,6 +208,7 @@ pub fn class_of(kind: SchedulerKind) -> &'static str {
         SchedulerKind::EulerAncestral => EulerAncestralDiscrete::NAME,
         SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras => DpmSolverMultistep::NAME,
         SchedulerKind::Lms => LmsDiscrete::NAME,
+        SchedulerKind::FlowMatchEuler => FlowMatchEulerDiscrete::NAME,
     }
 }
 

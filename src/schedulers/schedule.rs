@@ -252,7 +252,7 @@ pub(crate) mod testing {
 
     /// The recorded float32 values (serde_json's float parsing can miss the last bit of the
     /// decimal double; rounding to f32 restores the recorded value).
-    fn nums(v: &Value) -> Vec<f64> {
+    pub fn nums(v: &Value) -> Vec<f64> {
         v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32 as f64).collect()
     }
 
@@ -270,13 +270,22 @@ pub(crate) mod testing {
         all["cases"].as_array().expect("cases").iter().filter(|c| c["class_name"] == class).cloned().collect()
     }
 
+    /// The case's scheduler, as diffusers built it (`kind`, and `mu` where the case passed one).
+    pub fn build_case(case: &Value) -> Box<dyn super::super::Scheduler> {
+        try_build(case).unwrap_or_else(|e| panic!("{}: {e}", case["name"]))
+    }
+
+    fn try_build(case: &Value) -> Result<Box<dyn super::super::Scheduler>, super::super::SchedulerError> {
+        let kind: Option<SchedulerKind> = case["kind"].as_str().map(|k| serde_json::from_value(Value::String(k.into())).expect("kind"));
+        let steps = case["steps"].as_u64().expect("steps") as usize;
+        super::super::build_with_mu(&case["config"], kind, steps, case["mu"].as_f64())
+    }
+
     /// Builds the case's scheduler and checks its schedule and a replay of diffusers' loop;
     /// returns (schedule, step) max relative differences.
     pub fn check_case(case: &Value) -> (f64, f64) {
         let name = case["name"].as_str().unwrap_or("?");
-        let kind: Option<SchedulerKind> = case["kind"].as_str().map(|k| serde_json::from_value(Value::String(k.into())).expect("kind"));
-        let steps = case["steps"].as_u64().expect("steps") as usize;
-        let s = super::super::build(&case["config"], kind, steps).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let s = build_case(case);
         assert_eq!(s.name(), case["class_name"].as_str().unwrap_or(""), "{name}");
         let mut sched = rel(s.timesteps(), &nums(&case["timesteps"]));
         assert!(sched <= 1e-6, "{name}: timesteps {:?} vs {}", s.timesteps(), case["timesteps"]);
@@ -304,7 +313,7 @@ pub(crate) mod testing {
         let mut last = String::new();
         for _ in 0..3 {
             let _guard = super::super::tests_support::GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
-            match replay(case, steps, kind) {
+            match replay(case) {
                 Ok(step) => return (sched, step),
                 Err(e) => last = e,
             }
@@ -312,9 +321,9 @@ pub(crate) mod testing {
         panic!("{last}");
     }
 
-    fn replay(case: &Value, steps: usize, kind: Option<SchedulerKind>) -> Result<f64, String> {
+    fn replay(case: &Value) -> Result<f64, String> {
         let name = case["name"].as_str().unwrap_or("?");
-        let mut s = super::super::build(&case["config"], kind, steps).map_err(|e| e.to_string())?;
+        let mut s = try_build(case).map_err(|e| e.to_string())?;
         tch::manual_seed(case["seed"].as_i64().expect("seed"));
         let drawn = Tensor::randn([1, 4, 2, 2], (Kind::Float, Device::Cpu));
         if values(&drawn) != nums(&case["latents_init"]) {
