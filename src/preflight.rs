@@ -132,7 +132,8 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     let te = read("text_encoder", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
     let te2 = if xl || sd3 { read("text_encoder_2", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) } else { None };
     let transformer = if sd3 {
-        read("transformer", &mut out).and_then(|path| crate::models::config::read_json(&path, "SD3Transformer2DModel").and_then(|v| SD3Transformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
+        read("transformer", &mut out)
+            .and_then(|path| crate::models::config::read_json(&path, "SD3Transformer2DModel").and_then(|v| SD3Transformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
     } else {
         None
     };
@@ -162,9 +163,19 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::schedulers::parse_config(&t).map_err(|e| e.to_string()));
     match sched {
         Ok(cfg) => {
-            let steps = m.manifest.run.steps.unwrap_or(50) as usize;
+            let steps = m.manifest.run.steps.unwrap_or(if sd3 { 28 } else { 50 }) as usize;
             let kind = m.manifest.pipeline.kind;
-            match crate::schedulers::build(&cfg, m.manifest.pipeline.scheduler, steps) {
+            // A dynamically shifted schedule depends on the image's sequence length in patches.
+            let mu = match &configs.transformer {
+                Some(t) => {
+                    let shape = crate::plan::build::run_shape(m, &configs);
+                    let scale = 1u64 << (configs.vae.block_out_channels.len() - 1);
+                    let patches = (shape.height / scale / t.patch_size as u64) * (shape.width / scale / t.patch_size as u64);
+                    crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
+                }
+                None => None,
+            };
+            match crate::schedulers::build_with_mu(&cfg, m.manifest.pipeline.scheduler, steps, mu) {
                 Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
                 // The folder's own class is checked against the kind here (a `pipeline.scheduler`
                 // kind is checked against the folder's config class by `build`).

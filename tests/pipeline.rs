@@ -135,3 +135,35 @@ fn sdxl_with_negative_prompt() {
 fn sdxl_without_negative_prompt_uses_zeros() {
     check_case("sdxl-euler-noneg");
 }
+
+// ---- Stable Diffusion 3 / 3.5 (tiny-sd3, tiny-sd35: sharded T5, MMDiT and MMDiT-X) ----
+
+#[test]
+fn sd3_with_an_empty_negative_prompt() {
+    check_case("sd3-cfg");
+}
+
+#[test]
+fn sd3_non_square_with_a_negative_prompt_and_prompt_3() {
+    check_case("sd3-negative-nonsquare");
+}
+
+#[test]
+fn sd3_without_t5_uses_zeros() {
+    check_case("sd3-no-t5");
+}
+
+#[test]
+fn sd3_truncates_a_long_prompt_for_clip_and_t5() {
+    check_case("sd3-long-prompt-msl16");
+}
+
+#[test]
+fn sd35_mmdit_x_with_guidance() {
+    check_case("sd35-cfg");
+}
+
+#[test]
+fn sd35_without_guidance() {
+    check_case("sd35-noguidance");
+}

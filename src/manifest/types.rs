@@ -96,6 +96,7 @@ impl PipelineKind {
     pub fn flow_matching(self) -> bool {
         match self {
             PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl => false,
+            PipelineKind::StableDiffusion3 => true,
         }
     }
 

@@ -94,7 +94,7 @@ impl StableDiffusion3 {
         let m = cx.m;
         let r = &m.manifest.run;
         let max_len = r.max_sequence_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |n| n as usize);
-        let mut encode = |cx: &mut Call, p1: &str, p2: &str, p3: &str, skip: Option<u32>, branch: &str| -> Result<(Tensor, Tensor), ExecError> {
+        let encode = |cx: &mut Call, p1: &str, p2: &str, p3: &str, skip: Option<u32>, branch: &str| -> Result<(Tensor, Tensor), ExecError> {
             let (clip, pooled) = self.clip(cx, p1, p2, skip, branch)?;
             let t5 = self.t5(cx, p3, max_len, branch)?.to_device(clip.device());
             let clip = clip.constant_pad_nd([0, t5.size()[2] - clip.size()[2]]);
