@@ -50,12 +50,15 @@ pub mod util {
 
     /// A full-size diffusers pipeline folder whose safetensors files have real headers and a
     /// sparse (hole) data region: real sizes at no disk cost. From tests/data/shapes/{name}.json
-    /// (tools/make_shapes.py). Float tensors are stored as `float` (F32 or F16).
+    /// (tools/make_shapes.py). Float tensors are stored as `float` (F32, F16 or BF16). Sharded
+    /// components (the shapes file's `shards`) are written as the repos ship them: one file per
+    /// shard and a `*.safetensors.index.json`. No tokenizer files: planning does not read them.
     pub fn sparse_pipeline(name: &str, dir: &Path, float: runner::checkpoint::safetensors::Dtype) -> PathBuf {
         sparse_pipeline_variant(name, dir, float, None)
     }
 
-    /// As [`sparse_pipeline`], naming weight files as `variant` (`model.fp16.safetensors`).
+    /// As [`sparse_pipeline`], naming weight files as `variant` (`model.fp16.safetensors`,
+    /// `model.fp16-00001-of-00002.safetensors` + `model.safetensors.index.fp16.json`).
     pub fn sparse_pipeline_variant(name: &str, dir: &Path, float: runner::checkpoint::safetensors::Dtype, variant: Option<&str>) -> PathBuf {
         use runner::checkpoint::safetensors::{encode_header, Dtype, TensorInfo};
         let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data(&format!("shapes/{name}.json"))).unwrap()).unwrap();
@@ -67,41 +70,65 @@ pub mod util {
                 std::fs::create_dir_all(root.join(comp)).unwrap();
             }
         }
-        // The scheduler configs of the real SD 1.5 and SDXL base repositories.
-        let scheduler = match spec["model_index"]["scheduler"][1].as_str().unwrap() {
-            "PNDMScheduler" => {
-                r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": false, "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null}"#
+        // The scheduler config of the reference folder (SD3), else those of the real SD 1.5 and
+        // SDXL base repositories.
+        let scheduler = match (spec.get("scheduler"), spec["model_index"]["scheduler"][1].as_str().unwrap()) {
+            (Some(s), _) => serde_json::to_string_pretty(s).unwrap(),
+            (None, "PNDMScheduler") => {
+                r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": false, "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "trained_betas": null}"#.to_string()
             }
-            _ => {
-                r#"{"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false}"#
+            (None, _) => {
+                r#"{"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false}"#.to_string()
             }
         };
         std::fs::write(root.join("scheduler/scheduler_config.json"), scheduler).unwrap();
         for (comp, c) in spec["components"].as_object().unwrap() {
             let d = root.join(comp);
             std::fs::write(d.join("config.json"), serde_json::to_string_pretty(&c["config"]).unwrap()).unwrap();
-            let mut infos = vec![];
-            let mut off = 0u64;
+            let stem = if c["library"] == "diffusers" { "diffusion_pytorch_model" } else { "model" };
+            let weight_map = c["shards"]["weight_map"].as_object();
+            // File of each tensor: the shard the repo puts it in (renamed for a variant), else the one file.
+            let file_of = |tensor: &str| -> String {
+                match (weight_map, variant) {
+                    (Some(m), Some(v)) => m[tensor].as_str().unwrap().replacen(&format!("{stem}-"), &format!("{stem}.{v}-"), 1),
+                    (Some(m), None) => m[tensor].as_str().unwrap().to_string(),
+                    (None, Some(v)) => format!("{stem}.{v}.safetensors"),
+                    (None, None) => format!("{stem}.safetensors"),
+                }
+            };
+            let mut files: std::collections::BTreeMap<String, (Vec<TensorInfo>, u64)> = Default::default();
             for t in c["tensors"].as_array().unwrap() {
                 let dtype = match t[1].as_str().unwrap() {
                     "I64" => Dtype::I64,
                     _ => float,
                 };
+                let name = t[0].as_str().unwrap();
                 let shape: Vec<u64> = t[2].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
                 let n = shape.iter().product::<u64>() * dtype.bits() / 8;
-                infos.push(TensorInfo { name: t[0].as_str().unwrap().to_string(), dtype, shape, data_offsets: (off, off + n) });
-                off += n;
+                let (infos, off) = files.entry(file_of(name)).or_default();
+                infos.push(TensorInfo { name: name.to_string(), dtype, shape, data_offsets: (*off, *off + n) });
+                *off += n;
             }
-            let stem = if c["library"] == "diffusers" { "diffusion_pytorch_model" } else { "model" };
-            let file = match variant {
-                Some(v) => format!("{stem}.{v}.safetensors"),
-                None => format!("{stem}.safetensors"),
-            };
-            let header = encode_header(&infos, &Default::default());
-            let f = std::fs::File::create(d.join(&file)).unwrap();
-            use std::io::Write;
-            (&f).write_all(&header).unwrap();
-            f.set_len(header.len() as u64 + off).unwrap();
+            if let Some(m) = weight_map {
+                assert_eq!(m.len(), c["tensors"].as_array().unwrap().len(), "{name} {comp}: the shard map names every tensor");
+                let total: u64 = files.values().map(|f| f.1).sum();
+                let index = serde_json::json!({
+                    "metadata": {"total_size": total},
+                    "weight_map": files.iter().flat_map(|(f, (infos, _))| infos.iter().map(move |t| (t.name.clone(), serde_json::Value::from(f.as_str())))).collect::<serde_json::Map<_, _>>(),
+                });
+                let index_name = match variant {
+                    Some(v) => format!("{stem}.safetensors.index.{v}.json"),
+                    None => format!("{stem}.safetensors.index.json"),
+                };
+                std::fs::write(d.join(index_name), serde_json::to_string_pretty(&index).unwrap()).unwrap();
+            }
+            for (file, (infos, len)) in &files {
+                let header = encode_header(infos, &Default::default());
+                let f = std::fs::File::create(d.join(file)).unwrap();
+                use std::io::Write;
+                (&f).write_all(&header).unwrap();
+                f.set_len(header.len() as u64 + len).unwrap();
+            }
         }
         root
     }
