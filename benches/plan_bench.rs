@@ -15,7 +15,18 @@ fn main() {
         let tree = modules::build("UNet2DConditionModel", &[], &tensors);
         let built = t.elapsed();
         let total = tree.total;
-        let c = ComponentInput { name: "unet".into(), class: "UNet2DConditionModel".into(), dtype: Dtype::Fp16, bytes: total, tree, working: 0, working_half: 0, pin: None, offload: Offload::None };
+        let c = ComponentInput {
+            name: "unet".into(),
+            class: "UNet2DConditionModel".into(),
+            dtype: Dtype::Fp16,
+            bytes: total,
+            tree,
+            working: 0,
+            working_half: 0,
+            tree_half: None,
+            pin: None,
+            offload: Offload::None,
+        };
         let devices = [(Device::Cuda(0), total / 3), (Device::Cuda(1), total / 3), (Device::Cuda(2), total / 2)]
             .iter()
             .map(|&(device, budget)| DeviceBudget { device, budget, source: BudgetSource::DevicesFlag, total: None })

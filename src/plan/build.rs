@@ -6,9 +6,13 @@ use super::inventory::{Inventory, InventoryError};
 use super::memory::{working_bytes, Dims, RunShape};
 use super::{modules, ComponentInput, PlanInput};
 use crate::checkpoint::layout::{Component, PipelineFolder};
+use crate::checkpoint::safetensors::TensorInfo;
 use crate::device::Device;
-use crate::manifest::{LoadedManifest, Offload, PipelineKind};
+use crate::manifest::{Dtype, LoadedManifest, Offload, PipelineKind};
 use crate::preflight::Configs;
+
+/// diffusers' default `max_sequence_length` (SD3's T5 tokens).
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: u64 = 256;
 
 /// diffusers' execution order (`model_cpu_offload_seq`), then the safety checker.
 pub const EXECUTION_ORDER: [&str; 8] = ["text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder", "unet", "transformer", "vae", "safety_checker"];
@@ -21,8 +25,8 @@ pub struct BuildOptions {
     pub weights_only: bool,
 }
 
-/// The job's shape, with diffusers' defaults: size = UNet `sample_size` x 8, guidance 7.5 (SD)
-/// or 5.0 (SDXL), batch 1.
+/// The job's shape, with diffusers' defaults: size = the denoiser's `sample_size` x 8, guidance
+/// 7.5 (SD), 5.0 (SDXL) or 7.0 (SD3), batch 1, 256 T5 tokens (SD3).
 pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
     let r = &m.manifest.run;
     // diffusers' default size: the denoiser's sample_size in latents, times the VAE's factor.
@@ -39,6 +43,7 @@ pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
         height: r.height.map(u64::from).unwrap_or(sample * 8),
         batch: r.batch.map(u64::from).unwrap_or(1),
         guidance: r.guidance_scale.unwrap_or(default_guidance) > 1.0,
+        max_sequence_length: r.max_sequence_length.map(u64::from).unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
     }
 }
 
@@ -53,13 +58,21 @@ pub fn inventory(m: &LoadedManifest, opts: &BuildOptions) -> Result<Inventory, I
     }
 }
 
-/// What the working-memory estimate needs of component `name`'s config.
-fn dims(configs: &Configs, name: &str) -> Dims {
+/// What the working-memory estimate needs of component `name`'s config in a `kind` pipeline.
+fn dims(kind: PipelineKind, configs: &Configs, name: &str) -> Dims {
     let clip =
         |c: &crate::models::clip::ClipTextConfig| Dims::Clip { hidden: c.hidden_size as u64, intermediate: c.intermediate_size as u64, layers: c.num_hidden_layers as u64, tokens: 77, guided: true };
     match name {
         "unet" => configs.unet.as_ref().map_or(Dims::None, |u| Dims::UNet { c0: u.block_out_channels[0] as u64, attention_first: u.down_block_types[0].starts_with("CrossAttn") }),
-        "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast },
+        // SD3's pipeline decodes at the VAE's own dtype: its config's force_upcast (true in the
+        // SD3 repos) is never applied.
+        "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast && kind != PipelineKind::StableDiffusion3 },
+        "transformer" => configs.transformer.as_ref().map_or(Dims::None, |t| Dims::Sd3Transformer {
+            hidden: (t.num_attention_heads * t.attention_head_dim) as u64,
+            patch: t.patch_size as u64,
+            joint: t.joint_attention_dim as u64,
+        }),
+        "text_encoder_3" => configs.text_encoder_3.as_ref().map_or(Dims::None, |t| Dims::T5 { d_model: t.d_model as u64, d_ff: t.d_ff as u64, heads: t.num_heads as u64, d_kv: t.d_kv as u64 }),
         "text_encoder" => clip(&configs.text_encoder),
         "text_encoder_2" => configs.text_encoder_2.as_ref().map_or(Dims::None, clip),
         "safety_checker" => configs.safety_checker.as_ref().map_or(Dims::None, |s| {
@@ -70,10 +83,19 @@ fn dims(configs: &Configs, name: &str) -> Dims {
     }
 }
 
+/// Bytes of tensor `name` (`info`) of a `class` model loaded at `dtype`. transformers keeps a
+/// model's `_keep_in_fp32_modules` in fp32 when it loads in fp16 (not bf16): T5's `wo`
+/// projections, whatever the checkpoint stores.
+pub fn tensor_bytes(class: &str, name: &str, info: &TensorInfo, dtype: Dtype) -> u64 {
+    let keep_fp32 = dtype == Dtype::Fp16 && info.dtype.is_float() && class == "T5EncoderModel" && name.split('.').any(|s| s == "wo");
+    info.nbytes_as(if keep_fp32 { 4 } else { dtype.size_bytes() })
+}
+
 /// The planner's input: sizes from the checkpoint headers, working memory from the configs
 /// preflight read (the same the models are built from).
 pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
     let shape = run_shape(m, configs);
+    let kind = m.manifest.pipeline.kind;
     let mut comps: Vec<&Component> = p.components.iter().filter(|c| c.checkpoint.is_some()).collect();
     comps.sort_by_key(|c| (EXECUTION_ORDER.iter().position(|n| *n == c.name).unwrap_or(EXECUTION_ORDER.len()), c.name.clone()));
     let mut notes = vec![];
@@ -83,20 +105,25 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
             let ck = c.checkpoint.as_ref().expect("filtered");
             let spec = m.manifest.components.get(&c.name);
             let dtype = spec.and_then(|s| s.dtype).unwrap_or(m.manifest.pipeline.dtype);
-            let e = dtype.size_bytes();
-            let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), t.info.nbytes_as(e))).collect();
             let up_block_types = match (&configs.unet, c.name.as_str()) {
                 (Some(u), "unet") => u.up_block_types.as_slice(),
                 _ => &[],
             };
-            let tree = modules::build(&c.class, up_block_types, &tensors);
+            let tree_at = |dtype: Dtype| {
+                let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), tensor_bytes(&c.class, k, &t.info, dtype))).collect();
+                modules::build(&c.class, up_block_types, &tensors)
+            };
+            let tree = tree_at(dtype);
+            let dims = dims(kind, configs, &c.name);
             ComponentInput {
                 name: c.name.clone(),
                 class: c.class.clone(),
                 dtype,
-                bytes: ck.bytes_at(e),
-                working: if opts.weights_only { 0 } else { working_bytes(&dims(configs, &c.name), dtype, &shape) },
-                working_half: if opts.weights_only { 0 } else { working_bytes(&dims(configs, &c.name), crate::manifest::Dtype::Fp16, &shape) },
+                bytes: tree.total,
+                working: if opts.weights_only { 0 } else { working_bytes(&dims, dtype, &shape) },
+                working_half: if opts.weights_only { 0 } else { working_bytes(&dims, Dtype::Fp16, &shape) },
+                // What fp16 would weigh, for suggesting it (T5's `wo` stays fp32 there).
+                tree_half: (dtype == Dtype::Fp32).then(|| tree_at(Dtype::Fp16)),
                 tree,
                 pin: spec.and_then(|s| s.device),
                 offload: match spec.and_then(|s| s.offload) {
@@ -117,4 +144,25 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
         })
         .collect();
     PlanInput { components, inventory, strategy: m.manifest.placement.strategy, overflow: m.manifest.placement.overflow, notes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::safetensors::Dtype as St;
+
+    #[test]
+    fn t5_wo_stays_fp32_in_fp16_only() {
+        let n = 4096 * 10240;
+        let info = |dtype: St| TensorInfo { name: String::new(), dtype, shape: vec![4096, 10240], data_offsets: (0, n * dtype.bits() / 8) };
+        let wo = "encoder.block.3.layer.1.DenseReluDense.wo.weight";
+        let wi = "encoder.block.3.layer.1.DenseReluDense.wi_0.weight";
+        assert_eq!(tensor_bytes("T5EncoderModel", wo, &info(St::BF16), Dtype::Fp16), 4 * n, "fp16: `wo` at fp32, whatever the file stores");
+        assert_eq!(tensor_bytes("T5EncoderModel", wi, &info(St::BF16), Dtype::Fp16), 2 * n);
+        assert_eq!(tensor_bytes("T5EncoderModel", wo, &info(St::F32), Dtype::Bf16), 2 * n, "bf16 keeps nothing in fp32");
+        assert_eq!(tensor_bytes("T5EncoderModel", wo, &info(St::F16), Dtype::Fp32), 4 * n);
+        assert_eq!(tensor_bytes("SD3Transformer2DModel", "transformer_blocks.0.wo.weight", &info(St::F16), Dtype::Fp16), 2 * n, "T5 only");
+        assert_eq!(tensor_bytes("T5EncoderModel", "encoder.block.0.layer.1.DenseReluDense.wout.weight", &info(St::F16), Dtype::Fp16), 2 * n, "a module named `wo`");
+        assert_eq!(tensor_bytes("T5EncoderModel", wo, &info(St::I64), Dtype::Fp16), 8 * n, "integers keep their size");
+    }
 }

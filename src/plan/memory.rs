@@ -17,7 +17,8 @@
 //!   `17 x + 16 MB` (SDXL): the skip connections kept for the up path, the largest block's
 //!   transient tensors, and attention through SDPA (linear in N);
 //! - VAE decode: `10 * batch * H * W * C0 * e` at full image resolution, in fp32 when
-//!   `force_upcast` applies to a half-precision pipeline;
+//!   `force_upcast` applies to a half-precision pipeline (SD, SDXL; SD3 never upcasts, whatever
+//!   its VAE config says, so the plan does not count it there);
 //! - text encoders: `1.25 * b * 77 * e * ((L + 1) * hidden + 4 * hidden + intermediate)`: every
 //!   layer's hidden states are kept (for clip-skip and the penultimate layer) plus one layer's
 //!   transients;
@@ -26,6 +27,11 @@
 //! The constants are fitted to diffusers' peaks measured on an H200 (torch 2.11, SDPA, fp16 and
 //! fp32; tools/measure_working_memory.py via scripts/gpu-check.sh): every estimate lies
 //! between +0% and +17% above the measured peak (see BENCHMARKS.md).
+//!
+//! SD3's transformer and T5 encoder (below, [`sd3_transformer_bytes`], [`t5_bytes`]) are counted
+//! from first principles instead: the tensors alive at the peak of one block's forward pass as
+//! diffusers and transformers write it, times 5/4 for the caching allocator. They are **not yet
+//! fitted to GPU measurements**.
 
 use serde::Serialize;
 
@@ -38,6 +44,9 @@ pub struct RunShape {
     pub height: u64,
     pub batch: u64,
     pub guidance: bool,
+    /// SD3: the T5 tokens (`run.max_sequence_length`, diffusers' default 256); the transformer
+    /// sees 77 CLIP tokens plus these.
+    pub max_sequence_length: u64,
 }
 
 /// What the working-memory estimate needs of a component's config (read from the typed configs
@@ -62,7 +71,74 @@ pub enum Dims {
         tokens: u64,
         guided: bool,
     },
+    /// SD3's MMDiT (`SD3Transformer2DModel`): `hidden` = heads x head_dim, the patch size, and
+    /// the text states' width (`joint_attention_dim`).
+    Sd3Transformer {
+        hidden: u64,
+        patch: u64,
+        joint: u64,
+    },
+    /// A T5 encoder (`T5EncoderModel`): `d_model`, `d_ff`, heads x `d_kv`.
+    T5 {
+        d_model: u64,
+        d_ff: u64,
+        heads: u64,
+        d_kv: u64,
+    },
     None,
+}
+
+/// CLIP tokens the SD3 transformer sees before the T5 tokens.
+pub const CLIP_TOKENS: u64 = 77;
+
+/// SD3's transformer (`SD3Transformer2DModel`, diffusers' `JointTransformerBlock` with
+/// `JointAttnProcessor2_0`, SDPA): `b` images (x2 under guidance), `ni = (H/8/p) x (W/8/p)`
+/// image tokens, `nt = 77 + max_sequence_length` text tokens, `n = ni + nt`, `d` = heads x
+/// head_dim, `e` bytes per element. In units of `b x d x e`, one block holds at its peak
+/// - in the attention: its inputs (`n`, still held by the caller), the AdaLN-modulated norms
+///   (`n`), q, k, v concatenated over both streams (`3n`), the text stream's own projections
+///   (`3 nt`, still referenced), the attention output laid back out (`n`) and the two output
+///   projections (`n`): `7n + 3nt`. SDPA's fused kernels keep no `n x n` scores;
+/// - in the image stream's MLP: the inputs (`n`), the gated attention output, the updated
+///   residual and its modulated norm (`3 ni`), the 4x projection and its GELU (`8 ni`), and the
+///   text stream's attention output and norm (`2 nt`): `12 ni + 3 nt`;
+///
+/// plus, across the whole loop, the prompt embeddings (`b x nt x joint`) and the AdaLN
+/// modulation vectors (`6 d` per stream and image). Times 5/4 for the caching allocator; not
+/// yet fitted to GPU measurements.
+pub fn sd3_transformer_bytes(hidden: u64, patch: u64, joint: u64, e: u64, shape: &RunShape) -> u64 {
+    let b = shape.batch * if shape.guidance { 2 } else { 1 };
+    let p = patch.max(1);
+    let ni = (shape.height / 8 / p) * (shape.width / 8 / p);
+    let nt = CLIP_TOKENS + shape.max_sequence_length;
+    let n = ni + nt;
+    let block = hidden * (3 * nt + (7 * n).max(12 * ni));
+    let around = nt * joint + 12 * hidden;
+    b * e * (block + around) * 5 / 4
+}
+
+/// SD3's T5 encoder (transformers' `T5EncoderModel`, eager attention): `L` =
+/// max_sequence_length tokens, `b` prompts (x2 under guidance: diffusers encodes the negative
+/// prompt in a second pass, so this also covers the first pass's output held meanwhile),
+/// `inner` = heads x d_kv. Per prompt, one block holds at its peak the larger of
+/// - the attention: input and norm (`2 d_model`), q, k, v and the context (`4 inner`) per
+///   token, and the scores with their softmax (`2 x heads x L x L`);
+/// - the gated-GELU feed-forward: input and norm (`2 d_model`), `wi_0`'s output, two of
+///   `gelu_new`'s temporaries, its output and `wi_1`'s output (`5 d_ff`) per token; in an fp16
+///   model also the product cast to fp32 for the fp32 `wo` and `wo`'s fp32 output;
+///
+/// plus the encoder's output (`L x d_model`) and the relative position bias shared by the
+/// layers (`heads x L x L`). Times 5/4; not yet fitted to GPU measurements.
+pub fn t5_bytes(d_model: u64, d_ff: u64, heads: u64, d_kv: u64, dtype: Dtype, shape: &RunShape) -> u64 {
+    let e = dtype.size_bytes();
+    let b = shape.batch * if shape.guidance { 2 } else { 1 };
+    let l = shape.max_sequence_length;
+    let attention = l * e * (2 * d_model + 4 * heads * d_kv) + 2 * heads * l * l * e;
+    let ff = l * e * (2 * d_model + 5 * d_ff);
+    // `_keep_in_fp32_modules`: `wo` stays fp32 in an fp16 model and its input is cast up.
+    let ff_fp32_wo = if dtype == Dtype::Fp16 { l * (e * (2 * d_model + 3 * d_ff) + 4 * (d_ff + d_model)) } else { 0 };
+    let per_prompt = attention.max(ff).max(ff_fp32_wo) + l * d_model * e;
+    (b * per_prompt + heads * l * l * e) * 5 / 4
 }
 
 /// Working memory of one component for a job (bytes).
@@ -88,6 +164,8 @@ pub fn working_bytes(dims: &Dims, dtype: Dtype, shape: &RunShape) -> u64 {
             let b = if guided { b } else { shape.batch };
             b * tokens * e * ((layers + 1) * hidden + 4 * hidden + intermediate) * 5 / 4
         }
+        Dims::Sd3Transformer { hidden, patch, joint } => sd3_transformer_bytes(hidden, patch, joint, e, shape),
+        Dims::T5 { d_model, d_ff, heads, d_kv } => t5_bytes(d_model, d_ff, heads, d_kv, dtype, shape),
         Dims::None => 0,
     }
 }
@@ -108,7 +186,7 @@ mod tests {
     #[test]
     fn working_memory_scales() {
         let unet = Dims::UNet { c0: 320, attention_first: false };
-        let s = RunShape { width: 1024, height: 1024, batch: 1, guidance: true };
+        let s = RunShape { width: 1024, height: 1024, batch: 1, guidance: true, max_sequence_length: 256 };
         let x = 2 * 16384 * 320 * 2;
         let w = working_bytes(&unet, Dtype::Fp16, &s);
         assert_eq!(w, 17 * x + 16_000_000);
@@ -119,5 +197,38 @@ mod tests {
         assert_eq!(device_weight_bytes(Offload::Group, 100, 5, 20), 40);
         assert_eq!(device_weight_bytes(Offload::Sequential, 100, 5, 20), 5);
         assert_eq!(device_weight_bytes(Offload::Model, 100, 5, 20), 100);
+    }
+
+    #[test]
+    fn sd3_working_memory() {
+        // SD3-medium at 1024x1024 in fp16 with guidance: 4096 image tokens, 77 + 256 text tokens;
+        // the MLP phase (12 x 4096 + 3 x 333 units) beats the attention (7 x 4429 + 3 x 333).
+        let s = RunShape { width: 1024, height: 1024, batch: 1, guidance: true, max_sequence_length: 256 };
+        let dims = Dims::Sd3Transformer { hidden: 1536, patch: 2, joint: 4096 };
+        let units = 12 * 4096 + 3 * 333;
+        let want = 2 * 2 * (1536 * units + 333 * 4096 + 12 * 1536) * 5 / 4;
+        assert_eq!(working_bytes(&dims, Dtype::Fp16, &s), want);
+        assert!((300_000_000..500_000_000).contains(&want), "{want}");
+        // Linear in the batch, doubled by guidance; more T5 tokens, more memory.
+        assert_eq!(working_bytes(&dims, Dtype::Fp16, &RunShape { guidance: false, ..s }) * 2, want);
+        assert!(working_bytes(&dims, Dtype::Fp16, &RunShape { max_sequence_length: 512, ..s }) > want);
+        assert_eq!(working_bytes(&dims, Dtype::Fp32, &s), 2 * want);
+        // At a tiny size the attention phase dominates: 16 image tokens, 77 + 4 text tokens.
+        let tiny = RunShape { width: 64, height: 64, batch: 1, guidance: false, max_sequence_length: 4 };
+        let n = 16 + 81;
+        assert_eq!(working_bytes(&Dims::Sd3Transformer { hidden: 32, patch: 2, joint: 24 }, Dtype::Fp32, &tiny), 4 * (32 * (3 * 81 + 7 * n) + 81 * 24 + 12 * 32) * 5 / 4);
+
+        // T5-XXL, 256 tokens, guided: fp16 counts the fp32 `wo` path, bf16 does not.
+        let t5 = Dims::T5 { d_model: 4096, d_ff: 10240, heads: 64, d_kv: 64 };
+        let fp16 = working_bytes(&t5, Dtype::Fp16, &s);
+        let bf16 = working_bytes(&t5, Dtype::Bf16, &s);
+        assert!(fp16 > bf16 && fp16 < 200_000_000, "{fp16} {bf16}");
+        let l = 256;
+        let per_prompt = l * (2 * (2 * 4096 + 3 * 10240) + 4 * (10240 + 4096)) + l * 4096 * 2;
+        assert_eq!(fp16, (2 * per_prompt + 64 * l * l * 2) * 5 / 4);
+
+        // SD3's VAE is never upcast: the pipeline passes force_upcast = false.
+        let vae = Dims::Vae { c0: 128, force_upcast: false };
+        assert_eq!(working_bytes(&vae, Dtype::Fp16, &s), 10 * 1024 * 1024 * 128 * 2);
     }
 }

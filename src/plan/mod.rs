@@ -15,9 +15,11 @@
 //!   records only the last one), runner tries the other GPUs first, then the overflow policy,
 //!   and notes every overflow; with `overflow = "cpu"` it gives diffusers' map exactly.
 //! - `sequential`: components in execution order fill GPUs in order, never going back.
-//! - `auto`: each component whole on the first GPU with room; a UNet that fits no single GPU is
-//!   split at diffusers' no-split boundaries across the GPUs, in execution order (with `overflow =
-//!   "cpu"`, across the GPUs and then the CPU, as accelerate's `infer_auto_device_map`).
+//! - `auto`: each component whole on the first GPU with room; a UNet, SD3 transformer or T5
+//!   encoder that fits no single GPU is split at its no-split boundaries (`_no_split_modules`:
+//!   UNet blocks, `JointTransformerBlock`s, `T5Block`s) across the GPUs, in execution order (with
+//!   `overflow = "cpu"`, across the GPUs and then the CPU, as accelerate's
+//!   `infer_auto_device_map`).
 //!
 //! Pins are placed first and must fit. Offload modes change what a component needs on its device
 //! (see [`memory`]); offloaded weights count against the host's budget.
@@ -51,12 +53,15 @@ pub struct ComponentInput {
     pub working: u64,
     /// Working memory if it ran at fp16/bf16 (for suggesting a dtype change).
     pub working_half: u64,
+    /// Its module tree at fp16 when it is fp32 (for suggesting a dtype change; T5's `wo` stays
+    /// fp32 there); `None`: half of every size.
+    pub tree_half: Option<ModuleTree>,
     pub pin: Option<Device>,
     pub offload: Offload,
 }
 
 impl ComponentInput {
-    /// Whether `auto` may split it (diffusers defines no-split units for the UNet).
+    /// Whether `auto` may split it (the [`modules::SPLITTABLE_CLASSES`] have no-split units).
     pub fn splittable(&self) -> bool {
         self.tree.units.len() > 1
     }
@@ -95,8 +100,9 @@ pub struct PlanInput {
 }
 
 /// The model classes whose blocks runner knows, so that `sequential` and `group` offload can
-/// stream them (others are loaded whole: `none` or `model` offload).
-pub const STREAMABLE_CLASSES: [&str; 4] = ["UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection", "AutoencoderKL"];
+/// stream them (others are loaded whole: `none` or `model` offload). Streaming needs every
+/// weight-holding module of the model to announce its path to the offload hooks.
+pub const STREAMABLE_CLASSES: [&str; 6] = ["UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection", "AutoencoderKL", "SD3Transformer2DModel", "T5EncoderModel"];
 
 pub fn streamable(class: &str) -> bool {
     STREAMABLE_CLASSES.contains(&class)
@@ -360,8 +366,13 @@ impl<'a> State<'a> {
         self.ledgers = ledgers;
         let reason = format!("fits no single GPU ({} needed); split at no-split boundaries over {} in execution order", gb(c.need()), devices.join(" + "));
         self.placed[i] = Some((Placement::Split(modules::compress(&assign)), reason, Some(per_device)));
+        // diffusers' pipeline-level `balanced` map places components whole: one whose weights
+        // alone exceed every GPU's budget goes to the CPU there.
+        let largest_gpu = over.iter().filter(|&&l| self.ledgers[l].device != Device::Cpu).map(|&l| self.ledgers[l].budget).max().unwrap_or(0);
+        let diffusers =
+            if c.bytes > largest_gpu { format!("; its weights alone ({}) exceed every GPU's budget, so diffusers' `balanced` map would load it on the CPU", gb(c.bytes)) } else { String::new() };
         self.notes.push(format!(
-            "`{}` is split: each part runs where it is placed (nothing is streamed), so no reserve for the largest layer is kept (accelerate keeps one on the first GPU and the CPU because it runs offloaded layers there); every device of the split holds the component's working memory ({})",
+            "`{}` is split: each part runs where it is placed (nothing is streamed), so no reserve for the largest layer is kept (accelerate keeps one on the first GPU and the CPU because it runs offloaded layers there); every device of the split holds the component's working memory ({}){diffusers}",
             c.name,
             gb(c.working)
         ));
@@ -618,14 +629,22 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
         try_with(&fixed(format!("components.{name}.dtype = \"fp16\"")), &|v| {
             let c = &mut v.components[idx];
             c.dtype = Dtype::Fp16;
-            c.bytes = c.bytes.div_ceil(2);
             c.working = c.working_half;
-            for u in &mut c.tree.units {
-                u.bytes /= 2;
-            }
-            c.tree.largest_leaf /= 2;
-            for g in &mut c.tree.groups {
-                g.1 /= 2;
+            match c.tree_half.take() {
+                Some(t) => {
+                    c.bytes = t.total;
+                    c.tree = t;
+                }
+                None => {
+                    c.bytes = c.bytes.div_ceil(2);
+                    for u in &mut c.tree.units {
+                        u.bytes /= 2;
+                    }
+                    c.tree.largest_leaf /= 2;
+                    for g in &mut c.tree.groups {
+                        g.1 /= 2;
+                    }
+                }
             }
         });
     }

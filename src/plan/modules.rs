@@ -5,7 +5,11 @@
 //! leaf module `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`; its *unit* is the
 //! shortest enclosing no-split module (here the `BasicTransformerBlock`
 //! `down_blocks.1.attentions.0.transformer_blocks.0`), or its leaf module when none encloses it.
-//! Everything is linear in the number of tensors plus a sort.
+//! The classes runner splits ([`SPLITTABLE_CLASSES`]) and their no-split units (their
+//! `_no_split_modules`): `UNet2DConditionModel` (BasicTransformerBlock, ResnetBlock2D,
+//! CrossAttnUpBlock2D, UpBlock2D), `SD3Transformer2DModel` (`transformer_blocks.{i}`,
+//! JointTransformerBlock) and `T5EncoderModel` (`encoder.block.{i}`, T5Block); other components
+//! are one unit (placed whole). Everything is linear in the number of tensors plus a sort.
 
 use std::collections::HashMap;
 
@@ -48,9 +52,26 @@ fn is_index(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// The classes whose module trees are split into no-split units, so that `auto` may split them
+/// across devices.
+pub const SPLITTABLE_CLASSES: [&str; 3] = ["UNet2DConditionModel", "SD3Transformer2DModel", "T5EncoderModel"];
+
+/// The no-split unit (prefix length, class) enclosing a module path of a `class` model, for the
+/// [`SPLITTABLE_CLASSES`].
+fn no_split_unit(class: &str, segs: &[&str], up_block_types: &[String]) -> Option<(usize, &'static str)> {
+    match class {
+        "UNet2DConditionModel" => unet_unit(segs, up_block_types),
+        // diffusers' `SD3Transformer2DModel._no_split_modules`: one joint block each.
+        "SD3Transformer2DModel" => (segs.len() >= 2 && segs[0] == "transformer_blocks" && is_index(segs[1])).then_some((2, "JointTransformerBlock")),
+        // transformers' `T5EncoderModel._no_split_modules`.
+        "T5EncoderModel" => (segs.len() >= 3 && segs[0] == "encoder" && segs[1] == "block" && is_index(segs[2])).then_some((3, "T5Block")),
+        _ => None,
+    }
+}
+
 /// The no-split unit (prefix length, class) enclosing a module path, for diffusers'
 /// `UNet2DConditionModel._no_split_modules` (BasicTransformerBlock, ResnetBlock2D,
-/// CrossAttnUpBlock2D, UpBlock2D). Other components are placed whole, so they need none.
+/// CrossAttnUpBlock2D, UpBlock2D).
 fn unet_unit(segs: &[&str], up_block_types: &[String]) -> Option<(usize, &'static str)> {
     if segs.len() >= 2 && segs[0] == "up_blocks" && is_index(segs[1]) {
         let i: usize = segs[1].parse().ok()?;
@@ -72,13 +93,22 @@ fn unet_unit(segs: &[&str], up_block_types: &[String]) -> Option<(usize, &'stati
 }
 
 /// The offload group of a module path: one block of a block list (`down_blocks.1`,
-/// `text_model.encoder.layers.3`), else the first module below wrapper modules
-/// (`mid_block`, `text_model.embeddings`, `encoder.conv_in`).
+/// `text_model.encoder.layers.3`, SD3's `transformer_blocks.7`, T5's `encoder.block.5`), else
+/// the first module below wrapper modules (`mid_block`, `text_model.embeddings`,
+/// `encoder.conv_in`).
 fn group_of(segs: &[&str]) -> usize {
     for i in 0..segs.len().saturating_sub(1) {
         if matches!(segs[i], "down_blocks" | "up_blocks" | "layers") && is_index(segs[i + 1]) {
             return i + 2;
         }
+    }
+    // Top-level block lists only: a UNet's `mid_block.attentions.0.transformer_blocks.0` stays
+    // in its `mid_block` group.
+    if segs.len() >= 2 && segs[0] == "transformer_blocks" && is_index(segs[1]) {
+        return 2;
+    }
+    if segs.len() >= 3 && segs[0] == "encoder" && segs[1] == "block" && is_index(segs[2]) {
+        return 3;
     }
     let wrappers = ["text_model", "vision_model", "encoder", "decoder"];
     let skip = segs.iter().take_while(|s| wrappers.contains(s)).count();
@@ -98,8 +128,10 @@ pub fn sort_in_execution_order(paths: &mut [String]) {
 }
 
 /// Execution-order sort key of a module path (UNet2DConditionModel's forward: embeddings, down
-/// blocks with resnets and attentions interleaved, mid block, up blocks, output). Unknown names
-/// sort after known ones, alphabetically; indices numerically.
+/// blocks with resnets and attentions interleaved, mid block, up blocks, output;
+/// SD3Transformer2DModel's: pos_embed, time_text_embed, context_embedder, transformer_blocks,
+/// norm_out, proj_out; T5EncoderModel's: shared, encoder.block, encoder.final_layer_norm).
+/// Unknown names sort after known ones, alphabetically; indices numerically.
 fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
     let segs: Vec<&str> = if path.is_empty() { vec![] } else { path.split('.').collect() };
     let mut key = Vec::with_capacity(segs.len());
@@ -123,25 +155,30 @@ fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
         if is_index(s) {
             key.push((0, s.parse().unwrap_or(u64::MAX), String::new()));
         } else {
+            // Only siblings are compared: ranks order the children of one module.
             let rank = match s {
-                "conv_in" | "norm" | "embeddings" => 0,
-                "time_proj" | "proj_in" => 1,
-                "time_embedding" | "transformer_blocks" => 2,
-                "class_embedding" | "proj_out" => 3,
-                "add_time_proj" => 4,
-                "add_embedding" => 5,
-                "encoder_hid_proj" => 6,
-                "down_blocks" | "encoder" => 10,
-                "mid_block" => 11,
-                "up_blocks" => 12,
-                "quant_conv" => 13,
-                "post_quant_conv" => 14,
-                "decoder" => 15,
-                "conv_norm_out" | "final_layer_norm" => 20,
-                "conv_act" => 21,
-                "conv_out" => 22,
-                "downsamplers" | "upsamplers" => 1000,
-                _ => 500,
+                "conv_in" | "norm" | "embeddings" | "pos_embed" | "shared" => 0,
+                "time_proj" | "proj_in" | "timestep_embedder" => 10,
+                "text_embedder" => 11,
+                "time_text_embed" => 12,
+                "context_embedder" => 15,
+                "time_embedding" | "transformer_blocks" => 20,
+                "norm_out" => 25,
+                "class_embedding" | "proj_out" => 30,
+                "add_time_proj" => 40,
+                "add_embedding" => 50,
+                "encoder_hid_proj" => 60,
+                "down_blocks" | "encoder" | "block" => 100,
+                "mid_block" => 110,
+                "up_blocks" => 120,
+                "quant_conv" => 130,
+                "post_quant_conv" => 140,
+                "decoder" => 150,
+                "conv_norm_out" | "final_layer_norm" => 200,
+                "conv_act" => 210,
+                "conv_out" => 220,
+                "downsamplers" | "upsamplers" => 10000,
+                _ => 5000,
             };
             key.push((rank, 0, s.to_string()));
         }
@@ -154,7 +191,7 @@ fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
 /// `class` is the diffusers/transformers class; `up_block_types` the UNet config's (empty for
 /// other classes).
 pub fn build(class: &str, up_block_types: &[String], tensors: &[(String, u64)]) -> ModuleTree {
-    let splittable = class == "UNet2DConditionModel";
+    let splittable = SPLITTABLE_CLASSES.contains(&class);
     let mut units: HashMap<String, (u64, Option<&'static str>)> = HashMap::new();
     let mut leaves: HashMap<&str, u64> = HashMap::new();
     let mut groups: HashMap<String, u64> = HashMap::new();
@@ -165,7 +202,7 @@ pub fn build(class: &str, up_block_types: &[String], tensors: &[(String, u64)]) 
         *leaves.entry(module).or_default() += bytes;
         let segs: Vec<&str> = if module.is_empty() { vec![] } else { module.split('.').collect() };
         let (unit_path, unit_class) = if splittable {
-            match unet_unit(&segs, up_block_types) {
+            match no_split_unit(class, &segs, up_block_types) {
                 Some((n, c)) => (segs[..n].join("."), Some(c)),
                 None => (module.to_string(), None),
             }
@@ -300,6 +337,89 @@ mod tests {
         assert_eq!(tree.units[0].bytes, 40);
         let groups: Vec<&str> = tree.groups.iter().map(|g| g.0.as_str()).collect();
         assert_eq!(groups, ["text_model.embeddings", "text_model.encoder.layers.0", "text_model.encoder.layers.1", "text_model.final_layer_norm"]);
+    }
+
+    #[test]
+    fn sd3_transformer_units_groups_and_order() {
+        let names = [
+            "proj_out.weight",
+            "transformer_blocks.10.ff.net.0.proj.weight",
+            "norm_out.linear.weight",
+            "transformer_blocks.2.attn.to_q.weight",
+            "transformer_blocks.2.norm1.linear.weight",
+            "transformer_blocks.2.ff_context.net.2.bias",
+            "context_embedder.weight",
+            "time_text_embed.text_embedder.linear_1.weight",
+            "time_text_embed.timestep_embedder.linear_1.weight",
+            "pos_embed.proj.weight",
+            "pos_embed.pos_embed",
+            "transformer_blocks.0.attn.add_q_proj.weight",
+        ];
+        let tree = build("SD3Transformer2DModel", &[], &t(&names));
+        let units: Vec<(&str, u64, Option<&str>)> = tree.units.iter().map(|u| (u.path.as_str(), u.bytes, u.class)).collect();
+        assert_eq!(
+            units,
+            [
+                ("pos_embed", 10, None),
+                ("pos_embed.proj", 10, None),
+                ("time_text_embed.timestep_embedder.linear_1", 10, None),
+                ("time_text_embed.text_embedder.linear_1", 10, None),
+                ("context_embedder", 10, None),
+                ("transformer_blocks.0", 10, Some("JointTransformerBlock")),
+                ("transformer_blocks.2", 30, Some("JointTransformerBlock")),
+                ("transformer_blocks.10", 10, Some("JointTransformerBlock")),
+                ("norm_out.linear", 10, None),
+                ("proj_out", 10, None),
+            ]
+        );
+        // Group offload streams one joint block at a time, not all of `transformer_blocks`.
+        let groups: Vec<(&str, u64)> = tree.groups.iter().map(|g| (g.0.as_str(), g.1)).collect();
+        assert_eq!(
+            groups,
+            [
+                ("pos_embed", 20),
+                ("time_text_embed", 20),
+                ("context_embedder", 10),
+                ("transformer_blocks.0", 10),
+                ("transformer_blocks.2", 30),
+                ("transformer_blocks.10", 10),
+                ("norm_out", 10),
+                ("proj_out", 10)
+            ]
+        );
+        assert_eq!(group_path("transformer_blocks.7.attn.to_k.weight"), "transformer_blocks.7");
+        // A UNet's transformer blocks stay in their block's group.
+        assert_eq!(group_path("mid_block.attentions.0.transformer_blocks.3.attn1.to_q.weight"), "mid_block");
+        let unet = build("UNet2DConditionModel", &[], &t(&["mid_block.attentions.0.transformer_blocks.3.attn1.to_q.weight"]));
+        assert_eq!(unet.units[0].class, Some("BasicTransformerBlock"));
+    }
+
+    #[test]
+    fn t5_units_groups_and_order() {
+        let names = [
+            "encoder.final_layer_norm.weight",
+            "encoder.block.11.layer.1.DenseReluDense.wo.weight",
+            "encoder.block.2.layer.0.SelfAttention.q.weight",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+            "shared.weight",
+        ];
+        let tree = build("T5EncoderModel", &[], &t(&names));
+        let units: Vec<(&str, u64, Option<&str>)> = tree.units.iter().map(|u| (u.path.as_str(), u.bytes, u.class)).collect();
+        assert_eq!(
+            units,
+            [
+                ("shared", 10, None),
+                ("encoder.block.0", 20, Some("T5Block")),
+                ("encoder.block.2", 10, Some("T5Block")),
+                ("encoder.block.11", 10, Some("T5Block")),
+                ("encoder.final_layer_norm", 10, None),
+            ]
+        );
+        let groups: Vec<&str> = tree.groups.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(groups, ["shared", "encoder.block.0", "encoder.block.2", "encoder.block.11", "encoder.final_layer_norm"]);
+        // Other transformers models stay one unit.
+        assert_eq!(build("CLIPTextModelWithProjection", &[], &t(&["text_model.encoder.layers.0.mlp.fc1.weight", "text_projection.weight"])).units.len(), 1);
     }
 
     #[test]

@@ -13,6 +13,7 @@ fn comp(name: &str, bytes: u64) -> ComponentInput {
         tree: ModuleTree { units: vec![Unit { path: String::new(), bytes, class: None }], largest_leaf: bytes, groups: vec![(String::new(), bytes)], total: bytes, ..Default::default() },
         working: 0,
         working_half: 0,
+        tree_half: None,
         pin: None,
         offload: Offload::None,
     }
@@ -30,6 +31,7 @@ fn unet(bytes_per_unit: u64, n: usize) -> ComponentInput {
         tree: ModuleTree { units, largest_leaf: bytes_per_unit / 4, groups, total: bytes_per_unit * n as u64, ..Default::default() },
         working: 0,
         working_half: 0,
+        tree_half: None,
         pin: None,
         offload: Offload::None,
     }
