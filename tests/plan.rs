@@ -163,11 +163,11 @@ fn bad_device_specs_and_budgets() {
 
 #[test]
 fn tiny_manifests_plan() {
-    for m in ["manifests/tiny-sd15.toml", "manifests/tiny-sdxl.toml"] {
+    for (m, denoiser) in [("manifests/tiny-sd15.toml", "unet"), ("manifests/tiny-sdxl.toml", "unet"), ("manifests/tiny-sd3.toml", "transformer")] {
         let (code, stdout, stderr) = run(runner().args(["plan", "--json", m]));
         assert_eq!(code, 0, "{m}: {stderr}");
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-        assert!(v["device_map"]["unet"].is_string());
+        assert!(v["device_map"][denoiser].is_string(), "{m}: {v}");
     }
 }
 
@@ -328,4 +328,196 @@ fn json_failures_are_json_documents() {
     assert!(e["diagnostics"][0]["message"].as_str().unwrap().contains("nowhere"), "{e}");
     let unlocked = manifest(dir.path(), "unlocked", "stable-diffusion", &crate::util::root().join("tests/fixtures/tiny-sd15"), "fp32", "");
     assert_eq!(doc(&[unlocked.to_str().unwrap(), "--locked"])["kind"], "lock");
+}
+
+// ---- SD3-medium and SD3.5-large at full size (tests/data/shapes/sd3-medium.json, sd35-large.json) ----
+
+/// The shapes file of a reference pipeline (tools/make_shapes.py), with accelerate's counts.
+fn shapes(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(crate::util::data(&format!("shapes/{name}.json"))).unwrap()).unwrap()
+}
+
+/// `runner plan MANIFEST --json` over the pipeline folder `root`, with `args`.
+fn plan_json(manifest: &str, root: &Path, args: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = run(runner().args(["plan", manifest, "--json", "--set", &format!("pipeline.source={}", root.display())]).args(args));
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn plan_table(manifest: &str, root: &Path, args: &[&str]) -> String {
+    let (code, stdout, stderr) = run(runner().args(["plan", manifest, "--set", &format!("pipeline.source={}", root.display())]).args(args));
+    assert_eq!(code, 0, "{stderr}");
+    stdout
+}
+
+fn within_budgets(v: &serde_json::Value) {
+    for (d, u) in v["devices"].as_object().unwrap() {
+        assert!(u["planned"].as_u64() <= u["budget"].as_u64(), "{d} over budget: {u}");
+    }
+}
+
+#[test]
+fn sd3_medium_fp16_on_one_24gib_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::util::sparse_pipeline("sd3-medium", dir.path(), Dtype::F16);
+    // The folder as the repo ships it: T5 in two shards with an index; no tokenizer files (preflight
+    // does not open them).
+    let t5 = root.join("text_encoder_3");
+    for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"] {
+        assert!(t5.join(f).is_file(), "{f}");
+    }
+    assert!(!t5.join("model.safetensors").exists());
+    assert_eq!(std::fs::read_dir(root.join("tokenizer_3")).unwrap().count(), 0);
+
+    insta::assert_snapshot!(plan_table("manifests/sd3.toml", &root, &[]));
+    let v = plan_json("manifests/sd3.toml", &root, &[]);
+    assert!(v["device_map"].as_object().unwrap().values().all(|d| d == "cuda:0"), "{v}");
+    assert!(v["notes"].as_array().unwrap().is_empty(), "{v}");
+    within_budgets(&v);
+
+    // Weight bytes are accelerate's counts of the models transformers and diffusers build at fp16.
+    let s = shapes("sd3-medium");
+    let acc = |c: &str, key: &str| s["components"][c][key].as_u64().unwrap();
+    let bytes = |c: &str| v["components"][c]["bytes"].as_u64().unwrap();
+    assert_eq!(bytes("transformer"), acc("transformer", "accelerate_module_size_16bit"));
+    assert_eq!(bytes("transformer"), 4_169_902_208);
+    assert_eq!(bytes("vae"), acc("vae", "accelerate_module_size_16bit"));
+    // transformers keeps T5's `wo` in fp32 in an fp16 model: accelerate's count with
+    // `special_dtypes` for them, the tied embedding once.
+    assert_eq!(bytes("text_encoder_3"), acc("text_encoder_3", "accelerate_module_size_fp16_keep_in_fp32"));
+    assert_eq!(bytes("text_encoder_3"), 11_537_887_232);
+    // accelerate also counts CLIP's int64 `position_ids` buffer (616 bytes), which SD3's checkpoints
+    // (saved by transformers >= 4.31) do not hold.
+    for c in ["text_encoder", "text_encoder_2"] {
+        assert_eq!(bytes(c) + 77 * 8, acc(c, "accelerate_module_size_16bit"), "{c}");
+    }
+    // SD3 never upcasts its VAE, whatever its config's force_upcast (true here): fp16 activations.
+    assert_eq!(s["components"]["vae"]["config"]["force_upcast"], true);
+    assert_eq!(v["components"]["vae"]["working_bytes"], 10 * 1024 * 1024 * 128 * 2u64);
+
+    // bf16 keeps nothing in fp32: T5 is its stored 16-bit size.
+    let v = plan_json("manifests/sd3.toml", &root, &["--set", "pipeline.dtype=bf16"]);
+    assert_eq!(v["components"]["text_encoder_3"]["bytes"], acc("text_encoder_3", "accelerate_module_size_16bit"));
+    assert_eq!(v["components"]["text_encoder_3"]["bytes"], 9_524_621_312u64);
+}
+
+#[test]
+fn sd3_medium_fp32_suggests_fp16_with_t5_wo_in_fp32() {
+    // An fp32 T5-XXL (19.05 GB) fits neither of two 15 GB GPUs: the fp16 suggestion weighs its
+    // `wo` at fp32 (11.54 GB), not half of its fp32 size (9.52 GB).
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::util::sparse_pipeline("sd3-medium", dir.path(), Dtype::F16);
+    let src = format!("pipeline.source={}", root.display());
+    let (code, _, stderr) = run(runner().args(["plan", "manifests/sd3.toml", "--weights-only", "--set", &src]).args([
+        "--set",
+        "pipeline.dtype=fp32",
+        "--set",
+        "placement.overflow=error",
+        "--set",
+        "placement.max_memory.\"cuda:0\"=15GB",
+        "--set",
+        "placement.max_memory.\"cuda:1\"=15GB",
+    ]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("`text_encoder_3` needs 19.05 GB at fp32"), "{stderr}");
+    assert!(stderr.contains("components.text_encoder_3.dtype = \"fp16\": `text_encoder_3` on cuda:0, peak 11.54 GB there"), "{stderr}");
+    let v = plan_json("manifests/sd3.toml", &root, &["--set", "pipeline.dtype=fp32", "--set", "components.text_encoder_3.dtype=fp16"]);
+    assert_eq!(v["components"]["text_encoder_3"]["bytes"], 11_537_887_232u64);
+    assert_eq!(v["components"]["text_encoder_3"]["peak_bytes"], 11_537_887_232u64 + v["components"]["text_encoder_3"]["working_bytes"].as_u64().unwrap());
+}
+
+#[test]
+fn sd35_large_on_two_16gib_gpus() {
+    // SD3.5-large in bf16 on two 16 GiB cards, 15 GiB of each planned (manifests/sd35-large.toml):
+    // the 16.29 GB transformer fits neither GPU. diffusers' `balanced` would load it on the CPU;
+    // runner streams it through a GPU (balanced, overflow = "stream") or splits it at its
+    // JointTransformerBlocks across both (auto).
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::util::sparse_pipeline("sd35-large", dir.path(), Dtype::BF16);
+    let tr = root.join("transformer");
+    for f in ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.json"] {
+        assert!(tr.join(f).is_file(), "{f}");
+    }
+    let s = shapes("sd35-large");
+    assert_eq!(s["components"]["transformer"]["accelerate_module_size_16bit"], 16_292_561_536u64);
+
+    insta::assert_snapshot!("balanced_streams_the_transformer", plan_table("manifests/sd35-large.toml", &root, &[]));
+    let v = plan_json("manifests/sd35-large.toml", &root, &[]);
+    within_budgets(&v);
+    let t = &v["components"]["transformer"];
+    assert_eq!(t["bytes"], 16_292_561_536u64);
+    assert_eq!((t["device"].as_str(), t["offload"].as_str(), t["overflow"].as_str()), (Some("cuda:0"), Some("group"), Some("stream")), "{t}");
+    // Group offload holds two joint blocks (the largest, 426 MB each) and the working memory.
+    let block = s["components"]["transformer"]["largest_no_split_unit_16bit"][1].as_u64().unwrap();
+    assert_eq!(t["streamed_bytes"], 2 * block);
+    assert_eq!(t["peak_bytes"].as_u64().unwrap(), 2 * block + t["working_bytes"].as_u64().unwrap());
+    assert!(v["device_map"].as_object().unwrap().values().all(|d| d.as_str().unwrap().starts_with("cuda:")), "{v}");
+    assert_eq!(v["host_offload_bytes"], 16_292_561_536u64);
+    assert!(v["notes"].to_string().contains("`transformer` (16.91 GB) fits no GPU whole: streamed through cuda:0 with `group` offload"), "{v}");
+
+    insta::assert_snapshot!("auto_splits_the_transformer", plan_table("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=auto"]));
+    let v = plan_json("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=auto"]);
+    within_budgets(&v);
+    let t = &v["components"]["transformer"];
+    assert_eq!(t["offload"], "none");
+    let split = t["split"].as_object().unwrap();
+    let on = |d: &str| split.values().filter(|x| *x == d).count();
+    assert!(on("cuda:0") > 0 && on("cuda:1") > 0, "{split:?}");
+    // Never inside a JointTransformerBlock: blocks whole, in order, one device switch.
+    for k in split.keys() {
+        let segs: Vec<&str> = k.split('.').collect();
+        assert!(segs.len() <= 2 && (segs[0] != "transformer_blocks" || segs.len() == 2), "{k}");
+    }
+    let devices: Vec<&str> = split.values().map(|d| d.as_str().unwrap()).collect();
+    assert_eq!(devices.windows(2).filter(|w| w[0] != w[1]).count(), 1, "{devices:?}");
+    let per_device = t["split_bytes"].as_object().unwrap();
+    assert_eq!(per_device.values().map(|b| b.as_u64().unwrap()).sum::<u64>(), 16_292_561_536);
+    assert!(v["notes"].to_string().contains("its weights alone (16.29 GB) exceed every GPU's budget, so diffusers' `balanced` map would load it on the CPU"), "{v}");
+
+    // diffusers' own placement on request: the CPU.
+    let v = plan_json("manifests/sd35-large.toml", &root, &["--weights-only", "--set", "placement.overflow=cpu"]);
+    assert_eq!(v["device_map"]["transformer"], "cpu");
+
+    // With the cards' whole 16 GiB as budgets, the transformer would fit one of them with next to
+    // nothing left for the CUDA context: why the manifest plans 15 GiB of each.
+    let v = plan_json("manifests/sd35-large.toml", &root, &["--set", "placement.max_memory.\"cuda:0\"=16GiB", "--set", "placement.max_memory.\"cuda:1\"=16GiB"]);
+    assert_eq!(v["components"]["transformer"]["offload"], "none");
+    assert!(v["devices"]["cuda:0"]["free"].as_u64().unwrap() < 100_000_000, "{v}");
+}
+
+#[test]
+fn sd35_large_plans_in_milliseconds() {
+    // The plan itself (sizes, trees, working memory, placement) from the opened folder: no weight
+    // is read. Timed and logged, not asserted tightly (shared CI machines).
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::util::sparse_pipeline("sd35-large", dir.path(), Dtype::BF16);
+    let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())] };
+    let loaded = runner::manifest::load(&crate::util::root().join("manifests/sd35-large.toml"), &opts).unwrap();
+    let started = std::time::Instant::now();
+    let (pipeline, configs) = runner::preflight::check(&loaded).unwrap();
+    let checked = started.elapsed();
+    let inventory = runner::plan::build::inventory(&loaded, &Default::default()).unwrap();
+    let mut best = std::time::Duration::MAX;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, inventory.clone(), &Default::default());
+        let plan = runner::plan::plan(&input).unwrap();
+        best = best.min(t.elapsed());
+        assert_eq!(plan.components.len(), 5);
+    }
+    eprintln!("sd35-large: preflight (7 safetensors headers, 2 indexes) {checked:?}, plan input + plan {best:?}");
+    assert!(best < std::time::Duration::from_secs(2), "{best:?}");
+
+    // The module trees: accelerate's no-split units (counted at 16 bits by tools/make_shapes.py).
+    let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, inventory, &Default::default());
+    let s = shapes("sd35-large");
+    for (name, class, n) in [("transformer", "JointTransformerBlock", 38), ("text_encoder_3", "T5Block", 24)] {
+        let c = input.components.iter().find(|c| c.name == name).unwrap();
+        assert_eq!(c.tree.units.iter().filter(|u| u.class == Some(class)).count(), n, "{name}");
+        assert_eq!(s["components"][name]["no_split_units"], n);
+        let (path, bytes) = (&s["components"][name]["largest_no_split_unit_16bit"][0], &s["components"][name]["largest_no_split_unit_16bit"][1]);
+        assert_eq!(c.tree.largest_unit(), bytes.as_u64().unwrap(), "{name}: {path}");
+        assert!(c.splittable() && runner::plan::streamable(&c.class));
+        assert_eq!(c.tree.largest_group(), c.tree.largest_unit(), "{name}: one block per offload group");
+    }
 }
