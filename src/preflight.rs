@@ -193,6 +193,29 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     }
     // 7. Keys that depend on the configs.
     let r = &m.manifest.run;
+    if let Some(t) = &configs.transformer {
+        // diffusers' check_inputs: sizes must be multiples of vae_scale_factor * patch_size.
+        let unit = (1u64 << (configs.vae.block_out_channels.len() - 1)) * t.patch_size as u64;
+        let shape = crate::plan::build::run_shape(m, &configs);
+        for (key, v) in [("run.width", shape.width), ("run.height", shape.height)] {
+            if v % unit != 0 {
+                out.push(
+                    Diagnostic::error(format!("`{key}` is {v}, but this pipeline needs a multiple of {unit} (the VAE's scale factor times the transformer's patch_size)"), at(key))
+                        .with_key(key)
+                        .with_note(format!("use {} or {}", v / unit * unit, (v / unit + 1) * unit)),
+                );
+            }
+        }
+    }
+    if configs.text_encoder_3.is_some() {
+        // The T5 tokenizer is read at load time: its folder is checked now.
+        let dir = p.root.join("tokenizer_3");
+        if !dir.join("tokenizer.json").is_file() {
+            let have =
+                if dir.join("spiece.model").is_file() { "`spiece.model` but no `tokenizer.json` (runner reads the fast tokenizer's file)" } else { "neither `tokenizer.json` nor `spiece.model`" };
+            out.push(Diagnostic::error(format!("the T5 tokenizer folder `{}` has {have}", dir.display()), index.clone()));
+        }
+    }
     if let Some(k) = r.clip_skip {
         // diffusers takes hidden_states[-(clip_skip + 1)] (SD) or [-(clip_skip + 2)] (SDXL) of
         // num_hidden_layers + 1 states.
