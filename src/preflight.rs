@@ -16,6 +16,7 @@ use crate::models::sd3_transformer::SD3Transformer2DConfig;
 use crate::models::t5::T5Config;
 use crate::models::unet_2d::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
+use crate::plan::memory::RunShape;
 
 /// The classes runner implements, per component name.
 pub fn supported_classes(component: &str) -> Option<&'static [&'static str]> {
@@ -53,6 +54,30 @@ impl Configs {
     /// The UNet's config (preflight read it for every kind that has one).
     pub fn unet(&self) -> &UNet2DConditionConfig {
         self.unet.as_ref().expect("a UNet pipeline")
+    }
+
+    /// diffusers' `vae_scale_factor`: 2 ** (levels - 1).
+    pub fn vae_scale_factor(&self) -> u64 {
+        1u64 << (self.vae.block_out_channels.len() - 1)
+    }
+
+    /// The job's shape with diffusers' defaults: size = the denoiser's `sample_size` x the VAE's
+    /// scale factor, guidance 7.5 (SD), 5.0 (SDXL) or 7.0 (SD3), batch 1.
+    pub fn run_shape(&self, m: &LoadedManifest) -> RunShape {
+        let r = &m.manifest.run;
+        let latent = self.unet.as_ref().map(|u| u.sample_size).or(self.transformer.as_ref().map(|t| t.sample_size)).unwrap_or(64) as u64;
+        let size = latent * self.vae_scale_factor();
+        let default_guidance = match m.manifest.pipeline.kind {
+            PipelineKind::StableDiffusion => 7.5,
+            PipelineKind::StableDiffusionXl => 5.0,
+            PipelineKind::StableDiffusion3 => 7.0,
+        };
+        RunShape {
+            width: r.width.map(u64::from).unwrap_or(size),
+            height: r.height.map(u64::from).unwrap_or(size),
+            batch: r.batch.map(u64::from).unwrap_or(1),
+            guidance: r.guidance_scale.unwrap_or(default_guidance) > 1.0,
+        }
     }
 }
 
@@ -168,8 +193,8 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
             // A dynamically shifted schedule depends on the image's sequence length in patches.
             let mu = match &configs.transformer {
                 Some(t) => {
-                    let shape = crate::plan::build::run_shape(m, &configs);
-                    let scale = 1u64 << (configs.vae.block_out_channels.len() - 1);
+                    let shape = configs.run_shape(m);
+                    let scale = configs.vae_scale_factor();
                     let patches = (shape.height / scale / t.patch_size as u64) * (shape.width / scale / t.patch_size as u64);
                     crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
                 }
@@ -195,8 +220,8 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     let r = &m.manifest.run;
     if let Some(t) = &configs.transformer {
         // diffusers' check_inputs: sizes must be multiples of vae_scale_factor * patch_size.
-        let unit = (1u64 << (configs.vae.block_out_channels.len() - 1)) * t.patch_size as u64;
-        let shape = crate::plan::build::run_shape(m, &configs);
+        let unit = configs.vae_scale_factor() * t.patch_size as u64;
+        let shape = configs.run_shape(m);
         for (key, v) in [("run.width", shape.width), ("run.height", shape.height)] {
             if v % unit != 0 {
                 out.push(
@@ -231,7 +256,7 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     }
     if let Some(l) = &r.latents {
         let path = m.resolve_path("run.latents", l);
-        let shape = crate::plan::build::run_shape(m, &configs);
+        let shape = configs.run_shape(m);
         let want = [shape.batch, configs.vae.latent_channels as u64, shape.height / 8, shape.width / 8];
         if let Err(msg) = check_latents(&path, &want) {
             out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));

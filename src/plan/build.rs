@@ -7,7 +7,7 @@ use super::memory::{working_bytes, Dims, RunShape};
 use super::{modules, ComponentInput, PlanInput};
 use crate::checkpoint::layout::{Component, PipelineFolder};
 use crate::device::Device;
-use crate::manifest::{LoadedManifest, Offload, PipelineKind};
+use crate::manifest::{LoadedManifest, Offload};
 use crate::preflight::Configs;
 
 /// diffusers' execution order (`model_cpu_offload_seq`), then the safety checker.
@@ -21,25 +21,9 @@ pub struct BuildOptions {
     pub weights_only: bool,
 }
 
-/// The job's shape, with diffusers' defaults: size = UNet `sample_size` x 8, guidance 7.5 (SD)
-/// or 5.0 (SDXL), batch 1.
+/// The job's shape, with diffusers' defaults (see [`Configs::run_shape`]).
 pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
-    let r = &m.manifest.run;
-    // diffusers' default size: the denoiser's sample_size in latents, times the VAE's factor.
-    let scale = 1u64 << (configs.vae.block_out_channels.len() - 1);
-    let latent = configs.unet.as_ref().map(|u| u.sample_size).or(configs.transformer.as_ref().map(|t| t.sample_size)).unwrap_or(64) as u64;
-    let sample = latent * scale / 8;
-    let default_guidance = match m.manifest.pipeline.kind {
-        PipelineKind::StableDiffusion => 7.5,
-        PipelineKind::StableDiffusionXl => 5.0,
-        PipelineKind::StableDiffusion3 => 7.0,
-    };
-    RunShape {
-        width: r.width.map(u64::from).unwrap_or(sample * 8),
-        height: r.height.map(u64::from).unwrap_or(sample * 8),
-        batch: r.batch.map(u64::from).unwrap_or(1),
-        guidance: r.guidance_scale.unwrap_or(default_guidance) > 1.0,
-    }
+    configs.run_shape(m)
 }
 
 /// The device budgets for this manifest; the host always takes part (see [`Inventory`]).
