@@ -16,6 +16,7 @@ use crate::models::sd3_transformer::SD3Transformer2DConfig;
 use crate::models::t5::T5Config;
 use crate::models::unet_2d::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
+use crate::plan::memory::RunShape;
 
 /// The classes runner implements, per component name.
 pub fn supported_classes(component: &str) -> Option<&'static [&'static str]> {
@@ -53,6 +54,31 @@ impl Configs {
     /// The UNet's config (preflight read it for every kind that has one).
     pub fn unet(&self) -> &UNet2DConditionConfig {
         self.unet.as_ref().expect("a UNet pipeline")
+    }
+
+    /// diffusers' `vae_scale_factor`: 2 ** (levels - 1).
+    pub fn vae_scale_factor(&self) -> u64 {
+        1u64 << (self.vae.block_out_channels.len() - 1)
+    }
+
+    /// The job's shape with diffusers' defaults: size = the denoiser's `sample_size` x the VAE's
+    /// scale factor, guidance 7.5 (SD), 5.0 (SDXL) or 7.0 (SD3), batch 1, 256 T5 tokens (SD3).
+    pub fn run_shape(&self, m: &LoadedManifest) -> RunShape {
+        let r = &m.manifest.run;
+        let latent = self.unet.as_ref().map(|u| u.sample_size).or(self.transformer.as_ref().map(|t| t.sample_size)).unwrap_or(64) as u64;
+        let size = latent * self.vae_scale_factor();
+        let default_guidance = match m.manifest.pipeline.kind {
+            PipelineKind::StableDiffusion => 7.5,
+            PipelineKind::StableDiffusionXl => 5.0,
+            PipelineKind::StableDiffusion3 => 7.0,
+        };
+        RunShape {
+            width: r.width.map(u64::from).unwrap_or(size),
+            height: r.height.map(u64::from).unwrap_or(size),
+            batch: r.batch.map(u64::from).unwrap_or(1),
+            guidance: r.guidance_scale.unwrap_or(default_guidance) > 1.0,
+            max_sequence_length: r.max_sequence_length.map(u64::from).unwrap_or(crate::plan::memory::DEFAULT_MAX_SEQUENCE_LENGTH),
+        }
     }
 }
 
@@ -168,8 +194,8 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
             // A dynamically shifted schedule depends on the image's sequence length in patches.
             let mu = match &configs.transformer {
                 Some(t) => {
-                    let shape = crate::plan::build::run_shape(m, &configs);
-                    let scale = 1u64 << (configs.vae.block_out_channels.len() - 1);
+                    let shape = configs.run_shape(m);
+                    let scale = configs.vae_scale_factor();
                     let patches = (shape.height / scale / t.patch_size as u64) * (shape.width / scale / t.patch_size as u64);
                     crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
                 }
@@ -193,6 +219,29 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     }
     // 7. Keys that depend on the configs.
     let r = &m.manifest.run;
+    if let Some(t) = &configs.transformer {
+        // diffusers' check_inputs: sizes must be multiples of vae_scale_factor * patch_size.
+        let unit = configs.vae_scale_factor() * t.patch_size as u64;
+        let shape = configs.run_shape(m);
+        for (key, v) in [("run.width", shape.width), ("run.height", shape.height)] {
+            if v % unit != 0 {
+                out.push(
+                    Diagnostic::error(format!("`{key}` is {v}, but this pipeline needs a multiple of {unit} (the VAE's scale factor times the transformer's patch_size)"), at(key))
+                        .with_key(key)
+                        .with_note(format!("use {} or {}", v / unit * unit, (v / unit + 1) * unit)),
+                );
+            }
+        }
+    }
+    if configs.text_encoder_3.is_some() {
+        // The T5 tokenizer is read at load time: its folder is checked now.
+        let dir = p.root.join("tokenizer_3");
+        if !dir.join("tokenizer.json").is_file() {
+            let have =
+                if dir.join("spiece.model").is_file() { "`spiece.model` but no `tokenizer.json` (runner reads the fast tokenizer's file)" } else { "neither `tokenizer.json` nor `spiece.model`" };
+            out.push(Diagnostic::error(format!("the T5 tokenizer folder `{}` has {have}", dir.display()), index.clone()));
+        }
+    }
     if let Some(k) = r.clip_skip {
         // diffusers takes hidden_states[-(clip_skip + 1)] (SD) or [-(clip_skip + 2)] (SDXL) of
         // num_hidden_layers + 1 states.
@@ -208,7 +257,7 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     }
     if let Some(l) = &r.latents {
         let path = m.resolve_path("run.latents", l);
-        let shape = crate::plan::build::run_shape(m, &configs);
+        let shape = configs.run_shape(m);
         let want = [shape.batch, configs.vae.latent_channels as u64, shape.height / 8, shape.width / 8];
         if let Err(msg) = check_latents(&path, &want) {
             out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));

@@ -52,7 +52,9 @@ pub mod util {
     /// sparse (hole) data region: real sizes at no disk cost. From tests/data/shapes/{name}.json
     /// (tools/make_shapes.py). Float tensors are stored as `float` (F32, F16 or BF16). Sharded
     /// components (the shapes file's `shards`) are written as the repos ship them: one file per
-    /// shard and a `*.safetensors.index.json`. No tokenizer files: planning does not read them.
+    /// shard and a `*.safetensors.index.json`. Tokenizer folders are empty (planning reads no
+    /// tokenizer) except T5's `tokenizer_3/tokenizer.json`, whose presence preflight checks: the tiny
+    /// SD3 fixture's.
     pub fn sparse_pipeline(name: &str, dir: &Path, float: runner::checkpoint::safetensors::Dtype) -> PathBuf {
         sparse_pipeline_variant(name, dir, float, None)
     }
@@ -82,6 +84,9 @@ pub mod util {
             }
         };
         std::fs::write(root.join("scheduler/scheduler_config.json"), scheduler).unwrap();
+        if spec["model_index"]["tokenizer_3"][0].is_string() {
+            std::fs::copy(self::root().join("tests/fixtures/tiny-sd3/tokenizer_3/tokenizer.json"), root.join("tokenizer_3/tokenizer.json")).unwrap();
+        }
         for (comp, c) in spec["components"].as_object().unwrap() {
             let d = root.join(comp);
             std::fs::write(d.join("config.json"), serde_json::to_string_pretty(&c["config"]).unwrap()).unwrap();

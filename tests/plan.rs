@@ -360,14 +360,14 @@ fn within_budgets(v: &serde_json::Value) {
 fn sd3_medium_fp16_on_one_24gib_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let root = crate::util::sparse_pipeline("sd3-medium", dir.path(), Dtype::F16);
-    // The folder as the repo ships it: T5 in two shards with an index; no tokenizer files (preflight
-    // does not open them).
+    // The folder as the repo ships it: T5 in two shards with an index; of the tokenizers only T5's
+    // tokenizer.json, whose presence preflight checks (planning reads none).
     let t5 = root.join("text_encoder_3");
     for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"] {
         assert!(t5.join(f).is_file(), "{f}");
     }
     assert!(!t5.join("model.safetensors").exists());
-    assert_eq!(std::fs::read_dir(root.join("tokenizer_3")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(root.join("tokenizer_2")).unwrap().count(), 0);
 
     insta::assert_snapshot!(plan_table("manifests/sd3.toml", &root, &[]));
     let v = plan_json("manifests/sd3.toml", &root, &[]);

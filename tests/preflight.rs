@@ -120,3 +120,109 @@ fn keys_that_depend_on_the_folder() {
     std::fs::write(dir.path().join("unet.safetensors"), b"\x00\x00").unwrap();
     refused(&m, &["--set", "components.unet.source=unet.safetensors"], "unet.safetensors");
 }
+
+/// A copy of the tiny SD3 pipeline, damaged by `f`, and a manifest for it.
+fn broken_sd3(dir: &Path, f: impl FnOnce(&Path)) -> PathBuf {
+    let pipe = dir.join("pipe");
+    copy_dir(&root().join("tests/fixtures/tiny-sd3"), &pipe);
+    f(&pipe);
+    let m = dir.join("m.toml");
+    std::fs::write(
+        &m,
+        "schema_version = 1\nname = \"broken\"\n[pipeline]\nkind = \"stable-diffusion-3\"\nsource = \"pipe\"\n[run]\nprompt = \"a cat\"\nsteps = 1\nwidth = 64\nheight = 64\noutput = \"out.png\"\n",
+    )
+    .unwrap();
+    m
+}
+
+#[test]
+fn sd3_bad_input_is_refused_before_loading() {
+    // The kind against the folder, both ways.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |_| {});
+    refused(&m, &["--set", "pipeline.kind=stable-diffusion"], "holds a `StableDiffusion3Pipeline` (a transformer, not a UNet): set `kind = \"stable-diffusion-3\"`");
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |_| {});
+    refused(&m, &["--set", "pipeline.kind=stable-diffusion-3"], "without a `transformer`: set `kind = \"stable-diffusion\"`");
+    // T5 missing while enabled: how to run without it.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| edit_json(&p.join("model_index.json"), |v| v["text_encoder_3"] = serde_json::json!([null, null])));
+    refused(&m, &[], "set `components.text_encoder_3.enabled = false`");
+    // A T5 shard missing; a tensor in two shards.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| std::fs::remove_file(p.join("text_encoder_3/model-00002-of-00002.safetensors")).unwrap());
+    refused(&m, &[], "model-00002-of-00002.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| {
+        edit_json(&p.join("text_encoder_3/model.safetensors.index.json"), |v| {
+            let map = v["weight_map"].as_object_mut().unwrap();
+            let (name, _) = map.iter().find(|(_, f)| f.as_str() == Some("model-00001-of-00002.safetensors")).map(|(k, f)| (k.clone(), f.clone())).unwrap();
+            map.insert(name, "model-00002-of-00002.safetensors".into());
+        })
+    });
+    refused(&m, &[], "maps it to this shard");
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| {
+        // Shard 2 rewritten to also hold a tensor of shard 1.
+        let t5 = p.join("text_encoder_3");
+        let s1 = std::fs::read(t5.join("model-00001-of-00002.safetensors")).unwrap();
+        let s2 = std::fs::read(t5.join("model-00002-of-00002.safetensors")).unwrap();
+        let header = |b: &[u8]| -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            (serde_json::from_slice(&b[8..8 + n]).unwrap(), b[8 + n..].to_vec())
+        };
+        let (h1, d1) = header(&s1);
+        let (mut h2, mut d2) = header(&s2);
+        let (name, info) = h1.iter().find(|(k, _)| *k != "__metadata__").map(|(k, v)| (k.clone(), v.clone())).unwrap();
+        let (a, b) = (info["data_offsets"][0].as_u64().unwrap() as usize, info["data_offsets"][1].as_u64().unwrap() as usize);
+        let start = d2.len();
+        d2.extend_from_slice(&d1[a..b]);
+        let mut info = info.clone();
+        info["data_offsets"] = serde_json::json!([start, start + (b - a)]);
+        h2.insert(name, info);
+        let mut h = serde_json::to_vec(&h2).unwrap();
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&d2);
+        std::fs::write(t5.join("model-00002-of-00002.safetensors"), out).unwrap();
+    });
+    refused(&m, &[], "is in this shard but");
+    // A tokenizer_3 folder without tokenizer.json.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| std::fs::remove_file(p.join("tokenizer_3/tokenizer.json")).unwrap());
+    refused(&m, &[], "has `spiece.model` but no `tokenizer.json`");
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| {
+        std::fs::remove_file(p.join("tokenizer_3/tokenizer.json")).unwrap();
+        std::fs::remove_file(p.join("tokenizer_3/spiece.model")).unwrap();
+    });
+    refused(&m, &[], "has neither `tokenizer.json` nor `spiece.model`");
+    // A transformer config value runner does not implement, named.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| edit_json(&p.join("transformer/config.json"), |v| v["qk_norm"] = "layer_norm".into()));
+    refused(&m, &[], "qk_norm");
+    // Sizes: multiples of vae_scale_factor * patch_size (16 here).
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |_| {});
+    refused(&m, &["--set", "run.width=72"], "`run.width` is 72, but this pipeline needs a multiple of 16");
+    // max_sequence_length: 1..=512, by the schema.
+    for bad in ["0", "513"] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = broken_sd3(dir.path(), |_| {});
+        refused(&m, &["--set", &format!("run.max_sequence_length={bad}")], "max_sequence_length");
+    }
+}
+
+#[test]
+fn sd3_runs_without_t5_when_disabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |p| edit_json(&p.join("model_index.json"), |v| v["text_encoder_3"] = serde_json::json!([null, null])));
+    let (code, stdout, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--json", "--set", "components.text_encoder_3.enabled=false"]));
+    assert_eq!(code, 0, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(r["device_map"].get("text_encoder_3").is_none(), "{r}");
+    assert!(m.with_file_name("out.png").is_file());
+}

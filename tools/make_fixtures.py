@@ -220,9 +220,9 @@ def main():
                 "sentencepiece": sentencepiece.__version__, "tokenizers": tokenizers.__version__}
     (OUT / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
     check_loads()
-    sys.dont_write_bytecode = True  # no tools/__pycache__ from the import below
-    import make_fixtures_sd3  # tools/ is on sys.path when this file runs as a script
-    make_fixtures_sd3.main()
+    # A process of its own (it imports helpers from this file; no import cycle, no __pycache__).
+    import subprocess
+    subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_fixtures_sd3.py"))], check=True)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total / 1e6:.1f} MB)")
 

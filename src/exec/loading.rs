@@ -43,7 +43,7 @@ pub(crate) struct Loaded<'a> {
 pub(crate) fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedManifest, name: &str, simulate: bool) -> Result<Loaded<'a>, ExecError> {
     let component = pipeline.component(name).filter(|c| c.checkpoint.is_some()).ok_or_else(|| ExecError::Unsupported(format!("the pipeline has no `{name}` weights")))?;
     let cp = plan.components.iter().find(|c| c.name == name).expect("planned");
-    check_split(name, cp.split.is_some())?;
+    check_split(name, &component.class, cp.split.is_some())?;
     let dtype = m.manifest.components.get(name).and_then(|c| c.dtype).unwrap_or(m.manifest.pipeline.dtype);
     let device = if simulate { tch::Device::Cpu } else { tch_device(cp.device) };
     let split = cp.split.as_ref().map(|s| s.iter().map(|(m, d)| (m.clone(), if simulate { tch::Device::Cpu } else { tch_device(*d) })).collect());
@@ -55,12 +55,15 @@ pub(crate) fn placed<'a>(pipeline: &'a PipelineFolder, plan: &Plan, m: &LoadedMa
 /// The UNet, its parameters the checkpoint's tensors (no initialisation, no staging copy); a split
 /// UNet's parts go from the mapping to their devices.
 pub(crate) fn load_unet(l: &Loaded, cfg: UNet2DConditionConfig) -> Result<Held<UNet2DConditionModel>, ExecError> {
-    let vs = VarStore::new(if l.split.is_some() { tch::Device::Cpu } else { l.device });
-    let (model, mapped) = build_from_checkpoint(&vs, ck_of(l), "UNet2DConditionModel", l.kind, |root| UNet2DConditionModel::new(root, cfg.clone())).map_err(ModelError::from)?;
-    if let Some(split) = &l.split {
-        relocate(&vs, l.device, Some(split));
-    }
-    Ok(Held { model, vs, mapped })
+    placed_build(
+        l,
+        |h: &Held<UNet2DConditionModel>| &h.vs,
+        |d| {
+            let vs = VarStore::new(d);
+            let (model, mapped) = build_from_checkpoint(&vs, ck_of(l), "UNet2DConditionModel", l.kind, |root| UNet2DConditionModel::new(root, cfg.clone())).map_err(ModelError::from)?;
+            Ok(Held { model, vs, mapped })
+        },
+    )
 }
 
 /// The dtype the VAE runs at: an fp16 VAE with `force_upcast` runs in fp32, as diffusers upcasts it.
@@ -84,12 +87,25 @@ pub(crate) fn load_vae(l: &Loaded, kind: Kind, cfg: AutoencoderKLConfig) -> Resu
     Ok(Held { model, vs, mapped })
 }
 
-/// Only the UNet runs split across devices (its blocks move their inputs to their weights).
-pub(crate) fn check_split(name: &str, split: bool) -> Result<(), ExecError> {
-    if split && name != "unet" {
-        return Err(ExecError::Unsupported(format!("`{name}` is split across devices; runner runs split UNets only")));
+/// The models whose blocks move their inputs to their own weights' device, so that they run
+/// split across devices.
+pub(crate) const SPLIT_RUNNABLE: [&str; 3] = ["UNet2DConditionModel", "SD3Transformer2DModel", "T5EncoderModel"];
+
+pub(crate) fn check_split(name: &str, class: &str, split: bool) -> Result<(), ExecError> {
+    if split && !SPLIT_RUNNABLE.contains(&class) {
+        return Err(ExecError::Unsupported(format!("`{name}` ({class}) is split across devices; runner runs split {} only", SPLIT_RUNNABLE.join(", "))));
     }
     Ok(())
+}
+
+/// Builds a component with `build(device)` where it lives: a split one on the CPU, then its
+/// parts moved to their devices from there.
+pub(crate) fn placed_build<M>(l: &Loaded, vs_of: impl Fn(&M) -> &VarStore, build: impl FnOnce(tch::Device) -> Result<M, ExecError>) -> Result<M, ExecError> {
+    let m = build(if l.split.is_some() { tch::Device::Cpu } else { l.device })?;
+    if let Some(split) = &l.split {
+        relocate(vs_of(&m), l.device, Some(split));
+    }
+    Ok(m)
 }
 
 /// A loaded component's checkpoint (preflight found one).
@@ -152,11 +168,12 @@ impl<'a> Loader<'a> {
     pub fn t5(&self, name: &'static str, l: &Loaded, cfg: &T5Config, tokenizer: &str) -> Result<T5TextEncoder, ExecError> {
         // transformers keeps `wo` in fp32 in an fp16 model: those bytes count at 4.
         let bytes = ck_of(l).tensors.iter().map(|(k, t)| if l.kind == Kind::Half && k.ends_with(".wo.weight") { t.info.numel() * 4 } else { t.info.numel() * l.kind.elt_size_in_bytes() as u64 }).sum();
-        self.track(name, l, bytes).run(|| T5TextEncoder::load(self.pipeline, ck_of(l), l.device, l.kind, cfg, tokenizer))
+        self.track(name, l, bytes).run(|| placed_build(l, T5TextEncoder::varstore, |d| T5TextEncoder::load(self.pipeline, ck_of(l), d, l.kind, cfg, tokenizer)))
     }
 
     pub fn sd3_transformer(&self, l: &Loaded, cfg: &SD3Transformer2DConfig) -> Result<SD3Transformer2DModel, ExecError> {
-        self.track_whole("transformer", l).run(|| SD3Transformer2DModel::load(cfg, ck_of(l), l.device, l.kind).map_err(|e| ExecError::Text(e.to_string())))
+        self.track_whole("transformer", l)
+            .run(|| placed_build(l, SD3Transformer2DModel::varstore, |d| SD3Transformer2DModel::load(cfg, ck_of(l), d, l.kind).map_err(|e| ExecError::Text(e.to_string()))))
     }
 
     pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {

@@ -244,7 +244,7 @@ impl Session<'_> {
         let map = |d: Device| if self.simulate { tch::Device::Cpu } else { tch_device(d) };
         for (name, vs, _) in self.model.components() {
             let cp = plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the new plan has no `{name}`")))?;
-            check_split(name, cp.split.is_some())?;
+            check_split(name, &cp.class, cp.split.is_some())?;
             // `model`-style offload keeps the weights in host memory between runs.
             if cp.offload != Offload::None {
                 relocate(vs, tch::Device::Cpu, None);

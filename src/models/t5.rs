@@ -106,20 +106,39 @@ impl Linear {
 struct LayerNorm {
     weight: Tensor,
     eps: f64,
+    path: String,
 }
 
 impl LayerNorm {
     fn new(p: nn::Path, dim: i64, eps: f64) -> LayerNorm {
-        LayerNorm { weight: param(&p, "weight", &[dim], nn::Init::Const(1.)), eps }
+        LayerNorm { weight: param(&p, "weight", &[dim], nn::Init::Const(1.)), eps, path: path_of(&p) }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        let variance = x.f_to_kind(Kind::Float)?.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
-        let mut h = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
-        if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) {
-            h = h.f_to_kind(self.weight.kind())?;
-        }
-        self.weight.f_mul(&h)
+        scoped(&self.path, || {
+            let variance = x.f_to_kind(Kind::Float)?.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, None::<Kind>)?;
+            let mut h = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+            if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) {
+                h = h.f_to_kind(self.weight.kind())?;
+            }
+            self.weight.f_mul(&h)
+        })
+    }
+}
+
+/// An embedding table announcing its path (streamed like any other module).
+struct Embedding {
+    weight: Tensor,
+    path: String,
+}
+
+impl Embedding {
+    fn new(p: nn::Path, n: i64, dim: i64) -> Embedding {
+        Embedding { weight: param(&p, "weight", &[n, dim], nn::Init::Const(0.)), path: path_of(&p) }
+    }
+
+    fn forward(&self, ids: &Tensor) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || Tensor::f_embedding(&self.weight, &ids.f_to_device(self.weight.device())?, -1, false, false))
     }
 }
 
@@ -166,6 +185,9 @@ impl Block {
 
     fn forward(&self, x: &Tensor, bias: &Tensor, heads: i64) -> Result<Tensor, tch::TchError> {
         scoped(&self.path, || {
+            // A T5 split across devices: the activations and the bias follow the block.
+            let device = self.q.weight.device();
+            let (x, bias) = (&x.f_to_device(device)?, &bias.f_to_device(device)?);
             let (b, t, _) = x.size3()?;
             let y = self.attn_norm.forward(x)?;
             let split = |z: Tensor| z.f_view([b, t, heads, -1])?.f_transpose(1, 2);
@@ -226,8 +248,8 @@ pub struct T5EncoderModel {
     pub config: T5Config,
     vs: VarStore,
     mapped: Mapped,
-    shared: Tensor,
-    relative_attention_bias: Tensor,
+    shared: Embedding,
+    relative_attention_bias: Embedding,
     blocks: Vec<Block>,
     final_layer_norm: LayerNorm,
 }
@@ -248,9 +270,9 @@ impl T5EncoderModel {
         let vs = VarStore::new(device);
         let ((shared, relative_attention_bias, blocks, final_layer_norm), mapped) = build_from_checkpoint(&vs, &ck, "T5EncoderModel", kind, |root| {
             let emb = embed_key.split('.').fold(root.clone(), |p, s| &p / s);
-            let shared = param(&emb, "weight", &[c.vocab_size, c.d_model], nn::Init::Const(0.));
+            let shared = Embedding::new(emb, c.vocab_size, c.d_model);
             let enc = &root / "encoder";
-            let bias = param(&(&enc / "block" / 0 / "layer" / 0 / "SelfAttention" / "relative_attention_bias"), "weight", &[c.relative_attention_num_buckets, c.num_heads], nn::Init::Const(0.));
+            let bias = Embedding::new(&enc / "block" / 0 / "layer" / 0 / "SelfAttention" / "relative_attention_bias", c.relative_attention_num_buckets, c.num_heads);
             let blocks = (0..c.num_layers).map(|i| Block::new(&enc / "block" / i, c, kind)).collect::<Vec<_>>();
             let final_layer_norm = LayerNorm::new(&enc / "final_layer_norm", c.d_model, c.layer_norm_epsilon);
             (shared, bias, blocks, final_layer_norm)
@@ -272,16 +294,15 @@ impl T5EncoderModel {
     /// diffusion pipelines call it).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor, T5Error> {
         let c = &self.config;
-        let device = self.shared.device();
-        let ids = input_ids.f_to_device(device)?;
-        let t = ids.size()[1];
-        let mut x = Tensor::f_embedding(&self.shared, &ids, -1, false, false)?;
+        let t = input_ids.size()[1];
+        let mut x = self.shared.forward(input_ids)?;
         // compute_bias: [1, heads, T, T] from the first block's table, shared by all blocks.
-        let buckets = position_buckets(t, c.relative_attention_num_buckets, c.relative_attention_max_distance, device)?;
-        let bias = Tensor::f_embedding(&self.relative_attention_bias, &buckets, -1, false, false)?.f_permute([2, 0, 1])?.f_unsqueeze(0)?;
+        let buckets = position_buckets(t, c.relative_attention_num_buckets, c.relative_attention_max_distance, self.relative_attention_bias.weight.device())?;
+        let bias = self.relative_attention_bias.forward(&buckets)?.f_permute([2, 0, 1])?.f_unsqueeze(0)?;
         for block in &self.blocks {
             x = block.forward(&x, &bias, c.num_heads)?;
         }
+        let x = x.f_to_device(self.final_layer_norm.weight.device())?;
         Ok(self.final_layer_norm.forward(&x)?)
     }
 }

@@ -11,9 +11,6 @@ use crate::device::Device;
 use crate::manifest::{Dtype, LoadedManifest, Offload, PipelineKind};
 use crate::preflight::Configs;
 
-/// diffusers' default `max_sequence_length` (SD3's T5 tokens).
-pub const DEFAULT_MAX_SEQUENCE_LENGTH: u64 = 256;
-
 /// diffusers' execution order (`model_cpu_offload_seq`), then the safety checker.
 pub const EXECUTION_ORDER: [&str; 8] = ["text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder", "unet", "transformer", "vae", "safety_checker"];
 
@@ -25,26 +22,9 @@ pub struct BuildOptions {
     pub weights_only: bool,
 }
 
-/// The job's shape, with diffusers' defaults: size = the denoiser's `sample_size` x 8, guidance
-/// 7.5 (SD), 5.0 (SDXL) or 7.0 (SD3), batch 1, 256 T5 tokens (SD3).
+/// The job's shape, with diffusers' defaults (see [`Configs::run_shape`]).
 pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
-    let r = &m.manifest.run;
-    // diffusers' default size: the denoiser's sample_size in latents, times the VAE's factor.
-    let scale = 1u64 << (configs.vae.block_out_channels.len() - 1);
-    let latent = configs.unet.as_ref().map(|u| u.sample_size).or(configs.transformer.as_ref().map(|t| t.sample_size)).unwrap_or(64) as u64;
-    let sample = latent * scale / 8;
-    let default_guidance = match m.manifest.pipeline.kind {
-        PipelineKind::StableDiffusion => 7.5,
-        PipelineKind::StableDiffusionXl => 5.0,
-        PipelineKind::StableDiffusion3 => 7.0,
-    };
-    RunShape {
-        width: r.width.map(u64::from).unwrap_or(sample * 8),
-        height: r.height.map(u64::from).unwrap_or(sample * 8),
-        batch: r.batch.map(u64::from).unwrap_or(1),
-        guidance: r.guidance_scale.unwrap_or(default_guidance) > 1.0,
-        max_sequence_length: r.max_sequence_length.map(u64::from).unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH),
-    }
+    configs.run_shape(m)
 }
 
 /// The device budgets for this manifest; the host always takes part (see [`Inventory`]).

@@ -37,6 +37,9 @@ use serde::Serialize;
 
 use crate::manifest::{Dtype, Offload};
 
+/// diffusers' default `max_sequence_length` (SD3's T5 tokens).
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: u64 = 256;
+
 /// The shape of the job, for working-memory estimates.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RunShape {

@@ -164,7 +164,8 @@ impl Pipeline for StableDiffusion3 {
         let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, i, t| {
             let input = model_input(latents, do_cfg);
             let timestep = Tensor::full([input.size()[0]], t, (Kind::Float, tr.device));
-            let output = tch::no_grad(|| transformer.forward(&input, &timestep, &context, &pooled)).map_err(|e| ExecError::Text(e.to_string()))?;
+            // A split transformer ends on its last device: the loop's tensors live on its first.
+            let output = tch::no_grad(|| transformer.forward(&input, &timestep, &context, &pooled)).map_err(|e| ExecError::Text(e.to_string()))?.to_device(tr.device);
             let noise_pred = guide(&output, do_cfg, guidance);
             let latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents)).to_kind(latents.kind());
             Ok(Step { output, noise_pred, latents })
