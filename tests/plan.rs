@@ -430,8 +430,8 @@ fn sd3_medium_fp32_suggests_fp16_with_t5_wo_in_fp32() {
 fn sd35_large_on_two_16gib_gpus() {
     // SD3.5-large in bf16 on two 16 GiB cards, 15 GiB of each planned (manifests/sd35-large.toml):
     // the 16.29 GB transformer fits neither GPU. diffusers' `balanced` would load it on the CPU;
-    // runner streams it through a GPU (balanced, overflow = "stream") or splits it at its
-    // JointTransformerBlocks across both (auto).
+    // runner splits it at its JointTransformerBlocks across both (auto, the manifest's) or streams
+    // it through a GPU (balanced, overflow = "stream").
     let dir = tempfile::tempdir().unwrap();
     let root = crate::util::sparse_pipeline("sd35-large", dir.path(), Dtype::BF16);
     let tr = root.join("transformer");
@@ -441,24 +441,13 @@ fn sd35_large_on_two_16gib_gpus() {
     let s = shapes("sd35-large");
     assert_eq!(s["components"]["transformer"]["accelerate_module_size_16bit"], 16_292_561_536u64);
 
-    insta::assert_snapshot!("balanced_streams_the_transformer", plan_table("manifests/sd35-large.toml", &root, &[]));
+    insta::assert_snapshot!("auto_splits_the_transformer", plan_table("manifests/sd35-large.toml", &root, &[]));
     let v = plan_json("manifests/sd35-large.toml", &root, &[]);
     within_budgets(&v);
+    assert!(v["device_map"].as_object().unwrap().values().all(|d| d.as_str().unwrap().starts_with("cuda:")), "{v}");
+    assert_eq!(v["host_offload_bytes"], 0);
     let t = &v["components"]["transformer"];
     assert_eq!(t["bytes"], 16_292_561_536u64);
-    assert_eq!((t["device"].as_str(), t["offload"].as_str(), t["overflow"].as_str()), (Some("cuda:0"), Some("group"), Some("stream")), "{t}");
-    // Group offload holds two joint blocks (the largest, 426 MB each) and the working memory.
-    let block = s["components"]["transformer"]["largest_no_split_unit_16bit"][1].as_u64().unwrap();
-    assert_eq!(t["streamed_bytes"], 2 * block);
-    assert_eq!(t["peak_bytes"].as_u64().unwrap(), 2 * block + t["working_bytes"].as_u64().unwrap());
-    assert!(v["device_map"].as_object().unwrap().values().all(|d| d.as_str().unwrap().starts_with("cuda:")), "{v}");
-    assert_eq!(v["host_offload_bytes"], 16_292_561_536u64);
-    assert!(v["notes"].to_string().contains("`transformer` (16.91 GB) fits no GPU whole: streamed through cuda:0 with `group` offload"), "{v}");
-
-    insta::assert_snapshot!("auto_splits_the_transformer", plan_table("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=auto"]));
-    let v = plan_json("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=auto"]);
-    within_budgets(&v);
-    let t = &v["components"]["transformer"];
     assert_eq!(t["offload"], "none");
     let split = t["split"].as_object().unwrap();
     let on = |d: &str| split.values().filter(|x| *x == d).count();
@@ -472,17 +461,35 @@ fn sd35_large_on_two_16gib_gpus() {
     assert_eq!(devices.windows(2).filter(|w| w[0] != w[1]).count(), 1, "{devices:?}");
     let per_device = t["split_bytes"].as_object().unwrap();
     assert_eq!(per_device.values().map(|b| b.as_u64().unwrap()).sum::<u64>(), 16_292_561_536);
-    assert!(v["notes"].to_string().contains("its weights alone (16.29 GB) exceed every GPU's budget, so diffusers' `balanced` map would load it on the CPU"), "{v}");
+    assert!(
+        v["notes"].to_string().contains("its weights alone (16.29 GB) exceed every GPU's budget, so diffusers' `balanced` map would load it on the CPU"),
+        "{v}"
+    );
+
+    insta::assert_snapshot!("balanced_streams_the_transformer", plan_table("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=balanced"]));
+    let v = plan_json("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=balanced"]);
+    within_budgets(&v);
+    let t = &v["components"]["transformer"];
+    assert_eq!((t["device"].as_str(), t["offload"].as_str(), t["overflow"].as_str()), (Some("cuda:0"), Some("group"), Some("stream")), "{t}");
+    // Group offload holds two joint blocks (the largest, 426 MB each) and the working memory.
+    let block = s["components"]["transformer"]["largest_no_split_unit_16bit"][1].as_u64().unwrap();
+    assert_eq!(t["streamed_bytes"], 2 * block);
+    assert_eq!(t["peak_bytes"].as_u64().unwrap(), 2 * block + t["working_bytes"].as_u64().unwrap());
+    assert!(v["device_map"].as_object().unwrap().values().all(|d| d.as_str().unwrap().starts_with("cuda:")), "{v}");
+    assert_eq!(v["host_offload_bytes"], 16_292_561_536u64);
+    assert!(v["notes"].to_string().contains("`transformer` (16.91 GB) fits no GPU whole: streamed through cuda:0 with `group` offload"), "{v}");
 
     // diffusers' own placement on request: the CPU.
-    let v = plan_json("manifests/sd35-large.toml", &root, &["--weights-only", "--set", "placement.overflow=cpu"]);
+    let v = plan_json("manifests/sd35-large.toml", &root, &["--weights-only", "--set", "placement.strategy=balanced", "--set", "placement.overflow=cpu"]);
     assert_eq!(v["device_map"]["transformer"], "cpu");
 
     // With the cards' whole 16 GiB as budgets, the transformer would fit one of them with next to
     // nothing left for the CUDA context: why the manifest plans 15 GiB of each.
     let v = plan_json("manifests/sd35-large.toml", &root, &["--set", "placement.max_memory.\"cuda:0\"=16GiB", "--set", "placement.max_memory.\"cuda:1\"=16GiB"]);
-    assert_eq!(v["components"]["transformer"]["offload"], "none");
-    assert!(v["devices"]["cuda:0"]["free"].as_u64().unwrap() < 100_000_000, "{v}");
+    let t = &v["components"]["transformer"];
+    assert!(t["split"].is_null() && t["offload"] == "none", "{t}");
+    let d = t["device"].as_str().unwrap();
+    assert!(v["devices"][d]["free"].as_u64().unwrap() < 300_000_000, "{v}");
 }
 
 #[test]
