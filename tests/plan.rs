@@ -461,10 +461,7 @@ fn sd35_large_on_two_16gib_gpus() {
     assert_eq!(devices.windows(2).filter(|w| w[0] != w[1]).count(), 1, "{devices:?}");
     let per_device = t["split_bytes"].as_object().unwrap();
     assert_eq!(per_device.values().map(|b| b.as_u64().unwrap()).sum::<u64>(), 16_292_561_536);
-    assert!(
-        v["notes"].to_string().contains("its weights alone (16.29 GB) exceed every GPU's budget, so diffusers' `balanced` map would load it on the CPU"),
-        "{v}"
-    );
+    assert!(v["notes"].to_string().contains("its weights alone (16.29 GB) exceed every GPU's budget, so diffusers' `balanced` map would load it on the CPU"), "{v}");
 
     insta::assert_snapshot!("balanced_streams_the_transformer", plan_table("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=balanced"]));
     let v = plan_json("manifests/sd35-large.toml", &root, &["--set", "placement.strategy=balanced"]);
