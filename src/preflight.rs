@@ -246,10 +246,10 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
         // diffusers takes hidden_states[-(clip_skip + 1)] (SD) or [-(clip_skip + 2)] (SDXL) of
         // num_hidden_layers + 1 states.
         let encoders = std::iter::once(&configs.text_encoder).chain(configs.text_encoder_2.as_ref());
-        let max = encoders.map(|c| c.num_hidden_layers - i64::from(xl)).min().unwrap_or(0);
+        let max = encoders.map(|c| c.num_hidden_layers - i64::from(xl || sd3)).min().unwrap_or(0);
         if i64::from(k) > max {
             out.push(
-                Diagnostic::error(format!("`run.clip_skip` is {k}, but the text encoder{} allow at most {max}", if xl { "s" } else { "" }), at("run.clip_skip"))
+                Diagnostic::error(format!("`run.clip_skip` is {k}, but the text encoder{} allow at most {max}", if xl || sd3 { "s" } else { "" }), at("run.clip_skip"))
                     .with_key("run.clip_skip")
                     .with_note(format!("`text_encoder` has {} layers", configs.text_encoder.num_hidden_layers)),
             );

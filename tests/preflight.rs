@@ -226,3 +226,13 @@ fn sd3_runs_without_t5_when_disabled() {
     assert!(r["device_map"].get("text_encoder_3").is_none(), "{r}");
     assert!(m.with_file_name("out.png").is_file());
 }
+
+#[test]
+fn sd3_clip_skip_counts_from_the_penultimate_layer() {
+    // tiny-sd3's CLIPs have 3 layers: diffusers takes hidden_states[-(k + 2)] of 4, so k <= 2.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_sd3(dir.path(), |_| {});
+    refused(&m, &["--set", "run.clip_skip=3"], "`run.clip_skip` is 3, but the text encoders allow at most 2");
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", "run.clip_skip=2"]));
+    assert_eq!(code, 0, "{stderr}");
+}
