@@ -605,7 +605,7 @@ fn run_job(job: RunJob) -> anyhow::Result<ExitCode> {
         }
         let t = &report.timings;
         println!(
-            "seed {}, {} steps ({} UNet calls), {}, {}x{}; load {:.2} s, encode {:.2} s, denoise {:.2} s (first step {:.3} s, then {:.3} s/step), decode {:.2} s, total {:.2} s",
+            "seed {}, {} steps ({} denoiser calls), {}, {}x{}; load {:.2} s, encode {:.2} s, denoise {:.2} s (first step {:.3} s, then {:.3} s/step), decode {:.2} s, total {:.2} s",
             report.seed, report.steps, report.unet_calls, report.scheduler, report.width, report.height, t.load_s, t.encode_s, t.denoise_s, t.first_step_s, t.seconds_per_step, t.decode_s, t.total_s
         );
         let b = |n: u64| runner::units::ByteSize(n).display_decimal();

@@ -78,7 +78,7 @@ pub struct Timings {
     pub denoise_s: f64,
     /// The first UNet call (CUDA kernel selection and warm-up happen there).
     pub first_step_s: f64,
-    /// Mean of the other UNet calls (all of them when there is one).
+    /// Mean of the other denoiser (UNet or transformer) calls (all of them when there is one).
     pub seconds_per_step: f64,
     pub decode_s: f64,
     pub total_s: f64,
@@ -89,6 +89,7 @@ pub struct RunReport {
     pub images: Vec<PathBuf>,
     pub seed: u64,
     pub steps: usize,
+    /// Calls of the denoiser (the UNet, or SD3's transformer); the JSON key keeps its first name.
     pub unet_calls: usize,
     pub scheduler: String,
     pub width: u64,
