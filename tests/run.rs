@@ -961,3 +961,17 @@ fn sd3_runs_the_same_under_every_offload_mode_on_simulated_devices() {
         assert!(img == &images[0].1, "{mode} differs from no offload");
     }
 }
+
+#[test]
+fn sd3_pngs_carry_the_t5_prompt_and_its_token_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t5.png");
+    let (code, _, stderr) = run(runner()
+        .args(["run", "manifests/tiny-sd3.toml", "--quiet", "--simulate", "cuda:0=40MB,cpu=2GiB", "--set", "run.prompt_3=a cat, for T5", "--set", "run.max_sequence_length=32", "--out"])
+        .arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let (_, text) = decode_png(&out);
+    let json: serde_json::Value = serde_json::from_str(&text.iter().find(|(k, _)| k == "runner").unwrap().1).unwrap();
+    assert_eq!(json["prompt_3"], "a cat, for T5");
+    assert_eq!(json["max_sequence_length"], 32);
+}

@@ -79,6 +79,13 @@ pub struct ImageMeta {
     pub prompt_2: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub negative_prompt_2: Option<String>,
+    /// SD3: T5's texts and token count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_3: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub negative_prompt_3: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<usize>,
     /// The generator's seed (the batch's: its images come from one draw), or none with `latents`.
     pub seed: Option<u64>,
     /// This image's place in its batch (`run.batch`); the batch's other images share the seed.
@@ -149,7 +156,7 @@ impl ImageMeta {
         for s in [&mut json.prompt, &mut json.negative_prompt] {
             *s = capped(s);
         }
-        for s in [&mut json.prompt_2, &mut json.negative_prompt_2].into_iter().flatten() {
+        for s in [&mut json.prompt_2, &mut json.negative_prompt_2, &mut json.prompt_3, &mut json.negative_prompt_3].into_iter().flatten() {
             *s = capped(s);
         }
         vec![("parameters", parameters), ("runner", serde_json::to_string(&json).unwrap_or_default()), ("Software", format!("runner {}", self.version))]

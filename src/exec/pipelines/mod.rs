@@ -61,9 +61,13 @@ pub(crate) struct Generated {
     pub scheduler: String,
     /// The sigmas follow Karras' schedule (for the A1111 sampler name).
     pub karras: bool,
-    /// Second-encoder prompts, for the PNG metadata of kinds that have them.
+    /// Second- and third-encoder prompts (and T5's token count), for the PNG metadata of kinds
+    /// that have them.
     pub prompt_2: Option<String>,
     pub negative_prompt_2: Option<String>,
+    pub prompt_3: Option<String>,
+    pub negative_prompt_3: Option<String>,
+    pub max_sequence_length: Option<usize>,
 }
 
 /// A device and dtype a component runs at.

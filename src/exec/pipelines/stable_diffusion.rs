@@ -111,6 +111,9 @@ impl Pipeline for StableDiffusion {
             karras: karras(m, &sched_cfg),
             prompt_2: None,
             negative_prompt_2: None,
+            prompt_3: None,
+            negative_prompt_3: None,
+            max_sequence_length: None,
         })
     }
 }

@@ -188,6 +188,9 @@ impl Pipeline for StableDiffusion3 {
             karras: false,
             prompt_2: r.prompt_2.clone(),
             negative_prompt_2: r.negative_prompt_2.clone(),
+            prompt_3: r.prompt_3.clone(),
+            negative_prompt_3: r.negative_prompt_3.clone(),
+            max_sequence_length: Some(r.max_sequence_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |n| n as usize)),
         })
     }
 }

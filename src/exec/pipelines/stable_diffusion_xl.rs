@@ -171,6 +171,9 @@ impl Pipeline for StableDiffusionXl {
             karras: karras(m, &sched_cfg),
             prompt_2: r.prompt_2.clone(),
             negative_prompt_2: r.negative_prompt_2.clone(),
+            prompt_3: None,
+            negative_prompt_3: None,
+            max_sequence_length: None,
         })
     }
 }
