@@ -13,7 +13,8 @@
 #    and their ratio; runner's image against diffusers'; runner's load rate (weights on cuda:0
 #    over load_s, from the page cache: the folder was just written) against the host-to-device
 #    bandwidth torch measures on the same card.
-# Other GPU scripts: gpu-sd15.sh (executor parity, working memory), gpu-sdxl.sh, gpu-split.sh.
+# Other GPU scripts: gpu-sd15.sh (executor parity, working memory), gpu-sdxl.sh, gpu-split.sh,
+# gpu-sd3.sh (real-size SD3-medium and T5 group offload vs diffusers; not run yet).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
