@@ -14,7 +14,6 @@ prints one JSON line: seconds per step, allocator peaks (also since process star
 runner's `run --json` allocator peak is compared with); the image goes to OUT/diffusers-MODE.npy.
 """
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,36 +22,21 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
 
 
 def build_folder(folder):
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from gpu_sdxl_compare import random_pipeline
     spec = json.loads((ROOT / "tests/data/shapes/sd3-medium.json").read_text())["components"]
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(ROOT / "tests/fixtures/tiny-sd3", folder, symlinks=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        models = {
-            "transformer": SD3Transformer2DModel.from_config(spec["transformer"]["config"]).half(),
-            "vae": AutoencoderKL.from_config(spec["vae"]["config"]).half(),
-            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder"]["config"])).half(),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"]["config"])).half(),
-            "text_encoder_3": T5EncoderModel(T5Config(**spec["text_encoder_3"]["config"])).half(),
-        }
-    # Random init gives exploding activations; scale weights down so images stay finite in fp16.
-    with torch.no_grad():
-        for m in models.values():
-            for p in m.parameters():
-                p.mul_(0.5)
-    for name, m in models.items():
-        shutil.rmtree(folder / name)
-        kw = {"max_shard_size": "5GB"} if name == "text_encoder_3" else {}
-        m.save_pretrained(folder / name, safe_serialization=True, **kw)
-    del models
-    torch.cuda.empty_cache()
-    return folder
+    return random_pipeline(folder, "tiny-sd3", lambda: {
+        "transformer": SD3Transformer2DModel.from_config(spec["transformer"]["config"]),
+        "vae": AutoencoderKL.from_config(spec["vae"]["config"]),
+        "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder"]["config"])),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"]["config"])),
+        "text_encoder_3": T5EncoderModel(T5Config(**spec["text_encoder_3"]["config"])),
+    }, shards={"text_encoder_3": "5GB"})
 
 
 def main():

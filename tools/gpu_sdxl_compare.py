@@ -20,22 +20,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_folder(folder):
-    """The real-size SDXL folder with random fp16 weights (tokenizers/scheduler from the tiny fixture)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    spec = json.loads((ROOT / "tests/data/shapes/sdxl.json").read_text())["components"]
+def random_pipeline(folder, fixture, make_models, shards=None):
+    """`folder` as a copy of the tiny fixture (tokenizers, scheduler) whose models are replaced by
+    `make_models()`'s, built with random fp16 weights on the GPU from real configs and saved with
+    save_pretrained (`shards`: component -> max_shard_size)."""
     if folder.exists():
         shutil.rmtree(folder)
-    shutil.copytree(ROOT / "tests/fixtures/tiny-sdxl", folder, symlinks=False)
+    shutil.copytree(ROOT / "tests/fixtures" / fixture, folder, symlinks=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        models = {
-            "unet": UNet2DConditionModel.from_config(spec["unet"]["config"]).half(),
-            "vae": AutoencoderKL.from_config(spec["vae"]["config"]).half(),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]["config"])).half(),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"]["config"])).half(),
-        }
+        models = {name: m.half() for name, m in make_models().items()}
     # Random init gives exploding activations; scale weights down so images stay finite in fp16.
     with torch.no_grad():
         for m in models.values():
@@ -43,10 +37,24 @@ def build_folder(folder):
                 p.mul_(0.5)
     for name, m in models.items():
         shutil.rmtree(folder / name)
-        m.save_pretrained(folder / name, safe_serialization=True)
+        kw = {"max_shard_size": shards[name]} if shards and name in shards else {}
+        m.save_pretrained(folder / name, safe_serialization=True, **kw)
     del models
     torch.cuda.empty_cache()
     return folder
+
+
+def build_folder(folder):
+    """The real-size SDXL folder with random fp16 weights (tokenizers/scheduler from the tiny fixture)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    spec = json.loads((ROOT / "tests/data/shapes/sdxl.json").read_text())["components"]
+    return random_pipeline(folder, "tiny-sdxl", lambda: {
+        "unet": UNet2DConditionModel.from_config(spec["unet"]["config"]),
+        "vae": AutoencoderKL.from_config(spec["vae"]["config"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]["config"])),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"]["config"])),
+    })
 
 
 def measure(pipe, steps, warmup_steps):
