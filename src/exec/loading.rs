@@ -13,7 +13,7 @@ use super::text::{T5TextEncoder, TextEncoder};
 use crate::checkpoint::layout::{Checkpoint, Component, PipelineFolder};
 use crate::checkpoint::load::Mapped;
 use crate::device::Device;
-use crate::manifest::{LoadedManifest, Offload};
+use crate::manifest::{Dtype, LoadedManifest, Offload};
 use crate::models::clip::ClipTextConfig;
 use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
 use crate::models::t5::T5Config;
@@ -114,8 +114,14 @@ pub(crate) fn ck_of<'a>(l: &Loaded<'a>) -> &'a Checkpoint {
 }
 
 /// The bytes a checkpoint's tensors take once loaded with floats at `kind`.
-pub(crate) fn placed_bytes(ck: &Checkpoint, kind: Kind) -> u64 {
-    ck.tensors.values().map(|t| if t.info.dtype.is_float() { t.info.numel() * kind.elt_size_in_bytes() as u64 } else { t.info.nbytes() }).sum()
+/// The planner's rule ([`crate::plan::build::tensor_bytes`]), so T5's fp32 `wo` counts as planned.
+pub(crate) fn placed_bytes(ck: &Checkpoint, class: &str, kind: Kind) -> u64 {
+    let dtype = match kind {
+        Kind::Half => Dtype::Fp16,
+        Kind::BFloat16 => Dtype::Bf16,
+        _ => Dtype::Fp32,
+    };
+    ck.tensors.iter().map(|(name, t)| crate::plan::build::tensor_bytes(class, name, &t.info, dtype)).sum()
 }
 
 /// A scoped thread's result; its panic goes on in this thread.
@@ -156,7 +162,7 @@ impl<'a> Loader<'a> {
 
     /// [`Self::track`] with the bytes of `l`'s whole checkpoint at its dtype.
     pub fn track_whole(&self, name: &'static str, l: &Loaded) -> ComponentLoad {
-        self.track(name, l, placed_bytes(ck_of(l), l.kind))
+        self.track(name, l, placed_bytes(ck_of(l), &l.component.class, l.kind))
     }
 
     /// A CLIP text encoder and its tokenizer (from the pipeline's `tokenizer` folder).
@@ -166,9 +172,7 @@ impl<'a> Loader<'a> {
 
     /// A T5 encoder and its tokenizer (from the pipeline's `tokenizer` folder).
     pub fn t5(&self, name: &'static str, l: &Loaded, cfg: &T5Config, tokenizer: &str) -> Result<T5TextEncoder, ExecError> {
-        // transformers keeps `wo` in fp32 in an fp16 model: those bytes count at 4.
-        let bytes = ck_of(l).tensors.iter().map(|(k, t)| if l.kind == Kind::Half && k.ends_with(".wo.weight") { t.info.numel() * 4 } else { t.info.numel() * l.kind.elt_size_in_bytes() as u64 }).sum();
-        self.track(name, l, bytes).run(|| placed_build(l, T5TextEncoder::varstore, |d| T5TextEncoder::load(self.pipeline, ck_of(l), d, l.kind, cfg, tokenizer)))
+        self.track_whole(name, l).run(|| placed_build(l, T5TextEncoder::varstore, |d| T5TextEncoder::load(self.pipeline, ck_of(l), d, l.kind, cfg, tokenizer)))
     }
 
     pub fn sd3_transformer(&self, l: &Loaded, cfg: &SD3Transformer2DConfig) -> Result<SD3Transformer2DModel, ExecError> {
@@ -184,7 +188,7 @@ impl<'a> Loader<'a> {
     /// else the component's (SD3 never upcasts).
     pub fn vae(&self, l: &Loaded, upcast: bool) -> Result<(Held<AutoencoderKLDecoder>, Kind), ExecError> {
         let kind = if upcast { vae_kind(l, &self.configs.vae) } else { l.kind };
-        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), kind)).run(|| load_vae(l, kind, self.configs.vae.clone())).map(|h| (h, kind))
+        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), &l.component.class, kind)).run(|| load_vae(l, kind, self.configs.vae.clone())).map(|h| (h, kind))
     }
 
     /// Weight bytes the load placed in host memory.
