@@ -15,8 +15,10 @@ Outputs (committed; random weights, deterministic seeds):
                                        (text_encoder exercises the per-component variant fallback)
   tests/fixtures/tiny-sdxl-unet-sharded/  the SDXL UNet saved with a small max_shard_size
   tests/fixtures/tiny-sd3/, tiny-sd35/ StableDiffusion3Pipeline (SD3 and SD3.5 MMDiT-X transformers, T5,
-                                       flow matching): built by tools/make_fixtures_sd3.py, run last
+                                       flow matching): built by tools/make_fixtures_sd3.py
                                        (needs sentencepiece + protobuf, in the requirements)
+  tests/fixtures/tiny-flux-dev/, tiny-flux-schnell/  FluxPipeline (FLUX.1-dev and schnell style):
+                                       built by tools/make_fixtures_flux.py, run last
   tests/fixtures/versions.json         the exact package versions used
 """
 import gzip
@@ -223,6 +225,7 @@ def main():
     # A process of its own (it imports helpers from this file; no import cycle, no __pycache__).
     import subprocess
     subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_fixtures_sd3.py"))], check=True)
+    subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_fixtures_flux.py"))], check=True)
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"wrote {OUT} ({total / 1e6:.1f} MB)")
 

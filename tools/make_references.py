@@ -24,6 +24,8 @@ VAE's scale and shift), vae.input (latents.final / scaling_factor + shift_factor
 [0, 1]); plus each text encoder's outputs (text_encoder{,_2}.{prompt,negative}.penultimate_hidden_state
 and .text_embeds, text_encoder_3.{prompt,negative}.last_hidden_state). Also refs/t5-tokenizer.json
 (T5TokenizerFast ids on varied strings) and refs/t5-encoder.safetensors (T5EncoderModel hidden states).
+
+FLUX.1 (tiny-flux-dev, tiny-flux-schnell): tools/make_references_flux.py, run at the end.
 """
 import json
 import unicodedata
@@ -436,6 +438,10 @@ def main():
         print(f"{case['case']}: {n} tensors")
     print(f"t5-tokenizer: {t5_tokenizer_refs()} cases")
     t5_encoder_refs()
+    # FLUX (tiny-flux-dev, tiny-flux-schnell): its own process, as make_fixtures runs the SD3 script.
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_references_flux.py"))], check=True)
     total = sum(f.stat().st_size for f in OUT.iterdir())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 
