@@ -109,14 +109,7 @@ impl FlowMatchEulerDiscrete {
         let c = FlowMatchConfig::read(cfg)?;
         let n = c.num_train_timesteps;
         check_steps(Self::NAME, steps, n)?;
-        let mu = match (c.use_dynamic_shifting, mu) {
-            (false, _) => None,
-            (true, None) => return Err(cfg.bad("use_dynamic_shifting", "true", "needs the pipeline's `mu` (resolution-dependent shifting), which was not given")),
-            (true, Some(m)) if !m.is_finite() || (c.time_shift_type == TimeShift::Linear && m <= 0.0) => {
-                return Err(SchedulerError::Mu { class: Self::NAME, mu: m, reason: "expected a finite number (positive for time_shift_type \"linear\")".into() })
-            }
-            (true, Some(m)) => Some(m),
-        };
+        let mu = Self::check_mu(cfg, &c, mu)?;
 
         // __init__: sigmas = linspace(1, N, N)[::-1] / N as float32 tensors, shifted (float32
         // tensor ops, the shift rounded to float32) unless shifting is dynamic. Elementwise, so
@@ -137,8 +130,53 @@ impl FlowMatchEulerDiscrete {
                 TimeShift::Linear => sigmas.iter().map(|&t| mu / (mu + (1.0 / t - 1.0))).collect(),
             },
         };
+        Self::finish(sigmas.iter().map(|&s| s as f32).collect(), n, steps)
+    }
+
+    /// `set_timesteps(sigmas=sigmas, mu=mu)` (FluxPipeline passes `linspace(1, 1/N, N)`): the
+    /// sigmas are cast to float32 first (numpy), so the shift is float32 arithmetic, with the
+    /// Python floats `exp(mu)`, `shift` and `shift - 1` rounded to float32 as numpy does.
+    pub(crate) fn with_sigmas(cfg: &Cfg, sigmas: &[f64], mu: Option<f64>) -> Result<Self, SchedulerError> {
+        let c = FlowMatchConfig::read(cfg)?;
+        let n = c.num_train_timesteps;
+        check_steps(Self::NAME, sigmas.len(), n)?;
+        let mu = Self::check_mu(cfg, &c, mu)?;
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
-        // timesteps = sigmas * N on the float32 tensor.
+        let sigmas: Vec<f32> = match mu {
+            None => {
+                let (shift, shift_1) = (c.shift as f32, (c.shift - 1.0) as f32);
+                sigmas.iter().map(|&s| shift * s / (1.0 + shift_1 * s)).collect()
+            }
+            Some(mu) => match c.time_shift_type {
+                TimeShift::Exponential => {
+                    let e = mu.exp() as f32;
+                    sigmas.iter().map(|&t| e / (e + (1.0 / t - 1.0))).collect()
+                }
+                TimeShift::Linear => {
+                    let m = mu as f32;
+                    sigmas.iter().map(|&t| m / (m + (1.0 / t - 1.0))).collect()
+                }
+            },
+        };
+        let steps = sigmas.len();
+        Self::finish(sigmas, n, steps)
+    }
+
+    /// `mu` is required with `use_dynamic_shifting` and, as in diffusers, unused without it.
+    fn check_mu(cfg: &Cfg, c: &FlowMatchConfig, mu: Option<f64>) -> Result<Option<f64>, SchedulerError> {
+        match (c.use_dynamic_shifting, mu) {
+            (false, _) => Ok(None),
+            (true, None) => Err(cfg.bad("use_dynamic_shifting", "true", "needs the pipeline's `mu` (resolution-dependent shifting), which was not given")),
+            (true, Some(m)) if !m.is_finite() || (c.time_shift_type == TimeShift::Linear && m <= 0.0) => {
+                Err(SchedulerError::Mu { class: Self::NAME, mu: m, reason: "expected a finite number (positive for time_shift_type \"linear\")".into() })
+            }
+            (true, Some(m)) => Ok(Some(m)),
+        }
+    }
+
+    /// The float32 sigmas to the schedule: `timesteps = sigmas * N` on the float32 tensor, and a
+    /// trailing 0.
+    fn finish(sigmas: Vec<f32>, n: usize, steps: usize) -> Result<Self, SchedulerError> {
         let timesteps: Vec<f64> = sigmas.iter().map(|&s| (s * n as f32) as f64).collect();
         let sigmas: Vec<f32> = sigmas.into_iter().chain(std::iter::once(0.0)).collect();
         schedule::check_first_timestep(Self::NAME, steps, &timesteps)?;
@@ -215,5 +253,25 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, 4);
+    }
+
+    /// FluxPipeline's `set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu)`: equal in float32 to what
+    /// diffusers recorded in the FLUX references (dev: dynamic shifting; schnell: shift 1).
+    #[test]
+    fn flux_sigmas_match_diffusers() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for (case, folder) in [("flux-dev", "tiny-flux-dev"), ("flux-dev-true-cfg", "tiny-flux-dev"), ("flux-schnell-nonsquare", "tiny-flux-schnell")] {
+            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(format!("refs/{case}.json"))).unwrap()).unwrap();
+            let cfg = crate::schedulers::parse_config(&std::fs::read_to_string(root.join(folder).join("scheduler/scheduler_config.json")).unwrap()).unwrap();
+            let n = meta["steps"].as_u64().unwrap() as usize;
+            let seq = (meta["height"].as_u64().unwrap() / 16 * (meta["width"].as_u64().unwrap() / 16)) as usize;
+            let sigmas: Vec<f64> = np_linspace(1.0, 1.0 / n as f64, n);
+            let mu = crate::schedulers::dynamic_shift_mu(&cfg, seq).unwrap();
+            let s = crate::schedulers::build_with_sigmas(&cfg, None, &sigmas, mu).unwrap();
+            let refs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(root.join(format!("refs/{case}.safetensors"))).unwrap().into_iter().collect();
+            let want = |k: &str| -> Vec<f64> { Vec::<f32>::try_from(&refs[k]).unwrap().into_iter().map(f64::from).collect() };
+            assert_eq!(s.sigmas().unwrap(), want("scheduler.sigmas"), "{case}");
+            assert_eq!(s.timesteps(), want("scheduler.timesteps"), "{case}");
+        }
     }
 }

@@ -135,6 +135,23 @@ pub fn build(config: &Value, kind: Option<SchedulerKind>, steps: usize) -> Resul
 /// [`dynamic_shift_mu`]); it is required then, unused otherwise (as in diffusers), and refused by
 /// the other schedulers, whose `set_timesteps` takes no `mu`.
 pub fn build_with_mu(config: &Value, kind: Option<SchedulerKind>, steps: usize, mu: Option<f64>) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    build_spaced(config, kind, Spacing::Steps(steps), mu)
+}
+
+/// [`build_with_mu`] with the pipeline's own sigmas, diffusers `set_timesteps(sigmas=sigmas,
+/// mu=mu)` (FluxPipeline passes `linspace(1, 1/N, N)`): one step per sigma. Only the
+/// flow-matching scheduler takes them.
+pub fn build_with_sigmas(config: &Value, kind: Option<SchedulerKind>, sigmas: &[f64], mu: Option<f64>) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    build_spaced(config, kind, Spacing::Sigmas(sigmas), mu)
+}
+
+/// How `set_timesteps` is called.
+enum Spacing<'a> {
+    Steps(usize),
+    Sigmas(&'a [f64]),
+}
+
+fn build_spaced(config: &Value, kind: Option<SchedulerKind>, spacing: Spacing, mu: Option<f64>) -> Result<Box<dyn Scheduler>, SchedulerError> {
     let own = config.as_object().and_then(|m| m.get("_class_name")).and_then(Value::as_str).map(str::to_string);
     let mut map = init_map(config)?;
     let class: &'static str = match kind {
@@ -147,13 +164,22 @@ pub fn build_with_mu(config: &Value, kind: Option<SchedulerKind>, steps: usize, 
     };
     // A model trained for flow matching (SD3, FLUX) cannot be sampled with a noise-prediction
     // scheduler, nor the reverse; diffusers' from_config would build either silently.
-    if let Some(own) = own.filter(|o| is_flow_matching(o) != is_flow_matching(class)) {
+    if let Some(own) = own.as_ref().filter(|o| is_flow_matching(o) != is_flow_matching(class)) {
         let reason = if is_flow_matching(class) { "a flow-matching scheduler needs a flow-matching model (SD3, FLUX)" } else { "a flow-matching model (SD3, FLUX) needs a flow-matching scheduler" };
-        return Err(SchedulerError::Incompatible { class, config_class: own, reason });
+        return Err(SchedulerError::Incompatible { class, config_class: own.clone(), reason });
     }
     if let (Some(m), false) = (mu, class == FlowMatchEulerDiscrete::NAME) {
         return Err(SchedulerError::Mu { class, mu: m, reason: "only flow-matching schedulers take mu".into() });
     }
+    let steps = match spacing {
+        Spacing::Steps(n) => n,
+        Spacing::Sigmas(s) if class == FlowMatchEulerDiscrete::NAME => {
+            return Ok(Box::new(FlowMatchEulerDiscrete::with_sigmas(&Cfg::new(FlowMatchEulerDiscrete::NAME, &map), s, mu)?));
+        }
+        Spacing::Sigmas(_) => {
+            return Err(SchedulerError::Incompatible { class, config_class: own.unwrap_or_else(|| class.to_string()), reason: "only a flow-matching scheduler takes the pipeline's sigmas (FLUX)" })
+        }
+    };
     if let Some(k @ (SchedulerKind::DpmPP2M | SchedulerKind::DpmPP2MKarras)) = kind {
         map.insert("algorithm_type".into(), "dpmsolver++".into());
         map.insert("solver_order".into(), 2.into());
