@@ -29,6 +29,7 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
     let kind = match m["pipeline"].as_str().unwrap() {
         "tiny-sdxl" => "stable-diffusion-xl",
         "tiny-sd3" | "tiny-sd35" => "stable-diffusion-3",
+        "tiny-flux-dev" | "tiny-flux-schnell" => "flux",
         _ => "stable-diffusion",
     };
     let mut text = format!(
@@ -51,6 +52,9 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
     if let Some(n) = m["max_sequence_length"].as_u64() {
         text.push_str(&format!("max_sequence_length = {n}\n"));
     }
+    if let Some(x) = m["true_cfg_scale"].as_f64().filter(|&x| x != 1.0) {
+        text.push_str(&format!("true_cfg_scale = {x}\n"));
+    }
     text.push_str(&format!(
         "guidance_scale = {}\nsteps = {}\nseed = {}\nbatch = {}\nwidth = {}\nheight = {}\noutput = \"out.png\"\nthreads = 1\n",
         m["guidance_scale"], m["steps"], m["seed"], m["batch"], m["width"], m["height"]
@@ -61,6 +65,11 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
 }
 
 fn check_case(case: &str) {
+    check_case_with(case, &[]);
+}
+
+/// [`check_case`], requiring `must` among the tensors compared.
+fn check_case_with(case: &str, must: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let manifest = manifest_for(case, dir.path());
     let dump = dir.path().join("dump");
@@ -83,6 +92,9 @@ fn check_case(case: &str) {
     let mut names: Vec<String> = want.names().filter(|n| !n.starts_with("tokens.")).cloned().collect();
     names.retain(|n| got.get(n).is_some());
     assert!(names.iter().any(|n| n.starts_with("step")), "{case}: no steps compared: {names:?}");
+    for n in must {
+        assert!(names.iter().any(|x| x == n), "{case}: `{n}` not compared (runner's dump or the reference lacks it): {names:?}");
+    }
     for name in &names {
         if name == "image" {
             continue;
@@ -166,4 +178,44 @@ fn sd35_mmdit_x_with_guidance() {
 #[test]
 fn sd35_without_guidance() {
     check_case("sd35-noguidance");
+}
+
+// ---- FLUX.1 (tiny-flux-dev, tiny-flux-schnell: the transformer in 2 shards, T5 in 2) ----
+
+/// What every FLUX case must compare (the `--dump` contract).
+const FLUX: [&str; 12] = [
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "text_ids",
+    "latent_image_ids",
+    "latents.init",
+    "scheduler.timesteps",
+    "scheduler.sigmas",
+    "step0.transformer_output",
+    "step0.noise_pred",
+    "step0.latents",
+    "latents.final",
+    "image",
+];
+
+#[test]
+fn flux_dev_with_embedded_guidance_and_dynamic_shift() {
+    check_case_with("flux-dev", &FLUX);
+}
+
+#[test]
+fn flux_schnell_non_square_with_prompt_2() {
+    check_case_with("flux-schnell-nonsquare", &FLUX);
+}
+
+#[test]
+fn flux_dev_with_true_cfg() {
+    let mut must = FLUX.to_vec();
+    must.extend(["negative_prompt_embeds", "negative_pooled_prompt_embeds", "step0.negative_transformer_output", "step2.negative_transformer_output"]);
+    check_case_with("flux-dev-true-cfg", &must);
+}
+
+#[test]
+fn flux_truncates_a_long_prompt_for_clip_and_t5() {
+    check_case_with("flux-dev-long-prompt-msl16", &FLUX);
 }
