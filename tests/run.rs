@@ -975,3 +975,79 @@ fn sd3_pngs_carry_the_t5_prompt_and_its_token_count() {
     assert_eq!(json["prompt_3"], "a cat, for T5");
     assert_eq!(json["max_sequence_length"], 32);
 }
+
+/// A tiny FLUX manifest in `dir` (tiny-flux-dev: 2 double + 2 single blocks, T5 in 2 shards).
+fn tiny_flux_manifest(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let m = dir.join("flux.toml");
+    std::fs::write(
+        &m,
+        format!(
+            "schema_version = 1\nname = \"flux\"\n[pipeline]\nkind = \"flux\"\nsource = \"{}\"\ndtype = \"fp32\"\n{extra}[run]\nprompt = \"a cat\"\nsteps = 2\nwidth = 64\nheight = 48\nseed = 1\nmax_sequence_length = 32\n",
+            root().join("tests/fixtures/tiny-flux-dev").display()
+        ),
+    )
+    .unwrap();
+    m
+}
+
+#[test]
+fn flux_runs_the_same_under_every_offload_mode_and_split_on_simulated_devices() {
+    // The tiny FLUX.1-dev pipeline on two small simulated GPUs under each offload mode, and with
+    // the transformer split across them by `auto`: the same image as without offload, bit for
+    // bit; the ledger within the plan.
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_flux_manifest(dir.path(), "");
+    let sim = "cuda:0=40MB,cuda:1=40MB,cpu=2GiB";
+    let go = |name: &str, sets: &[String]| {
+        let out = dir.path().join(format!("{name}.png"));
+        let sets: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+        let (code, stdout, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--json", "--simulate", sim]).args(&sets).arg("--out").arg(&out));
+        assert_eq!(code, 0, "{name}: {stderr}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        for (d, u) in r["devices"].as_object().unwrap() {
+            assert!(u["peak_bytes"].as_u64() <= u["planned_peak_bytes"].as_u64(), "{name} {d}: {u}");
+        }
+        (decode_png(&out).0, r)
+    };
+    let (none, _) = go("none", &[]);
+    for mode in ["model", "group", "sequential"] {
+        let (img, r) = go(mode, &[format!("placement.offload={mode}")]);
+        assert!(img == none, "{mode} differs from no offload");
+        assert_eq!(r["components"]["transformer"]["offload"], mode, "{r}");
+    }
+    // The transformer split: budgets from the plan so that neither GPU holds it whole.
+    let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", sim]).arg(&m));
+    assert_eq!(code, 0, "{stderr}");
+    let p: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let c = |n: &str, k: &str| p["components"][n][k].as_u64().unwrap();
+    let (tr, work) = (c("transformer", "bytes"), c("transformer", "working_bytes"));
+    let others = c("text_encoder", "peak_bytes") + c("text_encoder_2", "peak_bytes") + c("vae", "peak_bytes");
+    let budgets = format!("placement.max_memory={{\"cuda:0\"={},\"cuda:1\"={},cpu=\"2GiB\"}}", others + work + tr / 2, work + tr * 3 / 4);
+    let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", sim, "--set", &budgets]).arg(&m));
+    assert_eq!(code, 0, "{stderr}");
+    let sp: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let parts = sp["components"]["transformer"]["split"].as_object().unwrap_or_else(|| panic!("the transformer is split: {sp}"));
+    assert!(parts.values().any(|d| d == "cuda:0") && parts.values().any(|d| d == "cuda:1"), "{parts:?}");
+    assert!(parts.keys().all(|k| k.starts_with("transformer_blocks.") || k.starts_with("single_transformer_blocks.") || !k.contains("blocks")), "{parts:?}");
+    let (split, _) = go("split", &[budgets]);
+    assert!(split == none, "the split transformer's image differs");
+}
+
+#[test]
+fn flux_pngs_carry_prompt_2_true_cfg_and_the_t5_token_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_flux_manifest(dir.path(), "");
+    let out = dir.path().join("t.png");
+    let (code, stdout, stderr) = run(runner()
+        .arg("run")
+        .arg(&m)
+        .args(["--quiet", "--json", "--set", "run.prompt_2=a cat, for T5", "--set", "run.negative_prompt=blurry", "--set", "run.true_cfg_scale=2.0", "--out"])
+        .arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // True CFG: two transformer passes per step.
+    assert_eq!(r["unet_calls"], 4, "{r}");
+    let (_, text) = decode_png(&out);
+    let json: serde_json::Value = serde_json::from_str(&text.iter().find(|(k, _)| k == "runner").unwrap().1).unwrap();
+    assert_eq!((json["prompt_2"].as_str(), json["true_cfg_scale"].as_f64(), json["max_sequence_length"].as_u64()), (Some("a cat, for T5"), Some(2.0), Some(32)));
+}
