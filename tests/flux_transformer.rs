@@ -202,3 +202,16 @@ fn every_module_with_weights_is_announced_before_it_runs() {
     let blocks: Vec<&String> = seen.iter().filter(|p| p.contains("transformer_blocks.") && p.matches('.').count() == 1).collect();
     assert_eq!(blocks, ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]);
 }
+
+#[test]
+fn fp16_runs_within_fp16_precision_of_f32() {
+    tch::set_num_threads(1);
+    let i = inputs("flux-dev");
+    let half = FluxTransformer2DModel::load(&config("tiny-flux-dev"), &checkpoint("tiny-flux-dev"), Device::Cpu, Kind::Half).unwrap();
+    // f32 inputs are taken to the model's dtype.
+    let out = run(&half, &i).unwrap();
+    assert_eq!(out.kind(), Kind::Half);
+    let d = rel(&out.to_kind(Kind::Float), &i.output);
+    eprintln!("fp16 vs diffusers' f32: {d:.3e}");
+    assert!(d < 1e-2, "fp16 vs f32: {d}");
+}

@@ -7,7 +7,7 @@
 //!
 //! Unlike SD3's, FLUX's attention puts the text tokens first, rotates queries and keys by the
 //! token ids, and normalises them with `torch.nn.RMSNorm` (not diffusers' `RMSNorm`): that is
-//! `aten::rms_norm`, which is what [`QkNorm`] calls.
+//! `aten::rms_norm`, which is what [`TorchRmsNorm`] calls.
 
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
@@ -74,14 +74,14 @@ fn apply_rotary_emb(x: &Tensor, r: &Rotary) -> Result<Tensor, tch::TchError> {
 
 /// `torch.nn.RMSNorm(head_dim, eps=1e-6)` with its weight: `aten::rms_norm` itself, so its
 /// precision handling is torch's.
-pub(crate) struct QkNorm {
+pub(crate) struct TorchRmsNorm {
     weight: Tensor,
     path: String,
 }
 
-impl QkNorm {
-    fn new(p: nn::Path, dim: i64) -> QkNorm {
-        QkNorm { weight: param(&p, "weight", &[dim], Init::Const(1.)), path: path_of(&p) }
+impl TorchRmsNorm {
+    fn new(p: nn::Path, dim: i64) -> TorchRmsNorm {
+        TorchRmsNorm { weight: param(&p, "weight", &[dim], Init::Const(1.)), path: path_of(&p) }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
@@ -94,8 +94,8 @@ struct Added {
     add_q_proj: Linear,
     add_k_proj: Linear,
     add_v_proj: Linear,
-    norm_added_q: QkNorm,
-    norm_added_k: QkNorm,
+    norm_added_q: TorchRmsNorm,
+    norm_added_k: TorchRmsNorm,
     to_add_out: Linear,
 }
 
@@ -107,8 +107,8 @@ pub(crate) struct FluxAttention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
-    norm_q: QkNorm,
-    norm_k: QkNorm,
+    norm_q: TorchRmsNorm,
+    norm_k: TorchRmsNorm,
     added: Option<Added>,
     /// `to_out.0`; absent with `pre_only`.
     to_out: Option<Linear>,
@@ -124,16 +124,16 @@ impl FluxAttention {
             add_q_proj: Linear::new(&p / "add_q_proj", dim, inner),
             add_k_proj: Linear::new(&p / "add_k_proj", dim, inner),
             add_v_proj: Linear::new(&p / "add_v_proj", dim, inner),
-            norm_added_q: QkNorm::new(&p / "norm_added_q", head_dim),
-            norm_added_k: QkNorm::new(&p / "norm_added_k", head_dim),
+            norm_added_q: TorchRmsNorm::new(&p / "norm_added_q", head_dim),
+            norm_added_k: TorchRmsNorm::new(&p / "norm_added_k", head_dim),
             to_add_out: Linear::new(&p / "to_add_out", inner, dim),
         });
         FluxAttention {
             to_q: Linear::new(&p / "to_q", dim, inner),
             to_k: Linear::new(&p / "to_k", dim, inner),
             to_v: Linear::new(&p / "to_v", dim, inner),
-            norm_q: QkNorm::new(&p / "norm_q", head_dim),
-            norm_k: QkNorm::new(&p / "norm_k", head_dim),
+            norm_q: TorchRmsNorm::new(&p / "norm_q", head_dim),
+            norm_k: TorchRmsNorm::new(&p / "norm_k", head_dim),
             added,
             to_out: joint.then(|| Linear::new(&p / "to_out" / "0", inner, dim)),
             head_dim,
