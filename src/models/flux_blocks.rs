@@ -7,7 +7,7 @@
 //!
 //! Unlike SD3's, FLUX's attention puts the text tokens first, rotates queries and keys by the
 //! token ids, and normalises them with `torch.nn.RMSNorm` (not diffusers' `RMSNorm`): that is
-//! `aten::rms_norm`, which is what [`TorchRmsNorm`] calls.
+//! `aten::rms_norm`, which is what `TorchRmsNorm` calls.
 
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
