@@ -5,6 +5,7 @@ mod checkpoint;
 mod cli;
 mod clip;
 mod diagnostics;
+mod flux_transformer;
 mod layering;
 mod load;
 mod lock;

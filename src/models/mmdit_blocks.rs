@@ -1,8 +1,10 @@
 //! The MMDiT pieces of diffusers 0.42.1 that SD3's transformer is built from (FLUX shares most):
 //! `JointTransformerBlock` (attention.py), `Attention` with `JointAttnProcessor2_0`
 //! (attention_processor.py), `AdaLayerNormZero`, `SD35AdaLayerNormZeroX`,
-//! `AdaLayerNormContinuous` and `RMSNorm` (normalization.py), and `FeedForward` with the tanh GELU
-//! (`activation_fn="gelu-approximate"`). Variables sit at the checkpoint's key paths.
+//! `AdaLayerNormContinuous` and `RMSNorm` (normalization.py), `FeedForward` with the tanh GELU
+//! (`activation_fn="gelu-approximate"`), and the timestep/pooled-text conditioning
+//! (`CombinedTimestepTextProjEmbeddings`, with FLUX-dev's guidance embedder: embeddings.py).
+//! Variables sit at the checkpoint's key paths.
 //!
 //! The parameter-free `nn.LayerNorm`s (`norm1.norm`, `norm2`, `norm2_context`) are plain function
 //! calls: they hold no weights for forward hooks to bring.
@@ -10,6 +12,7 @@
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+use crate::models::embeddings::timestep_embedding;
 use crate::models::hooks::{path_of, scoped};
 use crate::models::resnet::on;
 use crate::models::weights::param;
@@ -34,18 +37,18 @@ impl Linear {
 }
 
 /// `nn.LayerNorm(dim, elementwise_affine=False)` over the last dimension.
-fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor, tch::TchError> {
+pub(crate) fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor, tch::TchError> {
     let dim = x.size().last().copied().unwrap_or(1);
     x.f_layer_norm([dim], None::<&Tensor>, None::<&Tensor>, eps, true)
 }
 
 /// `t[:, None]`: a [B, D] modulation broadcast over the sequence.
-fn per_token(t: &Tensor) -> Result<Tensor, tch::TchError> {
+pub(crate) fn per_token(t: &Tensor) -> Result<Tensor, tch::TchError> {
     t.f_unsqueeze(1)
 }
 
 /// `norm(x) * (1 + scale[:, None]) + shift[:, None]`, in diffusers' order of operations.
-fn modulate(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor, tch::TchError> {
+pub(crate) fn modulate(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor, tch::TchError> {
     normed.f_mul(&per_token(&scale.f_add_scalar(1.0)?)?)?.f_add(&per_token(shift)?)
 }
 
@@ -68,6 +71,68 @@ impl RmsNorm {
             let h = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
             let h = if matches!(self.weight.kind(), Kind::Half | Kind::BFloat16) { h.f_to_kind(self.weight.kind())? } else { h };
             h.f_mul(&self.weight)
+        })
+    }
+}
+
+/// `linear_2(silu(linear_1(x)))`: diffusers `TimestepEmbedding` and `PixArtAlphaTextProjection(act_fn="silu")`.
+pub(crate) struct SiluMlp {
+    pub(crate) linear_1: Linear,
+    linear_2: Linear,
+    path: String,
+}
+
+impl SiluMlp {
+    pub(crate) fn new(p: nn::Path, d_in: i64, d: i64) -> SiluMlp {
+        SiluMlp { linear_1: Linear::new(&p / "linear_1", d_in, d), linear_2: Linear::new(&p / "linear_2", d, d), path: path_of(&p) }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || self.linear_2.forward(&self.linear_1.forward(x)?.f_silu()?))
+    }
+}
+
+/// diffusers `CombinedTimestepTextProjEmbeddings` (SD3, FLUX schnell) and, with `guidance`,
+/// `CombinedTimestepGuidanceTextProjEmbeddings` (FLUX dev): `timestep_embedder(Timesteps(256,
+/// flip_sin_to_cos=True, downscale_freq_shift=0)(t))` [+ `guidance_embedder(...(guidance))`]
+/// + `text_embedder(pooled)`.
+pub(crate) struct CombinedTimestepTextProjEmbeddings {
+    pub(crate) timestep_embedder: SiluMlp,
+    guidance_embedder: Option<SiluMlp>,
+    text_embedder: SiluMlp,
+    path: String,
+}
+
+impl CombinedTimestepTextProjEmbeddings {
+    pub(crate) fn new(p: nn::Path, dim: i64, pooled_dim: i64, guidance: bool) -> CombinedTimestepTextProjEmbeddings {
+        CombinedTimestepTextProjEmbeddings {
+            timestep_embedder: SiluMlp::new(&p / "timestep_embedder", 256, dim),
+            guidance_embedder: guidance.then(|| SiluMlp::new(&p / "guidance_embedder", 256, dim)),
+            text_embedder: SiluMlp::new(&p / "text_embedder", pooled_dim, dim),
+            path: path_of(&p),
+        }
+    }
+
+    /// The first weight (where a split model's inputs go).
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.timestep_embedder.linear_1.weight
+    }
+
+    /// `guidance` is used only by a model built with a guidance embedder (the caller checks that
+    /// one is given exactly then).
+    pub(crate) fn forward(&self, timestep: &Tensor, guidance: Option<&Tensor>, pooled: &Tensor) -> Result<Tensor, tch::TchError> {
+        scoped(&self.path, || {
+            let w = self.weight();
+            let (timestep, pooled) = (&on(timestep, w), &on(pooled, w));
+            // The sinusoids are computed in fp32 from the (float) values, then cast to the
+            // pooled embeddings' dtype.
+            let sinusoid = |t: &Tensor| timestep_embedding(t, 256, true, 0.0).f_to_kind(pooled.kind());
+            let mut emb = self.timestep_embedder.forward(&sinusoid(timestep)?)?;
+            if let (Some(embedder), Some(g)) = (&self.guidance_embedder, guidance) {
+                // (timestep + guidance) + text, in diffusers' order.
+                emb = emb.f_add(&embedder.forward(&sinusoid(&on(g, w))?)?)?;
+            }
+            emb.f_add(&self.text_embedder.forward(pooled)?)
         })
     }
 }
@@ -96,6 +161,11 @@ impl AdaLayerNormZero {
     pub(crate) fn new(p: nn::Path, dim: i64, dual: bool) -> AdaLayerNormZero {
         let chunks = if dual { 9 } else { 6 };
         AdaLayerNormZero { linear: Linear::new(&p / "linear", dim, chunks * dim), chunks, path: path_of(&p) }
+    }
+
+    /// The first weight (where a split model's inputs go).
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.linear.weight
     }
 
     pub(crate) fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<AdaNormZeroOut, tch::TchError> {
@@ -304,7 +374,7 @@ impl JointTransformerBlock {
 
     /// The block's first weight (where a split model's inputs go).
     pub(crate) fn weight(&self) -> &Tensor {
-        &self.norm1.linear.weight
+        self.norm1.weight()
     }
 
     /// `(encoder_hidden_states, hidden_states)` as diffusers returns them: the context is `None`

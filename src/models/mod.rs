@@ -5,6 +5,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod embeddings;
+pub mod flux_blocks;
 pub mod flux_transformer;
 pub mod hooks;
 pub mod image_processor;

@@ -20,9 +20,8 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::layout::Checkpoint;
 use crate::checkpoint::load::Mapped;
 use crate::models::config::{Cfg, ConfigError};
-use crate::models::embeddings::timestep_embedding;
 use crate::models::hooks::{path_of, scoped};
-use crate::models::mmdit_blocks::{AdaLayerNormContinuous, JointTransformerBlock, Linear};
+use crate::models::mmdit_blocks::{AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, JointTransformerBlock, Linear};
 use crate::models::resnet::on;
 use crate::models::weights::{build_from_checkpoint, param, WeightsError};
 
@@ -172,52 +171,6 @@ impl PatchEmbed {
     }
 }
 
-/// `linear_2(silu(linear_1(x)))`: diffusers `TimestepEmbedding` and `PixArtAlphaTextProjection(act_fn="silu")`.
-struct SiluMlp {
-    linear_1: Linear,
-    linear_2: Linear,
-    path: String,
-}
-
-impl SiluMlp {
-    fn new(p: nn::Path, d_in: i64, d: i64) -> SiluMlp {
-        SiluMlp { linear_1: Linear::new(&p / "linear_1", d_in, d), linear_2: Linear::new(&p / "linear_2", d, d), path: path_of(&p) }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        scoped(&self.path, || self.linear_2.forward(&self.linear_1.forward(x)?.f_silu()?))
-    }
-}
-
-/// diffusers `CombinedTimestepTextProjEmbeddings`: `timestep_embedder(Timesteps(256,
-/// flip_sin_to_cos=True, downscale_freq_shift=0)(t))` + `text_embedder(pooled)`.
-struct CombinedTimestepTextProjEmbeddings {
-    timestep_embedder: SiluMlp,
-    text_embedder: SiluMlp,
-    path: String,
-}
-
-impl CombinedTimestepTextProjEmbeddings {
-    fn new(p: nn::Path, dim: i64, pooled_dim: i64) -> CombinedTimestepTextProjEmbeddings {
-        CombinedTimestepTextProjEmbeddings {
-            timestep_embedder: SiluMlp::new(&p / "timestep_embedder", 256, dim),
-            text_embedder: SiluMlp::new(&p / "text_embedder", pooled_dim, dim),
-            path: path_of(&p),
-        }
-    }
-
-    fn forward(&self, timestep: &Tensor, pooled: &Tensor) -> Result<Tensor, tch::TchError> {
-        scoped(&self.path, || {
-            let w = &self.timestep_embedder.linear_1.weight;
-            let (timestep, pooled) = (&on(timestep, w), &on(pooled, w));
-            // The sinusoid is computed in fp32 from the (float) timestep, then cast to the
-            // pooled embeddings' dtype.
-            let proj = timestep_embedding(timestep, 256, true, 0.0).f_to_kind(pooled.kind())?;
-            self.timestep_embedder.forward(&proj)?.f_add(&self.text_embedder.forward(pooled)?)
-        })
-    }
-}
-
 /// diffusers `SD3Transformer2DModel`.
 pub struct SD3Transformer2DModel {
     pub config: SD3Transformer2DConfig,
@@ -240,7 +193,7 @@ impl SD3Transformer2DModel {
         let vs = VarStore::new(device);
         let (parts, mapped) = build_from_checkpoint(&vs, ck, MODEL, kind, |root| {
             let pos_embed = PatchEmbed::new(&root / "pos_embed", c);
-            let time_text_embed = CombinedTimestepTextProjEmbeddings::new(&root / "time_text_embed", d, c.pooled_projection_dim);
+            let time_text_embed = CombinedTimestepTextProjEmbeddings::new(&root / "time_text_embed", d, c.pooled_projection_dim, false);
             let context_embedder = Linear::new(&root / "context_embedder", c.joint_attention_dim, c.caption_projection_dim);
             let blocks = (0..c.num_layers)
                 .map(|i| {
@@ -306,7 +259,7 @@ impl SD3Transformer2DModel {
         let (device, kind) = (w.device(), w.kind());
         let to_model = |t: &Tensor| t.f_to_device(device)?.f_to_kind(kind);
         let mut hidden = self.pos_embed.forward(&to_model(hidden_states)?)?;
-        let temb = self.time_text_embed.forward(&timestep.f_to_device(device)?, &to_model(pooled_projections)?)?;
+        let temb = self.time_text_embed.forward(&timestep.f_to_device(device)?, None, &to_model(pooled_projections)?)?;
         let mut context = self.context_embedder.forward(&on(&to_model(encoder_hidden_states)?, &self.context_embedder.weight))?;
         for block in &self.transformer_blocks {
             let (ctx, h) = block.forward(&hidden, &context, &temb)?;
