@@ -373,8 +373,9 @@ fn validate(files: &[PathBuf], json: bool, locked: bool, manifest_only: bool, ov
                 if !manifest_only {
                     // Everything knowable without loading a weight: the folder is required now.
                     d.retain(|w| w.key.as_deref() != Some("pipeline.source"));
-                    if let Err(found) = runner::preflight::check(&m) {
-                        d.extend(found);
+                    match runner::preflight::check(&m) {
+                        Ok((_, configs)) => d.extend(runner::preflight::warnings(&m, &configs)),
+                        Err(found) => d.extend(found),
                     }
                 }
                 if locked {
@@ -541,6 +542,7 @@ fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights
     }
     let t = std::time::Instant::now();
     let (pipeline, configs) = runner::preflight::check(&loaded).map_err(|d| Failure::pipeline(file, d))?;
+    diag::render_all(&runner::preflight::warnings(&loaded, &configs), &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
     for n in &pipeline.notes {
         tracing::info!("{n}");
     }

@@ -3,7 +3,8 @@
 //! classes runner implements, every component's `config.json` (parsed strictly) and whether they
 //! fit together, the scheduler config, keys that depend on them (`clip_skip`), and the tensor file
 //! `run.latents` names. `validate`, `plan` and `run` all go through it: a manifest `validate`
-//! calls valid does not fail later for any of these.
+//! calls valid does not fail later for any of these. [`warnings`] says what the folder makes of
+//! keys that are valid but have no effect (FLUX.1-schnell's `guidance_scale`).
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use crate::checkpoint::layout::{Component, PipelineFolder, WeightFiles};
 use crate::diag::{Diagnostic, Location};
 use crate::manifest::{LoadedManifest, PipelineKind};
 use crate::models::clip::ClipTextConfig;
+use crate::models::flux_transformer::FluxTransformer2DConfig;
 use crate::models::safety_checker::SafetyCheckerConfig;
 use crate::models::sd3_transformer::SD3Transformer2DConfig;
 use crate::models::t5::T5Config;
@@ -18,8 +20,21 @@ use crate::models::unet_2d::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
 use crate::plan::memory::RunShape;
 
-/// The classes runner implements, per component name.
-pub fn supported_classes(component: &str) -> Option<&'static [&'static str]> {
+/// The classes runner implements, per component name of a `kind` pipeline.
+pub fn supported_classes(kind: PipelineKind, component: &str) -> Option<&'static [&'static str]> {
+    if kind == PipelineKind::Flux {
+        // FLUX's second text encoder is T5 (SD3's third), and its first CLIP has no projection.
+        return Some(match component {
+            "text_encoder" => &["CLIPTextModel"],
+            "text_encoder_2" => &["T5EncoderModel"],
+            "tokenizer" => &["CLIPTokenizer", "CLIPTokenizerFast"],
+            "tokenizer_2" => &["T5TokenizerFast", "T5Tokenizer"],
+            "transformer" => &["FluxTransformer2DModel"],
+            "vae" => &["AutoencoderKL"],
+            "scheduler" => crate::schedulers::SUPPORTED,
+            _ => return None,
+        });
+    }
     Some(match component {
         "text_encoder" => &["CLIPTextModel", "CLIPTextModelWithProjection"],
         "text_encoder_2" => &["CLIPTextModelWithProjection"],
@@ -42,11 +57,14 @@ pub struct Configs {
     pub unet: Option<UNet2DConditionConfig>,
     pub vae: AutoencoderKLConfig,
     pub text_encoder: ClipTextConfig,
+    /// SDXL's and SD3's second CLIP (None for FLUX, whose `text_encoder_2` is T5: see [`Self::t5`]).
     pub text_encoder_2: Option<ClipTextConfig>,
-    /// SD3's T5 (absent when disabled).
-    pub text_encoder_3: Option<T5Config>,
+    /// The T5 encoder: SD3's `text_encoder_3` (absent when disabled), FLUX's `text_encoder_2`.
+    pub t5: Option<T5Config>,
     /// SD3's denoiser.
     pub transformer: Option<SD3Transformer2DConfig>,
+    /// FLUX's denoiser.
+    pub flux_transformer: Option<FluxTransformer2DConfig>,
     pub safety_checker: Option<SafetyCheckerConfig>,
 }
 
@@ -56,31 +74,58 @@ impl Configs {
         self.unet.as_ref().expect("a UNet pipeline")
     }
 
+    /// The transformer's patch size in latent pixels: SD3's `patch_size`, FLUX's packed 2x2
+    /// patches; None for a UNet.
+    pub fn patch_size(&self) -> Option<u64> {
+        match (&self.transformer, &self.flux_transformer) {
+            (Some(t), _) => Some(t.patch_size as u64),
+            (_, Some(_)) => Some(2),
+            _ => None,
+        }
+    }
+
     /// diffusers' `vae_scale_factor`: 2 ** (levels - 1).
     pub fn vae_scale_factor(&self) -> u64 {
         1u64 << (self.vae.block_out_channels.len() - 1)
     }
 
-    /// The job's shape with diffusers' defaults: size = the denoiser's `sample_size` x the VAE's
-    /// scale factor, guidance 7.5 (SD), 5.0 (SDXL) or 7.0 (SD3), batch 1, 256 T5 tokens (SD3).
+    /// The image size diffusers defaults to: the denoiser's `sample_size` (FLUX: the pipeline's
+    /// `default_sample_size`, 128) x the VAE's scale factor.
+    pub fn default_size(&self) -> u64 {
+        let latent = match (&self.unet, &self.transformer, &self.flux_transformer) {
+            (Some(u), _, _) => u.sample_size as u64,
+            (_, Some(t), _) => t.sample_size as u64,
+            (_, _, Some(_)) => FLUX_DEFAULT_SAMPLE_SIZE,
+            _ => 64,
+        };
+        latent * self.vae_scale_factor()
+    }
+
+    /// The job's shape with diffusers' defaults: size [`Self::default_size`], batch 1,
+    /// guidance from [`PipelineKind::default_guidance_scale`] (7.5 SD, 5.0 SDXL, 7.0 SD3), T5
+    /// tokens from [`PipelineKind::default_max_sequence_length`] (256 SD3, 512 FLUX). For FLUX,
+    /// `guidance` is diffusers' true CFG ([`crate::manifest::Run::true_cfg`]), run as a second
+    /// pass of the same batch: its embedded guidance costs no pass.
     pub fn run_shape(&self, m: &LoadedManifest) -> RunShape {
         let r = &m.manifest.run;
-        let latent = self.unet.as_ref().map(|u| u.sample_size).or(self.transformer.as_ref().map(|t| t.sample_size)).unwrap_or(64) as u64;
-        let size = latent * self.vae_scale_factor();
-        let default_guidance = match m.manifest.pipeline.kind {
-            PipelineKind::StableDiffusion => 7.5,
-            PipelineKind::StableDiffusionXl => 5.0,
-            PipelineKind::StableDiffusion3 => 7.0,
+        let kind = m.manifest.pipeline.kind;
+        let size = self.default_size();
+        let guidance = match kind {
+            PipelineKind::Flux => r.true_cfg(),
+            _ => r.guidance_scale.unwrap_or(kind.default_guidance_scale()) > 1.0,
         };
         RunShape {
             width: r.width.map(u64::from).unwrap_or(size),
             height: r.height.map(u64::from).unwrap_or(size),
             batch: r.batch.map(u64::from).unwrap_or(1),
-            guidance: r.guidance_scale.unwrap_or(default_guidance) > 1.0,
-            max_sequence_length: r.max_sequence_length.map(u64::from).unwrap_or(crate::plan::memory::DEFAULT_MAX_SEQUENCE_LENGTH),
+            guidance,
+            max_sequence_length: u64::from(r.max_sequence_length.or(kind.default_max_sequence_length()).unwrap_or(crate::plan::memory::DEFAULT_MAX_SEQUENCE_LENGTH as u32)),
         }
     }
 }
+
+/// diffusers' `FluxPipeline.default_sample_size`: 128 latent pixels (1024 pixels at the VAE's 8x).
+pub const FLUX_DEFAULT_SAMPLE_SIZE: u64 = 128;
 
 /// The component's `config.json`: beside its weights (a `source` elsewhere), else in its
 /// pipeline subfolder.
@@ -119,11 +164,12 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     let index = Location::Path(p.index.path.clone());
     // 3. The kind against the folder.
     if let Err(msg) = check_kind(m, &p) {
-        out.push(Diagnostic::error(msg, at("pipeline.kind")).with_key("pipeline.kind"));
+        // The other checks would only list the consequences (classes of another kind).
+        return one(Diagnostic::error(msg, at("pipeline.kind")).with_key("pipeline.kind"));
     }
     // 4. Classes runner implements.
     for c in &p.components {
-        let Some(supported) = supported_classes(&c.name) else { continue };
+        let Some(supported) = supported_classes(m.manifest.pipeline.kind, &c.name) else { continue };
         if c.name == "scheduler" && m.manifest.pipeline.scheduler.is_some() {
             continue; // the manifest's scheduler replaces the folder's class
         }
@@ -143,6 +189,7 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     let kind = m.manifest.pipeline.kind;
     let xl = kind == PipelineKind::StableDiffusionXl;
     let sd3 = kind == PipelineKind::StableDiffusion3;
+    let flux = kind == PipelineKind::Flux;
     let path_of = |name: &str| p.component(name).map(config_path);
     let missing = |name: &str| Diagnostic::error(format!("the pipeline has no `{name}`"), index.clone());
     let diag = |e: &dyn std::fmt::Display, path: &Path| Diagnostic::error(e.to_string(), Location::Path(path.to_path_buf()));
@@ -153,7 +200,7 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
         }
         p
     };
-    let unet = if sd3 { None } else { read("unet", &mut out).and_then(|path| UNet2DConditionConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) };
+    let unet = if sd3 || flux { None } else { read("unet", &mut out).and_then(|path| UNet2DConditionConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) };
     let vae = read("vae", &mut out).and_then(|path| AutoencoderKLConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
     let te = read("text_encoder", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok());
     let te2 = if xl || sd3 { read("text_encoder_2", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) } else { None };
@@ -163,25 +210,49 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     } else {
         None
     };
+    let flux_transformer = if flux {
+        read("transformer", &mut out)
+            .and_then(|path| crate::models::config::read_json(&path, "FluxTransformer2DModel").and_then(|v| FluxTransformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
+    } else {
+        None
+    };
+    // The T5 encoder: SD3's optional `text_encoder_3`, FLUX's required `text_encoder_2`.
     let te3_disabled = m.manifest.components.get("text_encoder_3").and_then(|c| c.enabled) == Some(false);
-    let te3 = match (sd3 && !te3_disabled, path_of("text_encoder_3")) {
-        (false, _) => None,
-        (true, None) => {
-            out.push(missing("text_encoder_3").with_note("to run without T5 as diffusers does with `text_encoder_3=None` (zeros in its place), set `components.text_encoder_3.enabled = false`"));
+    let t5_name = t5_component(kind);
+    let t5 = match (t5_name.filter(|_| !(sd3 && te3_disabled)), t5_name.and_then(path_of)) {
+        (None, _) => None,
+        (Some(name), None) => {
+            let d = missing(name);
+            out.push(if sd3 {
+                d.with_note("to run without T5 as diffusers does with `text_encoder_3=None` (zeros in its place), set `components.text_encoder_3.enabled = false`")
+            } else {
+                d.with_note(format!("a `{}` pipeline needs its T5 encoder (`T5EncoderModel`): download the whole pipeline folder", kind.as_str()))
+            });
             None
         }
-        (true, Some(path)) => crate::models::config::read_json(&path, "T5EncoderModel").and_then(|v| T5Config::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok(),
+        (Some(_), Some(path)) => crate::models::config::read_json(&path, "T5EncoderModel").and_then(|v| T5Config::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok(),
     };
     let safety = match path_of("safety_checker") {
         Some(path) if p.component("safety_checker").is_some_and(|c| c.checkpoint.is_some()) => SafetyCheckerConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok(),
         _ => None,
     };
     let (Some(vae), Some(text_encoder)) = (vae, te) else { return Err(out) };
-    if (!sd3 && unet.is_none()) || (sd3 && transformer.is_none()) || ((xl || sd3) && te2.is_none()) || (sd3 && !te3_disabled && te3.is_none()) {
+    if (!sd3 && !flux && unet.is_none())
+        || (sd3 && transformer.is_none())
+        || (flux && flux_transformer.is_none())
+        || ((xl || sd3) && te2.is_none())
+        || (sd3 && !te3_disabled && t5.is_none())
+        || (flux && t5.is_none())
+    {
         return Err(out);
     }
-    let configs = Configs { unet, vae, text_encoder, text_encoder_2: te2, text_encoder_3: te3, transformer, safety_checker: safety };
-    if let Err(msg) = if sd3 { check_compatible_sd3(&configs) } else { check_compatible(&configs, xl) } {
+    let configs = Configs { unet, vae, text_encoder, text_encoder_2: te2, t5, transformer, flux_transformer, safety_checker: safety };
+    let compatible = match kind {
+        PipelineKind::StableDiffusion3 => check_compatible_sd3(&configs),
+        PipelineKind::Flux => check_compatible_flux(&configs),
+        _ => check_compatible(&configs, xl),
+    };
+    if let Err(msg) = compatible {
         out.push(Diagnostic::error(format!("the components of `{}` do not fit together: {msg}", p.root.display()), index.clone()));
     }
     // 6. The scheduler: its config, or the manifest's kind over it.
@@ -189,18 +260,15 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::schedulers::parse_config(&t).map_err(|e| e.to_string()));
     match sched {
         Ok(cfg) => {
-            let steps = m.manifest.run.steps.unwrap_or(if sd3 { 28 } else { 50 }) as usize;
-            let kind = m.manifest.pipeline.kind;
-            // A dynamically shifted schedule depends on the image's sequence length in patches.
-            let mu = match &configs.transformer {
-                Some(t) => {
-                    let shape = configs.run_shape(m);
-                    let scale = configs.vae_scale_factor();
-                    let patches = (shape.height / scale / t.patch_size as u64) * (shape.width / scale / t.patch_size as u64);
-                    crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
-                }
-                None => None,
-            };
+            let steps = m.manifest.run.steps.unwrap_or(kind.default_steps()) as usize;
+            // A dynamically shifted schedule depends on the image's sequence length in patches
+            // (FLUX: the packed 2x2 latent patches, (H/16) x (W/16) at the VAE's 8x).
+            let mu = configs.patch_size().and_then(|p| {
+                let shape = configs.run_shape(m);
+                let scale = configs.vae_scale_factor();
+                let patches = (shape.height / scale / p) * (shape.width / scale / p);
+                crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
+            });
             match crate::schedulers::build_with_mu(&cfg, m.manifest.pipeline.scheduler, steps, mu) {
                 Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
                 // The folder's own class is checked against the kind here (a `pipeline.scheduler`
@@ -219,30 +287,33 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     }
     // 7. Keys that depend on the configs.
     let r = &m.manifest.run;
-    if let Some(t) = &configs.transformer {
-        // diffusers' check_inputs: sizes must be multiples of vae_scale_factor * patch_size.
-        let unit = configs.vae_scale_factor() * t.patch_size as u64;
+    if let Some(patch) = configs.patch_size() {
+        // diffusers' check_inputs: sizes must be multiples of vae_scale_factor * patch_size (SD3
+        // raises; FLUX's pipeline warns and rounds down, runner refuses as for SD3).
+        let unit = configs.vae_scale_factor() * patch;
+        let why = if flux { "the VAE's scale factor times 2: FLUX packs 2x2 latent patches" } else { "the VAE's scale factor times the transformer's patch_size" };
         let shape = configs.run_shape(m);
         for (key, v) in [("run.width", shape.width), ("run.height", shape.height)] {
             if v % unit != 0 {
-                out.push(
-                    Diagnostic::error(format!("`{key}` is {v}, but this pipeline needs a multiple of {unit} (the VAE's scale factor times the transformer's patch_size)"), at(key))
-                        .with_key(key)
-                        .with_note(format!("use {} or {}", v / unit * unit, (v / unit + 1) * unit)),
-                );
+                out.push(Diagnostic::error(format!("`{key}` is {v}, but this pipeline needs a multiple of {unit} ({why})"), at(key)).with_key(key).with_note(format!(
+                    "use {} or {}",
+                    v / unit * unit,
+                    (v / unit + 1) * unit
+                )));
             }
         }
     }
-    if configs.text_encoder_3.is_some() {
+    if let (Some(_), Some(tokenizer)) = (&configs.t5, t5_tokenizer(kind)) {
         // The T5 tokenizer is read at load time: its folder is checked now.
-        let dir = p.root.join("tokenizer_3");
+        let dir = p.root.join(tokenizer);
         if !dir.join("tokenizer.json").is_file() {
             let have =
                 if dir.join("spiece.model").is_file() { "`spiece.model` but no `tokenizer.json` (runner reads the fast tokenizer's file)" } else { "neither `tokenizer.json` nor `spiece.model`" };
             out.push(Diagnostic::error(format!("the T5 tokenizer folder `{}` has {have}", dir.display()), index.clone()));
         }
     }
-    if let Some(k) = r.clip_skip {
+    // FluxPipeline has no `clip_skip`: the manifest check warns that it is ignored.
+    if let Some(k) = r.clip_skip.filter(|_| !flux) {
         // diffusers takes hidden_states[-(clip_skip + 1)] (SD) or [-(clip_skip + 2)] (SDXL) of
         // num_hidden_layers + 1 states.
         let encoders = std::iter::once(&configs.text_encoder).chain(configs.text_encoder_2.as_ref());
@@ -270,6 +341,66 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     }
 }
 
+/// What [`check`]'s configs make of keys that are valid but have no effect here: warnings, never
+/// errors. FLUX.1-schnell (`guidance_embeds = false`) has no guidance embedding: a
+/// `run.guidance_scale` is ignored.
+pub fn warnings(m: &LoadedManifest, configs: &Configs) -> Vec<Diagnostic> {
+    let mut out = vec![];
+    let r = &m.manifest.run;
+    if let (Some(t), Some(g)) = (&configs.flux_transformer, r.guidance_scale) {
+        if !t.guidance_embeds {
+            out.push(
+                Diagnostic::warning(
+                    format!("`run.guidance_scale` is {g}, but this FLUX transformer has no guidance embedding (`guidance_embeds = false`, as FLUX.1-schnell): it is ignored"),
+                    m.locate_value("run.guidance_scale"),
+                )
+                .with_key("run.guidance_scale")
+                .with_label("ignored")
+                .with_note("for classifier-free guidance with a negative prompt, set `run.true_cfg_scale` above 1 and `run.negative_prompt`"),
+            );
+        }
+    }
+    out
+}
+
+/// The T5 encoder's component in a `kind` pipeline: SD3's `text_encoder_3`, FLUX's
+/// `text_encoder_2`.
+pub fn t5_component(kind: PipelineKind) -> Option<&'static str> {
+    match kind {
+        PipelineKind::StableDiffusion3 => Some("text_encoder_3"),
+        PipelineKind::Flux => Some("text_encoder_2"),
+        PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl => None,
+    }
+}
+
+/// The T5 tokenizer's folder in a `kind` pipeline: SD3's `tokenizer_3`, FLUX's `tokenizer_2`.
+pub fn t5_tokenizer(kind: PipelineKind) -> Option<&'static str> {
+    match kind {
+        PipelineKind::StableDiffusion3 => Some("tokenizer_3"),
+        PipelineKind::Flux => Some("tokenizer_2"),
+        PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl => None,
+    }
+}
+
+/// FLUX's components must agree: CLIP's width is the transformer's `pooled_projection_dim`
+/// (FLUX takes CLIP's pooled output only), T5's `d_model` its `joint_attention_dim`, and 2x2
+/// patches of the VAE's latents its input channels.
+fn check_compatible_flux(c: &Configs) -> Result<(), String> {
+    let tr = c.flux_transformer.as_ref().expect("read for FLUX");
+    if c.text_encoder.hidden_size != tr.pooled_projection_dim {
+        return Err(format!("text_encoder's hidden_size is {} but the transformer's pooled_projection_dim is {}", c.text_encoder.hidden_size, tr.pooled_projection_dim));
+    }
+    if let Some(t5) = &c.t5 {
+        if t5.d_model != tr.joint_attention_dim {
+            return Err(format!("text_encoder_2's d_model is {} but the transformer's joint_attention_dim is {}", t5.d_model, tr.joint_attention_dim));
+        }
+    }
+    if c.vae.latent_channels * 4 != tr.in_channels {
+        return Err(format!("the VAE has {} latent channels, so 2x2 packed patches have {}, but the transformer takes {}", c.vae.latent_channels, c.vae.latent_channels * 4, tr.in_channels));
+    }
+    Ok(())
+}
+
 /// SD3's components must agree: the CLIPs' hidden sizes fit within T5's width (they are
 /// zero-padded to it) and T5's width is the transformer's `joint_attention_dim`; the CLIPs'
 /// projections add up to `pooled_projection_dim`; the VAE's latent channels are the
@@ -281,7 +412,7 @@ fn check_compatible_sd3(c: &Configs) -> Result<(), String> {
     if clip > tr.joint_attention_dim {
         return Err(format!("the CLIP text encoders' hidden sizes add up to {clip}, more than the transformer's joint_attention_dim {}", tr.joint_attention_dim));
     }
-    if let Some(t5) = &c.text_encoder_3 {
+    if let Some(t5) = &c.t5 {
         if t5.d_model != tr.joint_attention_dim {
             return Err(format!("text_encoder_3's d_model is {} but the transformer's joint_attention_dim is {}", t5.d_model, tr.joint_attention_dim));
         }
@@ -317,8 +448,36 @@ fn check_latents(path: &Path, want: &[u64; 4]) -> Result<(), String> {
 fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), String> {
     let class = p.index.class_name.clone().unwrap_or_default();
     let has = |n: &str| p.index.components.get(n).is_some_and(|e| e.is_some());
+    // A FLUX folder: a `Flux*Pipeline`, or a transformer whose class (in model_index.json or its
+    // own config.json) is FLUX's.
+    let flux_transformer_class = |c: &str| c == "FluxTransformer2DModel";
+    let transformer_config_class = || {
+        p.component("transformer")
+            .map(config_path)
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("_class_name").and_then(|c| c.as_str()).map(str::to_string))
+    };
+    let flux_folder = class.contains("Flux")
+        || p.index.components.get("transformer").and_then(|e| e.as_ref()).is_some_and(|e| flux_transformer_class(&e.1))
+        || transformer_config_class().is_some_and(|c| flux_transformer_class(&c));
+    let kind = m.manifest.pipeline.kind;
+    if flux_folder != (kind == PipelineKind::Flux) {
+        return Err(if flux_folder {
+            format!("`pipeline.kind` is `{}` but `{}` holds a `{class}` (FLUX.1: a `FluxTransformer2DModel` with CLIP-L and T5): set `kind = \"flux\"`", kind.as_str(), p.root.display())
+        } else {
+            let guess = if class.contains("StableDiffusion3") || has("transformer") {
+                "stable-diffusion-3"
+            } else if class.contains("XL") || has("text_encoder_2") {
+                "stable-diffusion-xl"
+            } else {
+                "stable-diffusion"
+            };
+            format!("`pipeline.kind` is `flux` but `{}` holds a `{class}`, not a FLUX pipeline (no `FluxTransformer2DModel`): set `kind = \"{guess}\"`", p.root.display())
+        });
+    }
     let sd3_folder = class.contains("StableDiffusion3") || has("transformer");
-    if sd3_folder && m.manifest.pipeline.kind != PipelineKind::StableDiffusion3 {
+    if sd3_folder && kind != PipelineKind::StableDiffusion3 && kind != PipelineKind::Flux {
         return Err(format!(
             "`pipeline.kind` is `{}` but `{}` holds a `{class}` (a transformer, not a UNet): set `kind = \"stable-diffusion-3\"`",
             m.manifest.pipeline.kind.as_str(),
@@ -350,6 +509,7 @@ fn check_kind(m: &LoadedManifest, p: &PipelineFolder) -> Result<(), String> {
                 return Err(format!("`pipeline.kind` is `stable-diffusion` but `{}` holds a `{class}` with two text encoders: set `kind = \"stable-diffusion-xl\"`", p.root.display()));
             }
         }
+        PipelineKind::Flux => {}
     }
     Ok(())
 }

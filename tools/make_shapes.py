@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Tensor names, shapes and dtypes of real pipelines' checkpoints (SD 1.5, SDXL base, SD3-medium,
-SD3.5-large), from their configs (../shared/reference-configs) instantiated on the meta device: no
+SD3.5-large, FLUX.1-dev), from their configs (../shared/reference-configs) instantiated on the meta device: no
 weights involved.
 
-    .venv-fixtures/bin/python tools/make_shapes.py [REFERENCE_CONFIGS]
+    .venv-fixtures/bin/python tools/make_shapes.py [REFERENCE_CONFIGS] [PIPELINE...]
 
-Writes tests/data/shapes/{sd15,sdxl,sd3-medium,sd35-large}.json: model_index.json, and per component
+Writes tests/data/shapes/{sd15,sdxl,sd3-medium,sd35-large,flux-dev}.json (only the PIPELINEs named,
+when some are): model_index.json, and per component
 its config and [name, dtype, shape] of every tensor its safetensors file holds. Tests turn these into
 full-size sparse safetensors files (headers + holes) to plan and inspect real sizes. Also prints
 accelerate's `compute_module_sizes` totals to compare with runner's byte counts.
@@ -20,6 +21,9 @@ What the files hold, beyond the state dict of the meta model:
   transformers 4, checked here against huggingface_hub's own splitter); the SD3.5-large transformer
   (2 shards, 9.99 + 6.31 GB) simulated as diffusers' `save_pretrained` writes it: state-dict order,
   bf16, `max_shard_size="10GB"` (its index total_size is the 16,292,561,536 bytes of the repo).
+  FLUX.1-dev: T5-XXL (`text_encoder_2`) as SD3's, and the transformer in 3 shards from the reference
+  folder's shard_layout.json (diffusers' 10 GB layout at bf16, equal to the repo's file sizes,
+  checked here against huggingface_hub's splitter).
 - `accelerate_module_size_fp32`: accelerate's count of the model (T5 with its embedding tied, as
   transformers loads it, so the tied weight counts once). For SD3 components also the 16-bit count,
   T5's fp16 count with `_keep_in_fp32_modules` (`wo`) in fp32 (what transformers holds in an fp16
@@ -38,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REF = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "reference-configs"
 OUT = ROOT / "tests" / "data" / "shapes"
 DT = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
-DIFFUSERS_MODELS = ("UNet2DConditionModel", "AutoencoderKL", "SD3Transformer2DModel")
+DIFFUSERS_MODELS = ("UNet2DConditionModel", "AutoencoderKL", "SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def build(cls_name, cfg):
@@ -93,7 +97,16 @@ def no_split_units(model, sizes):
 def shard_map(name, layout_dir, state_dict):
     """The tensor -> file map of a sharded component as its repo ships it, or None."""
     layout = layout_dir / "shard_layout.json"
-    if name == "text_encoder_3":
+    if name == "transformer" and layout.is_file():
+        from huggingface_hub import split_torch_state_dict_into_shards
+        simulated = json.loads(layout.read_text())["simulated"]
+        (key, shipped), = simulated.items()
+        shipped = shipped["weight_map"]
+        half = {k: v.to(torch.bfloat16) for k, v in state_dict.items()}
+        split = split_torch_state_dict_into_shards(half, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+        assert split.tensor_to_filename == shipped, f"shard_layout.json ({key}) is diffusers' 10 GB layout"
+        return {"max_shard_size": "10GB", "source": "shard_layout.json (simulated, equal to the repo's file sizes)", "weight_map": shipped}
+    if (name, layout.is_file()) in (("text_encoder_3", True), ("text_encoder_2", True)):
         from huggingface_hub import split_torch_state_dict_into_shards
         shipped = json.loads(layout.read_text())["simulated"]["t5_xxl_bf16_max_shard_5GB"]["weight_map"]
         half = {k: v.to(torch.bfloat16) for k, v in state_dict.items()}
@@ -158,9 +171,12 @@ def sd3(pipe):
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    sd_legacy()
-    for pipe in ("sd3-medium", "sd35-large"):
-        sd3(pipe)
+    only = sys.argv[2:]
+    if not only or {"sd15", "sdxl"} & set(only):
+        sd_legacy()
+    for pipe in ("sd3-medium", "sd35-large", "flux-dev"):
+        if not only or pipe in only:
+            sd3(pipe)
 
 
 if __name__ == "__main__":

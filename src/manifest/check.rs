@@ -147,5 +147,26 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
             }
         }
     }
+
+    // FLUX's true CFG needs a negative prompt: without one diffusers runs one pass, unguided.
+    if kind == Some(PipelineKind::Flux) {
+        let run = m.get("run");
+        let true_cfg = run.and_then(|r| r.get("true_cfg_scale")).and_then(J::as_f64);
+        if let Some(s) = true_cfg.filter(|s| *s > 1.0) {
+            if run.and_then(|r| r.get("negative_prompt")).is_none() {
+                let mut d = warn(
+                    &key(&["run", "true_cfg_scale"]),
+                    Want::Value,
+                    format!("`run.true_cfg_scale` is {s}, but there is no `run.negative_prompt`: true CFG is off (one transformer pass per step), as in diffusers"),
+                )
+                .with_label("no effect without a negative prompt")
+                .with_note("set `run.negative_prompt` (`\"\"` counts) for two passes per step guided by `true_cfg_scale`");
+                if run.and_then(|r| r.get("negative_prompt_2")).is_some() {
+                    d = d.with_note("diffusers turns true CFG on for `negative_prompt` only: `negative_prompt_2` alone does not");
+                }
+                out.push(d);
+            }
+        }
+    }
     out
 }

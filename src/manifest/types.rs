@@ -59,8 +59,8 @@ pub struct Pipeline {
 }
 
 /// The kind of pipeline: `stable-diffusion` (SD 1.x/2.x, diffusers `StableDiffusionPipeline`),
-/// `stable-diffusion-xl` (`StableDiffusionXLPipeline`) or `stable-diffusion-3` (SD3 / SD3.5,
-/// `StableDiffusion3Pipeline`).
+/// `stable-diffusion-xl` (`StableDiffusionXLPipeline`), `stable-diffusion-3` (SD3 / SD3.5,
+/// `StableDiffusion3Pipeline`) or `flux` (FLUX.1 dev and schnell, `FluxPipeline`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PipelineKind {
@@ -68,16 +68,18 @@ pub enum PipelineKind {
     StableDiffusionXl,
     #[serde(rename = "stable-diffusion-3")]
     StableDiffusion3,
+    Flux,
 }
 
 impl PipelineKind {
-    pub const ALL: [PipelineKind; 3] = [PipelineKind::StableDiffusion, PipelineKind::StableDiffusionXl, PipelineKind::StableDiffusion3];
+    pub const ALL: [PipelineKind; 4] = [PipelineKind::StableDiffusion, PipelineKind::StableDiffusionXl, PipelineKind::StableDiffusion3, PipelineKind::Flux];
 
     pub fn as_str(self) -> &'static str {
         match self {
             PipelineKind::StableDiffusion => "stable-diffusion",
             PipelineKind::StableDiffusionXl => "stable-diffusion-xl",
             PipelineKind::StableDiffusion3 => "stable-diffusion-3",
+            PipelineKind::Flux => "flux",
         }
     }
 
@@ -88,6 +90,8 @@ impl PipelineKind {
             PipelineKind::StableDiffusion => &["text_encoder", "unet", "vae", "safety_checker"],
             PipelineKind::StableDiffusionXl => &["text_encoder", "text_encoder_2", "unet", "vae"],
             PipelineKind::StableDiffusion3 => &["text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae"],
+            // `text_encoder` is CLIP-L (pooled output only), `text_encoder_2` T5.
+            PipelineKind::Flux => &["text_encoder", "text_encoder_2", "transformer", "vae"],
         }
     }
 
@@ -96,7 +100,35 @@ impl PipelineKind {
     pub fn flow_matching(self) -> bool {
         match self {
             PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl => false,
-            PipelineKind::StableDiffusion3 => true,
+            PipelineKind::StableDiffusion3 | PipelineKind::Flux => true,
+        }
+    }
+
+    /// diffusers' default `num_inference_steps`.
+    pub fn default_steps(self) -> u32 {
+        match self {
+            PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl => 50,
+            PipelineKind::StableDiffusion3 | PipelineKind::Flux => 28,
+        }
+    }
+
+    /// diffusers' default `guidance_scale` (FLUX.1-dev: the embedded guidance value; schnell
+    /// has no guidance embedding and ignores it).
+    pub fn default_guidance_scale(self) -> f64 {
+        match self {
+            PipelineKind::StableDiffusion => 7.5,
+            PipelineKind::StableDiffusionXl => 5.0,
+            PipelineKind::StableDiffusion3 => 7.0,
+            PipelineKind::Flux => 3.5,
+        }
+    }
+
+    /// diffusers' default `max_sequence_length` (T5 tokens), for the kinds with a T5 encoder.
+    pub fn default_max_sequence_length(self) -> Option<u32> {
+        match self {
+            PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl => None,
+            PipelineKind::StableDiffusion3 => Some(256),
+            PipelineKind::Flux => Some(512),
         }
     }
 
@@ -107,16 +139,30 @@ impl PipelineKind {
             PipelineKind::StableDiffusionXl => &[],
             // diffusers' `text_encoder_3=None`: zeros in T5's place.
             PipelineKind::StableDiffusion3 => &["text_encoder_3"],
+            // FluxPipeline has no path without T5.
+            PipelineKind::Flux => &[],
         }
     }
 
-    /// `run` keys only this kind reads (elsewhere they are warned about as ignored).
+    /// `run` keys only some kinds read (elsewhere they are warned about as ignored); the keys
+    /// every kind reads (`prompt`, `negative_prompt`, `steps`, `guidance_scale`, ...) are not
+    /// listed.
     pub fn own_run_keys(self) -> &'static [&'static str] {
         match self {
-            PipelineKind::StableDiffusion => &[],
-            PipelineKind::StableDiffusionXl => &["prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"],
-            PipelineKind::StableDiffusion3 => &["prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length"],
+            PipelineKind::StableDiffusion => &["clip_skip"],
+            PipelineKind::StableDiffusionXl => &["prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "clip_skip"],
+            PipelineKind::StableDiffusion3 => &["prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "max_sequence_length", "clip_skip"],
+            // FluxPipeline's `__call__` has no `clip_skip` (it reads CLIP's pooled output only).
+            PipelineKind::Flux => &["prompt_2", "negative_prompt_2", "max_sequence_length", "true_cfg_scale"],
         }
+    }
+}
+
+impl Run {
+    /// FLUX: diffusers' `do_true_cfg`, `true_cfg_scale > 1` with a `negative_prompt` (an empty
+    /// one counts; `negative_prompt_2` alone does not): two transformer passes per step.
+    pub fn true_cfg(&self) -> bool {
+        self.true_cfg_scale.unwrap_or(1.0) > 1.0 && self.negative_prompt.is_some()
     }
 }
 
@@ -288,10 +334,11 @@ pub struct Run {
     pub prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
-    /// SDXL, SD3: prompt for the second text encoder (default: `prompt`).
+    /// SDXL, SD3: prompt for the second text encoder; FLUX: for T5 (default: `prompt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_2: Option<String>,
-    /// SDXL, SD3: negative prompt for the second text encoder (default: `negative_prompt`).
+    /// SDXL, SD3: negative prompt for the second text encoder; FLUX: for T5 (default:
+    /// `negative_prompt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt_2: Option<String>,
     /// SD3: prompt for the T5 text encoder (default: `prompt`).
@@ -300,7 +347,8 @@ pub struct Run {
     /// SD3: negative prompt for the T5 text encoder (default: `negative_prompt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt_3: Option<String>,
-    /// SD3: T5 tokens the prompt is padded or truncated to (diffusers' default 256, at most 512).
+    /// SD3, FLUX: T5 tokens the prompt is padded or truncated to (diffusers' default 256 for SD3,
+    /// 512 for FLUX; at most 512).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 512))]
     pub max_sequence_length: Option<u32>,
@@ -309,9 +357,17 @@ pub struct Run {
     #[schemars(range(min = 1, max = 1000))]
     pub steps: Option<u32>,
     /// Classifier-free guidance scale; values <= 1 turn guidance (and the negative pass) off.
+    /// FLUX.1-dev: the guidance value embedded in the transformer (distilled guidance, default
+    /// 3.5; one pass whatever its value); FLUX.1-schnell has no guidance embedding and ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub guidance_scale: Option<f64>,
+    /// FLUX: diffusers' `true_cfg_scale` (default 1.0): above 1 and with a `negative_prompt`, two
+    /// transformer passes per step (the prompt's and the negative prompt's, each of batch 1),
+    /// combined as classifier-free guidance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub true_cfg_scale: Option<f64>,
     /// Seed of the CPU generator that draws the initial latents, as `torch.Generator("cpu").manual_seed(seed)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]

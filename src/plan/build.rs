@@ -38,21 +38,26 @@ pub fn inventory(m: &LoadedManifest, opts: &BuildOptions) -> Result<Inventory, I
     }
 }
 
-/// What the working-memory estimate needs of component `name`'s config in a `kind` pipeline.
-fn dims(kind: PipelineKind, configs: &Configs, name: &str) -> Dims {
+/// What the working-memory estimate needs of component `name` (a `class`)'s config in a `kind`
+/// pipeline.
+fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str) -> Dims {
     let clip =
         |c: &crate::models::clip::ClipTextConfig| Dims::Clip { hidden: c.hidden_size as u64, intermediate: c.intermediate_size as u64, layers: c.num_hidden_layers as u64, tokens: 77, guided: true };
+    let t5 = |t: &crate::models::t5::T5Config| Dims::T5 { d_model: t.d_model as u64, d_ff: t.d_ff as u64, heads: t.num_heads as u64, d_kv: t.d_kv as u64 };
+    // The T5 encoder by its class: SD3's `text_encoder_3`, FLUX's `text_encoder_2`.
+    if class == "T5EncoderModel" {
+        return configs.t5.as_ref().map_or(Dims::None, t5);
+    }
     match name {
         "unet" => configs.unet.as_ref().map_or(Dims::None, |u| Dims::UNet { c0: u.block_out_channels[0] as u64, attention_first: u.down_block_types[0].starts_with("CrossAttn") }),
-        // SD3's pipeline decodes at the VAE's own dtype: its config's force_upcast (true in the
-        // SD3 repos) is never applied.
-        "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast && kind != PipelineKind::StableDiffusion3 },
-        "transformer" => configs.transformer.as_ref().map_or(Dims::None, |t| Dims::Sd3Transformer {
-            hidden: (t.num_attention_heads * t.attention_head_dim) as u64,
-            patch: t.patch_size as u64,
-            joint: t.joint_attention_dim as u64,
-        }),
-        "text_encoder_3" => configs.text_encoder_3.as_ref().map_or(Dims::None, |t| Dims::T5 { d_model: t.d_model as u64, d_ff: t.d_ff as u64, heads: t.num_heads as u64, d_kv: t.d_kv as u64 }),
+        // SD3's and FLUX's pipelines decode at the VAE's own dtype: their configs' force_upcast
+        // (true in the SD3 and FLUX repos) is never applied.
+        "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast && !kind.flow_matching() },
+        "transformer" => match (&configs.transformer, &configs.flux_transformer) {
+            (Some(t), _) => Dims::Sd3Transformer { hidden: (t.num_attention_heads * t.attention_head_dim) as u64, patch: t.patch_size as u64, joint: t.joint_attention_dim as u64 },
+            (_, Some(t)) => Dims::FluxTransformer { hidden: t.inner_dim() as u64, head_dim: t.attention_head_dim as u64, joint: t.joint_attention_dim as u64 },
+            _ => Dims::None,
+        },
         "text_encoder" => clip(&configs.text_encoder),
         "text_encoder_2" => configs.text_encoder_2.as_ref().map_or(Dims::None, clip),
         "safety_checker" => configs.safety_checker.as_ref().map_or(Dims::None, |s| {
@@ -94,7 +99,7 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
                 modules::build(&c.class, up_block_types, &tensors)
             };
             let tree = tree_at(dtype);
-            let dims = dims(kind, configs, &c.name);
+            let dims = dims(kind, configs, &c.name, &c.class);
             ComponentInput {
                 name: c.name.clone(),
                 class: c.class.clone(),

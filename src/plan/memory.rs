@@ -28,16 +28,17 @@
 //! fp32; tools/measure_working_memory.py via scripts/gpu-check.sh): every estimate lies
 //! between +0% and +17% above the measured peak (see BENCHMARKS.md).
 //!
-//! SD3's transformer and T5 encoder (below, [`sd3_transformer_bytes`], [`t5_bytes`]) are counted
-//! from first principles instead: the tensors alive at the peak of one block's forward pass as
-//! diffusers and transformers write it, times 5/4 for the caching allocator. They are **not yet
-//! fitted to GPU measurements**.
+//! SD3's and FLUX's transformers and the T5 encoder (below, [`sd3_transformer_bytes`],
+//! [`flux_transformer_bytes`], [`t5_bytes`]) are counted from first principles instead: the
+//! tensors alive at the peak of one block's forward pass as diffusers and transformers write it,
+//! times 5/4 for the caching allocator. They are **not yet fitted to GPU measurements**.
 
 use serde::Serialize;
 
 use crate::manifest::{Dtype, Offload};
 
-/// diffusers' default `max_sequence_length` (SD3's T5 tokens).
+/// diffusers' default `max_sequence_length` for SD3's T5 tokens (FLUX's is 512: see
+/// [`crate::manifest::PipelineKind::default_max_sequence_length`]).
 pub const DEFAULT_MAX_SEQUENCE_LENGTH: u64 = 256;
 
 /// The shape of the job, for working-memory estimates.
@@ -46,9 +47,11 @@ pub struct RunShape {
     pub width: u64,
     pub height: u64,
     pub batch: u64,
+    /// Classifier-free guidance: a negative prompt encoded too, and (UNet, SD3) the denoiser's
+    /// batch doubled. FLUX: true CFG, whose second pass runs after the first, batch unchanged.
     pub guidance: bool,
-    /// SD3: the T5 tokens (`run.max_sequence_length`, diffusers' default 256); the transformer
-    /// sees 77 CLIP tokens plus these.
+    /// SD3, FLUX: the T5 tokens (`run.max_sequence_length`, diffusers' default 256 for SD3, 512
+    /// for FLUX); SD3's transformer sees 77 CLIP tokens plus these, FLUX's these alone.
     pub max_sequence_length: u64,
 }
 
@@ -79,6 +82,13 @@ pub enum Dims {
     Sd3Transformer {
         hidden: u64,
         patch: u64,
+        joint: u64,
+    },
+    /// FLUX's transformer (`FluxTransformer2DModel`): `hidden` = heads x head_dim, `head_dim`
+    /// (the rotary embedding's width) and the T5 states' width (`joint_attention_dim`).
+    FluxTransformer {
+        hidden: u64,
+        head_dim: u64,
         joint: u64,
     },
     /// A T5 encoder (`T5EncoderModel`): `d_model`, `d_ff`, heads x `d_kv`.
@@ -120,7 +130,41 @@ pub fn sd3_transformer_bytes(hidden: u64, patch: u64, joint: u64, e: u64, shape:
     b * e * (block + around) * 5 / 4
 }
 
-/// SD3's T5 encoder (transformers' `T5EncoderModel`, eager attention): `L` =
+/// FLUX's transformer (`FluxTransformer2DModel`: 19 `FluxTransformerBlock`s, then 38
+/// `FluxSingleTransformerBlock`s over the joint sequence; `FluxAttnProcessor`, SDPA). `b` =
+/// batch images: true CFG runs the negative prompt as a second pass of the same batch, after the
+/// first, so it adds no activations. `ni = (H/16) x (W/16)` image tokens (2x2 packed latent
+/// patches), `nt = max_sequence_length` T5 tokens (CLIP gives only the pooled vector), `n = ni +
+/// nt`, `d` = heads x head_dim, `e` bytes per element. The rotary embedding (diffusers'
+/// `apply_rotary_emb`, on q and k over the joint sequence) computes in fp32: while it rotates
+/// one of them it holds its rotated copy and output (`2n` at `e`) and two fp32 products (`2n`
+/// at 4 bytes): `R = n d (2e + 8)` bytes. In units of `b x d x e`, a block holds at its peak
+/// - double block, attention: its inputs (`n`, held by the caller), the modulated norms (`n`),
+///   q, k, v concatenated over both streams (`3n`) and the text stream's own (`3 nt`, still
+///   referenced), plus `R` (the SDPA and output phase after it, `7n + 3nt` as SD3's, is less);
+/// - double block, image MLP: as SD3's, `12 ni + 3 nt` (MLP ratio 4: the projection and its GELU);
+/// - single block: the caller's streams and their concatenation (`2n`), the modulated norm
+///   (`n`), the MLP branch (`4n`), q, k, v (`3n`) plus `R`; then at `proj_out` the attention
+///   output (`n`), the concatenation of it and the MLP (`5n`), the projection and its gated
+///   product (`2n`): `15n` with the above, less the q, k, v freed;
+///
+/// plus, across the loop, the T5 states (`nt x joint`), the AdaLN vectors (`12 d`) and the
+/// rotary tables (cos and sin, `n x head_dim` in fp32). Times 5/4 for the caching allocator;
+/// not yet fitted to GPU measurements.
+pub fn flux_transformer_bytes(hidden: u64, head_dim: u64, joint: u64, e: u64, shape: &RunShape) -> u64 {
+    let b = shape.batch;
+    let ni = (shape.height / 16) * (shape.width / 16);
+    let nt = shape.max_sequence_length;
+    let n = ni + nt;
+    let rotary = n * hidden * (2 * e + 8);
+    let double = (hidden * e * (5 * n + 3 * nt) + rotary).max(hidden * e * (12 * ni + 3 * nt));
+    let single = (hidden * e * 10 * n + rotary).max(hidden * e * 15 * n);
+    let around = e * (nt * joint + 12 * hidden) + 2 * n * head_dim * 4;
+    b * (double.max(single) + around) * 5 / 4
+}
+
+/// The T5 encoder (transformers' `T5EncoderModel`, eager attention; SD3's `text_encoder_3`,
+/// FLUX's `text_encoder_2`): `L` =
 /// max_sequence_length tokens, `b` prompts (x2 under guidance: diffusers encodes the negative
 /// prompt in a second pass, so this also covers the first pass's output held meanwhile),
 /// `inner` = heads x d_kv. Per prompt, one block holds at its peak the larger of
@@ -168,6 +212,7 @@ pub fn working_bytes(dims: &Dims, dtype: Dtype, shape: &RunShape) -> u64 {
             b * tokens * e * ((layers + 1) * hidden + 4 * hidden + intermediate) * 5 / 4
         }
         Dims::Sd3Transformer { hidden, patch, joint } => sd3_transformer_bytes(hidden, patch, joint, e, shape),
+        Dims::FluxTransformer { hidden, head_dim, joint } => flux_transformer_bytes(hidden, head_dim, joint, e, shape),
         Dims::T5 { d_model, d_ff, heads, d_kv } => t5_bytes(d_model, d_ff, heads, d_kv, dtype, shape),
         Dims::None => 0,
     }
@@ -229,6 +274,22 @@ mod tests {
         let l = 256;
         let per_prompt = l * (2 * (2 * 4096 + 3 * 10240) + 4 * (10240 + 4096)) + l * 4096 * 2;
         assert_eq!(fp16, (2 * per_prompt + 64 * l * l * 2) * 5 / 4);
+
+        // FLUX.1-dev at 1024x1024 in bf16: 4096 image tokens + 512 T5 tokens; the single
+        // block's rotary phase (10n at e + n d (2e + 8)) beats its proj_out phase (15n) and the
+        // double block; true CFG (`guidance`) is a second pass, not a larger batch.
+        let flux = Dims::FluxTransformer { hidden: 3072, head_dim: 128, joint: 4096 };
+        let fs = RunShape { max_sequence_length: 512, guidance: false, ..s };
+        let n = 4096 + 512;
+        let want = (3072 * 2 * 10 * n + n * 3072 * (2 * 2 + 8) + 2 * (512 * 4096 + 12 * 3072) + 2 * n * 128 * 4) * 5 / 4;
+        assert_eq!(working_bytes(&flux, Dtype::Bf16, &fs), want);
+        assert!((500_000_000..700_000_000).contains(&want), "{want}");
+        assert_eq!(working_bytes(&flux, Dtype::Bf16, &RunShape { guidance: true, ..fs }), want, "true CFG: two passes of batch 1");
+        assert_eq!(working_bytes(&flux, Dtype::Bf16, &RunShape { batch: 2, ..fs }), 2 * want);
+        assert!(working_bytes(&flux, Dtype::Bf16, &RunShape { max_sequence_length: 256, ..fs }) < want);
+        // In fp32 the rotary products are no wider than the rest: the proj_out phase (15n) leads.
+        let fp32 = working_bytes(&flux, Dtype::Fp32, &fs);
+        assert_eq!(fp32, (3072 * 4 * 15 * n + 4 * (512 * 4096 + 12 * 3072) + 2 * n * 128 * 4) * 5 / 4);
 
         // SD3's VAE is never upcast: the pipeline passes force_upcast = false.
         let vae = Dims::Vae { c0: 128, force_upcast: false };

@@ -15,9 +15,10 @@
 //!   records only the last one), runner tries the other GPUs first, then the overflow policy,
 //!   and notes every overflow; with `overflow = "cpu"` it gives diffusers' map exactly.
 //! - `sequential`: components in execution order fill GPUs in order, never going back.
-//! - `auto`: each component whole on the first GPU with room; a UNet, SD3 transformer or T5
-//!   encoder that fits no single GPU is split at its no-split boundaries (`_no_split_modules`:
-//!   UNet blocks, `JointTransformerBlock`s, `T5Block`s) across the GPUs, in execution order (with
+//! - `auto`: each component whole on the first GPU with room; a UNet, SD3 or FLUX transformer or
+//!   T5 encoder that fits no single GPU is split at its no-split boundaries (`_no_split_modules`:
+//!   UNet blocks, `JointTransformerBlock`s, `FluxTransformerBlock`s and
+//!   `FluxSingleTransformerBlock`s, `T5Block`s) across the GPUs, in execution order (with
 //!   `overflow = "cpu"`, across the GPUs and then the CPU, as accelerate's
 //!   `infer_auto_device_map`).
 //!
@@ -102,7 +103,8 @@ pub struct PlanInput {
 /// The model classes whose blocks runner knows, so that `sequential` and `group` offload can
 /// stream them (others are loaded whole: `none` or `model` offload). Streaming needs every
 /// weight-holding module of the model to announce its path to the offload hooks.
-pub const STREAMABLE_CLASSES: [&str; 6] = ["UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection", "AutoencoderKL", "SD3Transformer2DModel", "T5EncoderModel"];
+pub const STREAMABLE_CLASSES: [&str; 7] =
+    ["UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection", "AutoencoderKL", "SD3Transformer2DModel", "FluxTransformer2DModel", "T5EncoderModel"];
 
 pub fn streamable(class: &str) -> bool {
     STREAMABLE_CLASSES.contains(&class)

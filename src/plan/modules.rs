@@ -8,8 +8,9 @@
 //! The classes runner splits ([`SPLITTABLE_CLASSES`]) and their no-split units (their
 //! `_no_split_modules`): `UNet2DConditionModel` (BasicTransformerBlock, ResnetBlock2D,
 //! CrossAttnUpBlock2D, UpBlock2D), `SD3Transformer2DModel` (`transformer_blocks.{i}`,
-//! JointTransformerBlock) and `T5EncoderModel` (`encoder.block.{i}`, T5Block); other components
-//! are one unit (placed whole). Everything is linear in the number of tensors plus a sort.
+//! JointTransformerBlock), `FluxTransformer2DModel` (`transformer_blocks.{i}`,
+//! FluxTransformerBlock; `single_transformer_blocks.{i}`, FluxSingleTransformerBlock) and
+//! `T5EncoderModel` (`encoder.block.{i}`, T5Block); other components are one unit (placed whole). Everything is linear in the number of tensors plus a sort.
 
 use std::collections::HashMap;
 
@@ -54,7 +55,7 @@ fn is_index(s: &str) -> bool {
 
 /// The classes whose module trees are split into no-split units, so that `auto` may split them
 /// across devices.
-pub const SPLITTABLE_CLASSES: [&str; 3] = ["UNet2DConditionModel", "SD3Transformer2DModel", "T5EncoderModel"];
+pub const SPLITTABLE_CLASSES: [&str; 4] = ["UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "T5EncoderModel"];
 
 /// The no-split unit (prefix length, class) enclosing a module path of a `class` model, for the
 /// [`SPLITTABLE_CLASSES`].
@@ -63,6 +64,12 @@ fn no_split_unit(class: &str, segs: &[&str], up_block_types: &[String]) -> Optio
         "UNet2DConditionModel" => unet_unit(segs, up_block_types),
         // diffusers' `SD3Transformer2DModel._no_split_modules`: one joint block each.
         "SD3Transformer2DModel" => (segs.len() >= 2 && segs[0] == "transformer_blocks" && is_index(segs[1])).then_some((2, "JointTransformerBlock")),
+        // diffusers' `FluxTransformer2DModel._no_split_modules`: one double or single block each.
+        "FluxTransformer2DModel" => match segs {
+            ["transformer_blocks", i, ..] if is_index(i) => Some((2, "FluxTransformerBlock")),
+            ["single_transformer_blocks", i, ..] if is_index(i) => Some((2, "FluxSingleTransformerBlock")),
+            _ => None,
+        },
         // transformers' `T5EncoderModel._no_split_modules`.
         "T5EncoderModel" => (segs.len() >= 3 && segs[0] == "encoder" && segs[1] == "block" && is_index(segs[2])).then_some((3, "T5Block")),
         _ => None,
@@ -93,7 +100,8 @@ fn unet_unit(segs: &[&str], up_block_types: &[String]) -> Option<(usize, &'stati
 }
 
 /// The offload group of a module path: one block of a block list (`down_blocks.1`,
-/// `text_model.encoder.layers.3`, SD3's `transformer_blocks.7`, T5's `encoder.block.5`), else
+/// `text_model.encoder.layers.3`, SD3's and FLUX's `transformer_blocks.7`, FLUX's
+/// `single_transformer_blocks.20`, T5's `encoder.block.5`), else
 /// the first module below wrapper modules (`mid_block`, `text_model.embeddings`,
 /// `encoder.conv_in`).
 fn group_of(segs: &[&str]) -> usize {
@@ -104,7 +112,7 @@ fn group_of(segs: &[&str]) -> usize {
     }
     // Top-level block lists only: a UNet's `mid_block.attentions.0.transformer_blocks.0` stays
     // in its `mid_block` group.
-    if segs.len() >= 2 && segs[0] == "transformer_blocks" && is_index(segs[1]) {
+    if segs.len() >= 2 && matches!(segs[0], "transformer_blocks" | "single_transformer_blocks") && is_index(segs[1]) {
         return 2;
     }
     if segs.len() >= 3 && segs[0] == "encoder" && segs[1] == "block" && is_index(segs[2]) {
@@ -130,7 +138,9 @@ pub fn sort_in_execution_order(paths: &mut [String]) {
 /// Execution-order sort key of a module path (UNet2DConditionModel's forward: embeddings, down
 /// blocks with resnets and attentions interleaved, mid block, up blocks, output;
 /// SD3Transformer2DModel's: pos_embed, time_text_embed, context_embedder, transformer_blocks,
-/// norm_out, proj_out; T5EncoderModel's: shared, encoder.block, encoder.final_layer_norm).
+/// norm_out, proj_out; FluxTransformer2DModel's: x_embedder, time_text_embed (timestep,
+/// guidance, text), context_embedder, transformer_blocks, single_transformer_blocks, norm_out,
+/// proj_out; T5EncoderModel's: shared, encoder.block, encoder.final_layer_norm).
 /// Unknown names sort after known ones, alphabetically; indices numerically.
 fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
     let segs: Vec<&str> = if path.is_empty() { vec![] } else { path.split('.').collect() };
@@ -157,12 +167,14 @@ fn exec_key(path: &str) -> Vec<(u32, u64, String)> {
         } else {
             // Only siblings are compared: ranks order the children of one module.
             let rank = match s {
-                "conv_in" | "norm" | "embeddings" | "pos_embed" | "shared" => 0,
+                "conv_in" | "norm" | "embeddings" | "pos_embed" | "shared" | "x_embedder" => 0,
                 "time_proj" | "proj_in" | "timestep_embedder" => 10,
-                "text_embedder" => 11,
+                // FLUX: guidance before text (ties sort by name).
+                "guidance_embedder" | "text_embedder" => 11,
                 "time_text_embed" => 12,
                 "context_embedder" => 15,
                 "time_embedding" | "transformer_blocks" => 20,
+                "single_transformer_blocks" => 21,
                 "norm_out" => 25,
                 "class_embedding" | "proj_out" => 30,
                 "add_time_proj" => 40,
@@ -420,6 +432,59 @@ mod tests {
         assert_eq!(groups, ["shared", "encoder.block.0", "encoder.block.2", "encoder.block.11", "encoder.final_layer_norm"]);
         // Other transformers models stay one unit.
         assert_eq!(build("CLIPTextModelWithProjection", &[], &t(&["text_model.encoder.layers.0.mlp.fc1.weight", "text_projection.weight"])).units.len(), 1);
+    }
+
+    #[test]
+    fn flux_units_groups_and_order() {
+        let names = [
+            "proj_out.weight",
+            "single_transformer_blocks.10.proj_mlp.weight",
+            "single_transformer_blocks.2.attn.to_q.weight",
+            "single_transformer_blocks.2.norm.linear.weight",
+            "norm_out.linear.weight",
+            "transformer_blocks.1.ff_context.net.2.weight",
+            "transformer_blocks.0.attn.add_k_proj.weight",
+            "transformer_blocks.0.norm1.linear.weight",
+            "context_embedder.weight",
+            "time_text_embed.text_embedder.linear_1.weight",
+            "time_text_embed.guidance_embedder.linear_1.weight",
+            "time_text_embed.timestep_embedder.linear_1.weight",
+            "x_embedder.weight",
+        ];
+        let tree = build("FluxTransformer2DModel", &[], &t(&names));
+        let units: Vec<(&str, u64, Option<&str>)> = tree.units.iter().map(|u| (u.path.as_str(), u.bytes, u.class)).collect();
+        assert_eq!(
+            units,
+            [
+                ("x_embedder", 10, None),
+                ("time_text_embed.timestep_embedder.linear_1", 10, None),
+                ("time_text_embed.guidance_embedder.linear_1", 10, None),
+                ("time_text_embed.text_embedder.linear_1", 10, None),
+                ("context_embedder", 10, None),
+                ("transformer_blocks.0", 20, Some("FluxTransformerBlock")),
+                ("transformer_blocks.1", 10, Some("FluxTransformerBlock")),
+                ("single_transformer_blocks.2", 20, Some("FluxSingleTransformerBlock")),
+                ("single_transformer_blocks.10", 10, Some("FluxSingleTransformerBlock")),
+                ("norm_out.linear", 10, None),
+                ("proj_out", 10, None),
+            ]
+        );
+        let groups: Vec<&str> = tree.groups.iter().map(|g| g.0.as_str()).collect();
+        assert_eq!(
+            groups,
+            [
+                "x_embedder",
+                "time_text_embed",
+                "context_embedder",
+                "transformer_blocks.0",
+                "transformer_blocks.1",
+                "single_transformer_blocks.2",
+                "single_transformer_blocks.10",
+                "norm_out",
+                "proj_out"
+            ]
+        );
+        assert_eq!(group_path("single_transformer_blocks.7.attn.norm_q.weight"), "single_transformer_blocks.7");
     }
 
     #[test]

@@ -37,7 +37,7 @@ impl StableDiffusion3 {
     pub fn load(lx: &Loader) -> Result<Self, ExecError> {
         let c = lx.configs;
         let (te, te2, tr, va) = (lx.placed("text_encoder")?, lx.placed("text_encoder_2")?, lx.placed("transformer")?, lx.placed("vae")?);
-        let te3 = c.text_encoder_3.as_ref().map(|cfg| lx.placed("text_encoder_3").map(|l| (l, cfg))).transpose()?;
+        let te3 = c.t5.as_ref().map(|cfg| lx.placed("text_encoder_3").map(|l| (l, cfg))).transpose()?;
         let cfg2 = c.text_encoder_2.as_ref().ok_or_else(|| ExecError::Unsupported("the pipeline has no `text_encoder_2` config".into()))?;
         let tr_cfg = c.transformer.as_ref().ok_or_else(|| ExecError::Unsupported("the pipeline has no `transformer` config".into()))?;
         let (text_encoder, text_encoder_2, text_encoder_3, transformer, vae) = std::thread::scope(|s| {
