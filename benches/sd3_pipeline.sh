@@ -49,33 +49,13 @@ for round in $(seq "$ROUNDS"); do
   if (( round % 2 )); then order="runner diffusers"; else order="diffusers runner"; fi
   for side in $order; do
     if [[ $side == runner ]]; then
-      python3 - "$M" <<'PYEOF'
-import json, resource, subprocess, sys, time
-cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))
-s, c = time.perf_counter(), cpu()
-j = subprocess.run(["target/release/runner", "run", sys.argv[1], "--json", "--quiet"], check=True, capture_output=True, text=True).stdout
-wall, cpu_s = time.perf_counter() - s, cpu() - c
-t = json.loads(j)["timings"]
-print(json.dumps({"impl": "runner", "call_s": round(t["encode_s"] + t["denoise_s"] + t["decode_s"], 4), "wall_s": round(wall, 4), "cpu_s": round(cpu_s, 4), "timings": t}))
-PYEOF
+      python3 benches/time_runner.py "$M"
     else
       $PY benches/sd3_pipeline_py.py tests/fixtures/tiny-sd3 "$ITERS" "$MSL" "$DIR/tiny-sd3-msl$MSL-diffusers.png" 2>/dev/null
     fi | tee -a "$out"
   done
 done
-python3 - "$out" <<'PYEOF'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-r = [x for x in rows if x["impl"] == "runner"]
-d = [x for x in rows if x["impl"] == "diffusers"]
-rc, rw = [x["call_s"] for x in r], [x["wall_s"] for x in r]
-dc, dw = [t for x in d for t in x["times_s"]], [x["process_to_image_s"] for x in d]
-ru, du = [x["cpu_s"] for x in r], [x["process_to_image_cpu_s"] for x in d]
-med = statistics.median
-print(f"in-process call   runner median {med(rc):.3f} s min {min(rc):.3f} s | diffusers median {med(dc):.3f} s min {min(dc):.3f} s | ratio median {med(rc) / med(dc):.2f} min {min(rc) / min(dc):.2f}")
-print(f"whole process     runner median {med(rw):.3f} s min {min(rw):.3f} s | diffusers median {med(dw):.3f} s min {min(dw):.3f} s | ratio median {med(rw) / med(dw):.2f} min {min(rw) / min(dw):.2f}")
-print(f"whole process CPU runner median {med(ru):.3f} s min {min(ru):.3f} s | diffusers median {med(du):.3f} s min {min(du):.3f} s | ratio median {med(ru) / med(du):.2f} min {min(ru) / min(du):.2f}")
-PYEOF
+python3 benches/summary.py pipeline "$out"
 rm -f "$out"
 # Same work on both sides: the two images (uint8 PNGs) should agree.
 $PY -c 'import sys, numpy as np; from PIL import Image; a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in sys.argv[1:]); print(f"images: max |runner - diffusers| = {np.abs(a - b).max()} / 255")' "$DIR/tiny-sd3-msl$MSL-runner.png" "$DIR/tiny-sd3-msl$MSL-diffusers.png"

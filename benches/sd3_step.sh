@@ -37,16 +37,6 @@ for case in "tests/fixtures/tiny-sd3/transformer 8 2 333 20" "$MID 64 2 333 3"; 
       if [[ $side == runner ]]; then "$BIN" "$@"; else $PY benches/sd3_step_py.py "$@" 2>/dev/null; fi | tee -a "$out"
     done
   done
-  python3 - "$out" <<'PYEOF'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-for what, key in (("wall", "times_s"), ("CPU", "cpu_times_s")):
-    s = {}
-    for side in ("runner", "diffusers"):
-        t = [x for r in rows if r["impl"] == side for x in r[key]]
-        s[side] = (statistics.median(t), min(t))
-        print(f"{what:4} {side:9}  median {s[side][0]:.4f} s  min {s[side][1]:.4f} s  ({len(t)} forwards)")
-    print(f"{what:4} ratio runner/diffusers: median {s['runner'][0] / s['diffusers'][0]:.2f}, min {s['runner'][1] / s['diffusers'][1]:.2f}")
-PYEOF
+  python3 benches/summary.py step "$out"
   rm -f "$out"
 done

@@ -15,6 +15,7 @@ use crate::checkpoint::load::Mapped;
 use crate::device::Device;
 use crate::manifest::{Dtype, LoadedManifest, Offload};
 use crate::models::clip::ClipTextConfig;
+use crate::models::flux_transformer::{FluxTransformer2DConfig, FluxTransformer2DModel};
 use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
 use crate::models::t5::T5Config;
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -89,7 +90,7 @@ pub(crate) fn load_vae(l: &Loaded, kind: Kind, cfg: AutoencoderKLConfig) -> Resu
 
 /// The models whose blocks move their inputs to their own weights' device, so that they run
 /// split across devices.
-pub(crate) const SPLIT_RUNNABLE: [&str; 3] = ["UNet2DConditionModel", "SD3Transformer2DModel", "T5EncoderModel"];
+pub(crate) const SPLIT_RUNNABLE: [&str; 4] = ["UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "T5EncoderModel"];
 
 pub(crate) fn check_split(name: &str, class: &str, split: bool) -> Result<(), ExecError> {
     if split && !SPLIT_RUNNABLE.contains(&class) {
@@ -178,6 +179,11 @@ impl<'a> Loader<'a> {
     pub fn sd3_transformer(&self, l: &Loaded, cfg: &SD3Transformer2DConfig) -> Result<SD3Transformer2DModel, ExecError> {
         self.track_whole("transformer", l)
             .run(|| placed_build(l, SD3Transformer2DModel::varstore, |d| SD3Transformer2DModel::load(cfg, ck_of(l), d, l.kind).map_err(|e| ExecError::Text(e.to_string()))))
+    }
+
+    pub fn flux_transformer(&self, l: &Loaded, cfg: &FluxTransformer2DConfig) -> Result<FluxTransformer2DModel, ExecError> {
+        self.track_whole("transformer", l)
+            .run(|| placed_build(l, FluxTransformer2DModel::varstore, |d| FluxTransformer2DModel::load(cfg, ck_of(l), d, l.kind).map_err(|e| ExecError::Text(e.to_string()))))
     }
 
     pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {

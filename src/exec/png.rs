@@ -86,6 +86,9 @@ pub struct ImageMeta {
     pub negative_prompt_3: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<usize>,
+    /// FLUX's true classifier-free guidance scale, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub true_cfg_scale: Option<f64>,
     /// The generator's seed (the batch's: its images come from one draw), or none with `latents`.
     pub seed: Option<u64>,
     /// This image's place in its batch (`run.batch`); the batch's other images share the seed.

@@ -138,6 +138,7 @@ impl Session<'_> {
             prompt_3: g.prompt_3.clone(),
             negative_prompt_3: g.negative_prompt_3.clone(),
             max_sequence_length: g.max_sequence_length,
+            true_cfg_scale: g.true_cfg_scale,
             seed: if latents.is_some() { None } else { Some(self.seed) },
             batch_index: 0,
             batch_size: self.outputs.len(),

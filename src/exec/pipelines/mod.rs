@@ -5,6 +5,7 @@
 //! progress, dumps), the decode with the safety checker. A new kind is a new file here plus its
 //! models, and one arm in [`load`].
 
+mod flux;
 mod stable_diffusion;
 mod stable_diffusion_3;
 mod stable_diffusion_xl;
@@ -41,8 +42,7 @@ pub(crate) fn load(kind: PipelineKind, lx: &Loader) -> Result<Box<dyn Pipeline>,
         PipelineKind::StableDiffusion => Box::new(stable_diffusion::StableDiffusion::load(lx)?),
         PipelineKind::StableDiffusionXl => Box::new(stable_diffusion_xl::StableDiffusionXl::load(lx)?),
         PipelineKind::StableDiffusion3 => Box::new(stable_diffusion_3::StableDiffusion3::load(lx)?),
-        // Placeholder so that the planner's branch builds: the executor's branch replaces it.
-        PipelineKind::Flux => return Err(ExecError::Unsupported("`flux` pipelines validate and plan, but this build cannot run them yet".into())),
+        PipelineKind::Flux => Box::new(flux::Flux::load(lx)?),
     })
 }
 
@@ -70,6 +70,8 @@ pub(crate) struct Generated {
     pub prompt_3: Option<String>,
     pub negative_prompt_3: Option<String>,
     pub max_sequence_length: Option<usize>,
+    /// FLUX's true classifier-free guidance scale, when it ran (two passes per step).
+    pub true_cfg_scale: Option<f64>,
 }
 
 /// A device and dtype a component runs at.
@@ -151,37 +153,63 @@ impl Call<'_> {
         self.scheduler_for(steps, Some(image_seq_len))
     }
 
+    /// [`Self::flow_match_scheduler`] with the pipeline's own sigmas (FluxPipeline:
+    /// `set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu)`).
+    pub fn flow_match_scheduler_sigmas(&self, sigmas: &[f64], image_seq_len: usize) -> Result<(Box<dyn Scheduler>, serde_json::Value), ExecError> {
+        let (cfg, mu, err) = self.scheduler_config(Some(image_seq_len))?;
+        let scheduler = crate::schedulers::build_with_sigmas(&cfg, self.m.manifest.pipeline.scheduler, sigmas, mu).map_err(err)?;
+        Ok((scheduler, cfg))
+    }
+
     fn scheduler_for(&self, steps: usize, image_seq_len: Option<usize>) -> Result<(Box<dyn Scheduler>, serde_json::Value), ExecError> {
-        let path = self.pipeline.root.join("scheduler").join("scheduler_config.json");
-        let err = |e: crate::schedulers::SchedulerError| ExecError::Scheduler(format!("`{}`: {e}", path.display()));
-        let text = std::fs::read_to_string(&path).map_err(|source| ExecError::Io { what: "cannot read", path: path.clone(), source })?;
-        let cfg = crate::schedulers::parse_config(&text).map_err(err)?;
-        let mu = match image_seq_len {
-            Some(n) => crate::schedulers::dynamic_shift_mu(&cfg, n).map_err(err)?,
-            None => None,
-        };
+        let (cfg, mu, err) = self.scheduler_config(image_seq_len)?;
         let scheduler = crate::schedulers::build_with_mu(&cfg, self.m.manifest.pipeline.scheduler, steps, mu).map_err(err)?;
         Ok((scheduler, cfg))
+    }
+
+    /// The folder's scheduler config, `mu` for `image_seq_len` tokens, and how its errors read.
+    #[allow(clippy::type_complexity)]
+    fn scheduler_config(&self, image_seq_len: Option<usize>) -> Result<(serde_json::Value, Option<f64>, impl Fn(crate::schedulers::SchedulerError) -> ExecError), ExecError> {
+        let path = self.pipeline.root.join("scheduler").join("scheduler_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ExecError::Io { what: "cannot read", path: path.clone(), source })?;
+        let err = move |e: crate::schedulers::SchedulerError| ExecError::Scheduler(format!("`{}`: {e}", path.display()));
+        let cfg = crate::schedulers::parse_config(&text).map_err(&err)?;
+        let mu = match image_seq_len {
+            Some(n) => crate::schedulers::dynamic_shift_mu(&cfg, n).map_err(&err)?,
+            None => None,
+        };
+        Ok((cfg, mu, err))
     }
 
     /// diffusers `prepare_latents`: `run.latents`, else randn of `shape` on a CPU generator seeded
     /// with the seed, drawn at `draw_kind` (the prompt embeddings' dtype), then on `to`'s device
     /// and dtype times the scheduler's `init_noise_sigma`. Dumps the noise and the schedule.
     pub fn prepare_latents(&mut self, shape: [i64; 4], draw_kind: Kind, scheduler: &dyn Scheduler, to: Dev) -> Result<Tensor, ExecError> {
-        let r = &self.m.manifest.run;
-        tch::manual_seed(self.seed as i64);
-        let init = match &r.latents {
-            Some(p) => text::load_latents(&self.m.resolve_path("run.latents", p), &shape)?,
-            None => Tensor::randn(shape, (draw_kind, tch::Device::Cpu)),
-        };
+        let init = self.initial_noise(shape, draw_kind)?;
         self.dump.push("latents.init", &init);
+        self.dump_schedule(scheduler);
+        Ok((init.to_device(to.device) * scheduler.init_noise_sigma()).to_kind(to.kind))
+    }
+
+    /// `run.latents`, else the seeded draw of [`Self::prepare_latents`], on the CPU at `draw_kind`.
+    pub fn initial_noise(&mut self, shape: [i64; 4], draw_kind: Kind) -> Result<Tensor, ExecError> {
+        match &self.m.manifest.run.latents {
+            Some(p) => text::load_latents(&self.m.resolve_path("run.latents", p), &shape),
+            None => {
+                tch::manual_seed(self.seed as i64);
+                Ok(Tensor::randn(shape, (draw_kind, tch::Device::Cpu)))
+            }
+        }
+    }
+
+    /// Dumps `scheduler.timesteps` and `scheduler.sigmas`.
+    pub fn dump_schedule(&mut self, scheduler: &dyn Scheduler) {
         if self.dump.on() {
             self.dump.push("scheduler.timesteps", &Tensor::from_slice(scheduler.timesteps()).to_kind(Kind::Float));
             if let Some(s) = scheduler.sigmas() {
                 self.dump.push("scheduler.sigmas", &Tensor::from_slice(s).to_kind(Kind::Float));
             }
         }
-        Ok((init.to_device(to.device) * scheduler.init_noise_sigma()).to_kind(to.kind))
     }
 
     /// The denoising loop around `step` (one call per timestep): a progress bar, a log line per

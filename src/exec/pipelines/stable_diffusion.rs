@@ -114,6 +114,7 @@ impl Pipeline for StableDiffusion {
             prompt_3: None,
             negative_prompt_3: None,
             max_sequence_length: None,
+            true_cfg_scale: None,
         })
     }
 }

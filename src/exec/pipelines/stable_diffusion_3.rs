@@ -191,6 +191,7 @@ impl Pipeline for StableDiffusion3 {
             prompt_3: r.prompt_3.clone(),
             negative_prompt_3: r.negative_prompt_3.clone(),
             max_sequence_length: Some(r.max_sequence_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |n| n as usize)),
+            true_cfg_scale: None,
         })
     }
 }

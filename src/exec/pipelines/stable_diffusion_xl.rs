@@ -174,6 +174,7 @@ impl Pipeline for StableDiffusionXl {
             prompt_3: None,
             negative_prompt_3: None,
             max_sequence_length: None,
+            true_cfg_scale: None,
         })
     }
 }

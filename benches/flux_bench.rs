@@ -1,0 +1,62 @@
+//! One FluxTransformer2DModel forward per iteration, timed (benches/flux_step.sh runs this beside
+//! diffusers on the same weights): wall time, and the process's CPU time (user + system, all
+//! threads), which a machine shared with other work disturbs less.
+//!   flux_bench TRANSFORMER_DIR LATENT_SIZE TEXT_TOKENS ITERS
+//! LATENT_SIZE is the VAE latent grid's side (image / 8): the transformer sees (side / 2)² tokens.
+
+use std::time::Instant;
+
+use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
+use runner::models::flux_transformer::{FluxTransformer2DConfig, FluxTransformer2DModel};
+use tch::{Device, Kind, Tensor};
+
+/// CPU time of the whole process, in seconds (`time.process_time()` on the Python side).
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// `{"median_s", "min_s", "times_s"}` fields, the times in run order.
+fn stats(prefix: &str, mut times: Vec<f64>) -> String {
+    let all = times.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(", ");
+    times.sort_by(|a, b| a.total_cmp(b));
+    format!("\"{prefix}median_s\": {:.4}, \"{prefix}min_s\": {:.4}, \"{prefix}times_s\": [{all}]", times[times.len() / 2], times[0])
+}
+
+fn main() {
+    runner::runtime::configure_allocator();
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let dir = std::path::Path::new(&a[0]);
+    let (size, tokens, iters): (i64, i64, usize) = (a[1].parse().unwrap(), a[2].parse().unwrap(), a[3].parse().unwrap());
+    let threads: i32 = std::env::var("BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(1);
+    tch::set_num_threads(threads);
+    let path = dir.join("config.json");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let config = FluxTransformer2DConfig::from_json(&cfg, &path).unwrap();
+    let ck = Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap();
+    let model = FluxTransformer2DModel::load(&config, &ck, Device::Cpu, Kind::Float).unwrap();
+    tch::manual_seed(0);
+    let opts = (Kind::Float, Device::Cpu);
+    let side = size / 2;
+    let x = Tensor::randn([1, side * side, config.in_channels], opts);
+    let t = Tensor::full([1], 0.5, opts);
+    let guidance = config.guidance_embeds.then(|| Tensor::full([1], 3.5, opts));
+    let ctx = Tensor::randn([1, tokens, config.joint_attention_dim], opts);
+    let pooled = Tensor::randn([1, config.pooled_projection_dim], opts);
+    let txt_ids = Tensor::zeros([tokens, 3], opts);
+    let rows = Tensor::arange(side, opts).view([side, 1]).expand([side, side], false);
+    let cols = Tensor::arange(side, opts).view([1, side]).expand([side, side], false);
+    let img_ids = Tensor::stack(&[Tensor::zeros([side, side], opts), rows, cols], -1).reshape([side * side, 3]);
+    let run = || tch::no_grad(|| model.forward(&x, &ctx, &pooled, &t, guidance.as_ref(), &txt_ids, &img_ids)).unwrap();
+    let _ = run(); // warm-up
+    let (mut wall, mut cpu) = (vec![], vec![]);
+    for _ in 0..iters {
+        let (s, c) = (Instant::now(), process_cpu_s());
+        let _ = run();
+        wall.push(s.elapsed().as_secs_f64());
+        cpu.push(process_cpu_s() - c);
+    }
+    println!("{{\"impl\": \"runner\", {}, {}, \"threads\": {threads}}}", stats("", wall), stats("cpu_", cpu));
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Tiny FLUX.1-dev end to end on the CPU, runner vs diffusers, same folder (tests/fixtures/tiny-flux-dev),
+# fp32, 64x64, 28 steps, guidance 3.5 (embedded), seed 0, one thread each, ROUNDS rounds interleaved
+# (which side goes first alternates); timed as benches/sd3_pipeline.sh times SD3 (runner: a fresh
+# `runner run --json` process per round; diffusers: one warm-up call, then ITERS timed calls).
+#   benches/flux_pipeline.sh [ROUNDS] [PY]    (ITERS, default 2; BENCH_THREADS, default 1;
+#   MSL, T5's max_sequence_length, default 512 as in diffusers' FluxPipeline)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+PY=${2:-.venv-fixtures/bin/python}
+ITERS=${ITERS:-2}
+MSL=${MSL:-512}
+export BENCH_THREADS=${BENCH_THREADS:-1}
+export OMP_NUM_THREADS=$BENCH_THREADS
+DIR=${BENCH_DIR:-/tmp/runner-bench}
+mkdir -p "$DIR"
+M=$DIR/tiny-flux-28-msl$MSL.toml
+cat > "$M" <<TOML
+schema_version = 1
+name = "tiny-flux-bench"
+[pipeline]
+kind = "flux"
+source = "$PWD/tests/fixtures/tiny-flux-dev"
+dtype = "fp32"
+[placement]
+max_memory = { cpu = "4GiB" }
+[run]
+prompt = "a photo of a cat"
+guidance_scale = 3.5
+steps = 28
+seed = 0
+width = 64
+height = 64
+max_sequence_length = $MSL
+threads = $BENCH_THREADS
+output = "$DIR/tiny-flux-msl$MSL-runner.png"
+TOML
+cargo build --release --locked 2>/dev/null
+out=$(mktemp)
+echo "== tiny FLUX.1-dev pipeline (64x64, 28 steps, guidance 3.5, fp32, max_sequence_length $MSL, threads $BENCH_THREADS, $ROUNDS rounds)"
+for round in $(seq "$ROUNDS"); do
+  if (( round % 2 )); then order="runner diffusers"; else order="diffusers runner"; fi
+  for side in $order; do
+    if [[ $side == runner ]]; then
+      python3 benches/time_runner.py "$M"
+    else
+      $PY benches/flux_pipeline_py.py tests/fixtures/tiny-flux-dev "$ITERS" "$MSL" "$DIR/tiny-flux-msl$MSL-diffusers.png" 2>/dev/null
+    fi | tee -a "$out"
+  done
+done
+python3 benches/summary.py pipeline "$out"
+rm -f "$out"
+# Same work on both sides: the two images (uint8 PNGs) should agree.
+$PY -c 'import sys, numpy as np; from PIL import Image; a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in sys.argv[1:]); print(f"images: max |runner - diffusers| = {np.abs(a - b).max()} / 255")' "$DIR/tiny-flux-msl$MSL-runner.png" "$DIR/tiny-flux-msl$MSL-diffusers.png"

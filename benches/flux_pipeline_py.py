@@ -1,0 +1,47 @@
+"""diffusers side of benches/flux_pipeline.sh: FluxPipeline on a folder, 64x64, 28 steps,
+guidance 3.5, seed 0, fp32. One warm-up call (its end, counted from the process's start, is the
+whole-process figure, comparable with a `runner run` process), then ITERS timed calls in-process.
+  sd3_pipeline_py.py FOLDER ITERS MAX_SEQUENCE_LENGTH OUT_PNG"""
+import json
+import os
+import sys
+import time
+
+import torch
+from diffusers import FluxPipeline
+
+
+def process_age_s():
+    """Seconds since the process started (/proc, as runner's `timings.startup_s`)."""
+    start_ticks = float(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+    uptime = float(open("/proc/uptime").read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+threads = int(os.environ.get("BENCH_THREADS", "1"))
+torch.set_num_threads(threads)
+folder, iters, msl, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+s = time.perf_counter()
+pipe = FluxPipeline.from_pretrained(folder)  # fp32, as stored
+pipe.set_progress_bar_config(disable=True)
+load_s = time.perf_counter() - s
+
+
+def call():
+    g = torch.Generator("cpu").manual_seed(0)
+    return pipe("a photo of a cat", num_inference_steps=28, guidance_scale=3.5, height=64, width=64, max_sequence_length=msl, generator=g).images[0]
+
+
+s = time.perf_counter()
+call().save(out)
+first_s = time.perf_counter() - s
+whole_s, whole_cpu_s = process_age_s(), time.process_time()
+times = []
+for _ in range(iters):
+    s = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - s)
+order = [round(v, 4) for v in times]
+times.sort()
+print(json.dumps({"impl": "diffusers", "load_s": round(load_s, 4), "first_call_s": round(first_s, 4), "process_to_image_s": round(whole_s, 4), "process_to_image_cpu_s": round(whole_cpu_s, 4),
+                  "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "times_s": order, "threads": threads}))
