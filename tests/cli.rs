@@ -74,7 +74,7 @@ fn validate_json_report_for_valid_files() {
     assert_eq!(v["valid"], true);
     let f = &v["files"][0];
     assert_eq!(f["errors"], 0);
-    assert_eq!(f["warnings"], 4);
+    assert_eq!(f["warnings"], 5);
     let d = &f["diagnostics"][0];
     assert_eq!(d["severity"], "warning");
     assert_eq!(d["file"], "tests/data/good/warnings.toml");

@@ -38,7 +38,7 @@ fn bad_manifests_json() {
 fn warnings_do_not_fail_validation() {
     let (code, stdout, stderr) = run(runner().args(["validate", "--manifest-only", "tests/data/good/warnings.toml"]));
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("ok: tests/data/good/warnings.toml (4 warnings)"), "{stdout}");
+    assert!(stdout.contains("ok: tests/data/good/warnings.toml (5 warnings)"), "{stdout}");
     insta::assert_snapshot!(stderr);
 }
 

@@ -86,9 +86,17 @@ fn lock_then_verify_then_detect_changes() {
 
 #[test]
 fn committed_locks_of_the_tiny_manifests_hold() {
-    let (code, stdout, stderr) = run(runner().args(["validate", "--locked", "manifests/tiny-sd15.toml", "manifests/tiny-sdxl.toml", "manifests/tiny-sd3.toml"]));
+    let (code, stdout, stderr) = run(runner().args([
+        "validate",
+        "--locked",
+        "manifests/tiny-sd15.toml",
+        "manifests/tiny-sdxl.toml",
+        "manifests/tiny-sd3.toml",
+        "manifests/tiny-flux-dev.toml",
+        "manifests/tiny-flux-schnell.toml",
+    ]));
     assert_eq!(code, 0, "fixtures drifted from their committed locks (regenerate with `runner lock`):\n{stderr}");
-    assert_eq!(stdout.lines().count(), 3);
+    assert_eq!(stdout.lines().count(), 5);
 }
 
 #[test]

@@ -85,8 +85,12 @@ pub mod util {
             }
         };
         std::fs::write(root.join("scheduler/scheduler_config.json"), scheduler).unwrap();
-        if spec["model_index"]["tokenizer_3"][0].is_string() {
-            std::fs::copy(self::root().join("tests/fixtures/tiny-sd3/tokenizer_3/tokenizer.json"), root.join("tokenizer_3/tokenizer.json")).unwrap();
+        // The T5 tokenizer's tokenizer.json, whose presence preflight checks: SD3's `tokenizer_3`,
+        // FLUX's `tokenizer_2`.
+        for t in ["tokenizer_2", "tokenizer_3"] {
+            if spec["model_index"][t][1].as_str().is_some_and(|c| c.starts_with("T5")) {
+                std::fs::copy(self::root().join("tests/fixtures/tiny-sd3/tokenizer_3/tokenizer.json"), root.join(t).join("tokenizer.json")).unwrap();
+            }
         }
         for (comp, c) in spec["components"].as_object().unwrap() {
             let d = root.join(comp);

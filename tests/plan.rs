@@ -163,7 +163,13 @@ fn bad_device_specs_and_budgets() {
 
 #[test]
 fn tiny_manifests_plan() {
-    for (m, denoiser) in [("manifests/tiny-sd15.toml", "unet"), ("manifests/tiny-sdxl.toml", "unet"), ("manifests/tiny-sd3.toml", "transformer")] {
+    for (m, denoiser) in [
+        ("manifests/tiny-sd15.toml", "unet"),
+        ("manifests/tiny-sdxl.toml", "unet"),
+        ("manifests/tiny-sd3.toml", "transformer"),
+        ("manifests/tiny-flux-dev.toml", "transformer"),
+        ("manifests/tiny-flux-schnell.toml", "transformer"),
+    ] {
         let (code, stdout, stderr) = run(runner().args(["plan", "--json", m]));
         assert_eq!(code, 0, "{m}: {stderr}");
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -521,6 +527,189 @@ fn sd35_large_plans_in_milliseconds() {
         assert_eq!(s["components"][name]["no_split_units"], n);
         let (path, bytes) = (&s["components"][name]["largest_no_split_unit_16bit"][0], &s["components"][name]["largest_no_split_unit_16bit"][1]);
         assert_eq!(c.tree.largest_unit(), bytes.as_u64().unwrap(), "{name}: {path}");
+        assert!(c.splittable() && runner::plan::streamable(&c.class));
+        assert_eq!(c.tree.largest_group(), c.tree.largest_unit(), "{name}: one block per offload group");
+    }
+}
+
+// ---- FLUX.1 at full size (tests/data/shapes/flux-dev.json) ----
+
+/// A full-size FLUX.1-schnell folder: FLUX.1-dev's without the guidance embedder, as the repo
+/// ships it (its first transformer shard is 9,962,580,296 bytes, not 9,983,040,304).
+fn flux_schnell(dir: &Path) -> PathBuf {
+    let root = crate::util::sparse_pipeline("flux-dev", dir, Dtype::BF16);
+    let schnell = dir.join("flux-schnell");
+    std::fs::rename(&root, &schnell).unwrap();
+    let tr = schnell.join("transformer");
+    let cfg = tr.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["guidance_embeds"] = false.into();
+    std::fs::write(&cfg, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    // Rewrite the shards without `time_text_embed.guidance_embedder.*`.
+    let index_path = tr.join("diffusion_pytorch_model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    let map = index["weight_map"].as_object_mut().unwrap();
+    let dropped: Vec<String> = map.keys().filter(|k| k.starts_with("time_text_embed.guidance_embedder.")).cloned().collect();
+    assert_eq!(dropped.len(), 4);
+    let files: std::collections::BTreeSet<String> = dropped.iter().map(|k| map[k].as_str().unwrap().to_string()).collect();
+    for k in &dropped {
+        map.remove(k);
+    }
+    let mut total = 0;
+    for f in std::fs::read_dir(&tr).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
+        let h = runner::checkpoint::safetensors::read_header(&f).unwrap();
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        let mut off = 0;
+        let infos: Vec<_> = h
+            .tensors
+            .iter()
+            .filter(|t| !t.name.starts_with("time_text_embed.guidance_embedder."))
+            .map(|t| {
+                let n = t.data_offsets.1 - t.data_offsets.0;
+                let info = runner::checkpoint::safetensors::TensorInfo { data_offsets: (off, off + n), ..t.clone() };
+                off += n;
+                info
+            })
+            .collect();
+        total += off;
+        if files.contains(&name) {
+            let header = runner::checkpoint::safetensors::encode_header(&infos, &Default::default());
+            let file = std::fs::File::create(&f).unwrap();
+            use std::io::Write;
+            (&file).write_all(&header).unwrap();
+            file.set_len(header.len() as u64 + off).unwrap();
+        }
+    }
+    index["metadata"]["total_size"] = total.into();
+    std::fs::write(&index_path, serde_json::to_string_pretty(&index).unwrap()).unwrap();
+    schnell
+}
+
+#[test]
+fn flux_dev_splits_the_transformer_over_two_16gib_gpus() {
+    // FLUX.1-dev in bf16 on two 16 GiB cards, 15 GiB of each planned (manifests/flux-dev.toml):
+    // 33.7 GB of weights over 32.2 GB of budgets. T5 is streamed (group offload), the 23.8 GB
+    // transformer split at its blocks over both GPUs.
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::util::sparse_pipeline("flux-dev", dir.path(), Dtype::BF16);
+    let tr = root.join("transformer");
+    for i in 1..=3 {
+        assert!(tr.join(format!("diffusion_pytorch_model-0000{i}-of-00003.safetensors")).is_file());
+    }
+    assert!(root.join("text_encoder_2/model.safetensors.index.json").is_file());
+    assert!(root.join("tokenizer_2/tokenizer.json").is_file());
+    let s = shapes("flux-dev");
+    assert_eq!(s["components"]["transformer"]["accelerate_module_size_16bit"], 23_802_816_640u64);
+
+    insta::assert_snapshot!("flux_dev_auto_splits_the_transformer", plan_table("manifests/flux-dev.toml", &root, &[]));
+    let v = plan_json("manifests/flux-dev.toml", &root, &[]);
+    within_budgets(&v);
+    assert!(v["device_map"].as_object().unwrap().values().all(|d| d.as_str().unwrap().starts_with("cuda:")), "{v}");
+    // Weight bytes are accelerate's counts of the models diffusers and transformers build at bf16.
+    let acc = |c: &str| s["components"][c]["accelerate_module_size_16bit"].as_u64().unwrap();
+    let bytes = |c: &str| v["components"][c]["bytes"].as_u64().unwrap();
+    for c in ["transformer", "text_encoder_2", "vae"] {
+        assert_eq!(bytes(c), acc(c), "{c}");
+    }
+    assert_eq!(bytes("text_encoder") + 77 * 8, acc("text_encoder"), "accelerate also counts CLIP's position_ids buffer");
+    assert_eq!(bytes("text_encoder_2"), 9_524_621_312);
+    assert_eq!(v["components"]["text_encoder_2"]["class"], "T5EncoderModel");
+    // T5 streamed: two T5Blocks on the GPU, its weights in host memory.
+    let t5 = &v["components"]["text_encoder_2"];
+    assert_eq!(t5["offload"], "group");
+    assert_eq!(t5["streamed_bytes"], 2 * s["components"]["text_encoder_2"]["largest_no_split_unit_16bit"][1].as_u64().unwrap());
+    assert_eq!(v["host_offload_bytes"], 9_524_621_312u64);
+    // The transformer: split over both GPUs, never inside a block, one device switch.
+    let t = &v["components"]["transformer"];
+    assert_eq!(t["offload"], "none");
+    let split = t["split"].as_object().unwrap();
+    for k in split.keys() {
+        let segs: Vec<&str> = k.split('.').collect();
+        assert!(!matches!(segs[0], "transformer_blocks" | "single_transformer_blocks") || segs.len() <= 2, "{k}");
+    }
+    let devices: Vec<&str> = split.values().map(|d| d.as_str().unwrap()).collect();
+    assert_eq!(devices.first(), Some(&"cuda:0"));
+    assert_eq!(devices.last(), Some(&"cuda:1"));
+    assert_eq!(devices.windows(2).filter(|w| w[0] != w[1]).count(), 1, "{devices:?}");
+    let per_device = t["split_bytes"].as_object().unwrap();
+    assert_eq!(per_device.values().map(|b| b.as_u64().unwrap()).sum::<u64>(), 23_802_816_640);
+    assert!(v["notes"].to_string().contains("exceed every GPU's budget, so diffusers' `balanced` map would load it on the CPU"), "{v}");
+    // The working memory: 4096 image + 512 text tokens in bf16, batch 1.
+    let w = t["working_bytes"].as_u64().unwrap();
+    assert!((500_000_000..700_000_000).contains(&w), "{w}");
+
+    // Without T5's offload it does not fit: T5 takes cuda:0 whole and the transformer is streamed.
+    let v = plan_json("manifests/flux-dev.toml", &root, &["--set", "components.text_encoder_2.offload=none"]);
+    assert!(v["components"]["transformer"]["split"].is_null(), "{v}");
+    // True CFG is a second pass of batch 1: the transformer's working memory is unchanged.
+    let cfg = plan_json("manifests/flux-dev.toml", &root, &["--set", "run.true_cfg_scale=4", "--set", "run.negative_prompt=blurry"]);
+    assert_eq!(cfg["components"]["transformer"]["working_bytes"], w);
+}
+
+#[test]
+fn flux_schnell_streams_the_transformer_within_12gib() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = flux_schnell(dir.path());
+    insta::assert_snapshot!("flux_schnell_12gb_group_offload", plan_table("manifests/flux-schnell-12gb.toml", &root, &[]));
+    let v = plan_json("manifests/flux-schnell-12gb.toml", &root, &[]);
+    within_budgets(&v);
+    assert!(v["devices"]["cuda:0"]["planned"].as_u64().unwrap() <= 11 << 30);
+    let s = shapes("flux-dev");
+    let t = &v["components"]["transformer"];
+    assert_eq!((t["device"].as_str(), t["offload"].as_str()), (Some("cuda:0"), Some("group")), "{t}");
+    // schnell has no guidance embedder: 4 tensors fewer than dev.
+    let guidance_embedder = 2 * (256 * 3072 + 3072 + 3072 * 3072 + 3072);
+    assert_eq!(t["bytes"].as_u64().unwrap(), 23_802_816_640 - guidance_embedder);
+    // Group offload: two of the largest blocks (a FluxTransformerBlock) and the working memory.
+    let block = s["components"]["transformer"]["largest_no_split_unit_16bit"][1].as_u64().unwrap();
+    assert_eq!(t["streamed_bytes"], 2 * block);
+    assert_eq!(t["peak_bytes"].as_u64().unwrap(), 2 * block + t["working_bytes"].as_u64().unwrap());
+    for c in ["text_encoder", "text_encoder_2", "vae"] {
+        assert_eq!(v["components"][c]["offload"], "model", "{c}");
+        assert_eq!(v["components"][c]["device"], "cuda:0", "{c}");
+    }
+    assert_eq!(v["host_offload_bytes"].as_u64().unwrap(), ["text_encoder", "text_encoder_2", "transformer", "vae"].iter().map(|c| v["components"][c]["bytes"].as_u64().unwrap()).sum::<u64>());
+    // A guidance_scale on schnell is a warning, not an error.
+    let (code, _, stderr) = run(runner().args(["plan", "manifests/flux-schnell-12gb.toml", "--set", &format!("pipeline.source={}", root.display()), "--set", "run.guidance_scale=3.5"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning: `run.guidance_scale` is 3.5, but this FLUX transformer has no guidance embedding"), "{stderr}");
+}
+
+#[test]
+fn flux_dev_plans_in_milliseconds() {
+    // Timed and logged, not asserted tightly (shared CI machines): 1160 transformer tensors in 3
+    // shards, T5 in 2.
+    let dir = tempfile::tempdir().unwrap();
+    let root = crate::util::sparse_pipeline("flux-dev", dir.path(), Dtype::BF16);
+    let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())] };
+    let loaded = runner::manifest::load(&crate::util::root().join("manifests/flux-dev.toml"), &opts).unwrap();
+    let started = std::time::Instant::now();
+    let (pipeline, configs) = runner::preflight::check(&loaded).unwrap();
+    let checked = started.elapsed();
+    assert!(configs.text_encoder_2.is_none() && configs.t5.is_some() && configs.flux_transformer.is_some() && configs.transformer.is_none());
+    let inventory = runner::plan::build::inventory(&loaded, &Default::default()).unwrap();
+    let mut best = std::time::Duration::MAX;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, inventory.clone(), &Default::default());
+        let plan = runner::plan::plan(&input).unwrap();
+        best = best.min(t.elapsed());
+        assert_eq!(plan.components.len(), 4);
+    }
+    eprintln!("flux-dev: preflight (headers of 8 safetensors files, 2 indexes) {checked:?}, plan input + plan {best:?}");
+    assert!(best < std::time::Duration::from_secs(2), "{best:?}");
+
+    // The module trees: accelerate's no-split units (counted at 16 bits by tools/make_shapes.py).
+    let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, inventory, &Default::default());
+    let s = shapes("flux-dev");
+    let tr = input.components.iter().find(|c| c.name == "transformer").unwrap();
+    assert_eq!(tr.tree.units.iter().filter(|u| u.class == Some("FluxTransformerBlock")).count(), 19);
+    assert_eq!(tr.tree.units.iter().filter(|u| u.class == Some("FluxSingleTransformerBlock")).count(), 38);
+    assert_eq!(s["components"]["transformer"]["no_split_units"], 19 + 38);
+    let t5 = input.components.iter().find(|c| c.name == "text_encoder_2").unwrap();
+    assert_eq!(t5.tree.units.iter().filter(|u| u.class == Some("T5Block")).count(), 24);
+    for (c, name) in [(tr, "transformer"), (t5, "text_encoder_2")] {
+        assert_eq!(c.tree.largest_unit(), s["components"][name]["largest_no_split_unit_16bit"][1].as_u64().unwrap(), "{name}");
         assert!(c.splittable() && runner::plan::streamable(&c.class));
         assert_eq!(c.tree.largest_group(), c.tree.largest_unit(), "{name}: one block per offload group");
     }

@@ -236,3 +236,161 @@ fn sd3_clip_skip_counts_from_the_penultimate_layer() {
     let (code, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", "run.clip_skip=2"]));
     assert_eq!(code, 0, "{stderr}");
 }
+
+/// A copy of a tiny FLUX pipeline (`tiny-flux-dev` or `tiny-flux-schnell`), damaged by `f`, and a
+/// manifest for it.
+fn broken_flux(dir: &Path, fixture: &str, f: impl FnOnce(&Path)) -> PathBuf {
+    let pipe = dir.join("pipe");
+    copy_dir(&root().join("tests/fixtures").join(fixture), &pipe);
+    f(&pipe);
+    let m = dir.join("m.toml");
+    std::fs::write(
+        &m,
+        "schema_version = 1\nname = \"broken\"\n[pipeline]\nkind = \"flux\"\nsource = \"pipe\"\n[run]\nprompt = \"a cat\"\nsteps = 1\nwidth = 64\nheight = 64\nmax_sequence_length = 16\noutput = \"out.png\"\n",
+    )
+    .unwrap();
+    m
+}
+
+/// `validate` passes with `want` among its warnings.
+fn warned(m: &Path, extra: &[&str], want: &str) {
+    let (code, stdout, stderr) = run(runner().arg("validate").arg(m).args(extra));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("warning"), "{stdout}");
+    assert!(stderr.contains(&format!("warning: {want}")), "want {want:?} in:\n{stderr}");
+}
+
+#[test]
+fn flux_kind_against_the_folder_both_ways() {
+    // A `flux` manifest on SD3 and SDXL folders: the kind they need.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |_| {});
+    let sd3 = root().join("tests/fixtures/tiny-sd3");
+    refused(
+        &m,
+        &["--set", &format!("pipeline.source={}", sd3.display())],
+        "holds a `StableDiffusion3Pipeline`, not a FLUX pipeline (no `FluxTransformer2DModel`): set `kind = \"stable-diffusion-3\"`",
+    );
+    let sdxl = root().join("tests/fixtures/tiny-sdxl");
+    refused(
+        &m,
+        &["--set", &format!("pipeline.source={}", sdxl.display())],
+        "holds a `StableDiffusionXLPipeline`, not a FLUX pipeline (no `FluxTransformer2DModel`): set `kind = \"stable-diffusion-xl\"`",
+    );
+    // SD3, SDXL and SD manifests on a FLUX folder: `flux`.
+    for kind in ["stable-diffusion-3", "stable-diffusion-xl", "stable-diffusion"] {
+        refused(&m, &["--set", &format!("pipeline.kind={kind}")], &format!("`pipeline.kind` is `{kind}` but"));
+        refused(&m, &["--set", &format!("pipeline.kind={kind}")], "holds a `FluxPipeline` (FLUX.1: a `FluxTransformer2DModel` with CLIP-L and T5): set `kind = \"flux\"`");
+    }
+    // Recognised by the transformer's class too, whatever the pipeline class says.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |p| edit_json(&p.join("model_index.json"), |v| v["_class_name"] = "MyPipeline".into()));
+    refused(&m, &["--set", "pipeline.kind=stable-diffusion-3"], "set `kind = \"flux\"`");
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn flux_bad_input_is_refused_before_loading() {
+    // Sizes: multiples of 16 (the VAE's 8 x FLUX's 2x2 packing).
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |_| {});
+    refused(&m, &["--set", "run.width=72"], "`run.width` is 72, but this pipeline needs a multiple of 16 (the VAE's scale factor times 2: FLUX packs 2x2 latent patches)");
+    refused(&m, &["--set", "run.height=56"], "`run.height` is 56, but this pipeline needs a multiple of 16");
+    // max_sequence_length: 1..=512, by the schema.
+    for bad in ["0", "513"] {
+        refused(&m, &["--set", &format!("run.max_sequence_length={bad}")], "max_sequence_length");
+    }
+    // Noise-prediction schedulers do not fit: flow-match-euler does.
+    refused(&m, &["--set", "pipeline.scheduler=euler"], "a flow-matching model (SD3, FLUX) needs a flow-matching scheduler");
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", "pipeline.scheduler=flow-match-euler"]));
+    assert_eq!(code, 0, "{stderr}");
+    // A transformer shard missing.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |p| std::fs::remove_file(p.join("transformer/diffusion_pytorch_model-00002-of-00002.safetensors")).unwrap());
+    refused(&m, &[], "diffusion_pytorch_model-00002-of-00002.safetensors");
+    // No text_encoder_2 (T5): FLUX cannot run without it.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |p| edit_json(&p.join("model_index.json"), |v| v["text_encoder_2"] = serde_json::json!([null, null])));
+    refused(&m, &[], "the pipeline has no `text_encoder_2`");
+    refused(&m, &[], "a `flux` pipeline needs its T5 encoder (`T5EncoderModel`)");
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |p| std::fs::remove_dir_all(p.join("text_encoder_2")).unwrap());
+    refused(&m, &[], "text_encoder_2");
+    // ... nor disabled.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |_| {});
+    refused(&m, &["--set", "components.text_encoder_2.enabled=false"], "component `text_encoder_2` cannot be disabled: a `flux` pipeline needs it");
+    // SD3's T5 name is not a FLUX component.
+    refused(&m, &["--set", "components.text_encoder_3.offload=model"], "unknown component `text_encoder_3` for a `flux` pipeline");
+    // Classes: FLUX's text_encoder_2 is T5, its text_encoder a CLIP without projection.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |p| edit_json(&p.join("model_index.json"), |v| v["text_encoder_2"] = serde_json::json!(["transformers", "CLIPTextModelWithProjection"])));
+    refused(&m, &[], "`text_encoder_2` is a `transformers.CLIPTextModelWithProjection`, which runner does not implement");
+    refused(&m, &[], "supported for `text_encoder_2`: `T5EncoderModel`");
+    // The T5 tokenizer folder needs tokenizer.json.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |p| std::fs::remove_file(p.join("tokenizer_2/tokenizer.json")).unwrap());
+    refused(&m, &[], "tokenizer_2` has `spiece.model` but no `tokenizer.json`");
+    // Components that do not fit together.
+    for (file, key, value, want) in [
+        ("transformer/config.json", "pooled_projection_dim", 16, "text_encoder's hidden_size is 8 but the transformer's pooled_projection_dim is 16"),
+        ("transformer/config.json", "joint_attention_dim", 16, "text_encoder_2's d_model is 24 but the transformer's joint_attention_dim is 16"),
+        ("vae/config.json", "latent_channels", 8, "the VAE has 8 latent channels, so 2x2 packed patches have 32, but the transformer takes 64"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let m = broken_flux(dir.path(), "tiny-flux-dev", |p| {
+            let path = p.join(file);
+            std::fs::remove_file(&path).unwrap(); // a copy, not the fixture's link target
+            std::fs::copy(root().join("tests/fixtures/tiny-flux-dev").join(file), &path).unwrap();
+            edit_json(&path, |v| v[key] = value.into());
+        });
+        refused(&m, &[], want);
+    }
+    // A transformer config value runner does not implement, named.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |p| edit_json(&p.join("transformer/config.json"), |v| v["patch_size"] = 2.into()));
+    refused(&m, &[], "`patch_size` = 2 is not supported");
+}
+
+#[test]
+fn flux_keys_with_no_effect_are_warnings() {
+    // schnell has no guidance embedding: a guidance_scale is ignored.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-schnell", |_| {});
+    warned(&m, &["--set", "run.guidance_scale=3.5"], "`run.guidance_scale` is 3.5, but this FLUX transformer has no guidance embedding (`guidance_embeds = false`, as FLUX.1-schnell): it is ignored");
+    let (_, stdout, stderr) = run(runner().arg("validate").arg(&m));
+    assert!(!stderr.contains("warning") && stdout.contains("ok:"), "{stderr}");
+    // ... dev has one: no warning.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-dev", |_| {});
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", "run.guidance_scale=3.5"]));
+    assert!(code == 0 && !stderr.contains("warning"), "{stderr}");
+    // True CFG without a negative prompt: one pass, as diffusers.
+    warned(&m, &["--set", "run.true_cfg_scale=4"], "`run.true_cfg_scale` is 4, but there is no `run.negative_prompt`: true CFG is off");
+    warned(&m, &["--set", "run.true_cfg_scale=4", "--set", "run.negative_prompt_2=blurry"], "`run.true_cfg_scale` is 4");
+    let (_, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", "run.true_cfg_scale=4", "--set", "run.negative_prompt_2=blurry"]));
+    assert!(stderr.contains("`negative_prompt_2` alone does not"), "{stderr}");
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", "run.true_cfg_scale=4", "--set", "run.negative_prompt="]));
+    assert!(code == 0 && !stderr.contains("warning"), "an empty negative prompt counts: {stderr}");
+    // Keys FluxPipeline does not take.
+    warned(&m, &["--set", "run.clip_skip=1"], "`run.clip_skip` only applies to `stable-diffusion`, `stable-diffusion-xl` and `stable-diffusion-3` pipelines and is ignored here");
+    warned(&m, &["--set", "run.prompt_3=x"], "`run.prompt_3` only applies to `stable-diffusion-3` pipelines and is ignored here");
+    // ... and FLUX's own key elsewhere.
+    let (code, _, stderr) = run(runner().args(["validate", "manifests/tiny-sd3.toml", "--set", "run.true_cfg_scale=2"]));
+    assert_eq!(code, 0);
+    assert!(stderr.contains("`run.true_cfg_scale` only applies to `flux` pipelines and is ignored here"), "{stderr}");
+    // `runner config` names the new key's origin.
+    let (code, stdout, stderr) = run(runner().args(["config", "--json", "manifests/tiny-flux-dev.toml", "--set", "run.true_cfg_scale=2", "--set", "run.negative_prompt=blurry"]));
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["manifest"]["pipeline"]["kind"], "flux");
+    assert_eq!(v["manifest"]["run"]["true_cfg_scale"], 2.0);
+    assert_eq!(v["origins"]["run.true_cfg_scale"], "command line `--set run.true_cfg_scale=2`", "{v}");
+    // The plan shows the warnings too.
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken_flux(dir.path(), "tiny-flux-schnell", |_| {});
+    let (code, _, stderr) = run(runner().arg("plan").arg(&m).args(["--set", "run.guidance_scale=2"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning: `run.guidance_scale` is 2"), "{stderr}");
+}

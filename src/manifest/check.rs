@@ -143,7 +143,12 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         for name in foreign {
             if m.get("run").and_then(|r| r.get(name)).is_some() {
                 let kinds: Vec<&str> = PipelineKind::ALL.iter().filter(|k| k.own_run_keys().contains(&name)).map(|k| k.as_str()).collect();
-                out.push(warn(&key(&["run", name]), Want::Key, format!("`run.{name}` only applies to `{}` pipelines and is ignored here", kinds.join("` and `"))).with_label("ignored"));
+                let kinds = match kinds.split_last() {
+                    Some((last, [])) => format!("`{last}`"),
+                    Some((last, rest)) => format!("`{}` and `{last}`", rest.join("`, `")),
+                    None => String::new(),
+                };
+                out.push(warn(&key(&["run", name]), Want::Key, format!("`run.{name}` only applies to {kinds} pipelines and is ignored here")).with_label("ignored"));
             }
         }
     }
