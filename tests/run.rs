@@ -1063,3 +1063,34 @@ fn flux_pngs_carry_prompt_2_true_cfg_and_the_t5_token_count() {
     let json: serde_json::Value = serde_json::from_str(&text.iter().find(|(k, _)| k == "runner").unwrap().1).unwrap();
     assert_eq!((json["prompt_2"].as_str(), json["true_cfg_scale"].as_f64(), json["max_sequence_length"].as_u64()), (Some("a cat, for T5"), Some(2.0), Some(32)));
 }
+
+#[test]
+fn flux_schnell_warns_that_guidance_scale_is_ignored_and_runs() {
+    // FLUX.1-schnell has no guidance embedding: `guidance_scale` is ignored with a warning (as
+    // diffusers ignores it), and true CFG without a negative prompt is one pass (warned).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.png");
+    let (code, stdout, stderr) = run(runner()
+        .args([
+            "run",
+            "manifests/tiny-flux-schnell.toml",
+            "--quiet",
+            "--json",
+            "--simulate",
+            "cuda:0=40MB,cpu=2GiB",
+            "--set",
+            "run.guidance_scale=5.0",
+            "--set",
+            "run.true_cfg_scale=3.0",
+            "--set",
+            "run.steps=2",
+            "--out",
+        ])
+        .arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let w = r["warnings"].to_string() + &stderr;
+    assert!(w.contains("has no guidance embedding") && w.contains("it is ignored"), "{w}");
+    assert!(w.contains("there is no `run.negative_prompt`: true CFG is off"), "{w}");
+    assert_eq!(r["unet_calls"], 2, "one pass per step: {r}");
+}

@@ -44,6 +44,8 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     // Configs are read once, here, and shared by the planner and the models.
     let (pipeline, configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
     warnings.extend(pipeline.notes.iter().cloned());
+    // Valid keys with no effect here (FLUX.1-schnell's ignored guidance_scale).
+    warnings.extend(crate::preflight::warnings(m, &configs).into_iter().map(|d| d.message));
     let inventory = build::inventory(m, &opts.plan)?;
     let input = build::plan_input(m, &pipeline, &configs, inventory, &opts.plan);
     let plan = crate::plan::plan(&input)?;
