@@ -20,16 +20,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def random_pipeline(folder, fixture, make_models, shards=None):
+def random_pipeline(folder, fixture, make_models, shards=None, dtype=torch.float16):
     """`folder` as a copy of the tiny fixture (tokenizers, scheduler) whose models are replaced by
-    `make_models()`'s, built with random fp16 weights on the GPU from real configs and saved with
-    save_pretrained (`shards`: component -> max_shard_size)."""
+    `make_models()`'s, built with random weights (fp16, or `dtype`) on the GPU from real configs and
+    saved with save_pretrained (`shards`: component -> max_shard_size)."""
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(ROOT / "tests/fixtures" / fixture, folder, symlinks=False)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        models = {name: m.half() for name, m in make_models().items()}
+        models = {name: m.to(dtype) for name, m in make_models().items()}
     # Random init gives exploding activations; scale weights down so images stay finite in fp16.
     with torch.no_grad():
         for m in models.values():

@@ -131,7 +131,7 @@ pub fn to_table(plan: &Plan, weights_only: bool) -> String {
     for c in &plan.components {
         if let (Some(split), Some(bytes)) = (&c.split, &c.split_bytes) {
             out.push_str(&format!("\n{} split ({}):\n", c.name, bytes.iter().map(|(d, x)| format!("{d} {}", b(*x))).collect::<Vec<_>>().join(", ")));
-            for (m, d) in split {
+            for (m, d) in numbered_runs(split) {
                 out.push_str(&format!("  {m} -> {d}\n"));
             }
         }
@@ -147,3 +147,43 @@ pub fn to_table(plan: &Plan, weights_only: bool) -> String {
     }
     out
 }
+
+/// The split map for people: consecutive numbered siblings on one device read as one line
+/// (`single_transformer_blocks.6..=37`); `--json` keeps every entry.
+fn numbered_runs<D: PartialEq>(split: &[(String, D)]) -> Vec<(String, &D)> {
+    let numbered = |m: &str| m.rsplit_once('.').and_then(|(p, n)| n.parse::<u64>().ok().map(|n| (p.to_string(), n)));
+    let mut out: Vec<(String, &D)> = vec![];
+    let mut run: Option<(String, u64, u64, &D)> = None;
+    fn flush<'a, D>(run: &mut Option<(String, u64, u64, &'a D)>, out: &mut Vec<(String, &'a D)>) {
+        if let Some((p, a, b, d)) = run.take() {
+            out.push((if a == b { format!("{p}.{a}") } else { format!("{p}.{a}..={b}") }, d));
+        }
+    }
+    for (m, d) in split {
+        match (numbered(m), &mut run) {
+            (Some((p, n)), Some((rp, _, b, rd))) if *rp == p && *b + 1 == n && *rd == d => *b = n,
+            (Some((p, n)), _) => {
+                flush(&mut run, &mut out);
+                run = Some((p, n, n, d));
+            }
+            (None, _) => {
+                flush(&mut run, &mut out);
+                out.push((m.clone(), d));
+            }
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn numbered_runs_collapse_per_device() {
+        let s = |m: &str, d: u8| (m.to_string(), d);
+        let split = [s("x_embedder", 0), s("blocks.0", 0), s("blocks.1", 0), s("blocks.2", 1), s("blocks.3", 1), s("blocks.5", 1), s("norm_out", 1)];
+        let got: Vec<String> = super::numbered_runs(&split).into_iter().map(|(m, d)| format!("{m} -> {d}")).collect();
+        assert_eq!(got, ["x_embedder -> 0", "blocks.0..=1 -> 0", "blocks.2..=3 -> 1", "blocks.5 -> 1", "norm_out -> 1"]);
+    }
+}
+
