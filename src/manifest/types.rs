@@ -251,6 +251,66 @@ pub struct Component {
     /// `false` leaves an optional component out (e.g. SD 1.5's `safety_checker`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// Layerwise casting (diffusers `enable_layerwise_casting(storage_dtype, compute_dtype)`):
+    /// weights kept in this narrower dtype and cast to `dtype` layer by layer as each one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_dtype: Option<StorageDtype>,
+    /// Where this component's offloaded weights live (default: `placement.offload_target`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload_target: Option<OffloadTarget>,
+    /// `group` offload: blocks per group (diffusers `num_blocks_per_group`; default:
+    /// `placement.group_blocks`, else 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub group_blocks: Option<u32>,
+    /// VAE only: decode in overlapping tiles (diffusers `enable_vae_tiling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiling: Option<bool>,
+    /// VAE only: decode a batch one image at a time (diffusers `enable_vae_slicing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slicing: Option<bool>,
+}
+
+/// `storage_dtype`: the dtype weights are stored in between layer calls: `fp8-e4m3`
+/// (torch.float8_e4m3fn), `fp8-e5m2` (torch.float8_e5m2), or `fp16` / `bf16` under an fp32
+/// compute dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageDtype {
+    #[serde(rename = "fp8-e4m3")]
+    Fp8E4m3,
+    #[serde(rename = "fp8-e5m2")]
+    Fp8E5m2,
+    Fp16,
+    Bf16,
+}
+
+impl StorageDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageDtype::Fp8E4m3 => "fp8-e4m3",
+            StorageDtype::Fp8E5m2 => "fp8-e5m2",
+            StorageDtype::Fp16 => "fp16",
+            StorageDtype::Bf16 => "bf16",
+        }
+    }
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            StorageDtype::Fp8E4m3 | StorageDtype::Fp8E5m2 => 1,
+            StorageDtype::Fp16 | StorageDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// Where offloaded weights live: `host` (copies in host RAM, pinned on CUDA machines) or `disk`
+/// (the memory-mapped checkpoint itself, served by the page cache; converted dtypes go to a
+/// scratch file under `placement.scratch_dir`, removed on exit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadTarget {
+    #[default]
+    Host,
+    Disk,
 }
 
 /// How components are assigned to devices.
@@ -274,6 +334,17 @@ pub struct Placement {
     /// it an `error`.
     #[serde(default)]
     pub overflow: Overflow,
+    /// Where offloaded weights live by default: `host` RAM or `disk` (see `OffloadTarget`).
+    #[serde(default)]
+    pub offload_target: OffloadTarget,
+    /// `group` offload's default blocks per group (diffusers `num_blocks_per_group`; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub group_blocks: Option<u32>,
+    /// The folder for `offload_target = "disk"`'s scratch files (weights converted to another
+    /// dtype than stored), relative to the manifest; default: the system's temporary folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 /// `placement.overflow`: where a component goes when it fits no GPU whole (nor, under `auto`,
