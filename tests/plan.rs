@@ -714,3 +714,69 @@ fn flux_dev_plans_in_milliseconds() {
         assert_eq!(c.tree.largest_group(), c.tree.largest_unit(), "{name}: one block per offload group");
     }
 }
+
+// ---- The memory-floor table (BENCHMARKS.md "Memory floors") ----
+
+/// The smallest single GPU (bytes, to 1/128 of the answer) each offload mode fits at 1024x1024,
+/// with and without fp8 layerwise storage of the denoiser and VAE tiling, from `runner plan` on the
+/// full-size sparse folders: SDXL (fp16), SD3.5-large and FLUX.1-dev (bf16). Not a check: it prints
+/// the table's rows.
+///   cargo test --test main memory_floor_table -- --ignored --nocapture
+#[test]
+#[ignore]
+fn memory_floor_table() {
+    let dir = tempfile::tempdir().unwrap();
+    println!("| pipeline | offload | plain | fp8 storage | VAE tiling | fp8 + tiling |\n|---|---|---|---|---|---|");
+    for (pipe, kind, dtype, float, denoiser) in [
+        ("sdxl", "stable-diffusion-xl", "fp16", Dtype::F16, "unet"),
+        ("sd35-large", "stable-diffusion-3", "bf16", Dtype::BF16, "transformer"),
+        ("flux-dev", "flux", "bf16", Dtype::BF16, "transformer"),
+    ] {
+        let root = crate::util::sparse_pipeline(pipe, dir.path(), float);
+        let m = dir.path().join(format!("{pipe}.toml"));
+        std::fs::write(
+            &m,
+            format!(
+                "schema_version = 1\nname = \"{pipe}\"\n[pipeline]\nkind = \"{kind}\"\nsource = \"{}\"\ndtype = \"{dtype}\"\n[placement]\nstrategy = \"sequential\"\noverflow = \"error\"\n[run]\nprompt = \"a cat\"\nwidth = 1024\nheight = 1024\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        for mode in ["none", "model", "group", "sequential"] {
+            let mut row = format!("| {pipe} {dtype} | {mode} |");
+            for (fp8, tiling) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mut sets = vec![format!("placement.offload={mode}")];
+                if fp8 {
+                    sets.push(format!("components.{denoiser}.storage_dtype=fp8-e4m3"));
+                }
+                if tiling {
+                    sets.push("components.vae.tiling=true".into());
+                }
+                let fits = |bytes: u64| {
+                    let mut cmd = runner();
+                    cmd.arg("plan").arg(&m).args(["--json", "--devices", &format!("cuda:0={bytes},cpu=4TiB"), "--set", &format!("placement.max_memory={{\"cuda:0\"={bytes},cpu=\"4TiB\"}}")]);
+                    for s in &sets {
+                        cmd.args(["--set", s]);
+                    }
+                    let (code, stdout, _) = run(&mut cmd);
+                    code == 0 && serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["device_map"].as_object().unwrap().values().all(|d| d == "cuda:0")
+                };
+                let (mut lo, mut hi) = (1u64 << 24, 1u64 << 37);
+                if !fits(hi) {
+                    row.push_str(" - |");
+                    continue;
+                }
+                while hi - lo > hi / 128 {
+                    let mid = lo + (hi - lo) / 2;
+                    if fits(mid) {
+                        hi = mid;
+                    } else {
+                        lo = mid;
+                    }
+                }
+                row.push_str(&format!(" {:.2} GB |", hi as f64 / 1e9));
+            }
+            println!("{row}");
+        }
+    }
+}
