@@ -1094,3 +1094,28 @@ fn flux_schnell_warns_that_guidance_scale_is_ignored_and_runs() {
     assert!(w.contains("there is no `run.negative_prompt`: true CFG is off"), "{w}");
     assert_eq!(r["unet_calls"], 2, "one pass per step: {r}");
 }
+
+#[test]
+fn a_loaded_flux_pipeline_moves_to_a_new_plan() {
+    // Session::apply_plan for FLUX: loaded whole on a simulated GPU, then re-planned with the
+    // transformer and T5 streamed by `group` offload: the same image, a lower GPU peak.
+    use runner::plan::build::BuildOptions;
+    use runner::plan::inventory::Inventory;
+    let dir = tempfile::tempdir().unwrap();
+    let (d1, d2) = (dir.path().join("whole"), dir.path().join("group"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let budgets = "[placement]\nmax_memory = { \"cuda:0\" = \"40MB\", cpu = \"2GiB\" }\n";
+    let whole = runner::manifest::load(&tiny_flux_manifest(&d1, budgets), &Default::default()).unwrap();
+    let group = runner::manifest::load(&tiny_flux_manifest(&d2, &format!("{budgets}offload = \"group\"\n")), &Default::default()).unwrap();
+    let build = || BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=40MB,cpu=2GiB").unwrap()), weights_only: false };
+    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: build(), progress: false, simulate: true, lock_sha256: None };
+    let plan_group = runner::plan::plan(&preflighted_input(&group, &build(), &build())).unwrap();
+    assert!(plan_group.components.iter().any(|c| c.name == "transformer" && c.offload == runner::manifest::Offload::Group));
+    let mut session = runner::exec::load(&whole, &opts("a.png")).unwrap();
+    let a = session.generate(&opts("a.png")).unwrap();
+    session.apply_plan(plan_group).unwrap();
+    let b = session.generate(&opts("b.png")).unwrap();
+    assert_eq!(decode_png(&a.images[0]).0, decode_png(&b.images[0]).0);
+    assert!(b.devices["cuda:0"].peak_bytes < a.devices["cuda:0"].peak_bytes, "{:?} vs {:?}", b.devices, a.devices);
+}
