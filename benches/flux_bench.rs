@@ -4,26 +4,12 @@
 //!   flux_bench TRANSFORMER_DIR LATENT_SIZE TEXT_TOKENS ITERS
 //! LATENT_SIZE is the VAE latent grid's side (image / 8): the transformer sees (side / 2)² tokens.
 
-use std::time::Instant;
-
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use runner::models::flux_transformer::{FluxTransformer2DConfig, FluxTransformer2DModel};
 use tch::{Device, Kind, Tensor};
 
-/// CPU time of the whole process, in seconds (`time.process_time()` on the Python side).
-fn process_cpu_s() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-/// `{"median_s", "min_s", "times_s"}` fields, the times in run order.
-fn stats(prefix: &str, mut times: Vec<f64>) -> String {
-    let all = times.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(", ");
-    times.sort_by(|a, b| a.total_cmp(b));
-    format!("\"{prefix}median_s\": {:.4}, \"{prefix}min_s\": {:.4}, \"{prefix}times_s\": [{all}]", times[times.len() / 2], times[0])
-}
+#[path = "common/mod.rs"]
+mod common;
 
 fn main() {
     runner::runtime::configure_allocator();
@@ -50,13 +36,5 @@ fn main() {
     let cols = Tensor::arange(side, opts).view([1, side]).expand([side, side], false);
     let img_ids = Tensor::stack(&[Tensor::zeros([side, side], opts), rows, cols], -1).reshape([side * side, 3]);
     let run = || tch::no_grad(|| model.forward(&x, &ctx, &pooled, &t, guidance.as_ref(), &txt_ids, &img_ids)).unwrap();
-    let _ = run(); // warm-up
-    let (mut wall, mut cpu) = (vec![], vec![]);
-    for _ in 0..iters {
-        let (s, c) = (Instant::now(), process_cpu_s());
-        let _ = run();
-        wall.push(s.elapsed().as_secs_f64());
-        cpu.push(process_cpu_s() - c);
-    }
-    println!("{{\"impl\": \"runner\", {}, {}, \"threads\": {threads}}}", stats("", wall), stats("cpu_", cpu));
+    common::time_forwards(iters, threads, run);
 }

@@ -45,7 +45,7 @@ for round in $(seq "$ROUNDS"); do
     if [[ $side == runner ]]; then
       python3 benches/time_runner.py "$M"
     else
-      $PY benches/flux_pipeline_py.py tests/fixtures/tiny-flux-dev "$ITERS" "$MSL" "$DIR/tiny-flux-msl$MSL-diffusers.png" 2>/dev/null
+      $PY benches/pipeline_py.py FluxPipeline 3.5 tests/fixtures/tiny-flux-dev "$ITERS" "$MSL" "$DIR/tiny-flux-msl$MSL-diffusers.png" 2>/dev/null
     fi | tee -a "$out"
   done
 done

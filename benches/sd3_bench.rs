@@ -3,26 +3,12 @@
 //! threads), which a machine shared with other work disturbs less.
 //!   sd3_bench TRANSFORMER_DIR LATENT_SIZE BATCH TEXT_TOKENS ITERS
 
-use std::time::Instant;
-
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use runner::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
 use tch::{Device, Kind, Tensor};
 
-/// CPU time of the whole process, in seconds (`time.process_time()` on the Python side).
-fn process_cpu_s() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
-/// `{"median_s", "min_s", "times_s"}` fields, the times in run order.
-fn stats(prefix: &str, mut times: Vec<f64>) -> String {
-    let all = times.iter().map(|t| format!("{t:.4}")).collect::<Vec<_>>().join(", ");
-    times.sort_by(|a, b| a.total_cmp(b));
-    format!("\"{prefix}median_s\": {:.4}, \"{prefix}min_s\": {:.4}, \"{prefix}times_s\": [{all}]", times[times.len() / 2], times[0])
-}
+#[path = "common/mod.rs"]
+mod common;
 
 fn main() {
     runner::runtime::configure_allocator();
@@ -43,13 +29,5 @@ fn main() {
     let ctx = Tensor::randn([batch, tokens, config.joint_attention_dim], opts);
     let pooled = Tensor::randn([batch, config.pooled_projection_dim], opts);
     let run = || tch::no_grad(|| model.forward(&x, &t, &ctx, &pooled)).unwrap();
-    let _ = run(); // warm-up
-    let (mut wall, mut cpu) = (vec![], vec![]);
-    for _ in 0..iters {
-        let (s, c) = (Instant::now(), process_cpu_s());
-        let _ = run();
-        wall.push(s.elapsed().as_secs_f64());
-        cpu.push(process_cpu_s() - c);
-    }
-    println!("{{\"impl\": \"runner\", {}, {}, \"threads\": {threads}}}", stats("", wall), stats("cpu_", cpu));
+    common::time_forwards(iters, threads, run);
 }

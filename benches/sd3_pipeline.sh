@@ -51,7 +51,7 @@ for round in $(seq "$ROUNDS"); do
     if [[ $side == runner ]]; then
       python3 benches/time_runner.py "$M"
     else
-      $PY benches/sd3_pipeline_py.py tests/fixtures/tiny-sd3 "$ITERS" "$MSL" "$DIR/tiny-sd3-msl$MSL-diffusers.png" 2>/dev/null
+      $PY benches/pipeline_py.py StableDiffusion3Pipeline 7.0 tests/fixtures/tiny-sd3 "$ITERS" "$MSL" "$DIR/tiny-sd3-msl$MSL-diffusers.png" 2>/dev/null
     fi | tee -a "$out"
   done
 done

@@ -1,14 +1,15 @@
-"""diffusers side of benches/flux_pipeline.sh: FluxPipeline on a folder, 64x64, 28 steps,
-guidance 3.5, seed 0, fp32. One warm-up call (its end, counted from the process's start, is the
-whole-process figure, comparable with a `runner run` process), then ITERS timed calls in-process.
-  sd3_pipeline_py.py FOLDER ITERS MAX_SEQUENCE_LENGTH OUT_PNG"""
+"""diffusers side of benches/sd3_pipeline.sh and benches/flux_pipeline.sh: a flow-matching pipeline
+(StableDiffusion3Pipeline or FluxPipeline) on a folder, 64x64, 28 steps, GUIDANCE, seed 0, fp32. One
+warm-up call (its end, counted from the process's start, is the whole-process figure, comparable with a
+`runner run` process), then ITERS timed calls in-process.
+  pipeline_py.py CLASS GUIDANCE FOLDER ITERS MAX_SEQUENCE_LENGTH OUT_PNG"""
 import json
 import os
 import sys
 import time
 
 import torch
-from diffusers import FluxPipeline
+import diffusers
 
 
 def process_age_s():
@@ -20,16 +21,17 @@ def process_age_s():
 
 threads = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(threads)
-folder, iters, msl, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+cls, guidance = getattr(diffusers, sys.argv[1]), float(sys.argv[2])
+folder, iters, msl, out = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 s = time.perf_counter()
-pipe = FluxPipeline.from_pretrained(folder)  # fp32, as stored
+pipe = cls.from_pretrained(folder)  # fp32, as stored
 pipe.set_progress_bar_config(disable=True)
 load_s = time.perf_counter() - s
 
 
 def call():
     g = torch.Generator("cpu").manual_seed(0)
-    return pipe("a photo of a cat", num_inference_steps=28, guidance_scale=3.5, height=64, width=64, max_sequence_length=msl, generator=g).images[0]
+    return pipe("a photo of a cat", num_inference_steps=28, guidance_scale=guidance, height=64, width=64, max_sequence_length=msl, generator=g).images[0]
 
 
 s = time.perf_counter()
