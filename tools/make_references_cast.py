@@ -8,7 +8,7 @@ compute_dtype=torch.float32)`) on the tiny fixtures, for runner's `storage_dtype
 Per case, tests/fixtures/refs/cast-<base>.{safetensors,json}: the base case's inputs (its json, recorded by
 make_references.py / make_references_flux.py) run again with some components cast; the json adds
 `storage_dtype` ({component: "fp8-e4m3" | ...}) and `base`; the tensors are `image` ([H, W, 3] in [0, 1])
-and `latents.final` (as the pipeline hands it to the VAE: SD's unscaled latents, FLUX's packed ones).
+and `vae.input` (what the VAE decodes: SD's latents / scaling_factor, FLUX's unpacked, scaled and shifted).
 """
 import json
 from pathlib import Path
@@ -48,7 +48,7 @@ def run_case(c):
     orig_decode = pipe.vae.decode
 
     def decode(z, *a, **k):
-        rec["latents.final"] = z.detach().float().clone()
+        rec["vae.input"] = z.detach().float().clone()
         return orig_decode(z, *a, **k)
     pipe.vae.decode = decode
     kwargs = dict(prompt=meta["prompt"], negative_prompt=meta.get("negative_prompt"), guidance_scale=meta["guidance_scale"],
