@@ -113,7 +113,8 @@ fn cast_with_group_offload_and_a_split_gives_the_same_image_and_the_plan_counts_
     // A split: the UNet over two devices sized from the cast plan.
     let c = |n: &str, k: &str| p1["components"][n][k].as_u64().unwrap();
     let (te, work, vae) = (c("text_encoder", "peak_bytes"), c("unet", "working_bytes"), c("vae", "peak_bytes"));
-    let split = sd15(dir.path(), "split", &format!("strategy = \"auto\"\nmax_memory = {{ \"cuda:0\" = {}, \"cuda:1\" = {}, \"cuda:2\" = {} }}", te + work + cast / 2, work + cast * 3 / 4, vae + 1000), true);
+    let split =
+        sd15(dir.path(), "split", &format!("strategy = \"auto\"\nmax_memory = {{ \"cuda:0\" = {}, \"cuda:1\" = {}, \"cuda:2\" = {} }}", te + work + cast / 2, work + cast * 3 / 4, vae + 1000), true);
     let sp = plan_json(&split, &["--devices", sim]);
     assert!(sp["components"]["unet"]["split"].is_object(), "the cast UNet is split: {sp}");
     let got = run_dump(&split, &["--simulate", sim]);

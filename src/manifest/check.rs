@@ -94,9 +94,13 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         let compute = typed::<super::Dtype>(comp.get("dtype")).unwrap_or(base);
         if storage.size_bytes() >= compute.size_bytes() {
             out.push(
-                err(&key(&["components", name, "storage_dtype"]), Want::Value, format!("`components.{name}.storage_dtype = \"{}\"` is not narrower than its compute dtype `{}`: nothing to save", storage.as_str(), compute.as_str()))
-                    .with_label("nothing to save")
-                    .with_note("layerwise casting stores weights in a narrower dtype: `fp8-e4m3` or `fp8-e5m2` (or `fp16` / `bf16` under `fp32`)"),
+                err(
+                    &key(&["components", name, "storage_dtype"]),
+                    Want::Value,
+                    format!("`components.{name}.storage_dtype = \"{}\"` is not narrower than its compute dtype `{}`: nothing to save", storage.as_str(), compute.as_str()),
+                )
+                .with_label("nothing to save")
+                .with_note("layerwise casting stores weights in a narrower dtype: `fp8-e4m3` or `fp8-e5m2` (or `fp16` / `bf16` under `fp32`)"),
             );
         }
     }

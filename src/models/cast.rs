@@ -59,10 +59,7 @@ pub fn skipped(class: &str, path: &str) -> bool {
 /// `weight`, not skipped. The planner's view of what the model code casts (the two agree on the
 /// castable classes, tested on the fixtures).
 pub fn cast_modules<'a>(class: &str, tensors: impl IntoIterator<Item = (&'a str, usize)>) -> std::collections::BTreeSet<String> {
-    tensors
-        .into_iter()
-        .filter_map(|(name, rank)| name.strip_suffix(".weight").filter(|m| matches!(rank, 2 | 4) && !skipped(class, m)).map(str::to_string))
-        .collect()
+    tensors.into_iter().filter_map(|(name, rank)| name.strip_suffix(".weight").filter(|m| matches!(rank, 2 | 4) && !skipped(class, m)).map(str::to_string)).collect()
 }
 
 /// Whether tensor `name` belongs to one of `modules` (its parent path is one).

@@ -102,7 +102,9 @@ impl Conv2d {
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // tch's `nn::Conv2D::forward` with `PaddingMode::Zeros`.
-        scoped(&self.path, || x.conv2d(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref(), [self.stride; 2], [self.padding; 2], [self.dilation; 2], self.groups))
+        scoped(&self.path, || {
+            x.conv2d(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref(), [self.stride; 2], [self.padding; 2], [self.dilation; 2], self.groups)
+        })
     }
     pub fn weight(&self) -> &Tensor {
         &self.ws
