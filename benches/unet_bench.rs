@@ -22,7 +22,14 @@ fn main() {
     let vs = VarStore::new(Device::Cpu);
     let ck = Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap();
     // `_mapped` keeps the file the parameters view mapped while the UNet runs.
-    let (unet, _mapped) = build_from_checkpoint(&vs, &ck, "UNet2DConditionModel", Kind::Float, |root| UNet2DConditionModel::new(root, config.clone())).unwrap();
+    // BENCH_STORAGE=fp8-e4m3|fp8-e5m2|fp16|bf16: layerwise casting (`storage_dtype`) over fp32.
+    let cast = std::env::var("BENCH_STORAGE").ok().filter(|s| !s.is_empty()).map(|s| runner::models::cast::Cast {
+        storage: runner::models::cast::storage_kind(serde_json::from_value(serde_json::Value::String(s)).expect("BENCH_STORAGE: fp8-e4m3, fp8-e5m2, fp16 or bf16")),
+        compute: Kind::Float,
+    });
+    let (unet, _mapped) =
+        runner::models::cast::building("UNet2DConditionModel", cast, || build_from_checkpoint(&vs, &ck, "UNet2DConditionModel", Kind::Float, |root| UNet2DConditionModel::new(root, config.clone())))
+            .unwrap();
     tch::manual_seed(0);
     let x = Tensor::randn([batch, config.in_channels, size, size], (Kind::Float, Device::Cpu));
     let ctx = Tensor::randn([batch, 77, config.cross_attention_dim], (Kind::Float, Device::Cpu));

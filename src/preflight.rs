@@ -182,6 +182,18 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
             )));
         }
     }
+    // Layerwise casting is diffusers' (`ModelMixin.enable_layerwise_casting`).
+    for (name, c) in &m.manifest.components {
+        let Some(class) = c.storage_dtype.and_then(|_| p.component(name)).map(|c| c.class.as_str()) else { continue };
+        if !crate::models::cast::CASTABLE_CLASSES.contains(&class) {
+            let key = format!("components.{name}.storage_dtype");
+            out.push(
+                Diagnostic::error(format!("`{key}`: `{name}` is a `{class}`, which has no layerwise casting (diffusers' `enable_layerwise_casting` is for diffusers models)"), at(&key))
+                    .with_key(&key)
+                    .with_note(format!("layerwise casting applies to {}", crate::models::cast::CASTABLE_CLASSES.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "))),
+            );
+        }
+    }
     if !out.is_empty() {
         return Err(out);
     }

@@ -25,7 +25,8 @@ VAE's scale and shift), vae.input (latents.final / scaling_factor + shift_factor
 and .text_embeds, text_encoder_3.{prompt,negative}.last_hidden_state). Also refs/t5-tokenizer.json
 (T5TokenizerFast ids on varied strings) and refs/t5-encoder.safetensors (T5EncoderModel hidden states).
 
-FLUX.1 (tiny-flux-dev, tiny-flux-schnell): tools/make_references_flux.py, run at the end.
+FLUX.1 (tiny-flux-dev, tiny-flux-schnell): tools/make_references_flux.py, run at the end;
+layerwise casting (cast-*): tools/make_references_cast.py, after it.
 """
 import json
 import unicodedata
@@ -442,6 +443,8 @@ def main():
     import subprocess
     import sys
     subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_references_flux.py"))], check=True)
+    # Layerwise casting (storage_dtype) on a SD 1.5 and a FLUX case: its own process, after the base cases.
+    subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_references_cast.py"))], check=True)
     total = sum(f.stat().st_size for f in OUT.iterdir())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 

@@ -14,6 +14,7 @@ use crate::checkpoint::layout::{Checkpoint, Component, PipelineFolder};
 use crate::checkpoint::load::Mapped;
 use crate::device::Device;
 use crate::manifest::{Dtype, LoadedManifest, Offload};
+use crate::models::cast::{self, Cast};
 use crate::models::clip::ClipTextConfig;
 use crate::models::flux_transformer::{FluxTransformer2DConfig, FluxTransformer2DModel};
 use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
@@ -176,25 +177,48 @@ impl<'a> Loader<'a> {
         self.track_whole(name, l).run(|| placed_build(l, T5TextEncoder::varstore, |d| T5TextEncoder::load(self.pipeline, ck_of(l), d, l.kind, cfg, tokenizer)))
     }
 
+    /// `components.<name>.storage_dtype` of `l` computing at `compute`, checked on the devices it
+    /// loads to and runs on (a backend that cannot cast is an error now, not a libtorch abort).
+    fn cast(&self, l: &Loaded, compute: Kind) -> Result<Option<Cast>, ExecError> {
+        let Some(s) = self.m.manifest.components.get(&l.component.name).and_then(|c| c.storage_dtype) else { return Ok(None) };
+        let cast = Cast { storage: cast::storage_kind(s), compute };
+        let mut devices = vec![l.device];
+        if !self.simulate {
+            devices.push(tch_device(plan_device(self.plan, &l.component.name)));
+        }
+        devices.extend(l.split.iter().flatten().map(|(_, d)| *d));
+        for d in devices {
+            cast::probe(d, cast).map_err(|e| ExecError::Unsupported(format!("components.{}.storage_dtype = \"{}\": {e}", l.component.name, s.as_str())))?;
+        }
+        Ok(Some(cast))
+    }
+
+    /// Runs `f` (the build of `l`, a `class` model at `compute`) with its layers cast by its
+    /// `storage_dtype`, if any.
+    fn built<R>(&self, l: &Loaded, compute: Kind, f: impl FnOnce() -> Result<R, ExecError>) -> Result<R, ExecError> {
+        let c = self.cast(l, compute)?;
+        cast::building(&l.component.class, c, f)
+    }
+
     pub fn sd3_transformer(&self, l: &Loaded, cfg: &SD3Transformer2DConfig) -> Result<SD3Transformer2DModel, ExecError> {
         self.track_whole("transformer", l)
-            .run(|| placed_build(l, SD3Transformer2DModel::varstore, |d| SD3Transformer2DModel::load(cfg, ck_of(l), d, l.kind).map_err(|e| ExecError::Text(e.to_string()))))
+            .run(|| self.built(l, l.kind, || placed_build(l, SD3Transformer2DModel::varstore, |d| SD3Transformer2DModel::load(cfg, ck_of(l), d, l.kind).map_err(|e| ExecError::Text(e.to_string())))))
     }
 
     pub fn flux_transformer(&self, l: &Loaded, cfg: &FluxTransformer2DConfig) -> Result<FluxTransformer2DModel, ExecError> {
         self.track_whole("transformer", l)
-            .run(|| placed_build(l, FluxTransformer2DModel::varstore, |d| FluxTransformer2DModel::load(cfg, ck_of(l), d, l.kind).map_err(|e| ExecError::Text(e.to_string()))))
+            .run(|| self.built(l, l.kind, || placed_build(l, FluxTransformer2DModel::varstore, |d| FluxTransformer2DModel::load(cfg, ck_of(l), d, l.kind).map_err(|e| ExecError::Text(e.to_string())))))
     }
 
     pub fn unet(&self, l: &Loaded) -> Result<Held<UNet2DConditionModel>, ExecError> {
-        self.track_whole("unet", l).run(|| load_unet(l, self.configs.unet().clone()))
+        self.track_whole("unet", l).run(|| self.built(l, l.kind, || load_unet(l, self.configs.unet().clone())))
     }
 
     /// The VAE's decoder and the dtype it runs at: with `upcast`, [`vae_kind`] (SD, SDXL);
     /// else the component's (SD3 never upcasts).
     pub fn vae(&self, l: &Loaded, upcast: bool) -> Result<(Held<AutoencoderKLDecoder>, Kind), ExecError> {
         let kind = if upcast { vae_kind(l, &self.configs.vae) } else { l.kind };
-        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), &l.component.class, kind)).run(|| load_vae(l, kind, self.configs.vae.clone())).map(|h| (h, kind))
+        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), &l.component.class, kind)).run(|| self.built(l, kind, || load_vae(l, kind, self.configs.vae.clone()))).map(|h| (h, kind))
     }
 
     /// Weight bytes the load placed in host memory.

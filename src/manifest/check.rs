@@ -87,6 +87,24 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         }
     }
 
+    // Layerwise casting: the storage dtype narrower than the compute dtype.
+    let base: super::Dtype = typed(m.pointer("/pipeline/dtype")).unwrap_or_default();
+    for (name, comp) in obj(components) {
+        let Some(storage) = typed::<super::StorageDtype>(comp.get("storage_dtype")) else { continue };
+        let compute = typed::<super::Dtype>(comp.get("dtype")).unwrap_or(base);
+        if storage.size_bytes() >= compute.size_bytes() {
+            out.push(
+                err(
+                    &key(&["components", name, "storage_dtype"]),
+                    Want::Value,
+                    format!("`components.{name}.storage_dtype = \"{}\"` is not narrower than its compute dtype `{}`: nothing to save", storage.as_str(), compute.as_str()),
+                )
+                .with_label("nothing to save")
+                .with_note("layerwise casting stores weights in a narrower dtype: `fp8-e4m3` or `fp8-e5m2` (or `fp16` / `bf16` under `fp32`)"),
+            );
+        }
+    }
+
     // Paths: the pipeline folder must be a folder; missing paths are only warnings.
     let resolve = |k: &[String], p: &Path| resolve_path_with(manifest_path, prov.origin(k), p);
     let src_key = key(&["pipeline", "source"]);

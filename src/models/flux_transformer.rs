@@ -124,6 +124,8 @@ pub struct FluxTransformer2DModel {
     single_transformer_blocks: Vec<FluxSingleTransformerBlock>,
     norm_out: AdaLayerNormContinuous,
     proj_out: Linear,
+    /// The dtype it computes in (with layerwise casting, not `x_embedder`'s storage dtype).
+    kind: Kind,
 }
 
 impl FluxTransformer2DModel {
@@ -146,7 +148,7 @@ impl FluxTransformer2DModel {
         })?;
         let (time_text_embed, context_embedder, x_embedder, transformer_blocks, single_transformer_blocks, norm_out, proj_out) = parts;
         let pos_embed = FluxPosEmbed { axes_dim: c.axes_dims_rope.clone(), theta: 10000.0 };
-        Ok(FluxTransformer2DModel { config: c.clone(), vs, mapped, pos_embed, time_text_embed, context_embedder, x_embedder, transformer_blocks, single_transformer_blocks, norm_out, proj_out })
+        Ok(FluxTransformer2DModel { config: c.clone(), vs, mapped, pos_embed, time_text_embed, context_embedder, x_embedder, transformer_blocks, single_transformer_blocks, norm_out, proj_out, kind })
     }
 
     /// The variables (the executor moves and accounts them).
@@ -220,7 +222,7 @@ impl FluxTransformer2DModel {
         let img_ids = ids("img_ids", img_ids, s, "image token")?;
 
         let w = &self.x_embedder.weight;
-        let (device, kind) = (w.device(), w.kind());
+        let (device, kind) = (w.device(), self.kind);
         let to_model = |x: &Tensor| x.f_to_device(device)?.f_to_kind(kind);
         let mut hidden = self.x_embedder.forward(&to_model(hidden_states)?)?;
         // `timestep.to(hidden_states.dtype) * 1000`: rounded to the model dtype first, as there.

@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
+use super::cast::{self, Cast};
 use super::weights::param;
 use tch::nn;
 use tch::Tensor;
@@ -56,6 +57,8 @@ pub struct Linear {
     pub ws: Tensor,
     pub bs: Option<Tensor>,
     pub path: String,
+    /// Layerwise casting: parameters stored narrower, cast as the layer runs.
+    cast: Option<Cast>,
 }
 
 impl Linear {
@@ -63,11 +66,13 @@ impl Linear {
         let bound = 1.0 / (d_in as f64).sqrt();
         let ws = param(&p, "weight", &[d_out, d_in], c.ws_init);
         let bs = c.bias.then(|| param(&p, "bias", &[d_out], c.bs_init.unwrap_or(nn::Init::Uniform { lo: -bound, up: bound })));
-        Linear { path: path_of(&p), ws, bs }
+        let path = path_of(&p);
+        let cast = cast::layer(&path, &[Some(&ws), bs.as_ref()].into_iter().flatten().collect::<Vec<_>>());
+        Linear { path, ws, bs, cast }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // tch's `nn::Linear::forward`.
-        scoped(&self.path, || x.linear(&self.ws, self.bs.as_ref()))
+        scoped(&self.path, || x.linear(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref()))
     }
     pub fn weight(&self) -> &Tensor {
         &self.ws
@@ -80,6 +85,7 @@ pub struct Conv2d {
     pub ws: Tensor,
     pub bs: Option<Tensor>,
     pub path: String,
+    cast: Option<Cast>,
     stride: i64,
     padding: i64,
     dilation: i64,
@@ -90,11 +96,15 @@ impl Conv2d {
     pub fn new(p: nn::Path, cin: i64, cout: i64, k: i64, c: nn::ConvConfig) -> Conv2d {
         let ws = param(&p, "weight", &[cout, cin / c.groups, k, k], c.ws_init);
         let bs = c.bias.then(|| param(&p, "bias", &[cout], c.bs_init));
-        Conv2d { path: path_of(&p), ws, bs, stride: c.stride, padding: c.padding, dilation: c.dilation, groups: c.groups }
+        let path = path_of(&p);
+        let cast = cast::layer(&path, &[Some(&ws), bs.as_ref()].into_iter().flatten().collect::<Vec<_>>());
+        Conv2d { path, ws, bs, cast, stride: c.stride, padding: c.padding, dilation: c.dilation, groups: c.groups }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // tch's `nn::Conv2D::forward` with `PaddingMode::Zeros`.
-        scoped(&self.path, || x.conv2d(&self.ws, self.bs.as_ref(), [self.stride; 2], [self.padding; 2], [self.dilation; 2], self.groups))
+        scoped(&self.path, || {
+            x.conv2d(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref(), [self.stride; 2], [self.padding; 2], [self.dilation; 2], self.groups)
+        })
     }
     pub fn weight(&self) -> &Tensor {
         &self.ws

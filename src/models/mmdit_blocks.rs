@@ -22,17 +22,22 @@ pub(crate) struct Linear {
     pub(crate) weight: Tensor,
     bias: Tensor,
     path: String,
+    /// Layerwise casting: parameters stored narrower, cast as the layer runs.
+    cast: Option<crate::models::cast::Cast>,
 }
 
 impl Linear {
     pub(crate) fn new(p: nn::Path, d_in: i64, d_out: i64) -> Linear {
         let weight = param(&p, "weight", &[d_out, d_in], Init::Const(0.));
         let bias = param(&p, "bias", &[d_out], Init::Const(0.));
-        Linear { weight, bias, path: path_of(&p) }
+        let path = path_of(&p);
+        let cast = crate::models::cast::layer(&path, &[&weight, &bias]);
+        Linear { weight, bias, path, cast }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        scoped(&self.path, || x.f_linear(&self.weight, Some(&self.bias)))
+        use crate::models::cast::compute;
+        scoped(&self.path, || x.f_linear(&compute(&self.weight, self.cast), Some(&compute(&self.bias, self.cast))))
     }
 }
 

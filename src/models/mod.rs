@@ -2,6 +2,7 @@
 //! checkpoint keys so that real checkpoints load unchanged.
 
 pub mod attention;
+pub mod cast;
 pub mod clip;
 pub mod config;
 pub mod embeddings;

@@ -111,6 +111,11 @@ pub fn param_at(p: &nn::Path, name: &str, shape: &[i64], kind: Kind) -> Tensor {
     }
 }
 
+/// Whether [`build_from_checkpoint`]'s first pass (placeholders) is running on this thread.
+pub fn is_dry_pass() -> bool {
+    SOURCE.with(|s| matches!(*s.borrow(), Some(Source::Dry { .. })))
+}
+
 fn param_with(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init, kind: Option<Kind>) -> Tensor {
     let full = {
         let base = p.components().collect::<Vec<_>>().join(".");

@@ -76,6 +76,17 @@ pub fn tensor_bytes(class: &str, name: &str, info: &TensorInfo, dtype: Dtype) ->
     info.nbytes_as(if keep_fp32 { 4 } else { dtype.size_bytes() })
 }
 
+/// The largest compute-dtype copy a layerwise-cast layer makes as it runs (its weight and bias).
+fn cast_copy_bytes(cast: &std::collections::BTreeSet<String>, ck: &crate::checkpoint::layout::Checkpoint, dtype: Dtype) -> u64 {
+    let mut by_layer: BTreeMap<&str, u64> = BTreeMap::new();
+    for (k, t) in &ck.tensors {
+        if crate::models::cast::is_cast(cast, k) {
+            *by_layer.entry(k.rsplit_once('.').map_or("", |(m, _)| m)).or_default() += t.info.nbytes_as(dtype.size_bytes());
+        }
+    }
+    by_layer.values().copied().max().unwrap_or(0)
+}
+
 /// The planner's input: sizes from the checkpoint headers, working memory from the configs
 /// preflight read (the same the models are built from).
 pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
@@ -94,8 +105,15 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
                 (Some(u), "unet") => u.up_block_types.as_slice(),
                 _ => &[],
             };
+            // Layerwise casting: cast layers weigh their storage dtype.
+            let storage = spec.and_then(|s| s.storage_dtype);
+            let cast = storage.map(|_| crate::models::cast::cast_modules(&c.class, ck.tensors.iter().map(|(k, t)| (k.as_str(), t.info.shape.len())))).unwrap_or_default();
+            let stored = |k: &str, t: &crate::checkpoint::layout::TensorLoc, dtype: Dtype| match storage {
+                Some(s) if crate::models::cast::is_cast(&cast, k) && t.info.dtype.is_float() => t.info.nbytes_as(s.size_bytes()),
+                _ => tensor_bytes(&c.class, k, &t.info, dtype),
+            };
             let tree_at = |dtype: Dtype| {
-                let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), tensor_bytes(&c.class, k, &t.info, dtype))).collect();
+                let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), stored(k, t, dtype))).collect();
                 modules::build(&c.class, up_block_types, &tensors)
             };
             let tree = tree_at(dtype);
@@ -105,7 +123,8 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
                 class: c.class.clone(),
                 dtype,
                 bytes: tree.total,
-                working: if opts.weights_only { 0 } else { working_bytes(&dims, dtype, &shape) },
+                // + the compute copy of the largest cast layer, alive while it runs.
+                working: if opts.weights_only { 0 } else { working_bytes(&dims, dtype, &shape) + cast_copy_bytes(&cast, ck, dtype) },
                 working_half: if opts.weights_only { 0 } else { working_bytes(&dims, Dtype::Fp16, &shape) },
                 // What fp16 would weigh, for suggesting it (T5's `wo` stays fp32 there).
                 tree_half: (dtype == Dtype::Fp32).then(|| tree_at(Dtype::Fp16)),

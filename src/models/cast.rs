@@ -1,0 +1,184 @@
+//! Layerwise casting, as diffusers' `ModelMixin.enable_layerwise_casting(storage_dtype,
+//! compute_dtype)` applies it (`hooks/layerwise_casting.py`): the weights (and biases) of every
+//! supported leaf layer (`Linear`, `Conv2d`) whose module path no skip pattern matches are
+//! converted once, at load, to the storage dtype, and each such layer casts them to the compute
+//! dtype right before its forward and drops the cast copy after (diffusers' hook does
+//! `module.to(compute)` in `pre_forward` and `module.to(storage)` in `post_forward`, which gives
+//! back the same storage values).
+//!
+//! In runner the cast happens inside the layer's [`crate::models::hooks::scoped`] forward, so it
+//! composes with offload streams without any coupling: a stream's `pre` brings the layer's
+//! storage-dtype weights to the device first (streams move the narrow bytes), then the layer casts
+//! them there; the variables always hold the storage tensors, so the ledger and the offload
+//! host copies count storage bytes.
+//!
+//! The model's dtype (what inputs are cast to) stays the compute dtype: models read it from a
+//! skipped layer's weight or from the inputs, never from a cast layer's weight.
+
+use std::cell::RefCell;
+
+use tch::{Kind, Tensor};
+
+use crate::manifest::StorageDtype;
+
+/// diffusers `DEFAULT_SKIP_MODULES_PATTERN` (`re.search` on each module path).
+pub const DEFAULT_SKIP_MODULES_PATTERN: &[&str] = &["pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$"];
+
+/// The diffusers models runner can cast layer by layer (`enable_layerwise_casting` is a
+/// `ModelMixin` method: transformers' text encoders have none).
+pub const CASTABLE_CLASSES: &[&str] = &["UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "AutoencoderKL"];
+
+/// The model's `_skip_layerwise_casting_patterns` (its `_keep_in_fp32_modules` are `None` for
+/// all four).
+fn class_patterns(class: &str) -> &'static [&'static str] {
+    match class {
+        "UNet2DConditionModel" => &["norm"],
+        "SD3Transformer2DModel" | "FluxTransformer2DModel" => &["pos_embed", "norm"],
+        _ => &[],
+    }
+}
+
+/// `re.search(pattern, path)` for the patterns above: `^x$` is equality, anything else a
+/// substring.
+fn matches(pattern: &str, path: &str) -> bool {
+    match pattern.strip_prefix('^').and_then(|p| p.strip_suffix('$')) {
+        Some(exact) => path == exact,
+        None => path.contains(pattern),
+    }
+}
+
+/// Whether diffusers leaves module `path` of a `class` model (and all below it) uncast: its
+/// recursion tests every prefix on the way down, so an ancestor's match skips the leaf too.
+pub fn skipped(class: &str, path: &str) -> bool {
+    let patterns = DEFAULT_SKIP_MODULES_PATTERN.iter().chain(class_patterns(class));
+    let mut prefixes = path.match_indices('.').map(|(i, _)| &path[..i]).chain(std::iter::once(path));
+    prefixes.any(|p| patterns.clone().any(|pat| matches(pat, p)))
+}
+
+/// The modules of a checkpoint that are cast: those owning a 2-D (`Linear`) or 4-D (`Conv2d`)
+/// `weight`, not skipped. The planner's view of what the model code casts (the two agree on the
+/// castable classes, tested on the fixtures).
+pub fn cast_modules<'a>(class: &str, tensors: impl IntoIterator<Item = (&'a str, usize)>) -> std::collections::BTreeSet<String> {
+    tensors.into_iter().filter_map(|(name, rank)| name.strip_suffix(".weight").filter(|m| matches!(rank, 2 | 4) && !skipped(class, m)).map(str::to_string)).collect()
+}
+
+/// Whether tensor `name` belongs to one of `modules` (its parent path is one).
+pub fn is_cast(modules: &std::collections::BTreeSet<String>, name: &str) -> bool {
+    name.rsplit_once('.').is_some_and(|(m, _)| modules.contains(m))
+}
+
+/// A cast layer's dtypes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cast {
+    pub storage: Kind,
+    pub compute: Kind,
+}
+
+pub fn storage_kind(s: StorageDtype) -> Kind {
+    match s {
+        StorageDtype::Fp8E4m3 => Kind::Float8e4m3fn,
+        StorageDtype::Fp8E5m2 => Kind::Float8e5m2,
+        StorageDtype::Fp16 => Kind::Half,
+        StorageDtype::Bf16 => Kind::BFloat16,
+    }
+}
+
+thread_local! {
+    /// The class being built and its cast, while [`building`] runs.
+    static ACTIVE: RefCell<Option<(String, Cast)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (a model's construction) with the layers it builds cast by `cast` when `Some`.
+pub fn building<R>(class: &str, cast: Option<Cast>, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<(String, Cast)>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            ACTIVE.with(|a| *a.borrow_mut() = prev);
+        }
+    }
+    let Some(cast) = cast else { return f() };
+    let prev = ACTIVE.with(|a| a.borrow_mut().replace((class.to_string(), cast)));
+    let _reset = Reset(prev);
+    f()
+}
+
+/// Called by a supported layer being built at `path` with its parameters: `Some` when the layer
+/// is cast, its parameters then converted to the storage dtype (in place: the variables hold
+/// them).
+pub fn layer(path: &str, params: &[&Tensor]) -> Option<Cast> {
+    let (class, cast) = ACTIVE.with(|a| a.borrow().clone())?;
+    if skipped(&class, path) {
+        return None;
+    }
+    if !crate::models::weights::is_dry_pass() {
+        tch::no_grad(|| {
+            for p in params {
+                let mut v = p.shallow_clone();
+                v.set_data(&p.to_kind(cast.storage));
+            }
+        });
+    }
+    Some(cast)
+}
+
+/// The tensor a cast layer computes with: `t` cast to the compute dtype (a temporary, dropped
+/// after the forward), or `t` itself.
+pub fn compute(t: &Tensor, cast: Option<Cast>) -> Tensor {
+    match cast {
+        Some(c) if t.kind() != c.compute => t.to_kind(c.compute),
+        _ => t.shallow_clone(),
+    }
+}
+
+/// Whether `device` can convert to `storage` and back (a clear error instead of a libtorch
+/// abort mid-run).
+pub fn probe(device: tch::Device, cast: Cast) -> Result<(), String> {
+    let t = Tensor::f_zeros([2], (cast.compute, device)).map_err(|e| e.to_string())?;
+    t.f_to_kind(cast.storage).and_then(|s| s.f_to_kind(cast.compute)).map(|_| ()).map_err(|e| format!("{device:?} cannot cast {:?} to {:?} and back: {e}", cast.compute, cast.storage))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skips_what_diffusers_skips() {
+        for (class, path, want) in [
+            ("UNet2DConditionModel", "down_blocks.0.resnets.0.norm1", true),
+            ("UNet2DConditionModel", "down_blocks.0.attentions.0.proj_in", false),
+            ("UNet2DConditionModel", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", false),
+            ("UNet2DConditionModel", "conv_norm_out", true),
+            ("UNet2DConditionModel", "conv_in", false),
+            ("SD3Transformer2DModel", "pos_embed.proj", true),
+            ("SD3Transformer2DModel", "proj_out", true),
+            ("SD3Transformer2DModel", "norm_out.linear", true),
+            ("SD3Transformer2DModel", "transformer_blocks.0.norm1.linear", true),
+            ("FluxTransformer2DModel", "single_transformer_blocks.0.proj_out", false),
+            ("FluxTransformer2DModel", "x_embedder", false),
+            ("AutoencoderKL", "decoder.mid_block.attentions.0.group_norm", true),
+            ("AutoencoderKL", "post_quant_conv", false),
+        ] {
+            assert_eq!(skipped(class, path), want, "{class} {path}");
+        }
+    }
+
+    #[test]
+    fn layers_cast_only_while_building_a_cast_model() {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let cast = Cast { storage: Kind::Float8e4m3fn, compute: Kind::Float };
+        let (a, n) = building("UNet2DConditionModel", Some(cast), || {
+            (crate::models::hooks::Linear::new(&vs.root() / "time_embedding" / "linear_1", 2, 3, Default::default()), crate::models::hooks::Linear::new(&vs.root() / "norm", 2, 3, Default::default()))
+        });
+        let b = crate::models::hooks::Linear::new(&vs.root() / "other", 2, 3, Default::default());
+        assert_eq!(vs.variables()["time_embedding.linear_1.weight"].kind(), Kind::Float8e4m3fn, "the variable holds the storage tensor");
+        assert_eq!(a.weight().kind(), Kind::Float8e4m3fn);
+        assert_eq!(n.weight().kind(), Kind::Float, "skipped");
+        assert_eq!(b.weight().kind(), Kind::Float, "outside `building`");
+        let x = Tensor::ones([1, 2], (Kind::Float, tch::Device::Cpu));
+        let y = a.forward(&x);
+        assert_eq!(y.kind(), Kind::Float);
+        let w = a.weight().to_kind(Kind::Float);
+        assert!(y.allclose(&x.linear(&w, a.bs.as_ref().map(|b| b.to_kind(Kind::Float)).as_ref()), 1e-6, 1e-6, false));
+    }
+}
