@@ -240,7 +240,11 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     if let (Some(v), Some(true)) = (&vae, m.manifest.components.get("vae").and_then(|c| c.tiling)) {
         if let Some(path) = path_of("vae") {
             if let Err(e) = v.tile(&path) {
-                out.push(diag(&e, &path).with_key("components.vae.tiling").with_note("set `sample_size` in the VAE's config.json to the size it was trained at (diffusers tiles at that size), or turn tiling off"));
+                out.push(
+                    diag(&e, &path)
+                        .with_key("components.vae.tiling")
+                        .with_note("set `sample_size` in the VAE's config.json to the size it was trained at (diffusers tiles at that size), or turn tiling off"),
+                );
             }
         }
     }

@@ -720,7 +720,8 @@ fn flux_dev_plans_in_milliseconds() {
 #[test]
 fn vae_working_memory_follows_the_tile() {
     let dir = tempfile::tempdir().unwrap();
-    let working = |m: &str, root: &Path, args: &[&str]| plan_json(m, root, &[&["--devices", "cuda:0=80GiB,cuda:1=80GiB,cpu=64GiB"], args].concat())["components"]["vae"]["working_bytes"].as_u64().unwrap();
+    let working =
+        |m: &str, root: &Path, args: &[&str]| plan_json(m, root, &[&["--devices", "cuda:0=80GiB,cuda:1=80GiB,cpu=64GiB"], args].concat())["components"]["vae"]["working_bytes"].as_u64().unwrap();
     let tiled = ["--set", "components.vae.tiling=true"];
     // SD 1.5 (sample_size 512, fp32 decode by force_upcast) at 1024x1024: 3x3 tiles of 512 px.
     let sd15 = crate::util::sparse_pipeline("sd15", &dir.path().join("sd15"), Dtype::F16);

@@ -88,11 +88,17 @@ impl AutoencoderKLConfig {
     pub fn tile(&self, path: &Path) -> Result<Tile, ModelError> {
         let err = |msg: String| ModelError::from(super::config::ConfigError { path: path.to_path_buf(), model: "AutoencoderKL".into(), msg });
         let Some(sample) = self.sample_size else {
-            return Err(err("VAE tiling (`components.vae.tiling = true`) needs an integer `sample_size` (the tile size in pixels, diffusers' `tile_sample_min_size`), and this config has none".into()));
+            return Err(
+                err("VAE tiling (`components.vae.tiling = true`) needs an integer `sample_size` (the tile size in pixels, diffusers' `tile_sample_min_size`), and this config has none".into()),
+            );
         };
         let tile = Tile::new(sample, self.block_out_channels.len());
         if tile.overlap() < 1 {
-            return Err(err(format!("`sample_size` {sample} is too small to tile: its latent tile ({} at {}x down) must be at least 2 for a non-zero stride", tile.latent, 1 << (self.block_out_channels.len() - 1))));
+            return Err(err(format!(
+                "`sample_size` {sample} is too small to tile: its latent tile ({} at {}x down) must be at least 2 for a non-zero stride",
+                tile.latent,
+                1 << (self.block_out_channels.len() - 1)
+            )));
         }
         Ok(tile)
     }

@@ -52,7 +52,9 @@ fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str, tiling: 
         "unet" => configs.unet.as_ref().map_or(Dims::None, |u| Dims::UNet { c0: u.block_out_channels[0] as u64, attention_first: u.down_block_types[0].starts_with("CrossAttn") }),
         // SD3's and FLUX's pipelines decode at the VAE's own dtype: their configs' force_upcast
         // (true in the SD3 and FLUX repos) is never applied.
-        "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast && !kind.flow_matching(), tile: tiling.then(|| vae_tile(configs)).flatten(), slicing },
+        "vae" => {
+            Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast && !kind.flow_matching(), tile: tiling.then(|| vae_tile(configs)).flatten(), slicing }
+        }
         "transformer" => match (&configs.transformer, &configs.flux_transformer) {
             (Some(t), _) => Dims::Sd3Transformer { hidden: (t.num_attention_heads * t.attention_head_dim) as u64, patch: t.patch_size as u64, joint: t.joint_attention_dim as u64 },
             (_, Some(t)) => Dims::FluxTransformer { hidden: t.inner_dim() as u64, head_dim: t.attention_head_dim as u64, joint: t.joint_attention_dim as u64 },
