@@ -23,6 +23,7 @@ fn main() {
             tree,
             working: 0,
             working_half: 0,
+            working_tiled: None,
             tree_half: None,
             pin: None,
             offload: Offload::None,

@@ -248,6 +248,18 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
         Some(path) if p.component("safety_checker").is_some_and(|c| c.checkpoint.is_some()) => SafetyCheckerConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok(),
         _ => None,
     };
+    // VAE tiling takes its tile from the config's `sample_size`.
+    if let (Some(v), Some(true)) = (&vae, m.manifest.components.get("vae").and_then(|c| c.tiling)) {
+        if let Some(path) = path_of("vae") {
+            if let Err(e) = v.tile(&path) {
+                out.push(
+                    diag(&e, &path)
+                        .with_key("components.vae.tiling")
+                        .with_note("set `sample_size` in the VAE's config.json to the size it was trained at (diffusers tiles at that size), or turn tiling off"),
+                );
+            }
+        }
+    }
     let (Some(vae), Some(text_encoder)) = (vae, te) else { return Err(out) };
     if (!sd3 && !flux && unet.is_none())
         || (sd3 && transformer.is_none())

@@ -1,7 +1,8 @@
 //! `runner run` end to end on the tiny SD 1.5 fixture against diffusers' recorded runs
 //! (tests/fixtures/refs, tools/make_references.py): token ids equal, intermediates within 1e-4
 //! relative, final image max |diff| <= 2e-3, for PNDM, Euler, Euler ancestral, DDIM, DPM++ 2M
-//! (plain and Karras), and a batch-2 run without guidance.
+//! (plain and Karras), and a batch-2 run without guidance; VAE tiling (a 96x80 image, 12x10
+//! latents: not a multiple of the tile) and slicing.
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +42,10 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
     }
     if m["text_encoder_3"] == false {
         text.push_str("[components.text_encoder_3]\nenabled = false\n");
+    }
+    // diffusers' `vae.enable_tiling()` / `enable_slicing()` (tools/make_references_vae.py).
+    if m["vae_tiling"] == true || m["vae_slicing"] == true {
+        text.push_str(&format!("[components.vae]\ntiling = {}\nslicing = {}\n", m["vae_tiling"] == true, m["vae_slicing"] == true));
     }
     text.push_str("[placement]\nmax_memory = { cpu = \"4GiB\" }\n[run]\n");
     text.push_str(&format!("prompt = {}\n", m["prompt"]));
@@ -138,6 +143,16 @@ fn dpmpp_2m_karras() {
 #[test]
 fn no_guidance_batch_of_two() {
     check_case("sd15-pndm-noguidance-batch2");
+}
+/// `components.vae.tiling = true` at 96x80: diffusers' `vae.enable_tiling()` image.
+#[test]
+fn vae_tiling_at_a_size_not_a_multiple_of_the_tile() {
+    check_case("sd15-vae-tiling");
+}
+/// Tiling and slicing, a batch of 2.
+#[test]
+fn vae_tiling_and_slicing_batch_of_two() {
+    check_case("sd15-vae-tiling-slicing-batch2");
 }
 #[test]
 fn sdxl_with_negative_prompt() {

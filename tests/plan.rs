@@ -780,3 +780,60 @@ fn memory_floor_table() {
         }
     }
 }
+
+/// With `components.vae.tiling = true` the VAE's working memory is the tile's (the config's
+/// `sample_size`), not the image's, where diffusers tiles: when the latent exceeds the tile.
+#[test]
+fn vae_working_memory_follows_the_tile() {
+    let dir = tempfile::tempdir().unwrap();
+    let working =
+        |m: &str, root: &Path, args: &[&str]| plan_json(m, root, &[&["--devices", "cuda:0=80GiB,cuda:1=80GiB,cpu=64GiB"], args].concat())["components"]["vae"]["working_bytes"].as_u64().unwrap();
+    let tiled = ["--set", "components.vae.tiling=true"];
+    // SD 1.5 (sample_size 512, fp32 decode by force_upcast) at 1024x1024: 3x3 tiles of 512 px.
+    let sd15 = crate::util::sparse_pipeline("sd15", &dir.path().join("sd15"), Dtype::F16);
+    let m = manifest(dir.path(), "sd15", "stable-diffusion", &sd15, "fp16", "");
+    let size = ["--set", "run.width=1024", "--set", "run.height=1024"];
+    let (px, tile) = (1024 * 1024u64, 512 * 512u64);
+    assert_eq!(working(m.to_str().unwrap(), &sd15, &size), 10 * px * 128 * 4);
+    assert_eq!(working(m.to_str().unwrap(), &sd15, &[&size[..], &tiled[..]].concat()), 10 * tile * 128 * 4 + 9 * tile * 3 * 4 + px * 3 * 4);
+    // Slicing alone: one image of the batch at a time, the decoded ones kept.
+    let batch = [&size[..], &["--set", "run.batch=2", "--set", "components.vae.slicing=true"]].concat();
+    assert_eq!(working(m.to_str().unwrap(), &sd15, &batch), 10 * px * 128 * 4 + 2 * px * 3 * 4);
+    // SDXL's VAE tiles at 1024 px (sample_size 1024): at 1024x1024 diffusers decodes whole even
+    // with tiling on, and so does the plan; at 2048x2048, 3x3 tiles.
+    let root = sdxl(&dir.path().join("sdxl"));
+    let src = root.join("unet").display().to_string();
+    let unet = ["--set", &format!("components.unet.source={src}")];
+    let sdxl_vae = |args: &[&str]| working("manifests/sdxl.toml", &root, &[&unet[..], args].concat());
+    assert_eq!(sdxl_vae(&tiled), sdxl_vae(&[]));
+    assert_eq!(sdxl_vae(&tiled), 10 * px * 128 * 4);
+    let big = ["--set", "run.width=2048", "--set", "run.height=2048"];
+    assert_eq!(sdxl_vae(&big), 10 * 4 * px * 128 * 4);
+    assert_eq!(sdxl_vae(&[&big[..], &tiled[..]].concat()), 10 * px * 128 * 4 + 9 * px * 3 * 4 + 4 * px * 3 * 4);
+}
+
+/// When the VAE's activations are what does not fit, `runner plan` says that tiling would.
+#[test]
+fn plan_suggests_vae_tiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = sdxl(dir.path());
+    let big = ["--set", "run.width=2048", "--set", "run.height=2048", "--devices", "cuda:0=8GB,cuda:1=8GB,cpu=64GiB"];
+    // By default (`overflow = "stream"`) the VAE goes to the CPU, with a note.
+    let (code, stdout, stderr) = plan(&[&["--json"], &big[..]].concat(), &root);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["components"]["vae"]["device"], "cpu");
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("`vae` fits no GPU whole with 21.47 GB of working memory (its activations at full resolution); with `components.vae.tiling = true` (diffusers' `enable_vae_tiling`) it needs 5.53 GB and would fit on cuda:"), "{notes}");
+    // With `overflow = "error"`: an error whose options name tiling, which then plans on a GPU.
+    let (code, _, stderr) = plan(&[&big[..], &["--set", "placement.overflow=error"]].concat(), &root);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("components.vae.tiling = true (decodes in tiles: 5.53 GB working memory instead of 21.47 GB): `vae` on cuda:"), "{stderr}");
+    let (code, stdout, stderr) = plan(&[&["--json"], &big[..], &["--set", "placement.overflow=error", "--set", "components.vae.tiling=true"]].concat(), &root);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["components"]["vae"]["device"].as_str().unwrap().starts_with("cuda:"), "{v}");
+    // Where tiling would not change the decode (SDXL at 1024x1024, its tile), no such note.
+    let (_, stdout, _) = plan(&["--json", "--devices", "cuda:0=4GB,cuda:1=4GB,cpu=64GiB"], &root);
+    assert!(!stdout.contains("tiling"), "{stdout}");
+}

@@ -92,6 +92,24 @@ fn configs_missing_truncated_or_wrong() {
 
 /// A UNet pipeline refuses a flow-matching scheduler: the folder's own (SD3's config put in) or
 /// the manifest's `flow-match-euler` over the folder's noise-prediction config.
+/// `components.vae.tiling = true` takes its tile from the VAE config's `sample_size`: without
+/// one, an error naming the file and the key.
+#[test]
+fn vae_tiling_needs_sample_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = broken(dir.path(), |p| edit_json(&p.join("vae/config.json"), |v| v.as_object_mut().unwrap().retain(|k, _| k != "sample_size")));
+    let text = std::fs::read_to_string(&m).unwrap().replace("[run]", "[components.vae]\ntiling = true\n[run]");
+    std::fs::write(&m, text).unwrap();
+    refused(&m, &[], "needs an integer `sample_size`");
+    let (_, _, stderr) = run(runner().arg("plan").arg(&m));
+    assert!(stderr.contains("pipe/vae/config.json") && stderr.contains("components.vae.tiling"), "{stderr}");
+    // Without tiling the key is not needed.
+    let text = std::fs::read_to_string(&m).unwrap().replace("tiling = true", "slicing = true");
+    std::fs::write(&m, text).unwrap();
+    let (code, _, stderr) = run(runner().arg("plan").arg(&m));
+    assert_eq!(code, 0, "{stderr}");
+}
+
 #[test]
 fn unet_pipelines_refuse_flow_matching_schedulers() {
     let dir = tempfile::tempdir().unwrap();

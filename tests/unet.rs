@@ -5,7 +5,7 @@ use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPol
 use runner::checkpoint::load::Mapped;
 use runner::checkpoint::load::{load, LoadOptions, TensorStore};
 use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
-use runner::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder, AutoencoderKLEncoder};
+use runner::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder, AutoencoderKLEncoder, DecodeMode, Tile};
 use runner::models::weights::build_from_checkpoint;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -85,6 +85,69 @@ fn vae_decoder_matches_diffusers() {
         assert!(d < 1e-4, "{case}: {d}");
         assert!(img.abs().sum(Kind::Float).double_value(&[]) > 1.0);
     }
+}
+
+/// A tiny VAE's decoder (`pipeline`'s), f32 on the CPU.
+fn vae_decoder(pipeline: &str) -> (AutoencoderKLDecoder, Mapped) {
+    let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
+    let cfg = AutoencoderKLConfig::from_json(&config(&dir)).unwrap();
+    let ck = weights(&dir);
+    let dec_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
+    build_from_checkpoint(&VarStore::new(Device::Cpu), &dec_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLDecoder::new(root, cfg.clone())).unwrap()
+}
+
+/// diffusers' `enable_tiling` / `enable_slicing` (tools/make_references_vae.py): 12x10 latents,
+/// not a multiple of the 8-latent tile nor of its stride 6, through tiny-sd15's VAE
+/// (post_quant_conv per tile) and tiny-sd3's (16 channels, no quant convs); a batch of 2 sliced,
+/// with and without tiling.
+#[test]
+fn vae_tiled_and_sliced_decode_match_diffusers() {
+    tch::set_num_threads(1);
+    let r = refs("vae-tiling");
+    for (key, pipeline) in [("sd15", "tiny-sd15"), ("sd3", "tiny-sd3")] {
+        let (mut vae, _mapped) = vae_decoder(pipeline);
+        let tile = vae.config.tile(std::path::Path::new("vae/config.json")).unwrap();
+        assert_eq!(tile, Tile { sample: 64, latent: 8 });
+        assert_eq!((tile.overlap(), tile.blend(), tile.row_limit(), tile.count(12), tile.count(10)), (6, 16, 48, 2, 2));
+        let z = r.get(&format!("{key}.z")).unwrap();
+        let untiled = tch::no_grad(|| vae.decode(z));
+        assert!(rel(&untiled, r.get(&format!("{key}.untiled")).unwrap()) < 1e-4, "{key}: untiled");
+        vae.mode = DecodeMode { tiling: Some(tile), slicing: false };
+        let tiled = tch::no_grad(|| vae.decode(z));
+        let want = r.get(&format!("{key}.tiled")).unwrap();
+        assert_eq!(tiled.size(), [1, 3, 96, 80]);
+        let d = rel(&tiled, want);
+        let abs = (&tiled - want).abs().max().double_value(&[]);
+        eprintln!("{key}: tiled decode rel diff {d:.2e}, max |diff| {abs:.2e}");
+        assert!(d < 1e-4, "{key}: tiled decode differs from diffusers' by {d:e}");
+        assert!(rel(&untiled, want) > 1e-3, "{key}: tiling changes the image, so the check sees it");
+        // A latent within the tile is decoded whole, as diffusers' `_decode` decides.
+        let small = z.narrow(2, 0, 8).narrow(3, 0, 8);
+        assert!(tch::no_grad(|| vae.decode(&small)).equal(&tch::no_grad(|| {
+            vae.mode = DecodeMode::default();
+            vae.decode(&small)
+        })));
+    }
+    let (mut vae, _mapped) = vae_decoder("tiny-sd15");
+    let z = r.get("sd15.batch.z").unwrap();
+    let tile = vae.config.tile(std::path::Path::new("vae/config.json")).unwrap();
+    for (name, mode) in [("sliced", DecodeMode { tiling: None, slicing: true }), ("sliced_tiled", DecodeMode { tiling: Some(tile), slicing: true })] {
+        vae.mode = mode;
+        let got = tch::no_grad(|| vae.decode(z));
+        let d = rel(&got, r.get(&format!("sd15.batch.{name}")).unwrap());
+        eprintln!("sd15 batch 2 {name}: rel diff {d:.2e}");
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+    // Tiling needs an integer `sample_size`: an error naming the file and the key.
+    let mut v = config(&root().join("tests/fixtures/tiny-sd15/vae"));
+    for bad in [serde_json::Value::Null, serde_json::json!([64, 64])] {
+        v["sample_size"] = bad;
+        let e = AutoencoderKLConfig::from_json(&v).unwrap().tile(std::path::Path::new("x/vae/config.json")).unwrap_err().to_string();
+        assert!(e.contains("x/vae/config.json") && e.contains("`sample_size`") && e.contains("tiling"), "{e}");
+    }
+    v["sample_size"] = 8.into();
+    let e = AutoencoderKLConfig::from_json(&v).unwrap().tile(std::path::Path::new("vae/config.json")).unwrap_err().to_string();
+    assert!(e.contains("`sample_size` 8 is too small to tile"), "{e}");
 }
 
 /// SD3 / SD3.5's VAE: 16 latent channels, no quant convs, latents scaled and shifted

@@ -26,7 +26,8 @@ and .text_embeds, text_encoder_3.{prompt,negative}.last_hidden_state). Also refs
 (T5TokenizerFast ids on varied strings) and refs/t5-encoder.safetensors (T5EncoderModel hidden states).
 
 FLUX.1 (tiny-flux-dev, tiny-flux-schnell): tools/make_references_flux.py, run at the end;
-layerwise casting (cast-*): tools/make_references_cast.py, after it.
+layerwise casting (cast-*): tools/make_references_cast.py, after it; VAE tiling and slicing:
+tools/make_references_vae.py, last.
 """
 import json
 import unicodedata
@@ -445,6 +446,8 @@ def main():
     subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_references_flux.py"))], check=True)
     # Layerwise casting (storage_dtype) on a SD 1.5 and a FLUX case: its own process, after the base cases.
     subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_references_cast.py"))], check=True)
+    # VAE tiling and slicing (decoder level and tiny-sd15 end to end): its own process too.
+    subprocess.run([sys.executable, "-B", str(Path(__file__).with_name("make_references_vae.py"))], check=True)
     total = sum(f.stat().st_size for f in OUT.iterdir())
     print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 

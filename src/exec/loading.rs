@@ -20,7 +20,7 @@ use crate::models::flux_transformer::{FluxTransformer2DConfig, FluxTransformer2D
 use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
 use crate::models::t5::T5Config;
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder};
+use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder, DecodeMode};
 use crate::models::weights::build_from_checkpoint;
 use crate::models::ModelError;
 use crate::plan::Plan;
@@ -80,6 +80,16 @@ pub(crate) fn vae_kind(l: &Loaded, cfg: &AutoencoderKLConfig) -> Kind {
 /// The VAE's tensors that text-to-image uses: the decoder's (the encoder's stay unread).
 pub(crate) fn decoder_only(ck: &Checkpoint) -> Checkpoint {
     Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck.clone() }
+}
+
+/// The decode mode `components.vae.tiling` / `slicing` ask for (`config` read from `path`).
+pub(crate) fn vae_mode(m: &LoadedManifest, config: &AutoencoderKLConfig, path: &std::path::Path) -> Result<DecodeMode, ExecError> {
+    let spec = m.manifest.components.get("vae");
+    let tiling = match spec.and_then(|s| s.tiling) {
+        Some(true) => Some(config.tile(path).map_err(|e| ExecError::Text(e.to_string()))?),
+        _ => None,
+    };
+    Ok(DecodeMode { tiling, slicing: spec.and_then(|s| s.slicing).unwrap_or(false) })
 }
 
 /// The VAE decoder, at `kind`.
@@ -216,9 +226,15 @@ impl<'a> Loader<'a> {
 
     /// The VAE's decoder and the dtype it runs at: with `upcast`, [`vae_kind`] (SD, SDXL);
     /// else the component's (SD3 never upcasts).
+    /// Tiling and slicing as `components.vae` asks (diffusers `enable_vae_tiling` /
+    /// `enable_vae_slicing`).
     pub fn vae(&self, l: &Loaded, upcast: bool) -> Result<(Held<AutoencoderKLDecoder>, Kind), ExecError> {
         let kind = if upcast { vae_kind(l, &self.configs.vae) } else { l.kind };
-        self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), &l.component.class, kind)).run(|| self.built(l, kind, || load_vae(l, kind, self.configs.vae.clone()))).map(|h| (h, kind))
+        let mode = vae_mode(self.m, &self.configs.vae, &crate::preflight::config_path(l.component))?;
+        let (mut held, kind) =
+            self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), &l.component.class, kind)).run(|| self.built(l, kind, || load_vae(l, kind, self.configs.vae.clone()))).map(|h| (h, kind))?;
+        held.model.mode = mode;
+        Ok((held, kind))
     }
 
     /// Weight bytes the load placed in host memory.

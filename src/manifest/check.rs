@@ -59,6 +59,22 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         }
     }
 
+    // VAE tiling and slicing: keys of the `vae` component only.
+    for (name, comp) in obj(components) {
+        if name == "vae" {
+            continue;
+        }
+        for k in ["tiling", "slicing"] {
+            if comp.get(k).is_some() {
+                out.push(
+                    err(&key(&["components", name, k]), Want::Key, format!("`{k}` applies to the VAE only, not to component `{name}`"))
+                        .with_label("VAE only")
+                        .with_note(format!("diffusers' `enable_vae_{k}`: set `components.vae.{k}`")),
+                );
+            }
+        }
+    }
+
     // Devices in `max_memory`: each parses, none twice (`0` and `cuda:0` are the same GPU).
     let mut budgets: BTreeMap<Device, String> = BTreeMap::new();
     {

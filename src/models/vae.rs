@@ -28,6 +28,10 @@ pub struct AutoencoderKLConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+    /// `sample_size`: the image size the VAE was trained at, which diffusers' tiling takes as its
+    /// tile (`tile_sample_min_size`). None where the config has no integer `sample_size` (absent,
+    /// null, or a list, with which diffusers' `tiled_decode` fails).
+    pub sample_size: Option<i64>,
 }
 
 impl AutoencoderKLConfig {
@@ -75,8 +79,74 @@ impl AutoencoderKLConfig {
             use_quant_conv: cfg.flag("use_quant_conv", true)?,
             use_post_quant_conv: cfg.flag("use_post_quant_conv", true)?,
             mid_block_add_attention: cfg.flag("mid_block_add_attention", true)?,
+            sample_size: if v.get("sample_size").is_some_and(|x| x.is_array()) { None } else { cfg.has("sample_size").then(|| cfg.dim("sample_size", 0)).transpose()? },
         })
     }
+
+    /// diffusers' tile for `enable_tiling` from this config (`path`, for the error): needs an
+    /// integer `sample_size` whose latent tile keeps a non-zero stride.
+    pub fn tile(&self, path: &Path) -> Result<Tile, ModelError> {
+        let err = |msg: String| ModelError::from(super::config::ConfigError { path: path.to_path_buf(), model: "AutoencoderKL".into(), msg });
+        let Some(sample) = self.sample_size else {
+            return Err(
+                err("VAE tiling (`components.vae.tiling = true`) needs an integer `sample_size` (the tile size in pixels, diffusers' `tile_sample_min_size`), and this config has none".into()),
+            );
+        };
+        let tile = Tile::new(sample, self.block_out_channels.len());
+        if tile.overlap() < 1 {
+            return Err(err(format!(
+                "`sample_size` {sample} is too small to tile: its latent tile ({} at {}x down) must be at least 2 for a non-zero stride",
+                tile.latent,
+                1 << (self.block_out_channels.len() - 1)
+            )));
+        }
+        Ok(tile)
+    }
+}
+
+/// diffusers' `AutoencoderKL` tiling: tiles of `latent` latents decoded to `sample` pixels,
+/// overlapping by a quarter (`tile_overlap_factor = 0.25`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tile {
+    /// `tile_sample_min_size`: the config's `sample_size`.
+    pub sample: i64,
+    /// `tile_latent_min_size`: `int(sample_size / 2 ** (levels - 1))`.
+    pub latent: i64,
+}
+
+impl Tile {
+    pub fn new(sample_size: i64, levels: usize) -> Self {
+        Tile { sample: sample_size, latent: sample_size >> (levels - 1) }
+    }
+    /// The stride between tiles, in latents: `int(tile_latent_min_size * (1 - 0.25))`.
+    pub fn overlap(&self) -> i64 {
+        (self.latent as f64 * 0.75) as i64
+    }
+    /// The rows blended between neighbouring tiles, in pixels: `int(tile_sample_min_size * 0.25)`.
+    pub fn blend(&self) -> i64 {
+        (self.sample as f64 * 0.25) as i64
+    }
+    /// The pixels each tile contributes: `tile_sample_min_size - blend_extent`.
+    pub fn row_limit(&self) -> i64 {
+        self.sample - self.blend()
+    }
+    /// Whether diffusers' `_decode` tiles a latent of `h` x `w`.
+    pub fn applies(&self, h: i64, w: i64) -> bool {
+        h > self.latent || w > self.latent
+    }
+    /// Tiles along a latent side of `n`: `len(range(0, n, overlap))`.
+    pub fn count(&self, n: i64) -> i64 {
+        (n + self.overlap() - 1) / self.overlap()
+    }
+}
+
+/// How the decoder splits its work (diffusers `enable_tiling` / `enable_slicing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecodeMode {
+    /// Decode in overlapping tiles when the latent exceeds the tile.
+    pub tiling: Option<Tile>,
+    /// Decode a batch one sample at a time.
+    pub slicing: bool,
 }
 
 /// The decoder half of `AutoencoderKL` (`post_quant_conv` where the config has it + `decoder.*`).
@@ -89,6 +159,8 @@ pub struct AutoencoderKLDecoder {
     up_blocks: Vec<UpDecoderBlock2D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Tiling and slicing; off by default.
+    pub mode: DecodeMode,
 }
 
 impl AutoencoderKLDecoder {
@@ -114,12 +186,68 @@ impl AutoencoderKLDecoder {
             conv_norm_out: group_norm(&d / "conv_norm_out", c.norm_num_groups, c.block_out_channels[0], eps),
             conv_out: conv2d(&d / "conv_out", c.block_out_channels[0], c.out_channels, 3, 1, 1),
             config,
+            mode: DecodeMode::default(),
         }
     }
 
     /// Decodes raw latents `z` (the pipeline's latents through [`Self::unscale_latents`]) to an
-    /// image in [-1, 1].
+    /// image in [-1, 1]: diffusers' `AutoencoderKL.decode`, by [`Self::mode`] one sample at a
+    /// time (slicing) and each in tiles (tiling) where the latent exceeds the tile.
     pub fn decode(&self, z: &Tensor) -> Tensor {
+        if self.mode.slicing && z.size()[0] > 1 {
+            let slices: Vec<Tensor> = z.split(1, 0).iter().map(|s| self.decode_one(s)).collect();
+            return Tensor::cat(&slices, 0);
+        }
+        self.decode_one(z)
+    }
+
+    /// diffusers' `_decode`.
+    fn decode_one(&self, z: &Tensor) -> Tensor {
+        let (h, w) = (z.size()[2], z.size()[3]);
+        match self.mode.tiling {
+            Some(t) if t.applies(h, w) => self.tiled_decode(z, t),
+            _ => self.decode_tile(z),
+        }
+    }
+
+    /// diffusers' `tiled_decode`: overlapping tiles with a stride of 3/4 tile, each through
+    /// `post_quant_conv` and the decoder; every tile blended in place with the one above, then
+    /// the one to its left (both as already blended), over a quarter tile; then each cropped to
+    /// `row_limit` and the crops concatenated.
+    fn tiled_decode(&self, z: &Tensor, t: Tile) -> Tensor {
+        let (h, w) = (z.size()[2], z.size()[3]);
+        let step = t.overlap();
+        let mut rows: Vec<Vec<Tensor>> = vec![];
+        for i in (0..h).step_by(step as usize) {
+            let mut row = vec![];
+            for j in (0..w).step_by(step as usize) {
+                let tile = z.narrow(2, i, t.latent.min(h - i)).narrow(3, j, t.latent.min(w - j));
+                row.push(self.decode_tile(&tile));
+            }
+            rows.push(row);
+        }
+        let blend = t.blend();
+        let mut result_rows = vec![];
+        for i in 0..rows.len() {
+            let mut result_row = vec![];
+            for j in 0..rows[i].len() {
+                if i > 0 {
+                    blend_into(&rows[i - 1][j], &rows[i][j], 2, blend);
+                }
+                if j > 0 {
+                    blend_into(&rows[i][j - 1], &rows[i][j], 3, blend);
+                }
+                let tile = &rows[i][j];
+                let (th, tw) = (tile.size()[2], tile.size()[3]);
+                result_row.push(tile.narrow(2, 0, t.row_limit().min(th)).narrow(3, 0, t.row_limit().min(tw)));
+            }
+            result_rows.push(Tensor::cat(&result_row, 3));
+        }
+        Tensor::cat(&result_rows, 2)
+    }
+
+    /// `post_quant_conv` (where the config has it) and the decoder, on a whole latent or a tile.
+    fn decode_tile(&self, z: &Tensor) -> Tensor {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z),
             None => z.shallow_clone(),
@@ -146,6 +274,20 @@ impl AutoencoderKLDecoder {
     pub fn latents_to_image(&self, latents: &Tensor) -> Tensor {
         let img = self.decode(&self.unscale_latents(latents));
         (img / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1])
+    }
+}
+
+/// diffusers' `blend_v` (`dim` 2) and `blend_h` (`dim` 3), in place on `b` as diffusers writes
+/// them: the first `extent` rows (columns) of `b` become `a`'s last ones weighted by
+/// `1 - y / extent` plus `b`'s by `y / extent`.
+fn blend_into(a: &Tensor, b: &Tensor, dim: i64, extent: i64) {
+    let extent = extent.min(a.size()[dim as usize]).min(b.size()[dim as usize]);
+    let a_len = a.size()[dim as usize];
+    for y in 0..extent {
+        let f = y as f64 / extent as f64;
+        let v = a.narrow(dim, a_len - extent + y, 1) * (1.0 - f) + b.narrow(dim, y, 1) * f;
+        let mut dst = b.narrow(dim, y, 1);
+        dst.copy_(&v);
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::inventory::{Inventory, InventoryError};
-use super::memory::{working_bytes, Dims, RunShape};
+use super::memory::{working_bytes, Dims, RunShape, VaeTile};
 use super::{modules, ComponentInput, PlanInput};
 use crate::checkpoint::layout::{Component, PipelineFolder};
 use crate::checkpoint::safetensors::TensorInfo;
@@ -40,7 +40,7 @@ pub fn inventory(m: &LoadedManifest, opts: &BuildOptions) -> Result<Inventory, I
 
 /// What the working-memory estimate needs of component `name` (a `class`)'s config in a `kind`
 /// pipeline.
-fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str) -> Dims {
+fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str, tiling: bool, slicing: bool) -> Dims {
     let clip =
         |c: &crate::models::clip::ClipTextConfig| Dims::Clip { hidden: c.hidden_size as u64, intermediate: c.intermediate_size as u64, layers: c.num_hidden_layers as u64, tokens: 77, guided: true };
     let t5 = |t: &crate::models::t5::T5Config| Dims::T5 { d_model: t.d_model as u64, d_ff: t.d_ff as u64, heads: t.num_heads as u64, d_kv: t.d_kv as u64 };
@@ -52,7 +52,9 @@ fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str) -> Dims 
         "unet" => configs.unet.as_ref().map_or(Dims::None, |u| Dims::UNet { c0: u.block_out_channels[0] as u64, attention_first: u.down_block_types[0].starts_with("CrossAttn") }),
         // SD3's and FLUX's pipelines decode at the VAE's own dtype: their configs' force_upcast
         // (true in the SD3 and FLUX repos) is never applied.
-        "vae" => Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast && !kind.flow_matching() },
+        "vae" => {
+            Dims::Vae { c0: configs.vae.block_out_channels[0] as u64, force_upcast: configs.vae.force_upcast && !kind.flow_matching(), tile: tiling.then(|| vae_tile(configs)).flatten(), slicing }
+        }
         "transformer" => match (&configs.transformer, &configs.flux_transformer) {
             (Some(t), _) => Dims::Sd3Transformer { hidden: (t.num_attention_heads * t.attention_head_dim) as u64, patch: t.patch_size as u64, joint: t.joint_attention_dim as u64 },
             (_, Some(t)) => Dims::FluxTransformer { hidden: t.inner_dim() as u64, head_dim: t.attention_head_dim as u64, joint: t.joint_attention_dim as u64 },
@@ -65,6 +67,24 @@ fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str) -> Dims 
             Dims::Clip { hidden: v.hidden_size as u64, intermediate: v.intermediate_size as u64, layers: v.num_hidden_layers as u64, tokens: 257, guided: false }
         }),
         _ => Dims::None,
+    }
+}
+
+/// The VAE's tile ([`crate::models::vae::AutoencoderKLConfig::tile`]; preflight refused tiling
+/// without one).
+fn vae_tile(configs: &Configs) -> Option<VaeTile> {
+    let t = configs.vae.sample_size.map(|s| crate::models::vae::Tile::new(s, configs.vae.block_out_channels.len()))?;
+    Some(VaeTile { sample: t.sample as u64, latent: t.latent as u64 })
+}
+
+/// `dims` with VAE tiling on, where it is off and the config has a usable tile.
+fn dims_tiled(dims: Dims, configs: &Configs) -> Option<Dims> {
+    match dims {
+        Dims::Vae { tile: None, c0, force_upcast, slicing } => {
+            configs.vae.tile(std::path::Path::new("")).ok()?;
+            Some(Dims::Vae { c0, force_upcast, tile: vae_tile(configs), slicing })
+        }
+        _ => None,
     }
 }
 
@@ -117,15 +137,20 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
                 modules::build(&c.class, up_block_types, &tensors)
             };
             let tree = tree_at(dtype);
-            let dims = dims(kind, configs, &c.name, &c.class);
+            let (tiling, slicing) = (spec.and_then(|s| s.tiling).unwrap_or(false), spec.and_then(|s| s.slicing).unwrap_or(false));
+            let dims = dims(kind, configs, &c.name, &c.class, tiling, slicing);
+            let working_at = |dims: &Dims, dtype| if opts.weights_only { 0 } else { working_bytes(dims, dtype, &shape) };
+            // What `components.vae.tiling = true` would make of its working memory, to suggest it.
+            let tiled = dims_tiled(dims, configs);
             ComponentInput {
                 name: c.name.clone(),
                 class: c.class.clone(),
                 dtype,
                 bytes: tree.total,
                 // + the compute copy of the largest cast layer, alive while it runs.
-                working: if opts.weights_only { 0 } else { working_bytes(&dims, dtype, &shape) + cast_copy_bytes(&cast, ck, dtype) },
-                working_half: if opts.weights_only { 0 } else { working_bytes(&dims, Dtype::Fp16, &shape) },
+                working: working_at(&dims, dtype) + if opts.weights_only { 0 } else { cast_copy_bytes(&cast, ck, dtype) },
+                working_half: working_at(&dims, Dtype::Fp16),
+                working_tiled: tiled.map(|t| working_at(&t, dtype)).filter(|&w| w < working_at(&dims, dtype)),
                 // What fp16 would weigh, for suggesting it (T5's `wo` stays fp32 there).
                 tree_half: (dtype == Dtype::Fp32).then(|| tree_at(Dtype::Fp16)),
                 tree,

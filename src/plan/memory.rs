@@ -18,7 +18,11 @@
 //!   transient tensors, and attention through SDPA (linear in N);
 //! - VAE decode: `10 * batch * H * W * C0 * e` at full image resolution, in fp32 when
 //!   `force_upcast` applies to a half-precision pipeline (SD, SDXL; SD3 never upcasts, whatever
-//!   its VAE config says, so the plan does not count it there);
+//!   its VAE config says, so the plan does not count it there). With `components.vae.tiling`
+//!   and an image larger than the tile (`T` = the config's `sample_size`), the tile's instead:
+//!   `10 * batch * T^2 * C0 * e`, plus every decoded tile (`rows * cols * batch * 3 * T^2 * e`,
+//!   kept for blending) and the image (`batch * 3 * H * W * e`); with `slicing`, `batch` is 1
+//!   there and the decoded images (`batch * 3 * H * W * e`) are added;
 //! - text encoders: `1.25 * b * 77 * e * ((L + 1) * hidden + 4 * hidden + intermediate)`: every
 //!   layer's hidden states are kept (for clip-skip and the penultimate layer) plus one layer's
 //!   transients;
@@ -64,10 +68,13 @@ pub enum Dims {
         c0: u64,
         attention_first: bool,
     },
-    /// `block_out_channels[0]` and `force_upcast`.
+    /// `block_out_channels[0]`, `force_upcast`, the tile when `components.vae.tiling` is on
+    /// (see [`VaeTile`]), and `components.vae.slicing`.
     Vae {
         c0: u64,
         force_upcast: bool,
+        tile: Option<VaeTile>,
+        slicing: bool,
     },
     /// A CLIP text encoder (77 tokens) or the safety checker's vision tower (257 tokens).
     Clip {
@@ -99,6 +106,24 @@ pub enum Dims {
         d_kv: u64,
     },
     None,
+}
+
+/// diffusers' VAE tile (`enable_tiling`): `sample` pixels (the config's `sample_size`) from
+/// `latent` latents, tiles `3/4` of a tile apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaeTile {
+    pub sample: u64,
+    pub latent: u64,
+}
+
+impl VaeTile {
+    /// Tiles along an image side of `pixels` (diffusers' `range(0, latent_side, stride)`), or
+    /// None when the whole latent fits one tile (diffusers' `_decode` then decodes it whole).
+    fn grid(&self, width: u64, height: u64) -> Option<(u64, u64)> {
+        let (lw, lh) = (width * self.latent / self.sample, height * self.latent / self.sample);
+        let stride = (self.latent * 3 / 4).max(1);
+        (lw > self.latent || lh > self.latent).then(|| (lh.div_ceil(stride), lw.div_ceil(stride)))
+    }
 }
 
 /// CLIP tokens the SD3 transformer sees before the T5 tokens.
@@ -203,9 +228,20 @@ pub fn working_bytes(dims: &Dims, dtype: Dtype, shape: &RunShape) -> u64 {
                 17 * x + 16 * MB
             }
         }
-        Dims::Vae { c0, force_upcast } => {
+        Dims::Vae { c0, force_upcast, tile, slicing } => {
             let e = if force_upcast && dtype != Dtype::Fp32 { 4 } else { e };
-            10 * shape.batch * shape.width * shape.height * c0 * e
+            // Slicing decodes one sample at a time; the decoded images accumulate (3 channels).
+            let b = if slicing { 1 } else { shape.batch };
+            let images = if slicing { shape.batch * shape.width * shape.height * 3 * e } else { 0 };
+            match tile.and_then(|t| t.grid(shape.width, shape.height).map(|g| (t, g))) {
+                // Tiled: one tile's activations at a time, every decoded tile kept for blending,
+                // and the image they are concatenated into.
+                Some((t, (rows, cols))) => {
+                    let tile_px = t.sample * t.sample;
+                    10 * b * tile_px * c0 * e + rows * cols * b * tile_px * 3 * e + b * shape.width * shape.height * 3 * e + images
+                }
+                None => 10 * b * shape.width * shape.height * c0 * e + images,
+            }
         }
         Dims::Clip { hidden, intermediate, layers, tokens, guided } => {
             let b = if guided { b } else { shape.batch };
@@ -240,7 +276,7 @@ mod tests {
         assert_eq!(w, 17 * x + 16_000_000);
         let no_cfg = working_bytes(&unet, Dtype::Fp16, &RunShape { guidance: false, ..s });
         assert_eq!(no_cfg, 17 * x / 2 + 16_000_000, "CFG doubles the UNet batch");
-        let vae = Dims::Vae { c0: 128, force_upcast: true };
+        let vae = Dims::Vae { c0: 128, force_upcast: true, tile: None, slicing: false };
         assert_eq!(working_bytes(&vae, Dtype::Fp16, &s), 10 * 1024 * 1024 * 128 * 4, "force_upcast decodes in fp32");
         assert_eq!(device_weight_bytes(Offload::Group, 100, 5, 20), 40);
         assert_eq!(device_weight_bytes(Offload::Sequential, 100, 5, 20), 5);
@@ -292,7 +328,7 @@ mod tests {
         assert_eq!(fp32, (3072 * 4 * 15 * n + 4 * (512 * 4096 + 12 * 3072) + 2 * n * 128 * 4) * 5 / 4);
 
         // SD3's VAE is never upcast: the pipeline passes force_upcast = false.
-        let vae = Dims::Vae { c0: 128, force_upcast: false };
+        let vae = Dims::Vae { c0: 128, force_upcast: false, tile: None, slicing: false };
         assert_eq!(working_bytes(&vae, Dtype::Fp16, &s), 10 * 1024 * 1024 * 128 * 2);
     }
 }

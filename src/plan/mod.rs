@@ -54,6 +54,9 @@ pub struct ComponentInput {
     pub working: u64,
     /// Working memory if it ran at fp16/bf16 (for suggesting a dtype change).
     pub working_half: u64,
+    /// Working memory with `components.vae.tiling = true`, where that would lessen it (the VAE,
+    /// tiling off, an image larger than the tile): for suggesting it.
+    pub working_tiled: Option<u64>,
     /// Its module tree at fp16 when it is fp32 (for suggesting a dtype change; T5's `wo` stays
     /// fp32 there); `None`: half of every size.
     pub tree_half: Option<ModuleTree>,
@@ -394,6 +397,7 @@ impl<'a> State<'a> {
                 _ => Err(self.not_fit(i, "no GPU takes part and the host has no room for it")),
             };
         }
+        self.tiling_hint(i);
         match self.input.overflow {
             Overflow::Error => Err(self.not_fit(i, &format!("{why}; `placement.overflow = \"error\"` neither streams it through a GPU nor puts it on the CPU"))),
             Overflow::Cpu => self.onto_cpu(i, why, Overflow::Cpu),
@@ -404,6 +408,23 @@ impl<'a> State<'a> {
                     self.onto_cpu(i, why, Overflow::Stream)
                 }
             }
+        }
+    }
+
+    /// A note when tiling would let the VAE fit a GPU whole: its activations are what does not.
+    fn tiling_hint(&mut self, i: usize) {
+        let c = &self.comps[i];
+        let Some(w) = c.working_tiled else { return };
+        let v = ComponentInput { working: w, ..c.clone() };
+        if let Some(l) = self.roomiest(&v, &self.gpus()) {
+            self.notes.push(format!(
+                "`{}` fits no GPU whole with {} of working memory (its activations at full resolution); with `components.{}.tiling = true` (diffusers' `enable_vae_tiling`) it needs {} and would fit on {}",
+                c.name,
+                gb(c.working),
+                c.name,
+                gb(w),
+                self.ledgers[l].device
+            ));
         }
     }
 
@@ -619,6 +640,10 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
         }
     };
     let fixed = |s: String| move |_: &Plan| s.clone();
+    // The VAE's activations at full resolution: tiling bounds them by the tile.
+    if let Some(w) = c.working_tiled {
+        try_with(&fixed(format!("components.{name}.tiling = true (decodes in tiles: {} working memory instead of {})", gb(w), gb(c.working))), &|v| v.components[idx].working = w);
+    }
     for mode in [Offload::Model, Offload::Group, Offload::Sequential] {
         if c.offload != mode && (mode == Offload::Model || streamable(&c.class)) {
             try_with(&fixed(format!("components.{name}.offload = \"{}\"", offload_name(mode))), &|v| v.components[idx].offload = mode);
