@@ -16,6 +16,7 @@ fn comp(name: &str, bytes: u64) -> ComponentInput {
         tree_half: None,
         pin: None,
         offload: Offload::None,
+        offload_opts: Default::default(),
     }
 }
 
@@ -34,6 +35,7 @@ fn unet(bytes_per_unit: u64, n: usize) -> ComponentInput {
         tree_half: None,
         pin: None,
         offload: Offload::None,
+        offload_opts: Default::default(),
     }
 }
 
