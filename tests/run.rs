@@ -1218,7 +1218,8 @@ fn group_blocks_two_gives_the_same_image_with_the_planned_peaks() {
     let (peak, planned) = (r["devices"][d]["peak_bytes"].as_u64().unwrap(), r["devices"][d]["planned_peak_bytes"].as_u64().unwrap());
     assert!(peak <= planned && peak > largest, "{d}: largest unit {largest}: {}", r["devices"][d]);
     assert!(peak > one["devices"][d]["peak_bytes"].as_u64().unwrap(), "two blocks per group hold more than one");
-    let (code, table, stderr) = run(runner().args(["plan", "manifests/tiny-sdxl.toml", "--devices", sim, "--set", "placement.offload=group", "--set", "placement.group_blocks=2", "--set", "placement.offload_target=disk"]));
+    let (code, table, stderr) =
+        run(runner().args(["plan", "manifests/tiny-sdxl.toml", "--devices", sim, "--set", "placement.offload=group", "--set", "placement.group_blocks=2", "--set", "placement.offload_target=disk"]));
     assert_eq!(code, 0, "{stderr}");
     assert!(table.contains("group x2, disk") && table.contains("offloaded weights served from disk:"), "{table}");
 }

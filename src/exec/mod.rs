@@ -10,8 +10,8 @@ pub mod ledger;
 mod loading;
 mod offload;
 mod pipelines;
-mod scratch;
 pub mod png;
+mod scratch;
 mod session;
 mod text;
 

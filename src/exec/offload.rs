@@ -475,7 +475,16 @@ mod tests {
             weight_peak_bytes: 0,
             free_bytes: budget,
         };
-        Plan { strategy: crate::manifest::Strategy::Balanced, overflow: crate::manifest::Overflow::Stream, components: vec![], devices: vec![d], host_offload_bytes: 0, disk_offload_bytes: 0, scratch_bytes: 0, notes: vec![] }
+        Plan {
+            strategy: crate::manifest::Strategy::Balanced,
+            overflow: crate::manifest::Overflow::Stream,
+            components: vec![],
+            devices: vec![d],
+            host_offload_bytes: 0,
+            disk_offload_bytes: 0,
+            scratch_bytes: 0,
+            notes: vec![],
+        }
     }
 
     #[test]

@@ -104,7 +104,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         if !converted.is_empty() {
             scratch.push(super::scratch::Scratch::spill(&scratch_dir, &c.name, converted)?);
         }
-        disk_backed += c.bytes;
+        disk_backed += vs.variables().values().map(ledger::tensor_bytes).sum::<u64>();
     }
     let load_s = t_load.elapsed().as_secs_f64();
     let host = HostMemory {

@@ -627,11 +627,7 @@ impl<'a> State<'a> {
             } else {
                 String::new()
             };
-            notes.push(format!(
-                "`{}` is offloaded to disk: its weights ({}) stay in the memory-mapped checkpoint, served by the page cache, and count no host RAM{scratch}",
-                c.name,
-                gb(c.bytes)
-            ));
+            notes.push(format!("`{}` is offloaded to disk: its weights ({}) stay in the memory-mapped checkpoint, served by the page cache, and count no host RAM{scratch}", c.name, gb(c.bytes)));
         }
         Plan {
             strategy: self.input.strategy,

@@ -213,4 +213,3 @@ mod tests {
         assert_eq!(got, ["x_embedder -> 0", "blocks.0..=1 -> 0", "blocks.2..=3 -> 1", "blocks.5 -> 1", "norm_out -> 1"]);
     }
 }
-
