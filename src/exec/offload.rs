@@ -516,6 +516,30 @@ mod tests {
     }
 
     #[test]
+    fn group_blocks_stream_consecutive_blocks_together() {
+        // Four blocks, two per group: the device holds the running pair and the prefetched next
+        // pair, never two copies of a pair between its blocks.
+        let vs = VarStore::new(tch::Device::Cpu);
+        let blocks: Vec<crate::models::hooks::Linear> = (0..4).map(|i| crate::models::hooks::Linear::new(&vs.root() / "down_blocks" / i / "proj", 4, 4, Default::default())).collect();
+        let x = Tensor::ones([1, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let want = blocks.iter().fold(x.shallow_clone(), |y, b| b.forward(&y));
+        let res = Residency::new(ledger::Ledger::new(&plan_with(1 << 20)), vec![], HashMap::new(), true);
+        let s = Rc::new(Stream::grouped("unet", Offload::Group, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger(), 2));
+        assert_eq!(s.state.borrow().units.iter().map(|u| u.path.clone()).collect::<Vec<_>>(), ["down_blocks.0-1", "down_blocks.2-3"]);
+        hooks::set(Some(s.clone()));
+        let mut y = x.shallow_clone();
+        for (i, b) in blocks.iter().enumerate() {
+            y = hooks::scoped(&format!("down_blocks.{i}"), || b.forward(&y));
+            let present: Vec<bool> = s.state.borrow().units.iter().map(|u| u.present).collect();
+            assert_eq!(present, [i == 0, i < 3], "after block {i}");
+        }
+        hooks::set(None);
+        s.restore();
+        assert!(y.equal(&want));
+        assert_eq!(res.ledger.borrow().report(&plan_with(1 << 20))["cuda:0"].peak_bytes, 4 * 80, "two groups of two blocks");
+    }
+
+    #[test]
     fn a_budget_exceeded_while_streaming_is_an_error_naming_the_component_and_bytes() {
         let vs = VarStore::new(tch::Device::Cpu);
         let a = crate::models::hooks::Linear::new(&vs.root() / "conv_in", 4, 4, Default::default());
