@@ -27,6 +27,7 @@ fn main() {
             tree_half: None,
             pin: None,
             offload: Offload::None,
+            offload_opts: Default::default(),
         };
         let devices = [(Device::Cuda(0), total / 3), (Device::Cuda(1), total / 3), (Device::Cuda(2), total / 2)]
             .iter()

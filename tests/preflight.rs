@@ -412,3 +412,12 @@ fn flux_keys_with_no_effect_are_warnings() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("warning: `run.guidance_scale` is 2"), "{stderr}");
 }
+
+#[test]
+fn offload_target_and_group_blocks_without_their_offload_are_warnings() {
+    let m = root().join("manifests/tiny-sdxl.toml");
+    warned(&m, &["--set", "components.unet.offload_target=disk"], "`unet` does not offload (`offload = \"none\"`): `offload_target` does nothing for it");
+    warned(&m, &["--set", "components.unet.offload=model", "--set", "components.unet.group_blocks=2"], "`unet` uses `offload = \"model\"`, not `group`: `group_blocks` does nothing for it");
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m).args(["--set", "placement.offload=group", "--set", "components.unet.group_blocks=2", "--set", "components.unet.offload_target=disk"]));
+    assert!(code == 0 && !stderr.contains("warning"), "{stderr}");
+}

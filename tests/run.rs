@@ -1119,3 +1119,132 @@ fn a_loaded_flux_pipeline_moves_to_a_new_plan() {
     assert_eq!(decode_png(&a.images[0]).0, decode_png(&b.images[0]).0);
     assert!(b.devices["cuda:0"].peak_bytes < a.devices["cuda:0"].peak_bytes, "{:?} vs {:?}", b.devices, a.devices);
 }
+
+/// `runner run --json` and `runner plan --json` of tiny-sdxl on two simulated 40 MB GPUs with
+/// `sets`; the image's pixels.
+fn run_and_plan(dir: &Path, tag: &str, sim: &str, sets: &[String]) -> (Vec<u8>, serde_json::Value, serde_json::Value) {
+    let manifest = "manifests/tiny-sdxl.toml";
+    let out = dir.join(format!("{tag}.png"));
+    let sets: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+    let (code, stdout, stderr) = run(runner().args(["run", manifest, "--quiet", "--json", "--simulate", sim]).args(&sets).arg("--out").arg(&out));
+    assert_eq!(code, 0, "{tag}: {stderr}");
+    let (code, plan, stderr) = run(runner().args(["plan", manifest, "--json", "--devices", sim]).args(&sets));
+    assert_eq!(code, 0, "{tag}: {stderr}");
+    (decode_png(&out).0, serde_json::from_str(&stdout).unwrap(), serde_json::from_str(&plan).unwrap())
+}
+
+#[test]
+fn disk_offload_gives_the_same_image_with_host_residency_within_the_plan() {
+    // Each offload mode with `offload_target = "disk"` against `"host"`: the same image, and the
+    // host holds no copy of the offloaded weights (the ledger's `cpu` peak is 0, as planned); the
+    // bf16 VAE, converted from the fp32 checkpoint, goes to a scratch file that is gone at exit.
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("scratch");
+    let sim = "cuda:0=40MB,cuda:1=40MB,cpu=2GiB";
+    for mode in ["model", "sequential", "group"] {
+        let go = |target: &str| {
+            let sets = [
+                format!("placement.offload={mode}"),
+                format!("placement.offload_target={target}"),
+                "components.vae.dtype=bf16".to_string(),
+                format!("placement.scratch_dir=\"{}\"", scratch.display()),
+            ];
+            run_and_plan(dir.path(), &format!("{mode}-{target}"), sim, &sets)
+        };
+        let (host_image, host_r, host_plan) = go("host");
+        let (disk_image, r, plan) = go("disk");
+        assert!(disk_image == host_image, "{mode}: disk offload changes the image");
+        // Host residency: measured within the plan, every offloaded weight counted with `host`.
+        for (rep, p) in [(&host_r, &host_plan), (&r, &plan)] {
+            let cpu = &rep["devices"]["cpu"];
+            assert!(cpu["peak_bytes"].as_u64().unwrap() <= cpu["planned_resident_bytes"].as_u64().unwrap(), "{mode}: {cpu}");
+            assert_eq!(cpu["planned_resident_bytes"], p["devices"]["cpu"]["resident"], "{mode}");
+            for (d, u) in rep["devices"].as_object().unwrap() {
+                assert!(u["peak_bytes"].as_u64().unwrap() <= u["planned_peak_bytes"].as_u64().unwrap(), "{mode} {d}: {u}");
+            }
+        }
+        assert!(host_r["devices"]["cpu"]["peak_bytes"].as_u64().unwrap() > 1_000_000, "{mode}: host offload keeps host copies");
+        assert_eq!(r["devices"]["cpu"]["peak_bytes"], 0, "{mode}: no host copy with disk offload: {}", r["devices"]);
+        assert_eq!(plan["devices"]["cpu"]["resident"], 0, "{mode}");
+        assert_eq!(plan["host_offload_bytes"], 0, "{mode}");
+        let weights: u64 = plan["components"].as_object().unwrap().values().map(|c| c["bytes"].as_u64().unwrap()).sum();
+        assert_eq!(plan["disk_offload_bytes"], weights, "{mode}");
+        assert_eq!(host_plan["host_offload_bytes"], weights, "{mode}");
+        for (name, c) in plan["components"].as_object().unwrap() {
+            assert_eq!(c["offload_target"], "disk", "{mode} {name}");
+            assert_eq!(c["host_bytes"], 0, "{mode} {name}");
+        }
+        assert!(plan["components"]["vae"]["scratch_bytes"].as_u64().unwrap() > 0, "{mode}: the bf16 VAE is converted");
+        assert!(plan["notes"].to_string().contains("`unet` is offloaded to disk: its weights"), "{}", plan["notes"]);
+        let h = &r["host"];
+        assert_eq!(h["loaded_bytes"], 0, "{mode}: {h}");
+        assert!(h["disk_backed_bytes"].as_u64().unwrap() > 0 && h["scratch_bytes"].as_u64().unwrap() > 0, "{mode}: {h}");
+        assert_eq!(host_r["host"]["scratch_bytes"], 0, "{mode}");
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "{mode}: the scratch file is removed at exit");
+    }
+}
+
+#[test]
+fn the_host_budget_is_enforced_under_simulate_with_the_options_that_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let budgets = "placement.max_memory={\"cuda:0\"=\"40MB\",\"cuda:1\"=\"40MB\",cpu=\"2MB\"}";
+    let sim = "cuda:0=40MB,cuda:1=40MB,cpu=2MB";
+    let out = dir.path().join("out.png");
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", sim, "--set", "placement.offload=model", "--set", budgets]).arg("--out").arg(&out));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("its offloaded weights") && stderr.contains("live in host memory"), "{stderr}");
+    assert!(stderr.contains("options that would fit:") && stderr.contains("placement.offload_target = \"disk\""), "{stderr}");
+    assert!(!out.exists(), "nothing loaded or written");
+    // The option that fits runs, with no host copy.
+    let sets = ["placement.offload=model".to_string(), budgets.to_string(), "placement.offload_target=disk".to_string()];
+    let (_, r, _) = run_and_plan(dir.path(), "disk", sim, &sets);
+    assert_eq!(r["devices"]["cpu"]["peak_bytes"], 0, "{}", r["devices"]);
+}
+
+#[test]
+fn an_unwritable_scratch_folder_fails_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = dir.path().join("out.png");
+    let scratch = format!("placement.scratch_dir=\"{}\"", file.join("scratch").display());
+    let (code, _, stderr) = run(runner()
+        .args(["run", "manifests/tiny-sdxl.toml", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB", "--set", "placement.offload=group", "--set", "placement.offload_target=disk", "--set", &scratch])
+        .arg("--out")
+        .arg(&out));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot write into the scratch folder") && stderr.contains("a-file"), "{stderr}");
+    assert!(!stderr.contains("loaded "), "nothing loaded: {stderr}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn group_blocks_two_gives_the_same_image_with_the_planned_peaks() {
+    // `group_blocks = 2`: units of two consecutive blocks (diffusers' `num_blocks_per_group`);
+    // the plan streams twice the largest such unit and the measured peak stays within it, above
+    // what one block per group measures.
+    let dir = tempfile::tempdir().unwrap();
+    let sim = "cuda:0=40MB,cuda:1=40MB,cpu=2GiB";
+    let sizes = leaves_and_groups(&root().join("manifests/tiny-sdxl.toml"));
+    let go = |n: u32| run_and_plan(dir.path(), &format!("group-{n}"), sim, &["placement.offload=group".to_string(), format!("placement.group_blocks={n}")]);
+    let (one_image, one, one_plan) = go(1);
+    let (image, r, plan) = go(2);
+    assert!(image == one_image, "group_blocks changes the image");
+    let unet = &plan["components"]["unet"];
+    assert_eq!(unet["group_blocks"], 2);
+    let mut merged: std::collections::BTreeMap<String, u64> = Default::default();
+    for (g, b) in &sizes["unet"].1 {
+        *merged.entry(runner::plan::modules::block_chunk(g, 2)).or_default() += b;
+    }
+    let largest = *merged.values().max().unwrap();
+    assert_eq!(unet["streamed_bytes"].as_u64().unwrap(), (2 * largest).min(unet["bytes"].as_u64().unwrap()));
+    assert!(unet["streamed_bytes"].as_u64().unwrap() > one_plan["components"]["unet"]["streamed_bytes"].as_u64().unwrap());
+    let d = unet["device"].as_str().unwrap();
+    let (peak, planned) = (r["devices"][d]["peak_bytes"].as_u64().unwrap(), r["devices"][d]["planned_peak_bytes"].as_u64().unwrap());
+    assert!(peak <= planned && peak > largest, "{d}: largest unit {largest}: {}", r["devices"][d]);
+    assert!(peak > one["devices"][d]["peak_bytes"].as_u64().unwrap(), "two blocks per group hold more than one");
+    let (code, table, stderr) =
+        run(runner().args(["plan", "manifests/tiny-sdxl.toml", "--devices", sim, "--set", "placement.offload=group", "--set", "placement.group_blocks=2", "--set", "placement.offload_target=disk"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(table.contains("group x2, disk") && table.contains("offloaded weights served from disk:"), "{table}");
+}

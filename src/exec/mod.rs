@@ -11,6 +11,7 @@ mod loading;
 mod offload;
 mod pipelines;
 pub mod png;
+mod scratch;
 mod session;
 mod text;
 
@@ -121,6 +122,11 @@ pub struct HostMemory {
     pub peak_rss_bytes: u64,
     /// Weight bytes the load placed in host memory (CPU components and offloaded weights).
     pub loaded_bytes: u64,
+    /// Offloaded weights served from disk (`offload_target = "disk"`): views of the
+    /// memory-mapped checkpoints and scratch files, in the page cache, not in host RAM copies.
+    pub disk_backed_bytes: u64,
+    /// Of those, the converted weights written to scratch files (removed on exit).
+    pub scratch_bytes: u64,
 }
 
 pub fn kind_of(d: Dtype) -> Kind {

@@ -182,7 +182,10 @@ struct Var {
 }
 
 struct Unit {
+    /// Its module path, or for several blocks (`group_blocks`) the first and last (`down_blocks.0-1`).
     path: String,
+    /// `group`: the block group whose end (hook `post`) takes the unit off the device: its last.
+    last: String,
     vars: Vec<Var>,
     bytes: BTreeMap<Device, u64>,
     /// On the device (or on its way there), and counted in the ledger.
@@ -217,15 +220,33 @@ pub(super) struct Stream {
 impl Stream {
     /// Takes `vs`'s weights off their variables (they stay in host memory, where they were
     /// loaded) and leaves empty placeholders on the run device.
+    #[cfg(test)]
     pub fn new(component: &str, mode: Offload, vs: &VarStore, device: Device, run_device: tch::Device, ledger: Rc<RefCell<ledger::Ledger>>) -> Stream {
+        Self::grouped(component, mode, vs, device, run_device, ledger, 1)
+    }
+
+    /// [`Stream::new`] with `group` offload's units `group_blocks` consecutive blocks each
+    /// ([`crate::plan::modules::block_chunk`]): any of their blocks announced brings the unit,
+    /// the end of its last block drops it.
+    pub fn grouped(component: &str, mode: Offload, vs: &VarStore, device: Device, run_device: tch::Device, ledger: Rc<RefCell<ledger::Ledger>>, group_blocks: u32) -> Stream {
         let mut by_unit: BTreeMap<String, Vec<(String, Tensor)>> = BTreeMap::new();
+        // A unit's block groups (several with `group_blocks`).
+        let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut leaves: HashMap<String, String> = HashMap::new();
         for (name, var) in vs.variables() {
             // A leaf module: the variable's parent path.
             let leaf = name.rsplit_once('.').map_or(String::new(), |(m, _)| m.to_string());
             let unit = match mode {
                 Offload::Sequential => leaf.clone(),
-                _ => crate::plan::modules::group_path(&name),
+                _ => {
+                    let group = crate::plan::modules::group_path(&name);
+                    let unit = crate::plan::modules::block_chunk(&group, group_blocks);
+                    let m = members.entry(unit.clone()).or_default();
+                    if !m.contains(&group) {
+                        m.push(group);
+                    }
+                    unit
+                }
             };
             leaves.insert(leaf, unit.clone());
             by_unit.entry(unit).or_default().push((name, var));
@@ -245,11 +266,21 @@ impl Stream {
                         Var { var, host, absent, device: run_device }
                     });
                     let vars: Vec<Var> = vars.collect();
-                    Unit { path: p.clone(), vars, bytes: [(device, bytes)].into(), present: false, in_flight: None }
+                    let mut m = members.get(p).cloned().unwrap_or_else(|| vec![p.clone()]);
+                    crate::plan::modules::sort_in_execution_order(&mut m);
+                    let path = crate::plan::modules::chunk_label(&m.iter().map(String::as_str).collect::<Vec<_>>());
+                    Unit { path, last: m.last().cloned().unwrap_or_default(), vars, bytes: [(device, bytes)].into(), present: false, in_flight: None }
                 })
                 .collect()
         });
-        let index: HashMap<String, usize> = units.iter().enumerate().map(|(i, u)| (u.path.clone(), i)).collect();
+        // Every block group announces its unit (the unit's own key too).
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            index.insert(p.clone(), i);
+            for g in members.get(p).into_iter().flatten() {
+                index.insert(g.clone(), i);
+            }
+        }
         let leaf_units = match mode {
             Offload::Group => leaves.into_iter().filter_map(|(leaf, unit)| index.get(&unit).map(|&i| (leaf, i))).collect(),
             _ => HashMap::new(),
@@ -389,6 +420,10 @@ impl ForwardHooks for Stream {
             (None, Some(&u)) if !st.units[u].present || st.units[u].in_flight.is_some() => u,
             _ => return,
         };
+        if self.mode == Offload::Group && st.last == Some(i) && st.units[i].present && st.units[i].in_flight.is_none() {
+            // The next block of the unit that is running (`group_blocks`): it is here.
+            return;
+        }
         if self.mode == Offload::Group {
             // At most this group and the next on the device: anything else leaves first.
             for j in 0..st.units.len() {
@@ -417,6 +452,10 @@ impl ForwardHooks for Stream {
             return;
         };
         let mut st = self.state.borrow_mut();
+        if self.mode == Offload::Group && st.units[i].last != path {
+            // A unit of several blocks stays until its last block is done.
+            return;
+        }
         self.drop_unit(&mut st, i);
     }
 }
@@ -436,7 +475,16 @@ mod tests {
             weight_peak_bytes: 0,
             free_bytes: budget,
         };
-        Plan { strategy: crate::manifest::Strategy::Balanced, overflow: crate::manifest::Overflow::Stream, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
+        Plan {
+            strategy: crate::manifest::Strategy::Balanced,
+            overflow: crate::manifest::Overflow::Stream,
+            components: vec![],
+            devices: vec![d],
+            host_offload_bytes: 0,
+            disk_offload_bytes: 0,
+            scratch_bytes: 0,
+            notes: vec![],
+        }
     }
 
     #[test]
@@ -465,6 +513,30 @@ mod tests {
         let (y, peak) = run(Offload::Sequential);
         assert!(y.equal(&want));
         assert_eq!(peak, 80, "one leaf at a time");
+    }
+
+    #[test]
+    fn group_blocks_stream_consecutive_blocks_together() {
+        // Four blocks, two per group: the device holds the running pair and the prefetched next
+        // pair, never two copies of a pair between its blocks.
+        let vs = VarStore::new(tch::Device::Cpu);
+        let blocks: Vec<crate::models::hooks::Linear> = (0..4).map(|i| crate::models::hooks::Linear::new(&vs.root() / "down_blocks" / i / "proj", 4, 4, Default::default())).collect();
+        let x = Tensor::ones([1, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let want = blocks.iter().fold(x.shallow_clone(), |y, b| b.forward(&y));
+        let res = Residency::new(ledger::Ledger::new(&plan_with(1 << 20)), vec![], HashMap::new(), true);
+        let s = Rc::new(Stream::grouped("unet", Offload::Group, &vs, Device::Cuda(0), tch::Device::Cpu, res.shared_ledger(), 2));
+        assert_eq!(s.state.borrow().units.iter().map(|u| u.path.clone()).collect::<Vec<_>>(), ["down_blocks.0-1", "down_blocks.2-3"]);
+        hooks::set(Some(s.clone()));
+        let mut y = x.shallow_clone();
+        for (i, b) in blocks.iter().enumerate() {
+            y = hooks::scoped(&format!("down_blocks.{i}"), || b.forward(&y));
+            let present: Vec<bool> = s.state.borrow().units.iter().map(|u| u.present).collect();
+            assert_eq!(present, [i == 0, i < 3], "after block {i}");
+        }
+        hooks::set(None);
+        s.restore();
+        assert!(y.equal(&want));
+        assert_eq!(res.ledger.borrow().report(&plan_with(1 << 20))["cuda:0"].peak_bytes, 4 * 80, "two groups of two blocks");
     }
 
     #[test]
@@ -512,7 +584,7 @@ mod properties {
             let bytes = |n: i64| (4 * (3 * 3 * n + 3 * n + 3 * n * 3 + 3)) as u64;
             let plan = {
                 let d = crate::plan::DevicePlan { device: Device::Cuda(0), budget_bytes: 1 << 30, source: crate::plan::inventory::BudgetSource::MaxMemory, resident_bytes: 0, planned_bytes: 0, weight_peak_bytes: 0, free_bytes: 1 << 30 };
-                crate::plan::Plan { strategy: crate::manifest::Strategy::Balanced, overflow: crate::manifest::Overflow::Stream, components: vec![], devices: vec![d], host_offload_bytes: 0, notes: vec![] }
+                crate::plan::Plan { strategy: crate::manifest::Strategy::Balanced, overflow: crate::manifest::Overflow::Stream, components: vec![], devices: vec![d], host_offload_bytes: 0, disk_offload_bytes: 0, scratch_bytes: 0, notes: vec![] }
             };
             let res = Residency::new(ledger::Ledger::new(&plan), vec![], HashMap::new(), true);
             let mode = if group { Offload::Group } else { Offload::Sequential };

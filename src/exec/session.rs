@@ -14,7 +14,7 @@ use super::{allocator, check_devices, ledger, offload, output_paths, png, seed_o
 use crate::checkpoint::layout::PipelineFolder;
 use crate::checkpoint::load::Mapped;
 use crate::device::Device;
-use crate::manifest::{LoadedManifest, Offload};
+use crate::manifest::{LoadedManifest, Offload, OffloadTarget};
 use crate::plan::build;
 use crate::plan::Plan;
 
@@ -34,6 +34,9 @@ pub struct Session<'m> {
     host: HostMemory,
     started: Instant,
     warnings: Vec<String>,
+    /// `offload_target = "disk"`'s scratch files, which the models' converted weights view: after
+    /// `model`, so that they go (and their files with them) once nothing views them.
+    scratch: Vec<super::scratch::Scratch>,
 }
 
 /// Plans, checks and loads (step 0 and 1 of a run).
@@ -77,6 +80,11 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         std::fs::write(&probe, b"").map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
         let _ = std::fs::remove_file(probe);
     }
+    // `offload_target = "disk"`: the scratch folder takes files, or nothing is loaded.
+    let scratch_dir = scratch_dir(m);
+    if plan.components.iter().any(|c| c.offload_target == OffloadTarget::Disk) {
+        super::scratch::check_dir(&scratch_dir)?;
+    }
     let seed = seed_of(m);
 
     // 1. Load components on their planned devices (preflight checked that their configs fit
@@ -85,11 +93,30 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let startup_s = allocator::process_age_s().unwrap_or(0.0);
     let rss_before = allocator::host_rss().map_or(0, |(rss, _)| rss);
     let lx = Loader::new(m, &pipeline, &plan, &configs, opts.simulate, opts.progress);
+    // Declared before the models: on an error, the scratch files go after them.
+    let mut scratch = vec![];
     let model = pipelines::load(m.manifest.pipeline.kind, &lx)?;
+    let mut disk_backed = 0;
+    for (name, vs, mapped) in model.components() {
+        let Some(c) = plan.components.iter().find(|c| c.name == name && c.offload_target == OffloadTarget::Disk) else { continue };
+        // Converted weights (not views of the checkpoint) go to a scratch file.
+        let converted: Vec<tch::Tensor> = vs.variables().into_values().filter(|v| v.device() == tch::Device::Cpu && v.numel() > 0 && !mapped.contains(v.data_ptr() as *const u8)).collect();
+        if !converted.is_empty() {
+            scratch.push(super::scratch::Scratch::spill(&scratch_dir, &c.name, converted)?);
+        }
+        disk_backed += vs.variables().values().map(ledger::tensor_bytes).sum::<u64>();
+    }
     let load_s = t_load.elapsed().as_secs_f64();
-    let host = HostMemory { rss_before_load_bytes: rss_before, load_peak_rss_bytes: allocator::host_rss().map_or(0, |(_, peak)| peak), peak_rss_bytes: 0, loaded_bytes: lx.host_bytes() };
+    let host = HostMemory {
+        rss_before_load_bytes: rss_before,
+        load_peak_rss_bytes: allocator::host_rss().map_or(0, |(_, peak)| peak),
+        peak_rss_bytes: 0,
+        loaded_bytes: lx.host_bytes().saturating_sub(disk_backed),
+        disk_backed_bytes: disk_backed,
+        scratch_bytes: scratch.iter().map(|s| s.bytes()).sum(),
+    };
     drop(lx);
-    let session = Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, model, startup_s, load_s, host, started, warnings };
+    let session = Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, model, startup_s, load_s, host, started, warnings, scratch };
     session.pin_offloaded(&[]);
     Ok(session)
 }
@@ -208,13 +235,20 @@ impl Session<'_> {
         })
     }
 
-    /// The ledger of the weights held now, each variable on its planned device.
+    /// The ledger of the weights held now, each variable on its planned device; offloaded weights
+    /// on the host, except those offloaded to disk that are views of a mapped file (the
+    /// checkpoint, a scratch file): the page cache holds those, not a host copy.
     fn ledger(&self) -> Result<ledger::Ledger, ExecError> {
         let mut l = ledger::Ledger::new(&self.plan);
-        for (name, vs, _) in self.model.components() {
+        for (name, vs, mapped) in self.model.components() {
             let cp = self.plan.components.iter().find(|c| c.name == name).ok_or_else(|| ExecError::Unsupported(format!("the plan has no `{name}`")))?;
             let bytes = match cp.offload {
                 Offload::None => ledger::weigh(vs, cp.device, cp.split.as_deref()),
+                _ if cp.offload_target == OffloadTarget::Disk => {
+                    let on_disk = |p: *const u8| mapped.contains(p) || self.scratch.iter().any(|s| s.contains(p));
+                    let host: u64 = vs.variables().values().filter(|v| !on_disk(v.data_ptr() as *const u8)).map(ledger::tensor_bytes).sum();
+                    [(Device::Cpu, host)].into()
+                }
                 _ => ledger::weigh(vs, Device::Cpu, None),
             };
             l.add(name, &bytes)?;
@@ -235,7 +269,7 @@ impl Session<'_> {
         for c in offloaded().filter(|c| c.offload != Offload::Model) {
             if let Some(vs) = self.varstore(&c.name) {
                 let run = if self.simulate { tch::Device::Cpu } else { tch_device(c.device) };
-                res.add_stream(offload::Stream::new(&c.name, c.offload, vs, c.device, run, res.shared_ledger()));
+                res.add_stream(offload::Stream::grouped(&c.name, c.offload, vs, c.device, run, res.shared_ledger(), c.group_blocks));
             }
         }
         Ok(res)
@@ -272,7 +306,8 @@ impl Session<'_> {
             return;
         }
         for (name, vs, mapped) in self.model.components() {
-            let Some(c) = self.plan.components.iter().find(|c| c.name == name && c.offload != Offload::None && !already.contains(&c.name)) else {
+            // Offloaded to disk: the mapped files are the host copy, nothing is pinned.
+            let Some(c) = self.plan.components.iter().find(|c| c.name == name && c.offload != Offload::None && c.offload_target == OffloadTarget::Host && !already.contains(&c.name)) else {
                 continue;
             };
             let Device::Cuda(_) = c.device else {
@@ -299,6 +334,11 @@ fn pin(vs: &VarStore, cuda: tch::Device, mapped: &Mapped) {
             }
         }
     });
+}
+
+/// `placement.scratch_dir` (relative to the manifest), else the system's temporary folder.
+fn scratch_dir(m: &LoadedManifest) -> PathBuf {
+    m.manifest.placement.scratch_dir.as_ref().map_or_else(std::env::temp_dir, |d| m.resolve_path("placement.scratch_dir", d))
 }
 
 /// sha256 of the effective manifest (the file after environment variables and `--set`), as JSON.

@@ -187,6 +187,25 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         }
     }
 
+    // `offload_target` and `group_blocks` on a component that does not offload (or not by groups).
+    let placement_offload = m.get("placement").and_then(|p| p.get("offload")).and_then(J::as_str).unwrap_or("none").to_string();
+    for (name, c) in obj(m.get("components")) {
+        let offload = c.get("offload").and_then(J::as_str).map_or(placement_offload.clone(), str::to_string);
+        if c.get("offload_target").is_some() && offload == "none" {
+            out.push(
+                warn(&key(&["components", name, "offload_target"]), Want::Key, format!("`{name}` does not offload (`offload = \"none\"`): `offload_target` does nothing for it"))
+                    .with_label("no effect")
+                    .with_note("unless the plan streams it (`placement.overflow = \"stream\"`) because it fits no GPU whole"),
+            );
+        }
+        if c.get("group_blocks").is_some() && offload != "group" {
+            out.push(
+                warn(&key(&["components", name, "group_blocks"]), Want::Key, format!("`{name}` uses `offload = \"{offload}\"`, not `group`: `group_blocks` does nothing for it"))
+                    .with_label("no effect"),
+            );
+        }
+    }
+
     // FLUX's true CFG needs a negative prompt: without one diffusers runs one pass, unguided.
     if kind == Some(PipelineKind::Flux) {
         let run = m.get("run");

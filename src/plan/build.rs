@@ -107,6 +107,19 @@ fn cast_copy_bytes(cast: &std::collections::BTreeSet<String>, ck: &crate::checkp
     by_layer.values().copied().max().unwrap_or(0)
 }
 
+/// The dtype tensor `name` of a `class` model has once loaded at `dtype` (its own for integers).
+fn stored_as(class: &str, name: &str, info: &TensorInfo, dtype: Dtype) -> crate::checkpoint::safetensors::Dtype {
+    use crate::checkpoint::safetensors::Dtype as St;
+    if !info.dtype.is_float() {
+        return info.dtype;
+    }
+    match (dtype, tensor_bytes(class, name, info, dtype) == info.nbytes_as(4)) {
+        (Dtype::Fp32, _) | (Dtype::Fp16, true) => St::F32,
+        (Dtype::Fp16, false) => St::F16,
+        (Dtype::Bf16, _) => St::BF16,
+    }
+}
+
 /// The planner's input: sizes from the checkpoint headers, working memory from the configs
 /// preflight read (the same the models are built from).
 pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
@@ -136,12 +149,21 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
                 let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), stored(k, t, dtype))).collect();
                 modules::build(&c.class, up_block_types, &tensors)
             };
+            // `group_blocks`: the component's own, else the pipeline's; groups merged by it.
+            let group_blocks = spec.and_then(|s| s.group_blocks).or(m.manifest.placement.group_blocks).unwrap_or(1);
+            let tree_at = |dtype: Dtype| {
+                let mut t = tree_at(dtype);
+                t.groups = modules::merge_groups(&t.groups, group_blocks);
+                t
+            };
             let tree = tree_at(dtype);
             let (tiling, slicing) = (spec.and_then(|s| s.tiling).unwrap_or(false), spec.and_then(|s| s.slicing).unwrap_or(false));
             let dims = dims(kind, configs, &c.name, &c.class, tiling, slicing);
             let working_at = |dims: &Dims, dtype| if opts.weights_only { 0 } else { working_bytes(dims, dtype, &shape) };
             // What `components.vae.tiling = true` would make of its working memory, to suggest it.
             let tiled = dims_tiled(dims, configs);
+            // Floats stored at another dtype are converted at load (a scratch file on disk).
+            let converted_bytes = ck.tensors.iter().filter(|(k, t)| t.info.dtype != stored_as(&c.class, k, &t.info, dtype)).map(|(k, t)| tensor_bytes(&c.class, k, &t.info, dtype)).sum();
             ComponentInput {
                 name: c.name.clone(),
                 class: c.class.clone(),
@@ -155,6 +177,7 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
                 tree_half: (dtype == Dtype::Fp32).then(|| tree_at(Dtype::Fp16)),
                 tree,
                 pin: spec.and_then(|s| s.device),
+                offload_opts: super::OffloadOpts { target: spec.and_then(|s| s.offload_target).unwrap_or(m.manifest.placement.offload_target), group_blocks, converted_bytes },
                 offload: match spec.and_then(|s| s.offload) {
                     Some(o) => o,
                     // The pipeline-wide mode: streaming modes fall back to `model` for models whose

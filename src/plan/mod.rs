@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::device::Device;
-use crate::manifest::{Dtype, Offload, Overflow, Strategy};
+use crate::manifest::{Dtype, Offload, OffloadTarget, Overflow, Strategy};
 use crate::units::ByteSize;
 pub use inventory::{BudgetSource, DeviceBudget, Inventory};
 pub use modules::ModuleTree;
@@ -62,6 +62,21 @@ pub struct ComponentInput {
     pub tree_half: Option<ModuleTree>,
     pub pin: Option<Device>,
     pub offload: Offload,
+    /// Where its offloaded weights live, and `group` offload's blocks per group.
+    pub offload_opts: OffloadOpts,
+}
+
+/// Where a component's offloaded weights live (`offload_target`) and how `group` offload groups
+/// its blocks (`group_blocks`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OffloadOpts {
+    pub target: OffloadTarget,
+    /// `group` offload: consecutive blocks per group (diffusers' `num_blocks_per_group`); the
+    /// component's `tree.groups` are already merged by it (0 and 1: one block per group).
+    pub group_blocks: u32,
+    /// Weight bytes whose dtype differs from the checkpoint's (converted at load): with
+    /// `offload_target = "disk"` they go to a scratch file, the rest stay views of the checkpoint.
+    pub converted_bytes: u64,
 }
 
 impl ComponentInput {
@@ -88,6 +103,16 @@ impl ComponentInput {
     /// The device's need for this component alone.
     pub fn need(&self) -> u64 {
         self.resident() + self.transient()
+    }
+    /// Host RAM its offloaded weights take while it runs on a GPU: all of them (pinned copies on
+    /// CUDA machines) with `offload_target = "host"`, none with `"disk"` (the page cache serves
+    /// the memory-mapped checkpoint; converted weights live in a scratch file).
+    pub fn host_offload_bytes(&self) -> u64 {
+        if !self.offloaded() || self.offload_opts.target == OffloadTarget::Disk {
+            0
+        } else {
+            self.bytes
+        }
     }
 }
 
@@ -130,6 +155,15 @@ pub struct ComponentPlan {
     pub bytes: u64,
     pub working_bytes: u64,
     pub offload: Offload,
+    /// Where its offloaded weights live (`host` unless offloaded to `disk`).
+    pub offload_target: OffloadTarget,
+    /// `group` offload: blocks per group (1 unless `group_blocks` says otherwise).
+    pub group_blocks: u32,
+    /// Host RAM its weights take for the whole run: all of them on the CPU or offloaded to the
+    /// host, none offloaded to disk or resident on a GPU.
+    pub host_bytes: u64,
+    /// Offloaded to disk: the converted weights that go to a scratch file.
+    pub scratch_bytes: u64,
     /// The device it runs on (the first device of a split).
     pub device: Device,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,6 +205,11 @@ pub struct Plan {
     pub devices: Vec<DevicePlan>,
     /// Host memory for offloaded weights (also counted in `cpu`'s plan when the CPU takes part).
     pub host_offload_bytes: u64,
+    /// Offloaded weights served from disk instead (`offload_target = "disk"`): views of the
+    /// memory-mapped checkpoint plus the scratch file's converted weights; no host RAM counted.
+    pub disk_offload_bytes: u64,
+    /// Of those, the converted weights written to scratch files.
+    pub scratch_bytes: u64,
     /// Overflows and other remarks.
     pub notes: Vec<String>,
 }
@@ -271,13 +310,15 @@ struct State<'a> {
     overflowed: Vec<Option<Overflow>>,
     notes: Vec<String>,
     host_offload: u64,
+    disk_offload: u64,
+    scratch: u64,
 }
 
 impl<'a> State<'a> {
     fn new(input: &'a PlanInput) -> Self {
         let ledgers = input.inventory.devices.iter().map(|d| Ledger { device: d.device, budget: d.budget, source: d.source, resident: 0, transient: 0 }).collect();
         let n = input.components.len();
-        State { input, comps: input.components.clone(), ledgers, placed: vec![None; n], overflowed: vec![None; n], notes: vec![], host_offload: 0 }
+        State { input, comps: input.components.clone(), ledgers, placed: vec![None; n], overflowed: vec![None; n], notes: vec![], host_offload: 0, disk_offload: 0, scratch: 0 }
     }
 
     fn ledger(&self, d: Device) -> Option<usize> {
@@ -303,7 +344,7 @@ impl<'a> State<'a> {
         }
         if c.offloaded() && !on_cpu {
             if let Some(h) = self.cpu() {
-                return self.ledgers[h].fits(c.bytes, 0);
+                return self.ledgers[h].fits(c.host_offload_bytes(), 0);
             }
         }
         true
@@ -329,9 +370,14 @@ impl<'a> State<'a> {
         } else {
             self.ledgers[l].add(c.resident(), c.transient());
             if c.offloaded() {
-                self.host_offload += c.bytes;
+                let host = c.host_offload_bytes();
+                self.host_offload += host;
+                if host == 0 {
+                    self.disk_offload += c.bytes;
+                    self.scratch += c.offload_opts.converted_bytes;
+                }
                 if let Some(h) = self.cpu() {
-                    self.ledgers[h].add(c.bytes, 0);
+                    self.ledgers[h].add(host, 0);
                 }
             }
         }
@@ -509,7 +555,7 @@ impl<'a> State<'a> {
         // Offloaded weights live on the host: say so when that is what is short.
         if let Some(h) = self.cpu() {
             let host = &self.ledgers[h];
-            if c.offloaded() && !host.fits(c.bytes, 0) {
+            if c.offloaded() && !host.fits(c.host_offload_bytes(), 0) {
                 message.push_str(&format!(
                     "\nits offloaded weights ({}) live in host memory, and the host (`cpu`, budget from {}) has {} free of {}",
                     gb(c.bytes),
@@ -552,6 +598,12 @@ impl<'a> State<'a> {
             };
             let peak_bytes = if device == Device::Cpu { c.bytes + c.working } else { c.need() };
             let streamed_bytes = if device == Device::Cpu { c.bytes } else { memory::device_weight_bytes(c.offload, c.bytes, c.tree.largest_leaf, c.tree.largest_group()) };
+            let on_disk = device != Device::Cpu && c.offloaded() && c.offload_opts.target == OffloadTarget::Disk;
+            let host_bytes = match (&split, device) {
+                (Some(_), _) => split_bytes.as_ref().and_then(|b| b.get("cpu").copied()).unwrap_or(0),
+                (None, Device::Cpu) => c.bytes,
+                (None, _) => c.host_offload_bytes(),
+            };
             components.push(ComponentPlan {
                 name: c.name.clone(),
                 class: c.class.clone(),
@@ -559,6 +611,10 @@ impl<'a> State<'a> {
                 bytes: c.bytes,
                 working_bytes: c.working,
                 offload: c.offload,
+                offload_target: if on_disk { OffloadTarget::Disk } else { OffloadTarget::Host },
+                group_blocks: c.offload_opts.group_blocks.max(1),
+                host_bytes,
+                scratch_bytes: if on_disk { c.offload_opts.converted_bytes } else { 0 },
                 device,
                 split,
                 split_bytes,
@@ -585,7 +641,25 @@ impl<'a> State<'a> {
                 }
             })
             .collect();
-        Plan { strategy: self.input.strategy, overflow: self.input.overflow, components, devices, host_offload_bytes: self.host_offload, notes: self.notes }
+        let mut notes = self.notes;
+        for c in components.iter().filter(|c| c.offload_target == OffloadTarget::Disk) {
+            let scratch = if c.scratch_bytes > 0 {
+                format!("; its {} converted to {} go to a scratch file (`placement.scratch_dir`), removed on exit", gb(c.scratch_bytes), c.dtype.as_str())
+            } else {
+                String::new()
+            };
+            notes.push(format!("`{}` is offloaded to disk: its weights ({}) stay in the memory-mapped checkpoint, served by the page cache, and count no host RAM{scratch}", c.name, gb(c.bytes)));
+        }
+        Plan {
+            strategy: self.input.strategy,
+            overflow: self.input.overflow,
+            components,
+            devices,
+            host_offload_bytes: self.host_offload,
+            disk_offload_bytes: self.disk_offload,
+            scratch_bytes: self.scratch,
+            notes,
+        }
     }
 }
 
@@ -648,6 +722,19 @@ fn options(input: &PlanInput, failing: Option<&str>) -> Vec<String> {
         if c.offload != mode && (mode == Offload::Model || streamable(&c.class)) {
             try_with(&fixed(format!("components.{name}.offload = \"{}\"", offload_name(mode))), &|v| v.components[idx].offload = mode);
         }
+    }
+    // Offloaded weights that the host cannot hold: keep them in the memory-mapped checkpoint.
+    if c.offload_opts.target == OffloadTarget::Host {
+        try_with(&fixed(format!("components.{name}.offload_target = \"disk\" (its offloaded weights stay in the memory-mapped checkpoint)")), &|v| {
+            v.components[idx].offload_opts.target = OffloadTarget::Disk
+        });
+    }
+    if input.components.iter().filter(|c| c.offload_opts.target == OffloadTarget::Host).count() > 1 {
+        try_with(&fixed("placement.offload_target = \"disk\" (every offloaded component's weights stay in the memory-mapped checkpoint)".into()), &|v| {
+            for c in &mut v.components {
+                c.offload_opts.target = OffloadTarget::Disk;
+            }
+        });
     }
     if input.strategy != Strategy::Auto && c.splittable() {
         try_with(&fixed("placement.strategy = \"auto\" (splits it across devices)".into()), &|v| v.strategy = Strategy::Auto);

@@ -130,6 +130,53 @@ pub fn group_path(name: &str) -> String {
     segs[..group_of(&segs)].join(".")
 }
 
+/// `group_blocks = n`: the group holding block group `group` (a [`group_path`]). Blocks of one
+/// block list go in chunks of `n` consecutive indices (diffusers' `num_blocks_per_group`), the
+/// chunk named by its first block (`down_blocks.2` holds blocks 2 and 3 for n = 2); other groups
+/// (embeddings, `mid_block`, norms) stay on their own.
+pub fn block_chunk(group: &str, n: u32) -> String {
+    if n <= 1 {
+        return group.to_string();
+    }
+    match group.rsplit_once('.') {
+        Some((list, i)) if is_index(i) => {
+            let i: u64 = i.parse().unwrap_or(0);
+            format!("{list}.{}", i - i % n as u64)
+        }
+        _ => group.to_string(),
+    }
+}
+
+/// How a chunk of blocks reads: `down_blocks.2-3` (its first and last block), or the group's
+/// own path when it holds one.
+pub fn chunk_label(members: &[&str]) -> String {
+    match (members.first(), members.last()) {
+        (Some(a), Some(b)) if a != b => format!("{a}-{}", b.rsplit_once('.').map_or(*b, |(_, i)| i)),
+        (Some(a), _) => a.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `groups` (in execution order) merged into chunks of `n` blocks ([`block_chunk`]), labelled by
+/// [`chunk_label`], in execution order.
+pub fn merge_groups(groups: &[(String, u64)], n: u32) -> Vec<(String, u64)> {
+    if n <= 1 {
+        return groups.to_vec();
+    }
+    let mut out: Vec<(String, Vec<&str>, u64)> = vec![];
+    for (g, bytes) in groups {
+        let key = block_chunk(g, n);
+        match out.iter_mut().find(|o| o.0 == key) {
+            Some(o) => {
+                o.1.push(g);
+                o.2 += bytes;
+            }
+            None => out.push((key, vec![g], *bytes)),
+        }
+    }
+    out.into_iter().map(|(_, members, bytes)| (chunk_label(&members), bytes)).collect()
+}
+
 /// Sorts module paths into execution order (as the plan orders units and groups).
 pub fn sort_in_execution_order(paths: &mut [String]) {
     paths.sort_by_cached_key(|p| exec_key(p));
@@ -404,6 +451,18 @@ mod tests {
         assert_eq!(group_path("mid_block.attentions.0.transformer_blocks.3.attn1.to_q.weight"), "mid_block");
         let unet = build("UNet2DConditionModel", &[], &t(&["mid_block.attentions.0.transformer_blocks.3.attn1.to_q.weight"]));
         assert_eq!(unet.units[0].class, Some("BasicTransformerBlock"));
+    }
+
+    #[test]
+    fn group_blocks_merge_consecutive_blocks_of_a_list() {
+        assert_eq!(block_chunk("down_blocks.3", 2), "down_blocks.2");
+        assert_eq!(block_chunk("text_model.encoder.layers.5", 4), "text_model.encoder.layers.4");
+        assert_eq!(block_chunk("mid_block", 2), "mid_block");
+        assert_eq!(block_chunk("down_blocks.3", 1), "down_blocks.3");
+        let g = |p: &str, b: u64| (p.to_string(), b);
+        let groups = [g("conv_in", 1), g("down_blocks.0", 10), g("down_blocks.1", 20), g("down_blocks.2", 30), g("mid_block", 5), g("up_blocks.0", 7), g("up_blocks.1", 8), g("conv_out", 1)];
+        assert_eq!(merge_groups(&groups, 2), [g("conv_in", 1), g("down_blocks.0-1", 30), g("down_blocks.2", 30), g("mid_block", 5), g("up_blocks.0-1", 15), g("conv_out", 1)]);
+        assert_eq!(merge_groups(&groups, 1), groups);
     }
 
     #[test]

@@ -28,6 +28,15 @@ pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
             if c.offload != crate::manifest::Offload::None {
                 // Weight bytes on the device while it runs (all of them under `model`).
                 v["streamed_bytes"] = c.streamed_bytes.into();
+                v["offload_target"] = json!(c.offload_target);
+            }
+            if c.offload == crate::manifest::Offload::Group {
+                v["group_blocks"] = c.group_blocks.into();
+            }
+            // Host RAM its weights take for the whole run (none when offloaded to disk).
+            v["host_bytes"] = c.host_bytes.into();
+            if c.scratch_bytes > 0 {
+                v["scratch_bytes"] = c.scratch_bytes.into();
             }
             if let Some(o) = c.overflow {
                 v["overflow"] = json!(o);
@@ -58,6 +67,8 @@ pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
         "components": components,
         "devices": devices,
         "host_offload_bytes": plan.host_offload_bytes,
+        "disk_offload_bytes": plan.disk_offload_bytes,
+        "scratch_bytes": plan.scratch_bytes,
         "notes": plan.notes,
     })
 }
@@ -103,13 +114,7 @@ pub fn to_table(plan: &Plan, weights_only: bool) -> String {
             if weights_only { "-".into() } else { b(c.working_bytes) },
             b(c.peak_bytes),
             device,
-            match c.offload {
-                Offload::None => "none",
-                Offload::Model => "model",
-                Offload::Sequential => "sequential",
-                Offload::Group => "group",
-            }
-            .to_string(),
+            offload_cell(c),
             c.reason.clone(),
         ]);
     }
@@ -139,6 +144,10 @@ pub fn to_table(plan: &Plan, weights_only: bool) -> String {
     if plan.host_offload_bytes > 0 {
         out.push_str(&format!("\nhost memory for offloaded weights: {}\n", b(plan.host_offload_bytes)));
     }
+    if plan.disk_offload_bytes > 0 {
+        let scratch = if plan.scratch_bytes > 0 { format!(" ({} of them converted, in scratch files)", b(plan.scratch_bytes)) } else { String::new() };
+        out.push_str(&format!("offloaded weights served from disk: {}{scratch}\n", b(plan.disk_offload_bytes)));
+    }
     for n in &plan.notes {
         out.push_str(&format!("note: {n}\n"));
     }
@@ -146,6 +155,24 @@ pub fn to_table(plan: &Plan, weights_only: bool) -> String {
         out.push_str("weights only (diffusers' view): working memory not counted\n");
     }
     out
+}
+
+/// The offload column: the mode, `x N` for `group_blocks`, `, disk` for `offload_target = "disk"`.
+fn offload_cell(c: &super::ComponentPlan) -> String {
+    let mut s = match c.offload {
+        Offload::None => "none",
+        Offload::Model => "model",
+        Offload::Sequential => "sequential",
+        Offload::Group => "group",
+    }
+    .to_string();
+    if c.offload == Offload::Group && c.group_blocks > 1 {
+        s.push_str(&format!(" x{}", c.group_blocks));
+    }
+    if c.offload_target == crate::manifest::OffloadTarget::Disk {
+        s.push_str(", disk");
+    }
+    s
 }
 
 /// The split map for people: consecutive numbered siblings on one device read as one line

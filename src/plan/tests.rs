@@ -17,6 +17,7 @@ fn comp(name: &str, bytes: u64) -> ComponentInput {
         tree_half: None,
         pin: None,
         offload: Offload::None,
+        offload_opts: Default::default(),
     }
 }
 
@@ -36,6 +37,7 @@ fn unet(bytes_per_unit: u64, n: usize) -> ComponentInput {
         tree_half: None,
         pin: None,
         offload: Offload::None,
+        offload_opts: Default::default(),
     }
 }
 
