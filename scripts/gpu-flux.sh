@@ -6,7 +6,8 @@
 # difference. Modes: none, model, group (runner: `components.transformer.offload = "group"` and
 # T5's; diffusers: enable_group_offload block_level with a side stream on both), sequential.
 # Goals (issue 15): none <= 1.0x diffusers' time; group <= 1.5x runner's no-offload time with peak
-# VRAM <= 12 GB.
+# VRAM <= 12 GB. Issue 16: group-fp8 (fp8-e4m3 layerwise storage + group offload) <= diffusers' same
+# settings on peak VRAM and time per step.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
 #   there: bash scripts/gpu-flux.sh        (carry: target/release/runner, .whl; STEPS, default 8;
 #          MODES, default "none group model sequential")
@@ -19,7 +20,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 OUT=${OUT:-/tmp/gpu-flux}
 STEPS=${STEPS:-8}
-MODES=${MODES:-none group model sequential}
+MODES=${MODES:-none group group-fp8 model sequential}
 FOLDER=/tmp/flux-random
 mkdir -p "$OUT"
 status=0
@@ -48,6 +49,7 @@ for mode in $MODES; do
   case $mode in
     none) sets=(--set run.seed=0) ;;
     group) sets=(--set components.transformer.offload=group --set components.text_encoder_2.offload=group) ;;
+    group-fp8) sets=(--set components.transformer.offload=group --set components.text_encoder_2.offload=group --set components.transformer.storage_dtype=fp8-e4m3) ;;
     *) sets=(--set placement.offload=$mode) ;;
   esac
   target/release/runner run /tmp/flux-random.toml --quiet --json "${sets[@]}" --out "$OUT/runner-$mode.png" --dump "$OUT/dump-$mode" > "$OUT/runner-$mode.json" || { echo "runner $mode FAILED"; status=1; continue; }

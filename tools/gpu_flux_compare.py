@@ -14,6 +14,8 @@ on it (seed 0, 1024x1024, guidance 3.5, max_sequence_length 512) after a 1-step 
   group       the transformer under enable_group_offload (block_level, 1 block per group, side
               stream), T5 under the same; CLIP and the VAE on the GPU
   sequential  enable_sequential_cpu_offload()
+  group-fp8   `group` with the transformer's weights stored in float8_e4m3fn between layer calls
+              (enable_layerwise_casting(storage_dtype=float8_e4m3fn, compute_dtype=bfloat16), issue 16)
 and prints one JSON line: seconds per step (the whole call / steps, and the transformer's own time
 from a forward pre/post hook pair), allocator peaks (also since process start, the figure runner's
 `run --json` allocator peak is compared with); the image goes to OUT/diffusers-MODE.npy.
@@ -56,7 +58,9 @@ def main():
         pipe.to(cuda)
     elif mode == "model":
         pipe.enable_model_cpu_offload()
-    elif mode == "group":
+    elif mode in ("group", "group-fp8"):
+        if mode == "group-fp8":
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
         for name in ("text_encoder", "vae"):
             getattr(pipe, name).to(cuda)
         for name in ("transformer", "text_encoder_2"):
