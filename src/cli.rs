@@ -43,7 +43,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum Color {
+pub(crate) enum Color {
     Auto,
     Always,
     Never,
@@ -130,6 +130,25 @@ enum Command {
         /// Check every file the manifest reads against MANIFEST.lock first.
         #[arg(long)]
         locked: bool,
+        /// Batch: generate every non-empty line of this JSON-lines file on the one loaded
+        /// pipeline, each line an object of `[run]` keys layered over the manifest as `--set
+        /// run.KEY=VALUE` flags are ({"prompt": "a cat", "seed": 7, "steps": 20}). `--out` is then
+        /// a template of the output names: {index} (0-based among non-empty lines), {line} (line
+        /// number), {seed}, {name} (the manifest's), with zero padding as in {index:04}; default
+        /// `<run.output's stem>-{index:04}.png` beside it. A line without a seed (in it or the
+        /// manifest) gets one drawn and reported. A bad line is reported and the others generated
+        /// (exit status 1). `--json` prints one JSON object per line:
+        /// {"index", "line", "status": "ok"|"skipped"|"error", "images", "seed", "error", ...}.
+        #[arg(long, value_name = "FILE.jsonl", conflicts_with = "dump")]
+        prompts: Option<PathBuf>,
+        /// Batch: leave the lines whose images all exist (resume a killed batch); the others are
+        /// generated (each image written to a temp file and renamed: none is ever half-written).
+        #[arg(long, requires = "prompts", conflicts_with = "force")]
+        skip_existing: bool,
+        /// Batch: replace existing images (without it or --skip-existing, a batch refuses to
+        /// start when any of its images exists).
+        #[arg(long, requires = "prompts")]
+        force: bool,
         #[command(flatten)]
         layers: LayerArgs,
     },
@@ -279,7 +298,7 @@ fn progress_bar(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn stderr(color: Color) -> StandardStream {
+pub(crate) fn stderr(color: Color) -> StandardStream {
     let choice = match color {
         Color::Always => ColorChoice::Always,
         Color::Never => ColorChoice::Never,
@@ -308,12 +327,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, out, dump, devices, simulate, quiet, json, locked, layers } => {
+        Command::Run { file, out, dump, devices, simulate, quiet, json, locked, prompts, skip_existing, force, layers } => {
             let (spec, simulated) = match (devices, simulate) {
                 (_, Some(s)) => (Some(s), true),
                 (d, None) => (d, false),
             };
-            run_job(RunJob { file: &file, out, dump, devices: spec.as_deref(), simulate: simulated, quiet, json, locked, overrides: &layers.overrides(), color: cli.color })
+            let job = RunJob { file: &file, out, dump, devices: spec.as_deref(), simulate: simulated, quiet, json, locked, overrides: &layers.overrides(), color: cli.color };
+            match prompts {
+                Some(p) => crate::batch::batch(
+                    job,
+                    &p,
+                    if skip_existing {
+                        crate::batch::Existing::Skip
+                    } else if force {
+                        crate::batch::Existing::Replace
+                    } else {
+                        crate::batch::Existing::Refuse
+                    },
+                ),
+                None => run_job(job),
+            }
         }
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
@@ -450,7 +483,7 @@ fn config(file: &std::path::Path, json: bool, overrides: &Overrides, color: Colo
 /// Why `plan` or `run` failed: rendered for people on stderr, and with `--json` also as a JSON
 /// document on stdout (`{"error": {"message", "kind", "options"}}`), so that machines reading
 /// the output never get an empty one.
-struct Failure {
+pub(crate) struct Failure {
     /// `manifest`, `devices`, `lock`, `checkpoint`, `plan`, `model`, `io`, `libtorch`, `run`.
     kind: &'static str,
     message: String,
@@ -461,7 +494,7 @@ struct Failure {
 }
 
 impl Failure {
-    fn new(kind: &'static str, message: impl std::fmt::Display) -> Failure {
+    pub(crate) fn new(kind: &'static str, message: impl std::fmt::Display) -> Failure {
         Failure { kind, message: message.to_string(), options: vec![], diagnostics: vec![] }
     }
 
@@ -471,7 +504,7 @@ impl Failure {
         Failure { diagnostics, ..Failure::new(kind, format!("`{}` {what} ({n} error{})", file.display(), if n == 1 { "" } else { "s" })) }
     }
 
-    fn manifest(file: &std::path::Path, diagnostics: Vec<Diagnostic>) -> Failure {
+    pub(crate) fn manifest(file: &std::path::Path, diagnostics: Vec<Diagnostic>) -> Failure {
         Failure::diagnosed("manifest", file, "is not a valid manifest", diagnostics)
     }
 
@@ -485,7 +518,7 @@ impl Failure {
     }
 
     /// A run's failure, `rename` applied to what it says (`--devices` -> `--simulate`).
-    fn exec(file: &std::path::Path, e: runner::exec::ExecError, rename: &dyn Fn(String) -> String) -> Failure {
+    pub(crate) fn exec(file: &std::path::Path, e: runner::exec::ExecError, rename: &dyn Fn(String) -> String) -> Failure {
         use runner::exec::ExecError as E;
         let e = match e {
             E::Plan(p) => {
@@ -508,7 +541,7 @@ impl Failure {
         Failure::new(kind, format!("`{}`: {}", file.display(), rename(e.to_string())))
     }
 
-    fn report(self, json: bool, color: Color) -> anyhow::Result<ExitCode> {
+    pub(crate) fn report(self, json: bool, color: Color) -> anyhow::Result<ExitCode> {
         if self.diagnostics.is_empty() {
             eprintln!("error: {}{}", self.message, runner::plan::options_text(&self.options));
         } else {
@@ -568,17 +601,17 @@ fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights
 }
 
 /// `runner run`'s flags, parsed.
-struct RunJob<'a> {
-    file: &'a std::path::Path,
-    out: Option<PathBuf>,
-    dump: Option<PathBuf>,
-    devices: Option<&'a str>,
-    simulate: bool,
-    quiet: bool,
-    json: bool,
-    locked: bool,
-    overrides: &'a Overrides,
-    color: Color,
+pub(crate) struct RunJob<'a> {
+    pub file: &'a std::path::Path,
+    pub out: Option<PathBuf>,
+    pub dump: Option<PathBuf>,
+    pub devices: Option<&'a str>,
+    pub simulate: bool,
+    pub quiet: bool,
+    pub json: bool,
+    pub locked: bool,
+    pub overrides: &'a Overrides,
+    pub color: Color,
 }
 
 fn run_job(job: RunJob) -> anyhow::Result<ExitCode> {

@@ -86,6 +86,41 @@ pub fn remove_stale_temps(target: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// [`remove_stale_temps`] for many targets, reading each folder once (a batch's outputs).
+pub fn remove_stale_temps_of(targets: &[PathBuf]) -> Vec<PathBuf> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut by_dir: BTreeMap<&Path, BTreeSet<Vec<u8>>> = BTreeMap::new();
+    for t in targets {
+        let set = by_dir.entry(parent_of(t)).or_default();
+        set.insert(temp_prefix(t, TEMP_TAG));
+        set.insert(temp_prefix(t, OLD_TAG));
+    }
+    let mut removed = vec![];
+    for (dir, prefixes) in by_dir {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let bytes = name.as_bytes();
+            let digits = bytes.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+            let (prefix, pid) = bytes.split_at(bytes.len() - digits);
+            let Some(pid) = std::str::from_utf8(pid).ok().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if !prefixes.contains(prefix) || pid == std::process::id() || alive(pid) {
+                continue;
+            }
+            let path = e.path();
+            let gone = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            if gone.is_ok() {
+                tracing::info!(path = %path.display(), pid, "removed the leftover of a killed writer");
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
 /// How an output is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {

@@ -1,5 +1,6 @@
 //! `runner` binary: parse flags, run, print errors once with their chain.
 
+mod batch;
 mod cli;
 
 use std::process::ExitCode;

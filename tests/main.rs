@@ -1,6 +1,7 @@
 //! One integration-test binary (as ripgrep and just do): CLI behaviour, diagnostics snapshots,
 //! layering, the schema, and libtorch linkage.
 
+mod batch;
 mod cast;
 mod checkpoint;
 mod cli;

@@ -5,6 +5,7 @@
 //! [negative, positive] batches, the scheduler loop, VAE decode); PNGs carry their provenance.
 
 pub mod allocator;
+pub mod batch;
 mod cuda_stream;
 pub mod ledger;
 mod loading;
@@ -169,11 +170,26 @@ fn check_devices(plan: &Plan) -> Result<(), ExecError> {
 
 /// Output paths: `run.output` (or `<name>.png` beside the manifest), numbered for batches.
 fn output_paths(m: &LoadedManifest, opts: &RunOptions, n: usize) -> Vec<PathBuf> {
-    let base = match (&opts.out, &m.manifest.run.output) {
-        (Some(o), _) => o.clone(),
-        (None, Some(o)) => m.resolve_path("run.output", o),
-        (None, None) => crate::manifest::normalize(&m.path.parent().unwrap_or(Path::new(".")).join(format!("{}.png", m.manifest.name.replace(['/', '\\', ' '], "-")))),
-    };
+    let base = opts.out.clone().unwrap_or_else(|| default_output(m));
+    numbered(&base, n)
+}
+
+/// The manifest's output: `run.output`, else `<name>.png` beside the manifest.
+pub fn default_output(m: &LoadedManifest) -> PathBuf {
+    match &m.manifest.run.output {
+        Some(o) => m.resolve_path("run.output", o),
+        None => crate::manifest::normalize(&m.path.parent().unwrap_or(Path::new(".")).join(format!("{}.png", file_safe(&m.manifest.name)))),
+    }
+}
+
+/// A name made safe for a file name (no separators, no spaces).
+pub fn file_safe(name: &str) -> String {
+    name.replace(['/', '\\', ' '], "-")
+}
+
+/// `base` for one image, `<stem>-0.png`, `<stem>-1.png`, ... beside it for a batch of `n`.
+pub fn numbered(base: &Path, n: usize) -> Vec<PathBuf> {
+    let base = base.to_path_buf();
     if n == 1 {
         return vec![base];
     }

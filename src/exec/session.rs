@@ -39,6 +39,35 @@ pub struct Session<'m> {
     scratch: Vec<super::scratch::Scratch>,
 }
 
+/// What one generation makes: its manifest (`[run]`), shape, seed and outputs.
+struct Job<'a> {
+    m: &'a LoadedManifest,
+    shape: crate::plan::memory::RunShape,
+    seed: u64,
+    outputs: Vec<PathBuf>,
+    /// Valid keys with no effect, the pipeline folder's notes.
+    warnings: Vec<String>,
+}
+
+fn check_shape(shape: &crate::plan::memory::RunShape) -> Result<(), ExecError> {
+    if shape.width % 8 != 0 || shape.height % 8 != 0 {
+        return Err(ExecError::Unsupported(format!("width and height must be multiples of 8, got {}x{}", shape.width, shape.height)));
+    }
+    Ok(())
+}
+
+/// Every destination is checked before generating, not after: a folder, a read-only place, a
+/// file where a folder should be.
+fn check_outputs(outputs: &[PathBuf]) -> Result<(), ExecError> {
+    for o in outputs {
+        let dest = crate::fsutil::check_destination(o).map_err(|msg| ExecError::Io { what: "cannot write the image", path: o.clone(), source: std::io::Error::other(msg) })?;
+        if o.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) && !matches!(dest, crate::fsutil::Destination::InPlace(_)) {
+            return Err(ExecError::Unsupported(format!("the output `{}` must be a `.png` file (or a device such as /dev/null)", o.display())));
+        }
+    }
+    Ok(())
+}
+
 /// Plans, checks and loads (step 0 and 1 of a run).
 pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>, ExecError> {
     let started = Instant::now();
@@ -62,18 +91,9 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         }
     }
     let shape = build::run_shape(m, &configs);
-    if shape.width % 8 != 0 || shape.height % 8 != 0 {
-        return Err(ExecError::Unsupported(format!("width and height must be multiples of 8, got {}x{}", shape.width, shape.height)));
-    }
+    check_shape(&shape)?;
     let outputs = output_paths(m, opts, shape.batch as usize);
-    // Every destination is checked now, not after the generation: a folder, a read-only place, a
-    // file where a folder should be.
-    for o in &outputs {
-        let dest = crate::fsutil::check_destination(o).map_err(|msg| ExecError::Io { what: "cannot write the image", path: o.clone(), source: std::io::Error::other(msg) })?;
-        if o.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) && !matches!(dest, crate::fsutil::Destination::InPlace(_)) {
-            return Err(ExecError::Unsupported(format!("the output `{}` must be a `.png` file (or a device such as /dev/null)", o.display())));
-        }
-    }
+    check_outputs(&outputs)?;
     if let Some(d) = &opts.dump {
         std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
         let probe = d.join(".runner-write-test");
@@ -130,18 +150,64 @@ impl Session<'_> {
     /// Generates the manifest's images (steps 2 to 6 of a run): the pipeline's `__call__` between
     /// offload hooks and the ledger, then the outputs.
     pub fn generate(&mut self, opts: &RunOptions) -> Result<RunReport, ExecError> {
-        let m = self.m;
+        let job = Job { m: self.m, shape: self.shape, seed: self.seed, outputs: self.outputs.clone(), warnings: self.warnings.clone() };
+        self.generate_job(&job, opts)
+    }
+
+    /// Generates with another `[run]` on the loaded pipeline (`runner run --prompts`): `m` is the
+    /// session's manifest with other `[run]` values (layered the way `--set` layers them, so
+    /// that the image and its metadata are those of `runner run` with the same overrides), its
+    /// images written to `opts.out` (numbered for batches, as `run` numbers them). Checked first,
+    /// without touching the weights: everything but `[run]` equal to the loaded manifest's, what
+    /// preflight checks of the run's keys (sizes against the configs), and a plan for the new
+    /// shape that places every component as the loaded one does (a shape whose working memory
+    /// exceeds the budgets is an error here, not an out-of-memory failure mid-run).
+    pub fn generate_run(&mut self, m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError> {
+        let (a, b) = (&m.manifest, &self.m.manifest);
+        if a.schema_version != b.schema_version || a.name != b.name || a.pipeline != b.pipeline || a.components != b.components || a.placement != b.placement {
+            return Err(ExecError::Unsupported("only `[run]` keys can change on a loaded pipeline".into()));
+        }
+        let (pipeline, configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
+        let mut warnings: Vec<String> = pipeline.notes.clone();
+        warnings.extend(crate::preflight::warnings(m, &configs).into_iter().map(|d| d.message));
+        let shape = build::run_shape(m, &configs);
+        check_shape(&shape)?;
+        if shape != self.shape {
+            let inventory = build::inventory(m, &opts.plan)?;
+            let plan = crate::plan::plan(&build::plan_input(m, &pipeline, &configs, inventory, &opts.plan)).map_err(|e| {
+                ExecError::Unsupported(format!("at {}x{}, batch {}, the working memory does not fit the budgets the pipeline was loaded for: {}", shape.width, shape.height, shape.batch, e.message))
+            })?;
+            let placed = |p: &Plan| p.components.iter().map(|c| (c.name.clone(), c.device, c.split.clone(), c.offload)).collect::<Vec<_>>();
+            if placed(&plan) != placed(&self.plan) {
+                return Err(ExecError::Unsupported(format!(
+                    "at {}x{}, batch {}, the plan places the components differently than the loaded pipeline ({:?} instead of {:?}): run this job on its own",
+                    shape.width,
+                    shape.height,
+                    shape.batch,
+                    plan.device_map(),
+                    self.plan.device_map()
+                )));
+            }
+        }
+        let outputs = output_paths(m, opts, shape.batch as usize);
+        check_outputs(&outputs)?;
+        let job = Job { m, shape, seed: seed_of(m), outputs, warnings };
+        self.generate_job(&job, opts)
+    }
+
+    fn generate_job(&mut self, job: &Job<'_>, opts: &RunOptions) -> Result<RunReport, ExecError> {
+        let m = job.m;
         let mut cx = Call {
             m,
             pipeline: &self.pipeline,
             plan: &self.plan,
-            shape: self.shape,
-            seed: self.seed,
+            shape: job.shape,
+            seed: job.seed,
             simulate: self.simulate,
             progress: opts.progress,
             res: self.residency()?,
             dump: Dump::new(opts.dump.is_some()),
-            warnings: self.warnings.clone(),
+            warnings: job.warnings.clone(),
         };
         let g = self.model.call(&mut cx)?;
         // diffusers' `maybe_free_model_hooks`: offloaded components end in host memory (and a
@@ -168,23 +234,23 @@ impl Session<'_> {
             negative_prompt_3: g.negative_prompt_3.clone(),
             max_sequence_length: g.max_sequence_length,
             true_cfg_scale: g.true_cfg_scale,
-            seed: if latents.is_some() { None } else { Some(self.seed) },
+            seed: if latents.is_some() { None } else { Some(job.seed) },
             batch_index: 0,
-            batch_size: self.outputs.len(),
+            batch_size: job.outputs.len(),
             latents,
             steps: g.steps,
             guidance_scale: g.guidance_scale,
             sampler: png::a1111_sampler(&g.scheduler, g.karras),
             scheduler: g.scheduler.clone(),
             clip_skip: r.clip_skip,
-            width: self.shape.width,
-            height: self.shape.height,
+            width: job.shape.width,
+            height: job.shape.height,
             model: self.pipeline.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             lock_sha256: opts.lock_sha256.clone(),
             dtype: dtype_summary(m),
             manifest_sha256: manifest_digest(m),
         };
-        for (i, path) in self.outputs.iter().enumerate() {
+        for (i, path) in job.outputs.iter().enumerate() {
             let (w, h, rgb) = png::to_rgb8(&g.images.get(i as i64));
             meta.batch_index = i;
             png::write_png(path, w, h, &rgb, &meta.chunks()).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
@@ -209,13 +275,13 @@ impl Session<'_> {
         let rest = if g.step_times.len() > 1 { &g.step_times[1..] } else { &g.step_times[..] };
         let seconds_per_step = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
         Ok(RunReport {
-            images: self.outputs.clone(),
-            seed: self.seed,
+            images: job.outputs.clone(),
+            seed: job.seed,
             steps: g.steps,
             unet_calls: g.model_calls,
             scheduler: g.scheduler,
-            width: self.shape.width,
-            height: self.shape.height,
+            width: job.shape.width,
+            height: job.shape.height,
             device_map: self.plan.device_map(),
             simulated: opts.simulate,
             plan_notes: self.plan.notes.clone(),

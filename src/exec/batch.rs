@@ -1,0 +1,318 @@
+//! `runner run --prompts FILE.jsonl`: the pieces of a batch that need no pipeline. Each
+//! non-empty line of the file is a JSON object of `[run]` keys, layered over the manifest the way
+//! `--set run.KEY=VALUE` flags are (so a line's image is the image of `runner run` with the same
+//! flags, metadata included); output names come from a template.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The `[run]` keys a line may set. `output` comes from the template and `threads` is the
+/// process's; keys outside `[run]` (`pipeline.scheduler`, placement) belong to the loaded
+/// pipeline.
+pub const LINE_KEYS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "prompt_2",
+    "negative_prompt_2",
+    "prompt_3",
+    "negative_prompt_3",
+    "max_sequence_length",
+    "steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "seed",
+    "width",
+    "height",
+    "batch",
+    "clip_skip",
+    "latents",
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+];
+
+/// One line of the prompts file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    /// 0-based, among the file's non-empty lines.
+    pub index: usize,
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// The line's keys as `--set` arguments (`run.steps=20`), in the line's order; or why the
+    /// line is not a valid one.
+    pub sets: Result<Vec<String>, String>,
+}
+
+/// Reads the prompts file: every non-empty line, parsed (a bad line is that line's error).
+pub fn read_lines(path: &Path) -> std::io::Result<Vec<Line>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(parse_lines(&text))
+}
+
+/// The non-empty lines of a JSON-lines text, each parsed into `--set` arguments.
+pub fn parse_lines(text: &str) -> Vec<Line> {
+    text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).enumerate().map(|(index, (n, l))| Line { index, line: n + 1, sets: line_sets(l) }).collect()
+}
+
+/// One line (a JSON object of `[run]` keys) as `--set run.KEY=VALUE` arguments whose values are
+/// TOML literals, so that the manifest's layering, schema and checks see them as they see flags.
+pub fn line_sets(text: &str) -> Result<Vec<String>, String> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let serde_json::Value::Object(obj) = value else {
+        return Err(format!("must be a JSON object of `[run]` keys (e.g. {{\"prompt\": \"a cat\", \"seed\": 1}}), not {}", json_kind(&value)));
+    };
+    let mut sets = vec![];
+    for (k, v) in &obj {
+        if !LINE_KEYS.contains(&k.as_str()) {
+            let mut msg = format!("unknown key `{k}`");
+            match k.as_str() {
+                "output" => msg.push_str(": output names come from the template (`--out`)"),
+                "threads" => msg.push_str(": `run.threads` is the process's (set it in the manifest or with `--set`)"),
+                "scheduler" | "dtype" | "variant" | "kind" | "source" => {
+                    msg.push_str(&format!(": `{k}` belongs to `[pipeline]`, fixed for the loaded pipeline (run another manifest or `--set pipeline.{k}=...` for the whole batch)"))
+                }
+                _ => {
+                    if let Some(s) = crate::diag::did_you_mean(k, LINE_KEYS.iter().copied()) {
+                        msg.push_str(&format!(" (did you mean `{s}`?)"));
+                    }
+                    msg.push_str(&format!("; a line takes `[run]` keys: {}", LINE_KEYS.join(", ")));
+                }
+            }
+            return Err(msg);
+        }
+        if v.is_null() {
+            return Err(format!("`{k}` is null: leave the key out for the manifest's value"));
+        }
+        let t = toml::Value::try_from(v).map_err(|e| format!("`{k}`: {e}"))?;
+        sets.push(format!("run.{k}={t}"));
+    }
+    Ok(sets)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// An output name template: text with `{index}`, `{line}`, `{seed}` and `{name}` placeholders
+/// (`{index:04}`, `{line:04}`, `{seed:08}`: zero-padded to that width); `{{` and `}}` are braces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    Field { name: Field, width: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Index,
+    Line,
+    Seed,
+    Name,
+}
+
+/// The placeholders a template knows.
+pub const PLACEHOLDERS: &[&str] = &["index", "line", "seed", "name"];
+
+/// What a template's placeholders stand for, for one line.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    pub index: usize,
+    pub line: usize,
+    pub seed: u64,
+    pub name: &'a str,
+}
+
+impl Template {
+    pub fn parse(t: &str) -> Result<Template, String> {
+        let mut parts = vec![];
+        let mut text = String::new();
+        let mut chars = t.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    text.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    text.push('}');
+                }
+                '}' => return Err(format!("the output template `{t}` has an unmatched `}}` (write `}}}}` for a brace)")),
+                '{' => {
+                    let mut inner = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => inner.push(c),
+                            None => return Err(format!("the output template `{t}` has an unclosed `{{` (write `{{{{` for a brace)")),
+                        }
+                    }
+                    let (name, spec) = inner.split_once(':').unwrap_or((&inner, ""));
+                    let field = match name {
+                        "index" => Field::Index,
+                        "line" => Field::Line,
+                        "seed" => Field::Seed,
+                        "name" => Field::Name,
+                        _ => {
+                            let mut msg = format!("the output template `{t}` has an unknown placeholder `{{{name}}}`");
+                            if let Some(s) = crate::diag::did_you_mean(name, PLACEHOLDERS.iter().copied()) {
+                                msg.push_str(&format!(" (did you mean `{{{s}}}`?)"));
+                            }
+                            msg.push_str(
+                                "; placeholders: {index} (0-based, among non-empty lines), {line} (line number), {seed}, {name} (the manifest's name), with an optional zero-padded width: {index:04}",
+                            );
+                            return Err(msg);
+                        }
+                    };
+                    let width = if spec.is_empty() {
+                        0
+                    } else {
+                        match spec.strip_prefix('0').and_then(|w| w.parse::<usize>().ok()) {
+                            Some(w) if field != Field::Name && w <= 64 => w,
+                            _ => return Err(format!("the output template `{t}`: `{{{inner}}}` has an unknown format (`{{{name}:0N}}` pads a number with zeros to N digits)")),
+                        }
+                    };
+                    if !text.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut text)));
+                    }
+                    parts.push(Part::Field { name: field, width });
+                }
+                c => text.push(c),
+            }
+        }
+        if !text.is_empty() {
+            parts.push(Part::Text(text));
+        }
+        Ok(Template { parts })
+    }
+
+    /// Whether every line gets its own name (the template has `{index}` or `{line}`).
+    pub fn numbers_lines(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Field { name: Field::Index | Field::Line, .. }))
+    }
+
+    pub fn expand(&self, f: &Fields) -> PathBuf {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Field { name: Field::Name, .. } => out.push_str(&super::file_safe(f.name)),
+                Part::Field { name, width } => {
+                    let n = match name {
+                        Field::Index => f.index as u64,
+                        Field::Line => f.line as u64,
+                        _ => f.seed,
+                    };
+                    out.push_str(&format!("{n:0width$}"));
+                }
+            }
+        }
+        PathBuf::from(out)
+    }
+}
+
+/// The default template: `<output stem>-{index:04}.png` beside the manifest's output.
+pub fn default_template(output: &Path) -> String {
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = format!("{}-{{index:04}}.png", stem.replace('{', "{{").replace('}', "}}"));
+    output.with_file_name(name).to_string_lossy().into_owned()
+}
+
+/// Duplicates among `paths` (two lines that would write one file).
+pub fn duplicates(paths: impl IntoIterator<Item = PathBuf>) -> Vec<PathBuf> {
+    let mut seen = BTreeSet::new();
+    let mut dup = BTreeSet::new();
+    for p in paths {
+        let p = crate::manifest::normalize(&p);
+        if !seen.insert(p.clone()) {
+            dup.insert(p);
+        }
+    }
+    dup.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_keys_are_the_run_keys_but_output_and_threads() {
+        let all = crate::manifest::Run {
+            prompt: Some(String::new()),
+            negative_prompt: Some(String::new()),
+            prompt_2: Some(String::new()),
+            negative_prompt_2: Some(String::new()),
+            prompt_3: Some(String::new()),
+            negative_prompt_3: Some(String::new()),
+            max_sequence_length: Some(1),
+            steps: Some(1),
+            guidance_scale: Some(1.0),
+            true_cfg_scale: Some(1.0),
+            seed: Some(1),
+            width: Some(8),
+            height: Some(8),
+            batch: Some(1),
+            clip_skip: Some(1),
+            latents: Some("x".into()),
+            original_size: Some([8, 8]),
+            crops_coords_top_left: Some([0, 0]),
+            target_size: Some([8, 8]),
+            output: Some("x".into()),
+            threads: Some(1),
+        };
+        let json = serde_json::to_value(&all).unwrap();
+        let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).filter(|k| !["output", "threads"].contains(k)).collect();
+        let mut ours = LINE_KEYS.to_vec();
+        keys.sort();
+        ours.sort();
+        assert_eq!(keys, ours);
+    }
+
+    #[test]
+    fn lines_become_set_flags() {
+        assert_eq!(line_sets(r#"{"steps": 3, "guidance_scale": 7.5, "original_size": [64, 64]}"#).unwrap(), ["run.steps=3", "run.guidance_scale=7.5", "run.original_size=[64, 64]"]);
+        // Strings come back as they were (as `--set` reads a TOML literal), whatever their
+        // quotes, breaks and characters.
+        for text in ["a \"cat\"", "it's", "back\\slash", "line\nbreak", "'''x'''\"\"\"", "caf\u{e9} \u{1f431}", "30", "true", ""] {
+            let sets = line_sets(&serde_json::json!({ "prompt": text }).to_string()).unwrap();
+            let value = sets[0].strip_prefix("run.prompt=").unwrap();
+            let back: toml::Table = toml::from_str(&format!("v = {value}")).unwrap();
+            assert_eq!(back["v"].as_str(), Some(text), "{value}");
+        }
+        for s in [r#"{"prompt": "x""#, "[1]", r#""x""#] {
+            assert!(line_sets(s).is_err(), "{s}");
+        }
+        let e = line_sets(r#"{"promt": "x"}"#).unwrap_err();
+        assert!(e.contains("unknown key `promt`") && e.contains("did you mean `prompt`"), "{e}");
+        assert!(line_sets(r#"{"scheduler": "ddim"}"#).unwrap_err().contains("`[pipeline]`"));
+        assert!(line_sets(r#"{"output": "x.png"}"#).unwrap_err().contains("template"));
+        assert!(line_sets(r#"{"seed": null}"#).unwrap_err().contains("null"));
+        let lines = parse_lines("{\"seed\": 1}\n\n  \n{\"seed\": 2}\nnope\n");
+        assert_eq!(lines.iter().map(|l| (l.index, l.line, l.sets.is_ok())).collect::<Vec<_>>(), [(0, 1, true), (1, 4, true), (2, 5, false)]);
+    }
+
+    #[test]
+    fn templates() {
+        let t = Template::parse("out/{name}-{index:04}-{line}-{seed}{{x}}.png").unwrap();
+        assert_eq!(t.expand(&Fields { index: 7, line: 9, seed: 42, name: "my job" }), PathBuf::from("out/my-job-0007-9-42{x}.png"));
+        assert!(t.numbers_lines());
+        assert!(!Template::parse("out/{seed}.png").unwrap().numbers_lines());
+        let e = Template::parse("out/{indx}.png").unwrap_err();
+        assert!(e.contains("unknown placeholder `{indx}`") && e.contains("did you mean `{index}`"), "{e}");
+        for bad in ["{index", "x}", "{index:4}", "{name:04}", "{index:0x}"] {
+            assert!(Template::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(default_template(Path::new("a/b.png")), "a/b-{index:04}.png");
+    }
+}
