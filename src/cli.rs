@@ -98,12 +98,13 @@ enum Command {
     /// streams one leaf module at a time; `group` one block group at a time, the next one
     /// prefetched (RUNNER_PREFETCH_STREAM=1: on a side CUDA stream, experimental). Every mode gives
     /// the image of no offload.
-    #[command(after_help = concat!("Examples:\n  runner run manifests/tiny-sd15.toml --out cat.png\n  runner run manifests/tiny-sdxl.toml --simulate \"cuda:0=40MB,cuda:1=40MB\" --json\n  RUST_LOG=runner=info runner run manifests/tiny-sd15.toml --set run.seed=7 --set run.steps=20\n\n", layers_help!()))]
+    #[command(after_help = concat!("Examples:\n  runner run manifests/tiny-sd15.toml --out cat.png\n  runner run manifests/tiny-sdxl.toml --simulate \"cuda:0=40MB,cuda:1=40MB\" --json\n  RUST_LOG=runner=info runner run manifests/tiny-sd15.toml --set run.seed=7 --set run.steps=20\n  runner run manifests/tiny-sd15.toml --prompts prompts.jsonl --out 'out/{index:04}-{seed}.png' --skip-existing --json\n\n", layers_help!()))]
     Run {
         /// The manifest (TOML) to use.
         #[arg(value_name = "MANIFEST")]
         file: PathBuf,
-        /// Write the image here instead of run.output (batches: NAME-0.png, NAME-1.png, ...).
+        /// Write the image here instead of run.output (batches: NAME-0.png, NAME-1.png, ...). With
+        /// --prompts: the template of the output names (see --prompts).
         #[arg(long, value_name = "PATH")]
         out: Option<PathBuf>,
         /// Write intermediate tensors (tokens, embeddings, every step, the image) to DIR/dump.safetensors.
