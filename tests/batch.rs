@@ -133,6 +133,8 @@ fn a_killed_batch_resumes_with_skip_existing() {
     std::fs::write(dir.path().join("1.png"), b"done before the kill").unwrap();
     let dead = 4_194_303; // above any pid_max in use
     std::fs::write(dir.path().join(format!(".2.png.runner-tmp-{dead}")), b"half").unwrap();
+    // And one beside a finished image (a `--force` run killed while replacing it).
+    std::fs::write(dir.path().join(format!(".0.png.runner-tmp-{dead}")), b"half").unwrap();
 
     // Neither flag: refused before anything is generated, nothing replaced.
     let (code, stdout, stderr) = run(&mut args(&[]));
