@@ -61,29 +61,7 @@ fn alive(pid: u32) -> bool {
 /// Removes what killed writers of `target` left beside it: `.{name}.runner-tmp-PID` and
 /// `.{name}.runner-old-PID` (files or folders) whose PID no longer runs. Returns what it removed.
 pub fn remove_stale_temps(target: &Path) -> Vec<PathBuf> {
-    let mut removed = vec![];
-    let Ok(entries) = std::fs::read_dir(parent_of(target)) else { return removed };
-    let prefixes = [temp_prefix(target, TEMP_TAG), temp_prefix(target, OLD_TAG)];
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let bytes = name.as_bytes();
-        let Some(pid) = prefixes.iter().find_map(|p| bytes.strip_prefix(p.as_slice())).and_then(|rest| std::str::from_utf8(rest).ok()).and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == std::process::id() || alive(pid) {
-            continue;
-        }
-        let path = e.path();
-        let gone = match e.file_type() {
-            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
-            _ => std::fs::remove_file(&path),
-        };
-        if gone.is_ok() {
-            tracing::info!(path = %path.display(), pid, "removed the leftover of a killed writer");
-            removed.push(path);
-        }
-    }
-    removed
+    remove_stale_temps_of(&[target.to_path_buf()])
 }
 
 /// [`remove_stale_temps`] for many targets, reading each folder once (a batch's outputs).
