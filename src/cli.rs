@@ -186,6 +186,30 @@ enum Command {
         #[command(flatten)]
         layers: LayerArgs,
     },
+    /// Serve the manifest's pipeline over HTTP: the weights are loaded once, then every
+    /// `POST /v1/images` (a JSON object of `[run]` keys, `prompt` required, the others defaulting
+    /// to the manifest's; `"response": "json"` for base64 PNGs, the seed and timings) is layered
+    /// over the manifest as `--set run.KEY=VALUE` flags are and generated on it: the PNG equals
+    /// `runner run`'s with the same flags. `GET /healthz` (alive), `GET /readyz` (200 once loaded,
+    /// 503 before). `[serve] queue` requests may wait (429 beyond); `[serve] max_steps`,
+    /// `max_pixels`, `max_batch` limit a request (422). Prints `listening on http://ADDR` first.
+    #[command(after_help = concat!("Examples:\n  runner serve manifests/tiny-sd15.toml\n  runner serve manifests/tiny-sd15.toml --listen 127.0.0.1:0\n  curl -s localhost:8080/v1/images -d '{\"prompt\": \"a cat\", \"seed\": 7}' > cat.png\n\n", layers_help!()))]
+    Serve {
+        /// The manifest (TOML) to use.
+        #[arg(value_name = "MANIFEST")]
+        file: PathBuf,
+        /// The address and port to listen on (port 0: any free port, printed).
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Listen on a non-loopback address although the server has no authentication.
+        #[arg(long)]
+        insecure_bind: bool,
+        /// Check every file the manifest reads against MANIFEST.lock first.
+        #[arg(long)]
+        locked: bool,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
     /// Show the effective manifest after layering, and where each value came from.
     #[command(after_help = concat!("Examples:\n  runner config manifests/tiny-sd15.toml\n  RUNNER_RUN__STEPS=20 runner config --json manifests/tiny-sd15.toml\n\n", layers_help!()))]
     Config {
@@ -350,6 +374,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
+        Command::Serve { file, listen, insecure_bind, locked, layers } => {
+            crate::serve::serve(crate::serve::ServeJob { file: &file, listen: &listen, insecure_bind, locked, overrides: &layers.overrides() })
+        }
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
             print!("{}", manifest::schema_json());

@@ -2,6 +2,7 @@
 
 mod batch;
 mod cli;
+mod serve;
 
 use std::process::ExitCode;
 

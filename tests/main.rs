@@ -19,6 +19,7 @@ mod safety;
 mod schedulers;
 mod schema;
 mod sd3_transformer;
+mod serve;
 mod setup;
 mod shard;
 mod t5;

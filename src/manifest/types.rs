@@ -34,6 +34,33 @@ pub struct Manifest {
     pub placement: Placement,
     #[serde(default)]
     pub run: Run,
+    /// `runner serve`: the request queue and per-request limits (ignored by other commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<Serve>,
+}
+
+/// `runner serve`'s settings: how many requests may wait for the worker, and the largest job
+/// one request may ask for (a request over a limit is answered 422 naming it).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Serve {
+    /// Requests that may wait for the worker (default 8); one more is answered 429 with
+    /// `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub queue: Option<u32>,
+    /// The most `steps` a request may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_steps: Option<u32>,
+    /// The most pixels (`width` x `height`) of one image a request may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64))]
+    pub max_pixels: Option<u64>,
+    /// The most images (`batch`) a request may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_batch: Option<u32>,
 }
 
 /// The pipeline: what kind it is and where its diffusers folder lives.
