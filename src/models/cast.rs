@@ -139,28 +139,47 @@ fn widen_fp8_on_cpu(t: &Tensor, to: Kind) -> Option<Tensor> {
     if t.device() != tch::Device::Cpu || !matches!(t.kind(), Kind::Float8e4m3fn | Kind::Float8e5m2) || !t.is_contiguous() {
         return None;
     }
-    let table = Tensor::arange(256, (Kind::Uint8, tch::Device::Cpu)).view_dtype(t.kind()).to_kind(to);
+    let (_, _, table) = fp8_tables().iter().find(|(f, k, _)| *f == t.kind() && *k == to)?;
     let n = t.numel();
     let out = Tensor::empty(t.size(), (to, tch::Device::Cpu));
     // SAFETY: `t` is a contiguous CPU tensor of `n` one-byte elements; `out` a fresh contiguous CPU
-    // tensor of `n` elements of `table`'s element size (4 or 2 bytes), which is what is written.
+    // tensor of `n` elements of `to`'s size (4 bytes for f32, 2 for f16/bf16), which is what is written.
     unsafe {
         let src = std::slice::from_raw_parts(t.data_ptr() as *const u8, n);
-        match to {
-            Kind::Float => lookup(src, &Vec::<f32>::try_from(&table).ok()?, std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n)),
-            Kind::Half | Kind::BFloat16 => {
-                let bits = Vec::<i16>::try_from(&table.view_dtype(Kind::Int16)).ok()?;
-                lookup(src, &bits, std::slice::from_raw_parts_mut(out.data_ptr() as *mut i16, n))
-            }
-            _ => return None,
+        if to == Kind::Float {
+            lookup(src, table, std::slice::from_raw_parts_mut(out.data_ptr() as *mut u32, n), |b| b);
+        } else {
+            lookup(src, table, std::slice::from_raw_parts_mut(out.data_ptr() as *mut u16, n), |b| b as u16);
         }
     }
     Some(out)
 }
 
-fn lookup<T: Copy>(src: &[u8], table: &[T], dst: &mut [T]) {
+/// The bits each fp8 byte widens to, per (fp8 kind, compute kind), made once by libtorch's own
+/// conversion (not per layer call: this is the forward's hot path).
+fn fp8_tables() -> &'static [(Kind, Kind, [u32; 256])] {
+    static TABLES: std::sync::OnceLock<Vec<(Kind, Kind, [u32; 256])>> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        let bytes = Tensor::arange(256, (Kind::Uint8, tch::Device::Cpu));
+        let mut out = vec![];
+        for from in [Kind::Float8e4m3fn, Kind::Float8e5m2] {
+            for to in [Kind::Float, Kind::Half, Kind::BFloat16] {
+                let wide = bytes.view_dtype(from).to_kind(to);
+                let bits: Vec<u32> = if to == Kind::Float {
+                    Vec::<i32>::try_from(&wide.view_dtype(Kind::Int)).expect("256 f32").into_iter().map(|b| b as u32).collect()
+                } else {
+                    Vec::<i16>::try_from(&wide.view_dtype(Kind::Int16)).expect("256 halves").into_iter().map(|b| b as u16 as u32).collect()
+                };
+                out.push((from, to, bits.try_into().expect("256 entries")));
+            }
+        }
+        out
+    })
+}
+
+fn lookup<T>(src: &[u8], table: &[u32; 256], dst: &mut [T], narrow: impl Fn(u32) -> T) {
     for (d, &s) in dst.iter_mut().zip(src) {
-        *d = table[s as usize];
+        *d = narrow(table[s as usize]);
     }
 }
 
