@@ -28,7 +28,10 @@ demo: build
 
 ## schema: regenerate schemas/manifest.schema.json from the serde types
 schema: setup check-cargo
-	$(CARGO) run --quiet --locked -- schema > schemas/manifest.schema.json
+	@# Built before the file is rewritten: the binary embeds the committed schema.
+	$(CARGO) build --quiet --locked
+	$(CARGO) run --quiet --locked -- schema > schemas/manifest.schema.json.tmp
+	mv schemas/manifest.schema.json.tmp schemas/manifest.schema.json
 
 ## fmt: format the Rust sources (rustfmt.toml: the house's long lines)
 fmt: check-cargo

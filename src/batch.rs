@@ -154,7 +154,8 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing) -> Result<ExitCo
         State::Pending { base, .. } => Some(base.clone()),
         _ => None,
     });
-    let opts = runner::exec::RunOptions { out: first.clone(), dump: None, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate, lock_sha256 };
+    let opts =
+        runner::exec::RunOptions { out: first.clone(), dump: None, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate, lock_sha256, watch: None };
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }

@@ -186,14 +186,25 @@ enum Command {
         #[command(flatten)]
         layers: LayerArgs,
     },
-    /// Serve the manifest's pipeline over HTTP: the weights are loaded once, then every
-    /// `POST /v1/images` (a JSON object of `[run]` keys, `prompt` required, the others defaulting
-    /// to the manifest's; `"response": "json"` for base64 PNGs, the seed and timings) is layered
-    /// over the manifest as `--set run.KEY=VALUE` flags are and generated on it: the PNG equals
-    /// `runner run`'s with the same flags. `GET /healthz` (alive), `GET /readyz` (200 once loaded,
-    /// 503 before). `[serve] queue` requests may wait (429 beyond); `[serve] max_steps`,
-    /// `max_pixels`, `max_batch` limit a request (422). Prints `listening on http://ADDR` first.
-    #[command(after_help = concat!("Examples:\n  runner serve manifests/tiny-sd15.toml\n  runner serve manifests/tiny-sd15.toml --listen 127.0.0.1:0\n  curl -s localhost:8080/v1/images -d '{\"prompt\": \"a cat\", \"seed\": 7}' > cat.png\n\n", layers_help!()))]
+    /// Serve the manifest's pipeline over HTTP: the weights are loaded once and warmed up with a
+    /// one-step generation, then requests are layered over the manifest as `--set run.KEY=VALUE`
+    /// flags are and generated one after the other (a served PNG equals `runner run`'s with the
+    /// same flags, byte for byte).
+    ///
+    /// `POST /v1/images` (a JSON object of `[run]` keys, `prompt` required; `"response": "json"`
+    /// for base64 PNGs, the seed and timings) answers with the image. `POST /v1/jobs` queues
+    /// the same body and answers 202 with a job: `GET /v1/jobs/{id}` (state, step i/N, timings),
+    /// `GET /v1/jobs/{id}/image`, `GET /v1/jobs/{id}/events` (server-sent progress), `DELETE
+    /// /v1/jobs/{id}` (cancels between steps). `GET /healthz` (alive), `GET /readyz` (200 once
+    /// loaded and warmed up; 503 before and while draining), `GET /metrics` (Prometheus).
+    ///
+    /// `[serve]` in the manifest: `queue` (waiting requests; 429 with Retry-After beyond),
+    /// `max_steps`, `max_pixels`, `max_batch` (422 beyond), `timeout` (seconds per request; 504
+    /// beyond), `read_timeout` (seconds to send a request; 408), `token_env` (an environment
+    /// variable holding a bearer token that /v1/* and /metrics then require). SIGTERM or SIGINT:
+    /// stop accepting, let queued and running jobs finish for --drain-timeout seconds, cancel the
+    /// rest, exit 0. Prints `listening on http://ADDR` first.
+    #[command(after_help = concat!("Examples:\n  runner serve manifests/tiny-sd15.toml\n  runner serve manifests/tiny-sd15.toml --listen 127.0.0.1:0\n  curl -s localhost:8080/v1/images -d '{\"prompt\": \"a cat\", \"seed\": 7}' > cat.png\n  curl -s localhost:8080/v1/jobs -d '{\"prompt\": \"a cat\"}'\n\n", layers_help!()))]
     Serve {
         /// The manifest (TOML) to use.
         #[arg(value_name = "MANIFEST")]
@@ -201,12 +212,16 @@ enum Command {
         /// The address and port to listen on (port 0: any free port, printed).
         #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
         listen: String,
-        /// Listen on a non-loopback address although the server has no authentication.
+        /// Listen on a non-loopback address although the manifest sets no `serve.token_env`.
         #[arg(long)]
         insecure_bind: bool,
         /// Check every file the manifest reads against MANIFEST.lock first.
         #[arg(long)]
         locked: bool,
+        /// On SIGTERM/SIGINT, seconds to let queued and running jobs finish before they are
+        /// cancelled (between two steps).
+        #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+        drain_timeout: std::time::Duration,
         #[command(flatten)]
         layers: LayerArgs,
     },
@@ -374,8 +389,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
-        Command::Serve { file, listen, insecure_bind, locked, layers } => {
-            crate::serve::serve(crate::serve::ServeJob { file: &file, listen: &listen, insecure_bind, locked, overrides: &layers.overrides() })
+        Command::Serve { file, listen, insecure_bind, locked, drain_timeout, layers } => {
+            crate::serve::serve(crate::serve::ServeJob { file: &file, listen: &listen, insecure_bind, locked, drain_timeout, overrides: &layers.overrides() })
         }
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
@@ -564,7 +579,7 @@ impl Failure {
             E::Text(_) => "tokenizer",
             E::Scheduler(_) => "scheduler",
             E::Io { .. } => "io",
-            E::Plan(_) | E::Preflight(_) | E::Unsupported(_) => "run",
+            E::Plan(_) | E::Preflight(_) | E::Unsupported(_) | E::Cancelled { .. } => "run",
         };
         Failure::new(kind, format!("`{}`: {}", file.display(), rename(e.to_string())))
     }
@@ -699,7 +714,7 @@ fn run_inner(job: RunJob) -> Result<runner::exec::RunReport, Failure> {
     if let Some(t) = loaded.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
-    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate, lock_sha256 };
+    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate, lock_sha256, watch: None };
     // libtorch reports failures inside an op (out of memory, an unsupported kernel) as panics
     // through tch: turn them into an error message and exit 1, not a crash.
     let previous = std::panic::take_hook();
@@ -728,4 +743,10 @@ fn info(json: bool) -> anyhow::Result<ExitCode> {
         println!("smoke test: ok");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--drain-timeout`: seconds, a non-negative number.
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let v: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    std::time::Duration::try_from_secs_f64(v).map_err(|_| format!("`{s}` is not a number of seconds from 0 up"))
 }

@@ -629,6 +629,7 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
         progress: false,
         simulate: true,
         lock_sha256: None,
+        watch: None,
     };
     let whole = write("whole", "{ \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
     // The second plan: cuda:0 keeps the text encoder and part of the UNet, cuda:1 the rest.
@@ -1109,7 +1110,7 @@ fn a_loaded_flux_pipeline_moves_to_a_new_plan() {
     let whole = runner::manifest::load(&tiny_flux_manifest(&d1, budgets), &Default::default()).unwrap();
     let group = runner::manifest::load(&tiny_flux_manifest(&d2, &format!("{budgets}offload = \"group\"\n")), &Default::default()).unwrap();
     let build = || BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=40MB,cpu=2GiB").unwrap()), weights_only: false };
-    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: build(), progress: false, simulate: true, lock_sha256: None };
+    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: build(), progress: false, simulate: true, lock_sha256: None, watch: None };
     let plan_group = runner::plan::plan(&preflighted_input(&group, &build(), &build())).unwrap();
     assert!(plan_group.components.iter().any(|c| c.name == "transformer" && c.offload == runner::manifest::Offload::Group));
     let mut session = runner::exec::load(&whole, &opts("a.png")).unwrap();
@@ -1247,4 +1248,49 @@ fn group_blocks_two_gives_the_same_image_with_the_planned_peaks() {
         run(runner().args(["plan", "manifests/tiny-sdxl.toml", "--devices", sim, "--set", "placement.offload=group", "--set", "placement.group_blocks=2", "--set", "placement.offload_target=disk"]));
     assert_eq!(code, 0, "{stderr}");
     assert!(table.contains("group x2, disk") && table.contains("offloaded weights served from disk:"), "{table}");
+}
+
+/// Cancels before step `at`, counting the steps it is told of.
+struct CancelAt {
+    at: usize,
+    seen: std::sync::Mutex<Vec<(usize, usize)>>,
+}
+
+impl runner::exec::StepWatch for CancelAt {
+    fn cancelled(&self, i: usize, _n: usize) -> Option<String> {
+        (i == self.at).then(|| "test".to_string())
+    }
+    fn stepped(&self, i: usize, n: usize, seconds: f64) {
+        assert!(seconds >= 0.0);
+        self.seen.lock().unwrap().push((i, n));
+    }
+}
+
+#[test]
+fn a_cancelled_run_leaves_the_session_as_a_finished_one_does() {
+    // `runner serve` cancels jobs between steps: with `model` offload the UNet is on its GPU
+    // when the cancel comes; the next run must start from host memory again (the ledger's peak
+    // equal to an uncancelled run's) and give the same image, and nothing is written.
+    use runner::plan::build::BuildOptions;
+    use runner::plan::inventory::Inventory;
+    let dir = tempfile::tempdir().unwrap();
+    let budgets = "[placement]\nmax_memory = { \"cuda:0\" = \"40MB\", cpu = \"2GiB\" }\noffload = \"model\"\n";
+    let m = runner::manifest::load(&tiny_flux_manifest(dir.path(), budgets), &Default::default()).unwrap();
+    let build = || BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=40MB,cpu=2GiB").unwrap()), weights_only: false };
+    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: build(), progress: false, simulate: true, lock_sha256: None, watch: None };
+    let mut session = runner::exec::load(&m, &opts("a.png")).unwrap();
+    let a = session.generate(&opts("a.png")).unwrap();
+    for at in [1, 2] {
+        let watch = std::sync::Arc::new(CancelAt { at, seen: Default::default() });
+        let cancelled = runner::exec::RunOptions { watch: Some(runner::exec::Watch(watch.clone())), ..opts("c.png") };
+        match session.generate(&cancelled) {
+            Err(runner::exec::ExecError::Cancelled { done, steps, reason }) => assert_eq!((done, steps, reason.as_str()), (at, 2, "test")),
+            other => panic!("not cancelled: {other:?}"),
+        }
+        assert_eq!(*watch.seen.lock().unwrap(), (0..at).map(|i| (i, 2)).collect::<Vec<_>>());
+        assert!(!dir.path().join("c.png").exists(), "a cancelled run writes nothing");
+    }
+    let b = session.generate(&opts("b.png")).unwrap();
+    assert_eq!(decode_png(&a.images[0]).0, decode_png(&b.images[0]).0);
+    assert_eq!(a.devices["cuda:0"].peak_bytes, b.devices["cuda:0"].peak_bytes, "{:?} vs {:?}", a.devices, b.devices);
 }

@@ -57,19 +57,47 @@ fn start(args: &[&str]) -> Server {
 
 /// One request over a fresh connection: (status, headers lowercased, body).
 fn request(port: u16, method: &str, path: &str, body: &[u8]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    request_with(port, method, path, body, &[])
+}
+
+/// [`request`] with extra header lines (`"Authorization: Bearer x"`).
+fn request_with(port: u16, method: &str, path: &str, body: &[u8], headers: &[&str]) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n", body.len());
     s.write_all(head.as_bytes()).unwrap();
     // A body over the limit may be refused before it is read: the answer counts, not the write.
     let _ = s.write_all(body);
     let mut raw = vec![];
     let _ = s.read_to_end(&mut raw);
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&raw)));
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    (status, headers, raw[split + 4..].to_vec())
+    let headers: Vec<(String, String)> = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let mut body = raw[split + 4..].to_vec();
+    if header(&headers, "transfer-encoding") == Some("chunked") {
+        body = dechunk(&body);
+    }
+    (status, headers, body)
+}
+
+/// A chunked body's bytes.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else { return out };
+        let n = usize::from_str_radix(String::from_utf8_lossy(&raw[..eol]).trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[eol + 2..eol + 2 + n]);
+        raw = &raw[eol + 4 + n..];
+    }
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -139,6 +167,9 @@ fn serve_answers_like_runner_run() {
         (r#"{"prompt": "a", "sed": 3}"#, serde_json::json!("sed")),
         (r#"{"prompt": "a", "steps": "many"}"#, serde_json::json!("steps")),
         (r#"{"prompt": "a", "seed": -1}"#, serde_json::json!("seed")),
+        (r#"{"prompt": "a", "seed": 1e30}"#, serde_json::json!("seed")),
+        (r#"{"prompt": "a", "width": 4000000000}"#, serde_json::json!("width")),
+        (r#"{"prompt": "a", "steps": 0}"#, serde_json::json!("steps")),
         (r#"{"seed": 1}"#, serde_json::json!("prompt")),
         (r#"{"prompt": "a", "steps": 4}"#, serde_json::json!("steps")),
         (r#"{"prompt": "a", "response": "gif"}"#, serde_json::json!("response")),
@@ -155,6 +186,13 @@ fn serve_answers_like_runner_run() {
     let (_, _, b) = post(s.port, r#"{"prompt": "a", "steps": 4}"#);
     assert!(String::from_utf8_lossy(&b).contains("serve.max_steps"));
 
+    // A 100k-character prompt is truncated to CLIP's 77 tokens, as diffusers does, and said.
+    let long = serde_json::json!({"prompt": "a ".repeat(50_000), "steps": 1, "response": "json"}).to_string();
+    let (status, _, body) = post(s.port, &long);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("77 tokens")), "{v}");
+
     // 413: a body over the limit.
     let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2 << 20));
     let (status, _, _) = post(s.port, &big);
@@ -170,7 +208,7 @@ fn serve_refuses_non_loopback_without_insecure_bind() {
     let out = serve_cmd(&[M, "--listen", "0.0.0.0:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--insecure-bind"), "{stderr}");
+    assert!(stderr.contains("--insecure-bind") && stderr.contains("serve.token_env"), "{stderr}");
     let out = serve_cmd(&[M, "--listen", "localhost"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen localhost"));
@@ -188,6 +226,268 @@ fn serve_answers_429_when_the_queue_is_full() {
     std::thread::sleep(Duration::from_millis(300));
     let (status, headers, body) = post(port, slow);
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(header(&headers, "retry-after"), Some("1"));
+    assert!(header(&headers, "retry-after").and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s >= 1), "{headers:?}");
     assert_eq!(error_field(&body), serde_json::Value::Null);
+}
+
+fn json_of(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+/// Polls `GET /v1/jobs/{id}` until `done(job)`.
+fn wait_job(port: u16, id: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let (status, _, body) = request(port, "GET", &format!("/v1/jobs/{id}"), b"");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v = json_of(&body);
+        if done(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "job never got there: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A metric's value in `GET /metrics`'s text (the sum over label sets matching `labels`).
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(k, _)| k.split('{').next() == Some(name) && labels.iter().all(|x| k.contains(x)))
+        .map(|(_, v)| v.parse::<f64>().unwrap())
+        .sum()
+}
+
+fn metrics_text(port: u16) -> String {
+    let (status, headers, body) = request(port, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    assert!(header(&headers, "content-type").unwrap().starts_with("application/openmetrics-text"), "{headers:?}");
+    String::from_utf8(body).unwrap()
+}
+
+#[test]
+fn serve_runs_asynchronous_jobs() {
+    let s = start(&[M]);
+    let port = s.port;
+    // 202, Location, then the job's state until it succeeds; its image is runner run's.
+    let (status, headers, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a dog", "seed": 5, "steps": 3}"#);
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let v = json_of(&body);
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(header(&headers, "location"), Some(format!("/v1/jobs/{id}").as_str()));
+    assert!(["queued", "running"].contains(&v["state"].as_str().unwrap()), "{v}");
+    let done = wait_job(port, &id, |v| v["state"] == "succeeded");
+    assert_eq!((done["seed"].as_u64(), done["images"].as_u64()), (Some(5), Some(1)), "{done}");
+    assert_eq!(done["step"], done["steps"], "{done}");
+    let (status, headers, png) = request(port, "GET", &format!("/v1/jobs/{id}/image"), b"");
+    assert_eq!((status, header(&headers, "content-type")), (200, Some("image/png")));
+    assert!(png == runner_run(&["run.prompt=a dog", "run.seed=5", "run.steps=3"]), "the job's PNG is not runner run's");
+    let (status, _, body) = request(port, "GET", &format!("/v1/jobs/{id}/image?index=1"), b"");
+    assert_eq!((status, error_field(&body)), (404, serde_json::json!("index")));
+
+    // Server-sent events: progress while it runs, then `done` with the job.
+    let (_, _, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a dog", "steps": 40}"#);
+    let id = json_of(&body)["id"].as_str().unwrap().to_string();
+    let (status, headers, body) = request(port, "GET", &format!("/v1/jobs/{id}/events"), b"");
+    assert_eq!((status, header(&headers, "content-type")), (200, Some("text/event-stream")));
+    let text = String::from_utf8(body).unwrap();
+    let events: Vec<(&str, serde_json::Value)> = text
+        .split("\n\n")
+        .filter_map(|e| {
+            let name = e.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = e.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name, serde_json::from_str(data).unwrap()))
+        })
+        .collect();
+    let (last, rest) = events.split_last().unwrap_or_else(|| panic!("no events: {text}"));
+    assert_eq!((last.0, &last.1["state"]), ("done", &serde_json::json!("succeeded")), "{text}");
+    assert!(!rest.is_empty() && rest.iter().all(|(n, _)| *n == "progress"), "{text}");
+    let steps: Vec<u64> = rest.iter().map(|(_, v)| v["step"].as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "progress goes forward: {steps:?}");
+
+    // DELETE a running job: cancelled between steps, its image gone (410); the next job runs.
+    let (_, _, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a dog", "steps": 900}"#);
+    let id = json_of(&body)["id"].as_str().unwrap().to_string();
+    wait_job(port, &id, |v| v["state"] == "running" && v["step"].as_u64() > Some(0));
+    let (status, _, body) = request(port, "GET", &format!("/v1/jobs/{id}/image"), b"");
+    assert_eq!(status, 409, "not made yet: {}", String::from_utf8_lossy(&body));
+    let (status, _, body) = request(port, "DELETE", &format!("/v1/jobs/{id}"), b"");
+    assert_eq!((status, json_of(&body)["state"].as_str()), (200, Some("cancelled")));
+    let (status, _, _) = request(port, "GET", &format!("/v1/jobs/{id}/image"), b"");
+    assert_eq!(status, 410);
+    let t = Instant::now();
+    let (status, _, body) = post(port, r#"{"prompt": "a dog", "steps": 2}"#);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(t.elapsed() < Duration::from_secs(15), "the cancelled job went on: {:?}", t.elapsed());
+    // DELETE of an ended job forgets it; unknown ids are 404.
+    let (status, _, _) = request(port, "DELETE", &format!("/v1/jobs/{id}"), b"");
+    assert_eq!(status, 200);
+    for (method, path) in
+        [("GET", format!("/v1/jobs/{id}")), ("GET", "/v1/jobs/nope".into()), ("GET", "/v1/jobs/nope/image".into()), ("GET", "/v1/jobs/nope/events".into()), ("DELETE", "/v1/jobs/nope".into())]
+    {
+        let (status, _, body) = request(port, method, &path, b"");
+        assert_eq!(status, 404, "{method} {path}: {}", String::from_utf8_lossy(&body));
+    }
+    // A bad body is refused before a job exists.
+    let (status, _, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a", "stpes": 3}"#);
+    assert_eq!((status, error_field(&body)), (422, serde_json::json!("stpes")));
+
+    // Metrics: requests by route and status, jobs by outcome, step and generation latency,
+    // the ledger's resident bytes, the queue.
+    let text = metrics_text(port);
+    assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/v1/jobs\"", "status=\"202\""]), 3.0, "{text}");
+    assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/v1/jobs\"", "status=\"422\""]), 1.0, "{text}");
+    assert_eq!(metric(&text, "runner_generations_total", &["outcome=\"succeeded\""]), 3.0, "{text}");
+    assert_eq!(metric(&text, "runner_generations_total", &["outcome=\"cancelled\""]), 1.0, "{text}");
+    assert!(metric(&text, "runner_step_duration_seconds_count", &[]) >= 40.0, "{text}");
+    assert_eq!(metric(&text, "runner_generation_duration_seconds_count", &[]), 3.0, "{text}");
+    assert!(metric(&text, "runner_device_resident_bytes", &["device=\"cpu\""]) > 0.0, "{text}");
+    assert_eq!(metric(&text, "runner_queue_depth", &[]), 0.0, "{text}");
+    assert_eq!(metric(&text, "runner_ready", &[]), 1.0, "{text}");
+}
+
+fn post_to(port: u16, path: &str, body: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    request(port, "POST", path, body.as_bytes())
+}
+
+#[test]
+fn serve_answers_504_past_the_deadline() {
+    let s = start(&[M, "--set", "serve.timeout=0.5"]);
+    let t = Instant::now();
+    let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 900}"#);
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("serve.timeout"));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // An asynchronous job ends `failed` with the same status; the worker is free again.
+    let (_, _, body) = post_to(s.port, "/v1/jobs", r#"{"prompt": "a", "steps": 900}"#);
+    let id = json_of(&body)["id"].as_str().unwrap().to_string();
+    let v = wait_job(s.port, &id, |v| v["state"] == "failed");
+    assert_eq!(v["error"]["status"], 504, "{v}");
+    let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 2}"#);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+#[test]
+fn serve_needs_the_bearer_token_when_one_is_set() {
+    let token = "s3cret-token";
+    let mut child =
+        serve_cmd(&[M, "--set", "serve.token_env=RUNNER_TEST_TOKEN", "--listen", "0.0.0.0:0"]).env("RUNNER_TEST_TOKEN", token).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap_or_else(|_| panic!("{line}"));
+    let s = Server { child, port };
+    // The probes need none; the API and the metrics do.
+    let t = Instant::now();
+    while request(s.port, "GET", "/readyz", b"").0 != 200 {
+        assert!(t.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(request(s.port, "GET", "/healthz", b"").0, 200);
+    for (method, path) in [("POST", "/v1/images"), ("POST", "/v1/jobs"), ("GET", "/metrics"), ("GET", "/v1/jobs/x")] {
+        for auth in [vec![], vec!["Authorization: Bearer wrong-token!"], vec!["Authorization: s3cret-token"]] {
+            let (status, headers, body) = request_with(s.port, method, path, br#"{"prompt": "a"}"#, &auth);
+            assert_eq!(status, 401, "{method} {path} {auth:?}");
+            assert_eq!(header(&headers, "www-authenticate"), Some("Bearer"));
+            assert!(error_field(&body).is_null());
+        }
+    }
+    let bearer = format!("Authorization: Bearer {token}");
+    let (status, _, body) = request_with(s.port, "POST", "/v1/images", br#"{"prompt": "a", "steps": 2}"#, &[&bearer]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(request_with(s.port, "GET", "/metrics", b"", &[&bearer]).0, 200);
+
+    // The variable it names must be set: an error naming it, exit 1.
+    let out = serve_cmd(&[M, "--set", "serve.token_env=RUNNER_TEST_NO_SUCH_TOKEN"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("RUNNER_TEST_NO_SUCH_TOKEN") && stderr.contains("serve.token_env"), "{stderr}");
+    let out = serve_cmd(&[M, "--set", "serve.token_env=\"not a name\""]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn serve_survives_hang_ups_floods_and_slow_clients() {
+    let s = start(&[M, "--set", "serve.read_timeout=0.5"]);
+    let port = s.port;
+    // A client that disconnects mid-generation: its job is cancelled, the worker goes on.
+    {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let body = br#"{"prompt": "a", "steps": 900}"#;
+        c.write_all(format!("POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).unwrap();
+        c.write_all(body).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let t = Instant::now();
+    while metric(&metrics_text(port), "runner_generations_total", &["outcome=\"cancelled\""]) < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the job of a client gone was not cancelled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, _, body) = post(port, r#"{"prompt": "a", "steps": 2}"#);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+    // A body that never ends: 408 after `read_timeout`; a head that never ends: dropped.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut raw = vec![];
+    let _ = c.read_to_end(&mut raw);
+    assert_eq!(parse_response(&raw).0, 408, "{}", String::from_utf8_lossy(&raw));
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"POST /v1/images HTTP/1.1\r\nHost: x\r\n").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let t = Instant::now();
+    let mut raw = vec![];
+    let _ = c.read_to_end(&mut raw);
+    assert!(t.elapsed() < Duration::from_secs(15), "a stalled head kept its connection");
+
+    // 1000 requests at a queue of 8: the rest are 429s; nothing crashes; memory stays flat.
+    let rss = |text: &str| metric(text, "runner_process_resident_memory_bytes", &[]);
+    let before = rss(&metrics_text(port));
+    let statuses: Vec<u16> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..16).map(|_| sc.spawn(|| (0..1000 / 16 + 1).map(|_| post(port, r#"{"prompt": "a", "steps": 3}"#).0).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    let busy = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(ok + busy, statuses.len(), "only 200s and 429s: {statuses:?}");
+    assert!(ok >= 9 && busy > 0, "{ok} generated, {busy} refused");
+    let text = metrics_text(port);
+    assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/v1/images\"", "status=\"429\""]), busy as f64);
+    let after = rss(&text);
+    assert!(after < before + 64.0 * 1024.0 * 1024.0, "RSS grew from {before} to {after}");
+    assert_eq!(request(port, "GET", "/readyz", b"").0, 200);
+}
+
+#[test]
+fn serve_drains_on_sigterm() {
+    let sigterm = |s: &Server| {
+        // SAFETY: a signal to our own child process.
+        let r = unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(r, 0);
+    };
+    // A running generation finishes and is answered; the process exits 0.
+    let mut s = start(&[M]);
+    let port = s.port;
+    let running = std::thread::spawn(move || post(port, r#"{"prompt": "a", "steps": 60}"#));
+    std::thread::sleep(Duration::from_millis(300));
+    sigterm(&s);
+    let (status, _, body) = running.join().unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(s.child.wait().unwrap().code(), Some(0));
+
+    // Past --drain-timeout it is cancelled between steps (503), and the process exits 0 soon.
+    let mut s = start(&[M, "--drain-timeout", "0.3"]);
+    let port = s.port;
+    let running = std::thread::spawn(move || post(port, r#"{"prompt": "a", "steps": 900}"#));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    sigterm(&s);
+    let (status, _, body) = running.join().unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("shutting down"));
+    assert_eq!(s.child.wait().unwrap().code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Nothing listens any more.
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
 }

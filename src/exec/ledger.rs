@@ -69,6 +69,11 @@ impl Ledger {
         Ok(())
     }
 
+    /// The bytes resident on `device` now.
+    pub fn resident(&self, device: Device) -> u64 {
+        self.resident.get(&device).copied().unwrap_or(0)
+    }
+
     pub fn remove(&mut self, bytes: &BTreeMap<Device, u64>) {
         for (d, b) in bytes {
             if let Some(now) = self.resident.get_mut(d) {

@@ -48,6 +48,10 @@ pub enum ExecError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Unsupported(String),
+    /// The run's [`StepWatch`] stopped it between two denoising steps (`runner serve`: a
+    /// cancelled job, a deadline, a client gone).
+    #[error("cancelled after {done} of {steps} steps: {reason}")]
+    Cancelled { done: usize, steps: usize, reason: String },
     /// What [`crate::preflight::check`] found: problems knowable before loading a weight.
     #[error("{}", crate::diag::render_plain(.0).trim_end())]
     Preflight(Vec<crate::diag::Diagnostic>),
@@ -69,6 +73,28 @@ pub struct RunOptions {
     pub simulate: bool,
     /// sha256 of MANIFEST.lock when the run is `--locked` (stored in the PNG).
     pub lock_sha256: Option<String>,
+    /// Told of each denoising step, and asked before each whether to go on.
+    pub watch: Option<Watch>,
+}
+
+/// Watches a run between its denoising steps: `runner serve` reports a job's progress through it
+/// and cancels jobs (a `DELETE`, a deadline, a client that hung up) where a step ends. The weights
+/// and offload hooks are left as after a finished run.
+pub trait StepWatch: Send + Sync {
+    /// Before step `i` (0-based) of `n`: `Some(reason)` stops the run with [`ExecError::Cancelled`].
+    fn cancelled(&self, i: usize, n: usize) -> Option<String>;
+    /// Step `i` of `n` took `seconds`.
+    fn stepped(&self, i: usize, n: usize, seconds: f64);
+}
+
+/// A shared [`StepWatch`] (cloned with the options).
+#[derive(Clone)]
+pub struct Watch(pub std::sync::Arc<dyn StepWatch>);
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -161,11 +161,18 @@ impl<'a> Residency<'a> {
 }
 
 impl Drop for Residency<'_> {
-    /// On an error path too: no hooks stay installed and no variable keeps a placeholder.
+    /// On an error path too (a cancelled job): no hooks stay installed, no variable keeps a
+    /// placeholder, and `model`-offloaded weights go back to host memory, so that the next run
+    /// on the session starts as the first did.
     fn drop(&mut self) {
         hooks::set(None);
         for s in &self.streams {
             s.restore();
+        }
+        for i in 0..self.visitors.len() {
+            if self.visitors[i].present {
+                self.leave(i);
+            }
         }
     }
 }

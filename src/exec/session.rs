@@ -205,6 +205,7 @@ impl Session<'_> {
             seed: job.seed,
             simulate: self.simulate,
             progress: opts.progress,
+            watch: opts.watch.clone(),
             res: self.residency()?,
             dump: Dump::new(opts.dump.is_some()),
             warnings: job.warnings.clone(),
@@ -322,6 +323,13 @@ impl Session<'_> {
         Ok(l)
     }
 
+    /// Weight bytes held on each planned device between runs (offloaded components at rest in
+    /// host memory), as the ledger counts them: `runner serve`'s metrics.
+    pub fn resident_bytes(&self) -> Result<std::collections::BTreeMap<String, u64>, ExecError> {
+        let l = self.ledger()?;
+        Ok(self.plan.devices.iter().map(|d| (d.device.to_string(), l.resident(d.device))).collect())
+    }
+
     fn varstore(&self, name: &str) -> Option<&VarStore> {
         self.model.components().into_iter().find(|c| c.0 == name).map(|c| c.1)
     }
@@ -410,7 +418,11 @@ fn scratch_dir(m: &LoadedManifest) -> PathBuf {
 /// sha256 of the effective manifest (the file after environment variables and `--set`), as JSON.
 fn manifest_digest(m: &LoadedManifest) -> String {
     use sha2::{Digest, Sha256};
-    format!("{:x}", Sha256::digest(serde_json::to_vec(&m.manifest).unwrap_or_default()))
+    // `[serve]` (queue, limits, token) cannot change an image: a server's PNGs name the same
+    // digest as `runner run`'s of the same manifest.
+    let mut manifest = m.manifest.clone();
+    manifest.serve = None;
+    format!("{:x}", Sha256::digest(serde_json::to_vec(&manifest).unwrap_or_default()))
 }
 
 /// `fp16`, or `fp16 (vae fp32)` when components differ from the pipeline's dtype.

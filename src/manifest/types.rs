@@ -61,6 +61,21 @@ pub struct Serve {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_batch: Option<u32>,
+    /// Seconds a request may take from its arrival, queueing included; then it is cancelled
+    /// between two steps and answered 504 (an asynchronous job ends `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.001))]
+    pub timeout: Option<f64>,
+    /// Seconds a client has to send a request's head and then its body (default 30): a client
+    /// that stalls is answered 408 or disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.001))]
+    pub read_timeout: Option<f64>,
+    /// The environment variable holding a bearer token: `/v1/*` and `/metrics` then need
+    /// `Authorization: Bearer <token>`, and the server may listen on any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub token_env: Option<String>,
 }
 
 /// The pipeline: what kind it is and where its diffusers folder lives.

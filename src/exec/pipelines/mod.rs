@@ -123,6 +123,7 @@ pub(crate) struct Call<'a> {
     pub seed: u64,
     pub simulate: bool,
     pub progress: bool,
+    pub watch: Option<super::Watch>,
     pub res: Residency<'a>,
     pub dump: Dump,
     pub warnings: Vec<String>,
@@ -227,11 +228,20 @@ impl Call<'_> {
         let t_den = Instant::now();
         let mut step_times = vec![];
         let bar = super::progress(timesteps.len() as u64, "denoising", self.progress);
+        let n = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
+            if let Some(reason) = self.watch.as_ref().and_then(|w| w.0.cancelled(i, n)) {
+                bar.finish_and_clear();
+                tracing::info!("cancelled before step {}/{n}: {reason}", i + 1);
+                return Err(ExecError::Cancelled { done: i, steps: n, reason });
+            }
             let t_step = Instant::now();
             let s = step(&latents, i, t)?;
             sync(on);
             step_times.push(t_step.elapsed().as_secs_f64());
+            if let Some(w) = &self.watch {
+                w.0.stepped(i, n, step_times[i]);
+            }
             // One line per step for logs without a terminal (RUST_LOG=runner=info).
             let rate = step_times.iter().sum::<f64>() / step_times.len() as f64;
             tracing::info!("step {}/{} (timestep {t}): {:.3} s, {}", i + 1, timesteps.len(), step_times[i], super::human_rate(rate));
@@ -243,6 +253,10 @@ impl Call<'_> {
             bar.inc(1);
         }
         bar.finish_and_clear();
+        // The decode is one more long call: a job cancelled during the last step stops here.
+        if let Some(reason) = self.watch.as_ref().and_then(|w| w.0.cancelled(n, n)) {
+            return Err(ExecError::Cancelled { done: n, steps: n, reason });
+        }
         Ok((latents, step_times, t_den.elapsed().as_secs_f64()))
     }
 

@@ -1,0 +1,599 @@
+//! `runner serve MANIFEST`: an HTTP server in front of one loaded pipeline. A worker thread owns
+//! the session: it loads the weights once, runs a one-step warm-up generation (then `/readyz`
+//! answers 200), and generates one job after the other from a bounded queue. Every request's
+//! `[run]` keys are layered over the manifest as `runner run --prompts` layers a line's, so that
+//! a served image equals `runner run`'s with the same `--set` flags, byte for byte. libtorch
+//! never runs on the async runtime's threads; jobs are cancelled between denoising steps.
+
+mod jobs;
+mod metrics;
+mod request;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine as _;
+use http_body_util::BodyExt as _;
+use tokio::sync::{mpsc, watch};
+
+use jobs::{Cancel, Entry, Generated, Outcome, Phase};
+use runner::manifest::{self, LoadedManifest, Overrides};
+
+use request::parse_request;
+
+/// The largest request body (413 beyond).
+pub const BODY_LIMIT: usize = 1 << 20;
+/// `[serve] queue`'s default.
+pub const DEFAULT_QUEUE: usize = 8;
+/// `[serve] read_timeout`'s default, in seconds.
+pub const DEFAULT_READ_TIMEOUT: f64 = 30.0;
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("`--listen {0}`: not an address and port (e.g. 127.0.0.1:8080)")]
+    Address(String),
+    #[error("`--listen {0}` is not a loopback address and the manifest sets no `serve.token_env`: set a bearer token, or pass --insecure-bind to listen there without one")]
+    NotLoopback(SocketAddr),
+    #[error("`serve.token_env` names `{0}`, which is not set (or empty) in the environment: the server would have no token")]
+    NoToken(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("`{file}` is not a valid manifest: {message}")]
+    Manifest { file: PathBuf, message: String },
+    #[error("--locked: {0}")]
+    Lock(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `runner serve`'s flags.
+pub struct ServeJob<'a> {
+    pub file: &'a Path,
+    pub listen: &'a str,
+    pub insecure_bind: bool,
+    pub locked: bool,
+    pub drain_timeout: Duration,
+    pub overrides: &'a Overrides,
+}
+
+/// The address to listen on, refused when it is not a loopback one unless requests need a
+/// token (`authenticated`) or `insecure`.
+pub fn listen_addr(listen: &str, authenticated: bool, insecure: bool) -> Result<SocketAddr, ServeError> {
+    let addr: SocketAddr = listen.parse().map_err(|_| ServeError::Address(listen.to_string()))?;
+    if !addr.ip().is_loopback() && !authenticated && !insecure {
+        return Err(ServeError::NotLoopback(addr));
+    }
+    Ok(addr)
+}
+
+struct App {
+    file: PathBuf,
+    overrides: Overrides,
+    limits: manifest::Serve,
+    token: Option<String>,
+    read_timeout: Duration,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    /// Closed (taken) when the server drains: the worker ends after what is queued.
+    queue: Mutex<Option<mpsc::Sender<Arc<Entry>>>>,
+    jobs: jobs::Table,
+    metrics: metrics::Metrics,
+    /// Mean seconds of a generation (an f64's bits), for `Retry-After`.
+    mean_generation_s: AtomicU64,
+}
+
+impl App {
+    fn mean_generation_s(&self) -> f64 {
+        f64::from_bits(self.mean_generation_s.load(Ordering::Relaxed))
+    }
+
+    fn record_generation(&self, seconds: f64) {
+        let old = self.mean_generation_s();
+        let new = if old == 0.0 { seconds } else { 0.8 * old + 0.2 * seconds };
+        self.mean_generation_s.store(new.to_bits(), Ordering::Relaxed);
+    }
+}
+
+pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
+    let file = job.file.to_path_buf();
+    let base = manifest::load(&file, job.overrides).map_err(|d| {
+        let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
+        ServeError::Manifest { file: file.clone(), message: errors.join("; ") }
+    })?;
+    let limits = base.manifest.serve.clone().unwrap_or_default();
+    let token = match &limits.token_env {
+        Some(var) => Some(std::env::var(var).ok().filter(|t| !t.is_empty()).ok_or_else(|| ServeError::NoToken(var.clone()))?),
+        None => None,
+    };
+    let addr = listen_addr(job.listen, token.is_some(), job.insecure_bind)?;
+    for w in &base.warnings {
+        eprintln!("warning: {}", w.message);
+    }
+    let lock_sha256 = if job.locked {
+        runner::lock::verify_lock(&base).map_err(|e| ServeError::Lock(e.to_string()))?;
+        runner::lock::sha256_file(&runner::lock::lock_path(&file)).ok().map(|(_, h)| h)
+    } else {
+        None
+    };
+    let (tx, rx) = mpsc::channel(limits.queue.map_or(DEFAULT_QUEUE, |q| q as usize));
+    let app = Arc::new(App {
+        file: file.clone(),
+        overrides: job.overrides.clone(),
+        read_timeout: Duration::from_secs_f64(limits.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT)),
+        limits,
+        token,
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        queue: Mutex::new(Some(tx)),
+        jobs: Default::default(),
+        metrics: metrics::Metrics::new(),
+        mean_generation_s: AtomicU64::new(0),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener.local_addr()?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{bound}")?;
+        out.flush()?;
+    }
+    let worker_app = app.clone();
+    let worker = std::thread::Builder::new().name("runner-worker".into()).spawn(move || worker(base, lock_sha256, rx, &worker_app))?;
+    rt.block_on(run_server(listener, app.clone(), job.drain_timeout));
+    if app.ready.load(Ordering::SeqCst) {
+        // The queue is closed and every job has ended: the worker returns where its step ends.
+        let _ = worker.join();
+    }
+    eprintln!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM (a service manager, a container's stop) or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Accepts connections until a signal, then drains: no new connections, `/readyz` 503, what is
+/// queued or running finishes within `drain_timeout` (then it is cancelled), connections close.
+async fn run_server(listener: tokio::net::TcpListener, app: Arc<App>, drain_timeout: Duration) {
+    let router = router(app.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let mut stop = stop_rx.clone();
+                let read_timeout = app.read_timeout;
+                conns.spawn(async move {
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    // A client that never finishes its request head is dropped.
+                    builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(read_timeout);
+                    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+                    }
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut signal => break,
+        }
+        // Forget finished connections.
+        while conns.try_join_next().is_some() {}
+    }
+    drop(listener);
+    app.draining.store(true, Ordering::SeqCst);
+    app.metrics.ready.set(0);
+    let live = app.jobs.live().len();
+    eprintln!("draining: {live} job(s) queued or running, up to {:.0} s (--drain-timeout)", drain_timeout.as_secs_f64());
+    let until = tokio::time::Instant::now() + drain_timeout;
+    loop {
+        if app.jobs.live().is_empty() && app.metrics.running.get() == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= until {
+            let cancelled = app.jobs.live().into_iter().filter(|e| e.cancel(Cancel::Shutdown)).count();
+            eprintln!("draining: cancelled {cancelled} job(s) at --drain-timeout");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Close the queue: the worker ends after skipping what was cancelled in it.
+    app.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let _ = stop_tx.send(true);
+    // Every job has ended, so answers are written at once; event streams end with their jobs.
+    if tokio::time::timeout(Duration::from_secs(5), async { while conns.join_next().await.is_some() {} }).await.is_err() {
+        conns.abort_all();
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/images", axum::routing::post(images))
+        .route("/v1/jobs", axum::routing::post(submit_job))
+        .route("/v1/jobs/{id}", get(job).delete(delete_job))
+        .route("/v1/jobs/{id}/image", get(job_image))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
+    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/readyz", get(readyz)).merge(protected).route_layer(middleware::from_fn_with_state(app.clone(), count)).with_state(app)
+}
+
+/// Requests by route and status, and their latency.
+async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let path = req.extensions().get::<MatchedPath>().map_or("other", |p| p.as_str()).to_string();
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let r = next.run(req).await;
+    app.metrics.requests.get_or_create(&metrics::RequestLabels { path: path.clone(), method, status: r.status().as_u16() }).inc();
+    app.metrics.request_seconds.get_or_create(&metrics::PathLabels { path }).observe(started.elapsed().as_secs_f64());
+    r
+}
+
+/// `Authorization: Bearer <token>` when `[serve] token_env` is set.
+async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &app.token {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // Compared in constant time: the answer's timing tells nothing of the token.
+        let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0);
+        if !ok {
+            let mut r = error(StatusCode::UNAUTHORIZED, "this server needs `Authorization: Bearer <token>`", None);
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+fn worker(base: LoadedManifest, lock_sha256: Option<String>, mut rx: mpsc::Receiver<Arc<Entry>>, app: &Arc<App>) {
+    if let Some(t) = base.manifest.run.threads {
+        tch::set_num_threads(t as i32);
+    }
+    let opts = runner::exec::RunOptions { out: Some(temp_png()), dump: None, plan: Default::default(), progress: false, simulate: false, lock_sha256, watch: None };
+    let fail = |what: &str, e: String| -> ! {
+        eprintln!("error: `{}`: {what}: {e}", app.file.display());
+        std::process::exit(1);
+    };
+    let started = Instant::now();
+    let mut session = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner::exec::load(&base, &opts))) {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => fail("cannot load", e.to_string()),
+        Err(p) => fail("libtorch failed while loading", panic_text(p)),
+    };
+    // A one-step generation first: kernels chosen, caches warm, the whole path proven.
+    let mut warm = app.overrides.clone();
+    warm.sets.extend(["run.steps=1".to_string(), "run.batch=1".to_string()]);
+    if base.manifest.run.prompt.is_none() {
+        warm.sets.push("run.prompt=warm-up".to_string());
+    }
+    let warmed = manifest::load(&app.file, &warm)
+        .map_err(|d| d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect::<Vec<_>>().join("; "))
+        .and_then(|m| generate(&mut session, &m, &opts).map_err(|(_, e)| e));
+    if let Err(e) = warmed {
+        fail("the warm-up generation failed", e);
+    }
+    update_resident(&session, app);
+    app.ready.store(true, Ordering::SeqCst);
+    app.metrics.ready.set(1);
+    eprintln!("ready: {} loaded and warmed up in {:.1} s", base.manifest.name, started.elapsed().as_secs_f64());
+    while let Some(entry) = rx.blocking_recv() {
+        app.metrics.queue_depth.dec();
+        let Some(m) = entry.start() else { continue };
+        app.metrics.running.set(1);
+        let t = Instant::now();
+        let watch = runner::exec::Watch(Arc::new(Watcher { entry: entry.clone(), app: app.clone() }));
+        let run_opts = runner::exec::RunOptions { watch: Some(watch), ..opts.clone() };
+        let (outcome, phase) = match generate(&mut session, &m, &run_opts) {
+            Ok(g) => {
+                app.metrics.generation_seconds.observe(t.elapsed().as_secs_f64());
+                app.record_generation(t.elapsed().as_secs_f64());
+                (Outcome::Done(Box::new(g)), Phase::Succeeded)
+            }
+            Err((status, message)) => (Outcome::Error { status, message }, Phase::Failed),
+        };
+        entry.finish(outcome, phase);
+        let ended = match entry.progress().state {
+            Phase::Succeeded => "succeeded",
+            Phase::Cancelled => "cancelled",
+            _ => "failed",
+        };
+        app.metrics.jobs.get_or_create(&metrics::OutcomeLabels { outcome: ended.to_string() }).inc();
+        app.metrics.running.set(0);
+        update_resident(&session, app);
+    }
+}
+
+fn update_resident(session: &runner::exec::Session, app: &App) {
+    if let Ok(bytes) = session.resident_bytes() {
+        for (device, b) in bytes {
+            app.metrics.resident_bytes.get_or_create(&metrics::DeviceLabels { device }).set(b as i64);
+        }
+    }
+}
+
+/// One generation on the session: the PNGs' bytes, or the status and message of its failure.
+fn generate(session: &mut runner::exec::Session, m: &LoadedManifest, opts: &runner::exec::RunOptions) -> Result<Generated, (StatusCode, String)> {
+    let opts = runner::exec::RunOptions { out: Some(temp_png()), ..opts.clone() };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.generate_run(m, &opts))) {
+        Ok(Ok(report)) => {
+            let read: Result<Vec<Vec<u8>>, _> = report.images.iter().map(std::fs::read).collect();
+            for p in &report.images {
+                let _ = std::fs::remove_file(p);
+            }
+            read.map(|images| Generated { images, report }).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the image back: {e}")))
+        }
+        Ok(Err(e)) => {
+            use runner::exec::ExecError as E;
+            let status = match e {
+                E::Unsupported(_) | E::Preflight(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                // The job has ended already with its cancel's status; this one is not seen.
+                E::Cancelled { .. } => StatusCode::GONE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err((status, e.to_string()))
+        }
+        Err(p) => Err((StatusCode::INTERNAL_SERVER_ERROR, format!("libtorch failed while running: {}", panic_text(p)))),
+    }
+}
+
+/// The worker's view of a job between steps.
+struct Watcher {
+    entry: Arc<Entry>,
+    app: Arc<App>,
+}
+
+impl runner::exec::StepWatch for Watcher {
+    fn cancelled(&self, _i: usize, n: usize) -> Option<String> {
+        self.entry.should_stop(n)
+    }
+    fn stepped(&self, i: usize, n: usize, seconds: f64) {
+        self.entry.stepped(i, n);
+        self.app.metrics.step_seconds.observe(seconds);
+    }
+}
+
+/// A fresh temp path for one request's images (numbered beside it for batches).
+fn temp_png() -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!("runner-serve-{}-{}.png", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown error".into())
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if app.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading\n").into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], app.metrics.encode()).into_response()
+}
+
+/// A JSON error: `{"error": {"message", "field"}}`.
+fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
+    let body = serde_json::json!({ "error": { "message": message.into(), "field": field } });
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+/// The body, within `BODY_LIMIT` (413) and `[serve] read_timeout` (408).
+async fn read_body(app: &App, body: Body) -> Result<axum::body::Bytes, Response> {
+    let limited = http_body_util::Limited::new(body, BODY_LIMIT);
+    match tokio::time::timeout(app.read_timeout, limited.collect()).await {
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {:.1} s (`serve.read_timeout`)", app.read_timeout.as_secs_f64()), None)),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {BODY_LIMIT} bytes"), None)),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"), None)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// Checks a request and queues it: the job, or the answer that refuses it.
+async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>, Response> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", None));
+    }
+    let body = read_body(app, body).await?;
+    let checker = app.clone();
+    let parsed = tokio::task::spawn_blocking(move || parse_request(&body, &checker.file, &checker.overrides, &checker.limits)).await;
+    let req = match parsed {
+        Ok(Ok(r)) => r,
+        Ok(Err(r)) => return Err(error(StatusCode::UNPROCESSABLE_ENTITY, r.message, r.field.as_deref())),
+        Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)),
+    };
+    let entry = Entry::new(req.m, req.json, app.limits.timeout);
+    let sent = {
+        let queue = app.queue.lock().unwrap_or_else(|e| e.into_inner());
+        match queue.as_ref() {
+            None => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", None)),
+            Some(q) => {
+                app.metrics.queue_depth.inc();
+                q.try_send(entry.clone()).map_err(|e| {
+                    app.metrics.queue_depth.dec();
+                    match e {
+                        mpsc::error::TrySendError::Full(_) => {
+                            // About when one place frees up: the mean generation, at least 1 s.
+                            let wait = app.mean_generation_s().ceil().clamp(1.0, 3600.0) as u64;
+                            let mut r = error(StatusCode::TOO_MANY_REQUESTS, format!("the queue is full ({} waiting): retry later", q.max_capacity()), None);
+                            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
+                            r
+                        }
+                        mpsc::error::TrySendError::Closed(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the worker has stopped", None),
+                    }
+                })
+            }
+        }
+    };
+    sent?;
+    app.jobs.add(&entry, listed);
+    if let Some(deadline) = entry.deadline {
+        let weak = Arc::downgrade(&entry);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            if let Some(e) = weak.upgrade() {
+                e.cancel(Cancel::Deadline);
+            }
+        });
+    }
+    Ok(entry)
+}
+
+/// Cancels a synchronous request's job when its handler is dropped unanswered (the client hung up).
+struct HangUp(Option<Arc<Entry>>);
+
+impl Drop for HangUp {
+    fn drop(&mut self) {
+        if let Some(e) = self.0.take() {
+            if e.cancel(Cancel::Disconnected) {
+                tracing::info!(job = %e.id, "the client closed the connection: job cancelled");
+            }
+        }
+    }
+}
+
+/// `POST /v1/images`: generates and answers with the image(s).
+async fn images(State(app): State<Arc<App>>, body: Body) -> Response {
+    let entry = match enqueue(&app, body, false).await {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    let mut hang_up = HangUp(Some(entry.clone()));
+    let outcome = entry.finished().await;
+    hang_up.0 = None;
+    match &*outcome {
+        Outcome::Error { status, message } => error(*status, message.clone(), None),
+        Outcome::Done(g) if !entry.json => (StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], g.images.first().cloned().unwrap_or_default()).into_response(),
+        Outcome::Done(g) => {
+            let r = &g.report;
+            let t = &r.timings;
+            let d = entry.describe();
+            let body = serde_json::json!({
+                "images": g.images.iter().map(|i| base64::engine::general_purpose::STANDARD.encode(i)).collect::<Vec<_>>(),
+                "seed": r.seed,
+                "steps": r.steps,
+                "width": r.width,
+                "height": r.height,
+                "timings": {
+                    "queued_s": d["timings"]["queued_s"], "encode_s": t.encode_s, "denoise_s": t.denoise_s, "first_step_s": t.first_step_s,
+                    "seconds_per_step": t.seconds_per_step, "decode_s": t.decode_s, "total_s": d["timings"]["total_s"],
+                },
+                "warnings": r.warnings,
+            });
+            json(StatusCode::OK, &body)
+        }
+    }
+}
+
+/// `POST /v1/jobs`: queues and answers 202 with the job (`Location: /v1/jobs/{id}`).
+async fn submit_job(State(app): State<Arc<App>>, body: Body) -> Response {
+    match enqueue(&app, body, true).await {
+        Ok(e) => {
+            let mut r = json(StatusCode::ACCEPTED, &e.describe());
+            if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", e.id)) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        Err(r) => r,
+    }
+}
+
+fn no_job(id: &str) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no job `{id}` (finished jobs are kept for the last {})", jobs::KEEP_FINISHED), None)
+}
+
+async fn job(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>) -> Response {
+    match app.jobs.get(&id) {
+        Some(e) => json(StatusCode::OK, &e.describe()),
+        None => no_job(&id),
+    }
+}
+
+/// `DELETE /v1/jobs/{id}`: cancels a job not yet ended (a running one stops where its step
+/// ends); forgets one that has.
+async fn delete_job(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>) -> Response {
+    let Some(e) = app.jobs.get(&id) else { return no_job(&id) };
+    if !e.cancel(Cancel::Deleted) {
+        app.jobs.remove(&id);
+    }
+    json(StatusCode::OK, &e.describe())
+}
+
+#[derive(serde::Deserialize)]
+struct ImageQuery {
+    index: Option<usize>,
+}
+
+/// `GET /v1/jobs/{id}/image[?index=N]`: a finished job's PNG.
+async fn job_image(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>, Query(q): Query<ImageQuery>) -> Response {
+    let Some(e) = app.jobs.get(&id) else { return no_job(&id) };
+    let index = q.index.unwrap_or(0);
+    match e.outcome().as_deref() {
+        None => error(StatusCode::CONFLICT, format!("job `{id}` is {}: its image is not made yet", serde_json::json!(e.progress().state).as_str().unwrap_or("")), None),
+        Some(Outcome::Error { status, message }) => error(*status, message.clone(), None),
+        Some(Outcome::Done(g)) => match g.images.get(index) {
+            Some(png) => (StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], png.clone()).into_response(),
+            None => error(StatusCode::NOT_FOUND, format!("job `{id}` made {} image(s): no index {index}", g.images.len()), Some("index")),
+        },
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: server-sent events, `progress` ({state, step, steps}) as the job
+/// moves, then `done` with the job's document.
+async fn job_events(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>) -> Response {
+    let Some(e) = app.jobs.get(&id) else { return no_job(&id) };
+    let rx = e.subscribe();
+    // (receiver, job, first event sent, done sent)
+    let stream = futures_util::stream::unfold((rx, e, false, false), |(mut rx, e, started, done)| async move {
+        if done {
+            return None;
+        }
+        if started && rx.changed().await.is_err() {
+            return None;
+        }
+        let p = *rx.borrow_and_update();
+        let event = if p.state.finished() { Event::default().event("done").data(e.describe().to_string()) } else { Event::default().event("progress").data(serde_json::json!(p).to_string()) };
+        let finished = p.state.finished();
+        Some((Ok::<_, std::convert::Infallible>(event), (rx, e, true, finished)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
