@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 /// Finished asynchronous jobs kept for `GET /v1/jobs/{id}` (the oldest go first).
-pub const KEEP_FINISHED: usize = 256;
+pub const KEEP_FINISHED: usize = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
