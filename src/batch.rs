@@ -1,7 +1,8 @@
 //! `runner run MANIFEST --prompts FILE.jsonl`: every line of the file generated on one loaded
 //! pipeline. Everything that can be known without loading (the template, the file, each line's
 //! keys and values, colliding or existing outputs) is checked before a weight is read; a bad line
-//! is that line's error in the report, the others are generated.
+//! is that line's error in the report, the others are generated. `--shard K/N` keeps the lines
+//! whose index modulo N is K: N processes share one file.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use runner::diag;
-use runner::exec::batch::{self as b, Fields, Template};
+use runner::exec::batch::{self as b, Fields, Shard, Template};
 use runner::manifest::{self, LoadedManifest};
 
 use crate::cli::{stderr, Failure, RunJob};
@@ -38,22 +39,36 @@ enum State {
     Skipped { outputs: Vec<PathBuf>, seed: u64 },
 }
 
-pub fn batch(job: RunJob, prompts: &Path, existing: Existing) -> anyhow::Result<ExitCode> {
+pub fn batch(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Shard>) -> anyhow::Result<ExitCode> {
     let (json, color) = (job.json, job.color);
-    match batch_inner(job, prompts, existing) {
+    match batch_inner(job, prompts, existing, shard) {
         Ok(code) => Ok(code),
         Err(f) => f.report(json, color),
     }
 }
 
-fn batch_inner(job: RunJob, prompts: &Path, existing: Existing) -> Result<ExitCode, Failure> {
+fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Shard>) -> Result<ExitCode, Failure> {
     let RunJob { file, out, devices, simulate, quiet, json, locked, overrides, color, .. } = job;
     // Before anything is loaded: the template, the file, the manifest.
     let template = match &out {
         Some(t) => Some(Template::parse(&t.to_string_lossy()).map_err(|e| Failure::new("run", e))?),
         None => None,
     };
-    let lines = b::read_lines(prompts).map_err(|e| Failure::new("io", format!("cannot read the prompts file `{}`: {e}", prompts.display())))?;
+    // A shard names its images apart from the other shards' only through the line's number.
+    if let (Some(s), Some(t)) = (shard, &template) {
+        if !t.numbers_lines() {
+            return Err(Failure::new(
+                "run",
+                format!("--shard {s}: the output template `{}` must contain {{index}} or {{line}}, so that no two shards write one file", out.as_deref().unwrap_or(Path::new("")).display()),
+            ));
+        }
+    }
+    let mut lines = b::read_lines(prompts).map_err(|e| Failure::new("io", format!("cannot read the prompts file `{}`: {e}", prompts.display())))?;
+    // The other shards' lines are theirs: not read further, not reported.
+    let total = lines.len();
+    if let Some(s) = shard {
+        lines.retain(|l| s.contains(l.index));
+    }
     let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
     let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", flag(e.to_string())))?;
     let base = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
@@ -161,7 +176,8 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing) -> Result<ExitCo
     }
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let result = run_lines(&base, &opts, first.is_some(), jobs, &base_warnings, json, quiet, &flag, file);
+    let of = shard.map(|s| format!(" (shard {s}: {} of the file's {total} lines)", jobs.len())).unwrap_or_default();
+    let result = run_lines(&base, &opts, first.is_some(), jobs, &base_warnings, json, quiet, &flag, file, &of);
     std::panic::set_hook(previous);
     result
 }
@@ -181,6 +197,7 @@ fn run_lines(
     quiet: bool,
     flag: &dyn Fn(String) -> String,
     file: &Path,
+    shard_note: &str,
 ) -> Result<ExitCode, Failure> {
     let mut session = if load {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner::exec::load(base, opts))) {
@@ -253,7 +270,7 @@ fn run_lines(
     }
     bar.finish_and_clear();
     if !quiet || failed > 0 {
-        eprintln!("batch: {ok} generated, {skipped} skipped, {failed} failed");
+        eprintln!("batch: {ok} generated, {skipped} skipped, {failed} failed{shard_note}");
     }
     Ok(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -98,7 +98,7 @@ enum Command {
     /// streams one leaf module at a time; `group` one block group at a time, the next one
     /// prefetched (RUNNER_PREFETCH_STREAM=1: on a side CUDA stream, experimental). Every mode gives
     /// the image of no offload.
-    #[command(after_help = concat!("Examples:\n  runner run manifests/tiny-sd15.toml --out cat.png\n  runner run manifests/tiny-sdxl.toml --simulate \"cuda:0=40MB,cuda:1=40MB\" --json\n  RUST_LOG=runner=info runner run manifests/tiny-sd15.toml --set run.seed=7 --set run.steps=20\n  runner run manifests/tiny-sd15.toml --prompts prompts.jsonl --out 'out/{index:04}-{seed}.png' --skip-existing --json\n\n", layers_help!()))]
+    #[command(after_help = concat!("Examples:\n  runner run manifests/tiny-sd15.toml --out cat.png\n  runner run manifests/tiny-sdxl.toml --simulate \"cuda:0=40MB,cuda:1=40MB\" --json\n  RUST_LOG=runner=info runner run manifests/tiny-sd15.toml --set run.seed=7 --set run.steps=20\n  runner run manifests/tiny-sd15.toml --prompts prompts.jsonl --out 'out/{index:04}-{seed}.png' --skip-existing --json\n  runner run manifests/tiny-sd15.toml --prompts prompts.jsonl --out 'out/{index:04}-{seed}.png' --shard 1/4     # indexes 1, 5, 9, ...\n\n", layers_help!()))]
     Run {
         /// The manifest (TOML) to use.
         #[arg(value_name = "MANIFEST")]
@@ -150,6 +150,13 @@ enum Command {
         /// start when any of its images exists).
         #[arg(long, requires = "prompts")]
         force: bool,
+        /// Batch: generate only this process's share of the lines, those whose {index} modulo N
+        /// is K (0-based: 0/4 ... 3/4), so that N processes (a Kubernetes Indexed Job's pods:
+        /// `--shard $(JOB_COMPLETION_INDEX)/4`) generate every line once between them. The other
+        /// lines are left out of the report; {index} and {line} stay the file's, and the template
+        /// must contain one of them, so that shards never write one file.
+        #[arg(long, value_name = "K/N", requires = "prompts")]
+        shard: Option<runner::exec::batch::Shard>,
         #[command(flatten)]
         layers: LayerArgs,
     },
@@ -367,7 +374,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { file, out, dump, devices, simulate, quiet, json, locked, prompts, skip_existing, force, layers } => {
+        Command::Run { file, out, dump, devices, simulate, quiet, json, locked, prompts, skip_existing, force, shard, layers } => {
             let (spec, simulated) = match (devices, simulate) {
                 (_, Some(s)) => (Some(s), true),
                 (d, None) => (d, false),
@@ -384,6 +391,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     } else {
                         crate::batch::Existing::Refuse
                     },
+                    shard,
                 ),
                 None => run_job(job),
             }

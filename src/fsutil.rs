@@ -180,6 +180,11 @@ pub fn write_file(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Re
             std::fs::create_dir_all(&dir)?;
             remove_stale_temps(&p);
             let tmp = temp_sibling(&p, TEMP_TAG);
+            // PIDs repeat across containers (a restarted pod's runner gets the PID its killed
+            // predecessor had, in a PID namespace of its own): a temp file of this PID here is
+            // such a predecessor's, never this process's in flight (it writes a target once at a
+            // time and removes its temp file on failure).
+            let _ = std::fs::remove_file(&tmp);
             let result = (|| {
                 let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
                 let mut w = std::io::BufWriter::new(file);
@@ -278,6 +283,17 @@ mod tests {
         let removed = remove_stale_temps(&target);
         assert_eq!(removed.len(), 2, "{removed:?}");
         assert!(!dead.exists() && !old.exists() && tmp.exists() && other.exists());
+    }
+
+    #[test]
+    fn a_killed_writer_with_this_pid_is_no_obstacle() {
+        // A pod killed while writing, restarted with the same PID: its temp file is replaced.
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("0003-4.png");
+        std::fs::write(temp_sibling(&target, TEMP_TAG), b"half").unwrap();
+        write_file(&target, |w: &mut dyn Write| w.write_all(b"png")).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"png");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
     }
 
     #[test]

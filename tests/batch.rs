@@ -183,3 +183,75 @@ fn bad_templates_and_files_fail_before_loading() {
     assert_eq!(run(runner().args(["run", M, "--skip-existing"])).0, 2);
     assert_eq!(run(runner().args(["run", M, "--force", "--skip-existing"]).arg("--prompts").arg(&p)).0, 2);
 }
+
+#[test]
+fn shards_together_make_the_unsharded_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    // An empty line in the middle: {index} counts non-empty lines, in every shard alike.
+    let p = write(dir.path(), "{\"seed\": 1}\n{\"seed\": 2}\n\n{\"seed\": 3, \"prompt\": \"a fox\"}\n{\"seed\": 4}\n{\"seed\": 5}\n");
+    let batch = |out: &str, shard: Option<&str>| {
+        let mut c = runner();
+        c.args(["run", M, "--quiet", "--json", "--set", "run.steps=1", "--set", "run.width=32", "--set", "run.height=32", "--prompts"])
+            .arg(&p)
+            .arg("--out")
+            .arg(dir.path().join(out).join("{index:02}-{seed}.png"));
+        if let Some(s) = shard {
+            c.args(["--shard", s]);
+        }
+        let (code, stdout, stderr) = run(&mut c);
+        assert_eq!(code, 0, "{stderr}");
+        records(&stdout).iter().map(|r| (r["index"].as_u64().unwrap(), r["line"].as_u64().unwrap(), r["status"].as_str().unwrap().to_string())).collect::<Vec<_>>()
+    };
+    let ok = |v: &[(u64, u64)]| v.iter().map(|&(i, l)| (i, l, "ok".to_string())).collect::<Vec<_>>();
+    assert_eq!(batch("all", None), ok(&[(0, 1), (1, 2), (2, 4), (3, 5), (4, 6)]));
+    // The other shard's lines are left out of the report, not skipped.
+    assert_eq!(batch("sharded", Some("0/2")), ok(&[(0, 1), (2, 4), (4, 6)]));
+    assert_eq!(batch("sharded", Some("1/2")), ok(&[(1, 2), (3, 5)]));
+    let (all, sharded) = (dir.path().join("all"), dir.path().join("sharded"));
+    assert_eq!(files(&all), ["00-1.png", "01-2.png", "02-3.png", "03-4.png", "04-5.png"]);
+    assert_eq!(files(&sharded), files(&all));
+    for f in files(&all) {
+        assert!(std::fs::read(all.join(&f)).unwrap() == std::fs::read(sharded.join(&f)).unwrap(), "{f}: byte for byte the unsharded batch's");
+    }
+    // A shard's --skip-existing sees its own lines only: all done.
+    let (code, stdout, stderr) = run(runner().args(["run", M, "--quiet", "--json", "--set", "run.steps=1", "--prompts"]).arg(&p).arg("--out").arg(sharded.join("{index:02}-{seed}.png")).args([
+        "--shard",
+        "1/2",
+        "--skip-existing",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(records(&stdout).iter().map(|r| (r["index"].as_u64().unwrap(), r["status"].as_str().unwrap())).collect::<Vec<_>>(), [(1, "skipped"), (3, "skipped")]);
+}
+
+#[test]
+fn bad_shards_are_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "{\"seed\": 1}\n{\"seed\": 2}\n");
+    let broken = ["--set", "pipeline.source=/nonexistent"];
+    let tpl = dir.path().join("{index}.png");
+    // Not K/N, K not below N, no shards: usage errors (exit 2), as clap's other flag errors.
+    for (bad, says) in [
+        ("2/2", "must be below N"),
+        ("3/2", "must be below N"),
+        ("0/0", "at least 1"),
+        ("1", "expected K/N"),
+        ("a/2", "expected K/N"),
+        ("-1/2", "expected K/N"),
+        ("1/2/3", "expected K/N"),
+        ("", "expected K/N"),
+    ] {
+        let (code, _, stderr) = run(runner().args(["run", M, "--quiet"]).args(broken).arg("--prompts").arg(&p).arg("--out").arg(&tpl).arg(format!("--shard={bad}")));
+        assert_eq!(code, 2, "{bad}: {stderr}");
+        assert!(stderr.contains("--shard") && stderr.contains(says), "{bad}: {stderr}");
+    }
+    // Without --prompts: nothing to shard.
+    let (code, _, stderr) = run(runner().args(["run", M, "--shard", "0/2"]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--prompts"), "{stderr}");
+    // A template that does not name lines apart would let two shards write one file.
+    let (code, stdout, stderr) = run(runner().args(["run", M, "--quiet", "--json"]).args(broken).arg("--prompts").arg(&p).arg("--out").arg(dir.path().join("{seed}.png")).args(["--shard", "0/2"]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--shard 0/2") && stderr.contains("{index} or {line}"), "{stderr}");
+    assert!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["error"]["message"].is_string(), "{stdout}");
+    assert_eq!(files(dir.path()), ["prompts.jsonl"], "nothing written");
+}

@@ -6,6 +6,7 @@ mod cast;
 mod checkpoint;
 mod cli;
 mod clip;
+mod deploy;
 mod diagnostics;
 mod flux_transformer;
 mod layering;

@@ -229,6 +229,52 @@ pub fn default_template(output: &Path) -> String {
     output.with_file_name(name).to_string_lossy().into_owned()
 }
 
+/// `--shard K/N`: this process's share of a batch, the lines whose index (0-based among the
+/// non-empty lines, the template's `{index}`) modulo N is K. N processes with 0/N ... N-1/N
+/// generate every line once between them (a Kubernetes Indexed Job: `--shard
+/// $(JOB_COMPLETION_INDEX)/N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// K: 0-based, below `count`.
+    pub index: usize,
+    /// N: at least 1.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Whether the line of this index is this shard's.
+    pub fn contains(&self, line_index: usize) -> bool {
+        line_index % self.count == self.index
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shard, String> {
+        // Clap names the value; these say what is wrong with it.
+        let usage = "expected K/N, the K-th of N shards, 0-based (0/4, 1/4, 2/4, 3/4)";
+        let (k, n) = s.split_once('/').ok_or(usage)?;
+        let number = |x: &str| x.bytes().all(|b| b.is_ascii_digit()).then(|| x.parse::<usize>().ok()).flatten();
+        let (Some(index), Some(count)) = (number(k), number(n)) else {
+            return Err(usage.into());
+        };
+        if count == 0 {
+            return Err("the number of shards N must be at least 1".into());
+        }
+        if index >= count {
+            return Err(format!("the shard K must be below N (shards are 0-based: 0/{count} ... {}/{count})", count - 1));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
 /// Duplicates among `paths` (two lines that would write one file).
 pub fn duplicates(paths: impl IntoIterator<Item = PathBuf>) -> Vec<PathBuf> {
     let mut seen = BTreeSet::new();
@@ -314,5 +360,22 @@ mod tests {
             assert!(Template::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(default_template(Path::new("a/b.png")), "a/b-{index:04}.png");
+    }
+
+    #[test]
+    fn shards() {
+        let s: Shard = "1/3".parse().unwrap();
+        assert_eq!(s, Shard { index: 1, count: 3 });
+        assert_eq!(s.to_string(), "1/3");
+        assert_eq!((0..8).filter(|&i| s.contains(i)).collect::<Vec<_>>(), [1, 4, 7]);
+        // Every line in exactly one shard.
+        let all: Vec<Shard> = (0..3).map(|k| format!("{k}/3").parse().unwrap()).collect();
+        assert!((0..20).all(|i| all.iter().filter(|s| s.contains(i)).count() == 1));
+        assert!("0/1".parse::<Shard>().unwrap().contains(5));
+        for bad in ["3/3", "4/3", "0/0", "1", "", "/", "a/2", "1/b", "-1/2", "+1/2", " 1/2", "1/2/3", "1.0/2"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
+        assert!("3/3".parse::<Shard>().unwrap_err().contains("below N"));
+        assert!("0/0".parse::<Shard>().unwrap_err().contains("at least 1"));
     }
 }
