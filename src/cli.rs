@@ -132,8 +132,9 @@ enum Command {
         #[arg(long)]
         locked: bool,
         /// Batch: generate every non-empty line of this JSON-lines file on the one loaded
-        /// pipeline, each line an object of `[run]` keys layered over the manifest as `--set
-        /// run.KEY=VALUE` flags are ({"prompt": "a cat", "seed": 7, "steps": 20}). `--out` is then
+        /// pipeline, each line an object of `[run]` keys (and `scheduler`) layered over the
+        /// manifest as `--set run.KEY=VALUE` flags are ({"prompt": "a cat", "seed": 7, "steps":
+        /// 20}). `--out` is then
         /// a template of the output names: {index} (0-based among non-empty lines), {line} (line
         /// number), {seed}, {name} (the manifest's), with zero padding as in {index:04}; default
         /// `<run.output's stem>-{index:04}.png` beside it. A line without a seed (in it or the

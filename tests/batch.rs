@@ -37,10 +37,11 @@ fn files(dir: &Path) -> Vec<String> {
 #[test]
 fn each_line_equals_runner_run_with_the_same_overrides() {
     let dir = tempfile::tempdir().unwrap();
-    // The second line changes the shape (and the batch), the third the guidance and prompt.
+    // The second line changes the shape (and the batch), the third the guidance, prompt and
+    // scheduler.
     let p = write(
         dir.path(),
-        "{\"prompt\": \"a dog\", \"seed\": 3, \"steps\": 2}\n{\"seed\": 4, \"steps\": 2, \"width\": 32, \"height\": 48, \"batch\": 2}\n{\"prompt\": \"caf\u{e9} \\\"x\\\"\", \"negative_prompt\": \"blurry\", \"seed\": 5, \"steps\": 3, \"guidance_scale\": 5.0}\n",
+        "{\"prompt\": \"a dog\", \"seed\": 3, \"steps\": 2}\n{\"seed\": 4, \"steps\": 2, \"width\": 32, \"height\": 48, \"batch\": 2}\n{\"prompt\": \"caf\u{e9} \\\"x\\\"\", \"negative_prompt\": \"blurry\", \"seed\": 5, \"steps\": 3, \"guidance_scale\": 5.0, \"scheduler\": \"ddim\"}\n",
     );
     let tpl = dir.path().join("b/{name}-{index:02}-{seed}.png");
     let (code, stdout, stderr) = run(runner().args(["run", M, "--quiet", "--json", "--set", "run.steps=1", "--prompts"]).arg(&p).arg("--out").arg(&tpl));
@@ -67,7 +68,7 @@ fn each_line_equals_runner_run_with_the_same_overrides() {
     };
     same(&["run.prompt=a dog", "run.seed=3", "run.steps=2"], "r0.png", &["tiny-sd15-00-3.png"]);
     same(&["run.seed=4", "run.steps=2", "run.width=32", "run.height=48", "run.batch=2"], "r1.png", &["tiny-sd15-01-4-0.png", "tiny-sd15-01-4-1.png"]);
-    same(&["run.prompt=caf\u{e9} \"x\"", "run.negative_prompt=blurry", "run.seed=5", "run.steps=3", "run.guidance_scale=5.0"], "r2.png", &["tiny-sd15-02-5.png"]);
+    same(&["run.prompt=caf\u{e9} \"x\"", "run.negative_prompt=blurry", "run.seed=5", "run.steps=3", "run.guidance_scale=5.0", "pipeline.scheduler=ddim"], "r2.png", &["tiny-sd15-02-5.png"]);
 }
 
 #[test]
@@ -81,7 +82,7 @@ fn bad_lines_are_reported_and_the_others_generated() {
         r#"{"seed": 4, "steps": -2}"#,
         r#"{"seed": 5, "steps": "ten"}"#,
         r#"{"seed": 6, "width": 60}"#,
-        r#"{"seed": 7, "scheduler": "ddim"}"#,
+        r#"{"seed": 7, "dtype": "fp16"}"#,
         r#"["a cat"]"#,
         r#"{"seed": 8, "width": 4096, "height": 4096}"#,
         r#"{"prompt": "no seed"}"#,
@@ -100,7 +101,7 @@ fn bad_lines_are_reported_and_the_others_generated() {
     assert!(err(5).contains("`run.steps` must be at least 1"), "{}", err(5));
     assert!(err(6).contains("run.steps"), "{}", err(6));
     assert!(err(7).contains("multiple of 8"), "{}", err(7));
-    assert!(err(8).contains("unknown key `scheduler`") && err(8).contains("[pipeline]"), "{}", err(8));
+    assert!(err(8).contains("unknown key `dtype`") && err(8).contains("[pipeline]"), "{}", err(8));
     assert!(err(9).contains("JSON object"), "{}", err(9));
     assert!(err(10).contains("working memory does not fit the budgets"), "{}", err(10));
     // A line without a seed gets one drawn, reported and named.

@@ -162,6 +162,13 @@ fn serve_answers_like_runner_run() {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!((v["images"].as_array().unwrap().len(), v["seed"].as_u64(), v["width"].as_u64()), (2, Some(0), Some(32)), "the manifest's seed");
 
+    // A scheduler of the request's (diffusers' `from_config` on the folder's config): runner
+    // run's with `--set pipeline.scheduler`.
+    let (status, _, png) = post(s.port, r#"{"prompt": "a dog", "seed": 3, "steps": 2, "scheduler": "euler-ancestral"}"#);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
+    assert!(png == runner_run(&[base[0], base[1], "run.prompt=a dog", "run.seed=3", "run.steps=2", "pipeline.scheduler=euler-ancestral"]), "served PNG with a scheduler differs from runner run's");
+    assert!(png != want);
+
     // 422 naming the field: unknown, wrong type, missing prompt, over a limit; malformed JSON.
     for (body, field) in [
         (r#"{"prompt": "a", "sed": 3}"#, serde_json::json!("sed")),
@@ -173,6 +180,9 @@ fn serve_answers_like_runner_run() {
         (r#"{"seed": 1}"#, serde_json::json!("prompt")),
         (r#"{"prompt": "a", "steps": 4}"#, serde_json::json!("steps")),
         (r#"{"prompt": "a", "response": "gif"}"#, serde_json::json!("response")),
+        (r#"{"prompt": "a", "steps": 2, "scheduler": "flow-match-euler"}"#, serde_json::json!("scheduler")),
+        (r#"{"prompt": "a", "steps": 2, "scheduler": "heun"}"#, serde_json::json!("scheduler")),
+        (r#"{"prompt": "a", "dtype": "fp16"}"#, serde_json::json!("dtype")),
         (r#"{"prompt": "a", "output": "x.png"}"#, serde_json::json!("output")),
         (r#"{"prompt": "a""#, serde_json::Value::Null),
         ("[1]", serde_json::Value::Null),
@@ -353,7 +363,13 @@ fn post_to(port: u16, path: &str, body: &str) -> (u16, Vec<(String, String)>, Ve
 
 #[test]
 fn serve_answers_504_past_the_deadline() {
-    let s = start(&[M, "--set", "serve.timeout=0.5"]);
+    let s = start(&[M, "--set", "serve.timeout=0.5", "--set", "serve.schedulers=[\"ddim\", \"pndm\"]"]);
+    // `serve.schedulers`: the others are refused, naming the limit; the manifest's needs no key.
+    let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 2, "scheduler": "euler"}"#);
+    assert_eq!((status, error_field(&body)), (422, serde_json::json!("scheduler")));
+    assert!(String::from_utf8_lossy(&body).contains("serve.schedulers"));
+    let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 2, "scheduler": "ddim"}"#);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let t = Instant::now();
     let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 900}"#);
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));

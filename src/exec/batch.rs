@@ -6,10 +6,12 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// The `[run]` keys a line may set. `output` comes from the template and `threads` is the
-/// process's; keys outside `[run]` (`pipeline.scheduler`, placement) belong to the loaded
-/// pipeline.
+/// The keys a line may set: `[run]`'s, and `scheduler` (`pipeline.scheduler`: built per call
+/// from the folder's config, as diffusers' `Scheduler.from_config`, so it may change on a loaded
+/// pipeline). `output` comes from the template and `threads` is the process's; the other keys
+/// outside `[run]` (dtype, placement) belong to the loaded pipeline.
 pub const LINE_KEYS: &[&str] = &[
+    "scheduler",
     "prompt",
     "negative_prompt",
     "prompt_2",
@@ -68,7 +70,7 @@ pub fn line_sets(text: &str) -> Result<Vec<String>, String> {
             match k.as_str() {
                 "output" => msg.push_str(": output names come from the template (`--out`)"),
                 "threads" => msg.push_str(": `run.threads` is the process's (set it in the manifest or with `--set`)"),
-                "scheduler" | "dtype" | "variant" | "kind" | "source" => {
+                "dtype" | "variant" | "kind" | "source" => {
                     msg.push_str(&format!(": `{k}` belongs to `[pipeline]`, fixed for the loaded pipeline (run another manifest or `--set pipeline.{k}=...` for the whole batch)"))
                 }
                 _ => {
@@ -84,7 +86,8 @@ pub fn line_sets(text: &str) -> Result<Vec<String>, String> {
             return Err(format!("`{k}` is null: leave the key out for the manifest's value"));
         }
         let t = toml::Value::try_from(v).map_err(|e| format!("`{k}`: {e}"))?;
-        sets.push(format!("run.{k}={t}"));
+        let table = if k == "scheduler" { "pipeline" } else { "run" };
+        sets.push(format!("{table}.{k}={t}"));
     }
     Ok(sets)
 }
@@ -341,7 +344,8 @@ mod tests {
         }
         let e = line_sets(r#"{"promt": "x"}"#).unwrap_err();
         assert!(e.contains("unknown key `promt`") && e.contains("did you mean `prompt`"), "{e}");
-        assert!(line_sets(r#"{"scheduler": "ddim"}"#).unwrap_err().contains("`[pipeline]`"));
+        assert!(line_sets(r#"{"dtype": "fp16"}"#).unwrap_err().contains("`[pipeline]`"));
+        assert_eq!(line_sets(r#"{"scheduler": "ddim", "steps": 3}"#).unwrap(), ["pipeline.scheduler=\"ddim\"", "run.steps=3"]);
         assert!(line_sets(r#"{"output": "x.png"}"#).unwrap_err().contains("template"));
         assert!(line_sets(r#"{"seed": null}"#).unwrap_err().contains("null"));
         let lines = parse_lines("{\"seed\": 1}\n\n  \n{\"seed\": 2}\nnope\n");

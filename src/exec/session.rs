@@ -164,8 +164,10 @@ impl Session<'_> {
     /// exceeds the budgets is an error here, not an out-of-memory failure mid-run).
     pub fn generate_run(&mut self, m: &LoadedManifest, opts: &RunOptions) -> Result<RunReport, ExecError> {
         let (a, b) = (&m.manifest, &self.m.manifest);
-        if a.schema_version != b.schema_version || a.name != b.name || a.pipeline != b.pipeline || a.components != b.components || a.placement != b.placement {
-            return Err(ExecError::Unsupported("only `[run]` keys can change on a loaded pipeline".into()));
+        // The scheduler is built per call from the folder's config: it may change too.
+        let same_pipeline = crate::manifest::Pipeline { scheduler: b.pipeline.scheduler, ..a.pipeline.clone() } == b.pipeline;
+        if a.schema_version != b.schema_version || a.name != b.name || !same_pipeline || a.components != b.components || a.placement != b.placement {
+            return Err(ExecError::Unsupported("only `[run]` keys and `pipeline.scheduler` can change on a loaded pipeline".into()));
         }
         let (pipeline, configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
         let mut warnings: Vec<String> = pipeline.notes.clone();

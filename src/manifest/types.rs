@@ -61,6 +61,11 @@ pub struct Serve {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_batch: Option<u32>,
+    /// The schedulers a request may choose (`"scheduler"`); without this key, any that fits
+    /// the pipeline's kind. A request that names none gets the manifest's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub schedulers: Option<Vec<SchedulerKind>>,
     /// Seconds a request may take from its arrival, queueing included; then it is cancelled
     /// between two steps and answered 504 (an asynchronous job ends `failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -432,6 +432,10 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
     if app.draining.load(Ordering::SeqCst) {
         return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", None));
     }
+    // A full queue answers before the body is checked (a flood costs no parsing).
+    if app.queue.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|q| q.capacity() == 0) {
+        return Err(queue_full(app));
+    }
     let body = read_body(app, body).await?;
     let checker = app.clone();
     let parsed = tokio::task::spawn_blocking(move || parse_request(&body, &checker.file, &checker.overrides, &checker.limits)).await;
@@ -450,13 +454,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
                 q.try_send(entry.clone()).map_err(|e| {
                     app.metrics.queue_depth.dec();
                     match e {
-                        mpsc::error::TrySendError::Full(_) => {
-                            // About when one place frees up: the mean generation, at least 1 s.
-                            let wait = app.mean_generation_s().ceil().clamp(1.0, 3600.0) as u64;
-                            let mut r = error(StatusCode::TOO_MANY_REQUESTS, format!("the queue is full ({} waiting): retry later", q.max_capacity()), None);
-                            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
-                            r
-                        }
+                        mpsc::error::TrySendError::Full(_) => queue_full(app),
                         mpsc::error::TrySendError::Closed(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the worker has stopped", None),
                     }
                 })
@@ -475,6 +473,15 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
         });
     }
     Ok(entry)
+}
+
+/// 429, with `Retry-After` about when one place frees up: the mean generation, at least 1 s.
+fn queue_full(app: &App) -> Response {
+    let wait = app.mean_generation_s().ceil().clamp(1.0, 3600.0) as u64;
+    let waiting = app.limits.queue.map_or(DEFAULT_QUEUE, |q| q as usize);
+    let mut r = error(StatusCode::TOO_MANY_REQUESTS, format!("the queue is full ({waiting} waiting): retry later"), None);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
+    r
 }
 
 /// Cancels a synchronous request's job when its handler is dropped unanswered (the client hung up).

@@ -6,6 +6,8 @@ use std::path::Path;
 use runner::exec::batch as b;
 use runner::manifest::{self, LoadedManifest, Overrides};
 
+type Diag = runner::diag::Diagnostic;
+
 /// What a request body asks for, checked: the layered manifest and the response format.
 #[derive(Debug)]
 pub struct Request {
@@ -57,7 +59,7 @@ pub fn parse_request(body: &[u8], file: &Path, overrides: &Overrides, limits: &m
         o.sets.extend(sets.iter().cloned());
         manifest::load(file, &o).map_err(|d| {
             let first = d.iter().find(|d| d.is_error());
-            let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").unwrap_or(k));
+            let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").or_else(|| k.strip_prefix("pipeline.")).unwrap_or(k));
             let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
             rejected(errors.join("; "), field)
         })
@@ -68,6 +70,12 @@ pub fn parse_request(body: &[u8], file: &Path, overrides: &Overrides, limits: &m
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         sets.push(format!("run.seed={}", (t.as_nanos() as u64) % (1 << 53)));
         m = load(&sets)?;
+    }
+    if let (Some(allowed), Some(asked)) = (&limits.schedulers, obj.get("scheduler")) {
+        if !m.manifest.pipeline.scheduler.is_some_and(|s| allowed.contains(&s)) {
+            let names: Vec<String> = allowed.iter().map(|s| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()).collect();
+            return Err(rejected(format!("`scheduler` = {asked} is not one of this server's `serve.schedulers`: {}", names.join(", ")), Some("scheduler")));
+        }
     }
     let run = &m.manifest.run;
     if let (Some(max), Some(steps)) = (limits.max_steps, run.steps) {
@@ -90,6 +98,18 @@ pub fn parse_request(body: &[u8], file: &Path, overrides: &Overrides, limits: &m
     }
     if !json && run.batch.unwrap_or(1) > 1 {
         return Err(rejected("a batch of more than one image needs `\"response\": \"json\"`", Some("batch")));
+    }
+    // What the configs say of the request (sizes, the scheduler against the kind), before it
+    // waits in the queue.
+    if let Err(d) = runner::preflight::check(&m) {
+        let errors: Vec<&Diag> = d.iter().filter(|d| d.is_error()).collect();
+        let first = errors.first();
+        let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").or_else(|| k.strip_prefix("pipeline.")).unwrap_or(k).to_string()).or_else(|| {
+            let about_scheduler = first.is_some_and(|d| d.message.contains("scheduler"));
+            (about_scheduler && obj.contains_key("scheduler")).then(|| "scheduler".to_string())
+        });
+        let message = errors.iter().map(|d| d.message.as_str()).collect::<Vec<_>>().join("; ");
+        return Err(Rejected { message, field });
     }
     Ok(Request { m, json })
 }
