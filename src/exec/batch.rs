@@ -296,7 +296,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn line_keys_are_the_run_keys_but_output_and_threads() {
+    fn line_keys_are_the_run_keys_but_output_and_threads_and_the_scheduler() {
         let all = crate::manifest::Run {
             prompt: Some(String::new()),
             negative_prompt: Some(String::new()),
@@ -322,6 +322,7 @@ mod tests {
         };
         let json = serde_json::to_value(&all).unwrap();
         let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).filter(|k| !["output", "threads"].contains(k)).collect();
+        keys.push("scheduler");
         let mut ours = LINE_KEYS.to_vec();
         keys.sort();
         ours.sort();
