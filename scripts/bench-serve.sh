@@ -33,7 +33,7 @@ trap cleanup EXIT
 # The CLI: a process per image (start, plan, load, generate, write).
 start=$(date +%s.%N)
 for i in $(seq "$CLI_RUNS"); do
-  "$bin" run "$manifest" --quiet --out "$work/cli-$i.png"
+  "$bin" run "$manifest" --quiet --out "$work/cli-$i.png" >/dev/null 2>&1
 done
 cli_s=$(python3 -c "import time; print(($(date +%s.%N) - $start) / $CLI_RUNS)")
 
