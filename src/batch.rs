@@ -94,7 +94,7 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Sh
     let load_line = |sets: &[String]| -> Result<LoadedManifest, String> {
         let mut o = overrides.clone();
         o.sets.extend(sets.iter().cloned());
-        manifest::load(file, &o).map_err(|d| {
+        manifest::relayer(&base, &o).map_err(|d| {
             let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
             errors.join("; ")
         })

@@ -522,3 +522,20 @@ fn serve_drains_on_sigterm() {
     // Nothing listens any more.
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
 }
+
+#[test]
+fn serve_keeps_the_manifest_it_started_with() {
+    // Requests are layered over the text the server loaded: an edit of the file meanwhile
+    // changes neither their defaults nor the PNG's manifest digest.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join(M)).unwrap().replace("../tests/fixtures/tiny-sd15", &root().join("tests/fixtures/tiny-sd15").display().to_string());
+    let m = dir.path().join("m.toml");
+    std::fs::write(&m, &text).unwrap();
+    let s = start(&[m.to_str().unwrap()]);
+    let (status, _, before) = post(s.port, r#"{"prompt": "a dog", "seed": 2}"#);
+    assert_eq!(status, 200);
+    std::fs::write(&m, text.replace("steps = 4", "steps = 1")).unwrap();
+    let (status, _, after) = post(s.port, r#"{"prompt": "a dog", "seed": 2}"#);
+    assert_eq!(status, 200);
+    assert!(before == after, "an edit of the manifest file changed a running server's image");
+}

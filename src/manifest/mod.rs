@@ -220,8 +220,17 @@ pub fn join_key(path: &[String]) -> String {
 /// Reads, merges, and validates a manifest. On failure, returns every diagnostic (errors and
 /// warnings), sorted by location.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
-    let source = Arc::new(read_source(path)?);
+    load_source(path, Arc::new(read_source(path)?), overrides)
+}
 
+/// [`load`] of the text `m` was read from, with other `overrides`: what a batch line or a
+/// served request layers over the manifest the process started with (an edit of the file
+/// meanwhile changes nothing of a loaded pipeline's requests).
+pub fn relayer(m: &LoadedManifest, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
+    load_source(&m.path, m.source.clone(), overrides)
+}
+
+fn load_source(path: &Path, source: Arc<SourceText>, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
     let doc = match toml_edit::ImDocument::parse(source.text.clone()) {
         Ok(doc) => doc,
         Err(e) => {

@@ -81,6 +81,8 @@ pub fn listen_addr(listen: &str, authenticated: bool, insecure: bool) -> Result<
 
 struct App {
     file: PathBuf,
+    /// The manifest as the server started with it: requests are layered over its text.
+    base: Arc<LoadedManifest>,
     overrides: Overrides,
     limits: manifest::Serve,
     token: Option<String>,
@@ -129,8 +131,10 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         None
     };
     let (tx, rx) = mpsc::channel(limits.queue.map_or(DEFAULT_QUEUE, |q| q as usize));
+    let base = Arc::new(base);
     let app = Arc::new(App {
         file: file.clone(),
+        base: base.clone(),
         overrides: job.overrides.clone(),
         read_timeout: Duration::from_secs_f64(limits.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT)),
         limits,
@@ -275,7 +279,7 @@ async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
-fn worker(base: LoadedManifest, lock_sha256: Option<String>, mut rx: mpsc::Receiver<Arc<Entry>>, app: &Arc<App>) {
+fn worker(base: Arc<LoadedManifest>, lock_sha256: Option<String>, mut rx: mpsc::Receiver<Arc<Entry>>, app: &Arc<App>) {
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
@@ -296,7 +300,7 @@ fn worker(base: LoadedManifest, lock_sha256: Option<String>, mut rx: mpsc::Recei
     if base.manifest.run.prompt.is_none() {
         warm.sets.push("run.prompt=warm-up".to_string());
     }
-    let warmed = manifest::load(&app.file, &warm)
+    let warmed = manifest::relayer(&base, &warm)
         .map_err(|d| d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect::<Vec<_>>().join("; "))
         .and_then(|m| generate(&mut session, &m, &opts).map_err(|(_, e)| e));
     if let Err(e) = warmed {
@@ -438,7 +442,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
     }
     let body = read_body(app, body).await?;
     let checker = app.clone();
-    let parsed = tokio::task::spawn_blocking(move || parse_request(&body, &checker.file, &checker.overrides, &checker.limits)).await;
+    let parsed = tokio::task::spawn_blocking(move || parse_request(&body, &checker.base, &checker.overrides, &checker.limits)).await;
     let req = match parsed {
         Ok(Ok(r)) => r,
         Ok(Err(r)) => return Err(error(StatusCode::UNPROCESSABLE_ENTITY, r.message, r.field.as_deref())),

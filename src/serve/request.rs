@@ -1,8 +1,6 @@
 //! A request body, checked: a JSON object of `[run]` keys layered over the manifest as
 //! `runner run --prompts` layers a line, then held against `[serve]`'s limits.
 
-use std::path::Path;
-
 use runner::exec::batch as b;
 use runner::manifest::{self, LoadedManifest, Overrides};
 
@@ -29,7 +27,7 @@ fn rejected(message: impl Into<String>, field: Option<&str>) -> Rejected {
 /// Parses and checks a request body: a JSON object of `[run]` keys (`prompt` required) and
 /// `response` (`"png"` or `"json"`), layered over the manifest as `runner run --prompts` layers
 /// a line, then held against `[serve]`'s limits.
-pub fn parse_request(body: &[u8], file: &Path, overrides: &Overrides, limits: &manifest::Serve) -> Result<Request, Rejected> {
+pub fn parse_request(body: &[u8], base: &LoadedManifest, overrides: &Overrides, limits: &manifest::Serve) -> Result<Request, Rejected> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| rejected(format!("not valid JSON: {e}"), None))?;
     let serde_json::Value::Object(mut obj) = value else {
         return Err(rejected("the body must be a JSON object of `[run]` keys (e.g. {\"prompt\": \"a cat\", \"seed\": 1})", None));
@@ -57,7 +55,7 @@ pub fn parse_request(body: &[u8], file: &Path, overrides: &Overrides, limits: &m
     let load = |sets: &[String]| {
         let mut o = overrides.clone();
         o.sets.extend(sets.iter().cloned());
-        manifest::load(file, &o).map_err(|d| {
+        manifest::relayer(base, &o).map_err(|d| {
             let first = d.iter().find(|d| d.is_error());
             let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").or_else(|| k.strip_prefix("pipeline.")).unwrap_or(k));
             let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
