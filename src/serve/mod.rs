@@ -258,9 +258,13 @@ async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     let path = req.extensions().get::<MatchedPath>().map_or("other", |p| p.as_str()).to_string();
     let method = req.method().to_string();
     let started = Instant::now();
+    let uri = req.uri().path().to_string();
     let r = next.run(req).await;
+    let seconds = started.elapsed().as_secs_f64();
+    // An access log line (RUST_LOG=runner=info).
+    tracing::info!("{method} {uri} {} {:.1} ms", r.status().as_u16(), seconds * 1e3);
     app.metrics.requests.get_or_create(&metrics::RequestLabels { path: path.clone(), method, status: r.status().as_u16() }).inc();
-    app.metrics.request_seconds.get_or_create(&metrics::PathLabels { path }).observe(started.elapsed().as_secs_f64());
+    app.metrics.request_seconds.get_or_create(&metrics::PathLabels { path }).observe(seconds);
     r
 }
 
@@ -313,6 +317,7 @@ fn worker(base: Arc<LoadedManifest>, lock_sha256: Option<String>, mut rx: mpsc::
     while let Some(entry) = rx.blocking_recv() {
         app.metrics.queue_depth.dec();
         let Some(m) = entry.start() else { continue };
+        tracing::info!(job = %entry.id, "generating (queued {:.2} s)", entry.created.elapsed().as_secs_f64());
         app.metrics.running.set(1);
         let t = Instant::now();
         let watch = runner::exec::Watch(Arc::new(Watcher { entry: entry.clone(), app: app.clone() }));
