@@ -223,6 +223,12 @@ enum Command {
         /// Listen on a non-loopback address although the manifest sets no `serve.token_env`.
         #[arg(long)]
         insecure_bind: bool,
+        /// The hardware to plan for (as for `runner plan`).
+        #[arg(long, value_name = "SPEC", conflicts_with = "simulate")]
+        devices: Option<String>,
+        /// Plan for these devices but execute everything on the CPU (as `runner run --simulate`).
+        #[arg(long, value_name = "SPEC")]
+        simulate: Option<String>,
         /// Check every file the manifest reads against MANIFEST.lock first.
         #[arg(long)]
         locked: bool,
@@ -398,8 +404,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
-        Command::Serve { file, listen, insecure_bind, locked, drain_timeout, layers } => {
-            crate::serve::serve(crate::serve::ServeJob { file: &file, listen: &listen, insecure_bind, locked, drain_timeout, overrides: &layers.overrides() })
+        Command::Serve { file, listen, insecure_bind, devices, simulate, locked, drain_timeout, layers } => {
+            let simulated = simulate.is_some();
+            let flag = if simulated { "--simulate" } else { "--devices" };
+            let devices = simulate.or(devices).map(|s| runner::plan::inventory::Inventory::parse_spec(&s)).transpose().map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("--devices", flag)))?;
+            crate::serve::serve(crate::serve::ServeJob { file: &file, listen: &listen, insecure_bind, devices, simulate: simulated, locked, drain_timeout, overrides: &layers.overrides() })
         }
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {

@@ -539,3 +539,41 @@ fn serve_keeps_the_manifest_it_started_with() {
     assert_eq!(status, 200);
     assert!(before == after, "an edit of the manifest file changed a running server's image");
 }
+
+#[test]
+fn serve_runs_every_kind_like_runner_run() {
+    // The kinds' own keys (prompt_2/prompt_3, max_sequence_length, true CFG) pass through; the
+    // tiny twins' GPUs simulated on both sides, --locked.
+    let sim = "cuda:0=40MB,cuda:1=40MB,cpu=2GiB";
+    for (manifest, body, sets) in [
+        (
+            "manifests/tiny-flux-dev.toml",
+            r#"{"prompt": "a dog", "prompt_2": "a dog on grass", "negative_prompt": "blurry", "true_cfg_scale": 2.0, "seed": 4, "steps": 2}"#,
+            &["run.prompt=a dog", "run.prompt_2=a dog on grass", "run.negative_prompt=blurry", "run.true_cfg_scale=2.0", "run.seed=4", "run.steps=2"][..],
+        ),
+        (
+            "manifests/tiny-sd3.toml",
+            r#"{"prompt": "a dog", "prompt_3": "a dog, photo", "max_sequence_length": 8, "seed": 4, "steps": 2}"#,
+            &["run.prompt=a dog", "run.prompt_3=a dog, photo", "run.max_sequence_length=8", "run.seed=4", "run.steps=2"][..],
+        ),
+        ("manifests/tiny-sdxl.toml", r#"{"prompt": "a dog", "prompt_2": "a dog, photo", "seed": 4, "steps": 2}"#, &["run.prompt=a dog", "run.prompt_2=a dog, photo", "run.seed=4", "run.steps=2"][..]),
+    ] {
+        let s = start(&[manifest, "--locked", "--simulate", sim]);
+        let (status, _, png) = post(s.port, body);
+        assert_eq!(status, 200, "{manifest}: {}", String::from_utf8_lossy(&png));
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x.png");
+        let mut cmd = runner();
+        cmd.args(["run", manifest, "--quiet", "--locked", "--simulate", sim]).arg("--out").arg(&out);
+        for set in sets {
+            cmd.arg("--set").arg(set);
+        }
+        let (code, _, stderr) = run(&mut cmd);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(png == std::fs::read(&out).unwrap(), "{manifest}: served PNG differs from runner run's");
+    }
+    // A bad --simulate spec names the flag.
+    let out = serve_cmd(&[M, "--simulate", "cuda:0=lots"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--simulate"), "{}", String::from_utf8_lossy(&out.stderr));
+}

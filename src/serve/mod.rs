@@ -64,6 +64,10 @@ pub struct ServeJob<'a> {
     pub file: &'a Path,
     pub listen: &'a str,
     pub insecure_bind: bool,
+    /// `--devices` / `--simulate`'s inventory.
+    pub devices: Option<runner::plan::inventory::Inventory>,
+    /// `--simulate`: plan for `devices`, run on the CPU.
+    pub simulate: bool,
     pub locked: bool,
     pub drain_timeout: Duration,
     pub overrides: &'a Overrides,
@@ -156,7 +160,16 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         out.flush()?;
     }
     let worker_app = app.clone();
-    let worker = std::thread::Builder::new().name("runner-worker".into()).spawn(move || worker(base, lock_sha256, rx, &worker_app))?;
+    let opts = runner::exec::RunOptions {
+        out: None,
+        dump: None,
+        plan: runner::plan::build::BuildOptions { devices: job.devices, weights_only: false },
+        progress: false,
+        simulate: job.simulate,
+        lock_sha256,
+        watch: None,
+    };
+    let worker = std::thread::Builder::new().name("runner-worker".into()).spawn(move || worker(base, opts, rx, &worker_app))?;
     rt.block_on(run_server(listener, app.clone(), job.drain_timeout));
     if app.ready.load(Ordering::SeqCst) {
         // The queue is closed and every job has ended: the worker returns where its step ends.
@@ -283,11 +296,11 @@ async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
-fn worker(base: Arc<LoadedManifest>, lock_sha256: Option<String>, mut rx: mpsc::Receiver<Arc<Entry>>, app: &Arc<App>) {
+fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mpsc::Receiver<Arc<Entry>>, app: &Arc<App>) {
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
-    let opts = runner::exec::RunOptions { out: Some(temp_png()), dump: None, plan: Default::default(), progress: false, simulate: false, lock_sha256, watch: None };
+    let opts = runner::exec::RunOptions { out: Some(temp_png()), ..opts };
     let fail = |what: &str, e: String| -> ! {
         eprintln!("error: `{}`: {what}: {e}", app.file.display());
         std::process::exit(1);
