@@ -4,7 +4,7 @@
 //! stops where its current step ends.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -84,8 +84,47 @@ struct Times {
     finished: Option<Instant>,
 }
 
+/// The places of the queue: `[serve] queue` jobs may wait. A job holds its place from its
+/// acceptance until the worker takes it or it ends (a cancelled job frees its place at once,
+/// though the worker skips it later).
+pub struct Places {
+    limit: usize,
+    taken: AtomicUsize,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Places {
+    pub fn new(limit: usize, gauge: prometheus_client::metrics::gauge::Gauge) -> Arc<Places> {
+        Arc::new(Places { limit, taken: AtomicUsize::new(0), gauge })
+    }
+
+    pub fn full(&self) -> bool {
+        self.taken.load(Ordering::SeqCst) >= self.limit
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A place, or `false` when all are taken.
+    fn take(&self) -> bool {
+        let ok = self.taken.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < self.limit).then_some(n + 1)).is_ok();
+        if ok {
+            self.gauge.inc();
+        }
+        ok
+    }
+
+    fn give_back(&self) {
+        self.taken.fetch_sub(1, Ordering::SeqCst);
+        self.gauge.dec();
+    }
+}
+
 pub struct Entry {
     pub id: String,
+    /// The queue place this job holds while it waits.
+    place: Mutex<Option<Arc<Places>>>,
     /// The request, checked; taken by the worker.
     request: Mutex<Option<Box<LoadedManifest>>>,
     pub json: bool,
@@ -112,6 +151,7 @@ impl Entry {
         let created = Instant::now();
         Arc::new(Entry {
             id: new_id(),
+            place: Mutex::new(None),
             request: Mutex::new(Some(Box::new(m))),
             json,
             created,
@@ -122,6 +162,22 @@ impl Entry {
             outcome: Mutex::new(None),
             times: Mutex::new(Times::default()),
         })
+    }
+
+    /// Takes a queue place for this job: `false` when the queue is full.
+    pub fn wait_in(&self, places: &Arc<Places>) -> bool {
+        let ok = places.take();
+        if ok {
+            *self.place.lock().unwrap_or_else(|e| e.into_inner()) = Some(places.clone());
+        }
+        ok
+    }
+
+    /// Gives the job's queue place back (once).
+    pub fn leave_queue(&self) {
+        if let Some(p) = self.place.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            p.give_back();
+        }
     }
 
     pub fn progress(&self) -> Progress {
@@ -146,6 +202,7 @@ impl Entry {
 
     /// The worker takes the job: `None` when it has ended already (cancelled while queued).
     pub fn start(&self) -> Option<Box<LoadedManifest>> {
+        self.leave_queue();
         let m = self.request.lock().unwrap_or_else(|e| e.into_inner()).take()?;
         if self.outcome().is_some() {
             return None;
@@ -164,6 +221,7 @@ impl Entry {
         }
         *slot = Some(Arc::new(outcome));
         drop(slot);
+        self.leave_queue();
         self.request.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.times.lock().unwrap_or_else(|e| e.into_inner()).finished = Some(Instant::now());
         self.progress.send_modify(|p| p.state = phase);

@@ -94,7 +94,9 @@ struct App {
     ready: AtomicBool,
     draining: AtomicBool,
     /// Closed (taken) when the server drains: the worker ends after what is queued.
-    queue: Mutex<Option<mpsc::Sender<Arc<Entry>>>>,
+    queue: Mutex<Option<mpsc::UnboundedSender<Arc<Entry>>>>,
+    /// The queue's places (`[serve] queue`).
+    places: Arc<jobs::Places>,
     jobs: jobs::Table,
     metrics: metrics::Metrics,
     /// Mean seconds of a generation (an f64's bits), for `Retry-After`.
@@ -134,7 +136,9 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let (tx, rx) = mpsc::channel(limits.queue.map_or(DEFAULT_QUEUE, |q| q as usize));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let metrics = metrics::Metrics::new();
+    let places = jobs::Places::new(limits.queue.map_or(DEFAULT_QUEUE, |q| q as usize), metrics.queue_depth.clone());
     let base = Arc::new(base);
     let app = Arc::new(App {
         file: file.clone(),
@@ -146,8 +150,9 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         queue: Mutex::new(Some(tx)),
+        places,
         jobs: Default::default(),
-        metrics: metrics::Metrics::new(),
+        metrics,
         mean_generation_s: AtomicU64::new(0),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -296,7 +301,7 @@ async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
-fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mpsc::Receiver<Arc<Entry>>, app: &Arc<App>) {
+fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mpsc::UnboundedReceiver<Arc<Entry>>, app: &Arc<App>) {
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
@@ -328,7 +333,6 @@ fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mps
     app.metrics.ready.set(1);
     eprintln!("ready: {} loaded and warmed up in {:.1} s", base.manifest.name, started.elapsed().as_secs_f64());
     while let Some(entry) = rx.blocking_recv() {
-        app.metrics.queue_depth.dec();
         let Some(m) = entry.start() else { continue };
         tracing::info!(job = %entry.id, "generating (queued {:.2} s)", entry.created.elapsed().as_secs_f64());
         app.metrics.running.set(1);
@@ -455,7 +459,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
         return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", None));
     }
     // A full queue answers before the body is checked (a flood costs no parsing).
-    if app.queue.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|q| q.capacity() == 0) {
+    if app.places.full() {
         return Err(queue_full(app));
     }
     let body = read_body(app, body).await?;
@@ -467,23 +471,17 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
         Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)),
     };
     let entry = Entry::new(req.m, req.json, app.limits.timeout);
-    let sent = {
-        let queue = app.queue.lock().unwrap_or_else(|e| e.into_inner());
-        match queue.as_ref() {
-            None => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", None)),
-            Some(q) => {
-                app.metrics.queue_depth.inc();
-                q.try_send(entry.clone()).map_err(|e| {
-                    app.metrics.queue_depth.dec();
-                    match e {
-                        mpsc::error::TrySendError::Full(_) => queue_full(app),
-                        mpsc::error::TrySendError::Closed(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the worker has stopped", None),
-                    }
-                })
-            }
-        }
+    if !entry.wait_in(&app.places) {
+        return Err(queue_full(app));
+    }
+    let sent = match app.queue.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        None => Err("the server is shutting down"),
+        Some(q) => q.send(entry.clone()).map_err(|_| "the worker has stopped"),
     };
-    sent?;
+    if let Err(why) = sent {
+        entry.leave_queue();
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, why, None));
+    }
     app.jobs.add(&entry, listed);
     if let Some(deadline) = entry.deadline {
         let weak = Arc::downgrade(&entry);
@@ -500,7 +498,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
 /// 429, with `Retry-After` about when one place frees up: the mean generation, at least 1 s.
 fn queue_full(app: &App) -> Response {
     let wait = app.mean_generation_s().ceil().clamp(1.0, 3600.0) as u64;
-    let waiting = app.limits.queue.map_or(DEFAULT_QUEUE, |q| q as usize);
+    let waiting = app.places.limit();
     let mut r = error(StatusCode::TOO_MANY_REQUESTS, format!("the queue is full ({waiting} waiting): retry later"), None);
     r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
     r
