@@ -169,8 +169,16 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Sh
         State::Pending { base, .. } => Some(base.clone()),
         _ => None,
     });
-    let opts =
-        runner::exec::RunOptions { out: first.clone(), dump: None, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate, lock_sha256, watch: None };
+    let opts = runner::exec::RunOptions {
+        out: first.clone(),
+        dump: None,
+        plan: runner::plan::build::BuildOptions { devices, weights_only: false },
+        progress: !quiet,
+        simulate,
+        lock_sha256,
+        watch: None,
+        in_memory: false,
+    };
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }

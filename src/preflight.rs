@@ -140,6 +140,102 @@ pub fn config_path(c: &Component) -> PathBuf {
 /// Checks `m` against its pipeline folder; the folder, opened, and its configs, or every problem
 /// found.
 pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagnostic>> {
+    let (p, configs, mut out) = check_folder(m)?;
+    out.extend(check_run(m, &p, &configs));
+    if out.is_empty() {
+        Ok((p, configs))
+    } else {
+        Err(out)
+    }
+}
+
+/// The part of [`check`] that depends on `[run]` and `pipeline.scheduler` only: what a loaded
+/// pipeline checks of each new job (`runner run --prompts`, `runner serve`) against the folder
+/// and configs it was loaded from, without reading them again.
+pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs) -> Vec<Diagnostic> {
+    let at = |key: &str| m.locate_value(key);
+    let kind = m.manifest.pipeline.kind;
+    let xl = kind == PipelineKind::StableDiffusionXl;
+    let sd3 = kind == PipelineKind::StableDiffusion3;
+    let flux = kind == PipelineKind::Flux;
+    let mut out = vec![];
+    // 6. The scheduler: its config, or the manifest's kind over it.
+    let sched_path = p.root.join("scheduler").join("scheduler_config.json");
+    let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::schedulers::parse_config(&t).map_err(|e| e.to_string()));
+    match sched {
+        Ok(cfg) => {
+            let steps = m.manifest.run.steps.unwrap_or(kind.default_steps()) as usize;
+            // A dynamically shifted schedule depends on the image's sequence length in patches
+            // (FLUX: the packed 2x2 latent patches, (H/16) x (W/16) at the VAE's 8x).
+            let mu = configs.patch_size().and_then(|p| {
+                let shape = configs.run_shape(m);
+                let scale = configs.vae_scale_factor();
+                let patches = (shape.height / scale / p) * (shape.width / scale / p);
+                crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
+            });
+            match crate::schedulers::build_with_mu(&cfg, m.manifest.pipeline.scheduler, steps, mu) {
+                Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
+                // The folder's own class is checked against the kind here (a `pipeline.scheduler`
+                // kind is checked against the folder's config class by `build`).
+                Ok(s) if crate::schedulers::is_flow_matching(s.name()) != kind.flow_matching() => {
+                    let (has, needs) = if kind.flow_matching() { ("a noise-prediction", "a flow-matching") } else { ("a flow-matching", "a noise-prediction") };
+                    out.push(Diagnostic::error(
+                        format!("`{}`: `{}` is {has} scheduler, but a `{}` pipeline needs {needs} one", sched_path.display(), s.name(), kind.as_str()),
+                        Location::Path(sched_path.clone()),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
+    }
+    // 7. Keys that depend on the configs.
+    let r = &m.manifest.run;
+    if let Some(patch) = configs.patch_size() {
+        // diffusers' check_inputs: sizes must be multiples of vae_scale_factor * patch_size (SD3
+        // raises; FLUX's pipeline warns and rounds down, runner refuses as for SD3).
+        let unit = configs.vae_scale_factor() * patch;
+        let why = if flux { "the VAE's scale factor times 2: FLUX packs 2x2 latent patches" } else { "the VAE's scale factor times the transformer's patch_size" };
+        let shape = configs.run_shape(m);
+        for (key, v) in [("run.width", shape.width), ("run.height", shape.height)] {
+            if v % unit != 0 {
+                out.push(Diagnostic::error(format!("`{key}` is {v}, but this pipeline needs a multiple of {unit} ({why})"), at(key)).with_key(key).with_note(format!(
+                    "use {} or {}",
+                    v / unit * unit,
+                    (v / unit + 1) * unit
+                )));
+            }
+        }
+    }
+    // FluxPipeline has no `clip_skip`: the manifest check warns that it is ignored.
+    if let Some(k) = r.clip_skip.filter(|_| !flux) {
+        // diffusers takes hidden_states[-(clip_skip + 1)] (SD) or [-(clip_skip + 2)] (SDXL) of
+        // num_hidden_layers + 1 states.
+        let encoders = std::iter::once(&configs.text_encoder).chain(configs.text_encoder_2.as_ref());
+        let max = encoders.map(|c| c.num_hidden_layers - i64::from(xl || sd3)).min().unwrap_or(0);
+        if i64::from(k) > max {
+            out.push(
+                Diagnostic::error(format!("`run.clip_skip` is {k}, but the text encoder{} allow at most {max}", if xl || sd3 { "s" } else { "" }), at("run.clip_skip"))
+                    .with_key("run.clip_skip")
+                    .with_note(format!("`text_encoder` has {} layers", configs.text_encoder.num_hidden_layers)),
+            );
+        }
+    }
+    if let Some(l) = &r.latents {
+        let path = m.resolve_path("run.latents", l);
+        let shape = configs.run_shape(m);
+        let want = [shape.batch, configs.vae.latent_channels as u64, shape.height / 8, shape.width / 8];
+        if let Err(msg) = check_latents(&path, &want) {
+            out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));
+        }
+    }
+    out
+}
+
+/// Checks 1 to 5 of [`check`]: the folder, its index, weights, classes and configs; with the
+/// configs, the errors found after they were read (components that do not fit together).
+#[allow(clippy::type_complexity)]
+fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diagnostic>), Vec<Diagnostic>> {
     let at = |key: &str| m.locate_value(key);
     let root = m.pipeline_source();
     let one = |d: Diagnostic| Err(vec![d]);
@@ -279,54 +375,6 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
     if let Err(msg) = compatible {
         out.push(Diagnostic::error(format!("the components of `{}` do not fit together: {msg}", p.root.display()), index.clone()));
     }
-    // 6. The scheduler: its config, or the manifest's kind over it.
-    let sched_path = p.root.join("scheduler").join("scheduler_config.json");
-    let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::schedulers::parse_config(&t).map_err(|e| e.to_string()));
-    match sched {
-        Ok(cfg) => {
-            let steps = m.manifest.run.steps.unwrap_or(kind.default_steps()) as usize;
-            // A dynamically shifted schedule depends on the image's sequence length in patches
-            // (FLUX: the packed 2x2 latent patches, (H/16) x (W/16) at the VAE's 8x).
-            let mu = configs.patch_size().and_then(|p| {
-                let shape = configs.run_shape(m);
-                let scale = configs.vae_scale_factor();
-                let patches = (shape.height / scale / p) * (shape.width / scale / p);
-                crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
-            });
-            match crate::schedulers::build_with_mu(&cfg, m.manifest.pipeline.scheduler, steps, mu) {
-                Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
-                // The folder's own class is checked against the kind here (a `pipeline.scheduler`
-                // kind is checked against the folder's config class by `build`).
-                Ok(s) if crate::schedulers::is_flow_matching(s.name()) != kind.flow_matching() => {
-                    let (has, needs) = if kind.flow_matching() { ("a noise-prediction", "a flow-matching") } else { ("a flow-matching", "a noise-prediction") };
-                    out.push(Diagnostic::error(
-                        format!("`{}`: `{}` is {has} scheduler, but a `{}` pipeline needs {needs} one", sched_path.display(), s.name(), kind.as_str()),
-                        Location::Path(sched_path.clone()),
-                    ));
-                }
-                Ok(_) => {}
-            }
-        }
-        Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
-    }
-    // 7. Keys that depend on the configs.
-    let r = &m.manifest.run;
-    if let Some(patch) = configs.patch_size() {
-        // diffusers' check_inputs: sizes must be multiples of vae_scale_factor * patch_size (SD3
-        // raises; FLUX's pipeline warns and rounds down, runner refuses as for SD3).
-        let unit = configs.vae_scale_factor() * patch;
-        let why = if flux { "the VAE's scale factor times 2: FLUX packs 2x2 latent patches" } else { "the VAE's scale factor times the transformer's patch_size" };
-        let shape = configs.run_shape(m);
-        for (key, v) in [("run.width", shape.width), ("run.height", shape.height)] {
-            if v % unit != 0 {
-                out.push(Diagnostic::error(format!("`{key}` is {v}, but this pipeline needs a multiple of {unit} ({why})"), at(key)).with_key(key).with_note(format!(
-                    "use {} or {}",
-                    v / unit * unit,
-                    (v / unit + 1) * unit
-                )));
-            }
-        }
-    }
     if let (Some(_), Some(tokenizer)) = (&configs.t5, t5_tokenizer(kind)) {
         // The T5 tokenizer is read at load time: its folder is checked now.
         let dir = p.root.join(tokenizer);
@@ -336,33 +384,7 @@ pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagno
             out.push(Diagnostic::error(format!("the T5 tokenizer folder `{}` has {have}", dir.display()), index.clone()));
         }
     }
-    // FluxPipeline has no `clip_skip`: the manifest check warns that it is ignored.
-    if let Some(k) = r.clip_skip.filter(|_| !flux) {
-        // diffusers takes hidden_states[-(clip_skip + 1)] (SD) or [-(clip_skip + 2)] (SDXL) of
-        // num_hidden_layers + 1 states.
-        let encoders = std::iter::once(&configs.text_encoder).chain(configs.text_encoder_2.as_ref());
-        let max = encoders.map(|c| c.num_hidden_layers - i64::from(xl || sd3)).min().unwrap_or(0);
-        if i64::from(k) > max {
-            out.push(
-                Diagnostic::error(format!("`run.clip_skip` is {k}, but the text encoder{} allow at most {max}", if xl || sd3 { "s" } else { "" }), at("run.clip_skip"))
-                    .with_key("run.clip_skip")
-                    .with_note(format!("`text_encoder` has {} layers", configs.text_encoder.num_hidden_layers)),
-            );
-        }
-    }
-    if let Some(l) = &r.latents {
-        let path = m.resolve_path("run.latents", l);
-        let shape = configs.run_shape(m);
-        let want = [shape.batch, configs.vae.latent_channels as u64, shape.height / 8, shape.width / 8];
-        if let Err(msg) = check_latents(&path, &want) {
-            out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));
-        }
-    }
-    if out.is_empty() {
-        Ok((p, configs))
-    } else {
-        Err(out)
-    }
+    Ok((p, configs, out))
 }
 
 /// What [`check`]'s configs make of keys that are valid but have no effect here: warnings, never

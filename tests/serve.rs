@@ -222,6 +222,11 @@ fn serve_refuses_non_loopback_without_insecure_bind() {
     let out = serve_cmd(&[M, "--listen", "localhost"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--listen localhost"));
+    // What preflight knows stops the server before it listens.
+    let out = serve_cmd(&[M, "--listen", "127.0.0.1:0", "--set", "pipeline.scheduler=flow-match-euler"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flow-matching"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "it listened: {}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]

@@ -75,6 +75,9 @@ pub struct RunOptions {
     pub lock_sha256: Option<String>,
     /// Told of each denoising step, and asked before each whether to go on.
     pub watch: Option<Watch>,
+    /// `Session::generate_run`: the PNGs' bytes in `RunReport::pngs` instead of files
+    /// (`runner serve`, which sends them).
+    pub in_memory: bool,
 }
 
 /// Watches a run between its denoising steps: `runner serve` reports a job's progress through it
@@ -115,6 +118,9 @@ pub struct Timings {
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub images: Vec<PathBuf>,
+    /// The PNGs' bytes, when [`RunOptions::in_memory`].
+    #[serde(skip)]
+    pub pngs: Vec<Vec<u8>>,
     pub seed: u64,
     pub steps: usize,
     /// Calls of the denoiser (the UNet, or SD3's transformer); the JSON key keeps its first name.

@@ -23,6 +23,8 @@ use crate::plan::Plan;
 pub struct Session<'m> {
     m: &'m LoadedManifest,
     pipeline: PipelineFolder,
+    /// The folder's configs as preflight read them at load: each new job is checked against them.
+    configs: crate::preflight::Configs,
     plan: Plan,
     simulate: bool,
     shape: crate::plan::memory::RunShape,
@@ -92,7 +94,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     }
     let shape = build::run_shape(m, &configs);
     check_shape(&shape)?;
-    let outputs = output_paths(m, opts, shape.batch as usize);
+    let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
     check_outputs(&outputs)?;
     if let Some(d) = &opts.dump {
         std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
@@ -136,7 +138,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         scratch_bytes: scratch.iter().map(|s| s.bytes()).sum(),
     };
     drop(lx);
-    let session = Session { m, pipeline, plan, simulate: opts.simulate, shape, outputs, seed, model, startup_s, load_s, host, started, warnings, scratch };
+    let session = Session { m, pipeline, configs, plan, simulate: opts.simulate, shape, outputs, seed, model, startup_s, load_s, host, started, warnings, scratch };
     session.pin_offloaded(&[]);
     Ok(session)
 }
@@ -169,14 +171,19 @@ impl Session<'_> {
         if a.schema_version != b.schema_version || a.name != b.name || !same_pipeline || a.components != b.components || a.placement != b.placement {
             return Err(ExecError::Unsupported("only `[run]` keys and `pipeline.scheduler` can change on a loaded pipeline".into()));
         }
-        let (pipeline, configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
+        // The folder and configs are the loaded ones: only what the job's keys change is checked.
+        let (pipeline, configs) = (&self.pipeline, &self.configs);
+        let problems = crate::preflight::check_run(m, pipeline, configs);
+        if !problems.is_empty() {
+            return Err(ExecError::Preflight(problems));
+        }
         let mut warnings: Vec<String> = pipeline.notes.clone();
-        warnings.extend(crate::preflight::warnings(m, &configs).into_iter().map(|d| d.message));
-        let shape = build::run_shape(m, &configs);
+        warnings.extend(crate::preflight::warnings(m, configs).into_iter().map(|d| d.message));
+        let shape = build::run_shape(m, configs);
         check_shape(&shape)?;
         if shape != self.shape {
             let inventory = build::inventory(m, &opts.plan)?;
-            let plan = crate::plan::plan(&build::plan_input(m, &pipeline, &configs, inventory, &opts.plan)).map_err(|e| {
+            let plan = crate::plan::plan(&build::plan_input(m, pipeline, configs, inventory, &opts.plan)).map_err(|e| {
                 ExecError::Unsupported(format!("at {}x{}, batch {}, the working memory does not fit the budgets the pipeline was loaded for: {}", shape.width, shape.height, shape.batch, e.message))
             })?;
             let placed = |p: &Plan| p.components.iter().map(|c| (c.name.clone(), c.device, c.split.clone(), c.offload)).collect::<Vec<_>>();
@@ -191,7 +198,7 @@ impl Session<'_> {
                 )));
             }
         }
-        let outputs = output_paths(m, opts, shape.batch as usize);
+        let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
         check_outputs(&outputs)?;
         let job = Job { m, shape, seed: seed_of(m), outputs, warnings };
         self.generate_job(&job, opts)
@@ -239,7 +246,7 @@ impl Session<'_> {
             true_cfg_scale: g.true_cfg_scale,
             seed: if latents.is_some() { None } else { Some(job.seed) },
             batch_index: 0,
-            batch_size: job.outputs.len(),
+            batch_size: job.shape.batch as usize,
             latents,
             steps: g.steps,
             guidance_scale: g.guidance_scale,
@@ -253,10 +260,17 @@ impl Session<'_> {
             dtype: dtype_summary(m),
             manifest_sha256: manifest_digest(m),
         };
-        for (i, path) in job.outputs.iter().enumerate() {
+        let mut pngs = vec![];
+        for i in 0..job.shape.batch as usize {
             let (w, h, rgb) = png::to_rgb8(&g.images.get(i as i64));
             meta.batch_index = i;
-            png::write_png(path, w, h, &rgb, &meta.chunks()).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?;
+            let bytes = png::encode_png(w, h, &rgb, &meta.chunks()).map_err(|source| ExecError::Io { what: "cannot encode the image", path: PathBuf::from("<memory>"), source })?;
+            match job.outputs.get(i) {
+                Some(path) if !opts.in_memory => {
+                    crate::fsutil::write_file(path, |w| w.write_all(&bytes)).map_err(|source| ExecError::Io { what: "cannot write the image", path: path.clone(), source })?
+                }
+                _ => pngs.push(bytes),
+            }
         }
         if let Some(d) = &opts.dump {
             let p = d.join("dump.safetensors");
@@ -278,7 +292,8 @@ impl Session<'_> {
         let rest = if g.step_times.len() > 1 { &g.step_times[1..] } else { &g.step_times[..] };
         let seconds_per_step = rest.iter().sum::<f64>() / rest.len().max(1) as f64;
         Ok(RunReport {
-            images: job.outputs.clone(),
+            images: if opts.in_memory { vec![] } else { job.outputs.clone() },
+            pngs,
             seed: job.seed,
             steps: g.steps,
             unet_calls: g.model_calls,

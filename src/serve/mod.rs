@@ -87,6 +87,9 @@ struct App {
     file: PathBuf,
     /// The manifest as the server started with it: requests are layered over its text.
     base: Arc<LoadedManifest>,
+    /// Its pipeline folder and configs, as preflight read them: requests are checked against them.
+    folder: runner::checkpoint::layout::PipelineFolder,
+    configs: runner::preflight::Configs,
     overrides: Overrides,
     limits: manifest::Serve,
     token: Option<String>,
@@ -130,6 +133,11 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     for w in &base.warnings {
         eprintln!("warning: {}", w.message);
     }
+    // Everything knowable without loading a weight, before the server listens.
+    let (folder, configs) = runner::preflight::check(&base).map_err(|d| {
+        let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
+        ServeError::Manifest { file: file.clone(), message: errors.join("; ") }
+    })?;
     let lock_sha256 = if job.locked {
         runner::lock::verify_lock(&base).map_err(|e| ServeError::Lock(e.to_string()))?;
         runner::lock::sha256_file(&runner::lock::lock_path(&file)).ok().map(|(_, h)| h)
@@ -143,6 +151,8 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     let app = Arc::new(App {
         file: file.clone(),
         base: base.clone(),
+        folder,
+        configs,
         overrides: job.overrides.clone(),
         read_timeout: Duration::from_secs_f64(limits.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT)),
         limits,
@@ -173,6 +183,7 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         simulate: job.simulate,
         lock_sha256,
         watch: None,
+        in_memory: true,
     };
     let worker = std::thread::Builder::new().name("runner-worker".into()).spawn(move || worker(base, opts, rx, &worker_app))?;
     rt.block_on(run_server(listener, app.clone(), job.drain_timeout));
@@ -305,7 +316,6 @@ fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mps
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
-    let opts = runner::exec::RunOptions { out: Some(temp_png()), ..opts };
     let fail = |what: &str, e: String| -> ! {
         eprintln!("error: `{}`: {what}: {e}", app.file.display());
         std::process::exit(1);
@@ -369,15 +379,8 @@ fn update_resident(session: &runner::exec::Session, app: &App) {
 
 /// One generation on the session: the PNGs' bytes, or the status and message of its failure.
 fn generate(session: &mut runner::exec::Session, m: &LoadedManifest, opts: &runner::exec::RunOptions) -> Result<Generated, (StatusCode, String)> {
-    let opts = runner::exec::RunOptions { out: Some(temp_png()), ..opts.clone() };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.generate_run(m, &opts))) {
-        Ok(Ok(report)) => {
-            let read: Result<Vec<Vec<u8>>, _> = report.images.iter().map(std::fs::read).collect();
-            for p in &report.images {
-                let _ = std::fs::remove_file(p);
-            }
-            read.map(|images| Generated { images, report }).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the image back: {e}")))
-        }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.generate_run(m, opts))) {
+        Ok(Ok(mut report)) => Ok(Generated { images: std::mem::take(&mut report.pngs), report }),
         Ok(Err(e)) => {
             use runner::exec::ExecError as E;
             let status = match e {
@@ -406,12 +409,6 @@ impl runner::exec::StepWatch for Watcher {
         self.entry.stepped(i, n);
         self.app.metrics.step_seconds.observe(seconds);
     }
-}
-
-/// A fresh temp path for one request's images (numbered beside it for batches).
-fn temp_png() -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    std::env::temp_dir().join(format!("runner-serve-{}-{}.png", std::process::id(), N.fetch_add(1, Ordering::Relaxed)))
 }
 
 fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
@@ -464,7 +461,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
     }
     let body = read_body(app, body).await?;
     let checker = app.clone();
-    let parsed = tokio::task::spawn_blocking(move || parse_request(&body, &checker.base, &checker.overrides, &checker.limits)).await;
+    let parsed = tokio::task::spawn_blocking(move || parse_request(&body, &checker.base, (&checker.folder, &checker.configs), &checker.overrides, &checker.limits)).await;
     let req = match parsed {
         Ok(Ok(r)) => r,
         Ok(Err(r)) => return Err(error(StatusCode::UNPROCESSABLE_ENTITY, r.message, r.field.as_deref())),

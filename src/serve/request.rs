@@ -27,7 +27,13 @@ fn rejected(message: impl Into<String>, field: Option<&str>) -> Rejected {
 /// Parses and checks a request body: a JSON object of `[run]` keys (`prompt` required) and
 /// `response` (`"png"` or `"json"`), layered over the manifest as `runner run --prompts` layers
 /// a line, then held against `[serve]`'s limits.
-pub fn parse_request(body: &[u8], base: &LoadedManifest, overrides: &Overrides, limits: &manifest::Serve) -> Result<Request, Rejected> {
+pub fn parse_request(
+    body: &[u8],
+    base: &LoadedManifest,
+    loaded: (&runner::checkpoint::layout::PipelineFolder, &runner::preflight::Configs),
+    overrides: &Overrides,
+    limits: &manifest::Serve,
+) -> Result<Request, Rejected> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| rejected(format!("not valid JSON: {e}"), None))?;
     let serde_json::Value::Object(mut obj) = value else {
         return Err(rejected("the body must be a JSON object of `[run]` keys (e.g. {\"prompt\": \"a cat\", \"seed\": 1})", None));
@@ -99,7 +105,8 @@ pub fn parse_request(body: &[u8], base: &LoadedManifest, overrides: &Overrides, 
     }
     // What the configs say of the request (sizes, the scheduler against the kind), before it
     // waits in the queue.
-    if let Err(d) = runner::preflight::check(&m) {
+    let d = runner::preflight::check_run(&m, loaded.0, loaded.1);
+    if !d.is_empty() {
         let errors: Vec<&Diag> = d.iter().filter(|d| d.is_error()).collect();
         let first = errors.first();
         let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").or_else(|| k.strip_prefix("pipeline.")).unwrap_or(k).to_string()).or_else(|| {
