@@ -69,16 +69,12 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Sh
     if let Some(s) = shard {
         lines.retain(|l| s.contains(l.index));
     }
-    let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
-    let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", flag(e.to_string())))?;
+    // The inventory's and executor's messages name `--devices`; a simulated run's came from `--simulate`.
+    let flag = crate::cli::flag_renamer(simulate);
+    let devices = crate::cli::parse_devices(devices, simulate).map_err(|e| Failure::new("devices", e))?;
     let base = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
     diag::render_all(&base.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
-    let lock_sha256 = if locked {
-        runner::lock::verify_lock(&base).map_err(|e| Failure::new("lock", e))?;
-        runner::lock::sha256_file(&runner::lock::lock_path(file)).ok().map(|(_, h)| h)
-    } else {
-        None
-    };
+    let lock_sha256 = if locked { Some(runner::lock::verified_sha256(&base).map_err(|e| Failure::new("lock", e))?) } else { None };
     let template = match template {
         Some(t) => t,
         None => Template::parse(&b::default_template(&runner::exec::default_output(&base))).map_err(|e| Failure::new("run", e))?,

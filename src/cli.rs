@@ -406,8 +406,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Serve { file, listen, insecure_bind, devices, simulate, locked, drain_timeout, layers } => {
             let simulated = simulate.is_some();
-            let flag = if simulated { "--simulate" } else { "--devices" };
-            let devices = simulate.or(devices).map(|s| runner::plan::inventory::Inventory::parse_spec(&s)).transpose().map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("--devices", flag)))?;
+            let devices = parse_devices(simulate.or(devices).as_deref(), simulated).map_err(anyhow::Error::msg)?;
             crate::serve::serve(crate::serve::ServeJob { file: &file, listen: &listen, insecure_bind, devices, simulate: simulated, locked, drain_timeout, overrides: &layers.overrides() })
         }
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
@@ -718,17 +717,12 @@ fn run_job(job: RunJob) -> anyhow::Result<ExitCode> {
 
 fn run_inner(job: RunJob) -> Result<runner::exec::RunReport, Failure> {
     let RunJob { file, out, dump, devices, simulate, quiet, locked, overrides, color, .. } = job;
-    // The inventory's messages name `--devices`; a simulated run got its devices from `--simulate`.
-    let flag = |e: String| if simulate { e.replace("--devices", "--simulate") } else { e };
-    let devices = devices.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", flag(e.to_string())))?;
+    // The inventory's and executor's messages name `--devices`; a simulated run's came from `--simulate`.
+    let flag = flag_renamer(simulate);
+    let devices = parse_devices(devices, simulate).map_err(|e| Failure::new("devices", e))?;
     let loaded = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
     diag::render_all(&loaded.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
-    let lock_sha256 = if locked {
-        runner::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;
-        runner::lock::sha256_file(&runner::lock::lock_path(file)).ok().map(|(_, h)| h)
-    } else {
-        None
-    };
+    let lock_sha256 = if locked { Some(runner::lock::verified_sha256(&loaded).map_err(|e| Failure::new("lock", e))?) } else { None };
     if let Some(t) = loaded.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
@@ -767,4 +761,14 @@ fn info(json: bool) -> anyhow::Result<ExitCode> {
 fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
     let v: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
     std::time::Duration::try_from_secs_f64(v).map_err(|_| format!("`{s}` is not a number of seconds from 0 up"))
+}
+
+/// `--devices SPEC` or `--simulate SPEC`: the inventory, or why not (naming the flag given).
+pub(crate) fn parse_devices(spec: Option<&str>, simulate: bool) -> Result<Option<runner::plan::inventory::Inventory>, String> {
+    spec.map(runner::plan::inventory::Inventory::parse_spec).transpose().map_err(|e| flag_renamer(simulate)(e.to_string()))
+}
+
+/// Messages name `--devices`; under `--simulate` they name that flag instead.
+pub(crate) fn flag_renamer(simulate: bool) -> impl Fn(String) -> String {
+    move |e: String| if simulate { e.replace("--devices", "--simulate") } else { e }
 }

@@ -132,6 +132,12 @@ pub fn read_lock(path: &Path) -> Result<LockFile, LockError> {
     Ok(lock)
 }
 
+/// `--locked`: [`verify_lock`], then the lock file's sha256 (what the PNGs record).
+pub fn verified_sha256(m: &LoadedManifest) -> Result<String, LockError> {
+    verify_lock(m)?;
+    Ok(sha256_file(&lock_path(&m.path))?.1)
+}
+
 /// Checks every file the manifest reads against `MANIFEST.lock`; names each file that differs.
 pub fn verify_lock(m: &LoadedManifest) -> Result<LockReport, LockError> {
     let t = std::time::Instant::now();

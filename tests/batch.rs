@@ -3,20 +3,9 @@
 
 use std::path::Path;
 
-use crate::util::{run, runner};
+use crate::util::{decode_png as png, run, runner};
 
 const M: &str = "manifests/tiny-sd15.toml";
-
-fn png(path: &Path) -> (Vec<u8>, Vec<(String, String)>) {
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = dec.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let info = reader.info();
-    let text = info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).chain(info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap()))).collect();
-    (buf, text)
-}
 
 fn records(stdout: &str) -> Vec<serde_json::Value> {
     stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()

@@ -36,6 +36,18 @@ pub mod util {
         Path::new(env!("CARGO_MANIFEST_DIR"))
     }
 
+    /// A PNG's RGB bytes and its text chunks (tEXt and iTXt), in file order.
+    pub fn decode_png(path: &Path) -> (Vec<u8>, Vec<(String, String)>) {
+        let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+        let mut reader = dec.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        buf.truncate(info.buffer_size());
+        let info = reader.info();
+        let text = info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).chain(info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap()))).collect();
+        (buf, text)
+    }
+
     pub fn data(rel: &str) -> PathBuf {
         root().join("tests/data").join(rel)
     }

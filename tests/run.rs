@@ -7,18 +7,7 @@ use runner::checkpoint::safetensors::{encode_header, parse_file_bytes};
 
 use crate::lock::copy_dir;
 use crate::pipeline::manifest_for;
-use crate::util::{root, run, runner};
-
-fn decode_png(path: &Path) -> (Vec<u8>, Vec<(String, String)>) {
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = dec.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    let info = reader.info();
-    let text = info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).chain(info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap()))).collect();
-    (buf, text)
-}
+use crate::util::{decode_png, root, run, runner};
 
 #[test]
 fn png_equals_diffusers_and_carries_provenance() {

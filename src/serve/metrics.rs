@@ -55,9 +55,8 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("runner");
-        let m = Metrics {
-            registry: Registry::default(),
+        let mut m = Metrics {
+            registry: Registry::with_prefix("runner"),
             queue_depth: Gauge::default(),
             running: Gauge::default(),
             ready: Gauge::default(),
@@ -69,17 +68,19 @@ impl Metrics {
             resident_bytes: Family::default(),
             rss_bytes: Gauge::default(),
         };
-        registry.register("queue_depth", "Requests waiting for the worker", m.queue_depth.clone());
-        registry.register("jobs_running", "Generations running now (0 or 1)", m.running.clone());
-        registry.register("ready", "1 once the weights are loaded and the warm-up generation is done", m.ready.clone());
-        registry.register("http_requests", "HTTP requests answered, by route, method and status", m.requests.clone());
-        registry.register_with_unit("http_request_duration", "Time to answer an HTTP request, by route", Unit::Seconds, m.request_seconds.clone());
-        registry.register("generations", "Generations ended, by outcome", m.jobs.clone());
-        registry.register_with_unit("generation_duration", "Time the worker spent on one generation (encode, denoise, decode, PNG)", Unit::Seconds, m.generation_seconds.clone());
-        registry.register_with_unit("step_duration", "Time of one denoising step", Unit::Seconds, m.step_seconds.clone());
-        registry.register_with_unit("device_resident", "Weight bytes resident on each planned device between generations (the ledger)", Unit::Bytes, m.resident_bytes.clone());
-        registry.register_with_unit("process_resident_memory", "This process's resident set", Unit::Bytes, m.rss_bytes.clone());
-        Metrics { registry, ..m }
+        // Registered handles share their values with the fields (the metric types are `Arc`s).
+        let r = &mut m.registry;
+        r.register("queue_depth", "Requests waiting for the worker", m.queue_depth.clone());
+        r.register("jobs_running", "Generations running now (0 or 1)", m.running.clone());
+        r.register("ready", "1 once the weights are loaded and the warm-up generation is done", m.ready.clone());
+        r.register("http_requests", "HTTP requests answered, by route, method and status", m.requests.clone());
+        r.register_with_unit("http_request_duration", "Time to answer an HTTP request, by route", Unit::Seconds, m.request_seconds.clone());
+        r.register("generations", "Generations ended, by outcome", m.jobs.clone());
+        r.register_with_unit("generation_duration", "Time the worker spent on one generation (encode, denoise, decode, PNG)", Unit::Seconds, m.generation_seconds.clone());
+        r.register_with_unit("step_duration", "Time of one denoising step", Unit::Seconds, m.step_seconds.clone());
+        r.register_with_unit("device_resident", "Weight bytes resident on each planned device between generations (the ledger)", Unit::Bytes, m.resident_bytes.clone());
+        r.register_with_unit("process_resident_memory", "This process's resident set", Unit::Bytes, m.rss_bytes.clone());
+        m
     }
 
     /// The text of `GET /metrics`.

@@ -120,10 +120,8 @@ impl App {
 
 pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     let file = job.file.to_path_buf();
-    let base = manifest::load(&file, job.overrides).map_err(|d| {
-        let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
-        ServeError::Manifest { file: file.clone(), message: errors.join("; ") }
-    })?;
+    let invalid = |d: Vec<runner::diag::Diagnostic>| ServeError::Manifest { file: file.clone(), message: errors_of(&d) };
+    let base = manifest::load(&file, job.overrides).map_err(invalid)?;
     let limits = base.manifest.serve.clone().unwrap_or_default();
     let token = match &limits.token_env {
         Some(var) => Some(std::env::var(var).ok().filter(|t| !t.is_empty()).ok_or_else(|| ServeError::NoToken(var.clone()))?),
@@ -134,16 +132,8 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {}", w.message);
     }
     // Everything knowable without loading a weight, before the server listens.
-    let (folder, configs) = runner::preflight::check(&base).map_err(|d| {
-        let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
-        ServeError::Manifest { file: file.clone(), message: errors.join("; ") }
-    })?;
-    let lock_sha256 = if job.locked {
-        runner::lock::verify_lock(&base).map_err(|e| ServeError::Lock(e.to_string()))?;
-        runner::lock::sha256_file(&runner::lock::lock_path(&file)).ok().map(|(_, h)| h)
-    } else {
-        None
-    };
+    let (folder, configs) = runner::preflight::check(&base).map_err(invalid)?;
+    let lock_sha256 = if job.locked { Some(runner::lock::verified_sha256(&base).map_err(|e| ServeError::Lock(e.to_string()))?) } else { None };
     let (tx, rx) = mpsc::unbounded_channel();
     let metrics = metrics::Metrics::new();
     let places = jobs::Places::new(limits.queue.map_or(DEFAULT_QUEUE, |q| q as usize), metrics.queue_depth.clone());
@@ -332,9 +322,7 @@ fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mps
     if base.manifest.run.prompt.is_none() {
         warm.sets.push("run.prompt=warm-up".to_string());
     }
-    let warmed = manifest::relayer(&base, &warm)
-        .map_err(|d| d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect::<Vec<_>>().join("; "))
-        .and_then(|m| generate(&mut session, &m, &opts).map_err(|(_, e)| e));
+    let warmed = manifest::relayer(&base, &warm).map_err(|d| errors_of(&d)).and_then(|m| generate(&mut session, &m, &opts).map_err(|(_, e)| e));
     if let Err(e) = warmed {
         fail("the warm-up generation failed", e);
     }
@@ -409,6 +397,11 @@ impl runner::exec::StepWatch for Watcher {
         self.entry.stepped(i, n);
         self.app.metrics.step_seconds.observe(seconds);
     }
+}
+
+/// The error messages of diagnostics, in one line.
+fn errors_of(d: &[runner::diag::Diagnostic]) -> String {
+    d.iter().filter(|d| d.is_error()).map(|d| d.message.as_str()).collect::<Vec<_>>().join("; ")
 }
 
 fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {

@@ -61,12 +61,7 @@ pub fn parse_request(
     let load = |sets: &[String]| {
         let mut o = overrides.clone();
         o.sets.extend(sets.iter().cloned());
-        manifest::relayer(base, &o).map_err(|d| {
-            let first = d.iter().find(|d| d.is_error());
-            let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").or_else(|| k.strip_prefix("pipeline.")).unwrap_or(k));
-            let errors: Vec<String> = d.iter().filter(|d| d.is_error()).map(|d| d.message.clone()).collect();
-            rejected(errors.join("; "), field)
-        })
+        manifest::relayer(base, &o).map_err(|d| rejected_by(&d, &obj))
     };
     let mut m = load(&sets)?;
     if m.manifest.run.seed.is_none() {
@@ -107,14 +102,20 @@ pub fn parse_request(
     // waits in the queue.
     let d = runner::preflight::check_run(&m, loaded.0, loaded.1);
     if !d.is_empty() {
-        let errors: Vec<&Diag> = d.iter().filter(|d| d.is_error()).collect();
-        let first = errors.first();
-        let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").or_else(|| k.strip_prefix("pipeline.")).unwrap_or(k).to_string()).or_else(|| {
-            let about_scheduler = first.is_some_and(|d| d.message.contains("scheduler"));
-            (about_scheduler && obj.contains_key("scheduler")).then(|| "scheduler".to_string())
-        });
-        let message = errors.iter().map(|d| d.message.as_str()).collect::<Vec<_>>().join("; ");
-        return Err(Rejected { message, field });
+        return Err(rejected_by(&d, &obj));
     }
     Ok(Request { m, json })
+}
+
+/// Diagnostics as a rejection: their errors' messages, and the request's field the first one is
+/// about (its key without `run.` / `pipeline.`; a scheduler problem with no key: `scheduler` when
+/// the request named one).
+fn rejected_by(d: &[Diag], obj: &serde_json::Map<String, serde_json::Value>) -> Rejected {
+    let errors: Vec<&Diag> = d.iter().filter(|d| d.is_error()).collect();
+    let first = errors.first();
+    let field = first.and_then(|d| d.key.as_deref()).map(|k| k.strip_prefix("run.").or_else(|| k.strip_prefix("pipeline.")).unwrap_or(k).to_string()).or_else(|| {
+        let about_scheduler = first.is_some_and(|d| d.message.contains("scheduler"));
+        (about_scheduler && obj.contains_key("scheduler")).then(|| "scheduler".to_string())
+    });
+    Rejected { message: errors.iter().map(|d| d.message.as_str()).collect::<Vec<_>>().join("; "), field }
 }
