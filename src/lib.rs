@@ -14,6 +14,8 @@ pub mod fsutil;
 pub mod lock;
 pub mod manifest;
 pub mod models;
+#[doc(hidden)]
+pub mod parity;
 pub mod plan;
 pub mod preflight;
 pub mod runtime;

@@ -18,7 +18,7 @@ fn fixture(rel: &str) -> PathBuf {
 }
 
 fn refs(case: &str) -> TensorStore {
-    let path = fixture(&format!("refs/{case}.safetensors"));
+    let path = crate::util::refs_path(&format!("{case}.safetensors"));
     let ck = Checkpoint::open(resolve_source(&path, None, None, VariantPolicy::Require).unwrap()).unwrap();
     load(&ck, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap()
 }
@@ -27,13 +27,7 @@ fn ids_of(t: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(t.flatten(0, -1)).unwrap()
 }
 
-/// max |a - b| / max |b|: the difference relative to the reference's scale (elementwise
-/// ratios are meaningless near zero).
-fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    (a - b).abs().max().double_value(&[]) / scale
-}
+use crate::util::rel as rel_diff;
 
 // ---- tokenizer ----
 
@@ -154,7 +148,7 @@ fn compare(store: &TensorStore, prefix: &str, model: &ClipTextModel, ids: &Tenso
         let Some(want) = store.get(&name) else { continue };
         seen += 1;
         let d = rel_diff(&got, want);
-        assert!(d <= 1e-4, "{name}: relative difference {d:e}");
+        runner::parity::check(&name, d, runner::parity::MODEL);
         report.push(format!("{name}: {d:.2e}"));
         worst = worst.max(d);
     }
@@ -164,7 +158,7 @@ fn compare(store: &TensorStore, prefix: &str, model: &ClipTextModel, ids: &Tenso
 
 #[test]
 fn sd15_text_encoder_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let store = refs("sd15-pndm");
     let tok = ClipTokenizer::from_folder(&fixture("tiny-sd15/tokenizer")).unwrap();
     let ids = store.get("tokens.prompt.input_ids").unwrap();
@@ -189,7 +183,7 @@ fn sd15_text_encoder_matches_diffusers() {
 
 #[test]
 fn sdxl_text_encoders_match_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let store = refs("sdxl-euler");
     let prompt = "a cute dog running on the grass";
     let tok = ClipTokenizer::from_folder(&fixture("tiny-sdxl/tokenizer")).unwrap();
@@ -213,7 +207,7 @@ fn sdxl_text_encoders_match_diffusers() {
 
 #[test]
 fn text_encoder_rejects_bad_input_ids() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let te = text_encoder("tiny-sd15/text_encoder");
     let too_long = Tensor::zeros([1, 78], (Kind::Int64, Device::Cpu));
     let e = te.forward(&too_long).unwrap_err().to_string();
@@ -254,7 +248,7 @@ fn edited_copy(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(TensorInfo, V
 
 #[test]
 fn text_encoder_checkpoint_mismatches_are_listed() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let src = fixture("tiny-sd15/text_encoder");
     let dir = tempfile::tempdir().unwrap();
     let load_err = |d: &Path| ClipTextModel::from_folder(d, None, Device::Cpu, Kind::Float).unwrap_err().to_string();
@@ -293,7 +287,7 @@ fn text_encoder_checkpoint_mismatches_are_listed() {
 
 #[test]
 fn text_encoder_loads_both_key_layouts() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     // transformers 4 (and SD's original files) saved `text_model.`-prefixed keys and the
     // `position_ids` buffer; both load into the same model.
     let src = fixture("tiny-sd15/text_encoder");

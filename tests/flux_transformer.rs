@@ -63,7 +63,7 @@ fn run(m: &FluxTransformer2DModel, i: &Inputs) -> Result<Tensor, FluxError> {
 
 #[test]
 fn flux_dev_and_schnell_transformers_match_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     for (pipeline, prefix) in [("tiny-flux-dev", "flux-dev"), ("tiny-flux-schnell", "flux-schnell")] {
         let ck = checkpoint(pipeline);
         assert!(ck.files.len() >= 2, "{pipeline}: the fixture's transformer is sharded with an index");
@@ -72,9 +72,7 @@ fn flux_dev_and_schnell_transformers_match_diffusers() {
         assert_eq!(i.guidance.is_some(), m.config.guidance_embeds, "{prefix}");
         let out = run(&m, &i).unwrap();
         assert_eq!((out.size(), out.kind()), (i.output.size(), Kind::Float), "{prefix}");
-        let d = rel(&out, &i.output);
-        eprintln!("{prefix}: max relative difference {d:.3e}");
-        assert!(d < 1e-5, "{prefix}: relative difference {d}");
+        runner::parity::check(&format!("flux-transformer {prefix}: output"), rel(&out, &i.output), runner::parity::MODEL);
 
         // diffusers' deprecated batched ids ([1, N, 3]: the first entry is used) give the same.
         let batched = Inputs { txt_ids: i.txt_ids.unsqueeze(0), img_ids: i.img_ids.unsqueeze(0).repeat([2, 1, 1]), ..i };
@@ -125,7 +123,7 @@ fn checkpoint_mismatches_name_the_tensor() {
 
 #[test]
 fn guidance_must_match_the_config() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let dev = model("tiny-flux-dev");
     let i = inputs("flux-dev");
     let e = tch::no_grad(|| dev.forward(&i.hidden, &i.context, &i.pooled, &i.timestep, None, &i.txt_ids, &i.img_ids)).unwrap_err();
@@ -141,7 +139,7 @@ fn guidance_must_match_the_config() {
 
 #[test]
 fn inputs_of_the_wrong_shape_are_errors_naming_the_argument() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let m = model("tiny-flux-dev");
     let i = || inputs("flux-dev");
     let err = |x: Inputs| {
@@ -186,7 +184,7 @@ impl runner::models::hooks::ForwardHooks for Announced {
 
 #[test]
 fn every_module_with_weights_is_announced_before_it_runs() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let m = model("tiny-flux-dev");
     let log = std::rc::Rc::new(Announced(Default::default()));
     runner::models::hooks::set(Some(log.clone()));
@@ -205,7 +203,7 @@ fn every_module_with_weights_is_announced_before_it_runs() {
 
 #[test]
 fn fp16_runs_within_fp16_precision_of_f32() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let i = inputs("flux-dev");
     let half = FluxTransformer2DModel::load(&config("tiny-flux-dev"), &checkpoint("tiny-flux-dev"), Device::Cpu, Kind::Half).unwrap();
     // f32 inputs are taken to the model's dtype.

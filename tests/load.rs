@@ -22,7 +22,7 @@ fn reference(c: &Checkpoint, name: &str, kind: Kind) -> Tensor {
 
 #[test]
 fn same_dtype_is_zero_copy_and_exact() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let c = ck("tests/fixtures/tiny-sdxl-unet-sharded");
     let store = load(&c, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap();
     assert_eq!(store.len(), 838);
@@ -48,7 +48,7 @@ fn writes_to_views_do_not_reach_the_file() {
 
 #[test]
 fn conversions_match_torch_casts() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     // fp16 file -> f32 tensors (diffusers' default upcast of variant weights)
     let c = ck("tests/fixtures/tiny-sdxl/unet/diffusion_pytorch_model.fp16.safetensors");
     let store = load(&c, None, LoadOptions { float_kind: Some(Kind::Float), device: Device::Cpu, populate: false }).unwrap();
@@ -94,9 +94,9 @@ fn strict_keys_like_load_state_dict() {
 /// tch's `manual_seed` + `randn` is the same ATen generator: the committed references agree.
 #[test]
 fn reference_latents_are_tch_randn_draws() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     for (case, seed, shape) in [("sd15-pndm", 0, vec![1i64, 4, 8, 8]), ("sd15-pndm-noguidance-batch2", 42, vec![2, 4, 8, 8]), ("sdxl-euler", 0, vec![1, 4, 8, 8])] {
-        let refs = ck(&format!("tests/fixtures/refs/{case}.safetensors"));
+        let refs = ck(&crate::util::refs_path(&format!("{case}.safetensors")).to_string_lossy());
         let store = load(&refs, Some(&["latents.init"]), LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap();
         tch::manual_seed(seed);
         let drawn = Tensor::randn(&shape, (Kind::Float, Device::Cpu));
@@ -139,7 +139,7 @@ fn models_are_built_from_the_checkpoint_without_initialising_or_copying() {
     // Issue 13: no initialiser runs for a weight the checkpoint provides, and same-dtype CPU
     // weights are the mapped file's bytes (zero-copy), not a copy.
     use runner::models::weights::{build_from_checkpoint, initialised_params};
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let before = initialised_params();
     let unet_dir = root().join("tests/fixtures/tiny-sd15/unet");
     let cfg = runner::models::unet_2d::UNet2DConditionConfig::from_file(&unet_dir.join("config.json")).unwrap();
@@ -180,7 +180,7 @@ fn a_mismatched_checkpoint_is_refused_before_any_tensor_is_prepared() {
     use runner::models::weights::{build_from_checkpoint, with_progress, WeightsError};
     use std::cell::Cell;
     use std::rc::Rc;
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let placed = Rc::new(Cell::new(0u64));
     let sink = placed.clone();
     let vae_dir = root().join("tests/fixtures/tiny-sd15/vae");
@@ -226,7 +226,7 @@ fn unaligned_file(dir: &std::path::Path, values: &[f32]) -> std::path::PathBuf {
 #[test]
 fn an_unaligned_tensor_is_converted_not_refused() {
     use runner::models::weights::build_from_checkpoint;
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let dir = tempfile::tempdir().unwrap();
     let values = [1.5f32, -2.0, 3.25];
     unaligned_file(dir.path(), &values);
@@ -246,7 +246,7 @@ fn pages_of_a_copied_view_are_released_and_reread_from_the_file_if_touched() {
     // Pinning an offloaded weight copies it out of the mapping; the view's pages then go, so the
     // host holds one copy. A released range still reads the file's bytes.
     use runner::checkpoint::load::TensorStore;
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let c = ck("tests/fixtures/tiny-sdxl-unet-sharded");
     let store: TensorStore = load(&c, None, LoadOptions { float_kind: None, device: Device::Cpu, populate: true }).unwrap();
     let name = "conv_in.weight";

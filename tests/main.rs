@@ -48,6 +48,35 @@ pub mod util {
         (buf, text)
     }
 
+    /// A reference recorded by diffusers: tests/fixtures/refs/NAME, or `RUNNER_REFS_DIR/NAME`
+    /// (`make parity`).
+    pub fn refs_path(name: &str) -> PathBuf {
+        runner::parity::refs_dir().join(name)
+    }
+
+    /// libtorch threads for the parity tests: `RUNNER_TEST_THREADS` (scripts/parity-spread.sh
+    /// measures 1 and 2), else 1.
+    pub fn threads() -> i32 {
+        std::env::var("RUNNER_TEST_THREADS").ok().and_then(|t| t.parse().ok()).filter(|&t| t > 0).unwrap_or(1)
+    }
+
+    /// Sets this process's libtorch threads to [`threads`].
+    pub fn set_threads() {
+        tch::set_num_threads(threads());
+    }
+
+    /// max |a - b| / max |b|: the difference relative to the reference's scale.
+    pub fn rel(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+        let scale = b.abs().max().double_value(&[]).max(1e-12);
+        max_diff(a, b) / scale
+    }
+
+    /// max |a - b|.
+    pub fn max_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+        assert_eq!(a.size(), b.size(), "shapes differ");
+        (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+    }
+
     pub fn data(rel: &str) -> PathBuf {
         root().join("tests/data").join(rel)
     }
@@ -61,7 +90,7 @@ pub mod util {
                 cmd.env_remove(&k);
             }
         }
-        cmd.current_dir(root()).env("NO_COLOR", "1").env("OMP_NUM_THREADS", "1").env_remove("RUST_LOG");
+        cmd.current_dir(root()).env("NO_COLOR", "1").env("OMP_NUM_THREADS", threads().to_string()).env_remove("RUST_LOG");
         cmd
     }
 

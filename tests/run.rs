@@ -21,7 +21,7 @@ fn png_equals_diffusers_and_carries_provenance() {
     assert_eq!(report["device_map"]["unet"], "cpu");
     assert!(report["timings"]["seconds_per_step"].as_f64().unwrap() > 0.0);
     let (ours, text) = decode_png(&dir.path().join("out.png"));
-    let (theirs, _) = decode_png(&root().join("tests/fixtures/refs/sd15-pndm.png"));
+    let (theirs, _) = decode_png(&crate::util::refs_path("sd15-pndm.png"));
     assert_eq!(ours, theirs, "same pixels as diffusers' PIL output");
     let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {k} in {text:?}"));
     let meta: serde_json::Value = serde_json::from_str(&get("runner")).unwrap();

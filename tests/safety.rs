@@ -31,8 +31,8 @@ struct Refs {
 
 impl Refs {
     fn open() -> Refs {
-        let meta = serde_json::from_str(&std::fs::read_to_string(fixture("refs/safety.json")).unwrap()).unwrap();
-        Refs { tensors: store(&fixture("refs/safety.safetensors")), meta }
+        let meta = serde_json::from_str(&std::fs::read_to_string(crate::util::refs_path("safety.json")).unwrap()).unwrap();
+        Refs { tensors: store(&crate::util::refs_path("safety.safetensors")), meta }
     }
     fn get(&self, name: &str) -> &Tensor {
         self.tensors.get(name).unwrap_or_else(|| panic!("refs tensor `{name}`"))
@@ -73,9 +73,9 @@ fn make_image(h: usize, w: usize, source: &Value) -> Vec<f32> {
     }
     let name = source["refs"].as_str().unwrap();
     // (The store owns the mapping its tensors view: keep it while reading.)
-    let refs = store(&fixture(&format!("refs/{name}.safetensors")));
+    let refs = store(&crate::util::refs_path(&format!("{name}.safetensors")));
     let t = refs.get("image").unwrap();
-    assert_eq!(t.size(), [h as i64, w as i64, 3]);
+    assert_eq!(t.size(), [1, h as i64, w as i64, 3]);
     f32s(t)
 }
 
@@ -95,18 +95,8 @@ fn f32s(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
 }
 
-/// max |a - b| / max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    (a - &b).abs().max().double_value(&[]) / scale
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
+use crate::util::{max_diff as max_abs, rel as rel_diff};
+use runner::parity::{check, MODEL, PREPROCESS};
 
 fn tiny_processor() -> ImageProcessor {
     ImageProcessor::from_folder(&fixture("tiny-sd15/feature_extractor")).unwrap()
@@ -210,7 +200,7 @@ fn safety_pixel_values_match_transformers() {
         assert_eq!(got.kind(), Kind::Float);
         // The refs keep the first image's (file size); the tower outputs check every image's.
         let d = max_abs(&got.narrow(0, 0, want.size()[0]), want);
-        assert!(d <= 1e-6, "{name}: pixel_values differ by {d:e}");
+        check(&format!("safety {name}: pixel_values"), d, PREPROCESS);
         worst = worst.max(d);
         compared += 1;
     }
@@ -220,7 +210,7 @@ fn safety_pixel_values_match_transformers() {
 
 #[test]
 fn safety_checker_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let refs = Refs::open();
     let fe = tiny_processor();
     let dir = tempfile::tempdir().unwrap();
@@ -233,11 +223,12 @@ fn safety_checker_matches_diffusers() {
         let pixel_values = fe.preprocess(&images).unwrap();
         let out = checker.forward(&pixel_values).unwrap();
         let r = |k: &str| refs.get(&format!("{name}.{k}"));
-        let dp = rel_diff(&out.pooled, r("pooled"));
-        let de = rel_diff(&out.image_embeds, r("image_embeds"));
-        assert!(dp <= 1e-4 && de <= 1e-4, "{name}: pooled {dp:e}, image_embeds {de:e}");
+        let (dp, de) = (rel_diff(&out.pooled, r("pooled")), rel_diff(&out.image_embeds, r("image_embeds")));
+        check(&format!("safety {name}: pooled"), dp, MODEL);
+        check(&format!("safety {name}: image_embeds"), de, MODEL);
+        // Cosine distances lie in [-1, 1]: their absolute difference is relative to 1.
         let dc = max_abs(&out.special_cos_dist, r("special_cos_dist")).max(max_abs(&out.cos_dist, r("cos_dist")));
-        assert!(dc <= 1e-5, "{name}: cos_dist {dc:e}");
+        check(&format!("safety {name}: cos_dist"), dc, MODEL);
         // Rounded scores: equal but for a float32 rounding tie flipping (one step of 0.001).
         for (got, key) in [(&out.special_scores, "special_scores"), (&out.concept_scores, "concept_scores")] {
             let want = f32s(r(key));
@@ -277,7 +268,7 @@ fn safety_checker_matches_diffusers() {
 fn safety_special_care_adjustment_and_rounding() {
     // The `flagged` case was built so that image 1 is flagged only through the 0.01 adjustment
     // after its special-care hit, and image 3's +0.0003 rounds to 0.0 (not flagged).
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let refs = Refs::open();
     let case = refs.cases().iter().find(|c| c["name"] == "flagged").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -335,7 +326,7 @@ fn safety_sd15_processor_config_at_full_size() {
 #[test]
 fn safety_checker_loads_legacy_nested_keys() {
     // transformers 4 / original SD 1.5 layout: `vision_model.vision_model.*` plus `position_ids`.
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let refs = Refs::open();
     let case = &refs.cases()[0];
     let dir = tempfile::tempdir().unwrap();
@@ -352,12 +343,12 @@ fn safety_checker_loads_legacy_nested_keys() {
     let legacy = load_checker(&d);
     let pv = tiny_processor().preprocess(&case_images(case)).unwrap();
     let a = legacy.forward(&pv).unwrap();
-    assert!(rel_diff(&a.pooled, refs.get("decoded.pooled")) <= 1e-4);
+    check("safety decoded: legacy keys pooled", rel_diff(&a.pooled, refs.get("decoded.pooled")), MODEL);
 }
 
 #[test]
 fn safety_checker_errors_name_the_problem() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let src = fixture("tiny-sd15/safety_checker");
     let dir = tempfile::tempdir().unwrap();
     // A missing weight names the model and the key.
@@ -436,7 +427,7 @@ fn safety_pil_resize_filters_are_bit_exact() {
 fn safety_checker_runs_at_reduced_precision() {
     // The pipeline runs the checker at its dtype (`clip_input.to(dtype)`, thresholds read from
     // the cast parameters): same flags where the margins are wide, embeddings close.
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let refs = Refs::open();
     let fe = tiny_processor();
     let dir = tempfile::tempdir().unwrap();

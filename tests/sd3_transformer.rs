@@ -36,7 +36,7 @@ fn model(pipeline: &str) -> SD3Transformer2DModel {
 /// Every recorded step of `case`: the largest relative difference to diffusers' output.
 fn worst_step(m: &SD3Transformer2DModel, case: &str) -> f64 {
     let r = refs(case);
-    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join(format!("tests/fixtures/refs/{case}.json"))).unwrap()).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::util::refs_path(&format!("{case}.json"))).unwrap()).unwrap();
     // Under CFG the pipeline batches cat([negative, positive]).
     let cond = |name: &str| {
         let pos = r.get(name).unwrap();
@@ -63,27 +63,23 @@ fn worst_step(m: &SD3Transformer2DModel, case: &str) -> f64 {
 
 #[test]
 fn sd3_transformer_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let m = model("tiny-sd3");
     assert_eq!((m.config.qk_norm, m.config.dual_attention_layers.len()), (None, 0));
     for case in ["sd3-cfg", "sd3-negative-nonsquare"] {
-        let d = worst_step(&m, case);
-        eprintln!("{case}: max relative difference {d:.3e}");
-        assert!(d < 1e-4, "{case}: relative difference {d}");
+        runner::parity::check(&format!("{case}: transformer steps"), worst_step(&m, case), runner::parity::MODEL);
     }
 }
 
 #[test]
 fn sd35_transformer_with_qk_norm_and_dual_attention_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let ck = checkpoint("tiny-sd35");
     assert!(ck.files.len() >= 2, "the fixture's transformer is sharded with an index");
     let m = SD3Transformer2DModel::load(&config("tiny-sd35"), &ck, Device::Cpu, Kind::Float).unwrap();
     assert_eq!((m.config.qk_norm, m.config.dual_attention_layers.as_slice()), (Some(QkNorm::RmsNorm), &[0][..]));
     for case in ["sd35-cfg", "sd35-noguidance"] {
-        let d = worst_step(&m, case);
-        eprintln!("{case}: max relative difference {d:.3e}");
-        assert!(d < 1e-4, "{case}: relative difference {d}");
+        runner::parity::check(&format!("{case}: transformer steps"), worst_step(&m, case), runner::parity::MODEL);
     }
 }
 
@@ -140,7 +136,7 @@ fn a_checkpoint_without_the_position_table_lists_it_missing() {
 
 #[test]
 fn latent_sizes_the_transformer_cannot_take_are_errors() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let m = model("tiny-sd3");
     let c = &m.config;
     let run = |h: i64, w: i64| {
@@ -175,7 +171,7 @@ impl runner::models::hooks::ForwardHooks for Announced {
 
 #[test]
 fn every_module_with_weights_is_announced_before_it_runs() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let m = model("tiny-sd35");
     let r = refs("sd35-noguidance");
     let log = std::rc::Rc::new(Announced(Default::default()));
@@ -196,7 +192,7 @@ fn every_module_with_weights_is_announced_before_it_runs() {
 
 #[test]
 fn fp16_runs_within_fp16_precision_of_f32() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let r = refs("sd35-noguidance");
     let run = |kind: Kind| {
         let m = SD3Transformer2DModel::load(&config("tiny-sd35"), &checkpoint("tiny-sd35"), Device::Cpu, kind).unwrap();

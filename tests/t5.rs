@@ -17,7 +17,7 @@ fn tiny_sd3(rel: &str) -> std::path::PathBuf {
 #[test]
 fn token_ids_equal_transformers_fast_tokenizer() {
     let tok = T5Tokenizer::from_folder(&tiny_sd3("tokenizer_3")).unwrap();
-    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/refs/t5-tokenizer.json")).unwrap()).unwrap();
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::util::refs_path("t5-tokenizer.json")).unwrap()).unwrap();
     let cases = refs["cases"].as_array().unwrap();
     assert!(cases.len() > 100);
     for c in cases {
@@ -62,23 +62,21 @@ fn checkpoint() -> Checkpoint {
 
 #[test]
 fn the_sharded_encoder_matches_transformers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let ck = checkpoint();
     assert!(ck.files.len() >= 2, "the fixture's T5 is sharded with an index");
     let model = T5EncoderModel::load(&config(), &ck, Device::Cpu, Kind::Float).unwrap();
-    let path = root().join("tests/fixtures/refs/t5-encoder.safetensors");
+    let path = crate::util::refs_path("t5-encoder.safetensors");
     let refs =
         load(&Checkpoint::open(resolve_source(&path, None, None, VariantPolicy::Require).unwrap()).unwrap(), None, LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap();
     let out = model.forward(refs.get("input_ids").unwrap()).unwrap();
     let want = refs.get("last_hidden_state").unwrap();
-    let scale = want.abs().max().double_value(&[]);
-    let diff = (&out - want).abs().max().double_value(&[]) / scale;
-    assert!(diff < 1e-5, "relative difference {diff}");
+    runner::parity::check("t5-encoder: last_hidden_state", crate::util::rel(&out, want), runner::parity::MODEL);
 }
 
 #[test]
 fn fp16_keeps_wo_in_fp32_like_transformers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let model = T5EncoderModel::load(&config(), &checkpoint(), Device::Cpu, Kind::Half).unwrap();
     for (name, t) in model.varstore().variables() {
         let want = if name.ends_with("DenseReluDense.wo.weight") { Kind::Float } else { Kind::Half };

@@ -8,12 +8,14 @@ use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionM
 use runner::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder, AutoencoderKLEncoder, DecodeMode, Tile};
 use runner::models::weights::build_from_checkpoint;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
+pub use crate::util::rel;
 use crate::util::root;
+use runner::parity::{check, MODEL};
 
 pub fn refs(case: &str) -> TensorStore {
-    refs_at(&root().join(format!("tests/fixtures/refs/{case}.safetensors")))
+    refs_at(&crate::util::refs_path(&format!("{case}.safetensors")))
 }
 
 /// Every tensor of a safetensors file.
@@ -30,11 +32,6 @@ fn weights(dir: &std::path::Path) -> Checkpoint {
     Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap()
 }
 
-/// max |a - b| / max |b|
-pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    (a - b).abs().max().double_value(&[]) / scale
-}
 
 /// The UNet, and the mapped checkpoint its parameters view (keep it while the UNet is used).
 fn unet(pipeline: &str) -> (UNet2DConditionModel, Mapped) {
@@ -46,7 +43,7 @@ fn unet(pipeline: &str) -> (UNet2DConditionModel, Mapped) {
 
 #[test]
 fn unet_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     for (case, pipeline) in [("sd15-pndm", "tiny-sd15"), ("sdxl-euler", "tiny-sdxl")] {
         let r = refs(case);
         let (m, _mapped) = unet(pipeline);
@@ -57,10 +54,8 @@ fn unet_matches_diffusers() {
             let added = r.get("unet.added_cond.time_ids").map(|time_ids| AddedCond { text_embeds: r.get("unet.added_cond.text_embeds").unwrap(), time_ids });
             let out = tch::no_grad(|| m.forward(input, t, ctx, added));
             let want = r.get(&format!("step{i}.unet_output")).unwrap();
-            let d = rel(&out, want);
-            eprintln!("{case} step{i}: unet rel diff {d:.2e}");
-            assert!(d < 1e-4, "{case} step {i}: relative difference {d}");
-            assert!(rel(&out, &(want * 1.001)) > 1e-4, "the comparison discriminates");
+            check(&format!("{case}: unet step{i}"), rel(&out, want), MODEL);
+            assert!(rel(&out, &(want * 1.001)) > MODEL.value, "the comparison discriminates");
             i += 1;
         }
         assert!(i >= 4);
@@ -69,7 +64,7 @@ fn unet_matches_diffusers() {
 
 #[test]
 fn vae_decoder_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     for (case, pipeline) in [("sd15-pndm", "tiny-sd15"), ("sdxl-euler", "tiny-sdxl")] {
         let r = refs(case);
         let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
@@ -80,9 +75,7 @@ fn vae_decoder_matches_diffusers() {
         let dec_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
         let (vae, _mapped) = build_from_checkpoint(&vs, &dec_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLDecoder::new(root, cfg.clone())).unwrap();
         let img = tch::no_grad(|| vae.latents_to_image(r.get("latents.final").unwrap()));
-        let d = rel(&img, r.get("vae.image").unwrap());
-        eprintln!("{case}: vae rel diff {d:.2e}");
-        assert!(d < 1e-4, "{case}: {d}");
+        check(&format!("{case}: vae decode"), rel(&img, r.get("vae.image").unwrap()), MODEL);
         assert!(img.abs().sum(Kind::Float).double_value(&[]) > 1.0);
     }
 }
@@ -102,7 +95,7 @@ fn vae_decoder(pipeline: &str) -> (AutoencoderKLDecoder, Mapped) {
 /// with and without tiling.
 #[test]
 fn vae_tiled_and_sliced_decode_match_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let r = refs("vae-tiling");
     for (key, pipeline) in [("sd15", "tiny-sd15"), ("sd3", "tiny-sd3")] {
         let (mut vae, _mapped) = vae_decoder(pipeline);
@@ -111,15 +104,12 @@ fn vae_tiled_and_sliced_decode_match_diffusers() {
         assert_eq!((tile.overlap(), tile.blend(), tile.row_limit(), tile.count(12), tile.count(10)), (6, 16, 48, 2, 2));
         let z = r.get(&format!("{key}.z")).unwrap();
         let untiled = tch::no_grad(|| vae.decode(z));
-        assert!(rel(&untiled, r.get(&format!("{key}.untiled")).unwrap()) < 1e-4, "{key}: untiled");
+        check(&format!("vae-tiling {key}: untiled"), rel(&untiled, r.get(&format!("{key}.untiled")).unwrap()), MODEL);
         vae.mode = DecodeMode { tiling: Some(tile), slicing: false };
         let tiled = tch::no_grad(|| vae.decode(z));
         let want = r.get(&format!("{key}.tiled")).unwrap();
         assert_eq!(tiled.size(), [1, 3, 96, 80]);
-        let d = rel(&tiled, want);
-        let abs = (&tiled - want).abs().max().double_value(&[]);
-        eprintln!("{key}: tiled decode rel diff {d:.2e}, max |diff| {abs:.2e}");
-        assert!(d < 1e-4, "{key}: tiled decode differs from diffusers' by {d:e}");
+        check(&format!("vae-tiling {key}: tiled"), rel(&tiled, want), MODEL);
         assert!(rel(&untiled, want) > 1e-3, "{key}: tiling changes the image, so the check sees it");
         // A latent within the tile is decoded whole, as diffusers' `_decode` decides.
         let small = z.narrow(2, 0, 8).narrow(3, 0, 8);
@@ -134,9 +124,7 @@ fn vae_tiled_and_sliced_decode_match_diffusers() {
     for (name, mode) in [("sliced", DecodeMode { tiling: None, slicing: true }), ("sliced_tiled", DecodeMode { tiling: Some(tile), slicing: true })] {
         vae.mode = mode;
         let got = tch::no_grad(|| vae.decode(z));
-        let d = rel(&got, r.get(&format!("sd15.batch.{name}")).unwrap());
-        eprintln!("sd15 batch 2 {name}: rel diff {d:.2e}");
-        assert!(d < 1e-4, "{name}: {d}");
+        check(&format!("vae-tiling sd15 batch 2: {name}"), rel(&got, r.get(&format!("sd15.batch.{name}")).unwrap()), MODEL);
     }
     // Tiling needs an integer `sample_size`: an error naming the file and the key.
     let mut v = config(&root().join("tests/fixtures/tiny-sd15/vae"));
@@ -154,7 +142,7 @@ fn vae_tiled_and_sliced_decode_match_diffusers() {
 /// (`latents / scaling_factor + shift_factor`) before decoding.
 #[test]
 fn sd3_vae_decoder_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     for (case, pipeline) in [("sd3-cfg", "tiny-sd3"), ("sd3-negative-nonsquare", "tiny-sd3"), ("sd35-cfg", "tiny-sd35")] {
         let r = refs(case);
         let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
@@ -172,13 +160,11 @@ fn sd3_vae_decoder_matches_diffusers() {
         assert!(z.equal(r.get("vae.input").unwrap()), "{case}: vae.decode's input differs by {:e}", rel(&z, r.get("vae.input").unwrap()));
         let img = tch::no_grad(|| vae.latents_to_image(latents));
         let want = r.get("image").unwrap();
-        assert_eq!(img.size(), [&[1], want.size().as_slice()].concat(), "{case}");
-        let d = rel(&img.squeeze_dim(0), want);
-        eprintln!("{case}: vae rel diff {d:.2e}");
-        assert!(d < 1e-4, "{case}: {d}");
+        assert_eq!(img.size(), want.size(), "{case}");
+        check(&format!("{case}: vae decode"), rel(&img, want), MODEL);
         // Without the shift the image is measurably different: the check sees it.
         let unshifted = tch::no_grad(|| vae.decode(&(latents / cfg.scaling_factor)));
-        let unshifted = (unshifted / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1]).squeeze_dim(0);
+        let unshifted = (unshifted / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1]);
         assert!(rel(&unshifted, want) > 1e-3, "{case}: the shift is visible");
     }
     // A config that asks for post_quant_conv on a checkpoint without one: an error naming it.
@@ -263,7 +249,7 @@ fn broken_configs_are_errors_naming_the_key_never_defaults() {
 
 #[test]
 fn vae_encoder_matches_diffusers() {
-    tch::set_num_threads(1);
+    crate::util::set_threads();
     let r = refs("vae-encode");
     for pipeline in ["tiny-sd15", "tiny-sdxl"] {
         let dir = root().join(format!("tests/fixtures/{pipeline}/vae"));
@@ -274,8 +260,7 @@ fn vae_encoder_matches_diffusers() {
         let enc_only = Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck };
         let (enc, _mapped) = build_from_checkpoint(&vs, &enc_only, "AutoencoderKL", Kind::Float, |root| AutoencoderKLEncoder::new(root, vae_cfg.clone(), 3, vae_cfg.use_quant_conv)).unwrap();
         let (mean, logvar) = tch::no_grad(|| enc.encode(r.get(&format!("{pipeline}.input")).unwrap()));
-        let (dm, dl) = (rel(&mean, r.get(&format!("{pipeline}.mean")).unwrap()), rel(&logvar, r.get(&format!("{pipeline}.logvar")).unwrap()));
-        eprintln!("{pipeline}: encoder mean {dm:.2e}, logvar {dl:.2e}");
-        assert!(dm < 1e-4 && dl < 1e-4, "{pipeline}: {dm} {dl}");
+        check(&format!("vae-encode {pipeline}: mean"), rel(&mean, r.get(&format!("{pipeline}.mean")).unwrap()), MODEL);
+        check(&format!("vae-encode {pipeline}: logvar"), rel(&logvar, r.get(&format!("{pipeline}.logvar")).unwrap()), MODEL);
     }
 }

@@ -20,7 +20,7 @@ encode_prompt returns them), latents.init (the pipeline's own draw from the seed
 scheduler.timesteps, scheduler.sigmas, step{i}.transformer_input, step{i}.timestep,
 step{i}.transformer_output (the whole CFG batch, [negative, positive]), step{i}.noise_pred (after
 guidance, as passed to scheduler.step), step{i}.latents (after the step), latents.final (before the
-VAE's scale and shift), vae.input (latents.final / scaling_factor + shift_factor), image ([H, W, 3] in
+VAE's scale and shift), vae.input (latents.final / scaling_factor + shift_factor), image ([N, H, W, 3] in
 [0, 1]); plus each text encoder's outputs (text_encoder{,_2}.{prompt,negative}.penultimate_hidden_state
 and .text_embeds, text_encoder_3.{prompt,negative}.last_hidden_state). Also refs/t5-tokenizer.json
 (T5TokenizerFast ids on varied strings) and refs/t5-encoder.safetensors (T5EncoderModel hidden states).
@@ -30,6 +30,7 @@ layerwise casting (cast-*): tools/make_references_cast.py, after it; VAE tiling 
 tools/make_references_vae.py, last.
 """
 import json
+import os
 import unicodedata
 from pathlib import Path
 
@@ -45,7 +46,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-OUT = FIX / "refs"
+# RUNNER_REFS_OUT: record elsewhere (`make parity` re-records into a temporary folder).
+OUT = Path(os.environ["RUNNER_REFS_OUT"]) if os.environ.get("RUNNER_REFS_OUT") else FIX / "refs"
 
 SCHEDULERS = {
     "pndm": (PNDMScheduler, {}),
@@ -184,7 +186,7 @@ def run_case(name, pipeline, sched_name, prompt, negative, guidance, steps, batc
         rec["vae.image"] = f32((dec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
         kwargs.update(output_type="np", generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=None)
         out = pipe(**kwargs)
-        rec["image"] = torch.from_numpy(np.ascontiguousarray(out.images[0])).to(torch.float32)
+        rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)  # [N, H, W, 3]: the whole batch
         nsfw = getattr(out, "nsfw_content_detected", None)
         pipe.numpy_to_pil(out.images)[0].save(OUT / f"{name}.png")
 
@@ -208,7 +210,7 @@ def vae_encode_refs():
     out = {}
     for name, case in (("tiny-sd15", "sd15-pndm"), ("tiny-sdxl", "sdxl-euler")):
         vae = AutoencoderKL.from_pretrained(FIX / name / "vae").eval()
-        img = load_file(OUT / f"{case}.safetensors")["image"]
+        img = load_file(OUT / f"{case}.safetensors")["image"][0]
         x = (img.permute(2, 0, 1)[None] * 2 - 1).contiguous()
         with torch.no_grad():
             dist = vae.encode(x).latent_dist
@@ -351,7 +353,7 @@ def run_sd3_case(c):
     rec["latents.final"] = steps[-1][1]
     rec["scheduler.timesteps"] = f32(pipe.scheduler.timesteps)
     rec["scheduler.sigmas"] = f32(pipe.scheduler.sigmas)
-    rec["image"] = torch.from_numpy(np.ascontiguousarray(out.images[0])).to(torch.float32)
+    rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)  # [N, H, W, 3]: the whole batch
     pipe.numpy_to_pil(out.images)[0].save(OUT / f"{name}.png")
 
     tensors = {k: (v.to(torch.int64) if k.startswith("tokens.") else v).contiguous().clone() for k, v in rec.items()}

@@ -7,10 +7,11 @@ compute_dtype=torch.float32)`) on the tiny fixtures, for runner's `storage_dtype
 
 Per case, tests/fixtures/refs/cast-<base>.{safetensors,json}: the base case's inputs (its json, recorded by
 make_references.py / make_references_flux.py) run again with some components cast; the json adds
-`storage_dtype` ({component: "fp8-e4m3" | ...}) and `base`; the tensors are `image` ([H, W, 3] in [0, 1])
+`storage_dtype` ({component: "fp8-e4m3" | ...}) and `base`; the tensors are `image` ([N, H, W, 3] in [0, 1])
 and `vae.input` (what the VAE decodes: SD's latents / scaling_factor, FLUX's unpacked, scaled and shifted).
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ import diffusers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-OUT = FIX / "refs"
+# RUNNER_REFS_OUT: record elsewhere (`make parity` re-records into a temporary folder).
+OUT = Path(os.environ["RUNNER_REFS_OUT"]) if os.environ.get("RUNNER_REFS_OUT") else FIX / "refs"
 
 DTYPES = {"fp8-e4m3": torch.float8_e4m3fn, "fp8-e5m2": torch.float8_e5m2, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -59,7 +61,7 @@ def run_case(c):
         kwargs.pop("negative_prompt")
     with torch.no_grad():
         out = pipe(**kwargs)
-    rec["image"] = torch.from_numpy(np.ascontiguousarray(out.images[0])).to(torch.float32)
+    rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)  # [N, H, W, 3]: the whole batch
     save_file({k: v.contiguous() for k, v in rec.items()}, OUT / f"{name}.safetensors", metadata={"case": name})
     meta.update(case=name, base=c["base"], storage_dtype=c["storage_dtype"])
     (OUT / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

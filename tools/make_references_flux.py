@@ -11,13 +11,14 @@ pipeline holds it), scheduler.timesteps, scheduler.sigmas, step{i}.transformer_i
 (as the transformer receives it: t rounded to the latents' dtype, / 1000), step{i}.guidance (dev),
 step{i}.transformer_output (the conditional pass), step{i}.noise_pred (after true CFG, as passed to
 scheduler.step), step{i}.latents (packed), latents.final (packed, before unpacking), vae.input (unpacked,
-/ scaling_factor + shift_factor), image ([H, W, 3] in [0, 1]). With true CFG also tokens.negative.*,
+/ scaling_factor + shift_factor), image ([N, H, W, 3] in [0, 1]). With true CFG also tokens.negative.*,
 negative_prompt_embeds, negative_pooled_prompt_embeds, step{i}.negative_transformer_output.
 
 Also refs/flux-transformer.safetensors: FluxTransformer2DModel alone (dev and schnell) on random inputs of
 batch 2 with non-zero text ids, for the model's unit test.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-OUT = FIX / "refs"
+# RUNNER_REFS_OUT: record elsewhere (`make parity` re-records into a temporary folder).
+OUT = Path(os.environ["RUNNER_REFS_OUT"]) if os.environ.get("RUNNER_REFS_OUT") else FIX / "refs"
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -159,7 +161,7 @@ def run_case(c):
     rec["latents.final"] = steps[-1][1]
     rec["scheduler.timesteps"] = f32(pipe.scheduler.timesteps)
     rec["scheduler.sigmas"] = f32(pipe.scheduler.sigmas)
-    rec["image"] = torch.from_numpy(np.ascontiguousarray(out.images[0])).to(torch.float32)
+    rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)  # [N, H, W, 3]: the whole batch
     pipe.numpy_to_pil(out.images)[0].save(OUT / f"{name}.png")
 
     tensors = {k: (v.to(torch.int64) if k.startswith("tokens.") else v).contiguous().clone() for k, v in rec.items()}

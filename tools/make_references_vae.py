@@ -16,6 +16,7 @@ Pipeline cases (tests/pipeline.rs), refs/<case>.{safetensors,json,png}, tensors 
 and a batch of 2 with tiling and slicing. The json's `vae_tiling` / `vae_slicing` say which.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-OUT = FIX / "refs"
+# RUNNER_REFS_OUT: record elsewhere (`make parity` re-records into a temporary folder).
+OUT = Path(os.environ["RUNNER_REFS_OUT"]) if os.environ.get("RUNNER_REFS_OUT") else FIX / "refs"
 
 CASES = [
     dict(case="sd15-vae-tiling", pipeline="tiny-sd15", prompt="a photo of a cat", negative_prompt="blurry",
@@ -108,7 +110,7 @@ def run_case(c):
             rec[f"step{i}.unet_output"] = f32(u)
         kwargs.update(output_type="np", generator=torch.Generator("cpu").manual_seed(c["seed"]), callback_on_step_end=None)
         out = pipe(**kwargs)
-        rec["image"] = torch.from_numpy(np.ascontiguousarray(out.images[0])).to(torch.float32)
+        rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)  # [N, H, W, 3]: the whole batch
         pipe.numpy_to_pil(out.images)[0].save(OUT / f"{name}.png")
     tensors = {k: (v.to(torch.int64) if k.startswith("tokens.") else v).contiguous().clone() for k, v in rec.items()}
     save_file(tensors, OUT / f"{name}.safetensors", metadata={"case": name})

@@ -30,6 +30,7 @@ its rows, and checksums/rows of `pixel_values` (full tensors would be too large 
 image (`pil_resize.<FILTER>.<h>x<w>`).
 """
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -45,7 +46,8 @@ from transformers import CLIPImageProcessor
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures"
-OUT = FIX / "refs"
+# RUNNER_REFS_OUT: record elsewhere (`make parity` re-records into a temporary folder).
+OUT = Path(os.environ["RUNNER_REFS_OUT"]) if os.environ.get("RUNNER_REFS_OUT") else FIX / "refs"
 
 # feature_extractor/preprocessor_config.json of the SD 1.5 repositories (legacy integer sizes,
 # no rescale keys: class defaults).
@@ -100,7 +102,7 @@ def make_images(h, w, sources):
         elif "pattern" in s:
             out.append(pattern_image(s["pattern"], h, w))
         else:
-            out.append(load_file(OUT / f"{s['refs']}.safetensors")["image"].numpy())
+            out.append(load_file(OUT / f"{s['refs']}.safetensors")["image"][0].numpy())
         assert out[-1].shape == (h, w, 3), (s, out[-1].shape)
     return np.stack(out).astype(np.float32)
 

@@ -22,6 +22,7 @@ scaled model input, the model output fed to `step` (drawn from a second generato
 """
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
                        EulerDiscreteScheduler, PNDMScheduler)
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "tests" / "fixtures" / "refs" / "schedulers.json"
+# RUNNER_REFS_OUT: record elsewhere (`make parity` re-records into a temporary folder).
+OUT = (Path(os.environ["RUNNER_REFS_OUT"]) if os.environ.get("RUNNER_REFS_OUT") else ROOT / "tests" / "fixtures" / "refs") / "schedulers.json"
 
 try:
     import scipy  # noqa: F401

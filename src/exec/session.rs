@@ -224,7 +224,7 @@ impl Session<'_> {
         // budget a stream exceeded is an error before anything is written).
         cx.res.leave_all()?;
         cx.dump.push("latents.final", &g.latents);
-        cx.dump.push("image", &g.images.get(0));
+        cx.dump.push("image", &g.images); // [N, H, W, 3]: the whole batch
         let Call { res, dump, mut warnings, .. } = cx;
 
         // 6. Write, each image with what makes it again.

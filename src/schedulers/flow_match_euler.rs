@@ -261,14 +261,14 @@ mod tests {
     fn flux_sigmas_match_diffusers() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         for (case, folder) in [("flux-dev", "tiny-flux-dev"), ("flux-dev-true-cfg", "tiny-flux-dev"), ("flux-schnell-nonsquare", "tiny-flux-schnell")] {
-            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(format!("refs/{case}.json"))).unwrap()).unwrap();
+            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::parity::refs_dir().join(format!("{case}.json"))).unwrap()).unwrap();
             let cfg = crate::schedulers::parse_config(&std::fs::read_to_string(root.join(folder).join("scheduler/scheduler_config.json")).unwrap()).unwrap();
             let n = meta["steps"].as_u64().unwrap() as usize;
             let seq = (meta["height"].as_u64().unwrap() / 16 * (meta["width"].as_u64().unwrap() / 16)) as usize;
             let sigmas: Vec<f64> = np_linspace(1.0, 1.0 / n as f64, n);
             let mu = crate::schedulers::dynamic_shift_mu(&cfg, seq).unwrap();
             let s = crate::schedulers::build_with_sigmas(&cfg, None, &sigmas, mu).unwrap();
-            let refs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(root.join(format!("refs/{case}.safetensors"))).unwrap().into_iter().collect();
+            let refs: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(crate::parity::refs_dir().join(format!("{case}.safetensors"))).unwrap().into_iter().collect();
             let want = |k: &str| -> Vec<f64> { Vec::<f32>::try_from(&refs[k]).unwrap().into_iter().map(f64::from).collect() };
             assert_eq!(s.sigmas().unwrap(), want("scheduler.sigmas"), "{case}");
             assert_eq!(s.timesteps(), want("scheduler.timesteps"), "{case}");

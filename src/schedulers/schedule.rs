@@ -243,12 +243,8 @@ pub(crate) mod testing {
 
     use crate::manifest::SchedulerKind;
 
-    /// max |a - b| / max |b|: the difference relative to the reference's scale.
-    pub fn rel(a: &[f64], b: &[f64]) -> f64 {
-        assert_eq!(a.len(), b.len(), "lengths differ: {a:?} vs {b:?}");
-        let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
-        a.iter().zip(b).fold(0f64, |m, (x, y)| if x == y { m } else { m.max((x - y).abs() / scale) })
-    }
+    pub use crate::parity::rel;
+    use crate::parity::{check, check_detail, max_abs, rel_to, SCHEDULE, SCHEDULER_STEP};
 
     /// The recorded float32 values (serde_json's float parsing can miss the last bit of the
     /// decimal double; rounding to f32 restores the recorded value).
@@ -265,7 +261,7 @@ pub(crate) mod testing {
     }
 
     pub fn cases(class: &str) -> Vec<Value> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/refs/schedulers.json");
+        let path = crate::parity::refs_dir().join("schedulers.json");
         let all: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("schedulers.json")).expect("json");
         all["cases"].as_array().expect("cases").iter().filter(|c| c["class_name"] == class).cloned().collect()
     }
@@ -288,22 +284,22 @@ pub(crate) mod testing {
         let s = build_case(case);
         assert_eq!(s.name(), case["class_name"].as_str().unwrap_or(""), "{name}");
         let mut sched = rel(s.timesteps(), &nums(&case["timesteps"]));
-        assert!(sched <= 1e-6, "{name}: timesteps {:?} vs {}", s.timesteps(), case["timesteps"]);
+        check_detail(&format!("{name}: timesteps"), sched, SCHEDULE, &format!("{:?} vs {}", s.timesteps(), case["timesteps"]));
         match (s.sigmas(), case["sigmas"].is_null()) {
             (Some(sig), false) => {
                 let d = rel(sig, &nums(&case["sigmas"]));
-                assert!(d <= 1e-6, "{name}: sigmas {sig:?} vs {}", case["sigmas"]);
+                check_detail(&format!("{name}: sigmas"), d, SCHEDULE, &format!("{sig:?} vs {}", case["sigmas"]));
                 sched = sched.max(d);
             }
             (None, true) => {}
             (got, _) => panic!("{name}: sigmas {got:?} vs {}", case["sigmas"]),
         }
         let ins = rel(&[s.init_noise_sigma()], &[case["init_noise_sigma"].as_f64().expect("init_noise_sigma") as f32 as f64]);
-        assert!(ins <= 1e-6, "{name}: init_noise_sigma {} vs {}", s.init_noise_sigma(), case["init_noise_sigma"]);
+        check(&format!("{name}: init_noise_sigma"), ins, SCHEDULE);
         let idx: Vec<usize> = nums(&case["ac_index"]).iter().map(|&i| i as usize).collect();
         let ac: Vec<f64> = idx.iter().map(|&i| s.alphas_cumprod()[i]).collect();
         let d = rel(&ac, &nums(&case["alphas_cumprod"]));
-        assert!(d <= 1e-6, "{name}: alphas_cumprod {ac:?} vs {}", case["alphas_cumprod"]);
+        check(&format!("{name}: alphas_cumprod"), d, SCHEDULE);
         sched = sched.max(d).max(ins);
 
         // The loop, as tools/make_scheduler_refs.py runs it: the initial draw and any scheduler
@@ -314,14 +310,19 @@ pub(crate) mod testing {
         for _ in 0..3 {
             let _guard = super::super::tests_support::GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
             match replay(case) {
-                Ok(step) => return (sched, step),
+                Ok((step, at)) => {
+                    check_detail(&format!("{name}: replayed steps"), step, SCHEDULER_STEP, &at);
+                    return (sched, step);
+                }
                 Err(e) => last = e,
             }
         }
         panic!("{last}");
     }
 
-    fn replay(case: &Value) -> Result<f64, String> {
+    /// Replays diffusers' loop: the largest difference of the model inputs and the latents after
+    /// each step, and where it was; an error only when the initial draw differs (a concurrent draw).
+    fn replay(case: &Value) -> Result<(f64, String), String> {
         let name = case["name"].as_str().unwrap_or("?");
         let mut s = try_build(case).map_err(|e| e.to_string())?;
         tch::manual_seed(case["seed"].as_i64().expect("seed"));
@@ -330,20 +331,22 @@ pub(crate) mod testing {
             return Err(format!("{name}: initial draw differs"));
         }
         let mut latents = &drawn * s.init_noise_sigma();
-        let mut step = 0f64;
+        let (mut worst, mut at) = (0f64, String::new());
         let replay = case["steps_replay"].as_array().expect("steps_replay");
         assert_eq!(replay.len(), s.timesteps().len(), "{name}: loop length");
         for (i, r) in replay.iter().enumerate() {
             let x = s.scale_model_input(&latents, i);
             let d = rel(&values(&x), &nums(&r["input"]));
+            let before = max_abs(&values(&latents));
             latents = s.step(&tensor(&r["model_output"]), i, &latents);
-            let d2 = rel(&values(&latents), &nums(&r["latents"]));
-            if d > 1e-5 || d2 > 1e-5 {
-                return Err(format!("{name}: step {i}: model input differs by {d:e}, latents by {d2:e}: {:?} vs {}", values(&latents), r["latents"]));
+            // Relative to the step's operands (SCHEDULER_STEP says why).
+            let want = nums(&r["latents"]);
+            let d2 = rel_to(&values(&latents), &want, before.max(max_abs(&want)));
+            if d.max(d2) > worst {
+                (worst, at) = (d.max(d2), format!("step {i}: model input differs by {d:e}, latents by {d2:e}: {:?} vs {}", values(&latents), r["latents"]));
             }
-            step = step.max(d).max(d2);
         }
-        Ok(step)
+        Ok((worst, at))
     }
 
     /// Checks every recorded case of `class`; prints the largest differences.

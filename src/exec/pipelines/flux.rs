@@ -169,7 +169,7 @@ impl Pipeline for Flux {
         // 4. Denoising loop.
         cx.enter("transformer")?;
         let timesteps = scheduler.timesteps().to_vec();
-        let mut negative_outputs = vec![];
+        let (mut negative_outputs, mut guidances) = (vec![], vec![]);
         let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, i, t| {
             // diffusers: `t.expand(B).to(latents.dtype) / 1000`, rounded in the latents' dtype.
             let timestep = Tensor::full([latents.size()[0]], t, (latents.kind(), tr.device)) / 1000.0;
@@ -189,9 +189,16 @@ impl Pipeline for Flux {
                 }
                 None => output.shallow_clone(),
             };
+            if let Some(g) = &guidance {
+                guidances.push(g.shallow_clone());
+            }
+            let input = latents.shallow_clone();
             let latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents)).to_kind(latents.kind());
-            Ok(Step { output, noise_pred, latents })
+            Ok(Step { input, timestep, output, noise_pred, latents })
         })?;
+        for (i, g) in guidances.iter().enumerate() {
+            cx.dump.push(format!("step{i}.guidance"), g);
+        }
         for (i, t) in negative_outputs.iter().enumerate() {
             cx.dump.push(format!("step{i}.negative_transformer_output"), t);
         }

@@ -106,6 +106,9 @@ impl Dump {
 
 /// One denoising step's tensors, for the loop's dumps.
 pub(crate) struct Step {
+    /// The model's input (the whole guidance batch) and timestep, as the model saw them.
+    pub input: Tensor,
+    pub timestep: Tensor,
     /// What the model returned (the whole guidance batch).
     pub output: Tensor,
     /// After guidance.
@@ -188,6 +191,7 @@ impl Call<'_> {
     pub fn prepare_latents(&mut self, shape: [i64; 4], draw_kind: Kind, scheduler: &dyn Scheduler, to: Dev) -> Result<Tensor, ExecError> {
         let init = self.initial_noise(shape, draw_kind)?;
         self.dump.push("latents.init", &init);
+        self.dump.push("latents.init_scaled", &(&init * scheduler.init_noise_sigma()));
         self.dump_schedule(scheduler);
         Ok((init.to_device(to.device) * scheduler.init_noise_sigma()).to_kind(to.kind))
     }
@@ -210,11 +214,15 @@ impl Call<'_> {
             if let Some(s) = scheduler.sigmas() {
                 self.dump.push("scheduler.sigmas", &Tensor::from_slice(s).to_kind(Kind::Float));
             }
+            if !scheduler.alphas_cumprod().is_empty() {
+                self.dump.push("scheduler.alphas_cumprod", &Tensor::from_slice(scheduler.alphas_cumprod()).to_kind(Kind::Float));
+            }
         }
     }
 
     /// The denoising loop around `step` (one call per timestep): a progress bar, a log line per
-    /// step, per-step timings (synchronised on CUDA), and the dumps `step{i}.{model}_output`,
+    /// step, per-step timings (synchronised on CUDA), and the dumps `step{i}.{model}_input`,
+    /// `step{i}.timestep`, `step{i}.{model}_output`,
     /// `step{i}.noise_pred`, `step{i}.latents`. Returns the final latents, each step's seconds and
     /// the loop's.
     pub fn denoise(
@@ -246,6 +254,8 @@ impl Call<'_> {
             let rate = step_times.iter().sum::<f64>() / step_times.len() as f64;
             tracing::info!("step {}/{} (timestep {t}): {:.3} s, {}", i + 1, timesteps.len(), step_times[i], super::human_rate(rate));
             bar.set_message(super::human_rate(rate));
+            self.dump.push(format!("step{i}.{model}_input"), &s.input);
+            self.dump.push(format!("step{i}.timestep"), &s.timestep);
             self.dump.push(format!("step{i}.{model}_output"), &s.output);
             self.dump.push(format!("step{i}.noise_pred"), &s.noise_pred);
             self.dump.push(format!("step{i}.latents"), &s.latents);
@@ -268,8 +278,14 @@ impl Call<'_> {
         tracing::info!("decoding {} image(s) of {}x{} with the VAE", latents.size()[0], self.shape.width, self.shape.height);
         let spinner = super::spinner("decoding", self.progress);
         self.enter("vae")?;
-        let images = tch::no_grad(|| vae.latents_to_image(&latents.to_device(va.device).to_kind(kind))).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+        let latents = latents.to_device(va.device).to_kind(kind);
+        if self.dump.on() {
+            self.dump.push("vae.input", &vae.unscale_latents(&latents));
+        }
+        let images = tch::no_grad(|| vae.latents_to_image(&latents)).to_kind(Kind::Float).to_device(tch::Device::Cpu);
         sync(va.device);
+        // The decode before the safety checker blacks out a flagged image.
+        self.dump.push("vae.image", &images);
         spinner.finish_and_clear();
         tracing::info!("decoded in {:.2} s", t_dec.elapsed().as_secs_f64());
         let images = self.safety_check(images)?;

@@ -75,6 +75,7 @@ impl Pipeline for StableDiffusion {
         cx.enter("text_encoder")?;
         let context = tch::no_grad(|| self.encode_prompt(cx, do_cfg, batch))?.to_device(un.device).to_kind(un.kind);
         let encode_s = t_enc.elapsed().as_secs_f64();
+        cx.dump.push("unet.encoder_hidden_states", &context);
 
         // 2. Timesteps and initial latents.
         let (mut scheduler, sched_cfg) = cx.scheduler(steps)?;
@@ -92,7 +93,7 @@ impl Pipeline for StableDiffusion {
             let output = tch::no_grad(|| unet.forward(&input, t, &context, None)).to_device(un.device);
             let noise_pred = guide(&output, do_cfg, guidance);
             let latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents));
-            Ok(Step { output, noise_pred, latents })
+            Ok(Step { input, timestep: Tensor::from_slice(&[t]).to_kind(Kind::Float), output, noise_pred, latents })
         })?;
 
         // 4. Decode (and the safety checker).

@@ -168,7 +168,7 @@ impl Pipeline for StableDiffusion3 {
             let output = tch::no_grad(|| transformer.forward(&input, &timestep, &context, &pooled)).map_err(|e| ExecError::Text(e.to_string()))?.to_device(tr.device);
             let noise_pred = guide(&output, do_cfg, guidance);
             let latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents)).to_kind(latents.kind());
-            Ok(Step { output, noise_pred, latents })
+            Ok(Step { input, timestep, output, noise_pred, latents })
         })?;
 
         // 4. Decode: `latents / scaling_factor + shift_factor` (the VAE applies both).

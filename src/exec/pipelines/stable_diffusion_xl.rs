@@ -134,6 +134,7 @@ impl Pipeline for StableDiffusionXl {
         let on_unet = |t: &Tensor| t.to_device(un.device).to_kind(un.kind);
         let (context, text_embeds, time_ids) = (on_unet(&cond.prompt_embeds), on_unet(&cond.text_embeds), on_unet(&cond.time_ids));
         let encode_s = t_enc.elapsed().as_secs_f64();
+        cx.dump.push("unet.encoder_hidden_states", &context);
 
         // 2. Timesteps and initial latents (drawn in the prompt embeddings' dtype, the second encoder's).
         let (mut scheduler, sched_cfg) = cx.scheduler(steps)?;
@@ -152,7 +153,7 @@ impl Pipeline for StableDiffusionXl {
             let output = tch::no_grad(|| unet.forward(&input, t, &context, Some(added))).to_device(un.device);
             let noise_pred = guide(&output, do_cfg, guidance);
             let latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents));
-            Ok(Step { output, noise_pred, latents })
+            Ok(Step { input, timestep: Tensor::from_slice(&[t]).to_kind(Kind::Float), output, noise_pred, latents })
         })?;
 
         // 4. Decode.
