@@ -6,7 +6,7 @@ SHELL := bash
 CARGO ?= cargo
 DEMO_MANIFEST ?= manifests/tiny-sd15.toml
 
-.PHONY: setup setup-deploy-check build test demo schema fmt check-cargo
+.PHONY: setup setup-deploy-check setup-fixtures build test parity parity-spread demo schema fmt check-cargo
 
 check-cargo:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
@@ -19,13 +19,27 @@ setup:
 setup-deploy-check:
 	@./scripts/setup-deploy-check.sh
 
+## setup-fixtures: the diffusers environment of tools/ (.venv-fixtures, tools/requirements-fixtures.lock; 4.6 GB); not needed by `make test`
+setup-fixtures:
+	@./scripts/setup-fixtures-venv.sh
+
 ## build: target/release/runner
 build: setup check-cargo
 	$(CARGO) build --release --locked
 
-## test: the whole test suite (one libtorch thread per test process: 2-core machines)
+## test: the whole test suite (one libtorch thread per test process: 2-core machines), then the
+## parity tests again on ATen's scalar kernels, so a tolerance that holds on one CPU path only fails here
 test: setup setup-deploy-check check-cargo
 	OMP_NUM_THREADS=1 $(CARGO) test --locked
+	ATEN_CPU_CAPABILITY=default CARGO=$(CARGO) ./scripts/test-parity.sh
+
+## parity: re-record diffusers' outputs on this machine and check runner against them bit for bit
+parity: setup check-cargo
+	CARGO=$(CARGO) ./scripts/parity.sh
+
+## parity-spread: how far the parity tests move across CPU kernel paths and thread counts (the bounds in src/parity.rs)
+parity-spread: setup check-cargo
+	CARGO=$(CARGO) ./scripts/parity-spread.sh
 
 ## demo: the main job on the default tiny manifest
 demo: build

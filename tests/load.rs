@@ -100,7 +100,9 @@ fn reference_latents_are_tch_randn_draws() {
         let store = load(&refs, Some(&["latents.init"]), LoadOptions { float_kind: None, device: Device::Cpu, populate: false }).unwrap();
         tch::manual_seed(seed);
         let drawn = Tensor::randn(&shape, (Kind::Float, Device::Cpu));
-        assert!(store.get("latents.init").unwrap().equal(&drawn), "{case}");
+        // Bit-equal where libtorch takes the kernel path the recording machine took; the scalar
+        // path (`ATEN_CPU_CAPABILITY=default`) differs in the last bits.
+        runner::parity::check(&format!("{case}: initial draw"), crate::util::rel(&drawn, store.get("latents.init").unwrap()), runner::parity::NOISE);
     }
 }
 

@@ -242,3 +242,20 @@ fn flux_dev_with_true_cfg() {
 fn flux_truncates_a_long_prompt_for_clip_and_t5() {
     check_case_with("flux-dev-long-prompt-msl16", &FLUX);
 }
+
+/// The bounds of src/parity.rs are far below what a real bug moves: the same prompt, seed and
+/// weights through another scheduler (one wrong branch or sigma away) differs from the case by
+/// more than 100x each bound, in the final latents and in the image.
+#[test]
+fn bounds_tell_schedulers_apart() {
+    let cases = ["sd15-pndm", "sd15-euler", "sd15-euler-ancestral", "sd15-ddim", "sd15-dpmpp-2m", "sd15-dpmpp-2m-karras"];
+    let stores: Vec<_> = cases.iter().map(|c| refs(c)).collect();
+    for (i, a) in stores.iter().enumerate() {
+        for (j, b) in stores.iter().enumerate().skip(i + 1) {
+            let lat = rel(a.get("latents.final").unwrap(), b.get("latents.final").unwrap());
+            let img = max_diff(a.get("image").unwrap(), b.get("image").unwrap());
+            assert!(lat > 100.0 * PIPELINE_TENSOR.value, "{} vs {}: latents differ by only {lat:e}", cases[i], cases[j]);
+            assert!(img > 100.0 * IMAGE.value, "{} vs {}: images differ by only {img:e}", cases[i], cases[j]);
+        }
+    }
+}

@@ -326,25 +326,35 @@ pub(crate) mod testing {
         let name = case["name"].as_str().unwrap_or("?");
         let mut s = try_build(case).map_err(|e| e.to_string())?;
         tch::manual_seed(case["seed"].as_i64().expect("seed"));
+        // The draw advances the generator the ancestral steps draw from next; its values are the
+        // recorded ones up to the kernel path (ATen's vectorised and scalar `randn` differ in the
+        // last bits): far off means another test drew concurrently, and the case is retried.
         let drawn = Tensor::randn([1, 4, 2, 2], (Kind::Float, Device::Cpu));
-        if values(&drawn) != nums(&case["latents_init"]) {
-            return Err(format!("{name}: initial draw differs"));
+        let init = nums(&case["latents_init"]);
+        let d = rel(&values(&drawn), &init);
+        if d > 1e-3 {
+            return Err(format!("{name}: initial draw differs by {d:e}"));
         }
-        let mut latents = &drawn * s.init_noise_sigma();
+        check(&format!("{name}: initial draw"), d, crate::parity::NOISE);
+        let mut latents = Tensor::from_slice(&init.iter().map(|&x| x as f32).collect::<Vec<_>>()).view([1, 4, 2, 2]) * s.init_noise_sigma();
         let (mut worst, mut at) = (0f64, String::new());
         let replay = case["steps_replay"].as_array().expect("steps_replay");
         assert_eq!(replay.len(), s.timesteps().len(), "{name}: loop length");
+        // Each step from the recorded latents before it, so a step is measured on its own: chained,
+        // the float32 rounding of a 1e4-sized first step (zero terminal SNR) would be carried
+        // into steps whose latents are ~1.
         for (i, r) in replay.iter().enumerate() {
             let x = s.scale_model_input(&latents, i);
             let d = rel(&values(&x), &nums(&r["input"]));
             let before = max_abs(&values(&latents));
-            latents = s.step(&tensor(&r["model_output"]), i, &latents);
+            let got = s.step(&tensor(&r["model_output"]), i, &latents);
             // Relative to the step's operands (SCHEDULER_STEP says why).
             let want = nums(&r["latents"]);
-            let d2 = rel_to(&values(&latents), &want, before.max(max_abs(&want)));
+            let d2 = rel_to(&values(&got), &want, before.max(max_abs(&want)));
             if d.max(d2) > worst {
-                (worst, at) = (d.max(d2), format!("step {i}: model input differs by {d:e}, latents by {d2:e}: {:?} vs {}", values(&latents), r["latents"]));
+                (worst, at) = (d.max(d2), format!("step {i}: model input differs by {d:e}, latents by {d2:e}: {:?} vs {}", values(&got), r["latents"]));
             }
+            latents = tensor(&r["latents"]);
         }
         Ok((worst, at))
     }
