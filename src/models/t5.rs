@@ -192,9 +192,11 @@ impl Block {
             let y = self.attn_norm.forward(x)?;
             let split = |z: Tensor| z.f_view([b, t, heads, -1])?.f_transpose(1, 2);
             let (q, k, v) = (split(self.q.forward(&y)?)?, split(self.k.forward(&y)?)?, split(self.v.forward(&y)?)?);
-            // Unscaled scores plus the position bias (T5's eager attention), softmax over keys.
-            let scores = q.f_matmul(&k.f_transpose(2, 3)?)?.f_add(&bias.f_to_kind(q.kind())?)?;
-            let a = scores.f_softmax(-1, None::<Kind>)?.f_matmul(&v)?.f_transpose(1, 2)?.f_reshape([b, t, -1])?;
+            // Unscaled scores plus the position bias, softmax over keys: transformers' default
+            // (sdpa) attention, the bias as SDPA's additive mask at scale 1 (bit-equal to it; the
+            // eager matmul-add-softmax differs in the last bits).
+            let mask = bias.f_to_kind(q.kind())?.f_contiguous()?;
+            let a = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, 1.0, false)?.f_transpose(1, 2)?.f_reshape([b, t, -1])?;
             let x = clamp_fp16(&x.f_add(&self.o.forward(&a)?)?)?;
             let y = self.ff_norm.forward(&x)?;
             let h = self.act.apply(&self.wi.forward(&y)?)?;
