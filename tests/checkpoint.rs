@@ -205,6 +205,40 @@ fn bad_folders() {
     assert!(inspect_err(&dir.join("nope")).contains("nope"));
 }
 
+/// A `config.json` cut short or not an object is a broken download: `inspect` of its component
+/// folder, or of a pipeline folder holding it, fails naming the file and, for bad JSON, serde's
+/// line and column; nothing on stdout. A config without `_class_name` is fine.
+#[test]
+fn bad_configs() {
+    let (_d, dir) = tmp();
+    let pipe = dir.join("pipe");
+    let unet = pipe.join("unet");
+    std::fs::create_dir_all(&unet).unwrap();
+    std::fs::write(pipe.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}"#).unwrap();
+    write_st(&unet.join("diffusion_pytorch_model.safetensors"), &[("a", 4)]);
+    let config = unet.join("config.json");
+    std::fs::write(&config, r#"{"in_channels": 4}"#).unwrap();
+    let (code, stdout, stderr) = run(runner().args(["inspect", "--json"]).arg(&unet));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["components"][0]["class"], serde_json::Value::Null, "{stdout}");
+    assert_eq!(run(runner().arg("inspect").arg(&pipe)).0, 0);
+
+    for (text, want) in [
+        (r#"{"in_channels": "#, "not valid JSON: EOF while parsing a value at line 1 column 16"),
+        ("{\n  \"in_channels\": 4,\n}", "not valid JSON: trailing comma at line 3 column 1"),
+        ("[4, 4]", "expected a JSON object, got a list"),
+        ("\"UNet2DConditionModel\"", "expected a JSON object, got a string"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        for target in [&unet, &pipe] {
+            let (code, stdout, stderr) = run(runner().arg("inspect").arg(target));
+            assert_eq!(code, 1, "{text:?} in {}: expected failure\n{stdout}{stderr}", target.display());
+            assert!(stdout.is_empty(), "{text:?}: {stdout}");
+            assert!(stderr.contains(&format!("`{}`: {want}", config.display())), "{text:?} in {}: want {want:?} in {stderr}", target.display());
+        }
+    }
+}
+
 /// Real SD 1.5 / SDXL sizes from sparse full-size files: runner's exact bytes at each dtype
 /// equal what accelerate's `compute_module_sizes` counts for the same configs.
 #[test]

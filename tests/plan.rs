@@ -692,30 +692,25 @@ fn flux_dev_plans_in_milliseconds() {
 // ---- The memory-floor table (BENCHMARKS.md "Memory floors") ----
 
 /// The smallest single GPU (bytes, to 1/128 of the answer) each offload mode fits at 1024x1024,
-/// with and without fp8 layerwise storage of the denoiser and VAE tiling, from `runner plan` on the
-/// full-size sparse folders: SDXL (fp16), SD3.5-large and FLUX.1-dev (bf16). Not a check: it prints
-/// the table's rows.
-///   cargo test --test main memory_floor_table -- --ignored --nocapture
+/// with and without fp8 layerwise storage of the denoiser and VAE tiling, planned as `runner plan`
+/// plans the full-size sparse folders: SDXL (fp16), SD3.5-large and FLUX.1-dev (bf16). The
+/// snapshot is BENCHMARKS.md's table. The bisection calls the planner in-process with one plan
+/// input per cell: a `runner plan` process per probe (about 900 of them) took minutes.
+///   cargo test --test main memory_floor_table
 #[test]
-#[ignore]
 fn memory_floor_table() {
+    use runner::device::Device;
+    use runner::plan::inventory::Inventory;
     let dir = tempfile::tempdir().unwrap();
-    println!("| pipeline | offload | plain | fp8 storage | VAE tiling | fp8 + tiling |\n|---|---|---|---|---|---|");
+    let mut table = String::from("| pipeline | offload | plain | fp8 storage | VAE tiling | fp8 + tiling |\n|---|---|---|---|---|---|\n");
     for (pipe, kind, dtype, float, denoiser) in [
         ("sdxl", "stable-diffusion-xl", "fp16", Dtype::F16, "unet"),
         ("sd35-large", "stable-diffusion-3", "bf16", Dtype::BF16, "transformer"),
         ("flux-dev", "flux", "bf16", Dtype::BF16, "transformer"),
     ] {
         let root = crate::util::sparse_pipeline(pipe, dir.path(), float);
-        let m = dir.path().join(format!("{pipe}.toml"));
-        std::fs::write(
-            &m,
-            format!(
-                "schema_version = 1\nname = \"{pipe}\"\n[pipeline]\nkind = \"{kind}\"\nsource = \"{}\"\ndtype = \"{dtype}\"\n[placement]\nstrategy = \"sequential\"\noverflow = \"error\"\n[run]\nprompt = \"a cat\"\nwidth = 1024\nheight = 1024\n",
-                root.display()
-            ),
-        )
-        .unwrap();
+        let placement = "strategy = \"sequential\"\noverflow = \"error\"\n[run]\nprompt = \"a cat\"\nwidth = 1024\nheight = 1024";
+        let m = manifest(dir.path(), pipe, kind, &root, dtype, placement);
         for mode in ["none", "model", "group", "sequential"] {
             let mut row = format!("| {pipe} {dtype} | {mode} |");
             for (fp8, tiling) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -726,14 +721,16 @@ fn memory_floor_table() {
                 if tiling {
                     sets.push("components.vae.tiling=true".into());
                 }
+                let loaded = runner::manifest::load(&m, &runner::manifest::Overrides { env: vec![], sets }).unwrap();
+                let (pipeline, configs) = runner::preflight::check(&loaded).unwrap();
+                let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, Inventory::default(), &Default::default());
+                // `runner plan --devices cuda:0=B,cpu=4TiB --set placement.max_memory={...the same}`:
+                // a fit is everything on the GPU (`overflow = "error"` fails the plan otherwise).
                 let fits = |bytes: u64| {
-                    let mut cmd = runner();
-                    cmd.arg("plan").arg(&m).args(["--json", "--devices", &format!("cuda:0={bytes},cpu=4TiB"), "--set", &format!("placement.max_memory={{\"cuda:0\"={bytes},cpu=\"4TiB\"}}")]);
-                    for s in &sets {
-                        cmd.args(["--set", s]);
-                    }
-                    let (code, stdout, _) = run(&mut cmd);
-                    code == 0 && serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["device_map"].as_object().unwrap().values().all(|d| d == "cuda:0")
+                    let hardware = Inventory::parse_spec(&format!("cuda:0={bytes},cpu=4TiB")).unwrap();
+                    let max_memory = std::collections::BTreeMap::from([(Device::Cuda(0), bytes), (Device::Cpu, 4u64 << 40)]);
+                    let inventory = Inventory::from_max_memory(&max_memory, Some(&hardware)).unwrap();
+                    runner::plan::plan(&runner::plan::PlanInput { inventory, ..input.clone() }).is_ok_and(|p| p.device_map().values().all(|d| d == "cuda:0"))
                 };
                 let (mut lo, mut hi) = (1u64 << 24, 1u64 << 37);
                 if !fits(hi) {
@@ -750,9 +747,11 @@ fn memory_floor_table() {
                 }
                 row.push_str(&format!(" {:.2} GB |", hi as f64 / 1e9));
             }
-            println!("{row}");
+            table.push_str(&row);
+            table.push('\n');
         }
     }
+    insta::assert_snapshot!(table);
 }
 
 /// With `components.vae.tiling = true` the VAE's working memory is the tile's (the config's

@@ -23,6 +23,41 @@ impl Drop for Server {
     }
 }
 
+/// The folder of `runner serve`'s step gate (`RUNNER_TEST_STEP_GATE`, a test hook in
+/// src/serve/mod.rs): a served job's step `i` runs once `open` or `step-{i}` exists there. A
+/// job held at a closed gate runs until the test opens it or cancels it, on any machine.
+struct Gate(tempfile::TempDir);
+
+impl Gate {
+    fn new() -> Gate {
+        Gate(tempfile::tempdir().unwrap())
+    }
+
+    fn open(&self) {
+        std::fs::write(self.0.path().join("open"), "").unwrap();
+    }
+
+    /// Lets every job run its step `i` (0-based) while the gate is closed.
+    fn allow_step(&self, i: usize) {
+        std::fs::write(self.0.path().join(format!("step-{i}")), "").unwrap();
+    }
+
+    fn close(&self) {
+        for e in std::fs::read_dir(self.0.path()).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+    }
+}
+
+/// Polls `/metrics` until `name` is at least `at_least`.
+fn wait_metric(port: u16, name: &str, labels: &[&str], at_least: f64) {
+    let t = Instant::now();
+    while metric(&metrics_text(port), name, labels) < at_least {
+        assert!(t.elapsed() < Duration::from_secs(60), "{name} {labels:?} never reached {at_least}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn serve_cmd(args: &[&str]) -> Command {
     let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("runner"));
     for (k, _) in std::env::vars_os() {
@@ -37,7 +72,20 @@ fn serve_cmd(args: &[&str]) -> Command {
 /// Starts `runner serve ARGS --listen 127.0.0.1:0`, reads the bound port from its first line
 /// and waits for `/readyz`.
 fn start(args: &[&str]) -> Server {
-    let mut child = serve_cmd(args).args(["--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawns");
+    launch(serve_cmd(args))
+}
+
+/// [`start`] with the worker's step gate in `gate`: served jobs wait before each denoising step
+/// until the test opens it.
+fn start_gated(args: &[&str], gate: &Gate) -> Server {
+    let mut cmd = serve_cmd(args);
+    cmd.env("RUNNER_TEST_STEP_GATE", gate.0.path());
+    launch(cmd)
+}
+
+/// [`start`] of a prepared `runner serve` command (stderr inherited unless the caller set it).
+fn launch(mut cmd: Command) -> Server {
+    let mut child = cmd.args(["--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn().expect("spawns");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let port = line.trim().strip_prefix("listening on http://127.0.0.1:").unwrap_or_else(|| panic!("first line: {line:?}")).parse().unwrap();
@@ -231,25 +279,25 @@ fn serve_refuses_non_loopback_without_insecure_bind() {
 
 #[test]
 fn serve_answers_429_when_the_queue_is_full() {
-    let s = start(&[M, "--set", "serve.queue=1"]);
+    let gate = Gate::new();
+    let s = start_gated(&[M, "--set", "serve.queue=1"], &gate);
     let port = s.port;
-    // A long job keeps the worker busy; one more waits; the next is refused.
-    let slow = r#"{"prompt": "a", "steps": 400}"#;
-    let until = |name: &str| {
-        let t = Instant::now();
-        while metric(&metrics_text(port), name, &[]) < 1.0 {
-            assert!(t.elapsed() < Duration::from_secs(60), "{name} never 1");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    let _running = std::thread::spawn(move || post(port, slow));
-    until("runner_jobs_running");
-    let _waiting = std::thread::spawn(move || post(port, slow));
-    until("runner_queue_depth");
-    let (status, headers, body) = post(port, slow);
+    // A job held at the gate keeps the worker busy; one more waits; the next is refused.
+    let job = r#"{"prompt": "a", "steps": 2}"#;
+    let running = std::thread::spawn(move || post(port, job));
+    wait_metric(port, "runner_jobs_running", &[], 1.0);
+    let waiting = std::thread::spawn(move || post(port, job));
+    wait_metric(port, "runner_queue_depth", &[], 1.0);
+    let (status, headers, body) = post(port, job);
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
     assert!(header(&headers, "retry-after").and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s >= 1), "{headers:?}");
     assert_eq!(error_field(&body), serde_json::Value::Null);
+    // Opened, the two accepted jobs are answered.
+    gate.open();
+    for (name, t) in [("running", running), ("waiting", waiting)] {
+        let (status, _, body) = t.join().unwrap();
+        assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
+    }
 }
 
 fn json_of(body: &[u8]) -> serde_json::Value {
@@ -290,7 +338,8 @@ fn metrics_text(port: u16) -> String {
 
 #[test]
 fn serve_runs_asynchronous_jobs() {
-    let s = start(&[M]);
+    let gate = Gate::new();
+    let s = start_gated(&[M], &gate);
     let port = s.port;
     // 202, Location, then the job's state until it succeeds; its image is runner run's.
     let (status, headers, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a dog", "seed": 5, "steps": 3}"#);
@@ -299,6 +348,7 @@ fn serve_runs_asynchronous_jobs() {
     let id = v["id"].as_str().unwrap().to_string();
     assert_eq!(header(&headers, "location"), Some(format!("/v1/jobs/{id}").as_str()));
     assert!(["queued", "running"].contains(&v["state"].as_str().unwrap()), "{v}");
+    gate.open();
     let done = wait_job(port, &id, |v| v["state"] == "succeeded");
     assert_eq!((done["seed"].as_u64(), done["images"].as_u64()), (Some(5), Some(1)), "{done}");
     assert_eq!(done["step"], done["steps"], "{done}");
@@ -308,10 +358,24 @@ fn serve_runs_asynchronous_jobs() {
     let (status, _, body) = request(port, "GET", &format!("/v1/jobs/{id}/image?index=1"), b"");
     assert_eq!((status, error_field(&body)), (404, serde_json::json!("index")));
 
-    // Server-sent events: progress while it runs, then `done` with the job.
+    // Server-sent events: progress while it runs, then `done` with the job. The job is held
+    // until the stream has sent its first event, so that it cannot have ended before.
+    gate.close();
     let (_, _, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a dog", "steps": 40}"#);
     let id = json_of(&body)["id"].as_str().unwrap().to_string();
-    let (status, headers, body) = request(port, "GET", &format!("/v1/jobs/{id}/events"), b"");
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(format!("GET /v1/jobs/{id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut raw = vec![];
+    while !String::from_utf8_lossy(&raw).contains("event: progress") {
+        let mut buf = [0; 4096];
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended before its first event: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    gate.open();
+    c.read_to_end(&mut raw).unwrap();
+    let (status, headers, body) = parse_response(&raw);
     assert_eq!((status, header(&headers, "content-type")), (200, Some("text/event-stream")));
     let text = String::from_utf8(body).unwrap();
     let events: Vec<(&str, serde_json::Value)> = text
@@ -328,16 +392,21 @@ fn serve_runs_asynchronous_jobs() {
     let steps: Vec<u64> = rest.iter().map(|(_, v)| v["step"].as_u64().unwrap()).collect();
     assert!(steps.windows(2).all(|w| w[0] <= w[1]), "progress goes forward: {steps:?}");
 
-    // DELETE a running job: cancelled between steps, its image gone (410); the next job runs.
-    let (_, _, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a dog", "steps": 900}"#);
+    // DELETE a running job: cancelled between steps (it may run its first and waits before its
+    // second), its image gone (410); the next job runs.
+    gate.close();
+    gate.allow_step(0);
+    let (_, _, body) = post_to(port, "/v1/jobs", r#"{"prompt": "a dog", "steps": 3}"#);
     let id = json_of(&body)["id"].as_str().unwrap().to_string();
     wait_job(port, &id, |v| v["state"] == "running" && v["step"].as_u64() > Some(0));
     let (status, _, body) = request(port, "GET", &format!("/v1/jobs/{id}/image"), b"");
     assert_eq!(status, 409, "not made yet: {}", String::from_utf8_lossy(&body));
     let (status, _, body) = request(port, "DELETE", &format!("/v1/jobs/{id}"), b"");
-    assert_eq!((status, json_of(&body)["state"].as_str()), (200, Some("cancelled")));
+    let v = json_of(&body);
+    assert_eq!((status, v["state"].as_str(), v["step"].as_u64()), (200, Some("cancelled"), Some(1)), "{v}");
     let (status, _, _) = request(port, "GET", &format!("/v1/jobs/{id}/image"), b"");
     assert_eq!(status, 410);
+    gate.open();
     let t = Instant::now();
     let (status, _, body) = post(port, r#"{"prompt": "a dog", "steps": 2}"#);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -375,23 +444,28 @@ fn post_to(port: u16, path: &str, body: &str) -> (u16, Vec<(String, String)>, Ve
 
 #[test]
 fn serve_answers_504_past_the_deadline() {
-    let s = start(&[M, "--set", "serve.timeout=2", "--set", "serve.schedulers=[\"ddim\", \"pndm\"]"]);
+    let gate = Gate::new();
+    let s = start_gated(&[M, "--set", "serve.timeout=2", "--set", "serve.schedulers=[\"ddim\", \"pndm\"]"], &gate);
     // `serve.schedulers`: the others are refused, naming the limit; the manifest's needs no key.
     let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 2, "scheduler": "euler"}"#);
     assert_eq!((status, error_field(&body)), (422, serde_json::json!("scheduler")));
     assert!(String::from_utf8_lossy(&body).contains("serve.schedulers"));
+    gate.open();
     let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 2, "scheduler": "ddim"}"#);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // A job held at the gate: 504 when the deadline passes, not before, and at once then.
+    gate.close();
     let t = Instant::now();
-    let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 900}"#);
+    let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 2}"#);
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("serve.timeout"));
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_secs(2) && t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     // An asynchronous job ends `failed` with the same status; the worker is free again.
-    let (_, _, body) = post_to(s.port, "/v1/jobs", r#"{"prompt": "a", "steps": 900}"#);
+    let (_, _, body) = post_to(s.port, "/v1/jobs", r#"{"prompt": "a", "steps": 2}"#);
     let id = json_of(&body)["id"].as_str().unwrap().to_string();
     let v = wait_job(s.port, &id, |v| v["state"] == "failed");
     assert_eq!(v["error"]["status"], 504, "{v}");
+    gate.open();
     let (status, _, body) = post(s.port, r#"{"prompt": "a", "steps": 2}"#);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
@@ -436,21 +510,24 @@ fn serve_needs_the_bearer_token_when_one_is_set() {
 
 #[test]
 fn serve_survives_hang_ups_floods_and_slow_clients() {
-    let s = start(&[M, "--set", "serve.read_timeout=2"]);
+    let gate = Gate::new();
+    let s = start_gated(&[M, "--set", "serve.read_timeout=2"], &gate);
     let port = s.port;
-    // A client that disconnects mid-generation: its job is cancelled, the worker goes on.
+    // A client that disconnects mid-generation (its job held at the gate): its job is cancelled,
+    // the worker goes on.
     {
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let body = br#"{"prompt": "a", "steps": 900}"#;
+        let body = br#"{"prompt": "a", "steps": 2}"#;
         c.write_all(format!("POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).unwrap();
         c.write_all(body).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        wait_metric(port, "runner_jobs_running", &[], 1.0);
     }
     let t = Instant::now();
     while metric(&metrics_text(port), "runner_generations_total", &["outcome=\"cancelled\""]) < 1.0 {
         assert!(t.elapsed() < Duration::from_secs(20), "the job of a client gone was not cancelled");
         std::thread::sleep(Duration::from_millis(20));
     }
+    gate.open();
     let (status, _, body) = post(port, r#"{"prompt": "a", "steps": 2}"#);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 
@@ -469,22 +546,19 @@ fn serve_survives_hang_ups_floods_and_slow_clients() {
     let _ = c.read_to_end(&mut raw);
     assert!(t.elapsed() < Duration::from_secs(15), "a stalled head kept its connection");
 
-    // 1000 requests at a queue of 8: one long job runs, 8 wait, and every one of 1008 more is a
-    // 429 (counted in /metrics); nothing crashes; memory stays flat.
+    // 1000 requests at a queue of 8: one job held at the gate runs, 8 wait, and every one of
+    // 1008 more is a 429 (counted in /metrics); nothing crashes; memory stays flat.
     let rss = |text: &str| metric(text, "runner_process_resident_memory_bytes", &[]);
     let before = rss(&metrics_text(port));
-    let long = r#"{"prompt": "a", "steps": 900}"#;
+    gate.close();
+    let held = r#"{"prompt": "a", "steps": 2}"#;
     let submit = || {
-        let (status, _, body) = post_to(port, "/v1/jobs", long);
+        let (status, _, body) = post_to(port, "/v1/jobs", held);
         assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
         json_of(&body)["id"].as_str().unwrap().to_string()
     };
     let mut ids = vec![submit()];
-    let t = Instant::now();
-    while metric(&metrics_text(port), "runner_jobs_running", &[]) < 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_metric(port, "runner_jobs_running", &[], 1.0);
     ids.extend((0..8).map(|_| submit()));
     let statuses: Vec<u16> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..16).map(|_| sc.spawn(|| (0..63).map(|_| post(port, r#"{"prompt": "a", "steps": 3}"#).0).collect::<Vec<_>>())).collect();
@@ -497,6 +571,7 @@ fn serve_survives_hang_ups_floods_and_slow_clients() {
     for id in &ids {
         assert_eq!(request(port, "DELETE", &format!("/v1/jobs/{id}"), b"").0, 200);
     }
+    gate.open();
     // Then generations, four clients at a time (none refused): images and jobs are not kept.
     let statuses: Vec<u16> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..4).map(|_| sc.spawn(|| (0..10).map(|_| post(port, r#"{"prompt": "a", "steps": 1}"#).0).collect::<Vec<_>>())).collect();
@@ -515,29 +590,42 @@ fn serve_drains_on_sigterm() {
         let r = unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
         assert_eq!(r, 0);
     };
-    // The signal comes once the generation runs (whatever the machine's load).
-    let wait_running = |port: u16| {
-        let t = Instant::now();
-        while metric(&metrics_text(port), "runner_jobs_running", &[]) < 1.0 {
-            assert!(t.elapsed() < Duration::from_secs(60), "the job never ran");
-            std::thread::sleep(Duration::from_millis(10));
+    // A generation held at the gate when the signal comes finishes once the drain has begun
+    // (stderr says so), and is answered; the process exits 0.
+    let gate = Gate::new();
+    let mut cmd = serve_cmd(&[M]);
+    cmd.env("RUNNER_TEST_STEP_GATE", gate.0.path()).stderr(Stdio::piped());
+    let mut s = launch(cmd);
+    let stderr = BufReader::new(s.child.stderr.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            let _ = tx.send(line);
         }
-    };
-    // A running generation finishes and is answered; the process exits 0.
-    let mut s = start(&[M]);
+    });
     let port = s.port;
-    let running = std::thread::spawn(move || post(port, r#"{"prompt": "a", "steps": 60}"#));
-    wait_running(port);
+    let running = std::thread::spawn(move || post(port, r#"{"prompt": "a", "steps": 2}"#));
+    wait_metric(port, "runner_jobs_running", &[], 1.0);
     sigterm(&s);
+    loop {
+        let line = lines.recv_timeout(Duration::from_secs(60)).expect("no `draining:` line");
+        if line.starts_with("draining: 1 job(s) queued or running") {
+            break;
+        }
+    }
+    gate.open();
     let (status, _, body) = running.join().unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(s.child.wait().unwrap().code(), Some(0));
 
-    // Past --drain-timeout it is cancelled between steps (503), and the process exits 0 soon.
-    let mut s = start(&[M, "--drain-timeout", "0.3"]);
+    // Past --drain-timeout a job held at the closed gate is cancelled (503), and the process
+    // exits 0 soon.
+    gate.close();
+    let mut s = start_gated(&[M, "--drain-timeout", "0.3"], &gate);
     let port = s.port;
-    let running = std::thread::spawn(move || post(port, r#"{"prompt": "a", "steps": 900}"#));
-    wait_running(port);
+    let running = std::thread::spawn(move || post(port, r#"{"prompt": "a", "steps": 2}"#));
+    wait_metric(port, "runner_jobs_running", &[], 1.0);
     let t = Instant::now();
     sigterm(&s);
     let (status, _, body) = running.join().unwrap();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::layout::{read_model_index, resolve_source, variants_in, Checkpoint, PipelineFolder, VariantPolicy, WeightFiles};
+use super::layout::{read_config, read_model_index, resolve_source, variants_in, Checkpoint, PipelineFolder, VariantPolicy, WeightFiles};
 use super::CheckpointError;
 use crate::units::ByteSize;
 
@@ -68,6 +68,14 @@ pub fn inspect(path: &Path, variant: Option<&str>) -> Result<Report, CheckpointE
     let is_pipeline = path.is_dir() && path.join("model_index.json").is_file();
     if is_pipeline {
         let p = PipelineFolder::open(path, variant)?;
+        // Opening reads no model config (run and validate parse them strictly in preflight), so
+        // a broken one would pass unseen: check each, as the component-folder case does.
+        for c in &p.components {
+            let config = c.dir.join("config.json");
+            if config.is_file() {
+                read_config(&config)?;
+            }
+        }
         let components = p
             .components
             .iter()
@@ -102,11 +110,11 @@ pub fn inspect(path: &Path, variant: Option<&str>) -> Result<Report, CheckpointE
         (WeightFiles::Single(_), false) => "file",
     };
     let c = Checkpoint::open(w)?;
+    // A config without `_class_name` (nor transformers' `architectures`) leaves the class empty;
+    // a broken one is an error, not an empty class.
     let class = if path.is_dir() {
-        std::fs::read_to_string(path.join("config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("_class_name").or_else(|| v.get("architectures").and_then(|a| a.get(0))).and_then(|s| s.as_str()).map(str::to_string))
+        let v = read_config(&path.join("config.json"))?;
+        v.get("_class_name").or_else(|| v.get("architectures").and_then(|a| a.get(0))).and_then(|s| s.as_str()).map(str::to_string)
     } else {
         None
     };

@@ -365,6 +365,26 @@ pub fn read_model_index(root: &Path) -> Result<ModelIndex, CheckpointError> {
     Ok(out)
 }
 
+/// A component's `config.json` as a JSON object. A file that is there but unreadable, cut short
+/// or not an object is a broken download: an error naming it and, for bad JSON, serde's line and
+/// column.
+pub fn read_config(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>, CheckpointError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CheckpointError::io(path, e))?;
+    match serde_json::from_str(&text).map_err(|e| CheckpointError::format(path, format!("not valid JSON: {e}")))? {
+        serde_json::Value::Object(o) => Ok(o),
+        v => {
+            let got = match v {
+                serde_json::Value::Array(_) => "a list",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            };
+            Err(CheckpointError::format(path, format!("expected a JSON object, got {got}")))
+        }
+    }
+}
+
 /// Whether a component holds weights (a model, saved with `config.json`), as opposed to
 /// tokenizers, schedulers and image processors, which hold configs and vocabularies only.
 pub fn component_has_weights(class: &str, dir: &Path) -> bool {

@@ -40,6 +40,13 @@ pub const DEFAULT_QUEUE: usize = 8;
 /// `[serve] read_timeout`'s default, in seconds.
 pub const DEFAULT_READ_TIMEOUT: f64 = 30.0;
 
+/// A test hook, not an interface (no flag, no `--help`): with `RUNNER_TEST_STEP_GATE=DIR`, read
+/// once at start-up, each denoising step `i` of a served job waits until `DIR/open` or
+/// `DIR/step-{i}` exists, answering cancellation every 10 ms meanwhile. tests/serve.rs holds jobs
+/// running with it, so that deadlines, floods, DELETEs and drains do not race the machine's speed.
+/// Unset, nothing is checked; the warm-up generation never waits.
+const STEP_GATE_VAR: &str = "RUNNER_TEST_STEP_GATE";
+
 /// Why the server cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -104,6 +111,8 @@ struct App {
     metrics: metrics::Metrics,
     /// Mean seconds of a generation (an f64's bits), for `Retry-After`.
     mean_generation_s: AtomicU64,
+    /// [`STEP_GATE_VAR`]'s folder.
+    step_gate: Option<PathBuf>,
 }
 
 impl App {
@@ -154,6 +163,7 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         jobs: Default::default(),
         metrics,
         mean_generation_s: AtomicU64::new(0),
+        step_gate: std::env::var_os(STEP_GATE_VAR).map(PathBuf::from),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|source| ServeError::Bind { addr, source })?;
@@ -390,7 +400,16 @@ struct Watcher {
 }
 
 impl runner::exec::StepWatch for Watcher {
-    fn cancelled(&self, _i: usize, n: usize) -> Option<String> {
+    fn cancelled(&self, i: usize, n: usize) -> Option<String> {
+        // `i == n`: before the decode, which the gate leaves alone.
+        if let Some(gate) = self.app.step_gate.as_deref().filter(|_| i < n) {
+            while !(gate.join("open").exists() || gate.join(format!("step-{i}")).exists()) {
+                if let Some(why) = self.entry.should_stop(n) {
+                    return Some(why);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         self.entry.should_stop(n)
     }
     fn stepped(&self, i: usize, n: usize, seconds: f64) {
