@@ -50,8 +50,33 @@ fn parent_of(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
+/// A random 64-bit value (std's per-process hasher keys come from the OS's randomness): names
+/// that another user cannot plant a symlink under in advance.
+pub fn random_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+/// Creates a new file at `path` for this process alone: `O_CREAT | O_EXCL | O_NOFOLLOW`, mode
+/// 0600. Never follows a symlink planted there nor truncates an existing file (`EEXIST`).
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Checks that `dir` takes new files: creates and removes a probe of an unpredictable name with
+/// [`create_private`], so a symlink planted in a shared folder can neither redirect nor truncate
+/// anything.
+pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".runner-probe-{}-{:016x}", std::process::id(), random_token()));
+    create_private(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 /// Whether process `pid` exists (a PID of another user's process counts as alive).
-fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else { return false };
     // SAFETY: kill with signal 0 only checks for the process.
     let r = unsafe { libc::kill(pid, 0) };

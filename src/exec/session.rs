@@ -98,9 +98,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     check_outputs(&outputs)?;
     if let Some(d) = &opts.dump {
         std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
-        let probe = d.join(".runner-write-test");
-        std::fs::write(&probe, b"").map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
-        let _ = std::fs::remove_file(probe);
+        crate::fsutil::probe_writable(d).map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
     }
     // `offload_target = "disk"`: the scratch folder takes files, or nothing is loaded.
     let scratch_dir = scratch_dir(m);
