@@ -1294,3 +1294,97 @@ fn png_difference(a: &[u8], b: &[u8]) -> (f64, f64) {
     assert_eq!(a.len(), b.len(), "image sizes differ");
     a.iter().zip(b).fold((0.0, 0.0), |(n, m), (x, y)| if x == y { (n, m) } else { (n + 1.0, f64::max(m, x.abs_diff(*y) as f64)) })
 }
+
+/// `runner run` of tiny-sdxl with every component offloaded to disk and the VAE converted to bf16
+/// (so it gets a scratch file) in `scratch`; (exit code, stderr).
+fn disk_offload_run(dir: &Path, scratch: &Path) -> (i32, String) {
+    let out = dir.join("out.png");
+    let sets = ["placement.offload=model".to_string(), "placement.offload_target=disk".to_string(), "components.vae.dtype=bf16".to_string(), format!("placement.scratch_dir=\"{}\"", scratch.display())];
+    let sets: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+    let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB"]).args(&sets).arg("--out").arg(&out));
+    (code, stderr)
+}
+
+/// Issue 24 item 3: a scratch file system without room is an error naming the folder and the
+/// bytes, not a SIGBUS (a 16 KiB tmpfs; needs root to mount it, skipped otherwise).
+#[test]
+fn a_full_scratch_file_system_is_an_error_not_a_sigbus() {
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("small");
+    std::fs::create_dir(&scratch).unwrap();
+    let mounted = unsafe { libc::geteuid() } == 0 && std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"]).arg(&scratch).status().is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let (code, stderr) = disk_offload_run(dir.path(), &scratch);
+    let listing: Vec<_> = std::fs::read_dir(&scratch).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let _ = std::process::Command::new("umount").arg(&scratch).status();
+    assert_eq!(code, 1, "exit 1, not a signal: {stderr}");
+    assert!(stderr.contains("no room in the scratch folder") && stderr.contains(&scratch.display().to_string()) && stderr.contains("bytes needed"), "{stderr}");
+    assert!(listing.is_empty(), "no scratch file left: {listing:?}");
+    assert!(!dir.path().join("out.png").exists());
+}
+
+/// Issue 24 items 8 and 9: the scratch files of killed runs go at the next run's check (a dead
+/// PID's, whatever its token), a live process's stay; the probe cannot be redirected through a
+/// symlink planted in the shared folder.
+#[test]
+fn scratch_files_of_killed_runs_are_removed_and_probes_follow_no_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let dead = scratch.join("runner-scratch-4000000-00000000deadbeef-vae.bin");
+    let live = scratch.join("runner-scratch-1-00000000cafef00d-vae.bin"); // PID 1 is alive
+    let other = scratch.join("notes.txt");
+    for f in [&dead, &live, &other] {
+        std::fs::write(f, b"x").unwrap();
+    }
+    let (code, stderr) = disk_offload_run(dir.path(), &scratch);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!dead.exists(), "a dead run's scratch file is removed");
+    assert!(live.exists() && other.exists(), "a live process's and other files stay");
+}
+
+/// Issue 24 item 9: `--dump`'s writability probe used a fixed name and followed symlinks: one
+/// planted there truncated its target. Now nothing outside the folder is touched.
+#[test]
+fn the_dump_folder_probe_follows_no_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-euler", dir.path());
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let dump = dir.path().join("dump");
+    std::fs::create_dir(&dump).unwrap();
+    std::os::unix::fs::symlink(&victim, dump.join(".runner-write-test")).unwrap();
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--set", "run.steps=1", "--dump"]).arg(&dump));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the symlink's target is untouched");
+}
+
+/// Issue 24 item 12: a prompt with U+0000 went raw into the tEXt `parameters` chunk (the PNG
+/// specification forbids NUL there; readers lose what follows). It is written as `\0`; the JSON
+/// chunk keeps the exact prompt.
+#[test]
+fn a_nul_in_the_prompt_never_reaches_a_text_chunk_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest_for("sd15-euler", dir.path());
+    let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--set", "run.steps=1", "--set", r#"run.prompt="a\u0000cat""#]));
+    assert_eq!(code, 0, "{stderr}");
+    let bytes = std::fs::read(dir.path().join("out.png")).unwrap();
+    let (_, text) = decode_png(&dir.path().join("out.png"));
+    let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap();
+    assert!(get("parameters").starts_with("a\\0cat\n"), "{:?}", get("parameters"));
+    let meta: serde_json::Value = serde_json::from_str(&get("runner")).unwrap();
+    assert_eq!(meta["prompt"], "a\u{0}cat");
+    // No chunk's text holds a NUL byte: the keyword's terminator is the only one in tEXt.
+    let mut at = 8;
+    while at + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let (kind, data) = (&bytes[at + 4..at + 8], &bytes[at + 8..at + 8 + len]);
+        if kind == b"tEXt" {
+            assert_eq!(data.iter().filter(|&&b| b == 0).count(), 1, "{}", String::from_utf8_lossy(data));
+        }
+        at += 12 + len;
+    }
+}
