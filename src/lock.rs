@@ -69,7 +69,15 @@ pub fn manifest_files(m: &LoadedManifest) -> Result<Vec<PathBuf>, LockError> {
 /// sha256 of one file, streamed.
 pub fn sha256_file(path: &Path) -> Result<(u64, String), LockError> {
     let io = |source| LockError::Io { path: path.to_path_buf(), source };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    // Non-blocking and checked on the descriptor: a FIFO named like a weight file is refused,
+    // never waited on.
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?
+    };
+    if !f.metadata().map_err(io)?.is_file() {
+        return Err(io(std::io::Error::other("not a regular file (a FIFO, device or socket)")));
+    }
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
     let mut size = 0u64;

@@ -245,3 +245,35 @@ fn bad_shards_are_refused_before_loading() {
     assert!(serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["error"]["message"].is_string(), "{stdout}");
     assert_eq!(files(dir.path()), ["prompts.jsonl"], "nothing written");
 }
+
+/// Issue 24 item 10: `--prompts /dev/zero` read without bound until the OOM killer. Devices are
+/// refused at once; a FIFO that never ends a line is cut at the line cap with a clear error.
+#[test]
+fn prompts_files_are_capped_and_devices_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = ["--set", "pipeline.source=/nonexistent"];
+    let (code, _, stderr) = run(runner().args(["run", M, "--quiet"]).args(broken).args(["--prompts", "/dev/zero"]).arg("--out").arg(dir.path().join("{index}.png")));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot read the prompts file `/dev/zero`") && stderr.contains("not a regular file"), "{stderr}");
+    // A FIFO fed by an endless writer of one line: refused at the line cap (the writer gets EPIPE).
+    let fifo = dir.path().join("p.jsonl");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+            let chunk = vec![b'a'; 1 << 16];
+            for _ in 0..64 {
+                if f.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let (code, _, stderr) = run(runner().args(["run", M, "--quiet"]).args(broken).arg("--prompts").arg(&fifo).arg("--out").arg(dir.path().join("{index}.png")));
+    writer.join().unwrap();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("line 1 is longer than 1 MiB"), "{stderr}");
+}

@@ -267,3 +267,29 @@ fn real_size_pipelines_from_headers() {
     assert_eq!(at16("text_encoder"), 246_121_576);
     assert_eq!(at16("vae"), 167_307_726);
 }
+
+/// Issue 24 item 18: a component source named `*.safetensors` that is a FIFO hung `validate`,
+/// `run`, `inspect`, `shard` (and `lock`) in `open()`; it is refused at once, naming the file.
+#[test]
+fn a_fifo_named_like_a_checkpoint_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("unet.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let source = format!("components.unet.source=\"{}\"", fifo.display());
+    let started = std::time::Instant::now();
+    let out = dir.path().join("shards");
+    for args in [
+        vec!["validate", "manifests/tiny-sd15.toml", "--set", &source],
+        vec!["run", "manifests/tiny-sd15.toml", "--quiet", "--set", &source],
+        vec!["lock", "manifests/tiny-sd15.toml", "--set", &source],
+        vec!["inspect", fifo.to_str().unwrap()],
+        vec!["shard", fifo.to_str().unwrap(), "--out", out.to_str().unwrap(), "--max-shard-size", "1MB"],
+    ] {
+        let (code, _, stderr) = crate::util::run(crate::util::runner().args(&args).timeout(std::time::Duration::from_secs(60)));
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(&fifo.display().to_string()) && stderr.contains("not a regular file"), "{args:?}: {stderr}");
+    }
+    assert!(started.elapsed().as_secs() < 30, "no command waited on the FIFO");
+    assert!(!out.exists());
+}

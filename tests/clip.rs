@@ -119,6 +119,15 @@ fn tokenizer_folder_without_vocab_is_an_error_naming_it() {
     let e = ClipTokenizer::from_folder(dir.path()).unwrap_err().to_string();
     assert!(e.contains("merges.txt") && e.contains("merge 2") && e.contains("`a`"), "{e}");
 
+    // Issue 24 item 19: an empty merges.txt (or one with the version line only) was taken, and
+    // prompts tokenized character by character.
+    std::fs::copy(fixture("tiny-sd15/tokenizer/vocab.json"), dir.path().join("vocab.json")).unwrap();
+    for empty in ["", "#version: 0.2\n"] {
+        std::fs::write(dir.path().join("merges.txt"), empty).unwrap();
+        let e = ClipTokenizer::from_folder(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("merges.txt") && e.contains("holds no merges"), "{e}");
+    }
+
     std::fs::write(dir.path().join("vocab.json"), "[1, 2").unwrap();
     let e = ClipTokenizer::from_folder(dir.path()).unwrap_err().to_string();
     assert!(e.contains("vocab.json") && e.contains("invalid JSON"), "{e}");

@@ -4,7 +4,6 @@
 //! so peak memory stays near the bytes of the result. Nothing reads a whole file into memory.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -153,7 +152,7 @@ pub struct LoadOptions {
 }
 
 fn map_file(path: &Path, populate: bool) -> Result<WatchedMap, CheckpointError> {
-    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let file = crate::checkpoint::safetensors::open_regular(path)?;
     let mut opts = memmap2::MmapOptions::new();
     if populate {
         opts.populate();

@@ -178,13 +178,26 @@ impl Header {
     }
 }
 
-/// Reads and validates a file's header without reading its data.
-pub fn read_header(path: &Path) -> Result<Header, CheckpointError> {
-    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+/// Opens a checkpoint file for reading: a regular file, or an error. Opened non-blocking and
+/// checked on the descriptor, so a FIFO or device named `*.safetensors` is refused at once
+/// instead of hanging `open()` or a read.
+pub fn open_regular(path: &Path) -> Result<File, CheckpointError> {
+    use std::os::unix::fs::OpenOptionsExt;
     if path.is_dir() {
         return Err(CheckpointError::format(path, "is a directory, expected a .safetensors file"));
     }
-    let mut file = File::open(path).map_err(io)?;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| CheckpointError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(CheckpointError::format(path, "is not a regular file (a FIFO, device or socket): checkpoints are read from files"));
+    }
+    Ok(file)
+}
+
+/// Reads and validates a file's header without reading its data.
+pub fn read_header(path: &Path) -> Result<Header, CheckpointError> {
+    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+    let mut file = open_regular(path)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut len_bytes = [0u8; 8];
     if file_len < 8 {
@@ -325,10 +338,7 @@ pub struct MappedFile {
 impl MappedFile {
     pub fn open(path: &Path) -> Result<MappedFile, CheckpointError> {
         let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
-        if path.is_dir() {
-            return Err(CheckpointError::format(path, "is a directory, expected a .safetensors file"));
-        }
-        let file = File::open(path).map_err(io)?;
+        let file = open_regular(path)?;
         // SAFETY: the map is read-only; a file truncated under us by another process faults, and
         // the watch turns that into an error naming the file.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;

@@ -170,7 +170,7 @@ pub fn shard(src: &Path, out: &Path, opts: &ShardOptions, progress: &dyn Fn(u64,
 
     // Read with pread, not through a mapping: a source truncated while it is read is then an error
     // naming the file, not a SIGBUS.
-    let sources: Vec<File> = checkpoint.files.iter().map(|(p, _)| File::open(p).map_err(|e| CheckpointError::io(p, e))).collect::<Result<_, _>>()?;
+    let sources: Vec<File> = checkpoint.files.iter().map(|(p, _)| crate::checkpoint::safetensors::open_regular(p)).collect::<Result<_, _>>()?;
     let names: Vec<&String> = checkpoint.tensors.keys().collect(); // sorted: key order
     let targets: Vec<Dtype> = names.iter().map(|n| out_dtype(checkpoint.tensors[*n].info.dtype, opts.dtype)).collect();
     let sizes: Vec<u64> = names

@@ -45,9 +45,32 @@ pub struct Line {
     pub sets: Result<Vec<String>, String>,
 }
 
-/// Reads the prompts file: every non-empty line, parsed (a bad line is that line's error).
+/// The largest prompts file and line read: a million prompts of a few hundred bytes fit; a
+/// device such as `/dev/zero` (no newline, no end) is refused at the cap, not read until the
+/// OOM killer comes.
+pub const MAX_PROMPTS_BYTES: u64 = 256 << 20;
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Reads the prompts file (a regular file, a FIFO or /dev/stdin; at most [`MAX_PROMPTS_BYTES`],
+/// lines of at most [`MAX_LINE_BYTES`]): every non-empty line, parsed (a bad line is that line's
+/// error).
 pub fn read_lines(path: &Path) -> std::io::Result<Vec<Line>> {
-    let text = std::fs::read_to_string(path)?;
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path)?.file_type();
+    let stdin = path == Path::new("/dev/stdin");
+    if !(t.is_file() || t.is_fifo() || (stdin && t.is_char_device())) {
+        return Err(std::io::Error::other("not a regular file (a device, folder or socket): prompts are read from files, FIFOs or /dev/stdin"));
+    }
+    let mut bytes = vec![];
+    std::fs::File::open(path)?.take(MAX_PROMPTS_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_PROMPTS_BYTES {
+        return Err(std::io::Error::other(format!("larger than {} MiB: split it, or run shards of it (`--shard K/N`)", MAX_PROMPTS_BYTES >> 20)));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| std::io::Error::other(format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
+    if let Some((n, _)) = text.lines().enumerate().find(|(_, l)| l.len() > MAX_LINE_BYTES) {
+        return Err(std::io::Error::other(format!("line {} is longer than {} MiB: one JSON object of `[run]` keys a line", n + 1, MAX_LINE_BYTES >> 20)));
+    }
     Ok(parse_lines(&text))
 }
 

@@ -17,7 +17,7 @@ pub fn to_rgb8(image: &Tensor) -> (u32, u32, Vec<u8>) {
 
 /// Writes `path` (atomically for a regular file, in place for a device or FIFO; see
 /// [`crate::fsutil::write_file`]) with `text`: Latin-1 text as tEXt chunks, anything else (a curly
-/// apostrophe, CJK, emoji) as UTF-8 iTXt chunks, as the PNG specification asks.
+/// apostrophe, CJK, emoji) as UTF-8 iTXt chunks, as the PNG specification asks; NUL as `\0`.
 pub fn write_png(path: &Path, width: u32, height: u32, rgb: &[u8], text: &[(&str, String)]) -> std::io::Result<()> {
     let bytes = encode_png(width, height, rgb, text)?;
     crate::fsutil::write_file(path, |w| w.write_all(&bytes))
@@ -30,6 +30,9 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8], text: &[(&str, String)]) 
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     for (k, v) in text {
+        // The specification forbids NUL in text chunks (readers stop at it): written as the two
+        // characters `\0`; the exact text stays in the `runner` chunk's JSON (`\u0000`).
+        let v = &v.replace('\0', "\\0");
         let latin1 = v.chars().all(|c| (c as u32) < 256);
         if latin1 {
             enc.add_text_chunk(k.to_string(), v.clone()).map_err(std::io::Error::other)?;

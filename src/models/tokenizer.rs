@@ -164,6 +164,15 @@ fn build_merges(path: &Path, pairs: Vec<(usize, String, String)>, vocab: &HashMa
     Ok(merges)
 }
 
+/// A CLIP BPE without merges would tokenize every prompt character by character: a broken
+/// download, refused (`tokenizers` would take it and the images would quietly be wrong).
+fn non_empty(path: &Path, merges: Merges) -> Result<Merges, TokenizerError> {
+    if merges.is_empty() {
+        return Err(format_err(path, "holds no merges: a CLIP tokenizer without them splits prompts into single characters (a truncated download?)"));
+    }
+    Ok(merges)
+}
+
 /// `merges.txt`: `#version` lines skipped, then one `left right` pair a line.
 fn parse_merges_txt(path: &Path, text: &str) -> Result<Vec<(usize, String, String)>, TokenizerError> {
     let mut out = vec![];
@@ -255,7 +264,7 @@ impl ClipTokenizer {
                 return Err(format_err(p, format!("`model.type` is `{t}`; a CLIP tokenizer is `BPE`")));
             }
             let vocab = parse_vocab(p, model.get("vocab").unwrap_or(&Value::Null))?;
-            let merges = build_merges(p, parse_merges_json(p, model.get("merges").unwrap_or(&Value::Null))?, &vocab)?;
+            let merges = non_empty(p, build_merges(p, parse_merges_json(p, model.get("merges").unwrap_or(&Value::Null))?, &vocab)?)?;
             for t in j.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
                 let id = json_id(p, "added_tokens", t.get("id").unwrap_or(&Value::Null))?;
                 added.extend(added_from_json(t, id));
@@ -268,7 +277,7 @@ impl ClipTokenizer {
                 return Err(TokenizerError::Folder { dir: dir.to_path_buf(), msg: format!("has neither `tokenizer.json` nor `vocab.json` + `merges.txt` (missing: {})", missing.join(", ")) });
             }
             let vocab = parse_vocab(&vp, &read_json(&vp)?)?;
-            let merges = build_merges(&mp, parse_merges_txt(&mp, &read_text(&mp)?)?, &vocab)?;
+            let merges = non_empty(&mp, build_merges(&mp, parse_merges_txt(&mp, &read_text(&mp)?)?, &vocab)?)?;
             (vocab, merges)
         };
         if vocab.is_empty() {
