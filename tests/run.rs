@@ -1388,3 +1388,28 @@ fn a_nul_in_the_prompt_never_reaches_a_text_chunk_raw() {
         at += 12 + len;
     }
 }
+
+/// Issue 24 item 7: `--out` through a symlink (or a hard link) to the pipeline's own weights
+/// replaced the weights with the PNG, exit 0. Outputs never replace a file the run reads.
+#[test]
+fn an_output_never_replaces_an_input_whatever_path_leads_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("tiny-sd15");
+    crate::lock::copy_dir(&root().join("tests/fixtures/tiny-sd15"), &pipe);
+    let m = dir.path().join("m.toml");
+    let text = std::fs::read_to_string(root().join("manifests/tiny-sd15.toml")).unwrap();
+    std::fs::write(&m, text.replace("../tests/fixtures/tiny-sd15", pipe.to_str().unwrap())).unwrap();
+    let weights = pipe.join("unet/diffusion_pytorch_model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let link = dir.path().join("out.png");
+    std::os::unix::fs::symlink(&weights, &link).unwrap();
+    let hard = dir.path().join("hard.png");
+    std::fs::hard_link(pipe.join("vae/diffusion_pytorch_model.safetensors"), &hard).unwrap();
+    for (out, what) in [(&link, "unet/diffusion_pytorch_model.safetensors"), (&hard, "vae/diffusion_pytorch_model.safetensors"), (&m, "m.toml")] {
+        let (code, _, stderr) = run(runner().arg("run").arg(&m).args(["--quiet", "--set", "run.steps=1"]).arg("--out").arg(out));
+        assert_eq!(code, 1, "{}: {stderr}", out.display());
+        assert!(stderr.contains("a file this run reads") && stderr.contains(what), "{stderr}");
+    }
+    assert_eq!(std::fs::read(&weights).unwrap(), before, "the weights are untouched");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+}

@@ -3,7 +3,7 @@
 //! re-plans without reading a file, and the outputs (PNGs with their provenance, dumps, the
 //! report).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::nn::VarStore;
@@ -58,9 +58,34 @@ fn check_shape(shape: &crate::plan::memory::RunShape) -> Result<(), ExecError> {
     Ok(())
 }
 
+/// Every file a run of `m` reads: the pipeline's (indexes, shards, configs, tokenizers), the
+/// manifest, its lock and `run.latents`.
+fn input_files(m: &LoadedManifest, pipeline: &PipelineFolder) -> Vec<PathBuf> {
+    let mut files = pipeline.files();
+    files.push(m.path.clone());
+    files.push(crate::lock::lock_path(&m.path));
+    if let Some(l) = &m.manifest.run.latents {
+        files.push(m.resolve_path("run.latents", l));
+    }
+    files
+}
+
 /// Every destination is checked before generating, not after: a folder, a read-only place, a
-/// file where a folder should be.
-fn check_outputs(outputs: &[PathBuf]) -> Result<(), ExecError> {
+/// file where a folder should be, and a file the run reads (through a symlink, a hard link or
+/// another spelling of its path: compared by device and inode), which is never replaced.
+fn check_outputs(outputs: &[PathBuf], inputs: &[PathBuf]) -> Result<(), ExecError> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|md| (md.dev(), md.ino()));
+    let reads: Vec<((u64, u64), &PathBuf)> = inputs.iter().filter_map(|p| id(p).map(|i| (i, p))).collect();
+    for o in outputs {
+        if let Some((_, input)) = id(o).and_then(|i| reads.iter().find(|(r, _)| *r == i)) {
+            return Err(ExecError::Unsupported(format!(
+                "the output `{}` is `{}`, a file this run reads: runner never replaces its inputs (choose another output path)",
+                o.display(),
+                input.display()
+            )));
+        }
+    }
     for o in outputs {
         let dest = crate::fsutil::check_destination(o).map_err(|msg| ExecError::Io { what: "cannot write the image", path: o.clone(), source: std::io::Error::other(msg) })?;
         if o.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) && !matches!(dest, crate::fsutil::Destination::InPlace(_)) {
@@ -95,7 +120,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let shape = build::run_shape(m, &configs);
     check_shape(&shape)?;
     let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
-    check_outputs(&outputs)?;
+    check_outputs(&outputs, &input_files(m, &pipeline))?;
     if let Some(d) = &opts.dump {
         std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
         crate::fsutil::probe_writable(d).map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
@@ -197,7 +222,7 @@ impl Session<'_> {
             }
         }
         let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
-        check_outputs(&outputs)?;
+        check_outputs(&outputs, &input_files(m, &self.pipeline))?;
         let job = Job { m, shape, seed: seed_of(m), outputs, warnings };
         self.generate_job(&job, opts)
     }
