@@ -446,7 +446,9 @@ fn serve_runs_asynchronous_jobs() {
     assert_eq!((status, error_field(&body)), (422, serde_json::json!("stpes")));
 
     // Metrics: requests by route and status, jobs by outcome, step and generation latency,
-    // the ledger's resident bytes, the queue.
+    // the ledger's resident bytes, the queue. (The worker counts a generation just after its
+    // answer is sent: wait for the count.)
+    wait_metric(port, "runner_generations_total", &["outcome=\"succeeded\""], 3.0);
     let text = metrics_text(port);
     assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/v1/jobs\"", "status=\"202\""]), 3.0, "{text}");
     assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/v1/jobs\"", "status=\"422\""]), 1.0, "{text}");
