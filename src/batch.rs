@@ -174,6 +174,7 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Sh
         lock_sha256,
         watch: None,
         in_memory: false,
+        latents: None,
     };
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);

@@ -64,7 +64,13 @@ pub fn manifest_for(case: &str, dir: &Path) -> PathBuf {
     }
     text.push_str(&format!(
         "guidance_scale = {}\nsteps = {}\nseed = {}\nbatch = {}\nwidth = {}\nheight = {}\noutput = \"out.png\"\nthreads = {}\n",
-        m["guidance_scale"], m["steps"], m["seed"], m["batch"], m["width"], m["height"], crate::util::threads()
+        m["guidance_scale"],
+        m["steps"],
+        m["seed"],
+        m["batch"],
+        m["width"],
+        m["height"],
+        crate::util::threads()
     ));
     let p = dir.join("m.toml");
     std::fs::write(&p, text).unwrap();

@@ -624,6 +624,7 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
         lock_sha256: None,
         watch: None,
         in_memory: false,
+        latents: None,
     };
     let whole = write("whole", "{ \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
     // The second plan: cuda:0 keeps the text encoder and part of the UNet, cuda:1 the rest.
@@ -1104,7 +1105,17 @@ fn a_loaded_flux_pipeline_moves_to_a_new_plan() {
     let whole = runner::manifest::load(&tiny_flux_manifest(&d1, budgets), &Default::default()).unwrap();
     let group = runner::manifest::load(&tiny_flux_manifest(&d2, &format!("{budgets}offload = \"group\"\n")), &Default::default()).unwrap();
     let build = || BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=40MB,cpu=2GiB").unwrap()), weights_only: false };
-    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: build(), progress: false, simulate: true, lock_sha256: None, watch: None, in_memory: false };
+    let opts = |out: &str| runner::exec::RunOptions {
+        out: Some(dir.path().join(out)),
+        dump: None,
+        plan: build(),
+        progress: false,
+        simulate: true,
+        lock_sha256: None,
+        watch: None,
+        in_memory: false,
+        latents: None,
+    };
     let plan_group = runner::plan::plan(&preflighted_input(&group, &build(), &build())).unwrap();
     assert!(plan_group.components.iter().any(|c| c.name == "transformer" && c.offload == runner::manifest::Offload::Group));
     let mut session = runner::exec::load(&whole, &opts("a.png")).unwrap();
@@ -1271,7 +1282,17 @@ fn a_cancelled_run_leaves_the_session_as_a_finished_one_does() {
     let budgets = "[placement]\nmax_memory = { \"cuda:0\" = \"40MB\", cpu = \"2GiB\" }\noffload = \"model\"\n";
     let m = runner::manifest::load(&tiny_flux_manifest(dir.path(), budgets), &Default::default()).unwrap();
     let build = || BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=40MB,cpu=2GiB").unwrap()), weights_only: false };
-    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), dump: None, plan: build(), progress: false, simulate: true, lock_sha256: None, watch: None, in_memory: false };
+    let opts = |out: &str| runner::exec::RunOptions {
+        out: Some(dir.path().join(out)),
+        dump: None,
+        plan: build(),
+        progress: false,
+        simulate: true,
+        lock_sha256: None,
+        watch: None,
+        in_memory: false,
+        latents: None,
+    };
     let mut session = runner::exec::load(&m, &opts("a.png")).unwrap();
     let a = session.generate(&opts("a.png")).unwrap();
     for at in [1, 2] {

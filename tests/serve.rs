@@ -179,7 +179,8 @@ fn runner_run(sets: &[&str]) -> Vec<u8> {
 #[test]
 fn serve_answers_like_runner_run() {
     // The base flags apply to both: the server's manifest is the one `runner run` sees.
-    let base = ["serve.max_steps=3", "run.guidance_scale=5.0"];
+    // (The manifest's own steps, 4, would be over `max_steps`: the server would not start.)
+    let base = ["serve.max_steps=3", "run.guidance_scale=5.0", "run.steps=3"];
     let mut args = vec![M];
     for s in &base {
         args.extend(["--set", s]);
@@ -192,7 +193,7 @@ fn serve_answers_like_runner_run() {
     let (status, headers, png) = post(s.port, r#"{"prompt": "a dog", "seed": 3, "steps": 2, "negative_prompt": "blurry"}"#);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
     assert_eq!(header(&headers, "content-type"), Some("image/png"));
-    let want = runner_run(&[base[0], base[1], "run.prompt=a dog", "run.seed=3", "run.steps=2", "run.negative_prompt=blurry"]);
+    let want = runner_run(&[base[0], base[1], base[2], "run.prompt=a dog", "run.seed=3", "run.steps=2", "run.negative_prompt=blurry"]);
     assert!(png == want, "served PNG differs from runner run's ({} vs {} bytes)", png.len(), want.len());
 
     // JSON: base64 PNGs, the seed, timings; a batch.
@@ -214,8 +215,21 @@ fn serve_answers_like_runner_run() {
     // run's with `--set pipeline.scheduler`.
     let (status, _, png) = post(s.port, r#"{"prompt": "a dog", "seed": 3, "steps": 2, "scheduler": "euler-ancestral"}"#);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
-    assert!(png == runner_run(&[base[0], base[1], "run.prompt=a dog", "run.seed=3", "run.steps=2", "pipeline.scheduler=euler-ancestral"]), "served PNG with a scheduler differs from runner run's");
+    assert!(
+        png == runner_run(&[base[0], base[1], base[2], "run.prompt=a dog", "run.seed=3", "run.steps=2", "pipeline.scheduler=euler-ancestral"]),
+        "served PNG with a scheduler differs from runner run's"
+    );
     assert!(png != want);
+
+    // Seeds take the whole u64 range, as `--set run.seed` does.
+    for seed in [u64::MAX, 1 << 63] {
+        let (status, _, body) = post(s.port, &format!(r#"{{"prompt": "a dog", "seed": {seed}, "steps": 1, "response": "json"}}"#));
+        assert_eq!(status, 200, "{seed}: {}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["seed"].as_u64(), Some(seed));
+        let png = base64::engine::general_purpose::STANDARD.decode(v["images"][0].as_str().unwrap()).unwrap();
+        assert!(png == runner_run(&[base[0], base[1], base[2], "run.prompt=a dog", &format!("run.seed={seed}"), "run.steps=1"]), "seed {seed}: served PNG differs from runner run's");
+    }
 
     // 422 naming the field: unknown, wrong type, missing prompt, over a limit; malformed JSON.
     for (body, field) in [
@@ -223,6 +237,7 @@ fn serve_answers_like_runner_run() {
         (r#"{"prompt": "a", "steps": "many"}"#, serde_json::json!("steps")),
         (r#"{"prompt": "a", "seed": -1}"#, serde_json::json!("seed")),
         (r#"{"prompt": "a", "seed": 1e30}"#, serde_json::json!("seed")),
+        (r#"{"prompt": "a", "seed": 18446744073709551616}"#, serde_json::json!("seed")),
         (r#"{"prompt": "a", "width": 4000000000}"#, serde_json::json!("width")),
         (r#"{"prompt": "a", "steps": 0}"#, serde_json::json!("steps")),
         (r#"{"seed": 1}"#, serde_json::json!("prompt")),
@@ -252,7 +267,7 @@ fn serve_answers_like_runner_run() {
     assert!(v["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("77 tokens")), "{v}");
 
     // 413: a body over the limit.
-    let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(2 << 20));
+    let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(5 << 20));
     let (status, _, _) = post(s.port, &big);
     assert_eq!(status, 413);
 
@@ -357,6 +372,12 @@ fn serve_runs_asynchronous_jobs() {
     assert!(png == runner_run(&["run.prompt=a dog", "run.seed=5", "run.steps=3"]), "the job's PNG is not runner run's");
     let (status, _, body) = request(port, "GET", &format!("/v1/jobs/{id}/image?index=1"), b"");
     assert_eq!((status, error_field(&body)), (404, serde_json::json!("index")));
+    // A bad index: the JSON refusal, as every other.
+    for q in ["index=x", "index=-1", "index=1.5"] {
+        let (status, headers, body) = request(port, "GET", &format!("/v1/jobs/{id}/image?{q}"), b"");
+        assert_eq!((status, header(&headers, "content-type")), (400, Some("application/json")), "{q}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(error_field(&body), serde_json::json!("index"));
+    }
 
     // Server-sent events: progress while it runs, then `done` with the job. The job is held
     // until the stream has sent its first event, so that it cannot have ended before.
@@ -425,7 +446,9 @@ fn serve_runs_asynchronous_jobs() {
     assert_eq!((status, error_field(&body)), (422, serde_json::json!("stpes")));
 
     // Metrics: requests by route and status, jobs by outcome, step and generation latency,
-    // the ledger's resident bytes, the queue.
+    // the ledger's resident bytes, the queue. (The worker counts a generation just after its
+    // answer is sent: wait for the count.)
+    wait_metric(port, "runner_generations_total", &["outcome=\"succeeded\""], 3.0);
     let text = metrics_text(port);
     assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/v1/jobs\"", "status=\"202\""]), 3.0, "{text}");
     assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/v1/jobs\"", "status=\"422\""]), 1.0, "{text}");
@@ -497,6 +520,10 @@ fn serve_needs_the_bearer_token_when_one_is_set() {
     let bearer = format!("Authorization: Bearer {token}");
     let (status, _, body) = request_with(s.port, "POST", "/v1/images", br#"{"prompt": "a", "steps": 2}"#, &[&bearer]);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // The scheme is case-insensitive (RFC 7235).
+    for auth in [format!("Authorization: bearer {token}"), format!("Authorization: BEARER  {token}")] {
+        assert_eq!(request_with(s.port, "GET", "/metrics", b"", &[&auth]).0, 200, "{auth}");
+    }
     assert_eq!(request_with(s.port, "GET", "/metrics", b"", &[&bearer]).0, 200);
 
     // The variable it names must be set: an error naming it, exit 1.
@@ -504,6 +531,15 @@ fn serve_needs_the_bearer_token_when_one_is_set() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("RUNNER_TEST_NO_SUCH_TOKEN") && stderr.contains("serve.token_env"), "{stderr}");
+    // A token no client could send (a trailing newline, spaces, other than printable ASCII) is
+    // refused at start-up, naming the variable and not showing the value.
+    for bad in ["s3cret-token\n", " s3cret-token", "s3cret token", "s3crét-token"] {
+        let mut cmd = serve_cmd(&[M, "--set", "serve.token_env=RUNNER_TEST_TOKEN", "--listen", "127.0.0.1:0"]);
+        cmd.env("RUNNER_TEST_TOKEN", bad);
+        let (code, out, err) = exit_within(cmd, 60);
+        assert_eq!(code, Some(1), "{bad:?}: {out} {err}");
+        assert!(err.contains("RUNNER_TEST_TOKEN") && !err.contains("s3cr"), "{bad:?}: {err}");
+    }
     let out = serve_cmd(&[M, "--set", "serve.token_env=\"not a name\""]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -690,4 +726,247 @@ fn serve_runs_every_kind_like_runner_run() {
     let out = serve_cmd(&[M, "--simulate", "cuda:0=lots"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--simulate"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Waits for `child` up to `secs`, killing it then: its exit code (None when killed), stdout and
+/// stderr. A server that should have refused to start fails the test instead of hanging it.
+fn exit_within(mut cmd: Command, secs: u64) -> (Option<i32>, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (code, out, err)
+}
+
+/// `f` on a thread: what it returns, or `None` when it has not within `secs`.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs)).ok()
+}
+
+/// A status, headers (lowercased) and body.
+type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// [`post`] on a thread: its answer, or `None` when none came within `secs`.
+fn post_within(port: u16, body: String, secs: u64) -> Option<Answer> {
+    within(secs, move || post(port, &body))
+}
+
+/// A PNG's pixels (its metadata left out).
+fn pixels(png_bytes: &[u8]) -> Vec<u8> {
+    let mut reader = png::Decoder::new(png_bytes).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+/// A safetensors file of one F32 tensor `name` of `shape`, values from a simple formula.
+fn latents_file(name: &str, shape: [u64; 4]) -> Vec<u8> {
+    let n: u64 = shape.iter().product();
+    let data: Vec<u8> = (0..n).flat_map(|i| (((i * 37 % 101) as f32 / 50.0) - 1.0).to_le_bytes()).collect();
+    let header = serde_json::json!({ name: { "dtype": "F32", "shape": shape, "data_offsets": [0, data.len()] } }).to_string();
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+#[test]
+fn serve_requests_carry_data_not_server_paths() {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut cmd = serve_cmd(&[M]);
+    cmd.stderr(Stdio::null());
+    let mut s = launch(cmd);
+    // A path (a file, a folder, nothing, a FIFO that would block an open()) is refused at once,
+    // naming the field, the same answer whatever is there: nothing of the server's files leaks.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut answers = vec![];
+    for path in ["/etc/passwd", "/etc/shadow", "/etc", "/no/such/file.safetensors", fifo.to_str().unwrap(), "../tests/fixtures/tiny-sd15/unet/diffusion_pytorch_model.safetensors"] {
+        let body = serde_json::json!({"prompt": "a", "steps": 1, "latents": path}).to_string();
+        let (status, headers, b) = post_within(s.port, body, 20).unwrap_or_else(|| panic!("`latents` = {path}: no answer within 20 s"));
+        assert_eq!((status, header(&headers, "content-type")), (422, Some("application/json")), "{path}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(error_field(&b), serde_json::json!("latents"));
+        let text = String::from_utf8_lossy(&b).into_owned();
+        assert!(text.contains("not paths") && !text.contains("root") && !text.contains("header length") && !text.contains(path), "{text}");
+        answers.push(b);
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "the answers differ by what the path is");
+
+    // Latents as base64 safetensors data: the image of `runner run` with the same file.
+    let data = latents_file("latents", [1, 4, 8, 8]);
+    let body = serde_json::json!({"prompt": "a dog", "steps": 2, "latents": b64(&data)}).to_string();
+    let (status, _, png) = post(s.port, &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
+    let file = dir.path().join("l.safetensors");
+    std::fs::write(&file, &data).unwrap();
+    let want = runner_run(&["run.prompt=a dog", "run.steps=2", &format!("run.latents={}", file.display())]);
+    assert!(pixels(&png) == pixels(&want), "served latents give another image than runner run's file");
+    // Checked whole before the job queues: the shape, the tensors, the dtype, base64 itself.
+    let mut wrong_dtype = data.clone();
+    let at = wrong_dtype.windows(5).position(|w| w == b"\"F32\"").unwrap();
+    wrong_dtype[at + 1..at + 4].copy_from_slice(b"I32");
+    let two = {
+        let mut f = latents_file("a", [1, 4, 8, 8]);
+        f.truncate(8);
+        let header = serde_json::json!({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}).to_string();
+        f = (header.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(header.as_bytes());
+        f.extend_from_slice(&[0; 8]);
+        f
+    };
+    for (latents, needle) in [
+        (serde_json::json!(b64(&latents_file("latents", [1, 4, 16, 8]))), "shape"),
+        (serde_json::json!(b64(&wrong_dtype)), "F32"),
+        (serde_json::json!(b64(&two)), "2 tensors"),
+        (serde_json::json!(b64(b"root:x:0:0:root:/root:/bin/bash\n")), "safetensors"),
+        (serde_json::json!("not base64!"), "base64"),
+        (serde_json::json!([1, 2]), "base64"),
+    ] {
+        let body = serde_json::json!({"prompt": "a", "steps": 1, "latents": latents}).to_string();
+        let (status, _, b) = post(s.port, &body);
+        assert_eq!((status, error_field(&b)), (422, serde_json::json!("latents")), "{}", String::from_utf8_lossy(&b));
+        assert!(String::from_utf8_lossy(&b).contains(needle), "{needle}: {}", String::from_utf8_lossy(&b));
+    }
+    // Output names stay refused (the server sends the image; it writes no file).
+    let (status, _, b) = post(s.port, r#"{"prompt": "a", "output": "/tmp/x.png"}"#);
+    assert_eq!((status, error_field(&b)), (422, serde_json::json!("output")));
+
+    // No thread is left blocked in an open(): SIGTERM drains and exits at once.
+    // SAFETY: a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the server did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `manifests/tiny-sd15.toml` in a temporary folder, its pipeline folder absolute, with `edit`.
+fn tiny_manifest(edit: impl Fn(String) -> String) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root().join(M)).unwrap().replace("../tests/fixtures/tiny-sd15", &root().join("tests/fixtures/tiny-sd15").display().to_string());
+    let m = dir.path().join("m.toml");
+    std::fs::write(&m, edit(text)).unwrap();
+    let m = m.to_str().unwrap().to_string();
+    (dir, m)
+}
+
+#[test]
+fn serve_limits_hold_the_values_a_job_runs_with() {
+    // Width and height left to the model's default (64x64 from the tiny UNet's sample_size and
+    // the VAE's factor): a request naming only one is held against the other's default.
+    let (_d, m) = tiny_manifest(|t| t.replace("width = 64\n", "").replace("height = 64\n", ""));
+    let s = start(&[&m, "--set", "serve.max_pixels=4096", "--set", "serve.max_batch=2"]);
+    for (body, field) in [(r#"{"prompt": "a", "steps": 1, "height": 128}"#, "height"), (r#"{"prompt": "a", "steps": 1, "width": 128}"#, "width")] {
+        let (status, _, b) = post(s.port, body);
+        assert_eq!((status, error_field(&b)), (422, serde_json::json!(field)), "{body}: {}", String::from_utf8_lossy(&b));
+        assert!(String::from_utf8_lossy(&b).contains("serve.max_pixels"));
+    }
+    let (status, _, b) = post(s.port, r#"{"prompt": "a", "steps": 1, "batch": 3, "response": "json"}"#);
+    assert_eq!((status, error_field(&b)), (422, serde_json::json!("batch")));
+    let (status, _, b) = post(s.port, r#"{"prompt": "a", "steps": 1}"#);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&b));
+    drop(s);
+
+    // A manifest whose own job (defaults included) is over a limit is refused before listening,
+    // naming the key: steps left to the kind's 50, the default size, a batch.
+    let (_d, no_steps) = tiny_manifest(|t| t.replace("steps = 4\n", ""));
+    let (_d2, no_size) = tiny_manifest(|t| t.replace("width = 64\n", "").replace("height = 64\n", ""));
+    for (manifest, sets, needles) in [
+        (&no_steps, ["--set", "serve.max_steps=2"], ["`run.steps`", "serve.max_steps", "50"]),
+        (&no_size, ["--set", "serve.max_pixels=2048"], ["`run.width`", "serve.max_pixels", "64x64"]),
+        (&m, ["--set", "run.batch=3"], ["`run.batch`", "serve.max_batch", "3"]),
+    ] {
+        let mut args = vec![manifest.as_str()];
+        args.extend(sets);
+        if manifest == &m {
+            args.extend(["--set", "serve.max_batch=2"]);
+        }
+        args.extend(["--listen", "127.0.0.1:0"]);
+        let (code, out, err) = exit_within(serve_cmd(&args), 60);
+        assert_eq!(code, Some(1), "{args:?}: {out} {err}");
+        assert!(out.is_empty(), "it listened: {out}");
+        assert!(needles.iter().all(|n| err.contains(n)), "{needles:?}: {err}");
+    }
+}
+
+#[test]
+fn serve_metrics_labels_are_bounded() {
+    let s = start(&[M]);
+    for i in 0..40 {
+        let (status, _, _) = request(s.port, &format!("INVENTED{i}"), "/healthz", b"");
+        assert_eq!(status, 405);
+    }
+    let (status, _, _) = request(s.port, "PATCH", "/healthz", b"");
+    assert_eq!(status, 405);
+    let text = metrics_text(s.port);
+    assert!(!text.contains("INVENTED"), "{text}");
+    assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/healthz\"", "method=\"other\""]), 40.0, "{text}");
+    assert_eq!(metric(&text, "runner_http_requests_total", &["path=\"/healthz\"", "method=\"PATCH\""]), 1.0, "{text}");
+}
+
+/// The process's user and system CPU time, in clock ticks (/proc/PID/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn serve_backs_off_when_it_runs_out_of_file_descriptors() {
+    let mut cmd = serve_cmd(&[M]);
+    cmd.stderr(Stdio::piped());
+    let mut s = launch(cmd);
+    let pid = s.child.id();
+    // The server's descriptor limit lowered to what it holds now, plus a few: connections beyond
+    // those fail its accept() with EMFILE.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let limit = libc::rlimit { rlim_cur: open + 4, rlim_max: open + 4 };
+    // SAFETY: prlimit on our own child with a valid struct.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) }, 0);
+    let held: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(("127.0.0.1", s.port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - before;
+    eprintln!("CPU ticks over 1 s while accept() failed: {spent}");
+    // A spin takes about 100 ticks a second; backing off, a few.
+    assert!(spent < 15, "the server spent {spent} ticks of CPU in 1 s while accept() failed");
+    drop(held);
+    // Once descriptors are free again it serves.
+    let port = s.port;
+    let answered = within(20, move || request(port, "GET", "/healthz", b"").0);
+    assert_eq!(answered, Some(200), "the server did not serve again");
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let mut err = String::new();
+    s.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(err.matches("cannot accept connections").count(), 1, "said once per episode: {err}");
 }

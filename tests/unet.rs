@@ -32,7 +32,6 @@ fn weights(dir: &std::path::Path) -> Checkpoint {
     Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap()
 }
 
-
 /// The UNet, and the mapped checkpoint its parameters view (keep it while the UNet is used).
 fn unet(pipeline: &str) -> (UNet2DConditionModel, Mapped) {
     let dir = root().join(format!("tests/fixtures/{pipeline}/unet"));

@@ -108,8 +108,14 @@ pub fn line_sets(text: &str) -> Result<Vec<String>, String> {
         if v.is_null() {
             return Err(format!("`{k}` is null: leave the key out for the manifest's value"));
         }
-        let t = toml::Value::try_from(v).map_err(|e| format!("`{k}`: {e}"))?;
         let table = if k == "scheduler" { "pipeline" } else { "run" };
+        // TOML's integers are 64-bit signed: a larger JSON integer (a u64 seed) goes as its
+        // digits, which `--set` takes as that number.
+        if let Some(n) = v.as_u64().filter(|&n| n > i64::MAX as u64) {
+            sets.push(format!("{table}.{k}={n}"));
+            continue;
+        }
+        let t = toml::Value::try_from(v).map_err(|e| format!("`{k}`: {e}"))?;
         sets.push(format!("{table}.{k}={t}"));
     }
     Ok(sets)

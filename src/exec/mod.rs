@@ -7,6 +7,7 @@
 pub mod allocator;
 pub mod batch;
 mod cuda_stream;
+pub mod latents;
 pub mod ledger;
 mod loading;
 mod offload;
@@ -78,6 +79,9 @@ pub struct RunOptions {
     /// `Session::generate_run`: the PNGs' bytes in `RunReport::pngs` instead of files
     /// (`runner serve`, which sends them).
     pub in_memory: bool,
+    /// Initial latents given as data (`runner serve`'s request body): they replace `run.latents`
+    /// and the seeded draw.
+    pub latents: Option<std::sync::Arc<latents::LatentsData>>,
 }
 
 /// Watches a run between its denoising steps: `runner serve` reports a job's progress through it

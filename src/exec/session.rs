@@ -238,6 +238,7 @@ impl Session<'_> {
             simulate: self.simulate,
             progress: opts.progress,
             watch: opts.watch.clone(),
+            latents: opts.latents.clone(),
             res: self.residency()?,
             dump: Dump::new(opts.dump.is_some()),
             warnings: job.warnings.clone(),
@@ -252,11 +253,12 @@ impl Session<'_> {
 
         // 6. Write, each image with what makes it again.
         let r = &m.manifest.run;
-        let latents = r.latents.as_ref().map(|p| {
+        let file = r.latents.as_ref().filter(|_| opts.latents.is_none()).map(|p| {
             let path = m.resolve_path("run.latents", p);
             let sha = crate::lock::sha256_file(&path).map(|(_, h)| h).unwrap_or_default();
             (path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), sha)
         });
+        let latents = opts.latents.as_ref().map(|l| (super::latents::SOURCE.to_string(), l.sha256.clone())).or(file);
         let mut meta = png::ImageMeta {
             version: env!("CARGO_PKG_VERSION").to_string(),
             prompt: r.prompt.clone().unwrap_or_default(),

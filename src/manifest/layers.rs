@@ -125,12 +125,23 @@ impl Provider for KeyLayer {
 
 /// Parses an override's value as a TOML literal (`30`, `true`, `"x"`, `[1, 2]`, `{ a = 1 }`),
 /// or takes it as a plain string when it is not one (`a cute dog`, `fp16`).
+/// A whole number beyond TOML's 64-bit signed integers (up to 2^64-1, `run.seed`'s range) is
+/// that number, not a string.
 pub fn parse_literal(s: &str) -> Value {
     let doc = format!("v = {s}");
     match toml::from_str::<toml::Table>(&doc) {
         Ok(t) if t.len() == 1 => t.get("v").and_then(|v| Value::serialize(v).ok()).unwrap_or_else(|| Value::from(s.to_string())),
-        _ => Value::from(s.to_string()),
+        _ => match big_unsigned(s) {
+            Some(n) => Value::from(n),
+            None => Value::from(s.to_string()),
+        },
     }
+}
+
+/// `s` as a u64 from 2^63 up, written as TOML would write it (digits, no sign or leading zero).
+pub fn big_unsigned(s: &str) -> Option<u64> {
+    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
+    digits.then(|| s.parse::<u64>().ok()).flatten().filter(|&n| n > i64::MAX as u64)
 }
 
 /// Builds the layer of one environment variable.
@@ -196,6 +207,11 @@ mod tests {
         assert_eq!(parse_literal("fp16").as_str(), Some("fp16"));
         assert_eq!(parse_literal("1\nx = 2").as_str(), Some("1\nx = 2"));
         assert!(parse_literal("[1, 2]").as_array().is_some());
+        // Beyond TOML's i64: the u64 it writes; other digits stay what they were.
+        assert_eq!(parse_literal("18446744073709551615").to_u128(), Some(u64::MAX as u128));
+        assert_eq!(parse_literal("9223372036854775808").to_u128(), Some(1 << 63));
+        assert_eq!(parse_literal("18446744073709551616").as_str(), Some("18446744073709551616"));
+        assert_eq!(parse_literal("007").as_str(), Some("007"));
     }
 
     #[test]

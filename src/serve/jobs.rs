@@ -128,6 +128,8 @@ pub struct Entry {
     /// The request, checked; taken by the worker.
     request: Mutex<Option<Box<LoadedManifest>>>,
     pub json: bool,
+    /// The request's `latents`, as data.
+    pub latents: Option<Arc<runner::exec::latents::LatentsData>>,
     pub created: Instant,
     created_unix: f64,
     pub deadline: Option<Instant>,
@@ -147,13 +149,14 @@ fn new_id() -> String {
 }
 
 impl Entry {
-    pub fn new(m: LoadedManifest, json: bool, timeout: Option<f64>) -> Arc<Entry> {
+    pub fn new(m: LoadedManifest, json: bool, latents: Option<Arc<runner::exec::latents::LatentsData>>, timeout: Option<f64>) -> Arc<Entry> {
         let created = Instant::now();
         Arc::new(Entry {
             id: new_id(),
             place: Mutex::new(None),
             request: Mutex::new(Some(Box::new(m))),
             json,
+            latents,
             created,
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
             deadline: timeout.map(|t| created + std::time::Duration::from_secs_f64(t)),

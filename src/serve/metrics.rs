@@ -34,6 +34,22 @@ pub struct DeviceLabels {
     pub device: String,
 }
 
+/// The request's method as a label: one of the methods the API or a client's probe may use,
+/// else `other` (a method is the client's to invent: each would be a new series).
+pub fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
 fn http_histogram() -> Histogram {
     // 0.25 ms .. ~8 min: the HTTP path alone (a 429, a health check) and whole generations.
     Histogram::new(exponential_buckets(0.00025, 2.5, 16))

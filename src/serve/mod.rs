@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{MatchedPath, Path as UrlPath, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -33,8 +34,9 @@ use runner::manifest::{self, LoadedManifest, Overrides};
 
 use request::parse_request;
 
-/// The largest request body (413 beyond).
-pub const BODY_LIMIT: usize = 1 << 20;
+/// The largest request body (413 beyond): room for `latents` (base64) of a 1024x1024 FLUX image
+/// in F32 and then some.
+pub const BODY_LIMIT: usize = 4 << 20;
 /// `[serve] queue`'s default.
 pub const DEFAULT_QUEUE: usize = 8;
 /// `[serve] read_timeout`'s default, in seconds.
@@ -56,10 +58,14 @@ pub enum ServeError {
     NotLoopback(SocketAddr),
     #[error("`serve.token_env` names `{0}`, which is not set (or empty) in the environment: the server would have no token")]
     NoToken(String),
+    #[error("`serve.token_env` names `{0}`, whose value holds whitespace (a trailing newline?) or characters outside printable ASCII: no client could send it in `Authorization: Bearer <token>` (the value is not shown)")]
+    BadToken(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("`{file}` is not a valid manifest: {message}")]
     Manifest { file: PathBuf, message: String },
+    #[error("{0}")]
+    Limit(String),
     #[error("--locked: {0}")]
     Lock(String),
     #[error("{0}")]
@@ -133,7 +139,15 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     let base = manifest::load(&file, job.overrides).map_err(invalid)?;
     let limits = base.manifest.serve.clone().unwrap_or_default();
     let token = match &limits.token_env {
-        Some(var) => Some(std::env::var(var).ok().filter(|t| !t.is_empty()).ok_or_else(|| ServeError::NoToken(var.clone()))?),
+        Some(var) => {
+            let token = std::env::var(var).ok().filter(|t| !t.is_empty()).ok_or_else(|| ServeError::NoToken(var.clone()))?;
+            // What a client can send in `Authorization: Bearer <token>` and be matched: a
+            // newline or spaces around it, or other characters, would refuse every client.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ServeError::BadToken(var.clone()).into());
+            }
+            Some(token)
+        }
         None => None,
     };
     let addr = listen_addr(job.listen, token.is_some(), job.insecure_bind)?;
@@ -142,6 +156,16 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     }
     // Everything knowable without loading a weight, before the server listens.
     let (folder, configs) = runner::preflight::check(&base).map_err(invalid)?;
+    // The manifest's own job within `[serve]`'s limits, defaults included: else every request
+    // that leaves the key out would be refused.
+    if let Some(over) = request::over_limit(&base, &configs, &limits) {
+        return Err(ServeError::Limit(format!(
+            "the manifest's {}: `run.{}` in the manifest (or `--set`) must fit it",
+            over.message(),
+            if over.key == "pixels" { "width` and `run.height" } else { over.key }
+        ))
+        .into());
+    }
     let lock_sha256 = if job.locked { Some(runner::lock::verified_sha256(&base).map_err(|e| ServeError::Lock(e.to_string()))?) } else { None };
     let (tx, rx) = mpsc::unbounded_channel();
     let metrics = metrics::Metrics::new();
@@ -184,6 +208,7 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         lock_sha256,
         watch: None,
         in_memory: true,
+        latents: None,
     };
     let worker = std::thread::Builder::new().name("runner-worker".into()).spawn(move || worker(base, opts, rx, &worker_app))?;
     rt.block_on(run_server(listener, app.clone(), job.drain_timeout));
@@ -193,6 +218,18 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     }
     eprintln!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first and the longest wait after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Accept failures closer than this are one episode, said once.
+const ACCEPT_SAY_EVERY: Duration = Duration::from_secs(60);
+
+/// A failed accept that concerns one connection only (hyper-util's `is_connection_error`).
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(e.kind(), K::ConnectionRefused | K::ConnectionAborted | K::ConnectionReset)
 }
 
 /// Resolves on SIGTERM (a service manager, a container's stop) or SIGINT.
@@ -219,10 +256,37 @@ async fn run_server(listener: tokio::net::TcpListener, app: Arc<App>, drain_time
     let mut conns = tokio::task::JoinSet::new();
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    // The wait before the next accept after one failed (out of file descriptors, memory): none
+    // while accepts succeed.
+    let mut backoff: Option<Duration> = None;
+    // When the last such failure was said: once per episode (failures a minute apart or less).
+    let mut said: Option<Instant> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => {
+                        backoff = None;
+                        stream
+                    }
+                    // The peer gave up before its connection was accepted: nothing is wrong here.
+                    Err(e) if is_connection_error(&e) => continue,
+                    Err(e) => {
+                        // As hyper's and axum's `serve`: retrying at once would spin a core while
+                        // the cause (EMFILE) lasts.
+                        if said.is_none_or(|t| t.elapsed() > ACCEPT_SAY_EVERY) {
+                            eprintln!("warning: cannot accept connections: {e}; retrying with a back-off of up to 1 s (said once a minute at most)");
+                        }
+                        said = Some(Instant::now());
+                        let wait = backoff.map_or(ACCEPT_BACKOFF_MIN, |d| (d * 2).min(ACCEPT_BACKOFF_MAX));
+                        backoff = Some(wait);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = &mut signal => break,
+                        }
+                        continue;
+                    }
+                };
                 let service = hyper_util::service::TowerToHyperService::new(router.clone());
                 let mut stop = stop_rx.clone();
                 let read_timeout = app.read_timeout;
@@ -285,7 +349,8 @@ fn router(app: Arc<App>) -> Router {
 /// Requests by route and status, and their latency.
 async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let path = req.extensions().get::<MatchedPath>().map_or("other", |p| p.as_str()).to_string();
-    let method = req.method().to_string();
+    // Label values the client cannot invent (one series each, however many requests).
+    let method = metrics::method_label(req.method()).to_string();
     let started = Instant::now();
     let uri = req.uri().path().to_string();
     let r = next.run(req).await;
@@ -300,7 +365,14 @@ async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
 /// `Authorization: Bearer <token>` when `[serve] token_env` is set.
 async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     if let Some(token) = &app.token {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme is case-insensitive (RFC 7235 section 2.1), then one or more spaces.
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim_start_matches(' '));
         // Compared in constant time: the answer's timing tells nothing of the token.
         let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0);
         if !ok {
@@ -346,7 +418,7 @@ fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mps
         app.metrics.running.set(1);
         let t = Instant::now();
         let watch = runner::exec::Watch(Arc::new(Watcher { entry: entry.clone(), app: app.clone() }));
-        let run_opts = runner::exec::RunOptions { watch: Some(watch), ..opts.clone() };
+        let run_opts = runner::exec::RunOptions { watch: Some(watch), latents: entry.latents.clone(), ..opts.clone() };
         let (outcome, phase) = match generate(&mut session, &m, &run_opts) {
             Ok(g) => {
                 app.metrics.generation_seconds.observe(t.elapsed().as_secs_f64());
@@ -479,7 +551,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
         Ok(Err(r)) => return Err(error(StatusCode::UNPROCESSABLE_ENTITY, r.message, r.field.as_deref())),
         Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)),
     };
-    let entry = Entry::new(req.m, req.json, app.limits.timeout);
+    let entry = Entry::new(req.m, req.json, req.latents, app.limits.timeout);
     if !entry.wait_in(&app.places) {
         return Err(queue_full(app));
     }
@@ -600,7 +672,12 @@ struct ImageQuery {
 }
 
 /// `GET /v1/jobs/{id}/image[?index=N]`: a finished job's PNG.
-async fn job_image(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>, Query(q): Query<ImageQuery>) -> Response {
+async fn job_image(State(app): State<Arc<App>>, UrlPath(id): UrlPath<String>, q: Result<Query<ImageQuery>, QueryRejection>) -> Response {
+    // A bad query is refused in the JSON shape of every refusal (axum's own answer is text).
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "`index` must be a whole number from 0 (the image's place in the job's batch)", Some("index")),
+    };
     let Some(e) = app.jobs.get(&id) else { return no_job(&id) };
     let index = q.index.unwrap_or(0);
     match e.outcome().as_deref() {

@@ -1,7 +1,11 @@
 //! A request body, checked: a JSON object of `[run]` keys layered over the manifest as
 //! `runner run --prompts` layers a line, then held against `[serve]`'s limits.
 
+use std::sync::Arc;
+
+use base64::Engine as _;
 use runner::exec::batch as b;
+use runner::exec::latents::LatentsData;
 use runner::manifest::{self, LoadedManifest, Overrides};
 
 type Diag = runner::diag::Diagnostic;
@@ -11,6 +15,8 @@ type Diag = runner::diag::Diagnostic;
 pub struct Request {
     pub m: LoadedManifest,
     pub json: bool,
+    /// `latents`, decoded and checked against the job's shape.
+    pub latents: Option<Arc<LatentsData>>,
 }
 
 /// A rejected request: a message and the field it is about.
@@ -22,6 +28,15 @@ pub struct Rejected {
 
 fn rejected(message: impl Into<String>, field: Option<&str>) -> Rejected {
     Rejected { message: message.into(), field: field.map(str::to_string) }
+}
+
+const LATENTS_NOT_DATA: &str = "`latents` must be a safetensors file's bytes in base64: requests carry data, not paths or file names on the server";
+
+/// Whether a `latents` string that decodes as base64 reads as a file name: a safetensors file's
+/// bytes (an 8-byte header length, then `{`) almost never encode like one, and the answer to one
+/// names the mistake.
+fn looks_like_path(s: &str) -> bool {
+    s.starts_with(['/', '.', '~']) || s.ends_with(".safetensors") || s.len() < 16
 }
 
 /// Parses and checks a request body: a JSON object of `[run]` keys (`prompt` required) and
@@ -43,6 +58,17 @@ pub fn parse_request(
         Some(serde_json::Value::String(s)) if s == "png" => false,
         Some(serde_json::Value::String(s)) if s == "json" => true,
         Some(_) => return Err(rejected("`response` must be \"png\" or \"json\"", Some("response"))),
+    };
+    // Requests carry data, never a path on the server: `latents` is a safetensors file's bytes
+    // in base64, checked here (after the layering, against the job's shape), not a file name.
+    let latents = match obj.remove("latents") {
+        None => None,
+        Some(serde_json::Value::String(s)) => {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|_| rejected(LATENTS_NOT_DATA, Some("latents")))?;
+            // A path that happens to be base64 (`/etc`) is answered as one, not as data.
+            Some((bytes, looks_like_path(&s)))
+        }
+        Some(_) => return Err(rejected(LATENTS_NOT_DATA, Some("latents"))),
     };
     if let Some(k) = obj.keys().find(|k| !b::LINE_KEYS.contains(&k.as_str())) {
         let field = k.clone();
@@ -76,25 +102,14 @@ pub fn parse_request(
             return Err(rejected(format!("`scheduler` = {asked} is not one of this server's `serve.schedulers`: {}", names.join(", ")), Some("scheduler")));
         }
     }
+    if let Some(over) = over_limit(&m, loaded.1, limits) {
+        let field = match over.key {
+            "pixels" => ["width", "height"].into_iter().find(|k| obj.contains_key(*k)),
+            k => Some(k),
+        };
+        return Err(rejected(over.message(), field));
+    }
     let run = &m.manifest.run;
-    if let (Some(max), Some(steps)) = (limits.max_steps, run.steps) {
-        if steps > max {
-            return Err(rejected(format!("`steps` = {steps} is over this server's limit `serve.max_steps` = {max}"), Some("steps")));
-        }
-    }
-    if let (Some(max), Some(batch)) = (limits.max_batch, run.batch) {
-        if batch > max {
-            return Err(rejected(format!("`batch` = {batch} is over this server's limit `serve.max_batch` = {max}"), Some("batch")));
-        }
-    }
-    if let (Some(max), Some(w), Some(h)) = (limits.max_pixels, run.width, run.height) {
-        if w as u64 * h as u64 > max {
-            return Err(rejected(
-                format!("{w}x{h} = {} pixels is over this server's limit `serve.max_pixels` = {max}", w as u64 * h as u64),
-                Some(if obj.contains_key("width") { "width" } else { "height" }),
-            ));
-        }
-    }
     if !json && run.batch.unwrap_or(1) > 1 {
         return Err(rejected("a batch of more than one image needs `\"response\": \"json\"`", Some("batch")));
     }
@@ -104,7 +119,17 @@ pub fn parse_request(
     if !d.is_empty() {
         return Err(rejected_by(&d, &obj));
     }
-    Ok(Request { m, json })
+    let latents = match latents {
+        None => None,
+        Some((bytes, path)) => {
+            let shape = loaded.1.run_shape(&m);
+            let scale = loaded.1.vae_scale_factor();
+            let want = [shape.batch, loaded.1.vae.latent_channels as u64, shape.height / scale, shape.width / scale];
+            let checked = LatentsData::from_safetensors(&bytes, &want).map_err(|e| rejected(if path { LATENTS_NOT_DATA.to_string() } else { format!("`latents`: {e}") }, Some("latents")))?;
+            Some(Arc::new(checked))
+        }
+    };
+    Ok(Request { m, json, latents })
 }
 
 /// Diagnostics as a rejection: their errors' messages, and the request's field the first one is
@@ -118,4 +143,50 @@ fn rejected_by(d: &[Diag], obj: &serde_json::Map<String, serde_json::Value>) -> 
         (about_scheduler && obj.contains_key("scheduler")).then(|| "scheduler".to_string())
     });
     Rejected { message: errors.iter().map(|d| d.message.as_str()).collect::<Vec<_>>().join("; "), field }
+}
+
+/// A `[serve]` limit an effective value is over.
+#[derive(Debug, PartialEq)]
+pub struct Over {
+    /// `steps`, `batch` or `pixels`.
+    pub key: &'static str,
+    /// The value, and where it came from when no layer set it.
+    pub value: String,
+    pub limit: String,
+}
+
+impl Over {
+    pub fn message(&self) -> String {
+        format!("{} is over this server's limit {}", self.value, self.limit)
+    }
+}
+
+/// The first of `[serve]`'s limits that `m` is over, held against the values the job would run
+/// with: the manifest's and the request's, else the pipeline's defaults (the kind's steps, the
+/// model's size from its config, one image), so that leaving a key out never escapes a limit.
+pub fn over_limit(m: &LoadedManifest, configs: &runner::preflight::Configs, limits: &manifest::Serve) -> Option<Over> {
+    let run = &m.manifest.run;
+    let kind = m.manifest.pipeline.kind;
+    let shape = configs.run_shape(m);
+    let default = |set: bool, what: &str| if set { String::new() } else { format!(" ({what})") };
+    if let Some(max) = limits.max_steps {
+        let steps = run.steps.unwrap_or(kind.default_steps());
+        if steps > max {
+            let why = default(run.steps.is_some(), &format!("the default of `{}`", serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()));
+            return Some(Over { key: "steps", value: format!("`steps` = {steps}{why}"), limit: format!("`serve.max_steps` = {max}") });
+        }
+    }
+    if let Some(max) = limits.max_batch {
+        if shape.batch > u64::from(max) {
+            return Some(Over { key: "batch", value: format!("`batch` = {}", shape.batch), limit: format!("`serve.max_batch` = {max}") });
+        }
+    }
+    if let Some(max) = limits.max_pixels {
+        let pixels = shape.width * shape.height;
+        if pixels > max {
+            let why = default(run.width.is_some() && run.height.is_some(), "with the model's default size from its config");
+            return Some(Over { key: "pixels", value: format!("{}x{} = {pixels} pixels{why}", shape.width, shape.height), limit: format!("`serve.max_pixels` = {max}") });
+        }
+    }
+    None
 }

@@ -127,6 +127,8 @@ pub(crate) struct Call<'a> {
     pub simulate: bool,
     pub progress: bool,
     pub watch: Option<super::Watch>,
+    /// Latents given as data: they replace `run.latents` and the draw.
+    pub latents: Option<std::sync::Arc<super::latents::LatentsData>>,
     pub res: Residency<'a>,
     pub dump: Dump,
     pub warnings: Vec<String>,
@@ -198,9 +200,18 @@ impl Call<'_> {
 
     /// `run.latents`, else the seeded draw of [`Self::prepare_latents`], on the CPU at `draw_kind`.
     pub fn initial_noise(&mut self, shape: [i64; 4], draw_kind: Kind) -> Result<Tensor, ExecError> {
+        if let Some(l) = &self.latents {
+            if l.shape() != shape {
+                return Err(ExecError::Text(format!("the request's `latents` have shape {:?}, the job needs {shape:?} ([batch, channels, height/8, width/8])", l.shape())));
+            }
+            return Ok(l.tensor());
+        }
         match &self.m.manifest.run.latents {
             Some(p) => text::load_latents(&self.m.resolve_path("run.latents", p), &shape),
             None => {
+                // libtorch's `manual_seed` takes a uint64_t; tch's signature is i64 and passes the
+                // bits through, so seeds from 2^63 seed the generator as
+                // `torch.Generator.manual_seed` does with a Python int that large (stored as uint64).
                 tch::manual_seed(self.seed as i64);
                 Ok(Tensor::randn(shape, (draw_kind, tch::Device::Cpu)))
             }
