@@ -1320,7 +1320,8 @@ fn png_difference(a: &[u8], b: &[u8]) -> (f64, f64) {
 /// (so it gets a scratch file) in `scratch`; (exit code, stderr).
 fn disk_offload_run(dir: &Path, scratch: &Path) -> (i32, String) {
     let out = dir.join("out.png");
-    let sets = ["placement.offload=model".to_string(), "placement.offload_target=disk".to_string(), "components.vae.dtype=bf16".to_string(), format!("placement.scratch_dir=\"{}\"", scratch.display())];
+    let sets =
+        ["placement.offload=model".to_string(), "placement.offload_target=disk".to_string(), "components.vae.dtype=bf16".to_string(), format!("placement.scratch_dir=\"{}\"", scratch.display())];
     let sets: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
     let (code, _, stderr) = run(runner().args(["run", "manifests/tiny-sdxl.toml", "--quiet", "--simulate", "cuda:0=40MB,cuda:1=40MB,cpu=2GiB"]).args(&sets).arg("--out").arg(&out));
     (code, stderr)
@@ -1433,4 +1434,24 @@ fn an_output_never_replaces_an_input_whatever_path_leads_there() {
     }
     assert_eq!(std::fs::read(&weights).unwrap(), before, "the weights are untouched");
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+}
+
+/// Issue 24 item 16: `plan --json`'s `scratch_bytes` disagreed with what the run writes under
+/// `storage_dtype` + disk offload (plan 0 vs run 278,720): they are now the same bytes, cast
+/// layers at their storage dtype, every tensor 64-byte aligned as the scratch file lays it out.
+#[test]
+fn the_plan_counts_the_scratch_bytes_the_run_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("scratch");
+    let sim = "cuda:0=40MB,cuda:1=40MB,cpu=2GiB";
+    for (tag, extra) in
+        [("fp8-unet", vec!["components.unet.storage_dtype=fp8-e4m3"]), ("fp8-bf16", vec!["components.unet.storage_dtype=fp8-e4m3", "components.unet.dtype=bf16", "components.vae.dtype=bf16"])]
+    {
+        let mut sets = vec!["placement.offload=model".to_string(), "placement.offload_target=disk".to_string(), format!("placement.scratch_dir=\"{}\"", scratch.display())];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let (_, r, plan) = run_and_plan(dir.path(), tag, sim, &sets);
+        let ran = r["host"]["scratch_bytes"].as_u64().unwrap();
+        assert!(ran > 0, "{tag}: converted weights go to scratch");
+        assert_eq!(plan["scratch_bytes"].as_u64().unwrap(), ran, "{tag}: plan vs run");
+    }
 }

@@ -79,11 +79,7 @@ fn check_outputs(outputs: &[PathBuf], inputs: &[PathBuf]) -> Result<(), ExecErro
     let reads: Vec<((u64, u64), &PathBuf)> = inputs.iter().filter_map(|p| id(p).map(|i| (i, p))).collect();
     for o in outputs {
         if let Some((_, input)) = id(o).and_then(|i| reads.iter().find(|(r, _)| *r == i)) {
-            return Err(ExecError::Unsupported(format!(
-                "the output `{}` is `{}`, a file this run reads: runner never replaces its inputs (choose another output path)",
-                o.display(),
-                input.display()
-            )));
+            return Err(ExecError::Unsupported(format!("the output `{}` is `{}`, a file this run reads: runner never replaces its inputs (choose another output path)", o.display(), input.display())));
         }
     }
     for o in outputs {

@@ -107,6 +107,21 @@ fn cast_copy_bytes(cast: &std::collections::BTreeSet<String>, ck: &crate::checkp
     by_layer.values().copied().max().unwrap_or(0)
 }
 
+/// Where exec/scratch.rs starts each tensor in a scratch file.
+const SCRATCH_ALIGN: u64 = 64;
+
+/// A layerwise-cast layer's dtype in the checkpoint's terms.
+fn storage_st(s: crate::manifest::StorageDtype) -> crate::checkpoint::safetensors::Dtype {
+    use crate::checkpoint::safetensors::Dtype as St;
+    use crate::manifest::StorageDtype as S;
+    match s {
+        S::Fp8E4m3 => St::F8_E4M3,
+        S::Fp8E5m2 => St::F8_E5M2,
+        S::Fp16 => St::F16,
+        S::Bf16 => St::BF16,
+    }
+}
+
 /// The dtype tensor `name` of a `class` model has once loaded at `dtype` (its own for integers).
 fn stored_as(class: &str, name: &str, info: &TensorInfo, dtype: Dtype) -> crate::checkpoint::safetensors::Dtype {
     use crate::checkpoint::safetensors::Dtype as St;
@@ -162,8 +177,20 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
             let working_at = |dims: &Dims, dtype| if opts.weights_only { 0 } else { working_bytes(dims, dtype, &shape) };
             // What `components.vae.tiling = true` would make of its working memory, to suggest it.
             let tiled = dims_tiled(dims, configs);
-            // Floats stored at another dtype are converted at load (a scratch file on disk).
-            let converted_bytes = ck.tensors.iter().filter(|(k, t)| t.info.dtype != stored_as(&c.class, k, &t.info, dtype)).map(|(k, t)| tensor_bytes(&c.class, k, &t.info, dtype)).sum();
+            // Floats stored at another dtype are converted at load (a scratch file on disk): cast
+            // layers at their storage dtype, the rest at the compute dtype; each at its size in
+            // the scratch file (exec/scratch.rs starts every tensor on a 64-byte boundary).
+            let converted_bytes = ck
+                .tensors
+                .iter()
+                // Text-to-image reads the VAE's decoder only (exec::loading::decoder_only).
+                .filter(|(k, _)| !(c.class == "AutoencoderKL" && (k.starts_with("encoder.") || k.starts_with("quant_conv."))))
+                .filter_map(|(k, t)| {
+                    let cast_to = storage.filter(|_| t.info.dtype.is_float() && crate::models::cast::is_cast(&cast, k));
+                    let to = cast_to.map_or_else(|| stored_as(&c.class, k, &t.info, dtype), storage_st);
+                    (t.info.dtype != to).then(|| stored(k, t, dtype).div_ceil(SCRATCH_ALIGN) * SCRATCH_ALIGN)
+                })
+                .sum();
             ComponentInput {
                 name: c.name.clone(),
                 class: c.class.clone(),
