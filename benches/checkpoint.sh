@@ -2,7 +2,8 @@
 # Checkpoint load/shard benchmark: runner vs python safetensors + torch, same files, same run.
 #   benches/checkpoint.sh [GB] [PY]   (GB of the synthetic f32 checkpoint, default 3;
 #                                      PY: a python with torch + safetensors, default .venv-fixtures)
-# Files go to ${BENCH_DIR:-/tmp/runner-bench}; results print as JSON lines and a summary table.
+# Files go to ${BENCH_DIR:-/tmp/runner-bench}; results print as JSON lines, a summary table, the ratios
+# runner / python and runner / plain read, and the fp16 -> fp32 seconds of each iteration in run order.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GB=${1:-3}
@@ -51,4 +52,25 @@ for (what, impl), rs in sorted(by.items()):
     g = [r["gbps"] for r in rs]
     rss = statistics.median(r["max_rss"] / r["bytes"] for r in rs)
     print(f"| {what} | {impl} | {len(rs)} | {statistics.median(g):.2f} | {max(g):.2f} | {rss:.2f} |")
+med = lambda what, impl: statistics.median(r["gbps"] for r in by[(what, impl)])
+best = lambda what, impl: max(r["gbps"] for r in by[(what, impl)])
+print("\nratios (GB/s, so > 1 is faster):")
+for what, label in (("load-touch", "load f32 -> f32"), ("load-touch-to-f32", "load f16 -> f32"), ("shard", "shard (runner --no-fsync)")):
+    print(f"  {label}, runner / python: median {med(what, 'runner') / med(what, 'python'):.2f}x, best {best(what, 'runner') / best(what, 'python'):.2f}x")
+for what, label in (("load-touch", "load f32 -> f32"), ("load-touch-to-f32", "load f16 -> f32")):
+    print(f"  {label}, runner / plain read: median {med(what, 'runner') / med('read', 'runner'):.2f}x, best {best(what, 'runner') / best('read', 'runner'):.2f}x")
+# fp16 -> fp32 seconds per iteration in run order (odd iterations run runner's loads first).
+r = [x["seconds"] for x in by[("load-touch-to-f32", "runner")]]
+p = [x["seconds"] for x in by[("load-touch-to-f32", "python")]]
+print("\n| iteration | first to run | second to run |\n|---|---|---|")
+for i, (a, b) in enumerate(zip(r, p), 1):
+    first, second = (f"runner {a:.2f}", f"Python {b:.2f}") if i % 2 else (f"Python {b:.2f}", f"runner {a:.2f}")
+    print(f"| {i} | {first} | {second} |")
+# The same position in the order: runner when it ran first against Python when it ran first, etc.
+odd = lambda xs: [x for i, x in enumerate(xs, 1) if i % 2]
+even = lambda xs: [x for i, x in enumerate(xs, 1) if not i % 2]
+for label, a, b in (("first", odd(r), even(p)), ("second", even(r), odd(p))):
+    if a and b:
+        a, b = statistics.median(a), statistics.median(b)
+        print(f"f16 -> f32 when running {label}: runner {a:.2f} s, Python {b:.2f} s (medians): runner {b / a:.2f}x Python's GB/s")
 PY

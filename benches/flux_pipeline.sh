@@ -4,7 +4,8 @@
 # (which side goes first alternates); timed as benches/sd3_pipeline.sh times SD3 (runner: a fresh
 # `runner run --json` process per round; diffusers: one warm-up call, then ITERS timed calls).
 #   benches/flux_pipeline.sh [ROUNDS] [PY]    (ITERS, default 2; BENCH_THREADS, default 1;
-#   MSL, T5's max_sequence_length, default 512 as in diffusers' FluxPipeline)
+#   MSL, T5's max_sequence_length, default 512 as in diffusers' FluxPipeline;
+#   BREAKDOWN=1: diffusers' call by part, timed in-process: benches/pipeline_py.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}

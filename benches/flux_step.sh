@@ -14,17 +14,7 @@ PY=${2:-.venv-fixtures/bin/python}
 export BENCH_THREADS=${BENCH_THREADS:-1}
 export OMP_NUM_THREADS=$BENCH_THREADS
 MID=${BENCH_DIR:-/tmp/runner-bench}/flux-mid-transformer
-if [[ ! -f $MID/config.json ]]; then
-  $PY - "$MID" <<'PYEOF'
-import sys, torch
-from diffusers import FluxTransformer2DModel
-# FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev), scaled down.
-cfg = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=12,
-           joint_attention_dim=1024, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(8, 28, 28))
-torch.manual_seed(0)
-FluxTransformer2DModel.from_config(cfg).save_pretrained(sys.argv[1], safe_serialization=True)
-PYEOF
-fi
+[[ -f $MID/config.json ]] || $PY benches/make_mid.py flux "$MID"
 cargo bench --bench flux_bench --no-run --locked 2>/dev/null
 BIN=$(ls -t target/release/deps/flux_bench-* | grep -v '\.d$' | head -1)
 for case in "tests/fixtures/tiny-flux-dev/transformer 8 512 20" "$MID 64 256 3"; do

@@ -9,7 +9,8 @@
 #   (in-process); whole process = process start to the end of the warm-up call's image save (wall,
 #   and the process's CPU time to then).
 #   benches/sd3_pipeline.sh [ROUNDS] [PY]    (ITERS, default 2; BENCH_THREADS, default 1;
-#   MSL, T5's max_sequence_length, default 256 as in diffusers: the text tokens are 77 + MSL)
+#   MSL, T5's max_sequence_length, default 256 as in diffusers: the text tokens are 77 + MSL;
+#   BREAKDOWN=1: diffusers' call by part, timed in-process: benches/pipeline_py.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}

@@ -6,29 +6,25 @@
 # process and one diffusers process (which goes first alternates), ITERS forwards after a warm-up in
 # each; the summary pools every forward of a side, by wall time and by the process's CPU time (which
 # other work on a shared machine disturbs less).
-#   benches/sd3_step.sh [ROUNDS] [PY]     (BENCH_THREADS, default 1; BENCH_DIR, default /tmp/runner-bench)
+#   benches/sd3_step.sh [ROUNDS] [PY]     (BENCH_THREADS, default 1; BENCH_DIR, default /tmp/runner-bench;
+#                                         TOKENS, default 333 = 77 + T5's 256; CASES, default "tiny mid")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 PY=${2:-.venv-fixtures/bin/python}
 export BENCH_THREADS=${BENCH_THREADS:-1}
 export OMP_NUM_THREADS=$BENCH_THREADS
+TOKENS=${TOKENS:-333}
+CASES=${CASES:-tiny mid}
 MID=${BENCH_DIR:-/tmp/runner-bench}/sd3-mid-transformer
-if [[ ! -f $MID/config.json ]]; then
-  $PY - "$MID" <<'PYEOF'
-import sys, torch
-from diffusers import SD3Transformer2DModel
-# SD3 medium's transformer config (stabilityai/stable-diffusion-3-medium-diffusers), scaled down.
-cfg = dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=8, attention_head_dim=64, num_attention_heads=12,
-           joint_attention_dim=1024, caption_projection_dim=768, pooled_projection_dim=1024, pos_embed_max_size=96)
-torch.manual_seed(0)
-SD3Transformer2DModel.from_config(cfg).save_pretrained(sys.argv[1], safe_serialization=True)
-PYEOF
-fi
+[[ $CASES != *mid* || -f $MID/config.json ]] || $PY benches/make_mid.py sd3 "$MID"
 cargo bench --bench sd3_bench --no-run --locked 2>/dev/null
 BIN=$(ls -t target/release/deps/sd3_bench-* | grep -v '\.d$' | head -1)
-for case in "tests/fixtures/tiny-sd3/transformer 8 2 333 20" "$MID 64 2 333 3"; do
-  set -- $case
+for name in $CASES; do
+  case $name in
+    tiny) set -- tests/fixtures/tiny-sd3/transformer 8 2 "$TOKENS" 20 ;;
+    mid) set -- "$MID" 64 2 "$TOKENS" 3 ;;
+  esac
   echo "== $1 (latents $2x$2, batch $3, $4 text tokens, threads $BENCH_THREADS, $ROUNDS rounds x $5 forwards)"
   out=$(mktemp)
   for round in $(seq "$ROUNDS"); do

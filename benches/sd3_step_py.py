@@ -1,4 +1,4 @@
-"""diffusers side of benches/sd3_step.sh: one SD3Transformer2DModel forward per iteration on the same weights
+"""diffusers side of benches/sd3_step.sh and benches/casting.sh: one SD3Transformer2DModel forward per iteration on the same weights
 (wall time and the process's CPU time, as benches/sd3_bench.rs).
   sd3_step_py.py TRANSFORMER_DIR LATENT_SIZE BATCH TEXT_TOKENS ITERS"""
 import json
@@ -13,6 +13,10 @@ threads = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(threads)
 path, size, batch, tokens, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 model = SD3Transformer2DModel.from_pretrained(path).eval()
+# BENCH_STORAGE=fp8-e4m3|fp8-e5m2|fp16|bf16: layerwise casting over fp32 compute (as benches/*_bench.rs).
+storage = os.environ.get("BENCH_STORAGE")
+if storage:
+    model.enable_layerwise_casting(storage_dtype={"fp8-e4m3": torch.float8_e4m3fn, "fp8-e5m2": torch.float8_e5m2, "fp16": torch.float16, "bf16": torch.bfloat16}[storage], compute_dtype=torch.float32)
 c = model.config
 torch.manual_seed(0)
 x = torch.randn(batch, c.in_channels, size, size)

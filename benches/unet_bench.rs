@@ -1,14 +1,15 @@
-//! One UNet2DConditionModel forward per iteration, timed (benches/unet_step.sh runs this beside
-//! diffusers on the same weights).
+//! One UNet2DConditionModel forward per iteration, timed (benches/unet_step.sh and benches/casting.sh
+//! run this beside diffusers on the same weights): wall time and the process's CPU time.
 //!   unet_bench UNET_DIR LATENT_SIZE BATCH ITERS
-
-use std::time::Instant;
 
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
 use runner::models::weights::build_from_checkpoint;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
+
+#[path = "common/mod.rs"]
+mod common;
 
 fn main() {
     runner::runtime::configure_allocator();
@@ -44,13 +45,5 @@ fn main() {
         let add = added.as_ref().map(|(t, i)| AddedCond { text_embeds: t, time_ids: i });
         tch::no_grad(|| unet.forward(&x, 500.0, &ctx, add))
     };
-    let _ = run(); // warm-up
-    let mut times = vec![];
-    for _ in 0..iters {
-        let t = Instant::now();
-        let _ = run();
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    println!("{{\"impl\": \"runner\", \"median_s\": {:.4}, \"min_s\": {:.4}, \"threads\": {threads}}}", times[times.len() / 2], times[0]);
+    common::time_forwards(iters, threads, run);
 }

@@ -8,17 +8,7 @@ cd "$(dirname "$0")/.."
 export BENCH_THREADS=${1:-1} OMP_NUM_THREADS=${1:-1}
 PY=${2:-.venv-fixtures/bin/python}
 MID=${BENCH_DIR:-/tmp/runner-bench}/sdxl-mid-unet
-if [[ ! -f $MID/config.json ]]; then
-  $PY - "$MID" <<'PYEOF'
-import json, sys, torch
-from diffusers import UNet2DConditionModel
-cfg = json.load(open("tests/data/shapes/sdxl.json"))["components"]["unet"]["config"]
-cfg.update(block_out_channels=[160, 320, 640], transformer_layers_per_block=[1, 2, 4], attention_head_dim=[5, 10, 20], cross_attention_dim=1024,
-           projection_class_embeddings_input_dim=6 * 256 + 640)
-torch.manual_seed(0)
-UNet2DConditionModel.from_config(cfg).save_pretrained(sys.argv[1], safe_serialization=True)
-PYEOF
-fi
+[[ -f $MID/config.json ]] || $PY benches/make_mid.py sdxl-unet "$MID"
 cargo bench --bench unet_bench --no-run --locked 2>/dev/null
 BIN=$(ls -t target/release/deps/unet_bench-* | grep -v '\.d$' | head -1)
 for case in "tests/fixtures/tiny-sdxl/unet 8 2 20" "$MID 64 2 3"; do

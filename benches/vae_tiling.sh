@@ -4,14 +4,19 @@
 # sample_size 256: 32-latent tiles, stride 24) in a copy of tests/fixtures/tiny-sd15, decoding a
 # 384x320 image (48x40 latents: 2x2 tiles). runner: the `decode` time `runner run` reports
 # (components.vae.tiling on / off); diffusers: `vae.decode` of latents of the same shape.
-#   benches/vae_tiling.sh [RUNS] [PY]   (RUNNER=target/release/runner for a release binary)
+# Prints each run's seconds per decode, then the table BENCHMARKS.md shows: tiled / untiled of each
+# side and runner / diffusers, at the medians.
+#   benches/vae_tiling.sh [RUNS] [PY]   (RUNNER, default target/release/runner)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 RUNS=${1:-3}
 PY=${2:-.venv-fixtures/bin/python}
 [[ -x $PY ]] || PY=/work/main/.venv-fixtures/bin/python
-RUNNER=${RUNNER:-target/debug/runner}
+RUNNER=${RUNNER:-target/release/runner}
+[[ -x $RUNNER ]] || cargo build --release --locked
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
 DIR=${BENCH_DIR:-/tmp/runner-bench}/sd15-vae-mid
 if [[ ! -f $DIR/vae/config.json ]]; then
   rm -rf "$DIR"; mkdir -p "$(dirname "$DIR")"; cp -r tests/fixtures/tiny-sd15 "$DIR"; rm -rf "$DIR/vae"
@@ -49,9 +54,9 @@ for tiling in false true; do
   for _ in $(seq "$RUNS"); do
     ts+=("$("$RUNNER" run "$M" --quiet --set components.vae.tiling=$tiling | sed -n 's/.*decode \([0-9.]*\) s.*/\1/p')")
   done
-  echo "runner   tiling=$tiling decode s: ${ts[*]}"
+  echo "runner   tiling=$tiling decode s: ${ts[*]}" | tee -a "$out"
 done
-$PY - "$DIR/vae" "$RUNS" <<'PYEOF'
+$PY - "$DIR/vae" "$RUNS" <<'PYEOF' | tee -a "$out"
 import sys, time, torch
 from diffusers import AutoencoderKL
 torch.set_num_threads(1)
@@ -67,3 +72,16 @@ for tiling in (False, True):
         ts.append(time.perf_counter() - t)
     print(f"diffusers tiling={str(tiling).lower()} decode s: " + " ".join(f"{x:.2f}" for x in ts))
 PYEOF
+python3 - "$out" <<'PY'
+import statistics, sys
+t = {}
+for line in open(sys.argv[1]):
+    head, runs = line.split(" decode s: ")
+    impl, tiling = head.split()[0], head.split()[1].split("=")[1]
+    t[impl, tiling] = [float(x) for x in runs.split()]
+med = {k: statistics.median(v) for k, v in t.items()}
+print("\n| impl | untiled | tiled | tiled / untiled (median) |\n|---|---|---|---|")
+for impl, label in (("runner", "runner"), ("diffusers", "diffusers 0.42.1")):
+    print(f"| {label} | {' '.join(f'{x:.2f}' for x in t[impl, 'false'])} | {' '.join(f'{x:.2f}' for x in t[impl, 'true'])} | {med[impl, 'true'] / med[impl, 'false']:.2f} |")
+print(f"| runner / diffusers (median) | {med['runner', 'false'] / med['diffusers', 'false']:.2f} | {med['runner', 'true'] / med['diffusers', 'true']:.2f} | |")
+PY

@@ -8,6 +8,8 @@
 # With .venv-fixtures present (tools/requirements-fixtures.lock), diffusers' from_pretrained on the
 # same folder runs interleaved too (tools/bench_load_diffusers.py; it stops at its first UNet call,
 # so its peak RSS is a lower bound of a whole run's).
+# Prints a JSON line per process, then the table BENCHMARKS.md shows: medians over the runs, the
+# ratios runner / diffusers, and every run's load time (min, median, max).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=("${1:-target/release/runner}")
@@ -18,43 +20,13 @@ PIPES=${PIPES:-sd15 sdxl}
 DTYPES=${DTYPES:-fp32 fp16}
 RUNS=${RUNS:-3}
 for pipe in $PIPES; do
-python3 - "$work" "$pipe" <<'PY'
-import json, os, shutil, struct, sys
-root, pipe = sys.argv[1], sys.argv[2]
-spec = json.load(open(f"tests/data/shapes/{pipe}.json"))
-fixture = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}[pipe]
-kind = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}[pipe]
-r = os.path.join(root, pipe)
-os.makedirs(r)
-json.dump(spec["model_index"], open(os.path.join(r, "model_index.json"), "w"))
-for comp, c in spec["components"].items():
-    d = os.path.join(r, comp)
-    os.makedirs(d)
-    json.dump(c["config"], open(os.path.join(d, "config.json"), "w"))
-    hdr, off = {}, 0
-    for name, dt, shape in c["tensors"]:
-        dtype = "I64" if dt == "I64" else "F32"
-        n = 1
-        for s in shape:
-            n *= s
-        hdr[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + n * (8 if dtype == "I64" else 4)]}
-        off = hdr[name]["data_offsets"][1]
-    h = json.dumps(hdr).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    stem = "diffusion_pytorch_model" if c["library"] == "diffusers" else "model"
-    with open(os.path.join(d, stem + ".safetensors"), "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        f.truncate(8 + len(h) + off)
-for sub in ["tokenizer", "tokenizer_2", "feature_extractor", "scheduler"]:
-    if os.path.isdir(f"tests/fixtures/{fixture}/{sub}"):
-        shutil.copytree(f"tests/fixtures/{fixture}/{sub}", os.path.join(r, sub))
-for dtype in ["fp32", "fp16"]:
-    safety = '[components.safety_checker]\nenabled = false\n' if pipe == "sd15" else ""
-    open(os.path.join(root, f"{pipe}-{dtype}.toml"), "w").write(
-        f'schema_version = 1\nname = "{pipe}-{dtype}"\n[pipeline]\nkind = "{kind}"\nsource = "{pipe}"\ndtype = "{dtype}"\n'
-        f'{safety}[placement]\nmax_memory = {{ cpu = "20GiB" }}\n'
-        '[run]\nprompt = "a cat"\nsteps = 1\nwidth = 64\nheight = 64\noutput = "x.png"\n')
-PY
+python3 benches/sparse_pipeline.py "$pipe" "$work" F32 >/dev/null
+kind=$([[ $pipe == sd15 ]] && echo stable-diffusion || echo stable-diffusion-xl)
+safety=$([[ $pipe == sd15 ]] && printf '[components.safety_checker]\nenabled = false\n' || true)
+for dtype in fp32 fp16; do
+  printf 'schema_version = 1\nname = "%s"\n[pipeline]\nkind = "%s"\nsource = "%s"\ndtype = "%s"\n%s\n[placement]\nmax_memory = { cpu = "20GiB" }\n[run]\nprompt = "a cat"\nsteps = 1\nwidth = 64\nheight = 64\noutput = "x.png"\n' \
+    "$pipe-$dtype" "$kind" "$pipe" "$dtype" "$safety" > "$work/$pipe-$dtype.toml"
+done
 for dtype in $DTYPES; do
   for i in $(seq "$RUNS"); do
     for b in "${bins[@]}"; do
@@ -64,14 +36,41 @@ for dtype in $DTYPES; do
 import json; r = json.load(open('$work/out.json')); t, h = r['timings'], r['host']
 print(json.dumps({'load_s': round(t['load_s'], 2), 'to_first_step_s': round(t['startup_s'] + t['load_s'] + t['encode_s'], 2),
   'load_rss_over_loaded': round((h['load_peak_rss_bytes'] - h['rss_before_load_bytes']) / h['loaded_bytes'], 3), 'loaded_gb': round(h['loaded_bytes'] / 1e9, 2)})[1:-1])")
-      echo "{\"binary\": \"$b\", \"pipe\": \"$pipe\", \"dtype\": \"$dtype\", \"run\": $i, $figures, \"wall_s\": $wall, \"peak_rss_gib\": $(python3 -c "print(round($rss / 1048576, 2))")}"
+      echo "{\"binary\": \"$b\", \"pipe\": \"$pipe\", \"dtype\": \"$dtype\", \"run\": $i, $figures, \"wall_s\": $wall, \"peak_rss_gib\": $(python3 -c "print(round($rss / 1048576, 2))")}" | tee -a "$work/results.jsonl"
     done
     if [[ -x .venv-fixtures/bin/python ]]; then
       /usr/bin/time -f "%M %e" -o "$work/time" env OMP_NUM_THREADS=2 .venv-fixtures/bin/python tools/bench_load_diffusers.py "$work/$pipe" "$dtype" > "$work/py.json" 2>/dev/null
       read -r rss wall < "$work/time"
-      echo "{\"binary\": \"diffusers\", \"pipe\": \"$pipe\", \"dtype\": \"$dtype\", \"run\": $i, \"in_process\": $(cat "$work/py.json"), \"wall_s\": $wall, \"peak_rss_gib\": $(python3 -c "print(round($rss / 1048576, 2))")}"
+      echo "{\"binary\": \"diffusers\", \"pipe\": \"$pipe\", \"dtype\": \"$dtype\", \"run\": $i, \"in_process\": $(cat "$work/py.json"), \"wall_s\": $wall, \"peak_rss_gib\": $(python3 -c "print(round($rss / 1048576, 2))")}" | tee -a "$work/results.jsonl"
     fi
   done
 done
 rm -rf "${work:?}/$pipe"
 done
+# The summary: medians over the runs of each side, and the ratios runner / diffusers.
+python3 - "$work/results.jsonl" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+med = statistics.median
+def runs(rs, key):
+    return med([key(r) for r in rs]) if rs else float("nan")
+print("\n| pipeline | dtype | binary | loaded GB | load s | diffusers load s (touched) | load / touched | to 1st step s | diffusers s | ratio | peak RSS GiB | diffusers GiB (lower bound) | ratio | load RSS / loaded | peak RSS / loaded | process wall s | diffusers wall s |")
+print("|" + "---|" * 17)
+cases = sorted({(r["pipe"], r["dtype"]) for r in rows}, key=lambda c: (c[0] != "sd15", c[1] != "fp32"))
+for pipe, dtype in cases:
+    d = [r for r in rows if (r["pipe"], r["dtype"], r["binary"]) == (pipe, dtype, "diffusers")]
+    dl, dt, d1 = runs(d, lambda r: r["in_process"]["load_s"]), runs(d, lambda r: r["in_process"]["load_touched_s"]), runs(d, lambda r: r["in_process"]["to_first_step_s"])
+    drss, dwall = runs(d, lambda r: r["peak_rss_gib"]), runs(d, lambda r: r["wall_s"])
+    for b in dict.fromkeys(r["binary"] for r in rows if r["binary"] != "diffusers"):
+        rs = [r for r in rows if (r["pipe"], r["dtype"], r["binary"]) == (pipe, dtype, b)]
+        gb = runs(rs, lambda r: r["loaded_gb"])
+        load, first, rss = runs(rs, lambda r: r["load_s"]), runs(rs, lambda r: r["to_first_step_s"]), runs(rs, lambda r: r["peak_rss_gib"])
+        print(f"| {pipe} | {dtype} | {b} | {gb:.2f} | {load:.2f} | {dl:.2f} ({dt:.2f}) | **{load / dt:.2f}** | {first:.2f} | {d1:.2f} | **{first / d1:.2f}** | {rss:.2f} | {drss:.2f} | **{rss / drss:.2f}** "
+              f"| {runs(rs, lambda r: r['load_rss_over_loaded']):.3f} | {rss * 2**30 / (gb * 1e9):.2f} | {runs(rs, lambda r: r['wall_s']):.2f} | {dwall:.2f} |")
+print("\nload s of every run, in run order (runner / diffusers' from_pretrained):")
+for pipe, dtype in cases:
+    for b in dict.fromkeys(r["binary"] for r in rows):
+        rs = [r for r in rows if (r["pipe"], r["dtype"], r["binary"]) == (pipe, dtype, b)]
+        t = [r["in_process"]["load_s"] if b == "diffusers" else r["load_s"] for r in rs]
+        print(f"  {pipe} {dtype} {b}: " + " ".join(f"{x:.2f}" for x in t) + f"  (min {min(t):.2f}, median {med(t):.2f}, max {max(t):.2f})")
+PY

@@ -13,6 +13,7 @@
 #    and their ratio; runner's image against diffusers'; runner's load rate (weights on cuda:0
 #    over load_s, from the page cache: the folder was just written) against the host-to-device
 #    bandwidth torch measures on the same card.
+# 3. The summary table of part 2 (tools/gpu_offload_summary.py): times, VRAM and their ratios.
 # Other GPU scripts: gpu-sd15.sh (executor parity, working memory), gpu-sdxl.sh, gpu-split.sh,
 # gpu-sd3.sh (real-size SD3-medium and T5 group offload vs diffusers; not run yet).
 set -uo pipefail
@@ -143,5 +144,7 @@ except Exception as e:  # a failed run on either side
 PY
   rm -rf "$OUT/dump-$mode"
 done
+echo "== summary: runner vs diffusers per offload mode (the table of BENCHMARKS.md \"Offload modes on CUDA\")"
+$PY tools/gpu_offload_summary.py "$OUT" $MODES
 rm -rf $FOLDER /tmp/gpu-tiny-*.toml
 exit $status

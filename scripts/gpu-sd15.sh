@@ -3,7 +3,8 @@
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
 #   there: bash scripts/gpu-sd15.sh         (carry: target/release/runner, .whl)
 # Prints: runner info (CUDA backend loaded, devices), the detected inventory of `runner plan`
-# (NVML), and diffusers' measured working memory next to runner's estimates.
+# (NVML), and diffusers' measured working memory next to runner's estimates; real-size SD 1.5 on
+# runner and diffusers; then the tables BENCHMARKS.md shows, with the ratios.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -61,5 +62,20 @@ ours = load_file("/tmp/dump/dump.safetensors")["image"]
 theirs = np.load(f"{out}/diffusers-sd15.npy")
 d = np.abs(ours - theirs)
 print(json.dumps({"image_max_abs_diff": float(d.max()), "image_mean_abs_diff": float(d.mean()), "finite": bool(np.isfinite(ours).all())}))
+PY
+echo "== summary (the tables of BENCHMARKS.md \"Working-memory estimates\" and \"Executor on CUDA\")"
+$PY - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+print("| component | size | b | dtype | measured MB | runner MB | error |\n|---|---|---|---|---|---|---|")
+for line in open(f"{out}/working-memory.jsonl"):
+    r = json.loads(line)
+    if "measured_mb" in r:
+        print(f"| {r['component']} | {r.get('size', '-')} | {r.get('batch_eff', r.get('batch'))} | {r.get('dtype', 'torch.float16').removeprefix('torch.')} | {r['measured_mb']} | {r['estimate_mb']} | {r['error']} |")
+d = json.loads(open(f"{out}/diffusers-sd15.json").read().strip().splitlines()[-1])
+print(f"\ndiffusers: {d['seconds_per_step'] * 1e3:.1f} ms per UNet call (a {d['steps']}-step call after a warm-up, / (steps + 1))")
+for i in (1, 2):
+    t = json.load(open(f"{out}/runner-sd15-{i}.json"))["timings"]
+    print(f"runner run {i}: {t['seconds_per_step'] * 1e3:.1f} ms per UNet call after the first (ratio to diffusers {t['seconds_per_step'] / d['seconds_per_step']:.2f}), first call {t['first_step_s']:.2f} s")
 PY
 rm -rf /tmp/sd15-random /tmp/dump

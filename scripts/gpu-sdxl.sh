@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # SDXL 1024x1024, 30 steps, fp16, random real-size weights: runner vs diffusers on the same card.
+# Prints each side's JSON, the image difference, and the table of BENCHMARKS.md "SDXL on CUDA" with
+# the ratio runner / diffusers.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
 #   there: bash scripts/gpu-sdxl.sh        (carry: target/release/runner, .whl)
 set -uo pipefail
@@ -39,14 +41,29 @@ sleep 0.3
 base=$(head -1 /tmp/vram.log)
 target/release/runner run /tmp/sdxl-random.toml --quiet --json --out "$OUT/runner-sdxl.png" --dump /tmp/dump-sdxl | tee "$OUT/runner-sdxl.json" | tr -d '\n'; echo
 kill $SMI
-echo "{\"runner_peak_vram_mib\": $(sort -n /tmp/vram.log | tail -1), \"baseline_mib\": $base}"
+echo "{\"runner_peak_vram_mib\": $(sort -n /tmp/vram.log | tail -1), \"baseline_mib\": $base}" | tee "$OUT/runner-vram.json"
 $PY - "$OUT" <<'PY'
 import json, sys
 import numpy as np
 from safetensors.numpy import load_file
+out = sys.argv[1]
 ours = load_file("/tmp/dump-sdxl/dump.safetensors")["image"]
-theirs = np.load(f"{sys.argv[1]}/diffusers-sdxl.npy")
+theirs = np.load(f"{out}/diffusers-sdxl.npy")
 d = np.abs(ours - theirs)
-print(json.dumps({"image_max_abs_diff": float(d.max()), "image_mean_abs_diff": float(d.mean()), "finite": bool(np.isfinite(ours).all() and np.isfinite(theirs).all())}))
+print(json.dumps({"image_max_abs_diff": float(d.max()), "image_mean_abs_diff": float(d.mean()), "finite": bool(np.isfinite(ours).all() and np.isfinite(theirs).all()),
+                  "diffusers_pixels_min": float(theirs.min()), "diffusers_pixels_max": float(theirs.max()), "diffusers_pixels_std": float(theirs.std())}))
+# The table of BENCHMARKS.md "SDXL on CUDA", with the ratio.
+r = json.load(open(f"{out}/runner-sdxl.json"))
+t = r["timings"]
+dj = json.loads(open(f"{out}/diffusers-sdxl.json").read().strip().splitlines()[-1])
+v = json.load(open(f"{out}/runner-vram.json"))
+call = t["encode_s"] + t["denoise_s"] + t["decode_s"]
+print(f"| | runner | diffusers |\n|---|---|---|")
+print(f"| one UNet call, steady state (batch 2) | {t['seconds_per_step'] * 1e3:.1f} ms | not measured separately |")
+print(f"| first UNet call (CUDA warm-up) | {t['first_step_s']:.2f} s | paid in the warm-up run |")
+print(f"| {dj['steps']} steps incl. encode + decode | {t['denoise_s']:.2f} + {t['encode_s']:.2f} + {t['decode_s']:.2f} s = {call:.2f} s | {dj['total_s']:.2f} s (text encode, {dj['steps']} steps, decode) |")
+print(f"| load (from the page cache) | {t['load_s']:.2f} s | not measured |")
+print(f"| peak VRAM | {v['runner_peak_vram_mib'] / 1024:.1f} GiB per nvidia-smi (process total) | {dj['peak_vram_allocated'] / 1e9:.1f} GB allocated / {dj['peak_vram_reserved'] / 1e9:.1f} GB reserved (torch) |")
+print(f"ratio runner / diffusers, encode + denoise + decode: {call / dj['total_s']:.2f}")
 PY
 rm -rf /tmp/sdxl-random /tmp/dump-sdxl

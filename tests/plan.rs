@@ -754,6 +754,52 @@ fn memory_floor_table() {
     insta::assert_snapshot!(table);
 }
 
+/// The pipelines of the memory-floor table: each full-size sparse folder at 1024x1024, everything
+/// on one GPU or the plan fails.
+const FLOOR_PIPELINES: [(&str, &str, &str, Dtype, &str); 3] =
+    [("sdxl", "stable-diffusion-xl", "fp16", Dtype::F16, "unet"), ("sd35-large", "stable-diffusion-3", "bf16", Dtype::BF16, "transformer"), ("flux-dev", "flux", "bf16", Dtype::BF16, "transformer")];
+
+fn floor_manifest(dir: &Path, pipe: &str, kind: &str, dtype: &str, float: Dtype) -> PathBuf {
+    let root = crate::util::sparse_pipeline(pipe, dir, float);
+    let m = dir.join(format!("{pipe}.toml"));
+    std::fs::write(
+        &m,
+        format!(
+            "schema_version = 1\nname = \"{pipe}\"\n[pipeline]\nkind = \"{kind}\"\nsource = \"{}\"\ndtype = \"{dtype}\"\n[placement]\nstrategy = \"sequential\"\noverflow = \"error\"\n[run]\nprompt = \"a cat\"\nwidth = 1024\nheight = 1024\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    m
+}
+
+/// What the floors of `memory_floor_table` are made of (BENCHMARKS.md "Memory floors"): per
+/// pipeline under `group` offload, each component's weights, working memory, the bytes it keeps on
+/// the GPU while streamed (its largest offload group) and its planned peak there, snapshotted
+/// (the snapshot is the table BENCHMARKS.md quotes).
+///   cargo test --test main memory_floor_components
+#[test]
+fn memory_floor_components() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut table = String::from("| pipeline | component | weights GB | working GB | streamed GB | peak GB |\n|---|---|---|---|---|---|\n");
+    let gb = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |b| format!("{:.2}", b as f64 / 1e9));
+    for (pipe, kind, dtype, float, _) in FLOOR_PIPELINES {
+        let m = floor_manifest(dir.path(), pipe, kind, dtype, float);
+        let v = plan_json(
+            m.to_str().unwrap(),
+            &dir.path().join(pipe),
+            &["--devices", "cuda:0=1TiB,cpu=4TiB", "--set", "placement.max_memory={\"cuda:0\"=\"1TiB\",cpu=\"4TiB\"}", "--set", "placement.offload=group"],
+        );
+        let mut total = 0;
+        for (name, c) in v["components"].as_object().unwrap() {
+            total += c["bytes"].as_u64().unwrap();
+            table.push_str(&format!("| {pipe} {dtype} | {name} | {} | {} | {} | {} |\n", gb(&c["bytes"]), gb(&c["working_bytes"]), gb(&c["streamed_bytes"]), gb(&c["peak_bytes"])));
+        }
+        table.push_str(&format!("| {pipe} {dtype} | all weights | {:.2} | | | |\n", total as f64 / 1e9));
+    }
+    insta::assert_snapshot!(table);
+}
+
 /// With `components.vae.tiling = true` the VAE's working memory is the tile's (the config's
 /// `sample_size`), not the image's, where diffusers tiles: when the latent exceeds the tile.
 #[test]

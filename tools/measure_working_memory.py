@@ -7,7 +7,8 @@ tests/data/shapes/*.json configs directly on the GPU, fp16 unless stated.
     python3 tools/measure_working_memory.py --dry-run  # CPU, tiny fixture configs: code path only
 
 Each line: component, shape, measured = max_memory_allocated - memory_allocated before the
-forward pass (weights and inputs excluded), and runner's estimate with the same formula.
+forward pass (weights and inputs excluded), and runner's estimate with the same formula; both in
+MB and runner's error (estimate / measured - 1), the columns of BENCHMARKS.md's table.
 """
 import argparse
 import json
@@ -69,6 +70,9 @@ def main():
     torch.manual_seed(0)
 
     def out(**kw):
+        # The table's columns: MB (1e6 bytes) and runner's error against the measurement.
+        if kw.get("measured"):
+            kw.update(measured_mb=round(kw["measured"] / 1e6, 1), estimate_mb=round(kw["estimate"] / 1e6, 1), error=f"{(kw['estimate'] / kw['measured'] - 1) * 100:+.0f}%")
         print(json.dumps(kw), flush=True)
 
     cases_unet = [("sd15", 512, 2), ("sd15", 768, 2), ("sd15", 512, 4), ("sdxl", 1024, 2), ("sdxl", 768, 2)]
