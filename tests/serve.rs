@@ -65,7 +65,7 @@ fn serve_cmd(args: &[&str]) -> Command {
             cmd.env_remove(&k);
         }
     }
-    cmd.current_dir(root()).env("NO_COLOR", "1").env("OMP_NUM_THREADS", "1").env_remove("RUST_LOG").arg("serve").args(args);
+    cmd.current_dir(root()).env("NO_COLOR", "1").env("OMP_NUM_THREADS", crate::util::threads().to_string()).env_remove("RUST_LOG").arg("serve").args(args);
     cmd
 }
 
