@@ -172,9 +172,7 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Sh
         progress: !quiet,
         simulate,
         lock_sha256,
-        watch: None,
-        in_memory: false,
-        latents: None,
+        ..Default::default()
     };
     if let Some(t) = base.manifest.run.threads {
         tch::set_num_threads(t as i32);

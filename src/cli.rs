@@ -726,17 +726,7 @@ fn run_inner(job: RunJob) -> Result<runner::exec::RunReport, Failure> {
     if let Some(t) = loaded.manifest.run.threads {
         tch::set_num_threads(t as i32);
     }
-    let opts = runner::exec::RunOptions {
-        out,
-        dump,
-        plan: runner::plan::build::BuildOptions { devices, weights_only: false },
-        progress: !quiet,
-        simulate,
-        lock_sha256,
-        watch: None,
-        in_memory: false,
-        latents: None,
-    };
+    let opts = runner::exec::RunOptions { out, dump, plan: runner::plan::build::BuildOptions { devices, weights_only: false }, progress: !quiet, simulate, lock_sha256, ..Default::default() };
     // libtorch reports failures inside an op (out of memory, an unsupported kernel) as panics
     // through tch: turn them into an error message and exit 1, not a crash.
     let previous = std::panic::take_hook();

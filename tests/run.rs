@@ -615,17 +615,7 @@ fn a_loaded_pipeline_moves_to_a_new_plan_without_reading_files() {
         runner::manifest::load(&p, &Default::default()).unwrap()
     };
     let sim = Inventory::parse_spec("cuda:0=1GB,cuda:1=1GB,cuda:2=1GB").unwrap();
-    let opts = |out: &str| runner::exec::RunOptions {
-        out: Some(dir.path().join(out)),
-        dump: None,
-        plan: BuildOptions { devices: Some(sim.clone()), weights_only: false },
-        progress: false,
-        simulate: true,
-        lock_sha256: None,
-        watch: None,
-        in_memory: false,
-        latents: None,
-    };
+    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), plan: BuildOptions { devices: Some(sim.clone()), weights_only: false }, simulate: true, ..Default::default() };
     let whole = write("whole", "{ \"cuda:0\" = \"1GB\", \"cuda:1\" = \"1GB\" }");
     // The second plan: cuda:0 keeps the text encoder and part of the UNet, cuda:1 the rest.
     let probe = runner::plan::plan(&preflighted_input(&whole, &BuildOptions::default(), &BuildOptions::default())).unwrap();
@@ -1105,17 +1095,7 @@ fn a_loaded_flux_pipeline_moves_to_a_new_plan() {
     let whole = runner::manifest::load(&tiny_flux_manifest(&d1, budgets), &Default::default()).unwrap();
     let group = runner::manifest::load(&tiny_flux_manifest(&d2, &format!("{budgets}offload = \"group\"\n")), &Default::default()).unwrap();
     let build = || BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=40MB,cpu=2GiB").unwrap()), weights_only: false };
-    let opts = |out: &str| runner::exec::RunOptions {
-        out: Some(dir.path().join(out)),
-        dump: None,
-        plan: build(),
-        progress: false,
-        simulate: true,
-        lock_sha256: None,
-        watch: None,
-        in_memory: false,
-        latents: None,
-    };
+    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), plan: build(), simulate: true, ..Default::default() };
     let plan_group = runner::plan::plan(&preflighted_input(&group, &build(), &build())).unwrap();
     assert!(plan_group.components.iter().any(|c| c.name == "transformer" && c.offload == runner::manifest::Offload::Group));
     let mut session = runner::exec::load(&whole, &opts("a.png")).unwrap();
@@ -1282,17 +1262,7 @@ fn a_cancelled_run_leaves_the_session_as_a_finished_one_does() {
     let budgets = "[placement]\nmax_memory = { \"cuda:0\" = \"40MB\", cpu = \"2GiB\" }\noffload = \"model\"\n";
     let m = runner::manifest::load(&tiny_flux_manifest(dir.path(), budgets), &Default::default()).unwrap();
     let build = || BuildOptions { devices: Some(Inventory::parse_spec("cuda:0=40MB,cpu=2GiB").unwrap()), weights_only: false };
-    let opts = |out: &str| runner::exec::RunOptions {
-        out: Some(dir.path().join(out)),
-        dump: None,
-        plan: build(),
-        progress: false,
-        simulate: true,
-        lock_sha256: None,
-        watch: None,
-        in_memory: false,
-        latents: None,
-    };
+    let opts = |out: &str| runner::exec::RunOptions { out: Some(dir.path().join(out)), plan: build(), simulate: true, ..Default::default() };
     let mut session = runner::exec::load(&m, &opts("a.png")).unwrap();
     let a = session.generate(&opts("a.png")).unwrap();
     for at in [1, 2] {

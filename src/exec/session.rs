@@ -73,9 +73,13 @@ fn input_files(m: &LoadedManifest, pipeline: &PipelineFolder) -> Vec<PathBuf> {
 /// Every destination is checked before generating, not after: a folder, a read-only place, a
 /// file where a folder should be, and a file the run reads (through a symlink, a hard link or
 /// another spelling of its path: compared by device and inode), which is never replaced.
-fn check_outputs(outputs: &[PathBuf], inputs: &[PathBuf]) -> Result<(), ExecError> {
+fn check_outputs(outputs: &[PathBuf], inputs: impl FnOnce() -> Vec<PathBuf>) -> Result<(), ExecError> {
     use std::os::unix::fs::MetadataExt;
+    if outputs.is_empty() {
+        return Ok(()); // `serve`'s in-memory PNGs: nothing to stat
+    }
     let id = |p: &Path| std::fs::metadata(p).ok().map(|md| (md.dev(), md.ino()));
+    let inputs = inputs();
     let reads: Vec<((u64, u64), &PathBuf)> = inputs.iter().filter_map(|p| id(p).map(|i| (i, p))).collect();
     for o in outputs {
         if let Some((_, input)) = id(o).and_then(|i| reads.iter().find(|(r, _)| *r == i)) {
@@ -116,7 +120,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let shape = build::run_shape(m, &configs);
     check_shape(&shape)?;
     let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
-    check_outputs(&outputs, &input_files(m, &pipeline))?;
+    check_outputs(&outputs, || input_files(m, &pipeline))?;
     if let Some(d) = &opts.dump {
         std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
         crate::fsutil::probe_writable(d).map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
@@ -218,7 +222,7 @@ impl Session<'_> {
             }
         }
         let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
-        check_outputs(&outputs, &input_files(m, &self.pipeline))?;
+        check_outputs(&outputs, || input_files(m, &self.pipeline))?;
         let job = Job { m, shape, seed: seed_of(m), outputs, warnings };
         self.generate_job(&job, opts)
     }

@@ -199,17 +199,8 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         out.flush()?;
     }
     let worker_app = app.clone();
-    let opts = runner::exec::RunOptions {
-        out: None,
-        dump: None,
-        plan: runner::plan::build::BuildOptions { devices: job.devices, weights_only: false },
-        progress: false,
-        simulate: job.simulate,
-        lock_sha256,
-        watch: None,
-        in_memory: true,
-        latents: None,
-    };
+    let opts =
+        runner::exec::RunOptions { plan: runner::plan::build::BuildOptions { devices: job.devices, weights_only: false }, simulate: job.simulate, lock_sha256, in_memory: true, ..Default::default() };
     let worker = std::thread::Builder::new().name("runner-worker".into()).spawn(move || worker(base, opts, rx, &worker_app))?;
     rt.block_on(run_server(listener, app.clone(), job.drain_timeout));
     if app.ready.load(Ordering::SeqCst) {

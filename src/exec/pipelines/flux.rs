@@ -19,7 +19,6 @@ use crate::models::vae::AutoencoderKLDecoder;
 /// diffusers' defaults for `FluxPipeline.__call__`.
 pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.5;
-pub const DEFAULT_STEPS: u32 = 28;
 
 pub(crate) struct Flux {
     text_encoder: TextEncoder,
@@ -109,7 +108,7 @@ impl Pipeline for Flux {
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
-        let steps = r.steps.unwrap_or(DEFAULT_STEPS) as usize;
+        let steps = r.steps.unwrap_or(m.manifest.pipeline.kind.default_steps()) as usize;
         let guidance_scale = r.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
         let true_cfg_scale = r.true_cfg_scale.unwrap_or(1.0);
         let max_len = r.max_sequence_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |n| n as usize);

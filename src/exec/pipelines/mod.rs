@@ -193,7 +193,9 @@ impl Call<'_> {
     pub fn prepare_latents(&mut self, shape: [i64; 4], draw_kind: Kind, scheduler: &dyn Scheduler, to: Dev) -> Result<Tensor, ExecError> {
         let init = self.initial_noise(shape, draw_kind)?;
         self.dump.push("latents.init", &init);
-        self.dump.push("latents.init_scaled", &(&init * scheduler.init_noise_sigma()));
+        if self.dump.on() {
+            self.dump.push("latents.init_scaled", &(&init * scheduler.init_noise_sigma()));
+        }
         self.dump_schedule(scheduler);
         Ok((init.to_device(to.device) * scheduler.init_noise_sigma()).to_kind(to.kind))
     }

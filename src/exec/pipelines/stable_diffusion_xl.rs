@@ -122,7 +122,7 @@ impl Pipeline for StableDiffusionXl {
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
-        let steps = r.steps.unwrap_or(50) as usize;
+        let steps = r.steps.unwrap_or(m.manifest.pipeline.kind.default_steps()) as usize;
         let guidance = r.guidance_scale.unwrap_or(5.0);
         let do_cfg = guidance > 1.0;
         let batch = cx.shape.batch as i64;
