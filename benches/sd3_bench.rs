@@ -23,7 +23,7 @@ fn main() {
     let ck = Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap();
     // BENCH_STORAGE=fp8-e4m3|fp8-e5m2|fp16|bf16: layerwise casting (`storage_dtype`) over fp32.
     let cast = std::env::var("BENCH_STORAGE").ok().filter(|s| !s.is_empty()).map(|s| runner::models::cast::Cast {
-        storage: runner::models::cast::storage_kind(serde_json::from_value(serde_json::Value::String(s)).expect("BENCH_STORAGE: fp8-e4m3, fp8-e5m2, fp16 or bf16")),
+        storage: runner::exec::storage_kind(serde_json::from_value(serde_json::Value::String(s)).expect("BENCH_STORAGE: fp8-e4m3, fp8-e5m2, fp16 or bf16")),
         compute: Kind::Float,
     });
     let model = runner::models::cast::building("SD3Transformer2DModel", cast, || SD3Transformer2DModel::load(&config, &ck, Device::Cpu, Kind::Float)).unwrap();

@@ -25,7 +25,7 @@ fn main() {
     // `_mapped` keeps the file the parameters view mapped while the UNet runs.
     // BENCH_STORAGE=fp8-e4m3|fp8-e5m2|fp16|bf16: layerwise casting (`storage_dtype`) over fp32.
     let cast = std::env::var("BENCH_STORAGE").ok().filter(|s| !s.is_empty()).map(|s| runner::models::cast::Cast {
-        storage: runner::models::cast::storage_kind(serde_json::from_value(serde_json::Value::String(s)).expect("BENCH_STORAGE: fp8-e4m3, fp8-e5m2, fp16 or bf16")),
+        storage: runner::exec::storage_kind(serde_json::from_value(serde_json::Value::String(s)).expect("BENCH_STORAGE: fp8-e4m3, fp8-e5m2, fp16 or bf16")),
         compute: Kind::Float,
     });
     let (unet, _mapped) =

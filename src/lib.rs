@@ -6,6 +6,7 @@
 //! point at their source), [`runtime`] (libtorch start-up), [`fsutil`] (writing outputs without
 //! damaging anything).
 
+pub mod arch;
 pub mod checkpoint;
 pub mod device;
 pub mod diag;

@@ -8,16 +8,16 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::arch::clip::ClipTextConfig;
+use crate::arch::flux::FluxTransformer2DConfig;
+use crate::arch::safety::SafetyCheckerConfig;
+use crate::arch::sd3::SD3Transformer2DConfig;
+use crate::arch::t5::T5Config;
+use crate::arch::unet::UNet2DConditionConfig;
+use crate::arch::vae::AutoencoderKLConfig;
 use crate::checkpoint::layout::{Component, PipelineFolder, WeightFiles};
 use crate::diag::{Diagnostic, Location};
 use crate::manifest::{LoadedManifest, PipelineKind};
-use crate::models::clip::ClipTextConfig;
-use crate::models::flux_transformer::FluxTransformer2DConfig;
-use crate::models::safety_checker::SafetyCheckerConfig;
-use crate::models::sd3_transformer::SD3Transformer2DConfig;
-use crate::models::t5::T5Config;
-use crate::models::unet_2d::UNet2DConditionConfig;
-use crate::models::vae::AutoencoderKLConfig;
 use crate::plan::memory::RunShape;
 
 /// The classes runner implements, per component name of a `kind` pipeline.
@@ -281,12 +281,12 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
     // Layerwise casting is diffusers' (`ModelMixin.enable_layerwise_casting`).
     for (name, c) in &m.manifest.components {
         let Some(class) = c.storage_dtype.and_then(|_| p.component(name)).map(|c| c.class.as_str()) else { continue };
-        if !crate::models::cast::CASTABLE_CLASSES.contains(&class) {
+        if !crate::arch::cast::CASTABLE_CLASSES.contains(&class) {
             let key = format!("components.{name}.storage_dtype");
             out.push(
                 Diagnostic::error(format!("`{key}`: `{name}` is a `{class}`, which has no layerwise casting (diffusers' `enable_layerwise_casting` is for diffusers models)"), at(&key))
                     .with_key(&key)
-                    .with_note(format!("layerwise casting applies to {}", crate::models::cast::CASTABLE_CLASSES.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "))),
+                    .with_note(format!("layerwise casting applies to {}", crate::arch::cast::CASTABLE_CLASSES.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "))),
             );
         }
     }
@@ -314,13 +314,13 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
     let te2 = if xl || sd3 { read("text_encoder_2", &mut out).and_then(|path| ClipTextConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok()) } else { None };
     let transformer = if sd3 {
         read("transformer", &mut out)
-            .and_then(|path| crate::models::config::read_json(&path, "SD3Transformer2DModel").and_then(|v| SD3Transformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
+            .and_then(|path| crate::arch::config::read_json(&path, "SD3Transformer2DModel").and_then(|v| SD3Transformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
     } else {
         None
     };
     let flux_transformer = if flux {
         read("transformer", &mut out)
-            .and_then(|path| crate::models::config::read_json(&path, "FluxTransformer2DModel").and_then(|v| FluxTransformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
+            .and_then(|path| crate::arch::config::read_json(&path, "FluxTransformer2DModel").and_then(|v| FluxTransformer2DConfig::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok())
     } else {
         None
     };
@@ -338,7 +338,7 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
             });
             None
         }
-        (Some(_), Some(path)) => crate::models::config::read_json(&path, "T5EncoderModel").and_then(|v| T5Config::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok(),
+        (Some(_), Some(path)) => crate::arch::config::read_json(&path, "T5EncoderModel").and_then(|v| T5Config::from_json(&v, &path)).map_err(|e| out.push(diag(&e, &path))).ok(),
     };
     let safety = match path_of("safety_checker") {
         Some(path) if p.component("safety_checker").is_some_and(|c| c.checkpoint.is_some()) => SafetyCheckerConfig::from_file(&path).map_err(|e| out.push(diag(&e, &path))).ok(),

@@ -191,7 +191,7 @@ impl<'a> Loader<'a> {
     /// loads to and runs on (a backend that cannot cast is an error now, not a libtorch abort).
     fn cast(&self, l: &Loaded, compute: Kind) -> Result<Option<Cast>, ExecError> {
         let Some(s) = self.m.manifest.components.get(&l.component.name).and_then(|c| c.storage_dtype) else { return Ok(None) };
-        let cast = Cast { storage: cast::storage_kind(s), compute };
+        let cast = Cast { storage: storage_kind(s), compute };
         let mut devices = vec![l.device];
         if !self.simulate {
             devices.push(tch_device(plan_device(self.plan, &l.component.name)));
@@ -284,4 +284,15 @@ pub(crate) fn relocate(vs: &VarStore, device: tch::Device, split: Option<&[(Stri
             }
         }
     });
+}
+
+/// A manifest `storage_dtype` as libtorch's dtype.
+pub fn storage_kind(s: crate::manifest::StorageDtype) -> Kind {
+    use crate::manifest::StorageDtype;
+    match s {
+        StorageDtype::Fp8E4m3 => Kind::Float8e4m3fn,
+        StorageDtype::Fp8E5m2 => Kind::Float8e5m2,
+        StorageDtype::Fp16 => Kind::Half,
+        StorageDtype::Bf16 => Kind::BFloat16,
+    }
 }

@@ -17,6 +17,7 @@ mod scratch;
 mod session;
 mod text;
 
+pub use loading::storage_kind;
 pub use session::{load, Session};
 
 use std::path::{Path, PathBuf};

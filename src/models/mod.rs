@@ -4,7 +4,6 @@
 pub mod attention;
 pub mod cast;
 pub mod clip;
-pub mod config;
 pub mod embeddings;
 pub mod flux_blocks;
 pub mod flux_transformer;
@@ -26,7 +25,7 @@ pub mod weights;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] crate::arch::config::ConfigError),
     #[error(transparent)]
     Weights(#[from] weights::WeightsError),
 }

@@ -11,15 +11,13 @@
 //! `context_embedder` and run beside the image tokens through the `JointTransformerBlock`s, the
 //! last of which (`context_pre_only`) drops them; `norm_out` and `proj_out` then unpatchify.
 
-use std::path::Path;
-
-use serde_json::Value;
 use tch::nn::{self, Init, VarStore};
 use tch::{Device, Kind, Tensor};
 
+use crate::arch::config::ConfigError;
+pub use crate::arch::sd3::{QkNorm, SD3Transformer2DConfig};
 use crate::checkpoint::layout::Checkpoint;
 use crate::checkpoint::load::Mapped;
-use crate::models::config::{Cfg, ConfigError};
 use crate::models::hooks::{path_of, scoped};
 use crate::models::mmdit_blocks::{AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings, JointTransformerBlock, Linear};
 use crate::models::resnet::on;
@@ -38,91 +36,6 @@ pub enum Sd3Error {
     Input(String),
     #[error("SD3Transformer2DModel: libtorch: {0}")]
     Torch(#[from] tch::TchError),
-}
-
-/// The query/key normalisation of the attentions (`qk_norm`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QkNorm {
-    /// `"rms_norm"` (SD 3.5): an RMS norm with a weight over each head, eps 1e-6.
-    RmsNorm,
-}
-
-/// diffusers `SD3Transformer2DModel`'s config (defaults as there: SD3 medium's sizes).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SD3Transformer2DConfig {
-    /// The default latent height/width (the pipeline's default image size / vae_scale_factor).
-    pub sample_size: i64,
-    pub patch_size: i64,
-    pub in_channels: i64,
-    pub num_layers: i64,
-    pub attention_head_dim: i64,
-    pub num_attention_heads: i64,
-    /// The channels of the text states (T5 `d_model`, and CLIP's zero-padded to it).
-    pub joint_attention_dim: i64,
-    /// `context_embedder`'s output: equal to `num_attention_heads * attention_head_dim`.
-    pub caption_projection_dim: i64,
-    /// The pooled CLIP embeddings' channels (both encoders' concatenated).
-    pub pooled_projection_dim: i64,
-    pub out_channels: i64,
-    /// The side of the stored position grid, in patches: larger latents are refused.
-    pub pos_embed_max_size: i64,
-    /// The blocks with a second self-attention (`attn2`, MMDiT-X); indices past the last block
-    /// have no effect, as in diffusers.
-    pub dual_attention_layers: Vec<i64>,
-    pub qk_norm: Option<QkNorm>,
-}
-
-impl SD3Transformer2DConfig {
-    /// From a component's `config.json` (`path` names it in errors).
-    pub fn from_json(v: &Value, path: &Path) -> Result<Self, ConfigError> {
-        let c = Cfg::new(v, path, MODEL)?;
-        let in_channels = c.dim("in_channels", 16)?;
-        // diffusers: `out_channels if out_channels is not None else in_channels` (absent: 16).
-        let out_channels = if v.get("out_channels").is_some_and(Value::is_null) { in_channels } else { c.dim("out_channels", 16)? };
-        // A null size makes diffusers compute an uncropped sincos table at run time instead of
-        // storing one; no SD3 checkpoint does that.
-        if v.get("pos_embed_max_size").is_some_and(Value::is_null) {
-            return Err(c.err("`pos_embed_max_size` = null (position embeddings computed at run time, not stored) is not supported by runner"));
-        }
-        let dual_attention_layers = match v.get("dual_attention_layers") {
-            None | Some(Value::Null) => vec![],
-            Some(Value::Array(a)) => {
-                a.iter().enumerate().map(|(i, x)| x.as_i64().ok_or_else(|| c.err(format!("`dual_attention_layers[{i}]` must be an integer, got {x}")))).collect::<Result<Vec<_>, _>>()?
-            }
-            Some(x) => return Err(c.err(format!("`dual_attention_layers` must be a list of block indices, got {x}"))),
-        };
-        let qk_norm = match c.opt_text("qk_norm")? {
-            None => None,
-            Some("rms_norm") => Some(QkNorm::RmsNorm),
-            Some(other) => return Err(c.err(format!("`qk_norm` = {other:?} is not supported by runner (null or \"rms_norm\")"))),
-        };
-        let cfg = SD3Transformer2DConfig {
-            sample_size: c.dim("sample_size", 128)?,
-            patch_size: c.dim("patch_size", 2)?,
-            in_channels,
-            num_layers: c.dim("num_layers", 18)?,
-            attention_head_dim: c.dim("attention_head_dim", 64)?,
-            num_attention_heads: c.dim("num_attention_heads", 18)?,
-            joint_attention_dim: c.dim("joint_attention_dim", 4096)?,
-            caption_projection_dim: c.dim("caption_projection_dim", 1152)?,
-            pooled_projection_dim: c.dim("pooled_projection_dim", 2048)?,
-            out_channels,
-            pos_embed_max_size: c.dim("pos_embed_max_size", 96)?,
-            dual_attention_layers,
-            qk_norm,
-        };
-        // The projected text states enter blocks of width heads * head_dim (diffusers fails at
-        // the first block's norm otherwise).
-        if cfg.caption_projection_dim != cfg.inner_dim() {
-            return Err(c.err(format!("`caption_projection_dim` {} must equal `num_attention_heads` * `attention_head_dim` = {}", cfg.caption_projection_dim, cfg.inner_dim())));
-        }
-        Ok(cfg)
-    }
-
-    /// The width of the token streams, `num_attention_heads * attention_head_dim`.
-    pub fn inner_dim(&self) -> i64 {
-        self.num_attention_heads * self.attention_head_dim
-    }
 }
 
 /// diffusers `PatchEmbed(..., pos_embed_max_size)`: `proj` (a conv with kernel and stride

@@ -42,8 +42,8 @@ pub fn inventory(m: &LoadedManifest, opts: &BuildOptions) -> Result<Inventory, I
 /// pipeline.
 fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str, tiling: bool, slicing: bool) -> Dims {
     let clip =
-        |c: &crate::models::clip::ClipTextConfig| Dims::Clip { hidden: c.hidden_size as u64, intermediate: c.intermediate_size as u64, layers: c.num_hidden_layers as u64, tokens: 77, guided: true };
-    let t5 = |t: &crate::models::t5::T5Config| Dims::T5 { d_model: t.d_model as u64, d_ff: t.d_ff as u64, heads: t.num_heads as u64, d_kv: t.d_kv as u64 };
+        |c: &crate::arch::clip::ClipTextConfig| Dims::Clip { hidden: c.hidden_size as u64, intermediate: c.intermediate_size as u64, layers: c.num_hidden_layers as u64, tokens: 77, guided: true };
+    let t5 = |t: &crate::arch::t5::T5Config| Dims::T5 { d_model: t.d_model as u64, d_ff: t.d_ff as u64, heads: t.num_heads as u64, d_kv: t.d_kv as u64 };
     // The T5 encoder by its class: SD3's `text_encoder_3`, FLUX's `text_encoder_2`.
     if class == "T5EncoderModel" {
         return configs.t5.as_ref().map_or(Dims::None, t5);
@@ -70,10 +70,10 @@ fn dims(kind: PipelineKind, configs: &Configs, name: &str, class: &str, tiling: 
     }
 }
 
-/// The VAE's tile ([`crate::models::vae::AutoencoderKLConfig::tile`]; preflight refused tiling
+/// The VAE's tile ([`crate::arch::vae::AutoencoderKLConfig::tile`]; preflight refused tiling
 /// without one).
 fn vae_tile(configs: &Configs) -> Option<VaeTile> {
-    let t = configs.vae.sample_size.map(|s| crate::models::vae::Tile::new(s, configs.vae.block_out_channels.len()))?;
+    let t = configs.vae.sample_size.map(|s| crate::arch::vae::Tile::new(s, configs.vae.block_out_channels.len()))?;
     Some(VaeTile { sample: t.sample as u64, latent: t.latent as u64 })
 }
 
@@ -100,7 +100,7 @@ pub fn tensor_bytes(class: &str, name: &str, info: &TensorInfo, dtype: Dtype) ->
 fn cast_copy_bytes(cast: &std::collections::BTreeSet<String>, ck: &crate::checkpoint::layout::Checkpoint, dtype: Dtype) -> u64 {
     let mut by_layer: BTreeMap<&str, u64> = BTreeMap::new();
     for (k, t) in &ck.tensors {
-        if crate::models::cast::is_cast(cast, k) {
+        if crate::arch::cast::is_cast(cast, k) {
             *by_layer.entry(k.rsplit_once('.').map_or("", |(m, _)| m)).or_default() += t.info.nbytes_as(dtype.size_bytes());
         }
     }
@@ -155,9 +155,9 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
             };
             // Layerwise casting: cast layers weigh their storage dtype.
             let storage = spec.and_then(|s| s.storage_dtype);
-            let cast = storage.map(|_| crate::models::cast::cast_modules(&c.class, ck.tensors.iter().map(|(k, t)| (k.as_str(), t.info.shape.len())))).unwrap_or_default();
+            let cast = storage.map(|_| crate::arch::cast::cast_modules(&c.class, ck.tensors.iter().map(|(k, t)| (k.as_str(), t.info.shape.len())))).unwrap_or_default();
             let stored = |k: &str, t: &crate::checkpoint::layout::TensorLoc, dtype: Dtype| match storage {
-                Some(s) if crate::models::cast::is_cast(&cast, k) && t.info.dtype.is_float() => t.info.nbytes_as(s.size_bytes()),
+                Some(s) if crate::arch::cast::is_cast(&cast, k) && t.info.dtype.is_float() => t.info.nbytes_as(s.size_bytes()),
                 _ => tensor_bytes(&c.class, k, &t.info, dtype),
             };
             let tree_at = |dtype: Dtype| {
@@ -186,7 +186,7 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inv
                 // Text-to-image reads the VAE's decoder only (exec::loading::decoder_only).
                 .filter(|(k, _)| !(c.class == "AutoencoderKL" && (k.starts_with("encoder.") || k.starts_with("quant_conv."))))
                 .filter_map(|(k, t)| {
-                    let cast_to = storage.filter(|_| t.info.dtype.is_float() && crate::models::cast::is_cast(&cast, k));
+                    let cast_to = storage.filter(|_| t.info.dtype.is_float() && crate::arch::cast::is_cast(&cast, k));
                     let to = cast_to.map_or_else(|| stored_as(&c.class, k, &t.info, dtype), storage_st);
                     (t.info.dtype != to).then(|| stored(k, t, dtype).div_ceil(SCRATCH_ALIGN) * SCRATCH_ALIGN)
                 })

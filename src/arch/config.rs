@@ -1,6 +1,6 @@
 //! Strict reading of a model's `config.json`: a missing or `null` key takes diffusers' default, a
 //! present key of the wrong type or an impossible value (zero or negative sizes, absurd channel
-//! counts) is an error naming the file and the key. No tch here: the planner reads configs too.
+//! counts) is an error naming the file and the key.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,16 @@ pub struct ConfigError {
     pub path: PathBuf,
     pub model: String,
     pub msg: String,
+}
+
+/// A transformers config (CLIP text, the safety checker's CLIP) that cannot be read: its messages
+/// name the file, as transformers' do, not a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read `{}`: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("`{}`: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
 }
 
 /// A component's parsed `config.json`, for typed, key-naming reads.
