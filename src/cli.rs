@@ -467,7 +467,7 @@ fn validate(files: &[PathBuf], json: bool, locked: bool, manifest_only: bool, ov
                     // Everything knowable without loading a weight: the folder is required now.
                     d.retain(|w| w.key.as_deref() != Some("pipeline.source"));
                     match runner::preflight::check(&m) {
-                        Ok((_, configs)) => d.extend(runner::preflight::warnings(&m, &configs)),
+                        Ok(checked) => d.extend(checked.run.warnings),
                         Err(found) => d.extend(found),
                     }
                 }
@@ -634,14 +634,14 @@ fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights
         runner::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;
     }
     let t = std::time::Instant::now();
-    let (pipeline, configs) = runner::preflight::check(&loaded).map_err(|d| Failure::pipeline(file, d))?;
-    diag::render_all(&runner::preflight::warnings(&loaded, &configs), &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
-    for n in &pipeline.notes {
+    let checked = runner::preflight::check(&loaded).map_err(|d| Failure::pipeline(file, d))?;
+    diag::render_all(&checked.run.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
+    for n in &checked.folder.notes {
         tracing::info!("{n}");
     }
     let opts = build::BuildOptions { devices, weights_only };
     let inventory = build::inventory(&loaded, &opts).map_err(|e| Failure::new("devices", e))?;
-    let input = build::plan_input(&loaded, &pipeline, &configs, inventory, &opts);
+    let input = build::plan_input(&loaded, &checked.folder, &checked.configs, &checked.run, inventory, &opts);
     let plan = runner::plan::plan(&input).map_err(|e| Failure::plan(file, e))?;
     tracing::debug!(elapsed = ?t.elapsed(), "planned");
     let out = if json {

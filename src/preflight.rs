@@ -100,27 +100,46 @@ impl Configs {
         };
         latent * self.vae_scale_factor()
     }
+}
 
-    /// The job's shape with diffusers' defaults: size [`Self::default_size`], batch 1,
-    /// guidance from [`PipelineKind::default_guidance_scale`] (7.5 SD, 5.0 SDXL, 7.0 SD3), T5
-    /// tokens from [`PipelineKind::default_max_sequence_length`] (256 SD3, 512 FLUX). For FLUX,
-    /// `guidance` is diffusers' true CFG ([`crate::manifest::Run::true_cfg`]), run as a second
-    /// pass of the same batch: its embedded guidance costs no pass.
-    pub fn run_shape(&self, m: &LoadedManifest) -> RunShape {
+/// What a run of a manifest is: `[run]` with diffusers' defaults applied against the folder's
+/// configs, worked out once. The checks, the planner, `serve`'s limits and the pipelines all read
+/// this value, so that each default lives in one place.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub kind: PipelineKind,
+    /// Size ([`Configs::default_size`]), batch (1), whether guidance doubles the batch, T5 tokens
+    /// ([`PipelineKind::default_max_sequence_length`]): what working memory depends on.
+    pub shape: RunShape,
+    /// `num_inference_steps` ([`PipelineKind::default_steps`]).
+    pub steps: u32,
+    /// `guidance_scale` ([`PipelineKind::default_guidance_scale`]): classifier-free guidance, or
+    /// FLUX's embedded guidance.
+    pub guidance_scale: f64,
+    /// FLUX's true classifier-free guidance scale, when it runs (above 1, with a negative prompt).
+    pub true_cfg_scale: Option<f64>,
+    /// Valid keys that have no effect with these configs.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl RunSpec {
+    /// `m`'s run against `configs`. For FLUX, `shape.guidance` is diffusers' true CFG
+    /// ([`crate::manifest::Run::true_cfg`]), run as a second pass of the same batch: its embedded
+    /// guidance costs no pass.
+    pub fn new(m: &LoadedManifest, configs: &Configs) -> RunSpec {
         let r = &m.manifest.run;
         let kind = m.manifest.pipeline.kind;
-        let size = self.default_size();
-        let guidance = match kind {
-            PipelineKind::Flux => r.true_cfg(),
-            _ => r.guidance_scale.unwrap_or(kind.default_guidance_scale()) > 1.0,
-        };
-        RunShape {
+        let size = configs.default_size();
+        let guidance_scale = r.guidance_scale.unwrap_or(kind.default_guidance_scale());
+        let true_cfg = kind == PipelineKind::Flux && r.true_cfg();
+        let shape = RunShape {
             width: r.width.map(u64::from).unwrap_or(size),
             height: r.height.map(u64::from).unwrap_or(size),
             batch: r.batch.map(u64::from).unwrap_or(1),
-            guidance,
+            guidance: if kind == PipelineKind::Flux { true_cfg } else { guidance_scale > 1.0 },
             max_sequence_length: u64::from(r.max_sequence_length.or(kind.default_max_sequence_length()).unwrap_or(crate::plan::memory::DEFAULT_MAX_SEQUENCE_LENGTH as u32)),
-        }
+        };
+        RunSpec { kind, shape, steps: r.steps.unwrap_or(kind.default_steps()), guidance_scale, true_cfg_scale: true_cfg.then(|| r.true_cfg_scale.unwrap_or(1.0)), warnings: warnings(m, configs) }
     }
 }
 
@@ -137,22 +156,31 @@ pub fn config_path(c: &Component) -> PathBuf {
     beside.filter(|p| p.is_file()).unwrap_or_else(|| c.dir.join("config.json"))
 }
 
-/// Checks `m` against its pipeline folder; the folder, opened, and its configs, or every problem
-/// found.
-pub fn check(m: &LoadedManifest) -> Result<(PipelineFolder, Configs), Vec<Diagnostic>> {
-    let (p, configs, mut out) = check_folder(m)?;
-    out.extend(check_run(m, &p, &configs));
+/// A manifest checked against its pipeline folder: the folder, opened, its configs and the run.
+#[derive(Debug)]
+pub struct Checked {
+    pub folder: PipelineFolder,
+    pub configs: Configs,
+    pub run: RunSpec,
+}
+
+/// Checks `m` against its pipeline folder; what it found there, or every problem found.
+pub fn check(m: &LoadedManifest) -> Result<Checked, Vec<Diagnostic>> {
+    let (folder, configs, mut out) = check_folder(m)?;
+    let run = RunSpec::new(m, &configs);
+    out.extend(check_run(m, &folder, &configs, &run));
     if out.is_empty() {
-        Ok((p, configs))
+        Ok(Checked { folder, configs, run })
     } else {
         Err(out)
     }
 }
 
 /// The part of [`check`] that depends on `[run]` and `pipeline.scheduler` only: what a loaded
-/// pipeline checks of each new job (`runner run --prompts`, `runner serve`) against the folder
-/// and configs it was loaded from, without reading them again.
-pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs) -> Vec<Diagnostic> {
+/// pipeline checks of each new job (`runner run --prompts`, `runner serve`), `run` being
+/// [`RunSpec::new`] of it, against the folder and configs it was loaded from, without reading
+/// them again.
+pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run: &RunSpec) -> Vec<Diagnostic> {
     let at = |key: &str| m.locate_value(key);
     let kind = m.manifest.pipeline.kind;
     let xl = kind == PipelineKind::StableDiffusionXl;
@@ -164,11 +192,11 @@ pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs) -> V
     let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::schedulers::parse_config(&t).map_err(|e| e.to_string()));
     match sched {
         Ok(cfg) => {
-            let steps = m.manifest.run.steps.unwrap_or(kind.default_steps()) as usize;
+            let steps = run.steps as usize;
             // A dynamically shifted schedule depends on the image's sequence length in patches
             // (FLUX: the packed 2x2 latent patches, (H/16) x (W/16) at the VAE's 8x).
             let mu = configs.patch_size().and_then(|p| {
-                let shape = configs.run_shape(m);
+                let shape = run.shape;
                 let scale = configs.vae_scale_factor();
                 let patches = (shape.height / scale / p) * (shape.width / scale / p);
                 crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
@@ -196,7 +224,7 @@ pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs) -> V
         // raises; FLUX's pipeline warns and rounds down, runner refuses as for SD3).
         let unit = configs.vae_scale_factor() * patch;
         let why = if flux { "the VAE's scale factor times 2: FLUX packs 2x2 latent patches" } else { "the VAE's scale factor times the transformer's patch_size" };
-        let shape = configs.run_shape(m);
+        let shape = run.shape;
         for (key, v) in [("run.width", shape.width), ("run.height", shape.height)] {
             if v % unit != 0 {
                 out.push(Diagnostic::error(format!("`{key}` is {v}, but this pipeline needs a multiple of {unit} ({why})"), at(key)).with_key(key).with_note(format!(
@@ -223,7 +251,7 @@ pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs) -> V
     }
     if let Some(l) = &r.latents {
         let path = m.resolve_path("run.latents", l);
-        let shape = configs.run_shape(m);
+        let shape = run.shape;
         let want = [shape.batch, configs.vae.latent_channels as u64, shape.height / 8, shape.width / 8];
         if let Err(msg) = check_latents(&path, &want) {
             out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));
@@ -390,7 +418,7 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
 /// What [`check`]'s configs make of keys that are valid but have no effect here: warnings, never
 /// errors. FLUX.1-schnell (`guidance_embeds = false`) has no guidance embedding: a
 /// `run.guidance_scale` is ignored.
-pub fn warnings(m: &LoadedManifest, configs: &Configs) -> Vec<Diagnostic> {
+fn warnings(m: &LoadedManifest, configs: &Configs) -> Vec<Diagnostic> {
     let mut out = vec![];
     let r = &m.manifest.run;
     if let (Some(t), Some(g)) = (&configs.flux_transformer, r.guidance_scale) {

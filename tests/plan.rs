@@ -258,8 +258,9 @@ fn balanced_maps_against_diffusers_own() {
         for dtype in ["fp16", "fp32"] {
             let m = manifest(dir.path(), &format!("{pipe}-{dtype}"), kind, &root, dtype, "");
             let loaded = runner::manifest::load(&m, &Default::default()).unwrap();
-            let (pipeline, configs) = runner::preflight::check(&loaded).unwrap();
-            let inputs: Vec<_> = [true, false].map(|weights_only| build::plan_input(&loaded, &pipeline, &configs, Inventory::default(), &build::BuildOptions { devices: None, weights_only })).into();
+            let c = runner::preflight::check(&loaded).unwrap();
+            let inputs: Vec<_> =
+                [true, false].map(|weights_only| build::plan_input(&loaded, &c.folder, &c.configs, &c.run, Inventory::default(), &build::BuildOptions { devices: None, weights_only })).into();
             for case in cases.iter().filter(|c| c["pipeline"] == pipe && c["dtype"] == dtype) {
                 let mut devices: Vec<DeviceBudget> = case["max_memory_bytes"]
                     .as_object()
@@ -503,10 +504,10 @@ fn sd35_large_plans_in_milliseconds() {
     let root = crate::util::sparse_pipeline("sd35-large", dir.path(), Dtype::BF16);
     let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())] };
     let loaded = runner::manifest::load(&crate::util::root().join("manifests/sd35-large.toml"), &opts).unwrap();
-    let (pipeline, configs, inventory) = preflight_and_plan_timed("sd35-large", &loaded, 5);
+    let (c, inventory) = preflight_and_plan_timed("sd35-large", &loaded, 5);
 
     // The module trees: accelerate's no-split units (counted at 16 bits by tools/make_shapes.py).
-    let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, inventory, &Default::default());
+    let input = runner::plan::build::plan_input(&loaded, &c.folder, &c.configs, &c.run, inventory, &Default::default());
     let s = shapes("sd35-large");
     for (name, class, n) in [("transformer", "JointTransformerBlock", 38), ("text_encoder_3", "T5Block", 24)] {
         let c = input.components.iter().find(|c| c.name == name).unwrap();
@@ -670,11 +671,12 @@ fn flux_dev_plans_in_milliseconds() {
     let root = crate::util::sparse_pipeline("flux-dev", dir.path(), Dtype::BF16);
     let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())] };
     let loaded = runner::manifest::load(&crate::util::root().join("manifests/flux-dev.toml"), &opts).unwrap();
-    let (pipeline, configs, inventory) = preflight_and_plan_timed("flux-dev", &loaded, 4);
+    let (c, inventory) = preflight_and_plan_timed("flux-dev", &loaded, 4);
+    let configs = &c.configs;
     assert!(configs.text_encoder_2.is_none() && configs.t5.is_some() && configs.flux_transformer.is_some() && configs.transformer.is_none());
 
     // The module trees: accelerate's no-split units (counted at 16 bits by tools/make_shapes.py).
-    let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, inventory, &Default::default());
+    let input = runner::plan::build::plan_input(&loaded, &c.folder, &c.configs, &c.run, inventory, &Default::default());
     let s = shapes("flux-dev");
     let tr = input.components.iter().find(|c| c.name == "transformer").unwrap();
     assert_eq!(tr.tree.units.iter().filter(|u| u.class == Some("FluxTransformerBlock")).count(), 19);
@@ -722,8 +724,8 @@ fn memory_floor_table() {
                     sets.push("components.vae.tiling=true".into());
                 }
                 let loaded = runner::manifest::load(&m, &runner::manifest::Overrides { env: vec![], sets }).unwrap();
-                let (pipeline, configs) = runner::preflight::check(&loaded).unwrap();
-                let input = runner::plan::build::plan_input(&loaded, &pipeline, &configs, Inventory::default(), &Default::default());
+                let c = runner::preflight::check(&loaded).unwrap();
+                let input = runner::plan::build::plan_input(&loaded, &c.folder, &c.configs, &c.run, Inventory::default(), &Default::default());
                 // `runner plan --devices cuda:0=B,cpu=4TiB --set placement.max_memory={...the same}`:
                 // a fit is everything on the GPU (`overflow = "error"` fails the plan otherwise).
                 let fits = |bytes: u64| {
@@ -859,24 +861,20 @@ fn plan_suggests_vae_tiling() {
 
 /// Preflight of a full-size folder, then the best of 5 in-process plans (`components` of them),
 /// logged and bounded loosely (< 2 s: the debug build on a shared VM); what the plan was made from.
-fn preflight_and_plan_timed(
-    label: &str,
-    loaded: &runner::manifest::LoadedManifest,
-    components: usize,
-) -> (runner::checkpoint::layout::PipelineFolder, runner::preflight::Configs, runner::plan::inventory::Inventory) {
+fn preflight_and_plan_timed(label: &str, loaded: &runner::manifest::LoadedManifest, components: usize) -> (runner::preflight::Checked, runner::plan::inventory::Inventory) {
     let started = std::time::Instant::now();
-    let (pipeline, configs) = runner::preflight::check(loaded).unwrap();
+    let c = runner::preflight::check(loaded).unwrap();
     let checked = started.elapsed();
     let inventory = runner::plan::build::inventory(loaded, &Default::default()).unwrap();
     let mut best = std::time::Duration::MAX;
     for _ in 0..5 {
         let t = std::time::Instant::now();
-        let input = runner::plan::build::plan_input(loaded, &pipeline, &configs, inventory.clone(), &Default::default());
+        let input = runner::plan::build::plan_input(loaded, &c.folder, &c.configs, &c.run, inventory.clone(), &Default::default());
         let plan = runner::plan::plan(&input).unwrap();
         best = best.min(t.elapsed());
         assert_eq!(plan.components.len(), components);
     }
     eprintln!("{label}: preflight (headers and indexes) {checked:?}, plan input + plan {best:?}");
     assert!(best < std::time::Duration::from_secs(2), "{best:?}");
-    (pipeline, configs, inventory)
+    (c, inventory)
 }

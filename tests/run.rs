@@ -597,8 +597,8 @@ fn components_that_do_not_fit_together_are_refused_before_loading() {
 
 /// The planner's input for `m`, as `runner plan` builds it (after preflight).
 fn preflighted_input(m: &runner::manifest::LoadedManifest, inv_opts: &runner::plan::build::BuildOptions, opts: &runner::plan::build::BuildOptions) -> runner::plan::PlanInput {
-    let (pipeline, configs) = runner::preflight::check(m).unwrap();
-    runner::plan::build::plan_input(m, &pipeline, &configs, runner::plan::build::inventory(m, inv_opts).unwrap(), opts)
+    let c = runner::preflight::check(m).unwrap();
+    runner::plan::build::plan_input(m, &c.folder, &c.configs, &c.run, runner::plan::build::inventory(m, inv_opts).unwrap(), opts)
 }
 
 #[test]

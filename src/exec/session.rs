@@ -17,17 +17,17 @@ use crate::device::Device;
 use crate::manifest::{LoadedManifest, Offload, OffloadTarget};
 use crate::plan::build;
 use crate::plan::Plan;
+use crate::preflight::{Checked, RunSpec};
 
 /// A pipeline loaded onto the devices of a plan: generate with it, or move its weights to a new
 /// plan without reading any file again (diffusers' `reset_device_map` + a new placement).
 pub struct Session<'m> {
     m: &'m LoadedManifest,
-    pipeline: PipelineFolder,
-    /// The folder's configs as preflight read them at load: each new job is checked against them.
-    configs: crate::preflight::Configs,
+    /// The folder, its configs and the run, as preflight worked them out at load: each new job is
+    /// checked against the folder and configs.
+    checked: Checked,
     plan: Plan,
     simulate: bool,
-    shape: crate::plan::memory::RunShape,
     outputs: Vec<PathBuf>,
     seed: u64,
     model: Box<dyn Pipeline>,
@@ -41,10 +41,10 @@ pub struct Session<'m> {
     scratch: Vec<super::scratch::Scratch>,
 }
 
-/// What one generation makes: its manifest (`[run]`), shape, seed and outputs.
+/// What one generation makes: its manifest (`[run]`), run, seed and outputs.
 struct Job<'a> {
     m: &'a LoadedManifest,
-    shape: crate::plan::memory::RunShape,
+    run: RunSpec,
     seed: u64,
     outputs: Vec<PathBuf>,
     /// Valid keys with no effect, the pipeline folder's notes.
@@ -100,13 +100,13 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let started = Instant::now();
     let mut warnings = vec![];
     // 0. Plan (headers only), devices checked, outputs and dump folder writable, before loading.
-    // Configs are read once, here, and shared by the planner and the models.
-    let (pipeline, configs) = crate::preflight::check(m).map_err(ExecError::Preflight)?;
-    warnings.extend(pipeline.notes.iter().cloned());
+    // Configs and the run are worked out once, here, and shared by the planner and the models.
+    let checked = crate::preflight::check(m).map_err(ExecError::Preflight)?;
+    warnings.extend(checked.folder.notes.iter().cloned());
     // Valid keys with no effect here (FLUX.1-schnell's ignored guidance_scale).
-    warnings.extend(crate::preflight::warnings(m, &configs).into_iter().map(|d| d.message));
+    warnings.extend(checked.run.warnings.iter().map(|d| d.message.clone()));
     let inventory = build::inventory(m, &opts.plan)?;
-    let input = build::plan_input(m, &pipeline, &configs, inventory, &opts.plan);
+    let input = build::plan_input(m, &checked.folder, &checked.configs, &checked.run, inventory, &opts.plan);
     let plan = crate::plan::plan(&input)?;
     if !opts.simulate {
         check_devices(&plan)?;
@@ -117,10 +117,9 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
             warnings.push(format!("`{}` runs on the CPU, where its weights already live: `offload = \"{}\"` does nothing for it", c.name, format!("{:?}", c.offload).to_lowercase()));
         }
     }
-    let shape = build::run_shape(m, &configs);
-    check_shape(&shape)?;
-    let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
-    check_outputs(&outputs, || input_files(m, &pipeline))?;
+    check_shape(&checked.run.shape)?;
+    let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, checked.run.shape.batch as usize) };
+    check_outputs(&outputs, || input_files(m, &checked.folder))?;
     if let Some(d) = &opts.dump {
         std::fs::create_dir_all(d).map_err(|source| ExecError::Io { what: "cannot create the dump folder", path: d.clone(), source })?;
         crate::fsutil::probe_writable(d).map_err(|source| ExecError::Io { what: "cannot write into the dump folder", path: d.clone(), source })?;
@@ -137,7 +136,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let t_load = Instant::now();
     let startup_s = allocator::process_age_s().unwrap_or(0.0);
     let rss_before = allocator::host_rss().map_or(0, |(rss, _)| rss);
-    let lx = Loader::new(m, &pipeline, &plan, &configs, opts.simulate, opts.progress);
+    let lx = Loader::new(m, &checked.folder, &plan, &checked.configs, opts.simulate, opts.progress);
     // Declared before the models: on an error, the scratch files go after them.
     let mut scratch = vec![];
     let model = pipelines::load(m.manifest.pipeline.kind, &lx)?;
@@ -161,7 +160,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
         scratch_bytes: scratch.iter().map(|s| s.bytes()).sum(),
     };
     drop(lx);
-    let session = Session { m, pipeline, configs, plan, simulate: opts.simulate, shape, outputs, seed, model, startup_s, load_s, host, started, warnings, scratch };
+    let session = Session { m, checked, plan, simulate: opts.simulate, outputs, seed, model, startup_s, load_s, host, started, warnings, scratch };
     session.pin_offloaded(&[]);
     Ok(session)
 }
@@ -175,7 +174,7 @@ impl Session<'_> {
     /// Generates the manifest's images (steps 2 to 6 of a run): the pipeline's `__call__` between
     /// offload hooks and the ledger, then the outputs.
     pub fn generate(&mut self, opts: &RunOptions) -> Result<RunReport, ExecError> {
-        let job = Job { m: self.m, shape: self.shape, seed: self.seed, outputs: self.outputs.clone(), warnings: self.warnings.clone() };
+        let job = Job { m: self.m, run: self.checked.run.clone(), seed: self.seed, outputs: self.outputs.clone(), warnings: self.warnings.clone() };
         self.generate_job(&job, opts)
     }
 
@@ -195,18 +194,19 @@ impl Session<'_> {
             return Err(ExecError::Unsupported("only `[run]` keys and `pipeline.scheduler` can change on a loaded pipeline".into()));
         }
         // The folder and configs are the loaded ones: only what the job's keys change is checked.
-        let (pipeline, configs) = (&self.pipeline, &self.configs);
-        let problems = crate::preflight::check_run(m, pipeline, configs);
+        let Checked { folder, configs, run: loaded } = &self.checked;
+        let run = RunSpec::new(m, configs);
+        let problems = crate::preflight::check_run(m, folder, configs, &run);
         if !problems.is_empty() {
             return Err(ExecError::Preflight(problems));
         }
-        let mut warnings: Vec<String> = pipeline.notes.clone();
-        warnings.extend(crate::preflight::warnings(m, configs).into_iter().map(|d| d.message));
-        let shape = build::run_shape(m, configs);
+        let mut warnings: Vec<String> = folder.notes.clone();
+        warnings.extend(run.warnings.iter().map(|d| d.message.clone()));
+        let shape = run.shape;
         check_shape(&shape)?;
-        if shape != self.shape {
+        if shape != loaded.shape {
             let inventory = build::inventory(m, &opts.plan)?;
-            let plan = crate::plan::plan(&build::plan_input(m, pipeline, configs, inventory, &opts.plan)).map_err(|e| {
+            let plan = crate::plan::plan(&build::plan_input(m, folder, configs, &run, inventory, &opts.plan)).map_err(|e| {
                 ExecError::Unsupported(format!("at {}x{}, batch {}, the working memory does not fit the budgets the pipeline was loaded for: {}", shape.width, shape.height, shape.batch, e.message))
             })?;
             let placed = |p: &Plan| p.components.iter().map(|c| (c.name.clone(), c.device, c.split.clone(), c.offload)).collect::<Vec<_>>();
@@ -222,8 +222,8 @@ impl Session<'_> {
             }
         }
         let outputs = if opts.in_memory { vec![] } else { output_paths(m, opts, shape.batch as usize) };
-        check_outputs(&outputs, || input_files(m, &self.pipeline))?;
-        let job = Job { m, shape, seed: seed_of(m), outputs, warnings };
+        check_outputs(&outputs, || input_files(m, &self.checked.folder))?;
+        let job = Job { m, run, seed: seed_of(m), outputs, warnings };
         self.generate_job(&job, opts)
     }
 
@@ -231,9 +231,9 @@ impl Session<'_> {
         let m = job.m;
         let mut cx = Call {
             m,
-            pipeline: &self.pipeline,
+            pipeline: &self.checked.folder,
             plan: &self.plan,
-            shape: job.shape,
+            run: &job.run,
             seed: job.seed,
             simulate: self.simulate,
             progress: opts.progress,
@@ -271,22 +271,22 @@ impl Session<'_> {
             true_cfg_scale: g.true_cfg_scale,
             seed: if latents.is_some() { None } else { Some(job.seed) },
             batch_index: 0,
-            batch_size: job.shape.batch as usize,
+            batch_size: job.run.shape.batch as usize,
             latents,
             steps: g.steps,
             guidance_scale: g.guidance_scale,
             sampler: png::a1111_sampler(&g.scheduler, g.karras),
             scheduler: g.scheduler.clone(),
             clip_skip: r.clip_skip,
-            width: job.shape.width,
-            height: job.shape.height,
-            model: self.pipeline.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            width: job.run.shape.width,
+            height: job.run.shape.height,
+            model: self.checked.folder.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             lock_sha256: opts.lock_sha256.clone(),
             dtype: dtype_summary(m),
             manifest_sha256: manifest_digest(m),
         };
         let mut pngs = vec![];
-        for i in 0..job.shape.batch as usize {
+        for i in 0..job.run.shape.batch as usize {
             let (w, h, rgb) = png::to_rgb8(&g.images.get(i as i64));
             meta.batch_index = i;
             let bytes = png::encode_png(w, h, &rgb, &meta.chunks()).map_err(|source| ExecError::Io { what: "cannot encode the image", path: PathBuf::from("<memory>"), source })?;
@@ -323,8 +323,8 @@ impl Session<'_> {
             steps: g.steps,
             unet_calls: g.model_calls,
             scheduler: g.scheduler,
-            width: job.shape.width,
-            height: job.shape.height,
+            width: job.run.shape.width,
+            height: job.run.shape.height,
             device_map: self.plan.device_map(),
             simulated: opts.simulate,
             plan_notes: self.plan.notes.clone(),

@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 
 use super::inventory::{Inventory, InventoryError};
-use super::memory::{working_bytes, Dims, RunShape, VaeTile};
+use super::memory::{working_bytes, Dims, VaeTile};
 use super::{modules, ComponentInput, PlanInput};
 use crate::checkpoint::layout::{Component, PipelineFolder};
 use crate::checkpoint::safetensors::TensorInfo;
 use crate::device::Device;
 use crate::manifest::{Dtype, LoadedManifest, Offload, PipelineKind};
-use crate::preflight::Configs;
+use crate::preflight::{Configs, RunSpec};
 
 /// diffusers' execution order (`model_cpu_offload_seq`), then the safety checker.
 pub const EXECUTION_ORDER: [&str; 8] = ["text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder", "unet", "transformer", "vae", "safety_checker"];
@@ -20,11 +20,6 @@ pub struct BuildOptions {
     pub devices: Option<Inventory>,
     /// Leave working memory out (diffusers' weights-only view).
     pub weights_only: bool,
-}
-
-/// The job's shape, with diffusers' defaults (see [`Configs::run_shape`]).
-pub fn run_shape(m: &LoadedManifest, configs: &Configs) -> RunShape {
-    configs.run_shape(m)
 }
 
 /// The device budgets for this manifest; the host always takes part (see [`Inventory`]).
@@ -136,9 +131,9 @@ fn stored_as(class: &str, name: &str, info: &TensorInfo, dtype: Dtype) -> crate:
 }
 
 /// The planner's input: sizes from the checkpoint headers, working memory from the configs
-/// preflight read (the same the models are built from).
-pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
-    let shape = run_shape(m, configs);
+/// preflight read (the same the models are built from) and the run it worked out.
+pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run: &RunSpec, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
+    let shape = run.shape;
     let kind = m.manifest.pipeline.kind;
     let mut comps: Vec<&Component> = p.components.iter().filter(|c| c.checkpoint.is_some()).collect();
     comps.sort_by_key(|c| (EXECUTION_ORDER.iter().position(|n| *n == c.name).unwrap_or(EXECUTION_ORDER.len()), c.name.clone()));

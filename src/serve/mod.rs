@@ -155,10 +155,10 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {}", w.message);
     }
     // Everything knowable without loading a weight, before the server listens.
-    let (folder, configs) = runner::preflight::check(&base).map_err(invalid)?;
+    let runner::preflight::Checked { folder, configs, run } = runner::preflight::check(&base).map_err(invalid)?;
     // The manifest's own job within `[serve]`'s limits, defaults included: else every request
     // that leaves the key out would be refused.
-    if let Some(over) = request::over_limit(&base, &configs, &limits) {
+    if let Some(over) = request::over_limit(&base, &run, &limits) {
         return Err(ServeError::Limit(format!(
             "the manifest's {}: `run.{}` in the manifest (or `--set`) must fit it",
             over.message(),

@@ -102,7 +102,8 @@ pub fn parse_request(
             return Err(rejected(format!("`scheduler` = {asked} is not one of this server's `serve.schedulers`: {}", names.join(", ")), Some("scheduler")));
         }
     }
-    if let Some(over) = over_limit(&m, loaded.1, limits) {
+    let spec = runner::preflight::RunSpec::new(&m, loaded.1);
+    if let Some(over) = over_limit(&m, &spec, limits) {
         let field = match over.key {
             "pixels" => ["width", "height"].into_iter().find(|k| obj.contains_key(*k)),
             k => Some(k),
@@ -115,14 +116,14 @@ pub fn parse_request(
     }
     // What the configs say of the request (sizes, the scheduler against the kind), before it
     // waits in the queue.
-    let d = runner::preflight::check_run(&m, loaded.0, loaded.1);
+    let d = runner::preflight::check_run(&m, loaded.0, loaded.1, &spec);
     if !d.is_empty() {
         return Err(rejected_by(&d, &obj));
     }
     let latents = match latents {
         None => None,
         Some((bytes, path)) => {
-            let shape = loaded.1.run_shape(&m);
+            let shape = spec.shape;
             let scale = loaded.1.vae_scale_factor();
             let want = [shape.batch, loaded.1.vae.latent_channels as u64, shape.height / scale, shape.width / scale];
             let checked = LatentsData::from_safetensors(&bytes, &want).map_err(|e| rejected(if path { LATENTS_NOT_DATA.to_string() } else { format!("`latents`: {e}") }, Some("latents")))?;
@@ -164,13 +165,13 @@ impl Over {
 /// The first of `[serve]`'s limits that `m` is over, held against the values the job would run
 /// with: the manifest's and the request's, else the pipeline's defaults (the kind's steps, the
 /// model's size from its config, one image), so that leaving a key out never escapes a limit.
-pub fn over_limit(m: &LoadedManifest, configs: &runner::preflight::Configs, limits: &manifest::Serve) -> Option<Over> {
+pub fn over_limit(m: &LoadedManifest, spec: &runner::preflight::RunSpec, limits: &manifest::Serve) -> Option<Over> {
     let run = &m.manifest.run;
-    let kind = m.manifest.pipeline.kind;
-    let shape = configs.run_shape(m);
+    let kind = spec.kind;
+    let shape = spec.shape;
     let default = |set: bool, what: &str| if set { String::new() } else { format!(" ({what})") };
     if let Some(max) = limits.max_steps {
-        let steps = run.steps.unwrap_or(kind.default_steps());
+        let steps = spec.steps;
         if steps > max {
             let why = default(run.steps.is_some(), &format!("the default of `{}`", serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()));
             return Some(Over { key: "steps", value: format!("`steps` = {steps}{why}"), limit: format!("`serve.max_steps` = {max}") });

@@ -16,10 +16,6 @@ use crate::exec::ExecError;
 use crate::models::flux_transformer::FluxTransformer2DModel;
 use crate::models::vae::AutoencoderKLDecoder;
 
-/// diffusers' defaults for `FluxPipeline.__call__`.
-pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.5;
-
 pub(crate) struct Flux {
     text_encoder: TextEncoder,
     text_encoder_2: T5TextEncoder,
@@ -108,13 +104,12 @@ impl Pipeline for Flux {
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
-        let steps = r.steps.unwrap_or(m.manifest.pipeline.kind.default_steps()) as usize;
-        let guidance_scale = r.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
-        let true_cfg_scale = r.true_cfg_scale.unwrap_or(1.0);
-        let max_len = r.max_sequence_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |n| n as usize);
+        let steps = cx.run.steps as usize;
+        let guidance_scale = cx.run.guidance_scale;
+        let max_len = cx.run.shape.max_sequence_length as usize;
         // diffusers: a second pass only with a negative prompt (preflight warns otherwise).
-        let do_true_cfg = true_cfg_scale > 1.0 && r.negative_prompt.is_some();
-        let batch = cx.shape.batch as i64;
+        let (do_true_cfg, true_cfg_scale) = (cx.run.true_cfg_scale.is_some(), cx.run.true_cfg_scale.unwrap_or(1.0));
+        let batch = cx.run.shape.batch as i64;
         let tr = cx.dev("transformer");
         let transformer = &self.transformer;
 
@@ -147,7 +142,7 @@ impl Pipeline for Flux {
         // 2. Latents: the seeded draw [B, C, h, w] on a grid of 2 * (H / (vae_scale_factor * 2)),
         //    packed into 2x2-patch tokens; their ids on the (h/2, w/2) grid.
         let scale = vae_scale_factor(&self.vae.model);
-        let (h, w) = (2 * (cx.shape.height as i64 / (scale * 2)), 2 * (cx.shape.width as i64 / (scale * 2)));
+        let (h, w) = (2 * (cx.run.shape.height as i64 / (scale * 2)), 2 * (cx.run.shape.width as i64 / (scale * 2)));
         let channels = transformer.config.in_channels / 4;
         let init = cx.initial_noise([batch, channels, h, w], draw_kind)?;
         let latents = pack(&init);

@@ -22,8 +22,8 @@ use crate::checkpoint::layout::PipelineFolder;
 use crate::checkpoint::load::Mapped;
 use crate::manifest::{LoadedManifest, PipelineKind};
 use crate::models::vae::AutoencoderKLDecoder;
-use crate::plan::memory::RunShape;
 use crate::plan::Plan;
+use crate::preflight::RunSpec;
 use crate::schedulers::Scheduler;
 
 /// A loaded pipeline of one kind: its models and its `__call__`.
@@ -122,7 +122,8 @@ pub(crate) struct Call<'a> {
     pub m: &'a LoadedManifest,
     pub pipeline: &'a PipelineFolder,
     pub plan: &'a Plan,
-    pub shape: RunShape,
+    /// The job: shape, steps, guidance (preflight's [`RunSpec`]).
+    pub run: &'a RunSpec,
     pub seed: u64,
     pub simulate: bool,
     pub progress: bool,
@@ -288,7 +289,7 @@ impl Call<'_> {
     pub fn decode(&mut self, vae: &AutoencoderKLDecoder, kind: Kind, latents: &Tensor) -> Result<(Tensor, f64), ExecError> {
         let t_dec = Instant::now();
         let va = self.dev("vae");
-        tracing::info!("decoding {} image(s) of {}x{} with the VAE", latents.size()[0], self.shape.width, self.shape.height);
+        tracing::info!("decoding {} image(s) of {}x{} with the VAE", latents.size()[0], self.run.shape.width, self.run.shape.height);
         let spinner = super::spinner("decoding", self.progress);
         self.enter("vae")?;
         let latents = latents.to_device(va.device).to_kind(kind);

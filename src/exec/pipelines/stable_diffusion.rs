@@ -63,11 +63,10 @@ impl Pipeline for StableDiffusion {
 
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         let m = cx.m;
-        let r = &m.manifest.run;
-        let steps = r.steps.unwrap_or(m.manifest.pipeline.kind.default_steps()) as usize;
-        let guidance = r.guidance_scale.unwrap_or(7.5);
+        let steps = cx.run.steps as usize;
+        let guidance = cx.run.guidance_scale;
         let do_cfg = guidance > 1.0;
-        let batch = cx.shape.batch as i64;
+        let batch = cx.run.shape.batch as i64;
         let (te, un) = (cx.dev("text_encoder"), cx.dev("unet"));
 
         // 1. Encode the prompt.
@@ -81,7 +80,7 @@ impl Pipeline for StableDiffusion {
         let (mut scheduler, sched_cfg) = cx.scheduler(steps)?;
         let unet = &self.unet.model;
         let scale = vae_scale_factor(&self.vae.model);
-        let shape = [batch, unet.config.in_channels, cx.shape.height as i64 / scale, cx.shape.width as i64 / scale];
+        let shape = [batch, unet.config.in_channels, cx.run.shape.height as i64 / scale, cx.run.shape.width as i64 / scale];
         let latents = cx.prepare_latents(shape, te.kind, scheduler.as_ref(), un)?;
 
         // 3. Denoising loop.

@@ -15,9 +15,6 @@ use crate::exec::ExecError;
 use crate::models::sd3_transformer::SD3Transformer2DModel;
 use crate::models::vae::AutoencoderKLDecoder;
 
-/// diffusers' default `max_sequence_length` for SD3.
-pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 256;
-
 pub(crate) struct StableDiffusion3 {
     text_encoder: TextEncoder,
     text_encoder_2: TextEncoder,
@@ -93,7 +90,7 @@ impl StableDiffusion3 {
     fn encode_prompt(&self, cx: &mut Call, do_cfg: bool, batch: i64) -> Result<Conditioning, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
-        let max_len = r.max_sequence_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |n| n as usize);
+        let max_len = cx.run.shape.max_sequence_length as usize;
         let encode = |cx: &mut Call, p1: &str, p2: &str, p3: &str, skip: Option<u32>, branch: &str| -> Result<(Tensor, Tensor), ExecError> {
             let (clip, pooled) = self.clip(cx, p1, p2, skip, branch)?;
             let t5 = self.t5(cx, p3, max_len, branch)?.to_device(clip.device());
@@ -135,10 +132,10 @@ impl Pipeline for StableDiffusion3 {
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
-        let steps = r.steps.unwrap_or(m.manifest.pipeline.kind.default_steps()) as usize;
-        let guidance = r.guidance_scale.unwrap_or(7.0);
+        let steps = cx.run.steps as usize;
+        let guidance = cx.run.guidance_scale;
         let do_cfg = guidance > 1.0;
-        let batch = cx.shape.batch as i64;
+        let batch = cx.run.shape.batch as i64;
         let tr = cx.dev("transformer");
 
         // 1. Encode the prompt.
@@ -153,7 +150,7 @@ impl Pipeline for StableDiffusion3 {
         //    dynamic shifting, `mu` from the image's sequence length in patches.
         let transformer = &self.transformer;
         let scale = vae_scale_factor(&self.vae.model);
-        let (h, w) = (cx.shape.height as i64 / scale, cx.shape.width as i64 / scale);
+        let (h, w) = (cx.run.shape.height as i64 / scale, cx.run.shape.width as i64 / scale);
         let patch = transformer.config.patch_size;
         let (mut scheduler, sched_cfg) = cx.flow_match_scheduler(steps, ((h / patch) * (w / patch)) as usize)?;
         let latents = cx.prepare_latents([batch, transformer.config.in_channels, h, w], draw_kind, scheduler.as_ref(), tr)?;
@@ -190,7 +187,7 @@ impl Pipeline for StableDiffusion3 {
             negative_prompt_2: r.negative_prompt_2.clone(),
             prompt_3: r.prompt_3.clone(),
             negative_prompt_3: r.negative_prompt_3.clone(),
-            max_sequence_length: Some(r.max_sequence_length.map_or(DEFAULT_MAX_SEQUENCE_LENGTH, |n| n as usize)),
+            max_sequence_length: Some(cx.run.shape.max_sequence_length as usize),
             true_cfg_scale: None,
         })
     }

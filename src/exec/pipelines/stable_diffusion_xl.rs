@@ -68,7 +68,7 @@ impl StableDiffusionXl {
         let prompt_2 = r.prompt_2.clone().unwrap_or_else(|| prompt.clone());
         let (ids1, ids2, pos, pooled) = self.encode(cx, &prompt, &prompt_2, r.clip_skip)?;
         // original_size, crops_coords_top_left, target_size as (height, width) pairs.
-        let (h, w) = (cx.shape.height as f64, cx.shape.width as f64);
+        let (h, w) = (cx.run.shape.height as f64, cx.run.shape.width as f64);
         let pair = |v: Option<[u32; 2]>, d: (f64, f64)| v.map(|a| (a[0] as f64, a[1] as f64)).unwrap_or(d);
         let (oh, ow) = pair(r.original_size, (h, w));
         let (ch, cw) = pair(r.crops_coords_top_left, (0.0, 0.0));
@@ -122,10 +122,10 @@ impl Pipeline for StableDiffusionXl {
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
-        let steps = r.steps.unwrap_or(m.manifest.pipeline.kind.default_steps()) as usize;
-        let guidance = r.guidance_scale.unwrap_or(5.0);
+        let steps = cx.run.steps as usize;
+        let guidance = cx.run.guidance_scale;
         let do_cfg = guidance > 1.0;
-        let batch = cx.shape.batch as i64;
+        let batch = cx.run.shape.batch as i64;
         let (te2, un) = (cx.dev("text_encoder_2"), cx.dev("unet"));
 
         // 1. Encode the prompt.
@@ -140,7 +140,7 @@ impl Pipeline for StableDiffusionXl {
         let (mut scheduler, sched_cfg) = cx.scheduler(steps)?;
         let unet = &self.unet.model;
         let scale = vae_scale_factor(&self.vae.model);
-        let shape = [batch, unet.config.in_channels, cx.shape.height as i64 / scale, cx.shape.width as i64 / scale];
+        let shape = [batch, unet.config.in_channels, cx.run.shape.height as i64 / scale, cx.run.shape.width as i64 / scale];
         let latents = cx.prepare_latents(shape, te2.kind, scheduler.as_ref(), un)?;
 
         // 3. Denoising loop.
