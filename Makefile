@@ -6,7 +6,7 @@ SHELL := bash
 CARGO ?= cargo
 DEMO_MANIFEST ?= manifests/tiny-sd15.toml
 
-.PHONY: setup setup-deploy-check setup-fixtures build test parity parity-spread demo schema fmt check-cargo
+.PHONY: setup setup-deploy-check setup-fixtures build light test parity parity-spread demo schema fmt check-cargo
 
 check-cargo:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
@@ -23,15 +23,21 @@ setup-deploy-check:
 setup-fixtures:
 	@./scripts/setup-fixtures-venv.sh
 
-## build: target/release/runner
+## build: target/release/runner (the front, no libtorch) and target/release/runner-torch (run, serve, info)
 build: setup check-cargo
 	$(CARGO) build --release --locked
+
+## light: target/release/runner alone, built without libtorch (README "Light binary"); needs no `make setup`
+light: check-cargo
+	$(CARGO) build --release --locked --no-default-features --bin runner
 
 ## test: the whole test suite (one libtorch thread per test process: 2-core machines), then the
 ## parity tests again on ATen's scalar kernels, so a tolerance that holds on one CPU path only fails here
 test: setup setup-deploy-check check-cargo
 	OMP_NUM_THREADS=1 $(CARGO) test --locked
 	ATEN_CPU_CAPABILITY=default CARGO=$(CARGO) ./scripts/test-parity.sh
+	@# The front builds with no tch in the dependency graph (README "Light binary").
+	$(CARGO) build --locked --no-default-features --bin runner
 
 ## parity: re-record diffusers' outputs on this machine and check runner against them bit for bit
 parity: setup check-cargo

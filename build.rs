@@ -1,3 +1,4 @@
+// With the `torch` feature (the default):
 // 1. Bakes libtorch's library folder into the rpath of every binary, test and bench of this
 //    crate: tch's build script passes its rpath as `rustc-link-arg`, which cargo does not
 //    propagate to dependents. torch-sys (`links = "tch"`) exports the folder.
@@ -8,6 +9,10 @@ use std::path::Path;
 const EXPECTED_TORCH: &str = "2.11.0";
 
 fn main() {
+    // Without the `torch` feature (the light `runner` alone) there is no libtorch to find.
+    if std::env::var_os("CARGO_FEATURE_TORCH").is_none() {
+        return;
+    }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:warning=torch-sys exported no libtorch_lib: binaries will need LD_LIBRARY_PATH");

@@ -2,7 +2,7 @@
 # The offload issue's GPU check (< 8 minutes on one H100), run on the lent GPU machine, which has
 # python torch but no Rust: the binary is built here and carried.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
-#   there: bash scripts/gpu-check.sh        (carry: target/release/runner, .whl)
+#   there: bash scripts/gpu-check.sh        (carry: target/release/runner, target/release/runner-torch, .whl)
 # 1. CUDA smoke tests: `runner info`, the tiny SD 1.5 and SDXL pipelines on cuda:0 under every
 #    offload mode (PNGs must be byte-identical to no offload).
 # 2. Real-size SDXL (random fp16 weights), 1024x1024, STEPS steps, under none / model / group /

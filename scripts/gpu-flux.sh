@@ -9,7 +9,7 @@
 # VRAM <= 12 GB. Issue 16: group-fp8 (fp8-e4m3 layerwise storage + group offload) <= diffusers' same
 # settings on peak VRAM and time per step.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
-#   there: bash scripts/gpu-flux.sh        (carry: target/release/runner, .whl; STEPS, default 8;
+#   there: bash scripts/gpu-flux.sh        (carry: target/release/runner, target/release/runner-torch, .whl; STEPS, default 8;
 #          MODES, default "none group model sequential")
 set -uo pipefail
 cd "$(dirname "$0")/.."

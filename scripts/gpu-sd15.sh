@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks, run on the lent GPU machine (no Rust there): the binary is built here and carried.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
-#   there: bash scripts/gpu-sd15.sh         (carry: target/release/runner, .whl)
+#   there: bash scripts/gpu-sd15.sh         (carry: target/release/runner, target/release/runner-torch, .whl)
 # Prints: runner info (CUDA backend loaded, devices), the detected inventory of `runner plan`
 # (NVML), and diffusers' measured working memory next to runner's estimates; real-size SD 1.5 on
 # runner and diffusers; then the tables BENCHMARKS.md shows, with the ratios.

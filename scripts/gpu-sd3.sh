@@ -5,7 +5,7 @@
 # the GPU) and `t5-group` (T5 streamed block by block: runner `components.text_encoder_3.offload =
 # "group"`, diffusers `enable_group_offload` on T5).
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
-#   there: bash scripts/gpu-sd3.sh        (carry: target/release/runner, .whl)
+#   there: bash scripts/gpu-sd3.sh        (carry: target/release/runner, target/release/runner-torch, .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

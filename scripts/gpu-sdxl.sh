@@ -3,7 +3,7 @@
 # Prints each side's JSON, the image difference, and the table of BENCHMARKS.md "SDXL on CUDA" with
 # the ratio runner / diffusers.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
-#   there: bash scripts/gpu-sdxl.sh        (carry: target/release/runner, .whl)
+#   there: bash scripts/gpu-sdxl.sh        (carry: target/release/runner, target/release/runner-torch, .whl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A UNet split across cuda:0 and the CPU by the `auto` strategy, run for real (tensors move
 # between devices at no-split units), against the same job on cuda:0 alone.
-#   there: bash scripts/gpu-split.sh     (carry: target/release/runner)
+#   there: bash scripts/gpu-split.sh     (carry: target/release/runner, target/release/runner-torch)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -13,7 +13,7 @@ use runner::diag;
 use runner::exec::batch::{self as b, Fields, Shard, Template};
 use runner::manifest::{self, LoadedManifest};
 
-use crate::cli::{stderr, Failure, RunJob};
+use crate::cli::{stderr, ExecFailure, Failure, RunJob};
 
 /// What to do with images that exist already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,24 +1,24 @@
-//! runner: run diffusion pipelines (Stable Diffusion 1.5, SDXL) from version-controlled TOML
-//! manifests on libtorch.
+//! runner: run diffusion pipelines (Stable Diffusion 1.x/2.x, SDXL, SD3, FLUX.1) from
+//! version-controlled TOML manifests on libtorch.
 //!
-//! Modules, one concern each: [`manifest`] (types, layering, validation), [`units`] and
-//! [`device`] (the value grammars manifests share with planning), [`diag`] (diagnostics that
-//! point at their source), [`runtime`] (libtorch start-up), [`fsutil`] (writing outputs without
-//! damaging anything).
+//! The planning side (manifests, checkpoint headers, preflight, the planner, locks) is
+//! [`runner_core`]'s, re-exported here under the same paths; this crate adds what runs tensors:
+//! [`models`] (one file per diffusers/transformers module), [`schedulers`] (their steps),
+//! [`exec`] (loading, offload, the pipelines), [`runtime`] (libtorch start-up) and the weights'
+//! loading ([`checkpoint::load`]). Without the default `torch` feature it holds the re-exports
+//! only (the light `runner` binary).
 
-pub mod arch;
+pub use runner_core::{arch, device, diag, fsutil, lock, manifest, parity, plan, preflight, scheduling, units};
+
+#[cfg(feature = "torch")]
 pub mod checkpoint;
-pub mod device;
-pub mod diag;
+#[cfg(not(feature = "torch"))]
+pub use runner_core::checkpoint;
+#[cfg(feature = "torch")]
 pub mod exec;
-pub mod fsutil;
-pub mod lock;
-pub mod manifest;
+#[cfg(feature = "torch")]
 pub mod models;
-#[doc(hidden)]
-pub mod parity;
-pub mod plan;
-pub mod preflight;
+#[cfg(feature = "torch")]
 pub mod runtime;
+#[cfg(feature = "torch")]
 pub mod schedulers;
-pub mod units;

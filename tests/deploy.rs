@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::util::{root, run, runner};
+use crate::util::{light_runner, root, run, runner};
 
 /// The Kubernetes version the files are written for (the Job's `backoffLimitPerIndex` is GA in it).
 const K8S_VERSION: &str = "1.33.0";
@@ -126,13 +126,14 @@ fn the_configmap_carries_a_valid_runner_manifest_lock_and_prompts() {
     std::fs::create_dir_all(&etc).unwrap();
     config_files(&docs, &etc);
     let manifest = etc.join("manifest.toml");
-    // The manifest alone: its model folder is on the pods' volume, not here (a warning).
-    let (code, stdout, stderr) = run(runner().args(["validate", "--manifest-only"]).arg(&manifest));
+    // The manifest alone: its model folder is on the pods' volume, not here (a warning). Checked
+    // as a CI job checks it, by the light front alone (the image's `validate` stage): no libtorch.
+    let (code, stdout, stderr) = run(light_runner().args(["validate", "--manifest-only"]).arg(&manifest));
     assert_eq!(code, 0, "{stdout}{stderr}");
     for line in stderr.lines().filter(|l| l.starts_with("warning:") || l.starts_with("error:")) {
         assert!(line.starts_with("warning:") && line.contains("does not exist (yet)"), "{line}");
     }
-    let (code, stdout, stderr) = run(runner().args(["config", "--json"]).arg(&manifest));
+    let (code, stdout, stderr) = run(light_runner().args(["config", "--json"]).arg(&manifest));
     assert_eq!(code, 0, "{stderr}");
     let m: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(m["manifest"]["pipeline"]["source"], "/models/stable-diffusion-xl-base-1.0", "on the models volume");
@@ -246,6 +247,17 @@ fn the_files_agree_with_each_other_and_with_runner() {
     assert!(dockerfile.contains("--uid 10001") && dockerfile.contains("USER 10001:10001"));
     assert!(dockerfile.contains(r#"CMD ["serve", "/etc/runner/manifest.toml", "--listen", "0.0.0.0:8080", "--locked"]"#));
     assert!(dockerfile.contains(&format!("EXPOSE {port}")));
+    // The runtime (the default target, so the last stage) has both binaries; the `validate`
+    // stage the light front alone, built without libtorch, and no libtorch copied in.
+    let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
+    let stage = |name: &str| *stages.iter().find(|s| s.lines().next().unwrap().ends_with(&format!(" AS {name}"))).unwrap_or_else(|| panic!("no stage {name}"));
+    assert!(stages.last().unwrap().lines().next().unwrap().ends_with(" AS runtime"), "runtime is the default target");
+    assert!(stage("runtime").contains("target/release/runner-torch"), "runtime has runner-torch");
+    assert!(stage("build-light").contains("cargo build --release --locked --no-default-features --bin runner"));
+    let validate = stage("validate");
+    assert!(validate.contains("COPY --from=build-light /src/target/release/runner /usr/local/bin/runner"));
+    assert!(!validate.contains("/opt/torch") && !validate.contains("LD_LIBRARY_PATH") && !stage("build-light").contains("setup-libtorch"), "no libtorch in the validate image");
+    assert!(validate.contains("USER 10001:10001") && validate.contains(r#"CMD ["validate", "--manifest-only", "/etc/runner/manifest.toml"]"#));
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod clip;
 mod deploy;
 mod diagnostics;
 mod flux_transformer;
+mod front;
 mod layering;
 mod load;
 mod lock;
@@ -91,6 +92,28 @@ pub mod util {
             }
         }
         cmd.current_dir(root()).env("NO_COLOR", "1").env("OMP_NUM_THREADS", threads().to_string()).env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// The `runner` front alone, as the light package and the `validate` image ship it: copied
+    /// into a folder without `runner-torch`, run with an empty library path (so no libtorch can
+    /// be found), from the repository root, `RUNNER_*` variables removed as in [`runner`].
+    pub fn light_runner() -> Command {
+        static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        let bin = BIN.get_or_init(|| {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("light-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let bin = dir.join("runner");
+            std::fs::copy(assert_cmd::cargo::cargo_bin("runner"), &bin).unwrap();
+            bin
+        });
+        let mut cmd = Command::new(bin);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("RUNNER_") {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.current_dir(root()).env("NO_COLOR", "1").env("LD_LIBRARY_PATH", "").env_remove("RUST_LOG");
         cmd
     }
 

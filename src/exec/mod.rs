@@ -5,7 +5,7 @@
 //! [negative, positive] batches, the scheduler loop, VAE decode); PNGs carry their provenance.
 
 pub mod allocator;
-pub mod batch;
+pub use runner_core::batch;
 mod cuda_stream;
 pub mod latents;
 pub mod ledger;
@@ -219,10 +219,7 @@ pub fn default_output(m: &LoadedManifest) -> PathBuf {
     }
 }
 
-/// A name made safe for a file name (no separators, no spaces).
-pub fn file_safe(name: &str) -> String {
-    name.replace(['/', '\\', ' '], "-")
-}
+pub use batch::file_safe;
 
 /// `base` for one image, `<stem>-0.png`, `<stem>-1.png`, ... beside it for a batch of `n`.
 pub fn numbered(base: &Path, n: usize) -> Vec<PathBuf> {

@@ -4,69 +4,46 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::config::{Cfg, Rescale};
-use super::euler::{check_steps, init_noise_sigma, pred_original, scale_by_sigma, spaced_timesteps};
-use super::schedule::{self, np_interp, sqrt32, widen, Prediction};
-use super::{Scheduler, SchedulerError};
+use runner_core::scheduling as core;
+
+use super::euler::{pred_original, scale_by_sigma};
+use super::schedule::{self, sqrt32};
+use super::Scheduler;
 
 pub struct EulerAncestralDiscrete {
-    alphas_cumprod: Vec<f64>,
-    sigmas: Vec<f32>,
-    sigmas_f64: Vec<f64>,
-    timesteps: Vec<f64>,
-    init_noise_sigma: f32,
-    prediction: Prediction,
+    s: core::EulerAncestralDiscrete,
     step_index: Option<usize>,
 }
 
 impl EulerAncestralDiscrete {
-    pub const NAME: &'static str = "EulerAncestralDiscreteScheduler";
+    pub const NAME: &'static str = core::EulerAncestralDiscrete::NAME;
 
-    /// `EulerAncestralDiscreteScheduler(**config)` then `set_timesteps(steps)`.
-    pub(crate) fn new(cfg: &Cfg, steps: usize) -> Result<Self, SchedulerError> {
-        let ac = cfg.alphas_cumprod(Rescale::BetasAndLastCumprod)?;
-        let n = ac.len();
-        let prediction = cfg.prediction()?;
-        let spacing = cfg.spacing("linspace")?;
-        let offset = cfg.steps_offset()?;
-        check_steps(Self::NAME, steps, n)?;
-        let timesteps = spaced_timesteps(spacing, n, steps, offset);
-        let train = widen(&schedule::train_sigmas(&ac));
-        let sigmas: Vec<f32> = timesteps.iter().map(|&t| np_interp(t as f64, &train) as f32).chain(std::iter::once(0.0)).collect();
-        schedule::check_first_timestep(Self::NAME, steps, &widen(&timesteps))?;
-        Ok(EulerAncestralDiscrete {
-            alphas_cumprod: widen(&ac),
-            init_noise_sigma: init_noise_sigma(&sigmas, spacing),
-            sigmas_f64: widen(&sigmas),
-            sigmas,
-            timesteps: widen(&timesteps),
-            prediction,
-            step_index: None,
-        })
+    pub(crate) fn new(s: core::EulerAncestralDiscrete) -> Self {
+        EulerAncestralDiscrete { step_index: None, s }
     }
 
     fn index(&self, i: usize) -> usize {
-        self.step_index.or_else(|| schedule::index_for_timestep(&self.timesteps, self.timesteps[i])).unwrap_or(i)
+        self.step_index.or_else(|| schedule::index_for_timestep(&self.s.timesteps, self.s.timesteps[i])).unwrap_or(i)
     }
 }
 
 impl Scheduler for EulerAncestralDiscrete {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.s.timesteps
     }
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
+        self.s.init_noise_sigma as f64
     }
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Tensor {
-        scale_by_sigma(sample, self.sigmas[self.index(i)])
+        scale_by_sigma(sample, self.s.sigmas[self.index(i)])
     }
     /// diffusers `EulerAncestralDiscreteScheduler.step`.
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
         let idx = self.index(i);
-        let sigma = self.sigmas[idx];
+        let sigma = self.s.sigmas[idx];
         let sample = sample.to_kind(Kind::Float);
-        let pred = pred_original(self.prediction, model_output, &sample, sigma);
-        let (from, to) = (sigma, self.sigmas[idx + 1]);
+        let pred = pred_original(self.s.prediction, model_output, &sample, sigma);
+        let (from, to) = (sigma, self.s.sigmas[idx + 1]);
         let sigma_up = sqrt32((to * to) * (from * from - to * to) / (from * from));
         let sigma_down = sqrt32(to * to - sigma_up * sigma_up);
         let derivative = (&sample - pred) / sigma as f64;
@@ -79,13 +56,13 @@ impl Scheduler for EulerAncestralDiscrete {
         prev.to_kind(model_output.kind())
     }
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas_f64)
+        Some(&self.s.sigmas_f64)
     }
     fn name(&self) -> &'static str {
         Self::NAME
     }
     fn alphas_cumprod(&self) -> &[f64] {
-        &self.alphas_cumprod
+        &self.s.alphas_cumprod
     }
 }
 

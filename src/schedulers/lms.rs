@@ -5,18 +5,14 @@
 
 use tch::Tensor;
 
-use super::config::{Cfg, Rescale};
-use super::euler::{check_steps, init_noise_sigma, pred_original, scale_by_sigma, spaced_timesteps};
-use super::schedule::{self, karras, np_interp, sigma_to_t, widen, Prediction};
-use super::{Scheduler, SchedulerError};
+use runner_core::scheduling as core;
+
+use super::euler::{pred_original, scale_by_sigma};
+use super::schedule;
+use super::Scheduler;
 
 pub struct LmsDiscrete {
-    alphas_cumprod: Vec<f64>,
-    sigmas: Vec<f32>,
-    sigmas_f64: Vec<f64>,
-    timesteps: Vec<f64>,
-    init_noise_sigma: f32,
-    prediction: Prediction,
+    s: core::LmsDiscrete,
     derivatives: Vec<Tensor>,
     step_index: Option<usize>,
 }
@@ -25,50 +21,20 @@ pub struct LmsDiscrete {
 const ORDER: usize = 4;
 
 impl LmsDiscrete {
-    pub const NAME: &'static str = "LMSDiscreteScheduler";
+    pub const NAME: &'static str = core::LmsDiscrete::NAME;
 
-    /// `LMSDiscreteScheduler(**config)` then `set_timesteps(steps)`.
-    pub(crate) fn new(cfg: &Cfg, steps: usize) -> Result<Self, SchedulerError> {
-        let ac = cfg.alphas_cumprod(Rescale::NotAKey)?;
-        let n = ac.len();
-        let use_karras = cfg.bool("use_karras_sigmas", false)?;
-        cfg.require_false("use_exponential_sigmas")?;
-        cfg.require_false("use_beta_sigmas")?;
-        let prediction = cfg.prediction()?;
-        let spacing = cfg.spacing("linspace")?;
-        let offset = cfg.steps_offset()?;
-        check_steps(Self::NAME, steps, n)?;
-        let mut timesteps: Vec<f64> = spaced_timesteps(spacing, n, steps, offset).into_iter().map(f64::from).collect();
-        let train = schedule::train_sigmas(&ac);
-        let train64 = widen(&train);
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| np_interp(t, &train64)).collect();
-        if use_karras {
-            let log_sigmas: Vec<f32> = train.iter().map(|&s| s.ln()).collect();
-            sigmas = karras(sigmas[sigmas.len() - 1], sigmas[0], steps);
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
-        }
-        let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).chain(std::iter::once(0.0)).collect();
-        schedule::check_first_timestep(Self::NAME, steps, &timesteps)?;
-        Ok(LmsDiscrete {
-            alphas_cumprod: widen(&ac),
-            init_noise_sigma: init_noise_sigma(&sigmas, spacing),
-            sigmas_f64: widen(&sigmas),
-            sigmas,
-            timesteps,
-            prediction,
-            derivatives: vec![],
-            step_index: None,
-        })
+    pub(crate) fn new(s: core::LmsDiscrete) -> Self {
+        LmsDiscrete { derivatives: vec![], step_index: None, s }
     }
 
     fn index(&self, i: usize) -> usize {
-        self.step_index.or_else(|| schedule::index_for_timestep(&self.timesteps, self.timesteps[i])).unwrap_or(i)
+        self.step_index.or_else(|| schedule::index_for_timestep(&self.s.timesteps, self.s.timesteps[i])).unwrap_or(i)
     }
 
     /// diffusers `get_lms_coefficient(order, t, current_order)`: the integral from `sigmas[t]` to
     /// `sigmas[t + 1]` of the Lagrange basis polynomial of `current_order`.
     fn lms_coefficient(&self, order: usize, t: usize, current: usize) -> f64 {
-        let s = &self.sigmas;
+        let s = &self.s.sigmas;
         let f = |tau: f64| -> f64 {
             // float32 arithmetic: `tau - sigma` with a 0-d float32 tensor rounds tau to float32.
             let mut prod = 1.0f32;
@@ -125,19 +91,19 @@ fn qk21(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
 
 impl Scheduler for LmsDiscrete {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.s.timesteps
     }
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
+        self.s.init_noise_sigma as f64
     }
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Tensor {
-        scale_by_sigma(sample, self.sigmas[self.index(i)])
+        scale_by_sigma(sample, self.s.sigmas[self.index(i)])
     }
     /// diffusers `LMSDiscreteScheduler.step` with `order = 4`.
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
         let idx = self.index(i);
-        let sigma = self.sigmas[idx];
-        let pred = pred_original(self.prediction, model_output, sample, sigma);
+        let sigma = self.s.sigmas[idx];
+        let pred = pred_original(self.s.prediction, model_output, sample, sigma);
         self.derivatives.push((sample - pred) / sigma as f64);
         if self.derivatives.len() > ORDER {
             self.derivatives.drain(..1);
@@ -158,13 +124,13 @@ impl Scheduler for LmsDiscrete {
         }
     }
     fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas_f64)
+        Some(&self.s.sigmas_f64)
     }
     fn name(&self) -> &'static str {
         Self::NAME
     }
     fn alphas_cumprod(&self) -> &[f64] {
-        &self.alphas_cumprod
+        &self.s.alphas_cumprod
     }
 }
 

@@ -4,85 +4,32 @@
 
 use tch::Tensor;
 
-use super::config::{Cfg, Rescale};
-use super::schedule::{np_arange, np_linspace, sqrt32, widen, Prediction, Spacing};
-use super::{Scheduler, SchedulerError};
+use runner_core::scheduling as core;
+
+use super::schedule::{sqrt32, Prediction};
+use super::Scheduler;
 
 pub struct Pndm {
-    alphas_cumprod: Vec<f32>,
-    alphas_cumprod_f64: Vec<f64>,
-    final_alpha_cumprod: f32,
-    prediction: Prediction,
-    /// `num_train_timesteps // num_inference_steps`
-    step_ratio: i64,
-    timesteps: Vec<i64>,
-    timesteps_f64: Vec<f64>,
+    s: core::Pndm,
     counter: usize,
     ets: Vec<Tensor>,
     cur_sample: Option<Tensor>,
 }
 
 impl Pndm {
-    pub const NAME: &'static str = "PNDMScheduler";
+    pub const NAME: &'static str = core::Pndm::NAME;
 
-    /// `PNDMScheduler(**config)` then `set_timesteps(steps)`.
-    pub(crate) fn new(cfg: &Cfg, steps: usize) -> Result<Self, SchedulerError> {
-        let ac = cfg.alphas_cumprod(Rescale::NotAKey)?;
-        let n = ac.len();
-        if !cfg.bool("skip_prk_steps", false)? {
-            return Err(cfg.bad("skip_prk_steps", "false", "runner implements PNDM's PLMS steps only: set skip_prk_steps = true (as Stable Diffusion does)"));
-        }
-        let final_alpha_cumprod = if cfg.bool("set_alpha_to_one", false)? { 1.0 } else { ac[0] };
-        let prediction = cfg.prediction()?;
-        let spacing = cfg.spacing("leading")?;
-        let offset = cfg.steps_offset()?;
-        if steps == 0 || steps > n {
-            return Err(SchedulerError::Steps { class: Self::NAME, steps, reason: format!("expected 1 to num_train_timesteps = {n}") });
-        }
-        // set_timesteps: `_timesteps` ascending.
-        let base: Vec<i64> = match spacing {
-            Spacing::Linspace => np_linspace(0.0, (n - 1) as f64, steps).into_iter().map(|t| t.round_ties_even() as i64).collect(),
-            Spacing::Leading => (0..steps).map(|i| (i * (n / steps)) as i64 + offset).collect(),
-            Spacing::Trailing => {
-                let mut t: Vec<i64> = np_arange(n as f64, 0.0, -(n as f64 / steps as f64)).into_iter().map(|t| t.round_ties_even() as i64 - 1).collect();
-                t.reverse();
-                t
-            }
-        };
-        // plms_timesteps = concatenate([_ts[:-1], _ts[-2:-1], _ts[-1:]])[::-1]
-        let k = base.len();
-        let mut timesteps: Vec<i64> = base[..k - 1].to_vec();
-        if k >= 2 {
-            timesteps.push(base[k - 2]);
-        }
-        timesteps.push(base[k - 1]);
-        timesteps.reverse();
-        let step_ratio = (n / steps) as i64;
-        // Every alphas_cumprod index step() will use must exist (diffusers would raise IndexError).
-        if let Some(bad) = timesteps.iter().chain(timesteps.get(1).map(|t| t + step_ratio).iter()).find(|&&t| t < 0 || t >= n as i64) {
-            return Err(SchedulerError::Steps { class: Self::NAME, steps, reason: format!("timestep {bad} is outside the {n} training timesteps (steps_offset = {offset}, timestep_spacing)") });
-        }
-        Ok(Pndm {
-            alphas_cumprod_f64: widen(&ac),
-            alphas_cumprod: ac,
-            final_alpha_cumprod,
-            prediction,
-            step_ratio,
-            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
-            timesteps,
-            counter: 0,
-            ets: vec![],
-            cur_sample: None,
-        })
+    pub(crate) fn new(s: core::Pndm) -> Self {
+        Pndm { counter: 0, ets: vec![], cur_sample: None, s }
     }
 
     /// diffusers `PNDMScheduler._get_prev_sample`: formula (9) of the PNDM paper.
     fn prev_sample(&self, sample: &Tensor, timestep: i64, prev_timestep: i64, model_output: &Tensor) -> Tensor {
-        let a = self.alphas_cumprod[timestep as usize];
-        let ap = if prev_timestep >= 0 { self.alphas_cumprod[prev_timestep as usize] } else { self.final_alpha_cumprod };
+        let a = self.s.alphas_cumprod[timestep as usize];
+        let ap = if prev_timestep >= 0 { self.s.alphas_cumprod[prev_timestep as usize] } else { self.s.final_alpha_cumprod };
         let b = 1.0 - a;
         let bp = 1.0 - ap;
-        let model_output = match self.prediction {
+        let model_output = match self.s.prediction {
             Prediction::VPrediction => model_output * sqrt32(a) as f64 + sample * sqrt32(b) as f64,
             Prediction::Epsilon => model_output.shallow_clone(),
         };
@@ -94,7 +41,7 @@ impl Pndm {
 
 impl Scheduler for Pndm {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
+        &self.s.timesteps_f64
     }
     fn init_noise_sigma(&self) -> f64 {
         1.0
@@ -104,15 +51,15 @@ impl Scheduler for Pndm {
     }
     /// diffusers `PNDMScheduler.step_plms`.
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor) -> Tensor {
-        let mut timestep = self.timesteps[i];
-        let mut prev_timestep = timestep - self.step_ratio;
+        let mut timestep = self.s.timesteps[i];
+        let mut prev_timestep = timestep - self.s.step_ratio;
         if self.counter != 1 {
             let keep = self.ets.len().saturating_sub(3);
             self.ets.drain(..keep);
             self.ets.push(model_output.shallow_clone());
         } else {
             prev_timestep = timestep;
-            timestep += self.step_ratio;
+            timestep += self.s.step_ratio;
         }
         let e = &self.ets;
         let n = e.len();
@@ -143,7 +90,7 @@ impl Scheduler for Pndm {
         Self::NAME
     }
     fn alphas_cumprod(&self) -> &[f64] {
-        &self.alphas_cumprod_f64
+        &self.s.alphas_cumprod_f64
     }
 }
 

@@ -104,7 +104,7 @@ pub fn exact_mode() -> bool {
 pub fn refs_dir() -> PathBuf {
     match std::env::var_os("RUNNER_REFS_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/refs"),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/refs"),
     }
 }
 

@@ -31,7 +31,7 @@ pub fn supported_classes(kind: PipelineKind, component: &str) -> Option<&'static
             "tokenizer_2" => &["T5TokenizerFast", "T5Tokenizer"],
             "transformer" => &["FluxTransformer2DModel"],
             "vae" => &["AutoencoderKL"],
-            "scheduler" => crate::schedulers::SUPPORTED,
+            "scheduler" => crate::scheduling::SUPPORTED,
             _ => return None,
         });
     }
@@ -45,7 +45,7 @@ pub fn supported_classes(kind: PipelineKind, component: &str) -> Option<&'static
         "vae" => &["AutoencoderKL"],
         "safety_checker" => &["StableDiffusionSafetyChecker"],
         "feature_extractor" => &["CLIPImageProcessor", "CLIPFeatureExtractor"],
-        "scheduler" => crate::schedulers::SUPPORTED,
+        "scheduler" => crate::scheduling::SUPPORTED,
         _ => return None,
     })
 }
@@ -189,7 +189,7 @@ pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run:
     let mut out = vec![];
     // 6. The scheduler: its config, or the manifest's kind over it.
     let sched_path = p.root.join("scheduler").join("scheduler_config.json");
-    let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::schedulers::parse_config(&t).map_err(|e| e.to_string()));
+    let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::scheduling::parse_config(&t).map_err(|e| e.to_string()));
     match sched {
         Ok(cfg) => {
             let steps = run.steps as usize;
@@ -199,13 +199,13 @@ pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run:
                 let shape = run.shape;
                 let scale = configs.vae_scale_factor();
                 let patches = (shape.height / scale / p) * (shape.width / scale / p);
-                crate::schedulers::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
+                crate::scheduling::dynamic_shift_mu(&cfg, patches as usize).ok().flatten()
             });
-            match crate::schedulers::build_with_mu(&cfg, m.manifest.pipeline.scheduler, steps, mu) {
+            match crate::scheduling::build_with_mu(&cfg, m.manifest.pipeline.scheduler, steps, mu, &crate::scheduling::StdMath) {
                 Err(e) => out.push(Diagnostic::error(format!("`{}`: {e}", sched_path.display()), Location::Path(sched_path.clone()))),
                 // The folder's own class is checked against the kind here (a `pipeline.scheduler`
                 // kind is checked against the folder's config class by `build`).
-                Ok(s) if crate::schedulers::is_flow_matching(s.name()) != kind.flow_matching() => {
+                Ok(s) if crate::scheduling::is_flow_matching(s.name()) != kind.flow_matching() => {
                     let (has, needs) = if kind.flow_matching() { ("a noise-prediction", "a flow-matching") } else { ("a flow-matching", "a noise-prediction") };
                     out.push(Diagnostic::error(
                         format!("`{}`: `{}` is {has} scheduler, but a `{}` pipeline needs {needs} one", sched_path.display(), s.name(), kind.as_str()),

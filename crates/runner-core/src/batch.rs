@@ -239,7 +239,7 @@ impl Template {
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
-                Part::Field { name: Field::Name, .. } => out.push_str(&super::file_safe(f.name)),
+                Part::Field { name: Field::Name, .. } => out.push_str(&file_safe(f.name)),
                 Part::Field { name, width } => {
                     let n = match name {
                         Field::Index => f.index as u64,
@@ -318,6 +318,11 @@ pub fn duplicates(paths: impl IntoIterator<Item = PathBuf>) -> Vec<PathBuf> {
         }
     }
     dup.into_iter().collect()
+}
+
+/// A name made safe for a file name (no separators, no spaces).
+pub fn file_safe(name: &str) -> String {
+    name.replace(['/', '\\', ' '], "-")
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use crate::diag::{did_you_mean, Diagnostic};
 use crate::units::{ByteSize, SIZE_PATTERN};
 
 /// The committed schema file, which validation uses.
-pub const COMMITTED_SCHEMA: &str = include_str!("../../schemas/manifest.schema.json");
+pub const COMMITTED_SCHEMA: &str = include_str!("../../../../schemas/manifest.schema.json");
 
 const SCHEMA_ID: &str = "https://github.com/runner-rs/runner/schemas/manifest.schema.json";
 

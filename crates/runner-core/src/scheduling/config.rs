@@ -4,6 +4,7 @@
 
 use serde_json::{Map, Value};
 
+use super::math::F32Math;
 use super::schedule::{self, BetaSchedule, Prediction, Spacing};
 use super::{short, SchedulerError};
 
@@ -138,7 +139,7 @@ impl<'a> Cfg<'a> {
     /// The training noise schedule's `alphas_cumprod` (float32), from `num_train_timesteps`,
     /// `beta_start`, `beta_end`, `beta_schedule`, `trained_betas` and, where the class has it,
     /// `rescale_betas_zero_snr`.
-    pub fn alphas_cumprod(&self, rescale: Rescale) -> Result<Vec<f32>, SchedulerError> {
+    pub fn alphas_cumprod(&self, rescale: Rescale, math: &dyn F32Math) -> Result<Vec<f32>, SchedulerError> {
         let n = self.num_train_timesteps()?;
         let trained = match self.get("trained_betas") {
             None | Some(Value::Null) => None,
@@ -156,9 +157,9 @@ impl<'a> Cfg<'a> {
             "scaled_linear" => BetaSchedule::ScaledLinear,
             _ => BetaSchedule::SquaredcosCapV2,
         };
-        let betas = schedule::betas(n, self.f64("beta_start", 0.0001)?, self.f64("beta_end", 0.02)?, sched, trained.as_deref());
+        let betas = schedule::betas(n, self.f64("beta_start", 0.0001)?, self.f64("beta_end", 0.02)?, sched, trained.as_deref(), math);
         let rescaled = rescale != Rescale::NotAKey && self.bool("rescale_betas_zero_snr", false)?;
-        Ok(schedule::alphas_cumprod(&betas, rescaled, rescaled && rescale == Rescale::BetasAndLastCumprod))
+        Ok(schedule::alphas_cumprod(&betas, rescaled, rescaled && rescale == Rescale::BetasAndLastCumprod, math))
     }
 }
 
