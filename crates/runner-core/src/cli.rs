@@ -34,7 +34,12 @@ it as bits, huggingface_hub as bytes."
 /// Run diffusion pipelines (Stable Diffusion 1.x and 2.x, SDXL) from version-controlled TOML
 /// manifests.
 #[derive(Debug, Parser)]
-#[command(name = "runner", version, about = "Run diffusion pipelines (Stable Diffusion 1.x and 2.x, SDXL, SD3, FLUX.1) from version-controlled TOML manifests on libtorch", after_help = "Logs: set RUST_LOG (e.g. RUST_LOG=runner=debug).")]
+#[command(
+    name = "runner",
+    version,
+    about = "Run diffusion pipelines (Stable Diffusion 1.x and 2.x, SDXL, SD3, FLUX.1) from version-controlled TOML manifests on libtorch",
+    after_help = "Logs: set RUST_LOG (e.g. RUST_LOG=runner=debug)."
+)]
 pub struct Cli {
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value_t = Color::Auto, global = true)]

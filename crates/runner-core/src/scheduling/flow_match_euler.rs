@@ -113,7 +113,7 @@ impl FlowMatchEulerDiscrete {
         // tensor ops, the shift rounded to float32) unless shifting is dynamic. Elementwise, so
         // the two ends set_timesteps uses are computed alone.
         // (A float32 tensor times a Python float multiplies by the float rounded to float32.)
-        let ends = [n as f32 / n as f32, 1.0 / n as f32];
+        let ends = [1.0f32, 1.0 / n as f32]; // N / N and 1 / N
         let (shift, shift_1) = (c.shift as f32, (c.shift - 1.0) as f32);
         let ends = if c.use_dynamic_shifting { ends } else { ends.map(|e| (e * shift) / (e * shift_1 + 1.0)) };
         let (sigma_max, sigma_min) = (ends[0] as f64, ends[1] as f64);
