@@ -10,6 +10,7 @@ mod deploy;
 mod diagnostics;
 mod flux_transformer;
 mod front;
+mod gguf;
 mod layering;
 mod load;
 mod lock;

@@ -259,13 +259,16 @@ pub enum Command {
     },
     /// Show what a checkpoint holds, from safetensors headers alone (no weights are read):
     /// components, classes, files and shards, tensors, parameters, bytes per stored dtype and
-    /// at each target dtype, variants found.
+    /// at each target dtype, variants found. For a .gguf file: its architecture and key names
+    /// (diffusers' or the original checkpoint's), and tensors, parameters and bytes per type.
     ///
     /// PATH: a diffusers pipeline folder (with model_index.json), a component folder, a
-    /// *.safetensors.index.json, or one .safetensors file.
-    #[command(after_help = "Examples:\n  runner inspect tests/fixtures/tiny-sdxl\n  runner inspect tests/fixtures/tiny-sdxl/unet --json\n  runner inspect models/sdxl --variant fp16\n")]
+    /// *.safetensors.index.json, one .safetensors file, or one .gguf file.
+    #[command(
+        after_help = "Examples:\n  runner inspect tests/fixtures/tiny-sdxl\n  runner inspect tests/fixtures/tiny-sdxl/unet --json\n  runner inspect models/sdxl --variant fp16\n  runner inspect models/flux1-dev-Q4_0.gguf\n"
+    )]
     Inspect {
-        /// A pipeline folder, component folder, *.safetensors.index.json or .safetensors file.
+        /// A pipeline folder, component folder, *.safetensors.index.json, .safetensors or .gguf file.
         path: PathBuf,
         /// Prefer weight files of this variant (e.g. fp16), as `pipeline.variant` does.
         #[arg(long)]
@@ -508,6 +511,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 let gbps = report.total_size as f64 / report.seconds.max(1e-9) / 1e9;
                 println!("{} tensors, {} in {} file(s), {:.2} s ({gbps:.2} GB/s)", report.tensors, crate::units::ByteSize(report.total_size), report.files.len(), report.seconds);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { path, variant, json } if path.extension().is_some_and(|e| e == "gguf") => {
+            if let Some(v) = variant {
+                anyhow::bail!("`{}`: --variant {v} picks among a folder's weight files; a .gguf file is one file", path.display());
+            }
+            let report = crate::checkpoint::gguf::inspect(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::checkpoint::gguf::render_table(&report));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,8 @@
 //! Checkpoints on disk: safetensors files (single or sharded with an index) in the diffusers
-//! folder layout, read from headers alone for sizes, mapped for loading, and written as shards.
+//! folder layout, read from headers alone for sizes, mapped for loading, and written as shards;
+//! GGUF files ([`gguf`]).
 
+pub mod gguf;
 pub mod index;
 pub mod inspect;
 pub mod layout;
