@@ -86,3 +86,32 @@ fn bad_gguf_files_are_named_errors() {
     assert_eq!(code, 1);
     assert!(stderr.contains("--variant") && stderr.contains(".gguf"), "{stderr}");
 }
+
+/// runner's dequantization equals `gguf.quants.dequantize`'s for every type, value for value
+/// (the sha256 of all values as float32), and its quantization writes the bytes
+/// `gguf.quants.quantize` wrote for the same matrix (the fixture's F32 tensor).
+#[test]
+fn dequantize_and_quantize_equal_gguf_py() {
+    use runner::checkpoint::ggml;
+    use sha2::{Digest, Sha256};
+    let (f, want) = fixture();
+    let bytes = std::fs::read(root().join("tests/fixtures/gguf/types.gguf")).unwrap();
+    let data = |t: &gguf::TensorInfo| &bytes[t.start as usize..(t.start + t.n_bytes) as usize];
+    for (t, w) in f.tensors.iter().zip(want["tensors"].as_array().unwrap()) {
+        let mut v = vec![];
+        ggml::dequantize(t.ggml_type, data(t), &mut v).unwrap();
+        assert_eq!(v.len() as u64, t.numel(), "{}", t.name);
+        // (serde_json's float parsing can miss the last bit of a decimal double: compared as f32.)
+        let first: Vec<f32> = w["first"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        assert_eq!(v[..first.len()], first, "{}", t.name);
+        let le: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(format!("{:x}", Sha256::digest(&le)), w["sha256"].as_str().unwrap(), "{}: values differ from gguf.quants.dequantize", t.name);
+    }
+    let mut w = vec![];
+    ggml::dequantize(GgmlType::F32, data(f.tensor("w.F32").unwrap()), &mut w).unwrap();
+    for t in ggml::QUANTIZE_TYPES {
+        let mut q = vec![];
+        ggml::quantize(t, &w, &mut q).unwrap();
+        assert!(q == data(f.tensor(&format!("w.{}", t.name())).unwrap()), "{t}: bytes differ from gguf.quants.quantize");
+    }
+}

@@ -13,9 +13,11 @@ Outputs (committed; deterministic):
                                    each value type, an array longer than runner keeps
   tests/fixtures/gguf/types.json   per tensor: gguf.GGUFReader's type, torch-order shape, absolute
                                    data offset and byte count, and `gguf.quants.dequantize`'s
-                                   first and last 8 values and sum (float32 math, as numpy does);
+                                   first and last 8 values, sum, and the sha256 of all its values as
+                                   little-endian float32 (float32 math, as numpy does);
                                    the metadata as the reader decodes it
 """
+import hashlib
 import json
 import os
 
@@ -77,7 +79,7 @@ def plain(v):
 
 
 r = gguf.GGUFReader(path)
-out = {"gguf": gguf.__version__ if hasattr(gguf, "__version__") else "0.19.0", "alignment": int(r.alignment), "data_offset": int(r.data_offset), "metadata": {}, "tensors": []}
+out = {"alignment": int(r.alignment), "data_offset": int(r.data_offset), "metadata": {}, "tensors": []}
 for f in r.fields.values():
     if f.name.startswith("GGUF."):
         continue
@@ -93,6 +95,7 @@ for t in r.tensors:
         "first": [float(x) for x in v[:8]],
         "last": [float(x) for x in v[-8:]],
         "sum": float(v.astype(np.float64).sum()),
+        "sha256": hashlib.sha256(v.astype("<f4").tobytes()).hexdigest(),
     })
 json.dump(out, open(os.path.join(here, "types.json"), "w"), indent=1)
 print(f"{path}: {os.path.getsize(path)} bytes, {len(out['tensors'])} tensors")

@@ -1,0 +1,241 @@
+//! ggml's block types in plain Rust: dequantizing every type diffusers loads and quantizing to the
+//! types `gguf.quants.quantize` writes, with gguf-py 0.19's arithmetic (numpy float32, its element
+//! order within a block), so that runner's bytes equal the Python package's and its values equal
+//! `gguf.quants.dequantize`'s. (diffusers' own dequantize keeps the fp16 scales in fp16 and
+//! multiplies there: the executor does that with libtorch.)
+
+use half::{bf16, f16};
+
+use super::gguf::GgmlType;
+
+const QK_K: usize = 256;
+/// IQ4_NL's and IQ4_XS's non-linear 4-bit grid.
+const KVALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+fn h(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Dequantizes `bytes` (whole blocks of `t`) to float32, appending to `out`. Errors for a type
+/// diffusers does not load, or bytes that are not whole blocks.
+pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), String> {
+    let ts = t.type_size() as usize;
+    if bytes.len() % ts != 0 {
+        return Err(format!("{} bytes are not a whole number of {t} blocks of {ts} bytes", bytes.len()));
+    }
+    out.reserve(bytes.len() / ts * t.block_size() as usize);
+    for b in bytes.chunks_exact(ts) {
+        match t {
+            GgmlType::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            GgmlType::F16 => out.push(h(b, 0)),
+            GgmlType::BF16 => out.push(bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+            GgmlType::Q4_0 => {
+                let d = h(b, 0);
+                out.extend((0..32).map(|e| d * ((b[2 + e % 16] >> (4 * (e / 16)) & 0xF) as f32 - 8.0)));
+            }
+            GgmlType::Q4_1 => {
+                let (d, m) = (h(b, 0), h(b, 2));
+                out.extend((0..32).map(|e| d * (b[4 + e % 16] >> (4 * (e / 16)) & 0xF) as f32 + m));
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let one = t == GgmlType::Q5_1;
+                let d = h(b, 0);
+                let m = if one { h(b, 2) } else { 0.0 };
+                let at = if one { 4 } else { 2 };
+                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                out.extend((0..32).map(|e| {
+                    let q = (b[at + 4 + e % 16] >> (4 * (e / 16)) & 0xF) | (((qh >> e) & 1) as u8) << 4;
+                    if one {
+                        d * q as f32 + m
+                    } else {
+                        d * (q as i8 - 16) as f32
+                    }
+                }));
+            }
+            GgmlType::Q8_0 => {
+                let d = h(b, 0);
+                out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
+            }
+            GgmlType::Q2_K => {
+                let (scales, qs, d, dmin) = (&b[0..16], &b[16..80], h(b, 80), h(b, 82));
+                out.extend((0..QK_K).map(|e| {
+                    let sc = scales[e / 16];
+                    let (half, w) = (e / 128, e % 128);
+                    let q = (qs[half * 32 + w % 32] >> (2 * (w / 32))) & 3;
+                    d * (sc & 0xF) as f32 * q as f32 - dmin * (sc >> 4) as f32
+                }));
+            }
+            GgmlType::Q3_K => {
+                let (hmask, qs, sc, d) = (&b[0..32], &b[32..96], &b[96..108], h(b, 108));
+                let scale = |s: usize| {
+                    let l = (sc[s % 8] >> (4 * (s / 8))) & 0xF;
+                    let hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
+                    ((l | hi << 4) as i8 - 32) as f32
+                };
+                out.extend((0..QK_K).map(|e| {
+                    let (half, w) = (e / 128, e % 128);
+                    let ql = (qs[half * 32 + w % 32] >> (2 * (w / 32))) & 3;
+                    let qh = ((hmask[e % 32] >> (e / 32)) & 1) ^ 1;
+                    d * scale(e / 16) * (ql as i8 - (qh << 2) as i8) as f32
+                }));
+            }
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                let (d, dmin) = (h(b, 0), h(b, 2));
+                let (sc, m) = scale_min(&b[4..16]);
+                let five = t == GgmlType::Q5_K;
+                let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                out.extend((0..QK_K).map(|e| {
+                    let g = e / 32;
+                    let mut q = (qs[(g / 2) * 32 + e % 32] >> (4 * (g % 2))) & 0xF;
+                    if five {
+                        q |= ((qh[e % 32] >> g) & 1) << 4;
+                    }
+                    d * sc[g] as f32 * q as f32 - dmin * m[g] as f32
+                }));
+            }
+            GgmlType::Q6_K => {
+                let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], h(b, 208));
+                out.extend((0..QK_K).map(|e| {
+                    let (a, r) = (e / 128, e % 128);
+                    let lo = (ql[a * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
+                    let hi = (qh[a * 32 + r % 32] >> (2 * (r / 32))) & 3;
+                    d * sc[e / 16] as i8 as f32 * ((lo | hi << 4) as i8 - 32) as f32
+                }));
+            }
+            GgmlType::IQ4_NL => {
+                let d = h(b, 0);
+                out.extend((0..32).map(|e| d * KVALUES[((b[2 + e % 16] >> (4 * (e / 16))) & 0xF) as usize] as f32));
+            }
+            GgmlType::IQ4_XS => {
+                let d = h(b, 0);
+                let sh = u16::from_le_bytes([b[2], b[3]]);
+                let (sl, qs) = (&b[4..8], &b[8..136]);
+                out.extend((0..QK_K).map(|e| {
+                    let g = e / 32;
+                    let s = ((sl[g / 2] >> (4 * (g % 2))) & 0xF) | (((sh >> (2 * g)) & 3) as u8) << 4;
+                    let w = e % 32;
+                    d * (s as i8 - 32) as f32 * KVALUES[((qs[g * 16 + w % 16] >> (4 * (w / 16))) & 0xF) as usize] as f32
+                }));
+            }
+            _ => return Err(format!("type {t} is not supported; supported: {}", GgmlType::supported_names().join(", "))),
+        }
+    }
+    Ok(())
+}
+
+/// Q4_K's and Q5_K's eight 6-bit (scale, min) pairs (`get_scale_min`).
+fn scale_min(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut sc = [0u8; 8];
+    let mut m = [0u8; 8];
+    for j in 0..4 {
+        sc[j] = s[j] & 0x3F;
+        m[j] = s[4 + j] & 0x3F;
+        sc[4 + j] = (s[8 + j] & 0x0F) | ((s[j] >> 2) & 0x30);
+        m[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 2) & 0x30);
+    }
+    (sc, m)
+}
+
+/// The types [`quantize`] writes (those `gguf.quants.quantize` implements).
+pub const QUANTIZE_TYPES: [GgmlType; 8] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+
+/// Quantizes `values` (whole blocks of `t`) to `t`, appending its bytes to `out`, with gguf-py's
+/// arithmetic (float32 throughout, scales rounded to fp16 at the end).
+pub fn quantize(t: GgmlType, values: &[f32], out: &mut Vec<u8>) -> Result<(), String> {
+    let bs = t.block_size() as usize;
+    if values.len() % bs != 0 {
+        return Err(format!("{} values are not a whole number of {t} blocks of {bs}", values.len()));
+    }
+    out.reserve(values.len() / bs * t.type_size() as usize);
+    let f16b = |x: f32| f16::from_f32(x).to_le_bytes();
+    let inv = |d: f32| if d == 0.0 { 0.0 } else { 1.0 / d };
+    for x in values.chunks_exact(bs) {
+        match t {
+            GgmlType::F32 => out.extend_from_slice(&x[0].to_le_bytes()),
+            GgmlType::F16 => out.extend_from_slice(&f16b(x[0])),
+            GgmlType::BF16 => out.extend_from_slice(&bf16_bits(x[0]).to_le_bytes()),
+            GgmlType::Q4_0 | GgmlType::Q5_0 => {
+                let five = t == GgmlType::Q5_0;
+                // The element of largest magnitude, the first one on a tie (argmax), with its sign.
+                let max = x.iter().copied().fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                let (levels, offset) = if five { (-16.0f32, 16.5f32) } else { (-8.0, 8.5) };
+                let d = max / levels;
+                let id = inv(d);
+                let q: Vec<u8> = x.iter().map(|&v| ((v * id + offset).trunc() as u8).min(if five { 31 } else { 15 })).collect();
+                out.extend_from_slice(&f16b(d));
+                if five {
+                    out.extend_from_slice(&high_bits(&q).to_le_bytes());
+                }
+                out.extend((0..16).map(|i| (q[i] & 0xF) | (q[i + 16] << 4)));
+            }
+            GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                let five = t == GgmlType::Q5_1;
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+                let top = if five { 31u8 } else { 15 };
+                let d = (max - min) / top as f32;
+                let id = inv(d);
+                let q: Vec<u8> = x.iter().map(|&v| (((v - min) * id + 0.5).trunc() as u8).min(top)).collect();
+                out.extend_from_slice(&f16b(d));
+                out.extend_from_slice(&f16b(min));
+                if five {
+                    out.extend_from_slice(&high_bits(&q).to_le_bytes());
+                }
+                out.extend((0..16).map(|i| (q[i] & 0xF) | (q[i + 16] << 4)));
+            }
+            GgmlType::Q8_0 => {
+                let d = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                let id = inv(d);
+                out.extend_from_slice(&f16b(d));
+                // np_roundf: half away from zero.
+                out.extend(x.iter().map(|&v| (v * id).round() as i8 as u8));
+            }
+            _ => return Err(format!("cannot quantize to {t}; runner writes {}", QUANTIZE_TYPES.map(|t| t.name()).join(", "))),
+        }
+    }
+    Ok(())
+}
+
+/// Bit i: the fifth bit of q[i] (`np.packbits(q >> 4, bitorder="little")`).
+fn high_bits(q: &[u8]) -> u32 {
+    q.iter().enumerate().fold(0u32, |acc, (i, &v)| acc | (((v >> 4) & 1) as u32) << i)
+}
+
+/// ggml's `fp32_to_bf16`: NaN made quiet, otherwise rounded to nearest even.
+fn bf16_bits(x: f32) -> u16 {
+    let n = x.to_bits();
+    let n = if n & 0x7fff_ffff > 0x7f80_0000 { (n & 0xffff_0000) | (64 << 16) } else { n };
+    ((n as u64 + 0x7fff + ((n >> 16) & 1) as u64) >> 16) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_then_dequantize_is_close() {
+        let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        for t in QUANTIZE_TYPES {
+            let mut q = vec![];
+            quantize(t, &x, &mut q).unwrap();
+            assert_eq!(q.len() as u64, 512 / t.block_size() * t.type_size(), "{t}");
+            let mut y = vec![];
+            dequantize(t, &q, &mut y).unwrap();
+            let err = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            // Half a step of each grid over the values' range (about 6): 4 bits, 5 bits, 8 bits.
+            let bound = match t.name() {
+                "F32" => 0.0,
+                "F16" | "BF16" | "Q8_0" => 0.02,
+                "Q5_0" | "Q5_1" => 0.2,
+                _ => 0.4,
+            };
+            assert!(err <= bound, "{t}: {err}");
+        }
+        assert!(quantize(GgmlType::Q4_K, &x, &mut vec![]).unwrap_err().contains("cannot quantize to Q4_K"));
+        assert!(quantize(GgmlType::Q8_0, &x[..33], &mut vec![]).unwrap_err().contains("whole number"));
+        assert!(dequantize(GgmlType::Q8_0, &[0; 35], &mut vec![]).unwrap_err().contains("whole number"));
+        assert!(dequantize(GgmlType::from_name("Q8_1").unwrap(), &[0; 40], &mut vec![]).unwrap_err().contains("not supported"));
+        assert_eq!(bf16_bits(f32::NAN) & 0x7fc0, 0x7fc0);
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+    }
+}
