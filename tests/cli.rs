@@ -134,7 +134,7 @@ fn output_into_a_closed_pipe_ends_quietly() {
 
 #[test]
 fn every_command_has_examples_and_described_arguments() {
-    for cmd in ["validate", "lock", "run", "plan", "config", "inspect", "shard", "schema", "info"] {
+    for cmd in ["validate", "lock", "run", "plan", "config", "inspect", "shard", "quantize", "schema", "info"] {
         let (code, stdout, stderr) = run(runner().args([cmd, "--help"]));
         assert_eq!(code, 0, "{cmd}: {stderr}");
         assert!(stdout.contains("\nExamples:\n  runner "), "{cmd}: {stdout}");

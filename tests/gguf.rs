@@ -115,3 +115,93 @@ fn dequantize_and_quantize_equal_gguf_py() {
         assert!(q == data(f.tensor(&format!("w.{}", t.name())).unwrap()), "{t}: bytes differ from gguf.quants.quantize");
     }
 }
+
+/// `runner quantize` of the tiny FLUX and SD3.5 transformers: every type, city96's rules, the
+/// values of each quantized tensor those of `ggml::quantize` of the source (whose bytes equal
+/// gguf-py's: `dequantize_and_quantize_equal_gguf_py`), the file read back by runner's reader.
+#[test]
+fn quantize_writes_what_diffusers_loads() {
+    use runner::checkpoint::ggml;
+    use runner::checkpoint::layout::{resolve_source, Checkpoint, VariantPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture, family) in [("tiny-flux-dev", "flux"), ("tiny-sd35", "sd3")] {
+        let src = root().join("tests/fixtures").join(fixture).join("transformer");
+        let ck = Checkpoint::open(resolve_source(&src, None, None, VariantPolicy::Require).unwrap()).unwrap();
+        for ty in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "bf16", "f16"] {
+            let out = dir.path().join(format!("{fixture}-{ty}.gguf"));
+            let (code, stdout, stderr) = run(runner().arg("quantize").arg(&src).args(["--type", ty, "--json", "--out"]).arg(&out));
+            assert_eq!(code, 0, "{fixture} {ty}: {stderr}");
+            let report: J = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(report["family"], family);
+            let f = gguf::read(&out).unwrap();
+            f.check_supported().unwrap();
+            assert_eq!(f.architecture(), Some(family));
+            assert_eq!(f.tensors.len(), ck.tensors.len());
+            let want = GgmlType::from_name(ty).unwrap();
+            let bytes = std::fs::read(&out).unwrap();
+            let mut quantized = 0;
+            for t in &f.tensors {
+                let info = &ck.tensors[&t.name].info;
+                assert_eq!(t.shape, info.shape, "{}", t.name);
+                let small = info.shape.len() <= 1 || info.numel() <= 1024;
+                let kept = ["x_embedder.", "context_embedder.", "time_text_embed.", "norm_out.", "proj_out.", "pos_embed"].iter().any(|p| t.name.starts_with(p));
+                let expected = if small {
+                    GgmlType::F32
+                } else if kept || info.shape.last().unwrap() % want.block_size() != 0 {
+                    if want.quantized() {
+                        GgmlType::F16
+                    } else {
+                        want
+                    } // the fixtures are f32
+                } else {
+                    want
+                };
+                assert_eq!(t.ggml_type, expected, "{fixture} {ty}: {}", t.name);
+                quantized += (t.ggml_type == want && want.quantized()) as usize;
+                // The bytes: the source's values quantized.
+                let (path, h) = &ck.files[ck.tensors[&t.name].file];
+                let raw = std::fs::read(path).unwrap();
+                let start = (h.data_start + info.data_offsets.0) as usize;
+                let src_vals: Vec<f32> = raw[start..start + info.nbytes() as usize].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                let mut q = vec![];
+                ggml::quantize(t.ggml_type, &src_vals, &mut q).unwrap();
+                assert!(q == bytes[t.start as usize..(t.start + t.n_bytes) as usize], "{fixture} {ty}: {}", t.name);
+            }
+            assert!(!want.quantized() || quantized >= 10, "{fixture} {ty}: {quantized} quantized tensors");
+        }
+    }
+    // Nothing left behind but the outputs.
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e.unwrap().file_name().to_string_lossy().ends_with(".gguf")));
+}
+
+#[test]
+fn quantize_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.gguf");
+    let q = |src: &str, extra: &[&str]| run(runner().args(["quantize", src, "--type", "q8_0", "--out"]).arg(&out).args(extra));
+    // Not a transformer runner quantizes.
+    let (code, _, stderr) = q("tests/fixtures/tiny-sd15/unet", &[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("tiny-sd15/unet") && stderr.contains("not a FLUX.1 or SD3/SD3.5 transformer"), "{stderr}");
+    assert!(!out.exists());
+    let (code, _, stderr) = q("tests/fixtures/nope", &[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("tests/fixtures/nope"), "{stderr}");
+    // An existing output: only with --force.
+    std::fs::write(&out, "keep").unwrap();
+    let (code, _, stderr) = q("tests/fixtures/tiny-flux-dev/transformer", &[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("x.gguf") && stderr.contains("exists: pass --force"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "keep");
+    let (code, _, stderr) = q("tests/fixtures/tiny-flux-dev/transformer", &["--force"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(gguf::read(&out).is_ok());
+    // The output must be a .gguf file; the type one runner writes.
+    let (code, _, stderr) = run(runner().args(["quantize", "tests/fixtures/tiny-flux-dev/transformer", "--type", "q8_0", "--out"]).arg(dir.path().join("x.safetensors")));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("must be a .gguf file"), "{stderr}");
+    let (code, _, stderr) = run(runner().args(["quantize", "tests/fixtures/tiny-flux-dev/transformer", "--type", "q4_k", "--out"]).arg(&out));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("q4_k") && stderr.contains("q8_0"), "{stderr}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e.unwrap().file_name().to_string_lossy().ends_with(".gguf")), "no temp files left");
+}

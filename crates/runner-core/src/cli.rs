@@ -313,6 +313,35 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a FLUX.1 or SD3/SD3.5 transformer as one GGUF file that diffusers'
+    /// `from_single_file(..., quantization_config=GGUFQuantizationConfig(...))`, the Python `gguf`
+    /// reader and runner load: Linear weights quantized to --type as `gguf.quants.quantize` does,
+    /// with city96's rules for the rest (1-D and small tensors F32; the embedders and the final
+    /// layer, and rows that are not whole blocks, in the source's 16-bit type).
+    ///
+    /// SRC: a component folder, a *.safetensors.index.json or one .safetensors file, in diffusers'
+    /// key names or the original checkpoint's (BFL, SAI; kept, without a
+    /// `model.diffusion_model.` prefix). FILE is written to a temp file and renamed into place;
+    /// memory stays bounded (tensors stream in chunks).
+    #[command(
+        after_help = "Examples:\n  runner quantize models/FLUX.1-dev/transformer --type q8_0 --out models/flux1-dev-Q8_0.gguf\n  runner quantize models/sd3.5-large/transformer --type q4_0 --out /tmp/sd35-large-Q4_0.gguf --force\n"
+    )]
+    Quantize {
+        /// The transformer: a component folder, *.safetensors.index.json or .safetensors file.
+        src: PathBuf,
+        /// The type of the quantized Linear weights.
+        #[arg(long = "type", value_enum, value_name = "TYPE")]
+        ggml_type: QuantType,
+        /// Output .gguf file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the manifest JSON schema (equal to schemas/manifest.schema.json).
     #[command(after_help = "Examples:\n  runner schema > manifest.schema.json\n")]
     Schema,
@@ -323,6 +352,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `runner quantize --type`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum QuantType {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
+    #[value(name = "bf16")]
+    Bf16,
+    #[value(name = "f16")]
+    F16,
+}
+
+impl QuantType {
+    pub fn ggml(self) -> crate::checkpoint::gguf::GgmlType {
+        use crate::checkpoint::gguf::GgmlType as G;
+        match self {
+            QuantType::Q8_0 => G::Q8_0,
+            QuantType::Q4_0 => G::Q4_0,
+            QuantType::Q4_1 => G::Q4_1,
+            QuantType::Q5_0 => G::Q5_0,
+            QuantType::Q5_1 => G::Q5_1,
+            QuantType::Bf16 => G::BF16,
+            QuantType::F16 => G::F16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -398,6 +461,7 @@ impl Command {
             Command::Config { .. } => "config",
             Command::Inspect { .. } => "inspect",
             Command::Shard { .. } => "shard",
+            Command::Quantize { .. } => "quantize",
             Command::Schema => "schema",
             Command::Info { .. } => "info",
         }
@@ -511,6 +575,34 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 let gbps = report.total_size as f64 / report.seconds.max(1e-9) / 1e9;
                 println!("{} tensors, {} in {} file(s), {:.2} s ({gbps:.2} GB/s)", report.tensors, crate::units::ByteSize(report.total_size), report.files.len(), report.seconds);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quantize { src, ggml_type, out, force, json } => {
+            let opts = crate::checkpoint::quantize::QuantizeOptions { ggml_type: ggml_type.ggml(), force };
+            let bar = progress_bar("quantizing");
+            let report = crate::checkpoint::quantize::quantize(&src, &out, &opts, &|done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let gb = |b: u64| crate::units::ByteSize(b).to_string();
+                println!(
+                    "{} ({} transformer, {} key names)",
+                    report.out.display(),
+                    report.family.as_str(),
+                    if report.key_style == crate::checkpoint::gguf::KeyStyle::Diffusers { "diffusers" } else { "original" }
+                );
+                println!("{:<8} {:>8} {:>16} {:>12}", "type", "tensors", "parameters", "bytes");
+                for t in &report.types {
+                    println!("{:<8} {:>8} {:>16} {:>12}", t.ggml_type.name(), t.tensors, t.parameters, gb(t.bytes));
+                }
+                let gbps = report.source_bytes as f64 / report.seconds.max(1e-9) / 1e9;
+                println!("{} tensors: {} read, {} written, {:.2} s ({gbps:.2} GB/s of source)", report.tensors, gb(report.source_bytes), gb(report.file_bytes), report.seconds);
             }
             Ok(ExitCode::SUCCESS)
         }

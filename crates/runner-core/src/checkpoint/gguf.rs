@@ -649,7 +649,7 @@ pub fn inspect(path: &Path) -> Result<Report, CheckpointError> {
 
 pub fn render_table(r: &Report) -> String {
     use std::fmt::Write;
-    let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+    let gb = |b: u64| crate::units::ByteSize(b).to_string();
     let mut s = String::new();
     let _ = writeln!(s, "{} (GGUF v{}, alignment {})", r.path.display(), r.version, r.alignment);
     let arch = match (&r.architecture, r.detected, r.key_style) {
@@ -660,7 +660,7 @@ pub fn render_table(r: &Report) -> String {
         (None, _, _) => "unknown (no general.architecture; not a FLUX or SD3 transformer by its tensor names)".into(),
     };
     let _ = writeln!(s, "architecture: {arch}");
-    let _ = writeln!(s, "{} tensors, {:.3} B parameters, {} of data ({} file)\n", r.tensors, r.parameters as f64 / 1e9, gb(r.data_bytes), gb(r.file_bytes));
+    let _ = writeln!(s, "{} tensors, {} parameters, {} of data ({} file)\n", r.tensors, count(r.parameters), gb(r.data_bytes), gb(r.file_bytes));
     let _ = writeln!(s, "{:<8} {:>8} {:>16} {:>12}", "type", "tensors", "parameters", "bytes");
     for t in &r.types {
         let _ = writeln!(s, "{:<8} {:>8} {:>16} {:>12}{}", t.ggml_type.name(), t.tensors, t.parameters, gb(t.bytes), if t.ggml_type.supported() { "" } else { "  (not supported)" });
@@ -674,6 +674,15 @@ pub fn render_table(r: &Report) -> String {
         );
     }
     s
+}
+
+/// A parameter count for people: 11.9 B, 81.9 M, 29824.
+pub fn count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n => n.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod index;
 pub mod inspect;
 pub mod layout;
+pub mod quantize;
 pub mod safetensors;
 pub mod shard;
 pub mod sigbus;

@@ -1,0 +1,273 @@
+//! `runner quantize`: a FLUX.1 or SD3/SD3.5 transformer stored as safetensors (a component
+//! folder, an index or one file) to one GGUF file that diffusers' `from_single_file`, the Python
+//! `gguf` reader and runner load, with city96's rules for what stays unquantized
+//! (ComfyUI-GGUF `tools/convert.py` and its `llama-quantize` patch):
+//! - 1-D tensors and tensors of at most 1024 elements: F32;
+//! - the embedders and the final layer (FLUX `img_in`, `txt_in`, `time_in`, `vector_in`,
+//!   `guidance_in`, `final_layer`; SD3 `x_embedder`, `pos_embed`, `t_embedder`, `y_embedder`,
+//!   `context_embedder`, `final_layer`, and their diffusers names): the base type, BF16 for a
+//!   bf16 source, else F16;
+//! - rows that are not whole blocks of the type: the base type, as llama-quantize falls back;
+//! - everything else: the type asked for, quantized as `gguf.quants.quantize` does.
+//!
+//! Tensors stream one block-aligned chunk at a time from the source (read, not mapped: a source
+//! truncated meanwhile is an error naming it), so memory stays bounded by a chunk; the file is
+//! written to a temp file and renamed into place, never over its source.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::ggml::{self, QUANTIZE_TYPES};
+use super::gguf::{self, Family, GgmlType, KeyStyle, WriteTensor, WriteValue};
+use super::layout::{resolve_source, Checkpoint, VariantPolicy};
+use super::safetensors::Dtype;
+use super::CheckpointError;
+use crate::fsutil;
+
+/// city96's `QUANTIZATION_THRESHOLD`: smaller tensors stay F32.
+pub const SMALL: u64 = 1024;
+
+/// Elements converted at a time (a multiple of every block size).
+const CHUNK: u64 = 1 << 20;
+
+pub struct QuantizeOptions {
+    pub ggml_type: GgmlType,
+    /// Replace an existing output file.
+    pub force: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QuantizeReport {
+    pub out: PathBuf,
+    pub family: Family,
+    pub key_style: KeyStyle,
+    #[serde(rename = "type")]
+    pub ggml_type: GgmlType,
+    pub tensors: usize,
+    /// Per type written: tensors, parameters, bytes.
+    pub types: Vec<gguf::TypeCount>,
+    pub source_bytes: u64,
+    pub file_bytes: u64,
+    pub seconds: f64,
+}
+
+/// The modules city96's tools keep unquantized, by the names a key may have (original or diffusers').
+fn keep_base(family: Family, name: &str) -> bool {
+    let name = gguf::strip_prefix(name);
+    let prefixes: &[&str] = match family {
+        Family::Flux => &[
+            "img_in.",
+            "txt_in.",
+            "time_in.",
+            "vector_in.",
+            "guidance_in.",
+            "final_layer.",
+            // diffusers: x_embedder (img_in), context_embedder (txt_in), time_text_embed (time_in,
+            // vector_in, guidance_in), norm_out / proj_out (final_layer; a block's own proj_out is not)
+            "x_embedder.",
+            "context_embedder.",
+            "time_text_embed.",
+            "norm_out.",
+            "proj_out.",
+        ],
+        Family::Sd3 => &["final_layer.", "time_text_embed.", "context_embedder.", "t_embedder.", "y_embedder.", "x_embedder.", "proj_out.", "pos_embed", "norm_out."],
+    };
+    prefixes.iter().any(|p| name.starts_with(p))
+}
+
+/// `general.file_type` (llama.cpp's `LlamaFileType`) of a file mostly of `t`.
+fn file_type(t: GgmlType) -> u32 {
+    match t.name() {
+        "F32" => 0,
+        "F16" => 1,
+        "Q4_0" => 2,
+        "Q4_1" => 3,
+        "Q8_0" => 7,
+        "Q5_0" => 8,
+        "Q5_1" => 9,
+        _ => 32, // BF16
+    }
+}
+
+/// The type each tensor is written as (see the module's rules).
+fn target(family: Family, name: &str, shape: &[u64], src: Dtype, want: GgmlType) -> GgmlType {
+    let base = if want.quantized() {
+        if src == Dtype::BF16 {
+            GgmlType::BF16
+        } else {
+            GgmlType::F16
+        }
+    } else {
+        want
+    };
+    let numel: u64 = shape.iter().product();
+    if shape.len() <= 1 || numel <= SMALL {
+        GgmlType::F32
+    } else if keep_base(family, name) || shape.last().is_some_and(|&row| row % want.block_size() != 0) {
+        base
+    } else {
+        want
+    }
+}
+
+/// Writes `out` (a .gguf file) from the transformer at `src`, every tensor as [`target`] says.
+pub fn quantize(src: &Path, out: &Path, opts: &QuantizeOptions, progress: &dyn Fn(u64, u64)) -> Result<QuantizeReport, CheckpointError> {
+    let started = std::time::Instant::now();
+    let want = opts.ggml_type;
+    if !QUANTIZE_TYPES.contains(&want) || want == GgmlType::F32 {
+        return Err(CheckpointError::format(out, format!("cannot write {want}; runner writes q8_0, q4_0, q4_1, q5_0, q5_1, bf16, f16")));
+    }
+    if out.extension().is_none_or(|e| e != "gguf") {
+        return Err(CheckpointError::format(out, "the output must be a .gguf file"));
+    }
+    let weights = resolve_source(src, None, None, VariantPolicy::Require)?;
+    let checkpoint = Checkpoint::open(weights)?;
+    let names: Vec<&String> = checkpoint.tensors.keys().collect();
+    let (family, key_style) = gguf::detect(&names.iter().map(|n| n.as_str()).collect::<Vec<_>>()).ok_or_else(|| {
+        CheckpointError::format(src, "not a FLUX.1 or SD3/SD3.5 transformer by its tensor names: runner quantizes those (city96's tools advise against quantizing the convolution-heavy UNets)")
+    })?;
+
+    // Never over the source; an existing output only with --force.
+    let out_real = fsutil::resolve(out);
+    for (p, _) in &checkpoint.files {
+        if fsutil::resolve(p) == out_real {
+            return Err(CheckpointError::format(out, format!("is the source (`{}`): write the GGUF file elsewhere", p.display())));
+        }
+    }
+    if std::fs::symlink_metadata(out).is_ok() && !opts.force {
+        return Err(CheckpointError::format(out, "exists: pass --force to replace it"));
+    }
+    fsutil::check_destination(out).map_err(|e| CheckpointError::format(out, e))?;
+
+    // What each tensor becomes, checked before anything is written.
+    let mut plan = vec![];
+    for name in &names {
+        let info = &checkpoint.tensors[*name].info;
+        if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+            return Err(CheckpointError::tensor(&checkpoint.files[checkpoint.tensors[*name].file].0, name, format!("is {:?}: only floating-point tensors are quantized", info.dtype)));
+        }
+        if info.shape.len() > gguf::MAX_DIMS {
+            return Err(CheckpointError::tensor(&checkpoint.files[checkpoint.tensors[*name].file].0, name, format!("has {} dimensions: GGUF holds at most {}", info.shape.len(), gguf::MAX_DIMS)));
+        }
+        let t = target(family, name, &info.shape, info.dtype, want);
+        let numel: u64 = info.shape.iter().product();
+        plan.push((t, numel / t.block_size() * t.type_size()));
+    }
+    // Original key names lose the `model.diffusion_model.` prefix, as city96's convert.py strips it.
+    let out_names: Vec<&str> = names.iter().map(|n| if key_style == KeyStyle::Original { gguf::strip_prefix(n) } else { n.as_str() }).collect();
+    let tensors: Vec<WriteTensor> =
+        names.iter().zip(&out_names).zip(&plan).map(|((n, o), (t, bytes))| WriteTensor { name: o, shape: &checkpoint.tensors[*n].info.shape, ggml_type: *t, n_bytes: *bytes }).collect();
+    let metadata = [("general.architecture", WriteValue::Str(family.as_str().into())), ("general.quantization_version", WriteValue::U32(2)), ("general.file_type", WriteValue::U32(file_type(want)))];
+    let (header, offsets) = gguf::encode_header(&metadata, &tensors, gguf::DEFAULT_ALIGNMENT).map_err(|e| CheckpointError::format(out, e))?;
+    let total: u64 = plan.iter().map(|p| p.1).sum();
+    let source_bytes: u64 = names.iter().map(|n| checkpoint.tensors[*n].info.nbytes()).sum();
+
+    let sources: Vec<std::fs::File> = checkpoint.files.iter().map(|(p, _)| super::safetensors::open_regular(p)).collect::<Result<_, _>>()?;
+    let mut failed: Option<CheckpointError> = None;
+    let written = fsutil::write_file(out, |w| {
+        w.write_all(&header)?;
+        let (mut raw, mut values, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut at = 0u64; // bytes of data written
+        let mut done = 0u64;
+        for (i, name) in names.iter().enumerate() {
+            let pad = offsets[i] - at;
+            w.write_all(&vec![0u8; pad as usize])?;
+            at += pad;
+            let loc = &checkpoint.tensors[*name];
+            let (src_path, file_header) = &checkpoint.files[loc.file];
+            let (t, size) = plan[i];
+            let elem = loc.info.dtype.bits() / 8;
+            let numel: u64 = loc.info.shape.iter().product();
+            let start = file_header.data_start + loc.info.data_offsets.0;
+            let mut e = 0u64;
+            while e < numel {
+                let n = CHUNK.min(numel - e);
+                raw.resize((n * elem) as usize, 0);
+                if let Err(err) = sources[loc.file].read_exact_at(&mut raw, start + e * elem) {
+                    failed = Some(if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                        CheckpointError::format(src_path, format!("the file ended inside tensor `{name}`: it was truncated or replaced while runner read it"))
+                    } else {
+                        CheckpointError::io(src_path, err)
+                    });
+                    return Err(std::io::Error::other("source"));
+                }
+                values.clear();
+                to_f32(loc.info.dtype, &raw, &mut values);
+                bytes.clear();
+                ggml::quantize(t, &values, &mut bytes).map_err(std::io::Error::other)?;
+                w.write_all(&bytes)?;
+                e += n;
+            }
+            at += size;
+            done += size;
+            progress(done, total);
+        }
+        Ok(())
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    written.map_err(|e| CheckpointError::io(out, e))?;
+
+    let mut types: BTreeMap<GgmlType, gguf::TypeCount> = BTreeMap::new();
+    for (name, (t, bytes)) in names.iter().zip(&plan) {
+        let c = types.entry(*t).or_insert(gguf::TypeCount { ggml_type: *t, tensors: 0, parameters: 0, bytes: 0 });
+        c.tensors += 1;
+        c.parameters += checkpoint.tensors[*name].info.numel();
+        c.bytes += bytes;
+    }
+    let file_bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    Ok(QuantizeReport {
+        out: out.to_path_buf(),
+        family,
+        key_style,
+        ggml_type: want,
+        tensors: names.len(),
+        types: types.into_values().collect(),
+        source_bytes,
+        file_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Little-endian float data to f32 (F64 rounded to nearest).
+fn to_f32(src: Dtype, data: &[u8], out: &mut Vec<f32>) {
+    use half::{bf16, f16};
+    match src {
+        Dtype::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        Dtype::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        Dtype::BF16 => out.extend(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        Dtype::F64 => out.extend(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)),
+        _ => unreachable!("float tensors only (checked before writing)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn city96_rules() {
+        let q = GgmlType::Q4_0;
+        assert_eq!(target(Family::Flux, "transformer_blocks.0.attn.to_q.weight", &[3072, 3072], Dtype::BF16, q), q);
+        assert_eq!(target(Family::Flux, "transformer_blocks.0.attn.to_q.bias", &[3072], Dtype::BF16, q), GgmlType::F32);
+        assert_eq!(target(Family::Flux, "transformer_blocks.0.attn.norm_q.weight", &[128], Dtype::BF16, q), GgmlType::F32);
+        assert_eq!(target(Family::Flux, "small", &[32, 32], Dtype::F32, q), GgmlType::F32);
+        assert_eq!(target(Family::Flux, "x_embedder.weight", &[3072, 64], Dtype::BF16, q), GgmlType::BF16);
+        assert_eq!(target(Family::Flux, "img_in.weight", &[3072, 64], Dtype::F32, q), GgmlType::F16);
+        assert_eq!(target(Family::Flux, "model.diffusion_model.final_layer.linear.weight", &[64, 3072], Dtype::F16, q), GgmlType::F16);
+        assert_eq!(target(Family::Flux, "proj_out.weight", &[64, 3072], Dtype::F16, q), GgmlType::F16);
+        // A block's own proj_out is quantized.
+        assert_eq!(target(Family::Flux, "single_transformer_blocks.0.proj_out.weight", &[3072, 15360], Dtype::F16, q), q);
+        assert_eq!(target(Family::Sd3, "pos_embed.proj.weight", &[1536, 16, 2, 2], Dtype::F16, q), GgmlType::F16);
+        assert_eq!(target(Family::Sd3, "joint_blocks.0.x_block.attn.qkv.weight", &[4608, 1536], Dtype::F16, q), q);
+        // Rows not whole blocks: the base type.
+        assert_eq!(target(Family::Sd3, "transformer_blocks.0.ff.net.0.proj.weight", &[64, 48], Dtype::F32, q), GgmlType::F16);
+        // bf16 / f16 asked: every large tensor that type, the small ones F32.
+        assert_eq!(target(Family::Flux, "x_embedder.weight", &[3072, 64], Dtype::F32, GgmlType::BF16), GgmlType::BF16);
+        assert_eq!(target(Family::Flux, "x.bias", &[3072], Dtype::F32, GgmlType::F16), GgmlType::F32);
+    }
+}
