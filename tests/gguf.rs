@@ -205,3 +205,10 @@ fn quantize_refuses_bad_input() {
     assert!(stderr.contains("q4_k") && stderr.contains("q8_0"), "{stderr}");
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e.unwrap().file_name().to_string_lossy().ends_with(".gguf")), "no temp files left");
 }
+
+#[test]
+fn a_gguf_source_is_refused_up_front_for_now() {
+    let (code, _, stderr) = run(runner().args(["validate", "manifests/tiny-flux-dev.toml", "--set", "components.transformer.source=\"tests/fixtures/gguf/types.gguf\""]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("types.gguf") && stderr.contains("a GGUF file cannot be a component source yet"), "{stderr}");
+}

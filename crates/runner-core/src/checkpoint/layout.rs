@@ -156,6 +156,11 @@ pub fn resolve_source(path: &Path, library: Option<Library>, variant: Option<&st
         Ok(ResolvedWeights { files: WeightFiles::Sharded(read_index(path)?), variant: None, notes: vec![] })
     } else if name.ends_with(".safetensors") {
         Ok(ResolvedWeights { files: WeightFiles::Single(path.to_path_buf()), variant: None, notes: vec![] })
+    } else if name.ends_with(".gguf") {
+        Err(CheckpointError::format(
+            path,
+            "a GGUF file cannot be a component source yet (`runner inspect` reads GGUF files, `runner quantize` writes them); expected a folder, a `*.safetensors.index.json` or a `.safetensors` file",
+        ))
     } else {
         Err(CheckpointError::format(path, "expected a folder, a `*.safetensors.index.json` or a `.safetensors` file"))
     }

@@ -2,6 +2,7 @@
 //! folder layout, read from headers alone for sizes, mapped for loading, and written as shards;
 //! GGUF files ([`gguf`]).
 
+pub mod convert;
 pub mod ggml;
 pub mod gguf;
 pub mod index;
