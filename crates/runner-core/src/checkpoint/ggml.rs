@@ -161,7 +161,8 @@ pub fn quantize(t: GgmlType, values: &[f32], out: &mut Vec<u8>) -> Result<(), St
                 let (levels, offset) = if five { (-16.0f32, 16.5f32) } else { (-8.0, 8.5) };
                 let d = max / levels;
                 let id = inv(d);
-                let q: Vec<u8> = x.iter().map(|&v| ((v * id + offset).trunc() as u8).min(if five { 31 } else { 15 })).collect();
+                let top = if five { 31 } else { 15 };
+                let q: [u8; 32] = std::array::from_fn(|i| ((x[i] * id + offset) as u8).min(top));
                 out.extend_from_slice(&f16b(d));
                 if five {
                     out.extend_from_slice(&high_bits(&q).to_le_bytes());
@@ -175,7 +176,7 @@ pub fn quantize(t: GgmlType, values: &[f32], out: &mut Vec<u8>) -> Result<(), St
                 let top = if five { 31u8 } else { 15 };
                 let d = (max - min) / top as f32;
                 let id = inv(d);
-                let q: Vec<u8> = x.iter().map(|&v| (((v - min) * id + 0.5).trunc() as u8).min(top)).collect();
+                let q: [u8; 32] = std::array::from_fn(|i| (((x[i] - min) * id + 0.5) as u8).min(top));
                 out.extend_from_slice(&f16b(d));
                 out.extend_from_slice(&f16b(min));
                 if five {
@@ -187,13 +188,27 @@ pub fn quantize(t: GgmlType, values: &[f32], out: &mut Vec<u8>) -> Result<(), St
                 let d = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
                 let id = inv(d);
                 out.extend_from_slice(&f16b(d));
-                // np_roundf: half away from zero.
-                out.extend(x.iter().map(|&v| (v * id).round() as i8 as u8));
+                out.extend(x.iter().map(|&v| round_away(v * id) as u8));
             }
             _ => return Err(format!("cannot quantize to {t}; runner writes {}", QUANTIZE_TYPES.map(|t| t.name()).join(", "))),
         }
     }
     Ok(())
+}
+
+/// gguf-py's `np_roundf` (half away from zero) of a value within i8's range, then `astype(int8)`;
+/// with integer conversions (`as` truncates toward zero), which x86-64's baseline has, where
+/// `f32::round` is a libm call.
+fn round_away(v: f32) -> i8 {
+    let t = v as i32;
+    let frac = v - t as f32; // exact: |v| < 2^23
+    (if frac >= 0.5 {
+        t + 1
+    } else if frac <= -0.5 {
+        t - 1
+    } else {
+        t
+    }) as i8
 }
 
 /// Bit i: the fifth bit of q[i] (`np.packbits(q >> 4, bitorder="little")`).
@@ -237,5 +252,8 @@ mod tests {
         assert!(dequantize(GgmlType::from_name("Q8_1").unwrap(), &[0; 40], &mut vec![]).unwrap_err().contains("not supported"));
         assert_eq!(bf16_bits(f32::NAN) & 0x7fc0, 0x7fc0);
         assert_eq!(bf16_bits(1.0), 0x3f80);
+        for v in [0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.0, 0.0, -0.0, 3.2, -3.7] {
+            assert_eq!(round_away(v), v.round() as i8, "{v}");
+        }
     }
 }

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::ggml::{self, QUANTIZE_TYPES};
@@ -30,8 +31,9 @@ use crate::fsutil;
 /// city96's `QUANTIZATION_THRESHOLD`: smaller tensors stay F32.
 pub const SMALL: u64 = 1024;
 
-/// Elements converted at a time (a multiple of every block size).
-const CHUNK: u64 = 1 << 20;
+/// Elements converted at a time, and quantized per thread (multiples of every block size).
+const CHUNK: u64 = 1 << 22;
+const PIECE: u64 = 1 << 16;
 
 pub struct QuantizeOptions {
     pub ggml_type: GgmlType,
@@ -169,7 +171,7 @@ pub fn quantize(src: &Path, out: &Path, opts: &QuantizeOptions, progress: &dyn F
     let mut failed: Option<CheckpointError> = None;
     let written = fsutil::write_file(out, |w| {
         w.write_all(&header)?;
-        let (mut raw, mut values, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut raw, mut values) = (Vec::new(), Vec::new());
         let mut at = 0u64; // bytes of data written
         let mut done = 0u64;
         for (i, name) in names.iter().enumerate() {
@@ -196,9 +198,17 @@ pub fn quantize(src: &Path, out: &Path, opts: &QuantizeOptions, progress: &dyn F
                 }
                 values.clear();
                 to_f32(loc.info.dtype, &raw, &mut values);
-                bytes.clear();
-                ggml::quantize(t, &values, &mut bytes).map_err(std::io::Error::other)?;
-                w.write_all(&bytes)?;
+                // Blocks are independent: pieces of a chunk quantize in parallel, written in order.
+                let pieces: Vec<Result<Vec<u8>, String>> = values
+                    .par_chunks(PIECE as usize)
+                    .map(|v| {
+                        let mut b = Vec::new();
+                        ggml::quantize(t, v, &mut b).map(|_| b)
+                    })
+                    .collect();
+                for p in pieces {
+                    w.write_all(&p.map_err(std::io::Error::other)?)?;
+                }
                 e += n;
             }
             at += size;
