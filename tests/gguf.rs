@@ -212,3 +212,120 @@ fn a_gguf_source_is_refused_up_front_for_now() {
     assert_eq!(code, 1);
     assert!(stderr.contains("types.gguf") && stderr.contains("a GGUF file cannot be a component source yet"), "{stderr}");
 }
+
+/// `--keys original` writes the original layout (q, k, v joined, the final modulation's halves
+/// swapped), which diffusers' converter (runner's `convert::to_diffusers`) takes back to exactly
+/// the source's tensors: same names, shapes, and each tensor's rows the source's quantized bytes.
+#[test]
+fn quantize_to_original_names_round_trips() {
+    use runner::checkpoint::convert;
+    use runner::checkpoint::ggml;
+    use runner::checkpoint::gguf::{Family, KeyStyle};
+    use runner::checkpoint::layout::{resolve_source, Checkpoint, VariantPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture, family, marker) in [("tiny-flux-dev", Family::Flux, "double_blocks.0.img_attn.qkv.weight"), ("tiny-sd35", Family::Sd3, "joint_blocks.0.x_block.attn.qkv.weight")] {
+        let src = root().join("tests/fixtures").join(fixture).join("transformer");
+        let ck = Checkpoint::open(resolve_source(&src, None, None, VariantPolicy::Require).unwrap()).unwrap();
+        for ty in ["q8_0", "q4_1", "f16"] {
+            let out = dir.path().join(format!("{fixture}-{ty}.gguf"));
+            let (code, stdout, stderr) = run(runner().arg("quantize").arg(&src).args(["--type", ty, "--keys", "original", "--json", "--out"]).arg(&out));
+            assert_eq!(code, 0, "{fixture} {ty}: {stderr}");
+            assert_eq!(serde_json::from_str::<J>(&stdout).unwrap()["key_style"], "original");
+            let f = gguf::read(&out).unwrap();
+            assert!(f.tensor(marker).is_some(), "{fixture}: original names");
+            let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(gguf::detect(&names), Some((family, KeyStyle::Original)));
+            let shapes = f.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+            let back = convert::to_diffusers(family, &shapes).unwrap();
+            assert_eq!(back.keys().collect::<Vec<_>>(), ck.tensors.keys().collect::<Vec<_>>(), "{fixture}: the same tensors");
+            let bytes = std::fs::read(&out).unwrap();
+            for (name, piece) in &back {
+                let t = f.tensor(&piece.source).unwrap();
+                let row_bytes = t.n_bytes / t.shape[0];
+                let (first, count) = piece.rows.unwrap_or((0, t.shape[0]));
+                let mut got = bytes[(t.start + first * row_bytes) as usize..(t.start + (first + count) * row_bytes) as usize].to_vec();
+                if piece.swap_halves {
+                    let half = got.len() / 2;
+                    got.rotate_left(half);
+                }
+                let info = &ck.tensors[name].info;
+                let mut want_shape = info.shape.clone();
+                want_shape[0] = count;
+                assert_eq!(want_shape, info.shape, "{fixture}: {name}'s shape");
+                let (path, h) = &ck.files[ck.tensors[name].file];
+                let raw = std::fs::read(path).unwrap();
+                let start = (h.data_start + info.data_offsets.0) as usize;
+                let vals: Vec<f32> = raw[start..start + info.nbytes() as usize].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                let mut q = vec![];
+                ggml::quantize(t.ggml_type, &vals, &mut q).unwrap();
+                assert!(got == q, "{fixture} {ty}: {name} from {}", piece.source);
+            }
+        }
+    }
+}
+
+/// An original-named safetensors transformer (built here from the diffusers fixture: q, k, v
+/// joined, halves swapped) quantizes, with `--keys diffusers`, to the very file the diffusers
+/// fixture quantizes to; with its own names kept, to original names.
+#[test]
+fn quantize_converts_original_names() {
+    use runner::checkpoint::convert;
+    use runner::checkpoint::gguf::Family;
+    use runner::checkpoint::layout::{resolve_source, Checkpoint, VariantPolicy};
+    use runner::checkpoint::safetensors::{encode_header, Dtype, TensorInfo};
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture, family) in [("tiny-flux-dev", Family::Flux), ("tiny-sd35", Family::Sd3)] {
+        let src = root().join("tests/fixtures").join(fixture).join("transformer");
+        let ck = Checkpoint::open(resolve_source(&src, None, None, VariantPolicy::Require).unwrap()).unwrap();
+        let data = |name: &str| -> Vec<u8> {
+            let loc = &ck.tensors[name];
+            let (path, h) = &ck.files[loc.file];
+            let raw = std::fs::read(path).unwrap();
+            let start = (h.data_start + loc.info.data_offsets.0) as usize;
+            raw[start..start + loc.info.nbytes() as usize].to_vec()
+        };
+        let names: Vec<&str> = ck.tensors.keys().map(String::as_str).collect();
+        let (mut infos, mut body) = (vec![], vec![]);
+        for (name, parts, swap) in convert::from_diffusers(family, &names).unwrap() {
+            let mut bytes: Vec<u8> = parts.iter().flat_map(|p| data(p)).collect();
+            if swap {
+                let half = bytes.len() / 2;
+                bytes.rotate_left(half);
+            }
+            let mut shape = ck.tensors[&parts[0]].info.shape.clone();
+            shape[0] = parts.iter().map(|p| ck.tensors[p].info.shape[0]).sum();
+            let at = body.len() as u64;
+            body.extend_from_slice(&bytes);
+            infos.push(TensorInfo { name: format!("model.diffusion_model.{name}"), dtype: Dtype::F32, shape, data_offsets: (at, body.len() as u64) });
+        }
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        // Offsets must follow the sorted order: rewrite the data in it.
+        let mut sorted = vec![];
+        for i in infos.iter_mut() {
+            let (s, e) = i.data_offsets;
+            let at = sorted.len() as u64;
+            sorted.extend_from_slice(&body[s as usize..e as usize]);
+            i.data_offsets = (at, sorted.len() as u64);
+        }
+        let original = dir.path().join(format!("{fixture}-original.safetensors"));
+        std::fs::write(&original, [encode_header(&infos, &Default::default()), sorted].concat()).unwrap();
+
+        let q = |src: &std::path::Path, out: &str, extra: &[&str]| {
+            let p = dir.path().join(out);
+            let (code, _, stderr) = run(runner().arg("quantize").arg(src).args(["--type", "q4_0", "--out"]).arg(&p).args(extra));
+            assert_eq!(code, 0, "{fixture} {out}: {stderr}");
+            std::fs::read(p).unwrap()
+        };
+        let direct = q(&src, &format!("{fixture}-direct.gguf"), &[]);
+        let converted = q(&original, &format!("{fixture}-converted.gguf"), &["--keys", "diffusers"]);
+        assert!(direct == converted, "{fixture}: converting the original names gives the diffusers file");
+        q(&original, &format!("{fixture}-kept.gguf"), &[]);
+        let kept = gguf::read(&dir.path().join(format!("{fixture}-kept.gguf"))).unwrap();
+        assert!(kept.tensors.iter().all(|t| !t.name.starts_with("model.")), "the prefix is stripped");
+        let names: Vec<&str> = kept.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(gguf::detect(&names), Some((family, runner::checkpoint::gguf::KeyStyle::Original)));
+        // One tensor per original tensor (city96's size rule then applies to the joined q, k, v:
+        // at these tiny widths they cross its 1024 elements where the parts do not).
+        assert_eq!(kept.tensors.len(), infos.len());
+    }
+}

@@ -335,6 +335,12 @@ pub enum Command {
         /// Output .gguf file.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// The tensor names written: diffusers' (`transformer_blocks.0.attn.to_q.weight`; diffusers
+        /// then loads the file with `config=`) or the original checkpoint's (BFL `double_blocks.0.img_attn.qkv`,
+        /// SAI `joint_blocks.0...`, as city96's files and ComfyUI-GGUF have them; q, k and v joined
+        /// along rows, quantized rows unchanged). Default: as the source names them.
+        #[arg(long, value_enum, value_name = "NAMES")]
+        keys: Option<KeysArg>,
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
@@ -352,6 +358,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `runner quantize --keys`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KeysArg {
+    Diffusers,
+    Original,
 }
 
 /// `runner quantize --type`.
@@ -578,8 +591,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Quantize { src, ggml_type, out, force, json } => {
-            let opts = crate::checkpoint::quantize::QuantizeOptions { ggml_type: ggml_type.ggml(), force };
+        Command::Quantize { src, ggml_type, out, keys, force, json } => {
+            use crate::checkpoint::gguf::KeyStyle;
+            let keys = keys.map(|k| match k {
+                KeysArg::Diffusers => KeyStyle::Diffusers,
+                KeysArg::Original => KeyStyle::Original,
+            });
+            let opts = crate::checkpoint::quantize::QuantizeOptions { ggml_type: ggml_type.ggml(), keys, force };
             let bar = progress_bar("quantizing");
             let report = crate::checkpoint::quantize::quantize(&src, &out, &opts, &|done, total| {
                 bar.set_length(total);

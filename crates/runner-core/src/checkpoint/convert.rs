@@ -22,193 +22,241 @@ pub struct Piece {
     pub swap_halves: bool,
 }
 
+/// How an original tensor's rows are shared among the diffusers tensors it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// One diffusers tensor, the whole.
+    Whole,
+    /// `torch.chunk(3)`: q, k, v of equal rows.
+    Thirds,
+    /// FLUX's `linear1`: q, k, v of the model's width (img_in's rows), then the MLP.
+    Linear1,
+}
+
+/// One tensor of the original layout and the diffusers tensors its rows hold, in order.
+#[derive(Debug, Clone)]
+struct Entry {
+    original: String,
+    parts: Vec<String>,
+    rows: Rows,
+    /// diffusers' `swap_scale_shift`.
+    swap: bool,
+}
+
+/// The blocks and options a layout has, read off either naming.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Shape {
+    /// FLUX: double blocks; SD3: joint blocks.
+    blocks: usize,
+    /// FLUX: single blocks.
+    single: usize,
+    /// FLUX-dev's guidance embedder.
+    guidance: bool,
+    /// SD3.5's blocks with a second attention.
+    dual: Vec<usize>,
+    /// SD3.5's q/k norms.
+    qk_norm: bool,
+}
+
+fn layout(family: Family, sh: &Shape) -> Vec<Entry> {
+    let mut out = vec![];
+    let mut e = |original: String, parts: Vec<String>, rows: Rows, swap: bool| out.push(Entry { original, parts, rows, swap });
+    // A Linear's weight and bias, or a fused projection's.
+    let pair = |e: &mut dyn FnMut(String, Vec<String>, Rows, bool), from: &str, to: &[String], rows: Rows, swap: bool| {
+        for part in ["weight", "bias"] {
+            e(format!("{from}.{part}"), to.iter().map(|t| format!("{t}.{part}")).collect(), rows, swap);
+        }
+    };
+    let one = |t: &str| vec![t.to_string()];
+    let three = |t: &str, names: [&str; 3]| names.iter().map(|n| format!("{t}.{n}")).collect::<Vec<_>>();
+    match family {
+        Family::Flux => {
+            pair(&mut e, "time_in.in_layer", &one("time_text_embed.timestep_embedder.linear_1"), Rows::Whole, false);
+            pair(&mut e, "time_in.out_layer", &one("time_text_embed.timestep_embedder.linear_2"), Rows::Whole, false);
+            pair(&mut e, "vector_in.in_layer", &one("time_text_embed.text_embedder.linear_1"), Rows::Whole, false);
+            pair(&mut e, "vector_in.out_layer", &one("time_text_embed.text_embedder.linear_2"), Rows::Whole, false);
+            if sh.guidance {
+                pair(&mut e, "guidance_in.in_layer", &one("time_text_embed.guidance_embedder.linear_1"), Rows::Whole, false);
+                pair(&mut e, "guidance_in.out_layer", &one("time_text_embed.guidance_embedder.linear_2"), Rows::Whole, false);
+            }
+            pair(&mut e, "txt_in", &one("context_embedder"), Rows::Whole, false);
+            pair(&mut e, "img_in", &one("x_embedder"), Rows::Whole, false);
+            for i in 0..sh.blocks {
+                let (s, t) = (format!("double_blocks.{i}"), format!("transformer_blocks.{i}"));
+                pair(&mut e, &format!("{s}.img_mod.lin"), &one(&format!("{t}.norm1.linear")), Rows::Whole, false);
+                pair(&mut e, &format!("{s}.txt_mod.lin"), &one(&format!("{t}.norm1_context.linear")), Rows::Whole, false);
+                pair(&mut e, &format!("{s}.img_attn.qkv"), &three(&t, ["attn.to_q", "attn.to_k", "attn.to_v"]), Rows::Thirds, false);
+                pair(&mut e, &format!("{s}.txt_attn.qkv"), &three(&t, ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]), Rows::Thirds, false);
+                for (from, to) in [
+                    ("img_attn.norm.query_norm", "attn.norm_q"),
+                    ("img_attn.norm.key_norm", "attn.norm_k"),
+                    ("txt_attn.norm.query_norm", "attn.norm_added_q"),
+                    ("txt_attn.norm.key_norm", "attn.norm_added_k"),
+                ] {
+                    e(format!("{s}.{from}.scale"), one(&format!("{t}.{to}.weight")), Rows::Whole, false);
+                }
+                for (from, to) in [
+                    ("img_mlp.0", "ff.net.0.proj"),
+                    ("img_mlp.2", "ff.net.2"),
+                    ("txt_mlp.0", "ff_context.net.0.proj"),
+                    ("txt_mlp.2", "ff_context.net.2"),
+                    ("img_attn.proj", "attn.to_out.0"),
+                    ("txt_attn.proj", "attn.to_add_out"),
+                ] {
+                    pair(&mut e, &format!("{s}.{from}"), &one(&format!("{t}.{to}")), Rows::Whole, false);
+                }
+            }
+            for i in 0..sh.single {
+                let (s, t) = (format!("single_blocks.{i}"), format!("single_transformer_blocks.{i}"));
+                pair(&mut e, &format!("{s}.modulation.lin"), &one(&format!("{t}.norm.linear")), Rows::Whole, false);
+                let parts: Vec<String> = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"].iter().map(|n| format!("{t}.{n}")).collect();
+                pair(&mut e, &format!("{s}.linear1"), &parts, Rows::Linear1, false);
+                e(format!("{s}.norm.query_norm.scale"), one(&format!("{t}.attn.norm_q.weight")), Rows::Whole, false);
+                e(format!("{s}.norm.key_norm.scale"), one(&format!("{t}.attn.norm_k.weight")), Rows::Whole, false);
+                pair(&mut e, &format!("{s}.linear2"), &one(&format!("{t}.proj_out")), Rows::Whole, false);
+            }
+            pair(&mut e, "final_layer.linear", &one("proj_out"), Rows::Whole, false);
+            pair(&mut e, "final_layer.adaLN_modulation.1", &one("norm_out.linear"), Rows::Whole, true);
+        }
+        Family::Sd3 => {
+            e("pos_embed".into(), one("pos_embed.pos_embed"), Rows::Whole, false);
+            pair(&mut e, "x_embedder.proj", &one("pos_embed.proj"), Rows::Whole, false);
+            pair(&mut e, "t_embedder.mlp.0", &one("time_text_embed.timestep_embedder.linear_1"), Rows::Whole, false);
+            pair(&mut e, "t_embedder.mlp.2", &one("time_text_embed.timestep_embedder.linear_2"), Rows::Whole, false);
+            pair(&mut e, "context_embedder", &one("context_embedder"), Rows::Whole, false);
+            pair(&mut e, "y_embedder.mlp.0", &one("time_text_embed.text_embedder.linear_1"), Rows::Whole, false);
+            pair(&mut e, "y_embedder.mlp.2", &one("time_text_embed.text_embedder.linear_2"), Rows::Whole, false);
+            for i in 0..sh.blocks {
+                let (s, t) = (format!("joint_blocks.{i}"), format!("transformer_blocks.{i}"));
+                let last = i + 1 == sh.blocks; // its context block is pre-only: no output projection, no MLP
+                pair(&mut e, &format!("{s}.x_block.attn.qkv"), &three(&t, ["attn.to_q", "attn.to_k", "attn.to_v"]), Rows::Thirds, false);
+                pair(&mut e, &format!("{s}.context_block.attn.qkv"), &three(&t, ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]), Rows::Thirds, false);
+                if sh.qk_norm {
+                    for (from, to) in
+                        [("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"), ("context_block.attn.ln_q", "attn.norm_added_q"), ("context_block.attn.ln_k", "attn.norm_added_k")]
+                    {
+                        e(format!("{s}.{from}.weight"), one(&format!("{t}.{to}.weight")), Rows::Whole, false);
+                    }
+                }
+                pair(&mut e, &format!("{s}.x_block.attn.proj"), &one(&format!("{t}.attn.to_out.0")), Rows::Whole, false);
+                if !last {
+                    pair(&mut e, &format!("{s}.context_block.attn.proj"), &one(&format!("{t}.attn.to_add_out")), Rows::Whole, false);
+                }
+                if sh.dual.contains(&i) {
+                    pair(&mut e, &format!("{s}.x_block.attn2.qkv"), &three(&t, ["attn2.to_q", "attn2.to_k", "attn2.to_v"]), Rows::Thirds, false);
+                    if sh.qk_norm {
+                        e(format!("{s}.x_block.attn2.ln_q.weight"), one(&format!("{t}.attn2.norm_q.weight")), Rows::Whole, false);
+                        e(format!("{s}.x_block.attn2.ln_k.weight"), one(&format!("{t}.attn2.norm_k.weight")), Rows::Whole, false);
+                    }
+                    pair(&mut e, &format!("{s}.x_block.attn2.proj"), &one(&format!("{t}.attn2.to_out.0")), Rows::Whole, false);
+                }
+                pair(&mut e, &format!("{s}.x_block.adaLN_modulation.1"), &one(&format!("{t}.norm1.linear")), Rows::Whole, false);
+                pair(&mut e, &format!("{s}.context_block.adaLN_modulation.1"), &one(&format!("{t}.norm1_context.linear")), Rows::Whole, last);
+                pair(&mut e, &format!("{s}.x_block.mlp.fc1"), &one(&format!("{t}.ff.net.0.proj")), Rows::Whole, false);
+                pair(&mut e, &format!("{s}.x_block.mlp.fc2"), &one(&format!("{t}.ff.net.2")), Rows::Whole, false);
+                if !last {
+                    pair(&mut e, &format!("{s}.context_block.mlp.fc1"), &one(&format!("{t}.ff_context.net.0.proj")), Rows::Whole, false);
+                    pair(&mut e, &format!("{s}.context_block.mlp.fc2"), &one(&format!("{t}.ff_context.net.2")), Rows::Whole, false);
+                }
+            }
+            pair(&mut e, "final_layer.linear", &one("proj_out"), Rows::Whole, false);
+            pair(&mut e, "final_layer.adaLN_modulation.1", &one("norm_out.linear"), Rows::Whole, true);
+        }
+    }
+    out
+}
+
+/// One more than the largest block index under `prefix` (`double_blocks.`), 0 if none.
+fn count<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) -> usize {
+    names.filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0)
+}
+
 /// The diffusers tensors of an original-named transformer: diffusers name -> [`Piece`]. `shapes`
 /// maps every tensor of the file (torch-order shapes). Errors name a missing tensor, one whose
 /// rows cannot be split as the layout needs, or tensors the conversion does not use.
 pub fn to_diffusers(family: Family, shapes: &BTreeMap<String, Vec<u64>>) -> Result<BTreeMap<String, Piece>, String> {
-    let mut c = Conv { src: shapes.iter().map(|(k, v)| (strip_prefix(k).to_string(), (k.clone(), v.clone()))).collect(), out: BTreeMap::new() };
-    match family {
-        Family::Flux => flux(&mut c)?,
-        Family::Sd3 => sd3(&mut c)?,
-    }
-    if !c.src.is_empty() {
-        let left: Vec<&str> = c.src.values().map(|(k, _)| k.as_str()).take(5).collect();
-        return Err(format!("{} tensors are not part of a {} transformer: {}{}", c.src.len(), family.as_str(), left.join(", "), if c.src.len() > 5 { ", ..." } else { "" }));
-    }
-    Ok(c.out)
-}
-
-struct Conv {
-    /// Stripped name -> (name in the file, shape), removed as they are used.
-    src: BTreeMap<String, (String, Vec<u64>)>,
-    out: BTreeMap<String, Piece>,
-}
-
-impl Conv {
-    fn pop(&mut self, from: &str) -> Result<(String, Vec<u64>), String> {
-        self.src.remove(from).ok_or_else(|| format!("tensor `{from}` is missing"))
-    }
-    fn has(&self, from: &str) -> bool {
-        self.src.contains_key(from)
-    }
-    fn rows(&self, from: &str) -> Result<u64, String> {
-        self.src.get(from).and_then(|(_, s)| s.first().copied()).ok_or_else(|| format!("tensor `{from}` is missing"))
-    }
-    fn take(&mut self, from: &str, to: &str) -> Result<(), String> {
-        let (source, _) = self.pop(from)?;
-        self.out.insert(to.to_string(), Piece { source, rows: None, swap_halves: false });
-        Ok(())
-    }
-    /// `from.weight` / `from.bias` to `to.weight` / `to.bias`.
-    fn linear(&mut self, from: &str, to: &str) -> Result<(), String> {
-        self.take(&format!("{from}.weight"), &format!("{to}.weight"))?;
-        self.take(&format!("{from}.bias"), &format!("{to}.bias"))
-    }
-    /// Rows of `from` split in `sizes` (torch.split along dim 0), in order, to `tos`.
-    fn split(&mut self, from: &str, tos: &[String], sizes: &[u64]) -> Result<(), String> {
-        let (source, shape) = self.pop(from)?;
+    let mut src: BTreeMap<String, (String, Vec<u64>)> = shapes.iter().map(|(k, v)| (strip_prefix(k).to_string(), (k.clone(), v.clone()))).collect();
+    let names = || src.keys().map(String::as_str);
+    let sh = match family {
+        Family::Flux => Shape { blocks: count(names(), "double_blocks."), single: count(names(), "single_blocks."), guidance: src.contains_key("guidance_in.in_layer.weight"), ..Shape::default() },
+        Family::Sd3 => {
+            let blocks = count(names(), "joint_blocks.");
+            Shape {
+                blocks,
+                dual: (0..blocks).filter(|i| names().any(|k| k.starts_with(&format!("joint_blocks.{i}.x_block.attn2.")))).collect(),
+                qk_norm: names().any(|k| k.contains("ln_q")),
+                ..Shape::default()
+            }
+        }
+    };
+    // FLUX's width, for linear1's split: img_in's rows (diffusers hard-codes 3072).
+    let inner = src.get("img_in.weight").and_then(|(_, s)| s.first().copied());
+    let mut out = BTreeMap::new();
+    for entry in layout(family, &sh) {
+        let (source, shape) = src.remove(&entry.original).ok_or_else(|| format!("tensor `{}` is missing", entry.original))?;
         let rows = shape.first().copied().unwrap_or(0);
-        if sizes.iter().sum::<u64>() != rows {
-            return Err(format!("tensor `{source}` has {rows} rows, not the {} ({}) its split needs", sizes.iter().sum::<u64>(), sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(" + ")));
+        let sizes: Vec<u64> = match entry.rows {
+            Rows::Whole => vec![rows],
+            Rows::Thirds if rows % 3 == 0 => vec![rows / 3; 3],
+            Rows::Thirds => return Err(format!("tensor `{source}` has {rows} rows: not three equal q, k, v parts")),
+            Rows::Linear1 => match inner {
+                Some(d) if rows > 3 * d => vec![d, d, d, rows - 3 * d],
+                _ => return Err(format!("tensor `{source}` has {rows} rows: not q, k, v of img_in's width and an MLP")),
+            },
+        };
+        if entry.swap && rows % 2 != 0 {
+            return Err(format!("tensor `{source}` has {rows} rows: not two equal shift, scale halves"));
         }
         let mut at = 0;
-        for (to, &n) in tos.iter().zip(sizes) {
-            self.out.insert(to.clone(), Piece { source: source.clone(), rows: Some((at, n)), swap_halves: false });
+        for (part, n) in entry.parts.into_iter().zip(sizes) {
+            let rows = (entry.rows != Rows::Whole).then_some((at, n));
+            out.insert(part, Piece { source: source.clone(), rows, swap_halves: entry.swap });
             at += n;
         }
-        Ok(())
     }
-    /// `torch.chunk(3, dim=0)` of a fused q/k/v projection's weight and bias.
-    fn qkv(&mut self, from: &str, tos: [&str; 3]) -> Result<(), String> {
-        for part in ["weight", "bias"] {
-            let name = format!("{from}.{part}");
-            let rows = self.rows(&name)?;
-            if rows % 3 != 0 {
-                return Err(format!("tensor `{name}` has {rows} rows: not three equal q, k, v parts"));
-            }
-            self.split(&name, &tos.map(|t| format!("{t}.{part}")), &[rows / 3; 3])?;
-        }
-        Ok(())
+    if !src.is_empty() {
+        let left: Vec<&str> = src.values().map(|(k, _)| k.as_str()).take(5).collect();
+        return Err(format!("{} tensors are not part of a {} transformer: {}{}", src.len(), family.as_str(), left.join(", "), if src.len() > 5 { ", ..." } else { "" }));
     }
-    /// `swap_scale_shift` of a modulation's weight and bias.
-    fn swapped(&mut self, from: &str, to: &str) -> Result<(), String> {
-        for part in ["weight", "bias"] {
-            let (source, shape) = self.pop(&format!("{from}.{part}"))?;
-            if shape.first().is_none_or(|r| r % 2 != 0) {
-                return Err(format!("tensor `{source}` has {shape:?} rows: not two equal shift, scale halves"));
-            }
-            self.out.insert(format!("{to}.{part}"), Piece { source, rows: None, swap_halves: true });
-        }
-        Ok(())
-    }
-    /// One more than the largest block index under `prefix` (`double_blocks.`), 0 if none.
-    fn count(&self, prefix: &str) -> usize {
-        self.src.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0)
-    }
+    Ok(out)
 }
 
-fn flux(c: &mut Conv) -> Result<(), String> {
-    let double = c.count("double_blocks.");
-    let single = c.count("single_blocks.");
-    let inner = c.rows("img_in.weight")?;
-    c.linear("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")?;
-    c.linear("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")?;
-    c.linear("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")?;
-    c.linear("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")?;
-    if c.has("guidance_in.in_layer.weight") {
-        c.linear("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")?;
-        c.linear("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")?;
-    }
-    c.linear("txt_in", "context_embedder")?;
-    c.linear("img_in", "x_embedder")?;
-    for i in 0..double {
-        let (s, t) = (format!("double_blocks.{i}"), format!("transformer_blocks.{i}"));
-        c.linear(&format!("{s}.img_mod.lin"), &format!("{t}.norm1.linear"))?;
-        c.linear(&format!("{s}.txt_mod.lin"), &format!("{t}.norm1_context.linear"))?;
-        c.qkv(&format!("{s}.img_attn.qkv"), [&format!("{t}.attn.to_q"), &format!("{t}.attn.to_k"), &format!("{t}.attn.to_v")])?;
-        c.qkv(&format!("{s}.txt_attn.qkv"), [&format!("{t}.attn.add_q_proj"), &format!("{t}.attn.add_k_proj"), &format!("{t}.attn.add_v_proj")])?;
-        for (from, to) in
-            [("img_attn.norm.query_norm", "attn.norm_q"), ("img_attn.norm.key_norm", "attn.norm_k"), ("txt_attn.norm.query_norm", "attn.norm_added_q"), ("txt_attn.norm.key_norm", "attn.norm_added_k")]
-        {
-            c.take(&format!("{s}.{from}.scale"), &format!("{t}.{to}.weight"))?;
-        }
-        c.linear(&format!("{s}.img_mlp.0"), &format!("{t}.ff.net.0.proj"))?;
-        c.linear(&format!("{s}.img_mlp.2"), &format!("{t}.ff.net.2"))?;
-        c.linear(&format!("{s}.txt_mlp.0"), &format!("{t}.ff_context.net.0.proj"))?;
-        c.linear(&format!("{s}.txt_mlp.2"), &format!("{t}.ff_context.net.2"))?;
-        c.linear(&format!("{s}.img_attn.proj"), &format!("{t}.attn.to_out.0"))?;
-        c.linear(&format!("{s}.txt_attn.proj"), &format!("{t}.attn.to_add_out"))?;
-    }
-    for i in 0..single {
-        let (s, t) = (format!("single_blocks.{i}"), format!("single_transformer_blocks.{i}"));
-        c.linear(&format!("{s}.modulation.lin"), &format!("{t}.norm.linear"))?;
-        // linear1: q, k, v (inner rows each), then the MLP's input (the rest).
-        let rows = c.rows(&format!("{s}.linear1.weight"))?;
-        if rows <= 3 * inner {
-            return Err(format!("tensor `{s}.linear1.weight` has {rows} rows: not q, k, v of {inner} (img_in's rows) and an MLP"));
-        }
-        let sizes = [inner, inner, inner, rows - 3 * inner];
-        for part in ["weight", "bias"] {
-            let tos = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"].map(|n| format!("{t}.{n}.{part}"));
-            c.split(&format!("{s}.linear1.{part}"), &tos, &sizes)?;
-        }
-        c.take(&format!("{s}.norm.query_norm.scale"), &format!("{t}.attn.norm_q.weight"))?;
-        c.take(&format!("{s}.norm.key_norm.scale"), &format!("{t}.attn.norm_k.weight"))?;
-        c.linear(&format!("{s}.linear2"), &format!("{t}.proj_out"))?;
-    }
-    c.linear("final_layer.linear", "proj_out")?;
-    c.swapped("final_layer.adaLN_modulation.1", "norm_out.linear")
-}
-
-fn sd3(c: &mut Conv) -> Result<(), String> {
-    let layers = c.count("joint_blocks.");
-    let dual: Vec<usize> = (0..layers).filter(|i| c.src.keys().any(|k| k.starts_with(&format!("joint_blocks.{i}.x_block.attn2.")))).collect();
-    let qk_norm = c.src.keys().any(|k| k.contains("ln_q"));
-    c.take("pos_embed", "pos_embed.pos_embed")?;
-    c.linear("x_embedder.proj", "pos_embed.proj")?;
-    c.linear("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")?;
-    c.linear("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")?;
-    c.linear("context_embedder", "context_embedder")?;
-    c.linear("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")?;
-    c.linear("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")?;
-    for i in 0..layers {
-        let (s, t) = (format!("joint_blocks.{i}"), format!("transformer_blocks.{i}"));
-        let last = i + 1 == layers; // its context block is pre-only: no output projection, no MLP
-        c.qkv(&format!("{s}.x_block.attn.qkv"), [&format!("{t}.attn.to_q"), &format!("{t}.attn.to_k"), &format!("{t}.attn.to_v")])?;
-        c.qkv(&format!("{s}.context_block.attn.qkv"), [&format!("{t}.attn.add_q_proj"), &format!("{t}.attn.add_k_proj"), &format!("{t}.attn.add_v_proj")])?;
-        if qk_norm {
-            c.take(&format!("{s}.x_block.attn.ln_q.weight"), &format!("{t}.attn.norm_q.weight"))?;
-            c.take(&format!("{s}.x_block.attn.ln_k.weight"), &format!("{t}.attn.norm_k.weight"))?;
-            c.take(&format!("{s}.context_block.attn.ln_q.weight"), &format!("{t}.attn.norm_added_q.weight"))?;
-            c.take(&format!("{s}.context_block.attn.ln_k.weight"), &format!("{t}.attn.norm_added_k.weight"))?;
-        }
-        c.linear(&format!("{s}.x_block.attn.proj"), &format!("{t}.attn.to_out.0"))?;
-        if !last {
-            c.linear(&format!("{s}.context_block.attn.proj"), &format!("{t}.attn.to_add_out"))?;
-        }
-        if dual.contains(&i) {
-            c.qkv(&format!("{s}.x_block.attn2.qkv"), [&format!("{t}.attn2.to_q"), &format!("{t}.attn2.to_k"), &format!("{t}.attn2.to_v")])?;
-            if qk_norm {
-                c.take(&format!("{s}.x_block.attn2.ln_q.weight"), &format!("{t}.attn2.norm_q.weight"))?;
-                c.take(&format!("{s}.x_block.attn2.ln_k.weight"), &format!("{t}.attn2.norm_k.weight"))?;
+/// The original tensors of a diffusers-named transformer, in the original checkpoint's order:
+/// (original name, the diffusers tensors whose rows it concatenates, swap the halves). The
+/// inverse of [`to_diffusers`]; errors name a diffusers tensor the layout has no place for, or
+/// one it needs that is missing.
+pub fn from_diffusers(family: Family, names: &[&str]) -> Result<Vec<(String, Vec<String>, bool)>, String> {
+    let it = || names.iter().copied();
+    let sh = match family {
+        Family::Flux => Shape {
+            blocks: count(it(), "transformer_blocks."),
+            single: count(it(), "single_transformer_blocks."),
+            guidance: it().any(|n| n.starts_with("time_text_embed.guidance_embedder.")),
+            ..Shape::default()
+        },
+        Family::Sd3 => {
+            let blocks = count(it(), "transformer_blocks.");
+            Shape {
+                blocks,
+                dual: (0..blocks).filter(|i| it().any(|n| n.starts_with(&format!("transformer_blocks.{i}.attn2.")))).collect(),
+                qk_norm: it().any(|n| n.contains(".norm_q.")),
+                ..Shape::default()
             }
-            c.linear(&format!("{s}.x_block.attn2.proj"), &format!("{t}.attn2.to_out.0"))?;
         }
-        c.linear(&format!("{s}.x_block.adaLN_modulation.1"), &format!("{t}.norm1.linear"))?;
-        if last {
-            c.swapped(&format!("{s}.context_block.adaLN_modulation.1"), &format!("{t}.norm1_context.linear"))?;
-        } else {
-            c.linear(&format!("{s}.context_block.adaLN_modulation.1"), &format!("{t}.norm1_context.linear"))?;
-        }
-        c.linear(&format!("{s}.x_block.mlp.fc1"), &format!("{t}.ff.net.0.proj"))?;
-        c.linear(&format!("{s}.x_block.mlp.fc2"), &format!("{t}.ff.net.2"))?;
-        if !last {
-            c.linear(&format!("{s}.context_block.mlp.fc1"), &format!("{t}.ff_context.net.0.proj"))?;
-            c.linear(&format!("{s}.context_block.mlp.fc2"), &format!("{t}.ff_context.net.2"))?;
+    };
+    let entries = layout(family, &sh);
+    let mut unused: std::collections::BTreeSet<&str> = it().collect();
+    for e in &entries {
+        for p in &e.parts {
+            if !unused.remove(p.as_str()) {
+                return Err(format!("tensor `{p}` is missing"));
+            }
         }
     }
-    c.linear("final_layer.linear", "proj_out")?;
-    c.swapped("final_layer.adaLN_modulation.1", "norm_out.linear")
+    if let Some(n) = unused.first() {
+        return Err(format!("{} tensors have no place in the original {} layout: {n}{}", unused.len(), family.as_str(), if unused.len() > 1 { ", ..." } else { "" }));
+    }
+    Ok(entries.into_iter().map(|e| (e.original, e.parts, e.swap)).collect())
 }
 
 #[cfg(test)]

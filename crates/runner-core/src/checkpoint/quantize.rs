@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::convert;
 use super::ggml::{self, QUANTIZE_TYPES};
 use super::gguf::{self, Family, GgmlType, KeyStyle, WriteTensor, WriteValue};
 use super::layout::{resolve_source, Checkpoint, VariantPolicy};
@@ -37,6 +38,8 @@ const PIECE: u64 = 1 << 16;
 
 pub struct QuantizeOptions {
     pub ggml_type: GgmlType,
+    /// The names written: diffusers' or the original checkpoint's; None: as the source has them.
+    pub keys: Option<KeyStyle>,
     /// Replace an existing output file.
     pub force: bool,
 }
@@ -45,6 +48,7 @@ pub struct QuantizeOptions {
 pub struct QuantizeReport {
     pub out: PathBuf,
     pub family: Family,
+    /// The names written.
     pub key_style: KeyStyle,
     #[serde(rename = "type")]
     pub ggml_type: GgmlType,
@@ -144,28 +148,27 @@ pub fn quantize(src: &Path, out: &Path, opts: &QuantizeOptions, progress: &dyn F
     }
     fsutil::check_destination(out).map_err(|e| CheckpointError::format(out, e))?;
 
-    // What each tensor becomes, checked before anything is written.
+    // What each output tensor is made of, and what it becomes, checked before anything is written.
+    let style = opts.keys.unwrap_or(key_style);
+    let outs = layout(&checkpoint, family, key_style, style).map_err(|e| CheckpointError::format(src, e))?;
     let mut plan = vec![];
-    for name in &names {
-        let info = &checkpoint.tensors[*name].info;
-        if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
-            return Err(CheckpointError::tensor(&checkpoint.files[checkpoint.tensors[*name].file].0, name, format!("is {:?}: only floating-point tensors are quantized", info.dtype)));
+    for o in &outs {
+        let (file, _) = &checkpoint.files[checkpoint.tensors[&o.parts[0].0].file];
+        if !matches!(o.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+            return Err(CheckpointError::tensor(file, &o.parts[0].0, format!("is {:?}: only floating-point tensors are quantized", o.dtype)));
         }
-        if info.shape.len() > gguf::MAX_DIMS {
-            return Err(CheckpointError::tensor(&checkpoint.files[checkpoint.tensors[*name].file].0, name, format!("has {} dimensions: GGUF holds at most {}", info.shape.len(), gguf::MAX_DIMS)));
+        if o.shape.len() > gguf::MAX_DIMS {
+            return Err(CheckpointError::tensor(file, &o.parts[0].0, format!("has {} dimensions: GGUF holds at most {}", o.shape.len(), gguf::MAX_DIMS)));
         }
-        let t = target(family, name, &info.shape, info.dtype, want);
-        let numel: u64 = info.shape.iter().product();
+        let t = target(family, &o.name, &o.shape, o.dtype, want);
+        let numel: u64 = o.shape.iter().product();
         plan.push((t, numel / t.block_size() * t.type_size()));
     }
-    // Original key names lose the `model.diffusion_model.` prefix, as city96's convert.py strips it.
-    let out_names: Vec<&str> = names.iter().map(|n| if key_style == KeyStyle::Original { gguf::strip_prefix(n) } else { n.as_str() }).collect();
-    let tensors: Vec<WriteTensor> =
-        names.iter().zip(&out_names).zip(&plan).map(|((n, o), (t, bytes))| WriteTensor { name: o, shape: &checkpoint.tensors[*n].info.shape, ggml_type: *t, n_bytes: *bytes }).collect();
+    let tensors: Vec<WriteTensor> = outs.iter().zip(&plan).map(|(o, (t, bytes))| WriteTensor { name: &o.name, shape: &o.shape, ggml_type: *t, n_bytes: *bytes }).collect();
     let metadata = [("general.architecture", WriteValue::Str(family.as_str().into())), ("general.quantization_version", WriteValue::U32(2)), ("general.file_type", WriteValue::U32(file_type(want)))];
     let (header, offsets) = gguf::encode_header(&metadata, &tensors, gguf::DEFAULT_ALIGNMENT).map_err(|e| CheckpointError::format(out, e))?;
     let total: u64 = plan.iter().map(|p| p.1).sum();
-    let source_bytes: u64 = names.iter().map(|n| checkpoint.tensors[*n].info.nbytes()).sum();
+    let source_bytes: u64 = checkpoint.tensors.values().map(|t| t.info.nbytes()).sum();
 
     let sources: Vec<std::fs::File> = checkpoint.files.iter().map(|(p, _)| super::safetensors::open_regular(p)).collect::<Result<_, _>>()?;
     let mut failed: Option<CheckpointError> = None;
@@ -174,42 +177,45 @@ pub fn quantize(src: &Path, out: &Path, opts: &QuantizeOptions, progress: &dyn F
         let (mut raw, mut values) = (Vec::new(), Vec::new());
         let mut at = 0u64; // bytes of data written
         let mut done = 0u64;
-        for (i, name) in names.iter().enumerate() {
+        for (i, o) in outs.iter().enumerate() {
             let pad = offsets[i] - at;
             w.write_all(&vec![0u8; pad as usize])?;
             at += pad;
-            let loc = &checkpoint.tensors[*name];
-            let (src_path, file_header) = &checkpoint.files[loc.file];
             let (t, size) = plan[i];
-            let elem = loc.info.dtype.bits() / 8;
-            let numel: u64 = loc.info.shape.iter().product();
-            let start = file_header.data_start + loc.info.data_offsets.0;
-            let mut e = 0u64;
-            while e < numel {
-                let n = CHUNK.min(numel - e);
-                raw.resize((n * elem) as usize, 0);
-                if let Err(err) = sources[loc.file].read_exact_at(&mut raw, start + e * elem) {
-                    failed = Some(if err.kind() == std::io::ErrorKind::UnexpectedEof {
-                        CheckpointError::format(src_path, format!("the file ended inside tensor `{name}`: it was truncated or replaced while runner read it"))
-                    } else {
-                        CheckpointError::io(src_path, err)
-                    });
-                    return Err(std::io::Error::other("source"));
+            for (name, first, count) in o.segments() {
+                let loc = &checkpoint.tensors[name];
+                let (src_path, file_header) = &checkpoint.files[loc.file];
+                let elem = loc.info.dtype.bits() / 8;
+                let row = row_elems(&loc.info.shape);
+                let start = file_header.data_start + loc.info.data_offsets.0 + first * row * elem;
+                let numel = count * row;
+                let mut e = 0u64;
+                while e < numel {
+                    let n = CHUNK.min(numel - e);
+                    raw.resize((n * elem) as usize, 0);
+                    if let Err(err) = sources[loc.file].read_exact_at(&mut raw, start + e * elem) {
+                        failed = Some(if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                            CheckpointError::format(src_path, format!("the file ended inside tensor `{name}`: it was truncated or replaced while runner read it"))
+                        } else {
+                            CheckpointError::io(src_path, err)
+                        });
+                        return Err(std::io::Error::other("source"));
+                    }
+                    values.clear();
+                    to_f32(loc.info.dtype, &raw, &mut values);
+                    // Blocks are independent: pieces of a chunk quantize in parallel, written in order.
+                    let pieces: Vec<Result<Vec<u8>, String>> = values
+                        .par_chunks(PIECE as usize)
+                        .map(|v| {
+                            let mut b = Vec::new();
+                            ggml::quantize(t, v, &mut b).map(|_| b)
+                        })
+                        .collect();
+                    for p in pieces {
+                        w.write_all(&p.map_err(std::io::Error::other)?)?;
+                    }
+                    e += n;
                 }
-                values.clear();
-                to_f32(loc.info.dtype, &raw, &mut values);
-                // Blocks are independent: pieces of a chunk quantize in parallel, written in order.
-                let pieces: Vec<Result<Vec<u8>, String>> = values
-                    .par_chunks(PIECE as usize)
-                    .map(|v| {
-                        let mut b = Vec::new();
-                        ggml::quantize(t, v, &mut b).map(|_| b)
-                    })
-                    .collect();
-                for p in pieces {
-                    w.write_all(&p.map_err(std::io::Error::other)?)?;
-                }
-                e += n;
             }
             at += size;
             done += size;
@@ -223,24 +229,102 @@ pub fn quantize(src: &Path, out: &Path, opts: &QuantizeOptions, progress: &dyn F
     written.map_err(|e| CheckpointError::io(out, e))?;
 
     let mut types: BTreeMap<GgmlType, gguf::TypeCount> = BTreeMap::new();
-    for (name, (t, bytes)) in names.iter().zip(&plan) {
+    for (o, (t, bytes)) in outs.iter().zip(&plan) {
         let c = types.entry(*t).or_insert(gguf::TypeCount { ggml_type: *t, tensors: 0, parameters: 0, bytes: 0 });
         c.tensors += 1;
-        c.parameters += checkpoint.tensors[*name].info.numel();
+        c.parameters += o.shape.iter().product::<u64>();
         c.bytes += bytes;
     }
     let file_bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     Ok(QuantizeReport {
         out: out.to_path_buf(),
         family,
-        key_style,
+        key_style: style,
         ggml_type: want,
-        tensors: names.len(),
+        tensors: outs.len(),
         types: types.into_values().collect(),
         source_bytes,
         file_bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// One tensor of the output: its name and shape, the source's dtype, and the rows of source
+/// tensors it concatenates (name, first row, rows); `swap`: the two halves of its rows exchanged
+/// (diffusers' `swap_scale_shift`, one way or the other).
+struct OutTensor {
+    name: String,
+    shape: Vec<u64>,
+    dtype: Dtype,
+    parts: Vec<(String, u64, u64)>,
+    swap: bool,
+}
+
+impl OutTensor {
+    /// The source rows in the order they are written.
+    fn segments(&self) -> Vec<(&str, u64, u64)> {
+        match (self.swap, self.parts.as_slice()) {
+            (true, [(n, first, count)]) => vec![(n.as_str(), first + count / 2, count / 2), (n.as_str(), *first, count / 2)],
+            _ => self.parts.iter().map(|(n, f, c)| (n.as_str(), *f, *c)).collect(),
+        }
+    }
+}
+
+/// Elements in one row (first dimension) of a tensor of `shape`.
+fn row_elems(shape: &[u64]) -> u64 {
+    shape.iter().skip(1).product()
+}
+
+/// The output tensors, in the names `to` asks for, from a source named `from`'s way.
+fn layout(ck: &Checkpoint, family: Family, from: KeyStyle, to: KeyStyle) -> Result<Vec<OutTensor>, String> {
+    let info = |n: &str| &ck.tensors[n].info;
+    let rows = |n: &str| info(n).shape.first().copied().unwrap_or(1);
+    match (from, to) {
+        // Kept, but for city96's stripping of the `model.diffusion_model.` prefix.
+        (KeyStyle::Diffusers, KeyStyle::Diffusers) | (KeyStyle::Original, KeyStyle::Original) => Ok(ck
+            .tensors
+            .iter()
+            .map(|(n, t)| OutTensor { name: gguf::strip_prefix(n).to_string(), shape: t.info.shape.clone(), dtype: t.info.dtype, parts: vec![(n.clone(), 0, rows(n))], swap: false })
+            .collect()),
+        (KeyStyle::Original, KeyStyle::Diffusers) => {
+            let shapes: BTreeMap<String, Vec<u64>> = ck.tensors.iter().map(|(n, t)| (n.clone(), t.info.shape.clone())).collect();
+            let plan = convert::to_diffusers(family, &shapes)?;
+            Ok(plan
+                .into_iter()
+                .map(|(name, p)| {
+                    let (first, count) = p.rows.unwrap_or((0, rows(&p.source)));
+                    let mut shape = info(&p.source).shape.clone();
+                    if let Some(r) = shape.first_mut() {
+                        *r = count;
+                    }
+                    OutTensor { name, shape, dtype: info(&p.source).dtype, parts: vec![(p.source, first, count)], swap: p.swap_halves }
+                })
+                .collect())
+        }
+        (KeyStyle::Diffusers, KeyStyle::Original) => {
+            let names: Vec<&str> = ck.tensors.keys().map(String::as_str).collect();
+            convert::from_diffusers(family, &names)?
+                .into_iter()
+                .map(|(name, parts, swap)| {
+                    let first = info(&parts[0]);
+                    for p in &parts[1..] {
+                        if info(p).shape[1..] != first.shape[1..] || info(p).dtype != first.dtype {
+                            return Err(format!("`{p}` ({:?}, {:?}) cannot be joined with `{}` ({:?}, {:?}) into `{name}`", info(p).dtype, info(p).shape, parts[0], first.dtype, first.shape));
+                        }
+                    }
+                    let mut shape = first.shape.clone();
+                    if let Some(r) = shape.first_mut() {
+                        *r = parts.iter().map(|p| rows(p)).sum();
+                    }
+                    if swap && shape[0] % 2 != 0 {
+                        return Err(format!("`{}` has {} rows: not two equal scale, shift halves", parts[0], shape[0]));
+                    }
+                    let dtype = first.dtype;
+                    Ok(OutTensor { name, shape, dtype, parts: parts.iter().map(|p| (p.clone(), 0, rows(p))).collect(), swap })
+                })
+                .collect()
+        }
+    }
 }
 
 /// Little-endian float data to f32 (F64 rounded to nearest).
