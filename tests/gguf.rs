@@ -237,6 +237,15 @@ fn quantize_to_original_names_round_trips() {
             assert_eq!(gguf::detect(&names), Some((family, KeyStyle::Original)));
             let shapes = f.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
             let back = convert::to_diffusers(family, &shapes).unwrap();
+            if ty == "q8_0" {
+                let (code, stdout, _) = run(runner().args(["inspect", "--json"]).arg(&out));
+                assert_eq!(code, 0);
+                let v: J = serde_json::from_str(&stdout).unwrap();
+                assert_eq!((v["key_style"].as_str(), v["diffusers_tensors"].as_u64()), (Some("original"), Some(ck.tensors.len() as u64)), "{v}");
+                let (_, table, _) = run(runner().arg("inspect").arg(&out));
+                assert!(table.contains(&format!("diffusers names: {} tensors after diffusers' conversion", ck.tensors.len())), "{table}");
+                assert!(v["conversion_error"].is_null());
+            }
             assert_eq!(back.keys().collect::<Vec<_>>(), ck.tensors.keys().collect::<Vec<_>>(), "{fixture}: the same tensors");
             let bytes = std::fs::read(&out).unwrap();
             for (name, piece) in &back {

@@ -606,6 +606,11 @@ pub struct Report {
     pub types: Vec<TypeCount>,
     /// The types diffusers (and runner) cannot load, if any.
     pub unsupported: Vec<GgmlType>,
+    /// For a FLUX or SD3 transformer: its diffusers tensors (after converting original names, as
+    /// diffusers' `from_single_file` does)...
+    pub diffusers_tensors: Option<usize>,
+    /// ... or why original names do not convert.
+    pub conversion_error: Option<String>,
     pub metadata: BTreeMap<String, Value>,
 }
 
@@ -629,7 +634,13 @@ pub fn inspect(path: &Path) -> Result<Report, CheckpointError> {
     }
     let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
     let detected = detect(&names);
+    let converted = detected.map(|(family, style)| match style {
+        KeyStyle::Diffusers => Ok(f.tensors.len()),
+        KeyStyle::Original => super::convert::to_diffusers(family, &f.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()).map(|m| m.len()),
+    });
     Ok(Report {
+        diffusers_tensors: converted.as_ref().and_then(|c| c.as_ref().ok().copied()),
+        conversion_error: converted.and_then(Result::err),
         path: f.path.clone(),
         format: "gguf",
         version: f.version,
@@ -660,6 +671,15 @@ pub fn render_table(r: &Report) -> String {
         (None, _, _) => "unknown (no general.architecture; not a FLUX or SD3 transformer by its tensor names)".into(),
     };
     let _ = writeln!(s, "architecture: {arch}");
+    match (r.diffusers_tensors, &r.conversion_error, r.key_style) {
+        (Some(n), _, Some(KeyStyle::Original)) => {
+            let _ = writeln!(s, "diffusers names: {n} tensors after diffusers' conversion (q, k, v split along rows)");
+        }
+        (_, Some(e), _) => {
+            let _ = writeln!(s, "diffusers names: cannot convert: {e}");
+        }
+        _ => {}
+    }
     let _ = writeln!(s, "{} tensors, {} parameters, {} of data ({} file)\n", r.tensors, count(r.parameters), gb(r.data_bytes), gb(r.file_bytes));
     let _ = writeln!(s, "{:<8} {:>8} {:>16} {:>12}", "type", "tensors", "parameters", "bytes");
     for t in &r.types {
@@ -735,6 +755,12 @@ mod tests {
         assert_eq!(detect(&["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_out.weight"]), Some((Family::Flux, KeyStyle::Diffusers)));
         assert_eq!(detect(&["transformer_blocks.0.attn.to_q.weight", "pos_embed.proj.weight"]), Some((Family::Sd3, KeyStyle::Diffusers)));
         assert_eq!(detect(&["unet.conv_in.weight"]), None);
+        // An original-named FLUX file missing most of itself: inspect says what does not convert.
+        let p = write(d.path(), "part.gguf", &[], &[("double_blocks.0.img_attn.norm.key_norm.scale", &[128], GgmlType::F32)]);
+        let r = inspect(&p).unwrap();
+        assert_eq!((r.detected, r.key_style, r.diffusers_tensors), (Some(Family::Flux), Some(KeyStyle::Original), None));
+        assert!(r.conversion_error.as_deref().is_some_and(|e| e.contains("tensor `time_in.in_layer.weight` is missing")), "{r:?}");
+        assert!(render_table(&r).contains("diffusers names: cannot convert: tensor `time_in.in_layer.weight` is missing"));
     }
 
     #[test]
