@@ -437,6 +437,17 @@ fn progress_bar(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// Runs `work` with a byte progress bar on stderr (when it is a terminal), fed `(done, total)`.
+fn with_progress<T>(what: &str, work: impl FnOnce(&dyn Fn(u64, u64)) -> T) -> T {
+    let bar = progress_bar(what);
+    let result = work(&|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    result
+}
+
 pub fn stderr(color: Color) -> StandardStream {
     let choice = match color {
         Color::Always => ColorChoice::Always,
@@ -570,13 +581,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 DtypeArg::Bf16 => crate::manifest::Dtype::Bf16,
             });
             let opts = crate::checkpoint::shard::ShardOptions { max_shard_size: max_shard_size.0, dtype, variant, force, fsync: !no_fsync };
-            let bar = progress_bar("sharding");
-            let report = crate::checkpoint::shard::shard(&src, &out, &opts, &|done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            });
-            bar.finish_and_clear();
-            let report = report?;
+            let report = with_progress("sharding", |p| crate::checkpoint::shard::shard(&src, &out, &opts, p))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -598,13 +603,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 KeysArg::Original => KeyStyle::Original,
             });
             let opts = crate::checkpoint::quantize::QuantizeOptions { ggml_type: ggml_type.ggml(), keys, force };
-            let bar = progress_bar("quantizing");
-            let report = crate::checkpoint::quantize::quantize(&src, &out, &opts, &|done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            });
-            bar.finish_and_clear();
-            let report = report?;
+            let report = with_progress("quantizing", |p| crate::checkpoint::quantize::quantize(&src, &out, &opts, p))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
