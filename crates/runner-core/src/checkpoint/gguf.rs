@@ -26,6 +26,8 @@ pub const VERSIONS: [u32; 2] = [2, 3];
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml's `GGML_MAX_DIMS`.
 pub const MAX_DIMS: usize = 4;
+/// The longest string runner reads from a header (64 MiB).
+const MAX_STRING: u64 = 64 << 20;
 
 /// A ggml tensor type: its id, name, block of elements and bytes per block (gguf-py's
 /// `GGMLQuantizationType` and `GGML_QUANT_SIZES`), and whether diffusers 0.42 dequantizes it
@@ -403,6 +405,11 @@ impl Reader<'_> {
         let n = self.u64(what)?;
         if n > self.len - self.pos {
             return Err(self.bad(format!("{what}: a string of {n} bytes is longer than the {} bytes left of the file", self.len - self.pos)));
+        }
+        // Names and metadata strings are short (a chat template is kilobytes): a corrupt length
+        // within a many-gigabyte file must not become an allocation of that size.
+        if n > MAX_STRING {
+            return Err(self.bad(format!("{what}: a string of {n} bytes (more than {MAX_STRING}): corrupt?")));
         }
         let mut b = vec![0u8; n as usize];
         self.inner.read_exact(&mut b).map_err(|e| CheckpointError::io(self.path, e))?;
@@ -788,6 +795,9 @@ mod tests {
         // The first key's length.
         let e = err(&variant("strlen.gguf", &|b| b[24..32].copy_from_slice(&(1u64 << 50).to_le_bytes())));
         assert!(e.contains("longer than the"), "{e}");
+        let big = variant("bigstr.gguf", &|b| b[24..32].copy_from_slice(&(100u64 << 20).to_le_bytes()));
+        std::fs::OpenOptions::new().write(true).open(&big).unwrap().set_len(200 << 20).unwrap(); // sparse
+        assert!(err(&big).contains("more than 67108864"), "{}", err(&big));
         let e = err(&variant("data.gguf", &|b| b.truncate(b.len() - 10)));
         assert!(e.contains("tensor `b`") && e.contains("beyond the end of the file"), "{e}");
 

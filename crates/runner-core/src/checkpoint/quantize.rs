@@ -307,8 +307,9 @@ fn layout(ck: &Checkpoint, family: Family, from: KeyStyle, to: KeyStyle) -> Resu
                 .into_iter()
                 .map(|(name, parts, swap)| {
                     let first = info(&parts[0]);
+                    let tail = |s: &[u64]| s.get(1..).unwrap_or(&[]).to_vec();
                     for p in &parts[1..] {
-                        if info(p).shape[1..] != first.shape[1..] || info(p).dtype != first.dtype {
+                        if tail(&info(p).shape) != tail(&first.shape) || info(p).dtype != first.dtype {
                             return Err(format!("`{p}` ({:?}, {:?}) cannot be joined with `{}` ({:?}, {:?}) into `{name}`", info(p).dtype, info(p).shape, parts[0], first.dtype, first.shape));
                         }
                     }
@@ -316,8 +317,9 @@ fn layout(ck: &Checkpoint, family: Family, from: KeyStyle, to: KeyStyle) -> Resu
                     if let Some(r) = shape.first_mut() {
                         *r = parts.iter().map(|p| rows(p)).sum();
                     }
-                    if swap && shape[0] % 2 != 0 {
-                        return Err(format!("`{}` has {} rows: not two equal scale, shift halves", parts[0], shape[0]));
+                    let total_rows = shape.first().copied().unwrap_or(0);
+                    if swap && (shape.is_empty() || total_rows % 2 != 0) {
+                        return Err(format!("`{}` has shape {shape:?}: not two equal scale, shift halves of rows", parts[0]));
                     }
                     let dtype = first.dtype;
                     Ok(OutTensor { name, shape, dtype, parts: parts.iter().map(|p| (p.clone(), 0, rows(p))).collect(), swap })
