@@ -338,3 +338,46 @@ fn quantize_converts_original_names() {
         assert_eq!(kept.tensors.len(), infos.len());
     }
 }
+
+/// runner's conversion of original names agrees with diffusers' own converters: the original-named
+/// f16 file runner writes from each tiny transformer, converted by runner (`convert::to_diffusers`,
+/// rows as byte ranges), gives the tensors diffusers 0.42.1's
+/// `convert_flux_transformer_checkpoint_to_diffusers` / `..._sd3_...` made of the same file
+/// (tests/fixtures/gguf/converted-*.json, tools/make_gguf_references.py: names, shapes, and the
+/// sha256 of each tensor's bytes).
+#[test]
+fn convert_equals_diffusers_converters() {
+    use runner::checkpoint::convert;
+    use runner::checkpoint::gguf::Family;
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    for (fixture, family) in [("tiny-flux-dev", Family::Flux), ("tiny-sd35", Family::Sd3)] {
+        let out = dir.path().join(format!("{fixture}.gguf"));
+        let (code, _, stderr) = run(runner().arg("quantize").arg(root().join("tests/fixtures").join(fixture).join("transformer")).args(["--type", "f16", "--keys", "original", "--out"]).arg(&out));
+        assert_eq!(code, 0, "{stderr}");
+        let want: J = serde_json::from_str(&std::fs::read_to_string(root().join(format!("tests/fixtures/gguf/converted-{fixture}.json"))).unwrap()).unwrap();
+        let f = gguf::read(&out).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let got = convert::to_diffusers(family, &f.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()).unwrap();
+        assert_eq!(got.keys().collect::<Vec<_>>(), want.as_object().unwrap().keys().collect::<Vec<_>>(), "{fixture}: diffusers' names");
+        for (name, piece) in &got {
+            let t = f.tensor(&piece.source).unwrap();
+            let rows = t.shape.first().copied().unwrap_or(1);
+            let row_bytes = t.n_bytes / rows;
+            let (first, count) = piece.rows.unwrap_or((0, rows));
+            let mut b = bytes[(t.start + first * row_bytes) as usize..(t.start + (first + count) * row_bytes) as usize].to_vec();
+            if piece.swap_halves {
+                let half = b.len() / 2;
+                b.rotate_left(half);
+            }
+            let w = &want[name];
+            let mut shape = t.shape.clone();
+            if let Some(r) = shape.first_mut() {
+                *r = count;
+            }
+            assert_eq!(serde_json::to_value(&shape).unwrap(), w["shape"], "{fixture}: {name}");
+            assert_eq!(w["dtype"], if t.ggml_type == GgmlType::F16 { "float16" } else { "float32" }, "{fixture}: {name}");
+            assert_eq!(format!("{:x}", Sha256::digest(&b)), w["sha256"].as_str().unwrap(), "{fixture}: {name} from {}", piece.source);
+        }
+    }
+}

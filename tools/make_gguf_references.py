@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""diffusers' own conversion of original-named GGUF transformers, as references for runner's
+(src: runner-core checkpoint/convert.rs), on files runner writes from the tiny fixtures:
+
+    target/debug/runner quantize tests/fixtures/tiny-flux-dev/transformer --type f16 --keys original --out /tmp/tiny-flux-dev.gguf
+    target/debug/runner quantize tests/fixtures/tiny-sd35/transformer --type f16 --keys original --out /tmp/tiny-sd35.gguf
+    .venv-fixtures/bin/python tools/make_gguf_references.py /tmp/tiny-flux-dev.gguf /tmp/tiny-sd35.gguf
+
+For each file: gguf's reader gives the tensors (F16 and F32 here: their values are the file's),
+diffusers 0.42.1's `convert_flux_transformer_checkpoint_to_diffusers` /
+`convert_sd3_transformer_checkpoint_to_diffusers` convert them (FLUX's copy with `inner_dim` read
+from `img_in.weight` instead of the hard-coded 3072, the tiny widths being smaller), and each
+converted tensor is checked against the diffusers fixture's own weights rounded to the file's
+dtype (so runner's joining of q, k, v and swapping of halves is diffusers' inverse), then recorded:
+  tests/fixtures/gguf/converted-<fixture>.json   {diffusers name: {shape, dtype, sha256 of its bytes}}
+"""
+import hashlib
+import inspect
+import json
+import os
+import sys
+
+import gguf
+import numpy as np
+import torch
+from diffusers.loaders import single_file_utils as sfu
+from safetensors.numpy import load_file
+
+here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def flux_converter(inner_dim):
+    src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    assert "inner_dim = 3072" in src
+    src = src.replace("inner_dim = 3072", f"inner_dim = {inner_dim}")
+    ns = dict(vars(sfu))
+    exec(src, ns)
+    return ns["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+for path in sys.argv[1:]:
+    fixture = os.path.basename(path).removesuffix(".gguf")
+    r = gguf.GGUFReader(path)
+    sd = {}
+    for t in r.tensors:
+        a = np.array(t.data)
+        assert t.tensor_type.name in ("F16", "F32"), (t.name, t.tensor_type.name)
+        sd[t.name] = torch.from_numpy(a.reshape([int(d) for d in reversed(t.shape.tolist())]).copy())
+    arch = r.fields["general.architecture"].contents()
+    if arch == "flux":
+        conv = flux_converter(sd["img_in.weight"].shape[0])(dict(sd))
+    else:
+        conv = sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(sd))
+    folder = os.path.join(here, "tests/fixtures", fixture, "transformer")
+    want = {}
+    for f in sorted(os.listdir(folder)):  # one file or shards; no variants in these fixtures
+        if f.endswith(".safetensors"):
+            want.update(load_file(os.path.join(folder, f)))
+    assert sorted(conv) == sorted(want), (set(conv) ^ set(want))
+    out = {}
+    for k in sorted(conv):
+        v = conv[k].contiguous().numpy()
+        w = want[k].astype(v.dtype)
+        assert v.shape == w.shape and np.array_equal(v, w), k
+        out[k] = {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": hashlib.sha256(v.astype(v.dtype.newbyteorder("<")).tobytes()).hexdigest()}
+    dest = os.path.join(here, "tests/fixtures/gguf", f"converted-{fixture}.json")
+    json.dump(out, open(dest, "w"), indent=1, sort_keys=True)
+    print(f"{dest}: {len(out)} tensors, equal to the fixture's weights")
