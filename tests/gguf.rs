@@ -381,3 +381,28 @@ fn convert_equals_diffusers_converters() {
         }
     }
 }
+
+/// runner's diffusers-arithmetic dequantization equals diffusers 0.42.1's `dequantize_gguf_tensor`
+/// bit for bit on every quantized type (tests/fixtures/gguf/dequantized.json,
+/// tools/make_gguf_references.py): fp16 results where diffusers' are fp16, float32 otherwise.
+#[test]
+fn dequantize_as_diffusers_is_bit_exact() {
+    use runner::checkpoint::ggml;
+    use sha2::{Digest, Sha256};
+    let (f, _) = fixture();
+    let want: J = serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/gguf/dequantized.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(root().join("tests/fixtures/gguf/types.gguf")).unwrap();
+    let mut seen = 0;
+    for t in f.tensors.iter().filter(|t| !matches!(t.ggml_type.name(), "F32" | "F16")) {
+        let w = &want[&t.name];
+        let mut v = vec![];
+        ggml::dequantize_as_diffusers(t.ggml_type, &bytes[t.start as usize..(t.start + t.n_bytes) as usize], &mut v).unwrap();
+        assert_eq!(v.len() as u64, w["numel"].as_u64().unwrap(), "{}", t.name);
+        let f16 = ggml::diffusers_dtype_is_f16(t.ggml_type);
+        assert_eq!(w["dtype"], if f16 { "float16" } else { "float32" }, "{}", t.name);
+        let le: Vec<u8> = if f16 { v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect() } else { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert_eq!(format!("{:x}", Sha256::digest(&le)), w["sha256"].as_str().unwrap(), "{}: differs from diffusers' dequantize_gguf_tensor", t.name);
+        seen += 1;
+    }
+    assert_eq!(seen, 13, "every quantized type diffusers loads");
+}

@@ -13,6 +13,10 @@ from `img_in.weight` instead of the hard-coded 3072, the tiny widths being small
 converted tensor is checked against the diffusers fixture's own weights rounded to the file's
 dtype (so runner's joining of q, k, v and swapping of halves is diffusers' inverse), then recorded:
   tests/fixtures/gguf/converted-<fixture>.json   {diffusers name: {shape, dtype, sha256 of its bytes}}
+
+Also, always: diffusers' `dequantize_gguf_tensor` arithmetic (fp16 scales and products, BF16 and
+the IQ4 lookups in float32) on every quantized tensor of tests/fixtures/gguf/types.gguf:
+  tests/fixtures/gguf/dequantized.json   {tensor: {dtype, shape, sha256 of the values' bytes}}
 """
 import hashlib
 import inspect
@@ -37,6 +41,22 @@ def flux_converter(inner_dim):
     exec(src, ns)
     return ns["convert_flux_transformer_checkpoint_to_diffusers"]
 
+
+from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
+
+torch.set_num_threads(1)
+r = gguf.GGUFReader(os.path.join(here, "tests/fixtures/gguf/types.gguf"))
+deq = {}
+for t in r.tensors:
+    if t.tensor_type not in dequantize_functions:
+        continue  # F32, F16: plain tensors
+    block_size, type_size = GGML_QUANT_SIZES[t.tensor_type]
+    raw = torch.from_numpy(np.array(t.data).view(np.uint8).reshape(-1, type_size).copy())
+    v = dequantize_functions[t.tensor_type](raw, block_size, type_size).contiguous()
+    deq[t.name] = {"dtype": str(v.dtype).removeprefix("torch."), "numel": v.numel(), "sha256": hashlib.sha256(v.numpy().tobytes()).hexdigest()}
+dest = os.path.join(here, "tests/fixtures/gguf/dequantized.json")
+json.dump(deq, open(dest, "w"), indent=1, sort_keys=True)
+print(f"{dest}: {len(deq)} tensors")
 
 for path in sys.argv[1:]:
     fixture = os.path.basename(path).removesuffix(".gguf")
