@@ -14,6 +14,20 @@ converted tensor is checked against the diffusers fixture's own weights rounded 
 dtype (so runner's joining of q, k, v and swapping of halves is diffusers' inverse), then recorded:
   tests/fixtures/gguf/converted-<fixture>.json   {diffusers name: {shape, dtype, sha256 of its bytes}}
 
+With a folder of the GGUF files runner writes from the tiny FLUX-dev and SD3.5 transformers,
+
+    for f in tiny-flux-dev tiny-sd35; do for t in q8_0 q4_0 q4_1 q5_0 q5_1 bf16; do for k in original diffusers; do
+      target/debug/runner quantize tests/fixtures/$f/transformer --type $t --keys $k --out /tmp/gguf/$f-$t-$k.gguf
+    done; done; done
+    .venv-fixtures/bin/python tools/make_gguf_references.py --transformers /tmp/gguf
+
+diffusers' `from_single_file(..., quantization_config=GGUFQuantizationConfig(compute_dtype=float32),
+config=<fixture>, subfolder="transformer")` loads each (GGUFLinear layers dequantizing per forward;
+FLUX's converter copy with the tiny width) and runs it on seeded random inputs:
+  tests/fixtures/refs/gguf-transformer.safetensors   <fixture>.<input> and <fixture>-<type>-<keys>.output
+  tests/fixtures/refs/gguf-transformer.json          the sha256 of each GGUF file (runner's quantize is
+                                                     deterministic: a test writes them again and compares)
+
 Also, always: diffusers' `dequantize_gguf_tensor` arithmetic (fp16 scales and products, BF16 and
 the IQ4 lookups in float32) on every quantized tensor of tests/fixtures/gguf/types.gguf:
   tests/fixtures/gguf/dequantized.json   {tensor: {dtype, shape, sha256 of the values' bytes}}
@@ -58,7 +72,56 @@ dest = os.path.join(here, "tests/fixtures/gguf/dequantized.json")
 json.dump(deq, open(dest, "w"), indent=1, sort_keys=True)
 print(f"{dest}: {len(deq)} tensors")
 
-for path in sys.argv[1:]:
+args = sys.argv[1:]
+gguf_dir = None
+if args[:1] == ["--transformers"]:
+    gguf_dir, args = args[1], args[2:]
+
+if gguf_dir:
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, SD3Transformer2DModel
+    from diffusers.loaders import single_file_model as sfm
+    from safetensors.torch import save_file
+
+    g = torch.Generator("cpu").manual_seed(26)
+    rand = lambda *s: torch.randn(*s, generator=g)
+    inputs = {
+        "tiny-flux-dev": {
+            "hidden_states": rand(2, 12, 64),
+            "encoder_hidden_states": rand(2, 7, 24),
+            "pooled_projections": rand(2, 8),
+            "timestep": torch.tensor([0.9, 0.35]),
+            "guidance": torch.tensor([3.5, 3.5]),
+            "img_ids": torch.stack([torch.zeros(12), torch.arange(12).div(4, rounding_mode="floor").float(), (torch.arange(12) % 4).float()], 1),
+            "txt_ids": torch.zeros(7, 3),
+        },
+        "tiny-sd35": {
+            "hidden_states": rand(2, 16, 8, 8),
+            "encoder_hidden_states": rand(2, 7, 24),
+            "pooled_projections": rand(2, 14),
+            "timestep": torch.tensor([900.0, 350.0]),
+        },
+    }
+    tensors = {f"{fx}.{k}": v for fx, d in inputs.items() for k, v in d.items()}
+    files = {}
+    for name in sorted(os.listdir(gguf_dir)):
+        fx = next(f for f in inputs if name.startswith(f + "-"))
+        path = os.path.join(gguf_dir, name)
+        cls = FluxTransformer2DModel if fx == "tiny-flux-dev" else SD3Transformer2DModel
+        if cls is FluxTransformer2DModel:
+            width = gguf.GGUFReader(path)
+            w = next((t for t in width.tensors if t.name in ("img_in.weight", "x_embedder.weight")), None)
+            sfm.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]["checkpoint_mapping_fn"] = flux_converter(int(w.shape[-1]))
+        m = cls.from_single_file(path, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), config=os.path.join(here, "tests/fixtures", fx), subfolder="transformer", torch_dtype=torch.float32, local_files_only=True)
+        assert any(type(x).__name__ == "GGUFLinear" for x in m.modules()) or "bf16" in name or "diffusers" in name, name
+        with torch.no_grad():
+            out = m(**inputs[fx], return_dict=False)[0]
+        tensors[name.removesuffix(".gguf") + ".output"] = out.contiguous()
+        files[name] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    save_file(tensors, os.path.join(here, "tests/fixtures/refs/gguf-transformer.safetensors"))
+    json.dump({"files": files}, open(os.path.join(here, "tests/fixtures/refs/gguf-transformer.json"), "w"), indent=1, sort_keys=True)
+    print(f"tests/fixtures/refs/gguf-transformer.safetensors: {len(files)} transformers")
+
+for path in args:
     fixture = os.path.basename(path).removesuffix(".gguf")
     r = gguf.GGUFReader(path)
     sd = {}

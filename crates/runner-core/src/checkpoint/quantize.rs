@@ -8,7 +8,9 @@
 //!   `context_embedder`, `final_layer`, and their diffusers names): the base type, BF16 for a
 //!   bf16 source, else F16;
 //! - rows that are not whole blocks of the type: the base type, as llama-quantize falls back;
-//! - everything else: the type asked for, quantized as `gguf.quants.quantize` does.
+//! - everything else: the type asked for, quantized as `gguf.quants.quantize` does;
+//! - but never a BF16 tensor of more than 2 dimensions (SD3's patch-embedding convolution): diffusers
+//!   runs only Linear weights from GGUF types, so it is written F32.
 //!
 //! Tensors stream one block-aligned chunk at a time from the source (read, not mapped: a source
 //! truncated meanwhile is an error naming it), so memory stays bounded by a chunk; the file is
@@ -110,12 +112,19 @@ fn target(family: Family, name: &str, shape: &[u64], src: Dtype, want: GgmlType)
         want
     };
     let numel: u64 = shape.iter().product();
-    if shape.len() <= 1 || numel <= SMALL {
+    let t = if shape.len() <= 1 || numel <= SMALL {
         GgmlType::F32
     } else if keep_base(family, name) || shape.last().is_some_and(|&row| row % want.block_size() != 0) {
         base
     } else {
         want
+    };
+    // diffusers runs only Linear weights from GGUF types (BF16 counts as one): a BF16
+    // convolution weight (SD3's patch embedding) could not run there, so it stays F32.
+    if t == GgmlType::BF16 && shape.len() > 2 {
+        GgmlType::F32
+    } else {
+        t
     }
 }
 
@@ -359,6 +368,8 @@ mod tests {
         // A block's own proj_out is quantized.
         assert_eq!(target(Family::Flux, "single_transformer_blocks.0.proj_out.weight", &[3072, 15360], Dtype::F16, q), q);
         assert_eq!(target(Family::Sd3, "pos_embed.proj.weight", &[1536, 16, 2, 2], Dtype::F16, q), GgmlType::F16);
+        assert_eq!(target(Family::Sd3, "pos_embed.proj.weight", &[1536, 16, 2, 2], Dtype::BF16, q), GgmlType::F32, "no BF16 convolution");
+        assert_eq!(target(Family::Sd3, "pos_embed.proj.weight", &[1536, 16, 2, 2], Dtype::F32, GgmlType::BF16), GgmlType::F32);
         assert_eq!(target(Family::Sd3, "joint_blocks.0.x_block.attn.qkv.weight", &[4608, 1536], Dtype::F16, q), q);
         // Rows not whole blocks: the base type.
         assert_eq!(target(Family::Sd3, "transformer_blocks.0.ff.net.0.proj.weight", &[64, 48], Dtype::F32, q), GgmlType::F16);
