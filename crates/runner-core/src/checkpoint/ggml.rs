@@ -134,7 +134,7 @@ pub fn diffusers_dtype_is_f16(t: GgmlType) -> bool {
 /// the CPU and in CUDA kernels alike), in its order (`(d * sc) * q - dmin * m`, ...). The values
 /// are appended as f32 (exactly the fp16 ones where [`diffusers_dtype_is_f16`]).
 pub fn dequantize_as_diffusers(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), String> {
-    let r = |x: f32| f16::from_f32(x).to_f32();
+    let r = round_f16;
     let ts = t.type_size() as usize;
     if bytes.len() % ts != 0 {
         return Err(format!("{} bytes are not a whole number of {t} blocks of {ts} bytes", bytes.len()));
@@ -176,26 +176,26 @@ pub fn dequantize_as_diffusers(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) ->
             }
             GgmlType::Q2_K => {
                 let (scales, qs, d, dmin) = (&b[0..16], &b[16..80], h(b, 80), h(b, 82));
+                let dl: [f32; 16] = std::array::from_fn(|g| r(d * (scales[g] & 0xF) as f32));
+                let ml: [f32; 16] = std::array::from_fn(|g| r(dmin * (scales[g] >> 4) as f32));
                 out.extend((0..QK_K).map(|e| {
-                    let sc = scales[e / 16];
                     let (half, w) = (e / 128, e % 128);
                     let q = (qs[half * 32 + w % 32] >> (2 * (w / 32))) & 3;
-                    let (dl, ml) = (r(d * (sc & 0xF) as f32), r(dmin * (sc >> 4) as f32));
-                    r(r(dl * q as f32) - ml)
+                    r(r(dl[e / 16] * q as f32) - ml[e / 16])
                 }));
             }
             GgmlType::Q3_K => {
                 let (hmask, qs, sc, d) = (&b[0..32], &b[32..96], &b[96..108], h(b, 108));
-                let scale = |s: usize| {
+                let dl: [f32; 16] = std::array::from_fn(|s| {
                     let l = (sc[s % 8] >> (4 * (s / 8))) & 0xF;
                     let hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
-                    ((l | hi << 4) as i8 - 32) as f32
-                };
+                    r(d * ((l | hi << 4) as i8 - 32) as f32)
+                });
                 out.extend((0..QK_K).map(|e| {
                     let (half, w) = (e / 128, e % 128);
                     let ql = (qs[half * 32 + w % 32] >> (2 * (w / 32))) & 3;
                     let qh = ((hmask[e % 32] >> (e / 32)) & 1) ^ 1;
-                    r(r(d * scale(e / 16)) * (ql as i8 - (qh << 2) as i8) as f32)
+                    r(dl[e / 16] * (ql as i8 - (qh << 2) as i8) as f32)
                 }));
             }
             GgmlType::Q4_K | GgmlType::Q5_K => {
@@ -203,22 +203,25 @@ pub fn dequantize_as_diffusers(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) ->
                 let (sc, m) = scale_min(&b[4..16]);
                 let five = t == GgmlType::Q5_K;
                 let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+                let ds: [f32; 8] = std::array::from_fn(|g| r(d * sc[g] as f32));
+                let dm: [f32; 8] = std::array::from_fn(|g| r(dmin * m[g] as f32));
                 out.extend((0..QK_K).map(|e| {
                     let g = e / 32;
                     let mut q = (qs[(g / 2) * 32 + e % 32] >> (4 * (g % 2))) & 0xF;
                     if five {
                         q |= ((qh[e % 32] >> g) & 1) << 4;
                     }
-                    r(r(r(d * sc[g] as f32) * q as f32) - r(dmin * m[g] as f32))
+                    r(r(ds[g] * q as f32) - dm[g])
                 }));
             }
             GgmlType::Q6_K => {
                 let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], h(b, 208));
+                let ds: [f32; 16] = std::array::from_fn(|g| r(d * sc[g] as i8 as f32));
                 out.extend((0..QK_K).map(|e| {
                     let (a, w) = (e / 128, e % 128);
                     let lo = (ql[a * 64 + w % 64] >> (4 * (w / 64))) & 0xF;
                     let hi = (qh[a * 32 + w % 32] >> (2 * (w / 32))) & 3;
-                    r(r(d * sc[e / 16] as i8 as f32) * ((lo | hi << 4) as i8 - 32) as f32)
+                    r(ds[e / 16] * ((lo | hi << 4) as i8 - 32) as f32)
                 }));
             }
             // The lookups are float32: fp16 `d` (times the fp16-rounded scale for XS) times them, in float32.
@@ -230,17 +233,40 @@ pub fn dequantize_as_diffusers(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) ->
                 let d = h(b, 0);
                 let sh = u16::from_le_bytes([b[2], b[3]]);
                 let (sl, qs) = (&b[4..8], &b[8..136]);
+                let dl: [f32; 8] = std::array::from_fn(|g| r(d * ((((sl[g / 2] >> (4 * (g % 2))) & 0xF) | (((sh >> (2 * g)) & 3) as u8) << 4) as i8 - 32) as f32));
                 out.extend((0..QK_K).map(|e| {
-                    let g = e / 32;
-                    let s = ((sl[g / 2] >> (4 * (g % 2))) & 0xF) | (((sh >> (2 * g)) & 3) as u8) << 4;
-                    let w = e % 32;
-                    r(d * (s as i8 - 32) as f32) * KVALUES[((qs[g * 16 + w % 16] >> (4 * (w / 16))) & 0xF) as usize] as f32
+                    let (g, w) = (e / 32, e % 32);
+                    dl[g] * KVALUES[((qs[g * 16 + w % 16] >> (4 * (w / 16))) & 0xF) as usize] as f32
                 }));
             }
             _ => return Err(format!("type {t} is not supported; supported: {}", GgmlType::supported_names().join(", "))),
         }
     }
     Ok(())
+}
+
+/// `x` rounded to the nearest fp16 value (ties to even), as a float32: `f16::from_f32(x).to_f32()`
+/// without the conversions (this runs up to four times per dequantized element).
+fn round_f16(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    let a = x.abs();
+    let r = if a < 6.103_515_6e-5 {
+        // fp16 subnormals: multiples of 2^-24. Adding 0.75 (whose float32 quantum is 2^-24)
+        // rounds to one, ties to even; subtracting it back is exact.
+        (a + 0.75) - 0.75
+    } else {
+        // Keep 10 mantissa bits, ties to even; past fp16's largest value (65504), infinity.
+        let bits = a.to_bits();
+        let r = f32::from_bits((bits + 0xFFF + ((bits >> 13) & 1)) & !0x1FFF);
+        if r > 65504.0 {
+            f32::INFINITY
+        } else {
+            r
+        }
+    };
+    r.copysign(x)
 }
 
 /// Q4_K's and Q5_K's eight 6-bit (scale, min) pairs (`get_scale_min`).
@@ -375,5 +401,18 @@ mod tests {
         for v in [0.5f32, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -127.0, 0.0, -0.0, 3.2, -3.7] {
             assert_eq!(round_away(v), v.round() as i8, "{v}");
         }
+        // round_f16 is half's conversion there and back: over all float32 exponents, a stride
+        // through the mantissas, and the ties (low 13 bits 0x1000) around each stop.
+        for x in (0..0x7f80_0000u32).step_by(0x0fff) {
+            for b in [x, (x & !0x1fff) | 0x1000, (x & !0x1fff) | 0x3000] {
+                for v in [f32::from_bits(b), -f32::from_bits(b)] {
+                    assert_eq!(round_f16(v).to_bits(), f16::from_f32(v).to_f32().to_bits(), "{v:e}");
+                }
+            }
+        }
+        for v in [65504.0f32, 65519.99, 65520.0, 1e9, f32::INFINITY, 6.1035156e-5, 6.1e-5, 2.9802322e-8, 2.98e-8, 5.96e-8, 0.0] {
+            assert_eq!(round_f16(v).to_bits(), f16::from_f32(v).to_f32().to_bits(), "{v:e}");
+        }
+        assert!(round_f16(f32::NAN).is_nan());
     }
 }
