@@ -16,111 +16,11 @@ fn h(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
-/// Dequantizes `bytes` (whole blocks of `t`) to float32, appending to `out`. Errors for a type
-/// diffusers does not load, or bytes that are not whole blocks.
+/// Dequantizes `bytes` (whole blocks of `t`) to float32 with gguf-py's arithmetic (float32
+/// throughout), appending to `out`. Errors for a type diffusers does not load, or bytes that are
+/// not whole blocks.
 pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), String> {
-    let ts = t.type_size() as usize;
-    if bytes.len() % ts != 0 {
-        return Err(format!("{} bytes are not a whole number of {t} blocks of {ts} bytes", bytes.len()));
-    }
-    out.reserve(bytes.len() / ts * t.block_size() as usize);
-    for b in bytes.chunks_exact(ts) {
-        match t {
-            GgmlType::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            GgmlType::F16 => out.push(h(b, 0)),
-            GgmlType::BF16 => out.push(bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
-            GgmlType::Q4_0 => {
-                let d = h(b, 0);
-                out.extend((0..32).map(|e| d * ((b[2 + e % 16] >> (4 * (e / 16)) & 0xF) as f32 - 8.0)));
-            }
-            GgmlType::Q4_1 => {
-                let (d, m) = (h(b, 0), h(b, 2));
-                out.extend((0..32).map(|e| d * (b[4 + e % 16] >> (4 * (e / 16)) & 0xF) as f32 + m));
-            }
-            GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                let one = t == GgmlType::Q5_1;
-                let d = h(b, 0);
-                let m = if one { h(b, 2) } else { 0.0 };
-                let at = if one { 4 } else { 2 };
-                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-                out.extend((0..32).map(|e| {
-                    let q = (b[at + 4 + e % 16] >> (4 * (e / 16)) & 0xF) | (((qh >> e) & 1) as u8) << 4;
-                    if one {
-                        d * q as f32 + m
-                    } else {
-                        d * (q as i8 - 16) as f32
-                    }
-                }));
-            }
-            GgmlType::Q8_0 => {
-                let d = h(b, 0);
-                out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
-            }
-            GgmlType::Q2_K => {
-                let (scales, qs, d, dmin) = (&b[0..16], &b[16..80], h(b, 80), h(b, 82));
-                out.extend((0..QK_K).map(|e| {
-                    let sc = scales[e / 16];
-                    let (half, w) = (e / 128, e % 128);
-                    let q = (qs[half * 32 + w % 32] >> (2 * (w / 32))) & 3;
-                    d * (sc & 0xF) as f32 * q as f32 - dmin * (sc >> 4) as f32
-                }));
-            }
-            GgmlType::Q3_K => {
-                let (hmask, qs, sc, d) = (&b[0..32], &b[32..96], &b[96..108], h(b, 108));
-                let scale = |s: usize| {
-                    let l = (sc[s % 8] >> (4 * (s / 8))) & 0xF;
-                    let hi = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
-                    ((l | hi << 4) as i8 - 32) as f32
-                };
-                out.extend((0..QK_K).map(|e| {
-                    let (half, w) = (e / 128, e % 128);
-                    let ql = (qs[half * 32 + w % 32] >> (2 * (w / 32))) & 3;
-                    let qh = ((hmask[e % 32] >> (e / 32)) & 1) ^ 1;
-                    d * scale(e / 16) * (ql as i8 - (qh << 2) as i8) as f32
-                }));
-            }
-            GgmlType::Q4_K | GgmlType::Q5_K => {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let (sc, m) = scale_min(&b[4..16]);
-                let five = t == GgmlType::Q5_K;
-                let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
-                out.extend((0..QK_K).map(|e| {
-                    let g = e / 32;
-                    let mut q = (qs[(g / 2) * 32 + e % 32] >> (4 * (g % 2))) & 0xF;
-                    if five {
-                        q |= ((qh[e % 32] >> g) & 1) << 4;
-                    }
-                    d * sc[g] as f32 * q as f32 - dmin * m[g] as f32
-                }));
-            }
-            GgmlType::Q6_K => {
-                let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], h(b, 208));
-                out.extend((0..QK_K).map(|e| {
-                    let (a, r) = (e / 128, e % 128);
-                    let lo = (ql[a * 64 + r % 64] >> (4 * (r / 64))) & 0xF;
-                    let hi = (qh[a * 32 + r % 32] >> (2 * (r / 32))) & 3;
-                    d * sc[e / 16] as i8 as f32 * ((lo | hi << 4) as i8 - 32) as f32
-                }));
-            }
-            GgmlType::IQ4_NL => {
-                let d = h(b, 0);
-                out.extend((0..32).map(|e| d * KVALUES[((b[2 + e % 16] >> (4 * (e / 16))) & 0xF) as usize] as f32));
-            }
-            GgmlType::IQ4_XS => {
-                let d = h(b, 0);
-                let sh = u16::from_le_bytes([b[2], b[3]]);
-                let (sl, qs) = (&b[4..8], &b[8..136]);
-                out.extend((0..QK_K).map(|e| {
-                    let g = e / 32;
-                    let s = ((sl[g / 2] >> (4 * (g % 2))) & 0xF) | (((sh >> (2 * g)) & 3) as u8) << 4;
-                    let w = e % 32;
-                    d * (s as i8 - 32) as f32 * KVALUES[((qs[g * 16 + w % 16] >> (4 * (w / 16))) & 0xF) as usize] as f32
-                }));
-            }
-            _ => return Err(format!("type {t} is not supported; supported: {}", GgmlType::supported_names().join(", "))),
-        }
-    }
-    Ok(())
+    dequantize_with(t, bytes, out, |x| x)
 }
 
 /// The dtype diffusers' `dequantize_gguf_tensor` returns for a type: float32 for BF16 and the IQ4
@@ -132,21 +32,27 @@ pub fn diffusers_dtype_is_f16(t: GgmlType) -> bool {
 /// Dequantizes as diffusers 0.42's `dequantize_gguf_tensor` does, value for value: each of its
 /// fp16 operations is a float32 operation rounded to fp16 (what ATen does for half tensors, on
 /// the CPU and in CUDA kernels alike), in its order (`(d * sc) * q - dmin * m`, ...). The values
-/// are appended as f32 (exactly the fp16 ones where [`diffusers_dtype_is_f16`]).
+/// are appended as f32 (exactly the fp16 ones where [`diffusers_dtype_is_f16`]); plain F32/F16
+/// tensors as they are.
 pub fn dequantize_as_diffusers(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), String> {
-    let r = round_f16;
+    dequantize_with(t, bytes, out, round_f16)
+}
+
+/// The one block decoder both arithmetics share: gguf-py and diffusers do the same operations in
+/// the same order, diffusers rounding each product and sum to fp16 (`r`), gguf-py keeping float32
+/// (`r` the identity).
+fn dequantize_with(t: GgmlType, bytes: &[u8], out: &mut Vec<f32>, r: impl Fn(f32) -> f32) -> Result<(), String> {
     let ts = t.type_size() as usize;
     if bytes.len() % ts != 0 {
         return Err(format!("{} bytes are not a whole number of {t} blocks of {ts} bytes", bytes.len()));
     }
-    match t {
-        // Plain tensors, and BF16 (exact in float32): nothing is rounded.
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return dequantize(t, bytes, out),
-        _ => {}
-    }
     out.reserve(bytes.len() / ts * t.block_size() as usize);
     for b in bytes.chunks_exact(ts) {
         match t {
+            // Plain tensors, and BF16 (exact in float32): nothing to round.
+            GgmlType::F32 => out.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            GgmlType::F16 => out.push(h(b, 0)),
+            GgmlType::BF16 => out.push(bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
             GgmlType::Q4_0 => {
                 let d = h(b, 0);
                 out.extend((0..32).map(|e| r(d * ((b[2 + e % 16] >> (4 * (e / 16)) & 0xF) as f32 - 8.0))));
