@@ -209,11 +209,52 @@ fn quantize_refuses_bad_input() {
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e.unwrap().file_name().to_string_lossy().ends_with(".gguf")), "no temp files left");
 }
 
+/// A `.gguf` component source that cannot work is an error at `validate` (exit 1) naming the
+/// file and what is wrong, before any weight is read: not a transformer runner loads from GGUF, a
+/// family other than the component's, a component class without GGUF support, shapes that do not
+/// fit the pipeline's config.json, a type diffusers cannot dequantize, `storage_dtype`, a variant.
 #[test]
-fn a_gguf_source_is_refused_up_front_for_now() {
-    let (code, _, stderr) = run(runner().args(["validate", "manifests/tiny-flux-dev.toml", "--set", "components.transformer.source=\"tests/fixtures/gguf/types.gguf\""]));
-    assert_eq!(code, 1);
-    assert!(stderr.contains("types.gguf") && stderr.contains("a GGUF file cannot be a component source yet"), "{stderr}");
+fn bad_gguf_sources_are_named_errors() {
+    use runner::checkpoint::gguf::{encode_header, GgmlType, WriteTensor, WriteValue};
+    let dir = tempfile::tempdir().unwrap();
+    let flux = crate::gguf_run::write(dir.path(), "tiny-flux-dev", "q8_0", "original");
+    let sd35 = crate::gguf_run::write(dir.path(), "tiny-sd35", "q4_0", "diffusers");
+    // A FLUX-named file with a tensor of a type diffusers does not dequantize (Q8_1).
+    let q81 = dir.path().join("q8_1.gguf");
+    let t = GgmlType::from_name("Q8_1").unwrap();
+    let shape = [4u64, 32];
+    let n_bytes = 4 * t.type_size();
+    let (mut bytes, _) =
+        encode_header(&[("general.architecture", WriteValue::Str("flux".into()))], &[WriteTensor { name: "double_blocks.0.img_attn.norm.key_norm.scale", shape: &shape, ggml_type: t, n_bytes }], 32)
+            .unwrap();
+    bytes.extend(vec![0u8; n_bytes as usize]);
+    std::fs::write(&q81, bytes).unwrap();
+    let sd35_folder = format!("pipeline.source=\"{}\"", root().join("tests/fixtures/tiny-sd35").display());
+    let src = |p: &std::path::Path, comp: &str| format!("components.{comp}.source=\"{}\"", p.display());
+    let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+        ("manifests/tiny-flux-dev.toml", vec![src(&root().join("tests/fixtures/gguf/types.gguf"), "transformer")], vec!["types.gguf"]),
+        ("manifests/tiny-flux-dev.toml", vec![src(&sd35, "transformer")], vec!["tiny-sd35-q4_0-diffusers.gguf", "holds a sd3 transformer", "FluxTransformer2DModel"]),
+        ("manifests/tiny-sd3.toml", vec![sd35_folder.clone(), src(&flux, "transformer")], vec!["tiny-flux-dev-q8_0-original.gguf", "holds a flux transformer", "SD3Transformer2DModel"]),
+        ("manifests/tiny-sd15.toml", vec![src(&flux, "unet")], vec!["`unet` is a UNet2DConditionModel", "FluxTransformer2DModel and SD3Transformer2DModel only"]),
+        ("manifests/tiny-sd3.toml", vec![src(&sd35, "transformer")], vec!["tiny-sd35-q4_0-diffusers.gguf` does not fit", "tiny-sd3/transformer/config.json", "transformer_blocks.0.attn2.to_q.weight"]),
+        ("manifests/tiny-flux-schnell.toml", vec![src(&flux, "transformer")], vec!["does not fit", "time_text_embed.guidance_embedder.linear_1.weight", "the config has no such tensor"]),
+        ("manifests/tiny-flux-dev.toml", vec![src(&q81, "transformer")], vec!["q8_1.gguf", "double_blocks.0.img_attn.norm.key_norm.scale", "type Q8_1 is not supported", "Q4_K"]),
+        (
+            "manifests/tiny-sd3.toml",
+            vec![sd35_folder.clone(), src(&sd35, "transformer"), "components.transformer.storage_dtype=\"fp8-e4m3\"".into()],
+            vec!["components.transformer.storage_dtype", "is a GGUF file"],
+        ),
+        ("manifests/tiny-sd3.toml", vec![sd35_folder, src(&sd35, "transformer"), "components.transformer.variant=\"fp16\"".into()], vec!["variant `fp16`", "a .gguf file is one file"]),
+    ];
+    for (manifest, sets, want) in cases {
+        let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+        for cmd in ["validate", "plan"] {
+            let (code, stdout, stderr) = run(runner().arg(cmd).arg(manifest).args(&args));
+            assert_eq!(code, 1, "{manifest} {sets:?}: {stdout}{stderr}");
+            assert!(want.iter().all(|w| stderr.contains(w)), "{manifest} {sets:?}: want {want:?} in: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
 }
 
 /// `--keys original` writes the original layout (q, k, v joined, the final modulation's halves

@@ -11,6 +11,7 @@ mod diagnostics;
 mod flux_transformer;
 mod front;
 mod gguf;
+mod gguf_run;
 mod layering;
 mod load;
 mod lock;

@@ -701,8 +701,6 @@ fn flux_dev_plans_in_milliseconds() {
 ///   cargo test --test main memory_floor_table
 #[test]
 fn memory_floor_table() {
-    use runner::device::Device;
-    use runner::plan::inventory::Inventory;
     let dir = tempfile::tempdir().unwrap();
     let mut table = String::from("| pipeline | offload | plain | fp8 storage | VAE tiling | fp8 + tiling |\n|---|---|---|---|---|---|\n");
     for (pipe, kind, dtype, float, denoiser) in [
@@ -723,31 +721,92 @@ fn memory_floor_table() {
                 if tiling {
                     sets.push("components.vae.tiling=true".into());
                 }
-                let loaded = runner::manifest::load(&m, &runner::manifest::Overrides { env: vec![], sets }).unwrap();
-                let c = runner::preflight::check(&loaded).unwrap();
-                let input = runner::plan::build::plan_input(&loaded, &c.folder, &c.configs, &c.run, Inventory::default(), &Default::default());
-                // `runner plan --devices cuda:0=B,cpu=4TiB --set placement.max_memory={...the same}`:
-                // a fit is everything on the GPU (`overflow = "error"` fails the plan otherwise).
-                let fits = |bytes: u64| {
-                    let hardware = Inventory::parse_spec(&format!("cuda:0={bytes},cpu=4TiB")).unwrap();
-                    let max_memory = std::collections::BTreeMap::from([(Device::Cuda(0), bytes), (Device::Cpu, 4u64 << 40)]);
-                    let inventory = Inventory::from_max_memory(&max_memory, Some(&hardware)).unwrap();
-                    runner::plan::plan(&runner::plan::PlanInput { inventory, ..input.clone() }).is_ok_and(|p| p.device_map().values().all(|d| d == "cuda:0"))
-                };
-                let (mut lo, mut hi) = (1u64 << 24, 1u64 << 37);
-                if !fits(hi) {
-                    row.push_str(" - |");
-                    continue;
-                }
-                while hi - lo > hi / 128 {
-                    let mid = lo + (hi - lo) / 2;
-                    if fits(mid) {
-                        hi = mid;
-                    } else {
-                        lo = mid;
-                    }
-                }
-                row.push_str(&format!(" {:.2} GB |", hi as f64 / 1e9));
+                row.push_str(&floor_cell(&m, sets));
+            }
+            table.push_str(&row);
+            table.push('\n');
+        }
+    }
+    insta::assert_snapshot!(table);
+}
+
+/// The smallest single GPU `m` (with `sets`) fits, to 1/128 of it, as a table cell.
+fn floor_cell(m: &Path, sets: Vec<String>) -> String {
+    use runner::device::Device;
+    use runner::plan::inventory::Inventory;
+    let loaded = runner::manifest::load(m, &runner::manifest::Overrides { env: vec![], sets }).unwrap();
+    let c = runner::preflight::check(&loaded).unwrap();
+    let input = runner::plan::build::plan_input(&loaded, &c.folder, &c.configs, &c.run, Inventory::default(), &Default::default());
+    // `runner plan --devices cuda:0=B,cpu=4TiB --set placement.max_memory={...the same}`:
+    // a fit is everything on the GPU (`overflow = "error"` fails the plan otherwise).
+    let fits = |bytes: u64| {
+        let hardware = Inventory::parse_spec(&format!("cuda:0={bytes},cpu=4TiB")).unwrap();
+        let max_memory = std::collections::BTreeMap::from([(Device::Cuda(0), bytes), (Device::Cpu, 4u64 << 40)]);
+        let inventory = Inventory::from_max_memory(&max_memory, Some(&hardware)).unwrap();
+        runner::plan::plan(&runner::plan::PlanInput { inventory, ..input.clone() }).is_ok_and(|p| p.device_map().values().all(|d| d == "cuda:0"))
+    };
+    let (mut lo, mut hi) = (1u64 << 24, 1u64 << 37);
+    if !fits(hi) {
+        return " - |".into();
+    }
+    while hi - lo > hi / 128 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    format!(" {:.2} GB |", hi as f64 / 1e9)
+}
+
+/// A sparse .gguf of a real-size transformer (header and tensor infos of the real layout, no
+/// data) at `want` with city96's rules (`runner quantize`'s), in diffusers' names.
+fn sparse_gguf(transformer: &Path, out: &Path, want: runner::checkpoint::gguf::GgmlType) {
+    use runner::checkpoint::gguf::{encode_header, WriteTensor, WriteValue};
+    use runner::checkpoint::layout::{gguf_family, resolve_folder, Checkpoint, Library, VariantPolicy};
+    let ck = Checkpoint::open(resolve_folder(transformer, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap();
+    let class = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(transformer.join("config.json")).unwrap()).unwrap()["_class_name"].as_str().unwrap().to_string();
+    let family = gguf_family(&class).unwrap();
+    let infos: Vec<(String, Vec<u64>, runner::checkpoint::gguf::GgmlType)> =
+        ck.tensors.iter().map(|(k, t)| (k.clone(), t.info.shape.clone(), runner::checkpoint::quantize::target(family, k, &t.info.shape, t.info.dtype, want))).collect();
+    let tensors: Vec<WriteTensor> = infos.iter().map(|(name, shape, t)| WriteTensor { name, shape, ggml_type: *t, n_bytes: shape.iter().product::<u64>() / t.block_size() * t.type_size() }).collect();
+    let (header, offsets) = encode_header(&[("general.architecture", WriteValue::Str(family.as_str().into()))], &tensors, 32).unwrap();
+    let end = offsets.iter().zip(&tensors).map(|(o, t)| o + t.n_bytes).max().unwrap();
+    let f = std::fs::File::create(out).unwrap();
+    use std::io::Write;
+    (&f).write_all(&header).unwrap();
+    f.set_len(header.len() as u64 + end).unwrap();
+}
+
+/// BENCHMARKS.md "Memory floors", GGUF columns: the floors of FLUX.1-dev and SD3.5-large with the
+/// transformer from a sparse .gguf at Q8_0, Q4_0 and Q4_K (K-quants only where rows are whole
+/// 256-element blocks: SD3.5-large's 2432-wide rows keep bf16, as city96's rules do), snapshotted.
+///   cargo test --test main memory_floor_gguf
+#[test]
+fn memory_floor_gguf() {
+    use runner::checkpoint::gguf::GgmlType;
+    let dir = tempfile::tempdir().unwrap();
+    let mut table = String::from("| pipeline | offload | bf16 | Q8_0 | Q4_0 | Q4_K | Q8_0 GB | Q4_0 GB | Q4_K GB |\n|---|---|---|---|---|---|---|---|---|\n");
+    for (pipe, kind, dtype, float, _) in FLOOR_PIPELINES.into_iter().filter(|p| p.4 == "transformer") {
+        let m = floor_manifest(dir.path(), pipe, kind, dtype, float);
+        let types = ["Q8_0", "Q4_0", "Q4_K"];
+        let files: Vec<PathBuf> = types
+            .iter()
+            .map(|t| {
+                let out = dir.path().join(format!("{pipe}-{t}.gguf"));
+                sparse_gguf(&dir.path().join(pipe).join("transformer"), &out, GgmlType::from_name(t).unwrap());
+                out
+            })
+            .collect();
+        for mode in ["none", "model", "group", "sequential"] {
+            let mut row = format!("| {pipe} {dtype} | {mode} |");
+            row.push_str(&floor_cell(&m, vec![format!("placement.offload={mode}")]));
+            for f in &files {
+                row.push_str(&floor_cell(&m, vec![format!("placement.offload={mode}"), format!("components.transformer.source=\"{}\"", f.display())]));
+            }
+            for f in &files {
+                row.push_str(&format!(" {:.2} |", std::fs::metadata(f).unwrap().len() as f64 / 1e9));
             }
             table.push_str(&row);
             table.push('\n');

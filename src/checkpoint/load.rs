@@ -239,8 +239,43 @@ impl Maps {
     /// Tensor `name` on the CPU, floats cast to `float_kind`: a view of the mapping when the
     /// dtype already matches and the data is aligned (then its [`Source`] is returned); else
     /// converted once into a buffer of its own, and the source pages released.
+    /// A GGUF-quantized tensor comes dequantized to `float_kind` (float32 when `None`), as
+    /// diffusers would compute with it; [`Self::tensor_as`] can keep its blocks.
     pub fn tensor(&self, ck: &Checkpoint, name: &str, float_kind: Option<Kind>) -> Result<(Tensor, Option<Source>), CheckpointError> {
+        self.tensor_as(ck, name, float_kind, false)
+    }
+
+    /// [`Self::tensor`]; with `keep_quantized`, a GGUF-quantized tensor is its blocks (`U8` of its
+    /// byte shape), a view of the mapping, for a layer that dequantizes it as it runs.
+    pub fn tensor_as(&self, ck: &Checkpoint, name: &str, float_kind: Option<Kind>, keep_quantized: bool) -> Result<(Tensor, Option<Source>), CheckpointError> {
         let loc = ck.tensors.get(name).ok_or_else(|| CheckpointError::tensor(&ck.files[0].0, name, "not in this checkpoint"))?;
+        let (t, src) = self.stored(ck, name, loc, float_kind, keep_quantized)?;
+        if !loc.swap_halves {
+            return Ok((t, src));
+        }
+        // diffusers' `swap_scale_shift`: (shift, scale) rows become (scale, shift); on a quantized
+        // tensor the halves are whole rows of blocks (checked when the file was opened).
+        let path = &ck.files[loc.file].0;
+        let h = t.size().first().copied().unwrap_or(0) / 2;
+        let swapped = Tensor::f_cat(&[t.narrow(0, h, h), t.narrow(0, 0, h)], 0).map_err(|e| CheckpointError::tensor(path, name, e.to_string()))?;
+        if let Some(src) = src {
+            self.release(src);
+        }
+        Ok((swapped, None))
+    }
+
+    /// A tensor as stored (a view where it can be), before any swap of halves.
+    fn stored(&self, ck: &Checkpoint, name: &str, loc: &super::layout::TensorLoc, float_kind: Option<Kind>, keep_quantized: bool) -> Result<(Tensor, Option<Source>), CheckpointError> {
+        if let (Some(q), false) = (&loc.quant, keep_quantized) {
+            let (path, header) = &ck.files[loc.file];
+            let (start, len) = ((header.data_start + loc.info.data_offsets.0) as usize, loc.info.nbytes() as usize);
+            let map = &self.0[loc.file];
+            let bytes = Tensor::from_slice(&map[start..start + len]);
+            let quant = crate::models::quantized::Quant { ggml_type: q.ggml_type, shape: q.shape.iter().map(|&d| d as i64).collect() };
+            let out = crate::models::quantized::dequantize(&bytes, &quant, float_kind.unwrap_or(Kind::Float)).map_err(|e| CheckpointError::tensor(path, name, e.to_string()))?;
+            release_range(map, start, len);
+            return Ok((out, None));
+        }
         let (path, header) = &ck.files[loc.file];
         let info = &loc.info;
         let kind = kind_of(info.dtype).ok_or_else(|| CheckpointError::tensor(path, name, format!("dtype {} has no libtorch equivalent", info.dtype)))?;
@@ -377,13 +412,10 @@ pub fn check_keys(model: &str, ck: &Checkpoint, expected: &Expected) -> Result<(
     let missing: Vec<String> = expected.keys().filter(|k| !ck.tensors.contains_key(*k)).cloned().collect();
     let unexpected: Vec<String> = ck.tensors.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
     let wrong_shape: Vec<(String, Vec<u64>, Vec<u64>)> =
-        expected.iter().filter_map(|(k, want)| ck.tensors.get(k).filter(|t| &t.info.shape != want).map(|t| (k.clone(), t.info.shape.clone(), want.clone()))).collect();
+        expected.iter().filter_map(|(k, want)| ck.tensors.get(k).filter(|t| t.shape() != want.as_slice()).map(|t| (k.clone(), t.shape().to_vec(), want.clone()))).collect();
     if missing.is_empty() && unexpected.is_empty() && wrong_shape.is_empty() {
         return Ok(());
     }
-    let source = match &ck.weights.files {
-        super::layout::WeightFiles::Single(p) => p.clone(),
-        super::layout::WeightFiles::Sharded(i) => i.path.clone(),
-    };
+    let source = ck.weights.files.named().to_path_buf();
     Err(KeyMismatch { model: model.to_string(), checkpoint: source, missing, unexpected, wrong_shape })
 }

@@ -17,27 +17,38 @@ use crate::models::hooks::{path_of, scoped};
 use crate::models::resnet::on;
 use crate::models::weights::param;
 
-/// `nn.Linear` with a bias, announcing its path.
+/// `nn.Linear` with a bias, announcing its path. From a GGUF checkpoint, diffusers' `GGUFLinear`:
+/// a quantized weight stays in its blocks and is dequantized to the compute dtype as the layer
+/// runs (the copy dropped after).
 pub(crate) struct Linear {
     pub(crate) weight: Tensor,
     bias: Tensor,
     path: String,
     /// Layerwise casting: parameters stored narrower, cast as the layer runs.
     cast: Option<crate::models::cast::Cast>,
+    /// A GGUF-quantized weight's type and shape, and the dtype it computes in.
+    quant: Option<(crate::models::quantized::Quant, Kind)>,
 }
 
 impl Linear {
     pub(crate) fn new(p: nn::Path, d_in: i64, d_out: i64) -> Linear {
-        let weight = param(&p, "weight", &[d_out, d_in], Init::Const(0.));
+        let (weight, quant) = crate::models::weights::param_quantizable(&p, "weight", &[d_out, d_in], Init::Const(0.));
         let bias = param(&p, "bias", &[d_out], Init::Const(0.));
         let path = path_of(&p);
-        let cast = crate::models::cast::layer(&path, &[&weight, &bias]);
-        Linear { weight, bias, path, cast }
+        // Preflight refuses `storage_dtype` on a GGUF component: nothing to cast a quantized layer to.
+        let cast = if quant.is_some() { None } else { crate::models::cast::layer(&path, &[&weight, &bias]) };
+        Linear { weight, bias, path, cast, quant }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         use crate::models::cast::compute;
-        scoped(&self.path, || x.f_linear(&compute(&self.weight, self.cast), Some(&compute(&self.bias, self.cast))))
+        scoped(&self.path, || match &self.quant {
+            Some((q, kind)) => {
+                let w = crate::models::quantized::dequantize(&self.weight, q, *kind)?;
+                x.f_linear(&w, Some(&self.bias.f_to_kind(*kind)?))
+            }
+            None => x.f_linear(&compute(&self.weight, self.cast), Some(&compute(&self.bias, self.cast))),
+        })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod flux_transformer;
 pub mod hooks;
 pub mod image_processor;
 pub mod mmdit_blocks;
+pub mod quantized;
 pub mod resnet;
 pub mod safety_checker;
 pub mod sd3_transformer;

@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::layout::Checkpoint;
 use crate::checkpoint::load::{check_keys, KeyMismatch, Mapped, Maps, Source as MapSource};
 use crate::checkpoint::CheckpointError;
+use crate::models::quantized::Quant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -39,11 +40,15 @@ pub type ProgressSink = Rc<dyn Fn(u64)>;
 enum Source {
     /// The first pass: placeholders that own no memory, recording what the model asks for
     /// (name -> shape) and in which order.
-    Dry { requested: BTreeMap<String, Vec<u64>>, order: Vec<(String, Option<Kind>)> },
+    Dry { requested: BTreeMap<String, Vec<u64>>, order: Vec<Wanted> },
     /// The second pass: the checkpoint's tensors, prepared ahead by a worker in the order the
     /// dry pass recorded and moved to `device` as the model takes them.
     Stream { rx: Receiver<Prepared>, device: Device, early: BTreeMap<String, Prepared>, error: Option<WeightsError>, zero_copy: bool },
 }
+
+/// A tensor the model asks for: its name, a dtype it keeps whatever the model's, and whether it
+/// stays in its GGUF blocks (a quantized Linear's weight).
+type Wanted = (String, Option<Kind>, bool);
 
 /// A tensor the worker prepared: a view of the mapping (with where it lies) or a converted buffer.
 struct Prepared {
@@ -55,6 +60,10 @@ thread_local! {
     static SOURCE: RefCell<Option<Source>> = const { RefCell::new(None) };
     static INITIALISED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static PROGRESS: RefCell<Option<ProgressSink>> = const { RefCell::new(None) };
+    /// The GGUF-quantized tensors of the checkpoint being built from (both passes).
+    static QUANTS: RefCell<BTreeMap<String, Quant>> = const { RefCell::new(BTreeMap::new()) };
+    /// The dtype the model being built computes in.
+    static COMPUTE: std::cell::Cell<Kind> = const { std::cell::Cell::new(Kind::Float) };
 }
 
 /// How many parameters this thread has created with an initialiser (built without a
@@ -83,6 +92,7 @@ struct SourceGuard;
 impl Drop for SourceGuard {
     fn drop(&mut self) {
         SOURCE.with(|s| s.borrow_mut().take());
+        QUANTS.with(|q| q.borrow_mut().clear());
     }
 }
 
@@ -96,13 +106,23 @@ fn placeholder(shape: &[i64]) -> Tensor {
 /// converted once), on the model's device: nothing is initialised or staged. Otherwise (a model
 /// built without a checkpoint, e.g. in tests) a variable initialised with `init`.
 pub fn param(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> Tensor {
-    param_with(p, name, shape, init, None)
+    param_with(p, name, shape, init, None, false)
+}
+
+/// A Linear weight `name` under `p` of `shape` that may stay quantized: from a GGUF checkpoint
+/// whose tensor is quantized, its blocks (`U8` of its byte shape) and how to dequantize them to
+/// the compute dtype (diffusers' `GGUFLinear`); else as [`param`].
+pub fn param_quantizable(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init) -> (Tensor, Option<(Quant, Kind)>) {
+    let full = full_name(p, name);
+    let quant = QUANTS.with(|q| q.borrow().get(&full).cloned());
+    let t = param_with(p, name, shape, init, None, quant.is_some());
+    (t, quant.map(|q| (q, COMPUTE.with(|c| c.get()))))
 }
 
 /// [`param`] kept at `kind` whatever the model's dtype (transformers' `_keep_in_fp32_modules`:
 /// T5's `wo` stays fp32 in an fp16 model).
 pub fn param_at(p: &nn::Path, name: &str, shape: &[i64], kind: Kind) -> Tensor {
-    let t = param_with(p, name, shape, nn::Init::Const(0.), Some(kind));
+    let t = param_with(p, name, shape, nn::Init::Const(0.), Some(kind), false);
     if t.kind() == kind || SOURCE.with(|s| s.borrow().is_some()) {
         t
     } else {
@@ -116,16 +136,18 @@ pub fn is_dry_pass() -> bool {
     SOURCE.with(|s| matches!(*s.borrow(), Some(Source::Dry { .. })))
 }
 
-fn param_with(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init, kind: Option<Kind>) -> Tensor {
-    let full = {
-        let base = p.components().collect::<Vec<_>>().join(".");
-        if base.is_empty() {
-            name.to_string()
-        } else {
-            format!("{base}.{name}")
-        }
-    };
-    let taken = SOURCE.with(|s| s.borrow_mut().as_mut().map(|src| take(src, full, shape, kind)));
+fn full_name(p: &nn::Path, name: &str) -> String {
+    let base = p.components().collect::<Vec<_>>().join(".");
+    if base.is_empty() {
+        name.to_string()
+    } else {
+        format!("{base}.{name}")
+    }
+}
+
+fn param_with(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init, kind: Option<Kind>, quantized: bool) -> Tensor {
+    let full = full_name(p, name);
+    let taken = SOURCE.with(|s| s.borrow_mut().as_mut().map(|src| take(src, full, shape, kind, quantized)));
     match taken {
         Some(t) => p.add(name, t, false),
         None => {
@@ -135,11 +157,11 @@ fn param_with(p: &nn::Path, name: &str, shape: &[i64], init: nn::Init, kind: Opt
     }
 }
 
-fn take(src: &mut Source, full: String, shape: &[i64], kind: Option<Kind>) -> Tensor {
+fn take(src: &mut Source, full: String, shape: &[i64], kind: Option<Kind>, quantized: bool) -> Tensor {
     let (rx, device, early, error, zero_copy) = match src {
         Source::Dry { requested, order } => {
             requested.insert(full.clone(), shape.iter().map(|&d| d as u64).collect());
-            order.push((full, kind));
+            order.push((full, kind, quantized));
             return placeholder(shape);
         }
         Source::Stream { rx, device, early, error, zero_copy } => (rx, *device, early, error, zero_copy),
@@ -203,10 +225,10 @@ const WINDOW: usize = 2;
 const BATCH_BYTES: u64 = 64 << 20;
 
 /// `order` cut into consecutive batches of at most [`BATCH_BYTES`] (a larger tensor alone).
-fn batches<'a>(ck: &Checkpoint, order: &'a [(String, Option<Kind>)]) -> Vec<&'a [(String, Option<Kind>)]> {
+fn batches<'a>(ck: &Checkpoint, order: &'a [Wanted]) -> Vec<&'a [Wanted]> {
     let mut out = vec![];
     let (mut start, mut bytes) = (0, 0);
-    for (i, (name, _)) in order.iter().enumerate() {
+    for (i, (name, _, _)) in order.iter().enumerate() {
         let b = ck.tensors.get(name).map_or(0, |t| t.info.nbytes());
         if i > start && bytes + b > BATCH_BYTES {
             out.push(&order[start..i]);
@@ -230,6 +252,10 @@ fn batches<'a>(ck: &Checkpoint, order: &'a [(String, Option<Kind>)]) -> Vec<&'a 
 /// mapped files, which the returned [`Mapped`] keeps alive (hold it as long as `vs`).
 pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kind: Kind, build: impl Fn(nn::Path) -> M) -> Result<(M, Mapped), WeightsError> {
     let _guard = SourceGuard;
+    QUANTS.with(|q| {
+        *q.borrow_mut() = ck.tensors.iter().filter_map(|(k, t)| t.quant.as_ref().map(|q| (k.clone(), Quant { ggml_type: q.ggml_type, shape: q.shape.iter().map(|&d| d as i64).collect() }))).collect()
+    });
+    COMPUTE.with(|c| c.set(kind));
     // 1. Dry pass: what the model asks for, checked against the checkpoint.
     SOURCE.with(|s| *s.borrow_mut() = Some(Source::Dry { requested: BTreeMap::new(), order: vec![] }));
     drop(build(VarStore::new(Device::Cpu).root()));
@@ -237,7 +263,7 @@ pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kin
     // Optional buffers present in the checkpoint are not "unexpected".
     for (name, t) in &ck.tensors {
         if optional_buffer(name) && !requested.contains_key(name) {
-            requested.insert(name.clone(), t.info.shape.clone());
+            requested.insert(name.clone(), t.shape().to_vec());
         }
     }
     check_keys(model, ck, &requested)?;
@@ -255,8 +281,8 @@ pub fn build_from_checkpoint<M>(vs: &VarStore, ck: &Checkpoint, model: &str, kin
             for batch in batches(ck, &order) {
                 let prepared: Vec<Prepared> = batch
                     .par_iter()
-                    .map(|(name, own)| {
-                        let tensor = worker_maps.tensor(ck, name, Some(own.unwrap_or(kind)));
+                    .map(|(name, own, quantized)| {
+                        let tensor = worker_maps.tensor_as(ck, name, Some(own.unwrap_or(kind)), *quantized);
                         // A GPU-bound view is read now, while the model copies the previous tensor.
                         if let (Ok((_, Some(v))), true) = (&tensor, device != Device::Cpu) {
                             worker_maps.prefetch(*v);

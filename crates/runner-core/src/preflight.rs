@@ -147,9 +147,10 @@ impl RunSpec {
 pub const FLUX_DEFAULT_SAMPLE_SIZE: u64 = 128;
 
 /// The component's `config.json`: beside its weights (a `source` elsewhere), else in its
-/// pipeline subfolder.
+/// pipeline subfolder (always, for a GGUF file: diffusers' `config=`).
 pub fn config_path(c: &Component) -> PathBuf {
     let beside = c.checkpoint.as_ref().and_then(|ck| match &ck.weights.files {
+        WeightFiles::Gguf(_) => None,
         WeightFiles::Single(p) => p.parent().map(|d| d.join("config.json")),
         WeightFiles::Sharded(i) => i.path.parent().map(|d| d.join("config.json")),
     });
@@ -282,7 +283,17 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
     // 2. model_index.json, each component's weights and their headers.
     let p = match crate::checkpoint::open_for_manifest(m) {
         Ok(p) => p,
-        Err(e) => return one(Diagnostic::error(e.to_string(), Location::Path(root.join("model_index.json")))),
+        Err(e) => {
+            // An error in a component's own `source` points at that key.
+            let key = m.manifest.components.iter().find_map(|(name, c)| {
+                let key = format!("components.{name}.source");
+                c.source.as_ref().map(|s| m.resolve_path(&key, s)).filter(|p| p == e.path()).map(|_| key)
+            });
+            return one(match key {
+                Some(key) => Diagnostic::error(e.to_string(), at(&key)).with_key(&key),
+                None => Diagnostic::error(e.to_string(), Location::Path(root.join("model_index.json"))),
+            });
+        }
     };
     let mut out = vec![];
     let index = Location::Path(p.index.path.clone());
@@ -315,6 +326,18 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
                 Diagnostic::error(format!("`{key}`: `{name}` is a `{class}`, which has no layerwise casting (diffusers' `enable_layerwise_casting` is for diffusers models)"), at(&key))
                     .with_key(&key)
                     .with_note(format!("layerwise casting applies to {}", crate::arch::cast::CASTABLE_CLASSES.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "))),
+            );
+        }
+    }
+    // GGUF components: nothing to cast (their Linear weights are quantized blocks).
+    for c in &p.components {
+        let Some(ck) = c.checkpoint.as_ref().filter(|ck| ck.gguf.is_some()) else { continue };
+        let key = format!("components.{}.storage_dtype", c.name);
+        if m.manifest.components.get(&c.name).and_then(|s| s.storage_dtype).is_some() {
+            out.push(
+                Diagnostic::error(format!("`{key}`: `{}` is a GGUF file: its weights are stored quantized already, there is nothing to store narrower", ck.weights.files.named().display()), at(&key))
+                    .with_key(&key)
+                    .with_note("remove `storage_dtype`; the quantized Linear weights are dequantized to the component's `dtype` as each layer runs"),
             );
         }
     }
@@ -403,6 +426,7 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
     if let Err(msg) = compatible {
         out.push(Diagnostic::error(format!("the components of `{}` do not fit together: {msg}", p.root.display()), index.clone()));
     }
+    out.extend(check_gguf_shapes(m, &p, &configs));
     if let (Some(_), Some(tokenizer)) = (&configs.t5, t5_tokenizer(kind)) {
         // The T5 tokenizer is read at load time: its folder is checked now.
         let dir = p.root.join(tokenizer);
@@ -413,6 +437,42 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
         }
     }
     Ok((p, configs, out))
+}
+
+/// A GGUF transformer against the config.json it is built with (the pipeline folder's, as
+/// diffusers' `config=`): the shapes the config decides, from the file's header, so that a file of
+/// another model size or variant is an error before any weight is read.
+fn check_gguf_shapes(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs) -> Vec<Diagnostic> {
+    let mut out = vec![];
+    for c in &p.components {
+        let Some(ck) = c.checkpoint.as_ref().filter(|ck| ck.gguf.is_some()) else { continue };
+        let expected = match c.class.as_str() {
+            "FluxTransformer2DModel" => configs.flux_transformer.as_ref().map(|f| f.key_shapes()),
+            "SD3Transformer2DModel" => configs.transformer.as_ref().map(|t| t.key_shapes()),
+            _ => None,
+        };
+        let file = ck.weights.files.named();
+        let config = config_path(c);
+        let key = format!("components.{}.source", c.name);
+        let mut wrong = vec![];
+        for (name, want) in expected.unwrap_or_default() {
+            let have = ck.tensors.get(&name).map(|t| t.shape().to_vec());
+            match (&have, &want) {
+                (Some(h), Some(w)) if h != w => wrong.push(format!("`{name}` is {h:?}, the config makes it {w:?}")),
+                (None, Some(w)) => wrong.push(format!("`{name}` ({w:?}) is missing")),
+                (Some(h), None) => wrong.push(format!("`{name}` ({h:?}) is there, the config has no such tensor")),
+                _ => {}
+            }
+        }
+        if !wrong.is_empty() {
+            out.push(
+                Diagnostic::error(format!("`{}` does not fit `{}`: {}", file.display(), config.display(), wrong.join("; ")), m.locate_value(&key))
+                    .with_key(&key)
+                    .with_note("a GGUF file is built with the pipeline folder's transformer config: use the pipeline the file was quantized from (FLUX.1-dev vs schnell, SD3.5 large vs medium)"),
+            );
+        }
+    }
+    out
 }
 
 /// What [`check`]'s configs make of keys that are valid but have no effect here: warnings, never

@@ -74,6 +74,31 @@ impl FluxTransformer2DConfig {
     pub fn inner_dim(&self) -> i64 {
         self.num_attention_heads * self.attention_head_dim
     }
+
+    /// Tensors whose shapes the config decides, enough to tell a checkpoint of another size or
+    /// variant of the model: name -> shape, or `None` where the config says it is absent (a block
+    /// past the last, schnell's guidance embedder). Checked before a weight is read.
+    pub fn key_shapes(&self) -> Vec<(String, Option<Vec<u64>>)> {
+        let (d, head) = (self.inner_dim() as u64, self.attention_head_dim as u64);
+        let (l, s) = (self.num_layers as u64, self.num_single_layers as u64);
+        let mut v = vec![
+            ("x_embedder.weight".to_string(), Some(vec![d, self.in_channels as u64])),
+            ("context_embedder.weight".to_string(), Some(vec![d, self.joint_attention_dim as u64])),
+            ("time_text_embed.text_embedder.linear_1.weight".to_string(), Some(vec![d, self.pooled_projection_dim as u64])),
+            ("time_text_embed.guidance_embedder.linear_1.weight".to_string(), self.guidance_embeds.then(|| vec![d, 256])),
+            ("proj_out.weight".to_string(), Some(vec![(self.patch_size * self.patch_size * self.out_channels) as u64, d])),
+            (format!("transformer_blocks.{l}.attn.to_q.weight"), None),
+            (format!("single_transformer_blocks.{s}.proj_mlp.weight"), None),
+        ];
+        if l > 0 {
+            v.push((format!("transformer_blocks.{}.attn.to_q.weight", l - 1), Some(vec![d, d])));
+            v.push(("transformer_blocks.0.attn.norm_q.weight".to_string(), Some(vec![head])));
+        }
+        if s > 0 {
+            v.push((format!("single_transformer_blocks.{}.proj_mlp.weight", s - 1), Some(vec![4 * d, d])));
+        }
+        v
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,29 @@ pub struct SD3Transformer2DConfig {
 }
 
 impl SD3Transformer2DConfig {
+    /// Tensors whose shapes the config decides (see `FluxTransformer2DConfig::key_shapes`):
+    /// embedders, the output projection, the block count, SD3.5's second attentions and q/k norms.
+    pub fn key_shapes(&self) -> Vec<(String, Option<Vec<u64>>)> {
+        let d = (self.num_attention_heads * self.attention_head_dim) as u64;
+        let (p, l) = (self.patch_size as u64, self.num_layers as u64);
+        let mut v = vec![
+            ("pos_embed.proj.weight".to_string(), Some(vec![d, self.in_channels as u64, p, p])),
+            ("context_embedder.weight".to_string(), Some(vec![self.caption_projection_dim as u64, self.joint_attention_dim as u64])),
+            ("time_text_embed.text_embedder.linear_1.weight".to_string(), Some(vec![d, self.pooled_projection_dim as u64])),
+            ("proj_out.weight".to_string(), Some(vec![p * p * self.out_channels as u64, d])),
+            (format!("transformer_blocks.{l}.attn.to_q.weight"), None),
+        ];
+        if l > 0 {
+            v.push((format!("transformer_blocks.{}.attn.to_q.weight", l - 1), Some(vec![d, d])));
+            v.push(("transformer_blocks.0.attn.norm_q.weight".to_string(), self.qk_norm.map(|_| vec![self.attention_head_dim as u64])));
+        }
+        for i in 0..l {
+            let dual = self.dual_attention_layers.contains(&(i as i64));
+            v.push((format!("transformer_blocks.{i}.attn2.to_q.weight"), dual.then(|| vec![d, d])));
+        }
+        v
+    }
+
     /// From a component's `config.json` (`path` names it in errors).
     pub fn from_json(v: &Value, path: &Path) -> Result<Self, ConfigError> {
         let c = Cfg::new(v, path, MODEL)?;

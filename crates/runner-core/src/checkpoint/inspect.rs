@@ -47,7 +47,7 @@ pub struct WeightsReport {
 fn weights_report(c: &Checkpoint, dir: Option<&Path>) -> WeightsReport {
     let index = match &c.weights.files {
         WeightFiles::Sharded(i) => Some(i.path.clone()),
-        WeightFiles::Single(_) => None,
+        WeightFiles::Single(_) | WeightFiles::Gguf(_) => None,
     };
     WeightsReport {
         files: c.files.iter().map(|(p, _)| p.clone()).collect(),
@@ -107,7 +107,7 @@ pub fn inspect(path: &Path, variant: Option<&str>) -> Result<Report, CheckpointE
     let kind = match (&w.files, path.is_dir()) {
         (_, true) => "component",
         (WeightFiles::Sharded(_), false) => "index",
-        (WeightFiles::Single(_), false) => "file",
+        (WeightFiles::Single(_) | WeightFiles::Gguf(_), false) => "file",
     };
     let c = Checkpoint::open(w)?;
     // A config without `_class_name` (nor transformers' `architectures`) leaves the class empty;

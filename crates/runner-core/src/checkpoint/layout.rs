@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::gguf::{Family, GgmlType, KeyStyle};
 use super::index::{read_index, ShardIndex};
 use super::safetensors::{read_header, Header, TensorInfo};
 use super::CheckpointError;
@@ -82,13 +83,23 @@ fn file_names(dir: &Path) -> Vec<String> {
 pub enum WeightFiles {
     Single(PathBuf),
     Sharded(ShardIndex),
+    /// One GGUF file (FLUX.1 or SD3/SD3.5 transformer; its config from the pipeline folder).
+    Gguf(PathBuf),
 }
 
 impl WeightFiles {
     pub fn paths(&self) -> Vec<PathBuf> {
         match self {
-            WeightFiles::Single(p) => vec![p.clone()],
+            WeightFiles::Single(p) | WeightFiles::Gguf(p) => vec![p.clone()],
             WeightFiles::Sharded(i) => i.shard_paths(),
+        }
+    }
+
+    /// The file a user named for these weights: the single file, the index or the GGUF file.
+    pub fn named(&self) -> &Path {
+        match self {
+            WeightFiles::Single(p) | WeightFiles::Gguf(p) => p,
+            WeightFiles::Sharded(i) => &i.path,
         }
     }
 }
@@ -157,12 +168,17 @@ pub fn resolve_source(path: &Path, library: Option<Library>, variant: Option<&st
     } else if name.ends_with(".safetensors") {
         Ok(ResolvedWeights { files: WeightFiles::Single(path.to_path_buf()), variant: None, notes: vec![] })
     } else if name.ends_with(".gguf") {
-        Err(CheckpointError::format(
-            path,
-            "a GGUF file cannot be a component source yet (`runner inspect` reads GGUF files, `runner quantize` writes them); expected a folder, a `*.safetensors.index.json` or a `.safetensors` file",
-        ))
+        let mut notes = vec![];
+        match (variant, policy) {
+            (Some(v), VariantPolicy::Require) => {
+                return Err(CheckpointError::format(path, format!("variant `{v}` picks among a folder's weight files; a .gguf file is one file (remove the component's `variant`)")))
+            }
+            (Some(v), VariantPolicy::FallBack) => notes.push(format!("`{}` is a GGUF file: the pipeline's variant `{v}` does not apply to it", path.display())),
+            (None, _) => {}
+        }
+        Ok(ResolvedWeights { files: WeightFiles::Gguf(path.to_path_buf()), variant: None, notes })
     } else {
-        Err(CheckpointError::format(path, "expected a folder, a `*.safetensors.index.json` or a `.safetensors` file"))
+        Err(CheckpointError::format(path, "expected a folder, a `*.safetensors.index.json`, a `.safetensors` or a `.gguf` file"))
     }
 }
 
@@ -233,7 +249,47 @@ fn not_found(dir: &Path, tried: &[(PathBuf, bool)], what: &str) -> CheckpointErr
 #[derive(Debug, Clone)]
 pub struct TensorLoc {
     pub file: usize,
+    /// Where its bytes are. A GGUF-quantized tensor is `U8` bytes of its byte shape (rows, then
+    /// the bytes of a row), as gguf-py and diffusers hold one; its type and shape are in `quant`.
     pub info: TensorInfo,
+    pub quant: Option<Quantized>,
+    /// diffusers' `swap_scale_shift`: the loaded rows' two halves are exchanged.
+    pub swap_halves: bool,
+}
+
+/// A GGUF tensor kept in its ggml type (quantized, or BF16: diffusers dequantizes both in the
+/// forward, never at load).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized {
+    pub ggml_type: GgmlType,
+    /// The tensor's own (torch-order) shape.
+    pub shape: Vec<u64>,
+}
+
+impl TensorLoc {
+    fn plain(file: usize, info: TensorInfo) -> TensorLoc {
+        TensorLoc { file, info, quant: None, swap_halves: false }
+    }
+
+    /// The tensor's shape (a quantized tensor's own, not its bytes').
+    pub fn shape(&self) -> &[u64] {
+        self.quant.as_ref().map_or(&self.info.shape, |q| &q.shape)
+    }
+
+    pub fn numel(&self) -> u64 {
+        self.shape().iter().product()
+    }
+
+    /// Whether it holds floating-point values (quantized ones included).
+    pub fn is_float(&self) -> bool {
+        self.quant.is_some() || self.info.dtype.is_float()
+    }
+
+    /// Bytes of its compute-dtype copy (`float_bytes` per element): a quantized weight's
+    /// dequantized copy in the forward.
+    pub fn dequantized_bytes(&self, float_bytes: u64) -> u64 {
+        self.numel() * float_bytes
+    }
 }
 
 /// A component's weights, checked across shards, from headers alone.
@@ -242,6 +298,8 @@ pub struct Checkpoint {
     pub weights: ResolvedWeights,
     pub files: Vec<(PathBuf, Header)>,
     pub tensors: BTreeMap<String, TensorLoc>,
+    /// A GGUF file's transformer family and the key names it had.
+    pub gguf: Option<(Family, KeyStyle)>,
 }
 
 impl Checkpoint {
@@ -250,11 +308,16 @@ impl Checkpoint {
         let mut files = vec![];
         let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
         let mut weights = weights;
+        if let WeightFiles::Gguf(p) = &weights.files {
+            let (files, tensors, gguf) = open_gguf(p)?;
+            return Ok(Checkpoint { weights, files, tensors, gguf: Some(gguf) });
+        }
         match &weights.files {
+            WeightFiles::Gguf(_) => unreachable!("opened above"),
             WeightFiles::Single(p) => {
                 let h = read_header(p)?;
                 for t in &h.tensors {
-                    tensors.insert(t.name.clone(), TensorLoc { file: 0, info: t.clone() });
+                    tensors.insert(t.name.clone(), TensorLoc::plain(0, t.clone()));
                 }
                 files.push((p.clone(), h));
             }
@@ -272,7 +335,7 @@ impl Checkpoint {
                             Some(s) if s != name => return Err(CheckpointError::tensor(&p, &t.name, format!("is in this shard but `{}` maps it to `{s}`", index.path.display()))),
                             Some(_) => {}
                         }
-                        if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc { file: i, info: t.clone() }) {
+                        if let Some(prev) = tensors.insert(t.name.clone(), TensorLoc::plain(i, t.clone())) {
                             let other = &files.get(prev.file).map(|(p, _): &(PathBuf, Header)| p.display().to_string()).unwrap_or_default();
                             return Err(CheckpointError::tensor(&p, &t.name, format!("is also in `{other}`: a weight must be in one shard")));
                         }
@@ -290,25 +353,32 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { weights, files, tensors })
+        Ok(Checkpoint { weights, files, tensors, gguf: None })
     }
 
     pub fn tensor_count(&self) -> usize {
         self.tensors.len()
     }
 
-    /// Elements of floating-point tensors (parameters and float buffers).
+    /// Elements of floating-point tensors (parameters and float buffers, quantized ones included).
     pub fn parameters(&self) -> u64 {
-        self.tensors.values().filter(|t| t.info.dtype.is_float()).map(|t| t.info.numel()).sum()
+        self.tensors.values().filter(|t| t.is_float()).map(TensorLoc::numel).sum()
     }
 
-    /// Bytes as stored, per safetensors dtype.
+    /// Bytes as stored, per safetensors dtype (per ggml type for quantized GGUF tensors).
     pub fn bytes_by_dtype(&self) -> BTreeMap<String, u64> {
         let mut m = BTreeMap::new();
         for t in self.tensors.values() {
-            *m.entry(t.info.dtype.name().to_string()).or_insert(0) += t.info.nbytes();
+            let name = t.quant.as_ref().map_or(t.info.dtype.name(), |q| q.ggml_type.name());
+            *m.entry(name.to_string()).or_insert(0) += t.info.nbytes();
         }
         m
+    }
+
+    /// The largest quantized weight's compute-dtype copy (`float_bytes` per element), alive while
+    /// its layer runs (diffusers' `GGUFLinear` dequantizes one weight per forward).
+    pub fn largest_dequantized(&self, float_bytes: u64) -> u64 {
+        self.tensors.values().filter(|t| t.quant.is_some()).map(|t| t.dequantized_bytes(float_bytes)).max().unwrap_or(0)
     }
 
     pub fn stored_bytes(&self) -> u64 {
@@ -319,6 +389,82 @@ impl Checkpoint {
     /// such as `position_ids` keep their type, as `model.to(dtype)` does).
     pub fn bytes_at(&self, float_bytes: u64) -> u64 {
         self.tensors.values().map(|t| t.info.nbytes_as(float_bytes)).sum()
+    }
+}
+
+/// A GGUF transformer's tensors under diffusers' names: original names converted as diffusers'
+/// converters do ([`super::convert`]), each split a byte range of the file (a quantized tensor's
+/// blocks run along its rows, so rows are bytes). Checked from the header alone: supported types,
+/// a recognisable FLUX or SD3 layout, row ranges on whole blocks.
+#[allow(clippy::type_complexity)]
+fn open_gguf(path: &Path) -> Result<(Vec<(PathBuf, Header)>, BTreeMap<String, TensorLoc>, (Family, KeyStyle)), CheckpointError> {
+    use super::convert::{to_diffusers, Piece};
+    use super::gguf::{detect, strip_prefix};
+    use super::safetensors::Dtype;
+    let f = super::gguf::read(path)?;
+    f.check_supported()?;
+    let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+    let (family, style) = detect(&names).ok_or_else(|| {
+        CheckpointError::format(path, "neither a FLUX.1 nor an SD3/SD3.5 transformer (no `double_blocks.0.img_attn.norm.key_norm.scale`, `joint_blocks.0...`, or diffusers' `transformer_blocks.*` names): runner loads GGUF transformers of those families only")
+    })?;
+    let pieces: BTreeMap<String, Piece> = match style {
+        KeyStyle::Original => {
+            let shapes = f.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+            to_diffusers(family, &shapes).map_err(|m| CheckpointError::format(path, format!("as an original-named {} transformer: {m}", family.as_str())))?
+        }
+        KeyStyle::Diffusers => f.tensors.iter().map(|t| (strip_prefix(&t.name).to_string(), Piece { source: t.name.clone(), rows: None, swap_halves: false })).collect(),
+    };
+    let by_name: BTreeMap<&str, &super::gguf::TensorInfo> = f.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut tensors = BTreeMap::new();
+    for (name, piece) in pieces {
+        let t = by_name[piece.source.as_str()];
+        let gt = t.ggml_type;
+        let total = t.shape.first().copied().unwrap_or(1);
+        let (r0, n) = piece.rows.unwrap_or((0, total));
+        // The byte offset of row `r`: rows of whole blocks in 2-D and up; a 1-D tensor's rows are
+        // its elements, so a split must fall on a block boundary.
+        let offset = |r: u64| -> Result<u64, CheckpointError> {
+            if t.shape.len() >= 2 {
+                Ok(r * (t.n_bytes / total.max(1)))
+            } else if r % gt.block_size() == 0 {
+                Ok(r / gt.block_size() * gt.type_size())
+            } else {
+                Err(CheckpointError::tensor(path, &t.name, format!("element {r} is not on a {gt} block boundary: the tensor cannot be split there without dequantizing it")))
+            }
+        };
+        let (start, end) = (t.start + offset(r0)?, t.start + offset(r0 + n)?);
+        if piece.swap_halves {
+            offset(r0 + n / 2)?;
+        }
+        let mut shape = t.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = n;
+        }
+        let (dtype, info_shape, quant) = match gt {
+            GgmlType::F32 => (Dtype::F32, shape, None),
+            GgmlType::F16 => (Dtype::F16, shape, None),
+            _ => {
+                let mut bytes = shape.clone();
+                if let Some(last) = bytes.last_mut() {
+                    *last = *last / gt.block_size() * gt.type_size();
+                }
+                (Dtype::U8, bytes, Some(Quantized { ggml_type: gt, shape }))
+            }
+        };
+        let info = TensorInfo { name: name.clone(), dtype, shape: info_shape, data_offsets: (start, end) };
+        tensors.insert(name, TensorLoc { file: 0, info, quant, swap_halves: piece.swap_halves });
+    }
+    // Offsets are absolute: the header's data section starts at the file's first byte.
+    let header = Header { tensors: vec![], metadata: BTreeMap::new(), data_start: 0, data_len: f.file_len };
+    Ok((vec![(path.to_path_buf(), header)], tensors, (family, style)))
+}
+
+/// The transformer family a model class is, for the classes a GGUF file can be the source of.
+pub fn gguf_family(class: &str) -> Option<Family> {
+    match class {
+        "FluxTransformer2DModel" => Some(Family::Flux),
+        "SD3Transformer2DModel" => Some(Family::Sd3),
+        _ => None,
     }
 }
 
@@ -457,9 +603,22 @@ impl PipelineFolder {
                 // An explicit variant on the component must exist; the pipeline's falls back.
                 let policy = if spec.variant.is_some() { VariantPolicy::Require } else { VariantPolicy::FallBack };
                 let w = resolve_source(src, Some(lib), component_variant, policy)?;
+                if let WeightFiles::Gguf(p) = &w.files {
+                    if gguf_family(class).is_none() {
+                        return Err(CheckpointError::format(
+                            p,
+                            format!("component `{name}` is a {class}: a .gguf file is a source for FluxTransformer2DModel and SD3Transformer2DModel only (the transformers diffusers loads from GGUF)"),
+                        ));
+                    }
+                }
                 any_variant |= w.variant.is_some();
                 any_weights = true;
                 let c = Checkpoint::open(w)?;
+                if let (Some((family, _)), Some(want)) = (c.gguf, gguf_family(class)) {
+                    if family != want {
+                        return Err(CheckpointError::format(c.weights.files.named(), format!("holds a {} transformer, but component `{name}` is a {class} ({})", family.as_str(), want.as_str())));
+                    }
+                }
                 notes.extend(c.weights.notes.iter().cloned());
                 Some(c)
             } else {
@@ -501,6 +660,8 @@ impl PipelineFolder {
             match &c.checkpoint {
                 Some(ck) => {
                     let cfg_dir = match &ck.weights.files {
+                        // A GGUF file has no config beside it: the pipeline folder's (diffusers' `config=`).
+                        WeightFiles::Gguf(_) => None,
                         WeightFiles::Single(p) => p.parent().map(Path::to_path_buf),
                         WeightFiles::Sharded(i) => {
                             out.push(i.path.clone());

@@ -36,6 +36,12 @@ impl CheckpointError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         CheckpointError::Io { path: path.to_path_buf(), source }
     }
+    /// The file at fault.
+    pub fn path(&self) -> &Path {
+        match self {
+            CheckpointError::Io { path, .. } | CheckpointError::Format { path, .. } | CheckpointError::Tensor { path, .. } => path,
+        }
+    }
 }
 
 /// Opens the pipeline a manifest describes: its folder, with each component's `source`,

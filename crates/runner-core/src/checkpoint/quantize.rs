@@ -100,8 +100,9 @@ fn file_type(t: GgmlType) -> u32 {
     }
 }
 
-/// The type each tensor is written as (see the module's rules).
-fn target(family: Family, name: &str, shape: &[u64], src: Dtype, want: GgmlType) -> GgmlType {
+/// The type each tensor is written as (see the module's rules): `want` where city96's tools
+/// quantize, else F32 or the source's half type.
+pub fn target(family: Family, name: &str, shape: &[u64], src: Dtype, want: GgmlType) -> GgmlType {
     let base = if want.quantized() {
         if src == Dtype::BF16 {
             GgmlType::BF16

@@ -191,9 +191,10 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run
                 class: c.class.clone(),
                 dtype,
                 bytes: tree.total,
-                // + the compute copy of the largest cast layer, alive while it runs.
-                working: working_at(&dims, dtype) + if opts.weights_only { 0 } else { cast_copy_bytes(&cast, ck, dtype) },
-                working_half: working_at(&dims, Dtype::Fp16),
+                // + the compute copy of the largest cast layer, alive while it runs; for a GGUF
+                // component, of the largest quantized weight (dequantized per forward).
+                working: working_at(&dims, dtype) + if opts.weights_only { 0 } else { cast_copy_bytes(&cast, ck, dtype) + ck.largest_dequantized(dtype.size_bytes()) },
+                working_half: working_at(&dims, Dtype::Fp16) + if opts.weights_only { 0 } else { ck.largest_dequantized(2) },
                 working_tiled: tiled.map(|t| working_at(&t, dtype)).filter(|&w| w < working_at(&dims, dtype)),
                 // What fp16 would weigh, for suggesting it (T5's `wo` stays fp32 there).
                 tree_half: (dtype == Dtype::Fp32).then(|| tree_at(Dtype::Fp16)),
