@@ -1,7 +1,9 @@
 //! One FluxTransformer2DModel forward per iteration, timed (benches/flux_step.sh runs this beside
 //! diffusers on the same weights): wall time, and the process's CPU time (user + system, all
 //! threads), which a machine shared with other work disturbs less.
-//!   flux_bench TRANSFORMER_DIR LATENT_SIZE TEXT_TOKENS ITERS
+//!   flux_bench TRANSFORMER_DIR LATENT_SIZE TEXT_TOKENS ITERS [FILE.gguf]
+//! With a .gguf file, the weights are its (quantized Linear weights dequantized per forward, as
+//! diffusers' `GGUFLinear`) and TRANSFORMER_DIR gives the config (benches/gguf_step.sh).
 //! LATENT_SIZE is the VAE latent grid's side (image / 8): the transformer sees (side / 2)² tokens.
 
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
@@ -21,7 +23,19 @@ fn main() {
     let path = dir.join("config.json");
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let config = FluxTransformer2DConfig::from_json(&cfg, &path).unwrap();
-    let ck = Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let ck = match a.get(4) {
+        Some(gguf) => Checkpoint::open(runner::checkpoint::layout::resolve_source(std::path::Path::new(gguf), None, None, VariantPolicy::Require).unwrap()).unwrap(),
+        None => Checkpoint::open(resolve_folder(dir, Some(Library::Diffusers), None, VariantPolicy::Require).unwrap()).unwrap(),
+    };
+    // BENCH_LOAD_ONLY=1 (benches/gguf_load.sh): the load at bf16, diffusers' GGUF compute dtype, timed.
+    if std::env::var_os("BENCH_LOAD_ONLY").is_some() {
+        let model = FluxTransformer2DModel::load(&config, &ck, Device::Cpu, Kind::BFloat16).unwrap();
+        let load_s = started.elapsed().as_secs_f64();
+        let bytes: usize = model.varstore().variables().values().map(|v| v.numel() * v.kind().elt_size_in_bytes()).sum();
+        println!("{{\"impl\": \"runner\", \"load_s\": {load_s:.3}, \"weight_bytes\": {bytes}}}");
+        return;
+    }
     let model = FluxTransformer2DModel::load(&config, &ck, Device::Cpu, Kind::Float).unwrap();
     tch::manual_seed(0);
     let opts = (Kind::Float, Device::Cpu);

@@ -1,6 +1,8 @@
 """diffusers side of benches/flux_step.sh: one FluxTransformer2DModel forward per iteration on the same
 weights and input shapes (wall time and the process's CPU time, as benches/flux_bench.rs).
-  flux_step_py.py TRANSFORMER_DIR LATENT_SIZE TEXT_TOKENS ITERS"""
+  flux_step_py.py TRANSFORMER_DIR LATENT_SIZE TEXT_TOKENS ITERS [FILE.gguf]
+With a .gguf file: `from_single_file(FILE, quantization_config=GGUFQuantizationConfig(compute_dtype=float32),
+config=TRANSFORMER_DIR)`, diffusers' GGUFLinear (benches/gguf_step.sh)."""
 import json
 import os
 import sys
@@ -12,7 +14,14 @@ from diffusers import FluxTransformer2DModel
 threads = int(os.environ.get("BENCH_THREADS", "1"))
 torch.set_num_threads(threads)
 path, size, tokens, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model = FluxTransformer2DModel.from_pretrained(path).eval()
+if len(sys.argv) > 5:
+    from diffusers import GGUFQuantizationConfig
+
+    model = FluxTransformer2DModel.from_single_file(sys.argv[5], quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), config=path,
+                                                    torch_dtype=torch.float32, local_files_only=True).eval()
+    assert any(type(m).__name__ == "GGUFLinear" for m in model.modules())
+else:
+    model = FluxTransformer2DModel.from_pretrained(path).eval()
 c = model.config
 torch.manual_seed(0)
 side = size // 2

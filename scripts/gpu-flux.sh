@@ -7,10 +7,12 @@
 # T5's; diffusers: enable_group_offload block_level with a side stream on both), sequential.
 # Goals (issue 15): none <= 1.0x diffusers' time; group <= 1.5x runner's no-offload time with peak
 # VRAM <= 12 GB. Issue 16: group-fp8 (fp8-e4m3 layerwise storage + group offload) <= diffusers' same
-# settings on peak VRAM and time per step.
+# settings on peak VRAM and time per step. Issue 26: gguf-q8_0 and gguf-q4_0 (the transformer from a
+# `runner quantize`d file in city96's original names, everything on the GPU) against diffusers'
+# GGUF pipeline (GGUFLinear, compute bf16): time per step and peak reserved VRAM.
 #   here:  cargo build --release && scripts/fetch-gpu-wheels.sh
 #   there: bash scripts/gpu-flux.sh        (carry: target/release/runner, target/release/runner-torch, .whl; STEPS, default 8;
-#          MODES, default "none group model sequential")
+#          MODES, default "none group group-fp8 model sequential gguf-q8_0 gguf-q4_0")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -20,7 +22,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 OUT=${OUT:-/tmp/gpu-flux}
 STEPS=${STEPS:-8}
-MODES=${MODES:-none group group-fp8 model sequential}
+MODES=${MODES:-none group group-fp8 model sequential gguf-q8_0 gguf-q4_0}
 FOLDER=/tmp/flux-random
 mkdir -p "$OUT"
 status=0
@@ -45,11 +47,16 @@ height = 1024
 TOML
 for mode in $MODES; do
   echo "-- $mode"
+  if [[ $mode == gguf-* ]]; then
+    gguf=$FOLDER/transformer-${mode#gguf-}.gguf
+    [[ -f $gguf ]] || target/release/runner quantize "$FOLDER/transformer" --type "${mode#gguf-}" --keys original --out "$gguf" >/dev/null || { echo "quantize ${mode#gguf-} FAILED"; status=1; continue; }
+  fi
   $PY tools/gpu_flux_compare.py run $FOLDER "$OUT" "$STEPS" $mode 2>/dev/null | tee "$OUT/diffusers-$mode.json" || status=1
   case $mode in
     none) sets=(--set run.seed=0) ;;
     group) sets=(--set components.transformer.offload=group --set components.text_encoder_2.offload=group) ;;
     group-fp8) sets=(--set components.transformer.offload=group --set components.text_encoder_2.offload=group --set components.transformer.storage_dtype=fp8-e4m3) ;;
+    gguf-*) sets=(--set "components.transformer.source=\"$gguf\"") ;;
     *) sets=(--set placement.offload=$mode) ;;
   esac
   target/release/runner run /tmp/flux-random.toml --quiet --json "${sets[@]}" --out "$OUT/runner-$mode.png" --dump "$OUT/dump-$mode" > "$OUT/runner-$mode.json" || { echo "runner $mode FAILED"; status=1; continue; }

@@ -16,6 +16,9 @@ on it (seed 0, 1024x1024, guidance 3.5, max_sequence_length 512) after a 1-step 
   sequential  enable_sequential_cpu_offload()
   group-fp8   `group` with the transformer's weights stored in float8_e4m3fn between layer calls
               (enable_layerwise_casting(storage_dtype=float8_e4m3fn, compute_dtype=bfloat16), issue 16)
+  gguf-TYPE   the transformer from FOLDER/transformer-TYPE.gguf (`runner quantize`, original names:
+              city96's layout) by from_single_file(quantization_config=GGUFQuantizationConfig(
+              compute_dtype=bfloat16), config=FOLDER), GGUFLinear layers; everything on the GPU (issue 26)
 and prints one JSON line: seconds per step (the whole call / steps, and the transformer's own time
 from a forward pre/post hook pair), allocator peaks (also since process start, the figure runner's
 `run --json` allocator peak is compared with); the image goes to OUT/diffusers-MODE.npy.
@@ -51,10 +54,16 @@ def main():
         return
     folder, out, steps, mode = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     from diffusers import FluxPipeline
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    extra = {}
+    if mode.startswith("gguf-"):
+        from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+        extra["transformer"] = FluxTransformer2DModel.from_single_file(str(folder / f"transformer-{mode[5:]}.gguf"), config=str(folder), subfolder="transformer",
+                                                                       quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+                                                                       torch_dtype=torch.bfloat16, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16, **extra)
     pipe.set_progress_bar_config(disable=True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    if mode == "none":
+    if mode == "none" or mode.startswith("gguf-"):
         pipe.to(cuda)
     elif mode == "model":
         pipe.enable_model_cpu_offload()

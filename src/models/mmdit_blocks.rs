@@ -43,10 +43,7 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         use crate::models::cast::compute;
         scoped(&self.path, || match &self.quant {
-            Some((q, kind)) => {
-                let w = crate::models::quantized::dequantize(&self.weight, q, *kind)?;
-                x.f_linear(&w, Some(&self.bias.f_to_kind(*kind)?))
-            }
+            Some((q, kind)) => crate::models::quantized::linear(x, &self.weight, q, Some(&self.bias), *kind),
             None => x.f_linear(&compute(&self.weight, self.cast), Some(&compute(&self.bias, self.cast))),
         })
     }

@@ -29,15 +29,68 @@ pub fn dequantize(bytes: &Tensor, q: &Quant, kind: Kind) -> Result<Tensor, TchEr
     }
 }
 
+thread_local! {
+    /// The forward's dequantized weight on the CPU: float32 values, and their compute-dtype copy
+    /// for a 16-bit compute dtype. Kept per thread and reused: a fresh allocation per layer call
+    /// costs page faults (huge pages zeroed) of the whole model's weights per step.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<u16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// diffusers' `GGUFLinear.forward_native`: `x @ dequantize(weight).to(kind).T + bias.to(kind)`.
+/// On the CPU the dequantized weight lives in a per-thread buffer for the call alone (it never
+/// leaves this function); elsewhere it is a temporary of the device's allocator.
+pub fn linear(x: &Tensor, bytes: &Tensor, q: &Quant, bias: Option<&Tensor>, kind: Kind) -> Result<Tensor, TchError> {
+    let bias = bias.map(|b| b.f_to_kind(kind)).transpose()?;
+    if bytes.device() != Device::Cpu || !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+        return x.f_linear(&dequantize(bytes, q, kind)?, bias.as_ref());
+    }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (wide, narrow) = &mut *s;
+        let n = q.shape.iter().product::<i64>().max(0) as usize;
+        if wide.len() < n {
+            wide.resize(n, 0.0);
+        }
+        decode_into(bytes, q, &mut wide[..n])?;
+        // SAFETY: the buffers hold `n` elements of the kinds given and outlive these views, which
+        // are dropped before this closure returns (only `linear`'s output, a new tensor, leaves).
+        let w32 = unsafe { Tensor::f_from_blob(wide.as_ptr() as *const u8, &q.shape, &[], Kind::Float, Device::Cpu)? };
+        if kind == Kind::Float {
+            return x.f_linear(&w32, bias.as_ref());
+        }
+        if narrow.len() < n {
+            narrow.resize(n, 0);
+        }
+        let mut w16 = unsafe { Tensor::f_from_blob(narrow.as_ptr() as *const u8, &q.shape, &[], kind, Device::Cpu)? };
+        w16.f_copy_(&w32)?;
+        x.f_linear(&w16, bias.as_ref())
+    })
+}
+
 /// Decoded in Rust: f32 values equal to diffusers' (fp16 ones where its result is fp16).
 fn on_host(bytes: &Tensor, q: &Quant) -> Result<Tensor, TchError> {
+    let out = Tensor::f_empty(q.shape.as_slice(), (Kind::Float, Device::Cpu))?;
+    let n = out.numel();
+    // SAFETY: `out` is a fresh contiguous CPU f32 tensor of `n` elements, alive for the borrow.
+    decode_into(bytes, q, unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n) })?;
+    Ok(out)
+}
+
+/// `bytes` (on the CPU) decoded into `dst` (exactly the tensor's values), chunks of blocks in parallel.
+fn decode_into(bytes: &Tensor, q: &Quant, dst: &mut [f32]) -> Result<(), TchError> {
+    use rayon::prelude::*;
+    /// Elements decoded per task: a few pages of output, large enough to amortise the task.
+    const CHUNK: usize = 1 << 15;
     let b = bytes.f_contiguous()?;
-    let n = b.numel();
-    // SAFETY: `b` is a contiguous CPU tensor of `n` one-byte elements, alive for the borrow.
-    let data = unsafe { std::slice::from_raw_parts(b.data_ptr() as *const u8, n) };
-    let mut out = Vec::with_capacity(q.shape.iter().product::<i64>().max(0) as usize);
-    ggml::dequantize_as_diffusers(q.ggml_type, data, &mut out).map_err(TchError::Convert)?;
-    Tensor::from_slice(&out).f_reshape(q.shape.as_slice())
+    let t = q.ggml_type;
+    let (bs, ts) = (t.block_size() as usize, t.type_size() as usize);
+    if b.numel() % ts != 0 || b.numel() / ts * bs != dst.len() {
+        return Err(TchError::Convert(format!("{} bytes of {t} blocks do not hold a {:?} tensor", b.numel(), q.shape)));
+    }
+    let per = CHUNK.div_ceil(bs);
+    // SAFETY: `b` is a contiguous CPU tensor of its numel bytes, alive for the borrow.
+    let src = unsafe { std::slice::from_raw_parts(b.data_ptr() as *const u8, b.numel()) };
+    src.par_chunks(per * ts).zip(dst.par_chunks_mut(per * bs)).try_for_each(|(s, d)| ggml::dequantize_as_diffusers_into(t, s, d)).map_err(TchError::Convert)
 }
 
 fn u8s(device: Device, v: &[u8], shape: &[i64]) -> Result<Tensor, TchError> {
@@ -266,6 +319,13 @@ mod tests {
             assert_eq!(ops.kind(), want_kind, "{t}: diffusers' result dtype");
             let ops = ops.to_kind(Kind::Float);
             assert!(ops.view_dtype(Kind::Int).equal(&host.view_dtype(Kind::Int)), "{t}: torch ops and the host decoder differ");
+            // The layer: diffusers' `F.linear(x, dequantize(w).to(kind), bias.to(kind))`.
+            let x = Tensor::randn([2, blocks_per_row * bs], (Kind::Float, Device::Cpu));
+            let bias = Tensor::randn([rows], (Kind::Float, Device::Cpu));
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let want = x.to_kind(kind).linear(&host.to_kind(kind), Some(&bias.to_kind(kind)));
+                assert!(linear(&x.to_kind(kind), &raw, &q, Some(&bias), kind).unwrap().equal(&want), "{t} {kind:?}");
+            }
             // Through the public entry, at a compute dtype.
             let bf = dequantize(&raw, &q, Kind::BFloat16).unwrap();
             assert!(bf.equal(&host.to_kind(Kind::BFloat16)), "{t}");
