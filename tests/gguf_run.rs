@@ -136,6 +136,8 @@ fn a_gguf_source_runs_under_every_offload_mode_and_a_split() {
             (decode_png(&out).0, r, serde_json::from_str::<serde_json::Value>(&plan).unwrap())
         };
         let (none, _, plan) = go("none", &[]);
+        let family = if fixture == "tiny-flux-dev" { "flux" } else { "sd3" };
+        assert!(plan["notes"].to_string().contains(&format!("`transformer` is a GGUF {family} transformer")), "{}", plan["notes"]);
         // Planned at the file's bytes: quantized blocks, not dequantized weights.
         let ck = gguf_checkpoint(&gguf);
         // Quantized tensors at their blocks' bytes, plain ones at the pipeline's fp32.

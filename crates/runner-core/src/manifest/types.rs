@@ -277,8 +277,9 @@ pub enum Offload {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Component {
-    /// Weights from elsewhere: a folder, a `*.safetensors.index.json` or one `.safetensors` file,
-    /// relative to the manifest file.
+    /// Weights from elsewhere: a folder, a `*.safetensors.index.json`, one `.safetensors` file or,
+    /// for a FLUX.1 or SD3/SD3.5 transformer, one `.gguf` file (its config from the pipeline
+    /// folder); relative to the manifest file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub source: Option<PathBuf>,

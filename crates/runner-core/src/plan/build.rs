@@ -148,6 +148,19 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run
                 (Some(u), "unet") => u.up_block_types.as_slice(),
                 _ => &[],
             };
+            if let Some((family, style)) = ck.gguf {
+                let by_type = ck.bytes_by_dtype();
+                let quantized: Vec<String> = by_type.iter().filter(|(t, _)| !matches!(t.as_str(), "F32" | "F16")).map(|(t, b)| format!("{t} {}", crate::units::ByteSize(*b))).collect();
+                notes.push(format!(
+                    "`{}` is a GGUF {} transformer ({} names): {} stay quantized, each Linear weight dequantized to {} as it runs (the largest copy, {}, is in its working memory)",
+                    c.name,
+                    family.as_str(),
+                    if style == crate::checkpoint::gguf::KeyStyle::Original { "original" } else { "diffusers'" },
+                    if quantized.is_empty() { "no weights".to_string() } else { quantized.join(", ") },
+                    dtype.as_str(),
+                    crate::units::ByteSize(ck.largest_dequantized(dtype.size_bytes()))
+                ));
+            }
             // Layerwise casting: cast layers weigh their storage dtype.
             let storage = spec.and_then(|s| s.storage_dtype);
             let cast = storage.map(|_| crate::arch::cast::cast_modules(&c.class, ck.tensors.iter().map(|(k, t)| (k.as_str(), t.info.shape.len())))).unwrap_or_default();
