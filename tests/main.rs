@@ -15,6 +15,7 @@ mod gguf_run;
 mod layering;
 mod load;
 mod lock;
+mod lora;
 mod pipeline;
 mod plan;
 mod preflight;

@@ -151,11 +151,17 @@ pub(crate) struct Loader<'a> {
     progress: bool,
     bars: indicatif::MultiProgress,
     host_bytes: std::sync::atomic::AtomicU64,
+    /// `[adapters.*]`: the LoRA pairs merged into each component's weights as it loads.
+    fuse: std::collections::BTreeMap<String, Vec<crate::checkpoint::lora::FuseItem>>,
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(m: &'a LoadedManifest, pipeline: &'a PipelineFolder, plan: &'a Plan, configs: &'a crate::preflight::Configs, simulate: bool, progress: bool) -> Self {
-        Loader { m, pipeline, plan, configs, simulate, progress, bars: indicatif::MultiProgress::new(), host_bytes: Default::default() }
+    pub fn new(m: &'a LoadedManifest, pipeline: &'a PipelineFolder, plan: &'a Plan, configs: &'a crate::preflight::Configs, simulate: bool, progress: bool) -> Result<Self, ExecError> {
+        let adapters: Vec<_> =
+            m.manifest.adapters.iter().map(|(name, a)| (name.clone(), m.resolve_path(&format!("adapters.{name}.source"), &a.source), a.scale.unwrap_or(1.0), a.components.clone())).collect();
+        let comps: Vec<_> = pipeline.components.iter().filter_map(|c| c.checkpoint.as_ref().map(|ck| (c.name.as_str(), c.class.as_str(), ck))).collect();
+        let fuse = crate::checkpoint::lora::fuse_plan(&adapters, &comps).map_err(|e| ExecError::Text(e.to_string()))?;
+        Ok(Loader { m, pipeline, plan, configs, simulate, progress, bars: indicatif::MultiProgress::new(), host_bytes: Default::default(), fuse })
     }
 
     /// Where component `name` is loaded and at which dtype.
@@ -169,7 +175,8 @@ impl<'a> Loader<'a> {
         if l.device == tch::Device::Cpu || l.split.is_some() {
             self.host_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         }
-        ComponentLoad { name, total: bytes, bar: self.bars.add(super::byte_progress(bytes, name, self.progress)), started: Instant::now() }
+        let fuse = self.fuse.get(&l.component.name).cloned().unwrap_or_default();
+        ComponentLoad { name, total: bytes, bar: self.bars.add(super::byte_progress(bytes, name, self.progress)), started: Instant::now(), fuse }
     }
 
     /// [`Self::track`] with the bytes of `l`'s whole checkpoint at its dtype.
@@ -249,11 +256,46 @@ pub(crate) struct ComponentLoad {
     total: u64,
     bar: indicatif::ProgressBar,
     started: Instant,
+    fuse: Vec<crate::checkpoint::lora::FuseItem>,
+}
+
+/// The LoRA pairs of `items` read from their files (f32), each checked finite: weight name ->
+/// its pairs in adapter order.
+fn deltas(items: &[crate::checkpoint::lora::FuseItem]) -> Result<std::collections::BTreeMap<String, Vec<crate::models::weights::Delta>>, ExecError> {
+    use crate::checkpoint::layout::{resolve_source, VariantPolicy};
+    use crate::checkpoint::load::{load, LoadOptions};
+    let mut files: std::collections::BTreeMap<&std::path::Path, Vec<&str>> = std::collections::BTreeMap::new();
+    for i in items {
+        files.entry(i.file.as_path()).or_default().extend([i.down.as_str(), i.up.as_str()]);
+    }
+    let mut stores = std::collections::BTreeMap::new();
+    for (path, names) in files {
+        let ck = Checkpoint::open(resolve_source(path, None, None, VariantPolicy::Require).map_err(|e| ExecError::Text(e.to_string()))?).map_err(|e| ExecError::Text(e.to_string()))?;
+        let store = load(&ck, Some(&names), LoadOptions { float_kind: Some(Kind::Float), device: tch::Device::Cpu, populate: false }).map_err(|e| ExecError::Text(e.to_string()))?;
+        stores.insert(path, store.into_owned());
+    }
+    let mut out: std::collections::BTreeMap<String, Vec<crate::models::weights::Delta>> = std::collections::BTreeMap::new();
+    for i in items {
+        let s = &stores[i.file.as_path()];
+        for t in [&i.down, &i.up] {
+            if !bool::try_from(s[t].isfinite().all()).unwrap_or(false) {
+                return Err(ExecError::Text(format!("adapter `{}`: `{}`: tensor `{t}` holds NaN or infinite values", i.adapter, i.file.display())));
+            }
+        }
+        out.entry(i.weight.clone()).or_default().push(crate::models::weights::Delta { a: s[&i.down].shallow_clone(), b: s[&i.up].shallow_clone(), scaling: i.scaling });
+    }
+    Ok(out)
 }
 
 impl ComponentLoad {
     pub fn run<R>(self, f: impl FnOnce() -> Result<R, ExecError>) -> Result<R, ExecError> {
         let sink = self.bar.clone();
+        let fuse = deltas(&self.fuse)?;
+        let merged = self.fuse.len();
+        let f = || crate::models::weights::with_fused(fuse, f);
+        if merged > 0 {
+            tracing::info!("{}: merging {merged} LoRA pairs into its weights", self.name);
+        }
         let r = crate::models::weights::with_progress(std::rc::Rc::new(move |b| sink.inc(b)), f);
         self.bar.finish_and_clear();
         if r.is_ok() {

@@ -117,6 +117,22 @@ pub struct ImageMeta {
     pub dtype: String,
     /// sha256 of the effective manifest (after environment variables and `--set`), as JSON.
     pub manifest_sha256: String,
+    /// `[adapters.*]` merged into the weights, in name order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterMeta>,
+}
+
+/// One LoRA adapter of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterMeta {
+    pub name: String,
+    pub scale: f64,
+    /// The file's name.
+    pub file: String,
+    /// sha256 of the whole file.
+    pub sha256: String,
+    /// A1111's LoRA hash (sha256 of the data after the safetensors header; its `Lora hashes` show 12 digits).
+    pub a1111_hash: String,
 }
 
 /// Longest text stored per field; the model sees 77 tokens of a prompt anyway.
@@ -150,6 +166,10 @@ impl ImageMeta {
         }
         if self.batch_size > 1 {
             fields.push(format!("Batch size: {}, Batch pos: {}", self.batch_size, self.batch_index));
+        }
+        if !self.adapters.is_empty() {
+            let hashes: Vec<String> = self.adapters.iter().map(|a| format!("{}: {}", a.name, &a.a1111_hash[..12.min(a.a1111_hash.len())])).collect();
+            fields.push(format!("Lora hashes: {}", serde_json::to_string(&hashes.join(", ")).unwrap_or_default()));
         }
         fields.push(format!("Version: runner {}", self.version));
         let mut parameters = capped(&self.prompt);

@@ -136,7 +136,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let t_load = Instant::now();
     let startup_s = allocator::process_age_s().unwrap_or(0.0);
     let rss_before = allocator::host_rss().map_or(0, |(rss, _)| rss);
-    let lx = Loader::new(m, &checked.folder, &plan, &checked.configs, opts.simulate, opts.progress);
+    let lx = Loader::new(m, &checked.folder, &plan, &checked.configs, opts.simulate, opts.progress)?;
     // Declared before the models: on an error, the scratch files go after them.
     let mut scratch = vec![];
     let model = pipelines::load(m.manifest.pipeline.kind, &lx)?;
@@ -284,6 +284,21 @@ impl Session<'_> {
             lock_sha256: opts.lock_sha256.clone(),
             dtype: dtype_summary(m),
             manifest_sha256: manifest_digest(m),
+            adapters: m
+                .manifest
+                .adapters
+                .iter()
+                .map(|(name, a)| {
+                    let path = m.resolve_path(&format!("adapters.{name}.source"), &a.source);
+                    png::AdapterMeta {
+                        name: name.clone(),
+                        scale: a.scale.unwrap_or(1.0),
+                        file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                        sha256: crate::lock::sha256_file(&path).map(|(_, h)| h).unwrap_or_default(),
+                        a1111_hash: crate::checkpoint::lora::a1111_hash(&path).unwrap_or_default(),
+                    }
+                })
+                .collect(),
         };
         let mut pngs = vec![];
         for i in 0..job.run.shape.batch as usize {

@@ -62,6 +62,8 @@ thread_local! {
     static PROGRESS: RefCell<Option<ProgressSink>> = const { RefCell::new(None) };
     /// The GGUF-quantized tensors of the checkpoint being built from (both passes).
     static QUANTS: RefCell<BTreeMap<String, Quant>> = const { RefCell::new(BTreeMap::new()) };
+    /// LoRA pairs merged into the weights of the model being built (diffusers' `fuse_lora`).
+    static FUSE: RefCell<BTreeMap<String, Vec<Delta>>> = const { RefCell::new(BTreeMap::new()) };
     /// The dtype the model being built computes in.
     static COMPUTE: std::cell::Cell<Kind> = const { std::cell::Cell::new(Kind::Float) };
 }
@@ -131,6 +133,57 @@ pub fn param_at(p: &nn::Path, name: &str, shape: &[i64], kind: Kind) -> Tensor {
     }
 }
 
+/// One LoRA pair to merge into a weight: `W += scaling × B @ A` (f32 tensors as the file holds them).
+pub struct Delta {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scaling: f64,
+}
+
+/// Runs `f` (a model's construction) with `fuse` merged into the named weights as they load,
+/// in each list's order (PEFT's `merge`, adapter by adapter).
+pub fn with_fused<R>(fuse: BTreeMap<String, Vec<Delta>>, f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FUSE.with(|x| x.borrow_mut().clear());
+        }
+    }
+    FUSE.with(|x| *x.borrow_mut() = fuse);
+    let _reset = Reset;
+    f()
+}
+
+/// `w` with `deltas` merged, as PEFT merges on the CPU: A and B at the model's dtype (`w`'s), in
+/// float32 for the product when that is 16-bit, `(B @ A) * scaling` (a Conv2d's by its 1x1
+/// squeeze or `conv2d(A^T, B)^T`), back to the model's dtype, added to the weight.
+fn merged(w: &Tensor, deltas: &[Delta]) -> Result<Tensor, tch::TchError> {
+    let kind = w.kind();
+    // `empty_like` + `copy_`: one pass (tch's `copy` zero-fills first).
+    let mut out = w.f_empty_like()?;
+    out.f_copy_(w)?;
+    for d in deltas {
+        let at = |t: &Tensor| -> Result<Tensor, tch::TchError> {
+            let t = t.f_to_kind(kind)?;
+            if matches!(kind, Kind::Half | Kind::BFloat16) {
+                t.f_to_kind(Kind::Float)
+            } else {
+                Ok(t)
+            }
+        };
+        let (a, b) = (at(&d.a)?, at(&d.b)?);
+        let mut delta = match w.size().as_slice() {
+            [_, _] => b.f_matmul(&a)?,
+            [_, _, 1, 1] => b.f_squeeze_dim(3)?.f_squeeze_dim(2)?.f_matmul(&a.f_squeeze_dim(3)?.f_squeeze_dim(2)?)?.f_unsqueeze(2)?.f_unsqueeze(3)?,
+            [_, _, _, _] => a.f_transpose(0, 1)?.f_conv2d(&b, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?.f_transpose(0, 1)?,
+            s => return Err(tch::TchError::Shape(format!("a LoRA pair cannot change a weight of shape {s:?}"))),
+        };
+        let _ = delta.f_mul_scalar_(d.scaling)?;
+        let _ = out.f_add_(&delta.f_to_kind(kind)?)?;
+    }
+    Ok(out)
+}
+
 /// Whether [`build_from_checkpoint`]'s first pass (placeholders) is running on this thread.
 pub fn is_dry_pass() -> bool {
     SOURCE.with(|s| matches!(*s.borrow(), Some(Source::Dry { .. })))
@@ -188,6 +241,19 @@ fn take(src: &mut Source, full: String, shape: &[i64], kind: Option<Kind>, quant
     let (t, view) = match tensor {
         Ok(x) => x,
         Err(e) => return fail(error, e.into()),
+    };
+    // A LoRA merged into this weight: a new tensor (a view's pages go back to the file).
+    let fused = FUSE.with(|f| f.borrow().get(&full).map(|ds| merged(&t, ds)));
+    let (t, view) = match fused {
+        None => (t, view),
+        Some(Ok(m)) => {
+            drop(t);
+            if let Some(v) = view {
+                MAPS.with(|m| m.borrow().as_ref().map(|m| m.release(v)));
+            }
+            (m, None)
+        }
+        Some(Err(e)) => return fail(error, WeightsError::Other { model: String::new(), msg: format!("merging a LoRA into `{full}`: {e}") }),
     };
     let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
     let t = if device == Device::Cpu {

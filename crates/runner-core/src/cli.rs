@@ -635,6 +635,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Inspect { path, variant, json }
+            if path.is_file()
+                && path.extension().is_some_and(|e| e == "safetensors")
+                && crate::checkpoint::safetensors::read_header(&path).is_ok_and(|h| crate::checkpoint::lora::looks_like_lora(&h)) =>
+        {
+            if let Some(v) = variant {
+                anyhow::bail!("`{}`: --variant {v} picks among a folder's weight files; a LoRA file is one file", path.display());
+            }
+            let report = crate::checkpoint::lora::inspect(&path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::checkpoint::lora::render_table(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { path, variant, json } => {
             let report = crate::checkpoint::inspect::inspect(&path, variant.as_deref())?;
             if json {

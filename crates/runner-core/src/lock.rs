@@ -61,6 +61,9 @@ pub fn manifest_files(m: &LoadedManifest) -> Result<Vec<PathBuf>, LockError> {
     if let Some(l) = &m.manifest.run.latents {
         files.push(m.resolve_path("run.latents", l));
     }
+    for (name, a) in &m.manifest.adapters {
+        files.push(m.resolve_path(&format!("adapters.{name}.source"), &a.source));
+    }
     files.sort();
     files.dedup();
     Ok(files)

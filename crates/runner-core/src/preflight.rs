@@ -427,6 +427,7 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
         out.push(Diagnostic::error(format!("the components of `{}` do not fit together: {msg}", p.root.display()), index.clone()));
     }
     out.extend(check_gguf_shapes(m, &p, &configs));
+    out.extend(check_adapters(m, &p));
     if let (Some(_), Some(tokenizer)) = (&configs.t5, t5_tokenizer(kind)) {
         // The T5 tokenizer is read at load time: its folder is checked now.
         let dir = p.root.join(tokenizer);
@@ -470,6 +471,101 @@ fn check_gguf_shapes(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs) 
                     .with_key(&key)
                     .with_note("a GGUF file is built with the pipeline folder's transformer config: use the pipeline the file was quantized from (FLUX.1-dev vs schnell, SD3.5 large vs medium)"),
             );
+        }
+    }
+    out
+}
+
+/// `[adapters.*]` against the pipeline, from the files' headers: each file a LoRA runner reads,
+/// its scale finite and not negative, its components present, and every pair matching a module
+/// of its component with fitting shapes (a LoRA made for another model is said so), its alphas
+/// finite. Unmatched keys are an error unless `strict = false` (then a warning).
+fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
+    use crate::checkpoint::lora;
+    let mut out = vec![];
+    let comps: Vec<(&str, &str, &crate::checkpoint::layout::Checkpoint)> = p.components.iter().filter_map(|c| c.checkpoint.as_ref().map(|ck| (c.name.as_str(), c.class.as_str(), ck))).collect();
+    for (name, a) in &m.manifest.adapters {
+        let key = |k: &str| format!("adapters.{name}.{k}");
+        let err = |k: &str, msg: String| Diagnostic::error(msg, m.locate_value(&key(k))).with_key(&key(k));
+        if let Some(s) = a.scale.filter(|s| !s.is_finite() || *s < 0.0) {
+            out.push(err("scale", format!("`{}` is {s}: a scale is a finite number, 0 or more", key("scale"))));
+        }
+        if a.fuse == Some(false) {
+            out.push(err("fuse", format!("`{}` = false: live (unfused) adapters are not built yet; remove it to merge the adapter into the weights at load", key("fuse"))));
+        }
+        if let Some(only) = &a.components {
+            for c in only {
+                if !comps.iter().any(|(n, _, _)| n == c) {
+                    out.push(err(
+                        "components",
+                        format!(
+                            "`{}` names `{c}`, which the pipeline has no weights for (it has {})",
+                            key("components"),
+                            comps.iter().map(|(n, _, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let path = m.resolve_path(&key("source"), &a.source);
+        let file = match lora::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                out.push(err("source", format!("adapter `{name}`: {e}")));
+                continue;
+            }
+        };
+        let r = lora::resolve(&file, &comps, a.components.as_deref());
+        let targets: std::collections::BTreeSet<&str> = r.resolved.iter().map(|x| x.component.as_str()).collect();
+        for t in targets {
+            let gguf = p.component(t).and_then(|c| c.checkpoint.as_ref()).is_some_and(|ck| ck.gguf.is_some());
+            let storage = m.manifest.components.get(t).and_then(|c| c.storage_dtype).is_some();
+            if gguf || storage {
+                out.push(err("source", format!(
+                    "adapter `{name}` changes `{t}`, whose weights are {}: a LoRA cannot be merged into them (diffusers cannot fuse there either); it would run beside the layers (`fuse = false`), which is not built yet",
+                    if gguf { "GGUF-quantized" } else { "stored narrower (`storage_dtype`)" }
+                )));
+            }
+        }
+        if !r.misfit.is_empty() {
+            let list: Vec<String> = r.misfit.iter().take(3).map(|(k, why)| format!("`{k}`: {why}")).collect();
+            out.push(err(
+                "source",
+                format!(
+                    "adapter `{name}` (`{}`) does not fit this pipeline's weights ({} of {} pairs: {}{}): it was made for another model or model size",
+                    path.display(),
+                    r.misfit.len(),
+                    file.pairs.len(),
+                    list.join("; "),
+                    if r.misfit.len() > 3 { "; ..." } else { "" }
+                ),
+            ));
+        }
+        if !r.unmatched.is_empty() {
+            let list: Vec<&str> = r.unmatched.iter().take(5).map(String::as_str).collect();
+            let all = r.resolved.is_empty() && r.misfit.is_empty();
+            let msg = format!(
+                "adapter `{name}` (`{}`): {} of {} pairs match no module of the pipeline: {}{}{}",
+                path.display(),
+                r.unmatched.len(),
+                file.pairs.len(),
+                list.join(", "),
+                if r.unmatched.len() > 5 { ", ..." } else { "" },
+                if all { " (none matches: a LoRA for another architecture?)" } else { "" }
+            );
+            if a.strict == Some(false) && !all {
+                out.push(Diagnostic::warning(format!("{msg}; left out (`strict = false`)"), m.locate_value(&key("source"))).with_key(&key("source")));
+            } else {
+                out.push(err("source", msg).with_note("a silently ignored adapter is a wasted run: set `strict = false` on the adapter to leave unmatched keys out"));
+            }
+        }
+        for p in &file.pairs {
+            if let Some(alpha) = &p.alpha {
+                if let Err(e) = lora::read_alpha(&file, alpha) {
+                    out.push(err("source", format!("adapter `{name}`: {e}")));
+                    break;
+                }
+            }
         }
     }
     out

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod index;
 pub mod inspect;
 pub mod layout;
+pub mod lora;
 pub mod quantize;
 pub mod safetensors;
 pub mod shard;

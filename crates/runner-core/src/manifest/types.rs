@@ -37,6 +37,36 @@ pub struct Manifest {
     /// `runner serve`: the request queue and per-request limits (ignored by other commands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serve: Option<Serve>,
+    /// LoRA adapters by name (`[adapters.NAME]`), merged into the weights at load in name order,
+    /// as diffusers' `load_lora_weights` + `set_adapters` + `fuse_lora` do.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adapters: BTreeMap<String, Adapter>,
+}
+
+/// One LoRA adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Adapter {
+    /// The LoRA file (`.safetensors`: diffusers/PEFT `lora_A`/`lora_B` keys, or kohya's
+    /// `lora_unet_…`/`lora_te_…` with `.alpha`), relative to the manifest file.
+    #[schemars(length(min = 1))]
+    pub source: PathBuf,
+    /// The adapter's weight (diffusers' `set_adapters` weight, default 1.0): each layer gets
+    /// `scale × alpha / rank × B @ A` (alpha = rank when the file has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub scale: Option<f64>,
+    /// The components it applies to (default: every component the file has weights for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<Vec<String>>,
+    /// `true` (default): merged into the weights at load (diffusers' `fuse_lora`), nothing extra to
+    /// plan. `false` (the low-rank branch beside each layer, scales per run) is not built yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse: Option<bool>,
+    /// `false`: keys that match no module of the pipeline are left out with a warning instead of
+    /// being an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
 }
 
 /// `runner serve`'s settings: how many requests may wait for the worker, and the largest job

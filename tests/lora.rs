@@ -1,0 +1,220 @@
+//! LoRA adapters (`[adapters.*]`, issue 27) end to end: parity with diffusers'
+//! `load_lora_weights` + `set_adapters` + `fuse_lora` (tools/make_references_lora.py), the same
+//! image under `group` offload and an `auto` split, `runner inspect` of a LoRA file, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use crate::pipeline::manifest_for;
+use crate::unet::{refs, refs_at, rel};
+use crate::util::{root, run, runner};
+
+fn loras() -> PathBuf {
+    root().join("tests/fixtures/loras")
+}
+
+/// `[adapters.NAME]` lines for (name, file, scale).
+fn adapter_lines(adapters: &[(&str, &str, f64)]) -> String {
+    adapters.iter().map(|(n, f, s)| format!("[adapters.{n}]\nsource = \"{}\"\nscale = {s}\n", loras().join(f).display())).collect()
+}
+
+/// The reference case's base manifest in `dir` with the safety checker off and `extra` appended.
+fn manifest(case: &str, dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::util::refs_path(&format!("{case}.json"))).unwrap()).unwrap();
+    let p = manifest_for(meta["base"].as_str().unwrap(), dir);
+    let safety = if case.contains("sd15") { "[components.safety_checker]\nenabled = false\n" } else { "" };
+    let text = std::fs::read_to_string(&p).unwrap() + safety + extra;
+    let out = dir.join(format!("{name}.toml"));
+    std::fs::write(&out, text.replace("output = \"out.png\"", &format!("output = \"{name}.png\""))).unwrap();
+    out
+}
+
+fn adapters_of(case: &str) -> Vec<(String, String, f64)> {
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(crate::util::refs_path(&format!("{case}.json"))).unwrap()).unwrap();
+    m["adapters"].as_object().unwrap().iter().map(|(n, a)| (n.clone(), a["file"].as_str().unwrap().to_string(), a["scale"].as_f64().unwrap())).collect()
+}
+
+fn run_dump(manifest: &Path, args: &[&str]) -> runner::checkpoint::load::TensorStore {
+    let dump = manifest.with_extension("dump");
+    let (code, _, stderr) = run(runner().current_dir(manifest.parent().unwrap()).arg("run").arg(manifest).args(["--quiet", "--dump"]).arg(&dump).args(args));
+    assert_eq!(code, 0, "{}: {stderr}", manifest.display());
+    refs_at(&dump.join("dump.safetensors"))
+}
+
+fn lines_of(case: &str) -> String {
+    let a = adapters_of(case);
+    adapter_lines(&a.iter().map(|(n, f, s)| (n.as_str(), f.as_str(), *s)).collect::<Vec<_>>())
+}
+
+/// runner's image with the case's adapters against diffusers' (fused, in name order), within the
+/// pipeline image bound; the adapters change the image far more than that.
+fn check_parity(case: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let got = run_dump(&manifest(case, dir.path(), "lora", &lines_of(case)), &[]);
+    let want = refs(case);
+    let (a, b) = (got.get("image").unwrap(), want.get("image").unwrap());
+    let d = (a - b).abs().max().double_value(&[]);
+    eprintln!("{case}: image max diff {d:.3e}");
+    // SD 1.5: what the VAE decodes is runner's final latents / scaling_factor (the other kinds
+    // scale and shift, or unpack: their image alone is compared).
+    if case.contains("sd15") {
+        let v = want.get("vae.input").unwrap();
+        let lat = rel(&(got.get("latents.final").unwrap() / 0.18215).reshape(v.size()), v);
+        runner::parity::check(&format!("{case}: vae input"), lat, runner::parity::PIPELINE_TENSOR);
+    }
+    runner::parity::check(&format!("{case}: image"), d, runner::parity::IMAGE);
+    let plain = run_dump(&manifest(case, dir.path(), "plain", ""), &[]);
+    let change = (plain.get("image").unwrap() - b).abs().max().double_value(&[]);
+    assert!(change > 100.0 * runner::parity::IMAGE.value, "{case}: the adapters must change the image more than runner may differ from diffusers ({change})");
+}
+
+#[test]
+fn sd15_peft_lora_on_unet_and_text_encoder_equals_diffusers() {
+    check_parity("lora-sd15-peft");
+}
+
+#[test]
+fn sd15_two_adapters_peft_and_kohya_equal_diffusers() {
+    check_parity("lora-sd15-two");
+}
+
+#[test]
+fn sdxl_peft_lora_on_unet_and_both_text_encoders_equals_diffusers() {
+    check_parity("lora-sdxl-peft");
+}
+
+#[test]
+fn sd35_peft_lora_on_transformer_and_clips_equals_diffusers() {
+    check_parity("lora-sd35-peft");
+}
+
+#[test]
+fn flux_peft_lora_on_transformer_and_clip_equals_diffusers() {
+    check_parity("lora-flux-peft");
+}
+
+/// Fused adapters under `group` offload and an `auto` split on simulated devices: the image of
+/// the plain run with them, bit for bit.
+#[test]
+fn fused_adapters_give_the_same_image_offloaded_and_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = "lora-sd15-two";
+    let m = manifest(case, dir.path(), "lora", &lines_of(case));
+    let (base, text) = crate::util::decode_png(&{
+        let (code, _, stderr) = run(runner().current_dir(dir.path()).arg("run").arg(&m).args(["--quiet", "--out"]).arg(dir.path().join("base.png")));
+        assert_eq!(code, 0, "{stderr}");
+        dir.path().join("base.png")
+    });
+    // Provenance: A1111's `Lora hashes`, and each adapter's name, scale and sha256 in runner's JSON.
+    let get = |k: &str| text.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+    let a1111 = |f: &str| {
+        use sha2::Digest;
+        let b = std::fs::read(loras().join(f)).unwrap();
+        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+        format!("{:x}", sha2::Sha256::digest(&b[8 + n..]))[..12].to_string()
+    };
+    let params = get("parameters");
+    assert!(params.contains(&format!("Lora hashes: \"kohya: {}, style: {}\"", a1111("sd15-kohya.safetensors"), a1111("sd15-peft.safetensors"))), "{params}");
+    let j: serde_json::Value = serde_json::from_str(&get("runner")).unwrap();
+    assert_eq!(j["adapters"][1]["name"], "style");
+    assert_eq!(j["adapters"][1]["scale"], 0.8);
+    assert_eq!(j["adapters"][0]["sha256"].as_str().unwrap().len(), 64);
+    // `runner lock` records the adapter files.
+    let (code, _, stderr) = run(runner().arg("lock").arg(&m));
+    assert_eq!(code, 0, "{stderr}");
+    let lock = std::fs::read_to_string(m.with_extension("toml.lock")).unwrap();
+    assert!(lock.contains("sd15-kohya.safetensors") && lock.contains("sd15-peft.safetensors"), "{lock}");
+    let sim = "cuda:0=1GB,cuda:1=1GB,cpu=2GiB";
+    // The split: the text encoder and the VAE on the CPU, two devices each too small for the UNet.
+    let plan = |sets: &[String]| -> serde_json::Value {
+        let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+        let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", sim]).arg(&m).args(&args));
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let pins = ["components.text_encoder.device=cpu".to_string(), "components.vae.device=cpu".to_string()];
+    let u = &plan(&pins)["components"]["unet"];
+    let budget = u["working_bytes"].as_u64().unwrap() + u["bytes"].as_u64().unwrap() * 3 / 4;
+    let mut split = vec!["placement.strategy=auto".to_string(), format!("placement.max_memory={{\"cuda:0\"={budget},\"cuda:1\"={budget},cpu=\"2GiB\"}}")];
+    split.extend(pins);
+    let parts = plan(&split)["components"]["unet"]["split"].clone();
+    assert!(parts.as_object().is_some_and(|p| p.values().any(|d| d == "cuda:0") && p.values().any(|d| d == "cuda:1")), "the UNet is split: {parts}");
+    for (name, sets) in [("group", vec!["placement.offload=group".to_string()]), ("split", split)] {
+        let out = dir.path().join(format!("{name}.png"));
+        let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+        let (code, _, stderr) = run(runner().current_dir(dir.path()).arg("run").arg(&m).args(["--quiet", "--simulate", sim]).args(&args).arg("--out").arg(&out));
+        assert_eq!(code, 0, "{name}: {stderr}");
+        assert!(crate::util::decode_png(&out).0 == base, "{name}: the image differs");
+    }
+}
+
+#[test]
+fn inspect_describes_a_lora_file() {
+    let (code, stdout, stderr) = run(runner().arg("inspect").arg(loras().join("sd15-kohya.safetensors")).arg("--json"));
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["format"], "kohya");
+    assert_eq!(v["ranks"], serde_json::json!([4]));
+    assert_eq!(v["alphas"], serde_json::json!([2.0]));
+    assert!(v["targets"]["denoiser"].as_u64().unwrap() > 0 && v["targets"]["text_encoder"].as_u64().unwrap() > 0, "{v}");
+    let (code, stdout, _) = run(runner().arg("inspect").arg(loras().join("sd15-peft.safetensors")));
+    assert_eq!(code, 0);
+    assert!(stdout.contains("LoRA, diffusers/PEFT format") && stdout.contains("rank 4"), "{stdout}");
+}
+
+/// Bad adapters: exit 1 at `validate`, the adapter and file named, before any weight is loaded.
+#[test]
+fn bad_adapters_are_named_errors() {
+    use runner::checkpoint::safetensors::{encode_header, Dtype, TensorInfo};
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, tensors: &[(&str, Vec<u64>)]| -> PathBuf {
+        let mut infos = vec![];
+        let mut data = vec![];
+        for (n, shape) in tensors {
+            let bytes = 4 * shape.iter().product::<u64>();
+            infos.push(TensorInfo { name: n.to_string(), dtype: Dtype::F32, shape: shape.clone(), data_offsets: (data.len() as u64, data.len() as u64 + bytes) });
+            data.extend(std::iter::repeat_n(0u8, bytes as usize));
+        }
+        let p = dir.path().join(name);
+        std::fs::write(&p, [encode_header(&infos, &Default::default()), data].concat()).unwrap();
+        p
+    };
+    let q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let rank = write("rank.safetensors", &[(&format!("{q}.lora_A.weight"), vec![4, 32]), (&format!("{q}.lora_B.weight"), vec![32, 2])]);
+    let other = write("other.safetensors", &[("unet.input_blocks.4.1.proj_in.lora_A.weight", vec![4, 640]), ("unet.input_blocks.4.1.proj_in.lora_B.weight", vec![640, 4])]);
+    let misfit = write("misfit.safetensors", &[(&format!("{q}.lora_A.weight"), vec![4, 1280]), (&format!("{q}.lora_B.weight"), vec![1280, 4])]);
+    let dora = write("dora.safetensors", &[(&format!("{q}.lora_A.weight"), vec![4, 32]), (&format!("{q}.lora_B.weight"), vec![32, 4]), (&format!("{q}.lora_magnitude_vector"), vec![32])]);
+    let not_lora = write("weights.safetensors", &[("conv.weight", vec![4, 4])]);
+    let text = dir.path().join("text.safetensors");
+    std::fs::write(&text, b"not a safetensors file").unwrap();
+    let base = manifest("lora-sd15-peft", dir.path(), "m", "");
+    let one = |p: &Path, extra: &str| format!("[adapters.x]\nsource = \"{}\"\n{extra}", p.display());
+    for (extra, want) in [
+        (one(&dir.path().join("missing.safetensors"), ""), vec!["adapter `x`", "missing.safetensors"]),
+        (one(&text, ""), vec!["adapter `x`", "text.safetensors"]),
+        (one(&rank, ""), vec!["rank.safetensors", "the ranks of A and B differ"]),
+        (one(&other, ""), vec!["other.safetensors", "match no module", "another architecture"]),
+        (one(&misfit, ""), vec!["misfit.safetensors", "does not fit", "another model"]),
+        (one(&dora, ""), vec!["dora.safetensors", "DoRA"]),
+        (one(&not_lora, ""), vec!["weights.safetensors", "not part of a LoRA pair"]),
+        (one(&loras().join("sd15-peft.safetensors"), "scale = -1.0\n"), vec!["adapters.x.scale", "-1"]),
+        (one(&loras().join("sd15-peft.safetensors"), "fuse = false\n"), vec!["adapters.x.fuse", "not built yet"]),
+        (one(&loras().join("sd15-peft.safetensors"), "components = [\"transformer\"]\n"), vec!["adapters.x.components", "`transformer`"]),
+    ] {
+        std::fs::write(&base, std::fs::read_to_string(manifest("lora-sd15-peft", dir.path(), "m0", "")).unwrap() + &extra).unwrap();
+        let (code, stdout, stderr) = run(runner().arg("validate").arg(&base));
+        assert_eq!(code, 1, "{extra}: {stdout}{stderr}");
+        assert!(want.iter().all(|w| stderr.contains(w)), "{extra}: want {want:?} in: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // NaN in an adapter: found when it is read for merging, before the run (exit 1, no image).
+    let mut bytes = std::fs::read(loras().join("sd15-peft.safetensors")).unwrap();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    let nan = dir.path().join("nan.safetensors");
+    std::fs::write(&nan, bytes).unwrap();
+    std::fs::write(&base, std::fs::read_to_string(manifest("lora-sd15-peft", dir.path(), "m0", "")).unwrap() + &one(&nan, "")).unwrap();
+    let (code, _, stderr) = run(runner().current_dir(dir.path()).arg("run").arg(&base).arg("--quiet"));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("NaN or infinite") && stderr.contains("nan.safetensors"), "{stderr}");
+    assert!(!dir.path().join("m.png").exists(), "no image written");
+}
