@@ -486,7 +486,7 @@ fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
     let comps: Vec<(&str, &str, &crate::checkpoint::layout::Checkpoint)> = p.components.iter().filter_map(|c| c.checkpoint.as_ref().map(|ck| (c.name.as_str(), c.class.as_str(), ck))).collect();
     for (name, a) in &m.manifest.adapters {
         let key = |k: &str| format!("adapters.{name}.{k}");
-        let err = |k: &str, msg: String| Diagnostic::error(msg, m.locate_value(&key(k))).with_key(&key(k));
+        let err = |k: &str, msg: String| Diagnostic::error(msg, m.locate_value(&key(k))).with_key(key(k));
         if let Some(s) = a.scale.filter(|s| !s.is_finite() || *s < 0.0) {
             out.push(err("scale", format!("`{}` is {s}: a scale is a finite number, 0 or more", key("scale"))));
         }
@@ -554,7 +554,7 @@ fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
                 if all { " (none matches: a LoRA for another architecture?)" } else { "" }
             );
             if a.strict == Some(false) && !all {
-                out.push(Diagnostic::warning(format!("{msg}; left out (`strict = false`)"), m.locate_value(&key("source"))).with_key(&key("source")));
+                out.push(Diagnostic::warning(format!("{msg}; left out (`strict = false`)"), m.locate_value(&key("source"))).with_key(key("source")));
             } else {
                 out.push(err("source", msg).with_note("a silently ignored adapter is a wasted run: set `strict = false` on the adapter to leave unmatched keys out"));
             }
