@@ -83,6 +83,11 @@ fn sdxl_peft_lora_on_unet_and_both_text_encoders_equals_diffusers() {
 }
 
 #[test]
+fn sdxl_kohya_lora_in_original_block_names_equals_diffusers() {
+    check_parity("lora-sdxl-kohya");
+}
+
+#[test]
 fn sd35_peft_lora_on_transformer_and_clips_equals_diffusers() {
     check_parity("lora-sd35-peft");
 }

@@ -57,6 +57,25 @@ def random_adapter(model, cfg, seed):
     return sd
 
 
+def sgm_name(module, lpb):
+    """A diffusers UNet module path in the original (sgm) block names, the inverse of diffusers'
+    `_maybe_map_sgm_blocks_to_diffusers` + `_convert_unet_lora_key`."""
+    p = module.split(".")
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+    def inner(rest):
+        return ".".join(resnet.get(rest[0], rest[0]) if i == 0 else x for i, x in enumerate(rest)) if rest else ""
+    if p[0] == "down_blocks":
+        b, kind, j = int(p[1]), p[2], int(p[3])
+        return f"input_blocks.{1 + b * (lpb + 1) + j}.{0 if kind == 'resnets' else 1}." + inner(p[4:])
+    if p[0] == "up_blocks":
+        b, kind, j = int(p[1]), p[2], int(p[3])
+        return f"output_blocks.{b * (lpb + 1) + j}.{0 if kind == 'resnets' else 1}." + inner(p[4:])
+    if p[0] == "mid_block":
+        i = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(p[1], p[2])]
+        return f"middle_block.{i}." + inner(p[3:])
+    raise ValueError(module)
+
+
 def make_loras():
     LORAS.mkdir(parents=True, exist_ok=True)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(FIX / "tiny-sd15", safety_checker=None, dtype=torch.float32)
@@ -96,6 +115,23 @@ def make_loras():
         name = fixture.removeprefix("tiny-").replace("-dev", "")
         cls.save_lora_weights(LORAS, weight_name=f"{name}-peft.safetensors", **kw)
         print(f"{LORAS}/{name}-peft.safetensors")
+        if fixture == "tiny-sdxl":
+            # kohya's SDXL layout: the UNet in the original (sgm) block names, the CLIPs as lora_te1_/lora_te2_.
+            lpb = pipe.unet.config.layers_per_block
+            k_unet = random_adapter(pipe.unet, LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False), 8)
+            kohya = {}
+            # UNet only: diffusers 0.42.1 with transformers 5 fails on a kohya SDXL file's text-encoder
+            # keys (`get_peft_kwargs`: IndexError on an empty rank dict); lora_te_ pairs are covered
+            # by the SD 1.5 kohya file.
+            parts = [("lora_unet_", k_unet, lambda m: sgm_name(m, lpb))]
+            for prefix, sd, rename in parts:
+                for k, v in sd.items():
+                    module, side = k.rsplit(".lora_", 1)
+                    flat = prefix + rename(module).replace(".", "_")
+                    kohya[f"{flat}.lora_{'down' if side.startswith('A') else 'up'}.weight"] = v.contiguous()
+                    kohya[f"{flat}.alpha"] = torch.tensor(3.0)
+            save_file(kohya, LORAS / "sdxl-kohya.safetensors")
+            print(f"{LORAS}/sdxl-kohya.safetensors ({len(kohya)} keys)")
 
 
 def fill_kohya_text_encoder(pipe, path, adapter):
@@ -106,20 +142,23 @@ def fill_kohya_text_encoder(pipe, path, adapter):
     is what diffusers computes once they are loaded."""
     from safetensors.torch import load_file
     sd = load_file(path)
-    flat = {name.replace(".", "_"): m for name, m in pipe.text_encoder.named_modules()}
     done = 0
     with torch.no_grad():
         for k, v in sd.items():
-            if not k.startswith("lora_te_") or not k.endswith(".lora_down.weight"):
+            prefix = next((p for p in ("lora_te_", "lora_te1_", "lora_te2_") if k.startswith(p)), None)
+            if prefix is None or not k.endswith(".lora_down.weight"):
                 continue
-            base = k[len("lora_te_"):-len(".lora_down.weight")]
+            enc = pipe.text_encoder_2 if prefix == "lora_te2_" else pipe.text_encoder
+            flat = {name.replace(".", "_"): m for name, m in enc.named_modules()}
+            base = k[len(prefix):-len(".lora_down.weight")]
             m = flat.get(base) or flat.get(base.removeprefix("text_model_"))
             assert m is not None and adapter in m.lora_A, k
             assert float(m.scaling[adapter]) == float(sd[k.replace(".lora_down.weight", ".alpha")]) / v.shape[0], (k, m.scaling)
             m.lora_A[adapter].weight.copy_(v)
             m.lora_B[adapter].weight.copy_(sd[k.replace("lora_down", "lora_up")])
             done += 1
-    assert done > 0
+    if done == 0:
+        return
     print(f"{adapter}: {done} text-encoder pairs loaded by hand (diffusers left them at init)")
 
 
@@ -127,6 +166,7 @@ CASES = [
     dict(name="sd15-two", base="sd15-euler", adapters={"kohya": ("sd15-kohya.safetensors", 0.7), "style": ("sd15-peft.safetensors", 0.8)}),
     dict(name="sd15-peft", base="sd15-euler", adapters={"style": ("sd15-peft.safetensors", 1.0)}),
     dict(name="sdxl-peft", base="sdxl-euler", adapters={"style": ("sdxl-peft.safetensors", 0.9)}),
+    dict(name="sdxl-kohya", base="sdxl-euler", adapters={"kohya": ("sdxl-kohya.safetensors", 1.0)}),
     dict(name="sd35-peft", base="sd35-cfg", adapters={"style": ("sd35-peft.safetensors", 0.9)}),
     dict(name="flux-peft", base="flux-dev", adapters={"style": ("flux-peft.safetensors", 0.9)}),
 ]

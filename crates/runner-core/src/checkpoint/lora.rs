@@ -94,8 +94,13 @@ pub fn open(path: &Path) -> Result<LoraFile, CheckpointError> {
     if any(".processor.") && any("qkv_lora") {
         return Err(bad(path, "an XLabs FLUX LoRA (`double_blocks.N.processor.qkv_lora1…`): this layout is not converted yet (diffusers/PEFT FLUX LoRAs are read)"));
     }
-    if kohya && (any("input_blocks") || any("output_blocks") || any("middle_block")) {
-        return Err(bad(path, "a kohya LoRA in SDXL's original block names (`input_blocks`, `middle_block`, `output_blocks`): this layout is not converted yet (kohya files in diffusers' block names, as SD 1.x ones are, and diffusers/PEFT files are read)"));
+    let sgm = |n: &&str| ["input_blocks", "middle_block", "output_blocks"].iter().any(|p| n.contains(p));
+    let diffusers_blocks = |n: &&str| ["down_blocks", "mid_block", "up_blocks"].iter().any(|p| n.contains(p));
+    if kohya && names.iter().any(sgm) && names.iter().any(diffusers_blocks) {
+        return Err(bad(
+            path,
+            "a kohya LoRA with both SDXL's original block names (`input_blocks`...) and diffusers' (`down_blocks`...): diffusers drops the former; runner refuses the file rather than guess",
+        ));
     }
     if any("lora_B.bias") {
         return Err(bad(path, "LoRA biases (`lora_B.bias`) are not supported"));
@@ -210,6 +215,65 @@ fn kohya_pairs(path: &Path, h: &Header) -> Result<Vec<Pair>, CheckpointError> {
     pair_up(path, h, halves, |m| Some(format!("{m}.alpha")), owner)
 }
 
+/// A kohya UNet module in the original (sgm) block names as diffusers' flattened one
+/// (`_maybe_map_sgm_blocks_to_diffusers`, then `_convert_unet_lora_key`'s renames):
+/// `input_blocks_4_1_transformer_blocks_0_attn1_to_k` → `down_blocks_1_attentions_0_…`, with
+/// `layers_per_block` resnets per down block. Names in diffusers' blocks come back unchanged.
+pub fn sgm_to_diffusers(module: &str, layers_per_block: usize) -> String {
+    let per = layers_per_block + 1;
+    let parts: Vec<&str> = module.split('_').collect();
+    let num = |i: usize| parts.get(i).and_then(|p| p.parse::<usize>().ok());
+    let rest = |from: usize| parts.get(from..).map(|r| r.join("_")).unwrap_or_default();
+    let join = |head: String, tail: String| if tail.is_empty() { head } else { format!("{head}_{tail}") };
+    let inner = |i: usize| ["resnets", "attentions", "upsamplers"].get(i).copied().unwrap_or("resnets");
+    let mapped = match (parts.first().copied(), parts.get(1).copied()) {
+        (Some("input"), Some("blocks")) if num(2) == Some(0) && num(3) == Some(0) => join("conv_in".into(), rest(4)),
+        (Some("input"), Some("blocks")) => match (num(2), num(3)) {
+            (Some(i), Some(k)) if i >= 1 => {
+                let (block, layer) = ((i - 1) / per, (i - 1) % per);
+                if rest(4) == "op" {
+                    format!("down_blocks_{block}_downsamplers_0_conv")
+                } else {
+                    join(format!("down_blocks_{block}_{}_{layer}", inner(k)), rest(4))
+                }
+            }
+            _ => module.to_string(),
+        },
+        (Some("middle"), Some("block")) => match num(2) {
+            Some(0) => join("mid_block_resnets_0".into(), rest(3)),
+            Some(1) => join("mid_block_attentions_0".into(), rest(3)),
+            Some(2) => join("mid_block_resnets_1".into(), rest(3)),
+            _ => module.to_string(),
+        },
+        (Some("output"), Some("blocks")) => match (num(2), num(3)) {
+            (Some(i), Some(k)) => {
+                let (block, layer) = (i / per, i % per);
+                join(format!("up_blocks_{block}_{}_{}", inner(k), if k < 2 { layer } else { 0 }), rest(4))
+            }
+            _ => module.to_string(),
+        },
+        (Some("time"), Some("embed")) => match num(2) {
+            Some(0) => "time_embedding_linear_1".into(),
+            Some(2) => "time_embedding_linear_2".into(),
+            _ => module.to_string(),
+        },
+        (Some("label"), Some("emb")) => match (num(2), num(3)) {
+            (Some(0), Some(0)) => "add_embedding_linear_1".into(),
+            (Some(0), Some(2)) => "add_embedding_linear_2".into(),
+            _ => module.to_string(),
+        },
+        (Some("out"), Some("2")) if parts.len() == 2 => "conv_out".into(),
+        _ => return module.to_string(),
+    };
+    // The resnet and sampler layers' original names.
+    mapped
+        .replace("in_layers_2", "conv1")
+        .replace("out_layers_3", "conv2")
+        .replace("emb_layers_1", "time_emb_proj")
+        .replace("skip_connection", "conv_shortcut")
+        .replace("upsamplers_0_op", "upsamplers_0_conv")
+}
+
 /// A pair matched to a weight of a pipeline component.
 #[derive(Debug, Clone, Serialize)]
 pub struct Resolved {
@@ -261,7 +325,10 @@ pub fn resolve(lora: &LoraFile, components: &[(&str, &str, &Checkpoint)], only: 
                 // sd-scripts names CLIP from transformers 4's `text_model.` root; checkpoints saved
                 // by transformers 5 have none (and the reverse).
                 let alt = p.module.strip_prefix("text_model_").map(str::to_string).unwrap_or_else(|| format!("text_model_{}", p.module));
-                names.get(&p.module).or_else(|| names.get(&alt)).cloned()
+                // SDXL's kohya files name the UNet's blocks as the original (sgm) checkpoint does.
+                let lpb = (0..).take_while(|j| ck.tensors.keys().any(|k| k.starts_with(&format!("down_blocks.0.resnets.{j}.")))).count();
+                let sgm = (p.owner == Owner::Denoiser).then(|| sgm_to_diffusers(&p.module, lpb.max(1)));
+                names.get(&p.module).or_else(|| names.get(&alt)).or_else(|| sgm.as_ref().and_then(|m| names.get(m))).cloned()
             }
         };
         let Some(weight) = weight else {
@@ -491,4 +558,28 @@ pub fn a1111_hash(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..k]);
     }
     Ok(format!("{:x}", h.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sgm_to_diffusers as m;
+
+    #[test]
+    fn sgm_names_map_as_diffusers_maps_them() {
+        // SDXL: 2 resnets per down block.
+        assert_eq!(m("input_blocks_4_1_transformer_blocks_0_attn1_to_k", 2), "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k");
+        assert_eq!(m("input_blocks_5_0_in_layers_2", 2), "down_blocks_1_resnets_1_conv1");
+        assert_eq!(m("input_blocks_3_0_op", 2), "down_blocks_0_downsamplers_0_conv");
+        assert_eq!(m("input_blocks_4_0_skip_connection", 2), "down_blocks_1_resnets_0_conv_shortcut");
+        assert_eq!(m("input_blocks_0_0", 2), "conv_in");
+        assert_eq!(m("middle_block_1_proj_in", 2), "mid_block_attentions_0_proj_in");
+        assert_eq!(m("middle_block_2_emb_layers_1", 2), "mid_block_resnets_1_time_emb_proj");
+        assert_eq!(m("output_blocks_2_2_conv", 2), "up_blocks_0_upsamplers_0_conv");
+        assert_eq!(m("output_blocks_4_0_out_layers_3", 2), "up_blocks_1_resnets_1_conv2");
+        assert_eq!(m("output_blocks_5_1_proj_out", 2), "up_blocks_1_attentions_2_proj_out");
+        assert_eq!(m("time_embed_0", 2), "time_embedding_linear_1");
+        assert_eq!(m("label_emb_0_2", 2), "add_embedding_linear_2");
+        assert_eq!(m("out_2", 2), "conv_out");
+        assert_eq!(m("down_blocks_0_attentions_0_proj_in", 2), "down_blocks_0_attentions_0_proj_in");
+    }
 }
