@@ -40,16 +40,31 @@ fn run_dump(manifest: &Path, args: &[&str]) -> runner::checkpoint::load::TensorS
     refs_at(&dump.join("dump.safetensors"))
 }
 
+fn meta_of(case: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(crate::util::refs_path(&format!("{case}.json"))).unwrap()).unwrap()
+}
+
+/// The case's `[adapters.*]` (with `fuse = false` for a live case).
 fn lines_of(case: &str) -> String {
     let a = adapters_of(case);
-    adapter_lines(&a.iter().map(|(n, f, s)| (n.as_str(), f.as_str(), *s)).collect::<Vec<_>>())
+    let live = meta_of(case)["fuse"] == false;
+    a.iter().map(|(n, f, s)| adapter_lines(&[(n.as_str(), f.as_str(), *s)]) + if live { "fuse = false\n" } else { "" }).collect()
+}
+
+/// `--set run.adapter_scales={...}` for a case recorded with other set_adapters weights.
+fn scale_args(case: &str) -> Vec<String> {
+    match meta_of(case)["run_scales"].as_object() {
+        Some(o) => vec!["--set".into(), format!("run.adapter_scales={{{}}}", o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))],
+        None => vec![],
+    }
 }
 
 /// runner's image with the case's adapters against diffusers' (fused, in name order), within the
 /// pipeline image bound; the adapters change the image far more than that.
 fn check_parity(case: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let got = run_dump(&manifest(case, dir.path(), "lora", &lines_of(case)), &[]);
+    let args = scale_args(case);
+    let got = run_dump(&manifest(case, dir.path(), "lora", &lines_of(case)), &args.iter().map(String::as_str).collect::<Vec<_>>());
     let want = refs(case);
     let (a, b) = (got.get("image").unwrap(), want.get("image").unwrap());
     let d = (a - b).abs().max().double_value(&[]);
@@ -78,6 +93,21 @@ fn sd15_two_adapters_peft_and_kohya_equal_diffusers() {
 }
 
 #[test]
+fn sd15_two_live_adapters_equal_diffusers_unfused() {
+    check_parity("lora-sd15-two-live");
+}
+
+#[test]
+fn sd15_live_adapters_at_run_scales_equal_diffusers_set_adapters() {
+    check_parity("lora-sd15-two-live-scales");
+}
+
+#[test]
+fn flux_live_lora_equals_diffusers_unfused() {
+    check_parity("lora-flux-peft-live");
+}
+
+#[test]
 fn sdxl_peft_lora_on_unet_and_both_text_encoders_equals_diffusers() {
     check_parity("lora-sdxl-peft");
 }
@@ -101,8 +131,17 @@ fn flux_peft_lora_on_transformer_and_clip_equals_diffusers() {
 /// the plain run with them, bit for bit.
 #[test]
 fn fused_adapters_give_the_same_image_offloaded_and_split() {
+    offloaded_and_split("lora-sd15-two");
+}
+
+/// Live adapters' pairs are variables of their layers: streamed with them and split with them.
+#[test]
+fn live_adapters_give_the_same_image_offloaded_and_split() {
+    offloaded_and_split("lora-sd15-two-live");
+}
+
+fn offloaded_and_split(case: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let case = "lora-sd15-two";
     let m = manifest(case, dir.path(), "lora", &lines_of(case));
     let (base, text) = crate::util::decode_png(&{
         let (code, _, stderr) = run(runner().current_dir(dir.path()).arg("run").arg(&m).args(["--quiet", "--out"]).arg(dir.path().join("base.png")));
@@ -202,7 +241,9 @@ fn bad_adapters_are_named_errors() {
         (one(&dora, ""), vec!["dora.safetensors", "DoRA"]),
         (one(&not_lora, ""), vec!["weights.safetensors", "not part of a LoRA pair"]),
         (one(&loras().join("sd15-peft.safetensors"), "scale = -1.0\n"), vec!["adapters.x.scale", "-1"]),
-        (one(&loras().join("sd15-peft.safetensors"), "fuse = false\n"), vec!["adapters.x.fuse", "not built yet"]),
+        (one(&loras().join("sd15-peft.safetensors"), "[run.adapter_scales]\nx = 0.5\n"), vec!["run.adapter_scales.x", "merged into the weights", "fuse = false"]),
+        (one(&loras().join("sd15-peft.safetensors"), "fuse = false\n[run.adapter_scales]\ny = 0.5\n"), vec!["run.adapter_scales.y", "no adapter `y`"]),
+        (one(&loras().join("sd15-peft.safetensors"), "fuse = false\n[run.adapter_scales]\nx = -2.0\n"), vec!["run.adapter_scales.x", "-2"]),
         (one(&loras().join("sd15-peft.safetensors"), "components = [\"transformer\"]\n"), vec!["adapters.x.components", "`transformer`"]),
     ] {
         std::fs::write(&base, std::fs::read_to_string(manifest("lora-sd15-peft", dir.path(), "m0", "")).unwrap() + &extra).unwrap();
@@ -222,4 +263,33 @@ fn bad_adapters_are_named_errors() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("NaN or infinite") && stderr.contains("nan.safetensors"), "{stderr}");
     assert!(!dir.path().join("m.png").exists(), "no image written");
+}
+
+/// The plan counts a live adapter's pairs on its component (at the component's dtype); a fused
+/// one adds nothing.
+#[test]
+fn the_plan_counts_live_pairs_not_fused_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = |case: &str, name: &str| -> u64 {
+        let m = manifest(case, dir.path(), name, &lines_of(case));
+        let (code, stdout, stderr) = run(runner().args(["plan", "--json"]).arg(&m));
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["components"]["unet"]["bytes"].as_u64().unwrap()
+    };
+    let plain = {
+        let m = manifest("lora-sd15-two", dir.path(), "plain", "");
+        let (code, stdout, stderr) = run(runner().args(["plan", "--json"]).arg(&m));
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["components"]["unet"]["bytes"].as_u64().unwrap()
+    };
+    assert_eq!(bytes("lora-sd15-two", "fused"), plain);
+    // The UNet's pairs of both files, fp32.
+    let h = |f: &str| runner::checkpoint::safetensors::read_header(&loras().join(f)).unwrap();
+    let unet_params: u64 = [h("sd15-peft.safetensors"), h("sd15-kohya.safetensors")]
+        .iter()
+        .flat_map(|h| h.tensors.iter())
+        .filter(|t| (t.name.starts_with("unet.") || t.name.starts_with("lora_unet_")) && !t.name.ends_with(".alpha"))
+        .map(|t| t.numel())
+        .sum();
+    assert_eq!(bytes("lora-sd15-two-live", "live"), plain + 4 * unet_params);
 }

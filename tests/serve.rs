@@ -972,3 +972,48 @@ fn serve_backs_off_when_it_runs_out_of_file_descriptors() {
     s.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert_eq!(err.matches("cannot accept connections").count(), 1, "said once per episode: {err}");
 }
+
+/// Live adapters (`fuse = false`) change scale per request (`"adapter_scales"`), with no reload:
+/// each answer is `runner run`'s image at that scale; an undeclared adapter is a 422 naming the field.
+#[test]
+fn serve_changes_live_adapter_scales_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.toml");
+    let text = std::fs::read_to_string(root().join(M)).unwrap().replace("source = \"../tests/fixtures/tiny-sd15\"", &format!("source = \"{}\"", root().join("tests/fixtures/tiny-sd15").display()));
+    std::fs::write(&m, format!("{text}\n[adapters.style]\nsource = \"{}\"\nfuse = false\nscale = 0.8\n", root().join("tests/fixtures/loras/sd15-peft.safetensors").display())).unwrap();
+    let m = m.to_str().unwrap().to_string();
+    let base = ["serve.max_steps=3", "run.steps=2"];
+    let s = start(&[&m, "--set", base[0], "--set", base[1]]);
+    let pixels = |png: &[u8]| {
+        let p = dir.path().join("p.png");
+        std::fs::write(&p, png).unwrap();
+        crate::util::decode_png(&p).0
+    };
+    let run_at = |scale: Option<&str>| {
+        let out = dir.path().join("r.png");
+        let mut cmd = runner();
+        cmd.args(["run", &m, "--quiet", "--set", base[0], "--set", base[1], "--set", "run.prompt=a dog", "--set", "run.seed=3"]).arg("--out").arg(&out);
+        if let Some(s) = scale {
+            cmd.args(["--set", &format!("run.adapter_scales={{style={s}}}")]);
+        }
+        let (code, _, stderr) = run(&mut cmd);
+        assert_eq!(code, 0, "{stderr}");
+        crate::util::decode_png(&out).0
+    };
+    let mut seen = vec![];
+    for (body, scale) in [
+        (r#"{"prompt": "a dog", "seed": 3}"#, None),
+        (r#"{"prompt": "a dog", "seed": 3, "adapter_scales": {"style": 0.2}}"#, Some("0.2")),
+        (r#"{"prompt": "a dog", "seed": 3, "adapter_scales": {"style": 1.5}}"#, Some("1.5")),
+    ] {
+        let (status, _, png) = post(s.port, body);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
+        let got = pixels(&png);
+        assert!(got == run_at(scale), "{body}: differs from runner run");
+        seen.push(got);
+    }
+    assert!(seen[0] != seen[1] && seen[1] != seen[2], "the scale changes the image");
+    let (status, _, body) = post(s.port, r#"{"prompt": "a dog", "adapter_scales": {"other": 0.5}}"#);
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("no adapter `other`"), "{}", String::from_utf8_lossy(&body));
+}

@@ -169,6 +169,12 @@ CASES = [
     dict(name="sdxl-kohya", base="sdxl-euler", adapters={"kohya": ("sdxl-kohya.safetensors", 1.0)}),
     dict(name="sd35-peft", base="sd35-cfg", adapters={"style": ("sd35-peft.safetensors", 0.9)}),
     dict(name="flux-peft", base="flux-dev", adapters={"style": ("flux-peft.safetensors", 0.9)}),
+    # Live (`fuse = false`): PEFT's layers run the branch beside the base layer; `run_scales` are
+    # set_adapters weights other than the adapters' own (runner: `run.adapter_scales`).
+    dict(name="sd15-two-live", base="sd15-euler", fuse=False, adapters={"kohya": ("sd15-kohya.safetensors", 0.7), "style": ("sd15-peft.safetensors", 0.8)}),
+    dict(name="sd15-two-live-scales", base="sd15-euler", fuse=False, run_scales={"kohya": 0.3, "style": 1.2},
+         adapters={"kohya": ("sd15-kohya.safetensors", 0.7), "style": ("sd15-peft.safetensors", 0.8)}),
+    dict(name="flux-peft-live", base="flux-dev", fuse=False, adapters={"style": ("flux-peft.safetensors", 0.9)}),
 ]
 PIPELINES = {
     "tiny-sd15": (diffusers.StableDiffusionPipeline, ["unet", "text_encoder"]),
@@ -192,8 +198,10 @@ def run_case(c):
     for n in names:
         if "kohya" in c["adapters"][n][0]:
             fill_kohya_text_encoder(pipe, LORAS / c["adapters"][n][0], n)
-    pipe.set_adapters(names, [c["adapters"][n][1] for n in names])
-    pipe.fuse_lora(components=components, adapter_names=names)
+    scales = c.get("run_scales") or {n: c["adapters"][n][1] for n in names}
+    pipe.set_adapters(names, [scales[n] for n in names])
+    if c.get("fuse", True):
+        pipe.fuse_lora(components=components, adapter_names=names)
     rec = {}
     orig_decode = pipe.vae.decode
 
@@ -213,7 +221,8 @@ def run_case(c):
         out = pipe(**kwargs)
     rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)
     save_file({k: v.contiguous() for k, v in rec.items()}, OUT / f"{name}.safetensors", metadata={"case": name})
-    meta.update(case=name, base=c["base"], adapters={n: {"file": f, "scale": s} for n, (f, s) in c["adapters"].items()})
+    meta.update(case=name, base=c["base"], adapters={n: {"file": f, "scale": s} for n, (f, s) in c["adapters"].items()}, fuse=c.get("fuse", True),
+                run_scales=c.get("run_scales"))
     (OUT / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return name
 

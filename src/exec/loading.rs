@@ -153,15 +153,18 @@ pub(crate) struct Loader<'a> {
     host_bytes: std::sync::atomic::AtomicU64,
     /// `[adapters.*]`: the LoRA pairs merged into each component's weights as it loads.
     fuse: std::collections::BTreeMap<String, Vec<crate::checkpoint::lora::FuseItem>>,
+    /// `fuse = false` adapters: pairs that run beside each component's layers.
+    live: std::collections::BTreeMap<String, Vec<crate::checkpoint::lora::FuseItem>>,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(m: &'a LoadedManifest, pipeline: &'a PipelineFolder, plan: &'a Plan, configs: &'a crate::preflight::Configs, simulate: bool, progress: bool) -> Result<Self, ExecError> {
-        let adapters: Vec<_> =
-            m.manifest.adapters.iter().map(|(name, a)| (name.clone(), m.resolve_path(&format!("adapters.{name}.source"), &a.source), a.scale.unwrap_or(1.0), a.components.clone())).collect();
+        use crate::checkpoint::lora::{fuse_plan, manifest_adapters};
         let comps: Vec<_> = pipeline.components.iter().filter_map(|c| c.checkpoint.as_ref().map(|ck| (c.name.as_str(), c.class.as_str(), ck))).collect();
-        let fuse = crate::checkpoint::lora::fuse_plan(&adapters, &comps).map_err(|e| ExecError::Text(e.to_string()))?;
-        Ok(Loader { m, pipeline, plan, configs, simulate, progress, bars: indicatif::MultiProgress::new(), host_bytes: Default::default(), fuse })
+        let err = |e: crate::checkpoint::CheckpointError| ExecError::Text(e.to_string());
+        let fuse = fuse_plan(&manifest_adapters(m, false), &comps).map_err(err)?;
+        let live = fuse_plan(&manifest_adapters(m, true), &comps).map_err(err)?;
+        Ok(Loader { m, pipeline, plan, configs, simulate, progress, bars: indicatif::MultiProgress::new(), host_bytes: Default::default(), fuse, live })
     }
 
     /// Where component `name` is loaded and at which dtype.
@@ -176,7 +179,8 @@ impl<'a> Loader<'a> {
             self.host_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         }
         let fuse = self.fuse.get(&l.component.name).cloned().unwrap_or_default();
-        ComponentLoad { name, total: bytes, bar: self.bars.add(super::byte_progress(bytes, name, self.progress)), started: Instant::now(), fuse }
+        let live = self.live.get(&l.component.name).cloned().unwrap_or_default();
+        ComponentLoad { name, total: bytes, bar: self.bars.add(super::byte_progress(bytes, name, self.progress)), started: Instant::now(), fuse, live }
     }
 
     /// [`Self::track`] with the bytes of `l`'s whole checkpoint at its dtype.
@@ -257,11 +261,11 @@ pub(crate) struct ComponentLoad {
     bar: indicatif::ProgressBar,
     started: Instant,
     fuse: Vec<crate::checkpoint::lora::FuseItem>,
+    live: Vec<crate::checkpoint::lora::FuseItem>,
 }
 
-/// The LoRA pairs of `items` read from their files (f32), each checked finite: weight name ->
-/// its pairs in adapter order.
-fn deltas(items: &[crate::checkpoint::lora::FuseItem]) -> Result<std::collections::BTreeMap<String, Vec<crate::models::weights::Delta>>, ExecError> {
+/// The LoRA pairs of `items` read from their files (f32), each checked finite: (A, B) per item.
+fn pairs(items: &[crate::checkpoint::lora::FuseItem]) -> Result<Vec<(tch::Tensor, tch::Tensor)>, ExecError> {
     use crate::checkpoint::layout::{resolve_source, VariantPolicy};
     use crate::checkpoint::load::{load, LoadOptions};
     let mut files: std::collections::BTreeMap<&std::path::Path, Vec<&str>> = std::collections::BTreeMap::new();
@@ -274,25 +278,40 @@ fn deltas(items: &[crate::checkpoint::lora::FuseItem]) -> Result<std::collection
         let store = load(&ck, Some(&names), LoadOptions { float_kind: Some(Kind::Float), device: tch::Device::Cpu, populate: false }).map_err(|e| ExecError::Text(e.to_string()))?;
         stores.insert(path, store.into_owned());
     }
-    let mut out: std::collections::BTreeMap<String, Vec<crate::models::weights::Delta>> = std::collections::BTreeMap::new();
-    for i in items {
-        let s = &stores[i.file.as_path()];
-        for t in [&i.down, &i.up] {
-            if !bool::try_from(s[t].isfinite().all()).unwrap_or(false) {
-                return Err(ExecError::Text(format!("adapter `{}`: `{}`: tensor `{t}` holds NaN or infinite values", i.adapter, i.file.display())));
+    items
+        .iter()
+        .map(|i| {
+            let s = &stores[i.file.as_path()];
+            for t in [&i.down, &i.up] {
+                if !bool::try_from(s[t].isfinite().all()).unwrap_or(false) {
+                    return Err(ExecError::Text(format!("adapter `{}`: `{}`: tensor `{t}` holds NaN or infinite values", i.adapter, i.file.display())));
+                }
             }
-        }
-        out.entry(i.weight.clone()).or_default().push(crate::models::weights::Delta { a: s[&i.down].shallow_clone(), b: s[&i.up].shallow_clone(), scaling: i.scaling });
-    }
-    Ok(out)
+            Ok((s[&i.down].shallow_clone(), s[&i.up].shallow_clone()))
+        })
+        .collect()
 }
 
 impl ComponentLoad {
     pub fn run<R>(self, f: impl FnOnce() -> Result<R, ExecError>) -> Result<R, ExecError> {
         let sink = self.bar.clone();
-        let fuse = deltas(&self.fuse)?;
+        let mut fuse: std::collections::BTreeMap<String, Vec<crate::models::weights::Delta>> = Default::default();
+        for (i, (a, b)) in self.fuse.iter().zip(pairs(&self.fuse)?) {
+            fuse.entry(i.weight.clone()).or_default().push(crate::models::weights::Delta { a, b, scaling: i.scaling });
+        }
+        let mut live: std::collections::BTreeMap<String, Vec<crate::models::lora::Pending>> = Default::default();
+        for (i, (a, b)) in self.live.iter().zip(pairs(&self.live)?) {
+            live.entry(i.weight.clone()).or_default().push(crate::models::lora::Pending { adapter: i.adapter.clone(), a, b, scaling: i.scaling });
+        }
         let merged = self.fuse.len();
-        let f = || crate::models::weights::with_fused(fuse, f);
+        let name = self.name;
+        let f = move || {
+            let (r, left) = crate::models::lora::building(live, || crate::models::weights::with_fused(fuse, f));
+            match left.first() {
+                Some(w) => Err(ExecError::Unsupported(format!("{name}: a live LoRA pair for `{w}` sits beside a layer that cannot run one (set `fuse = true` on its adapter)"))),
+                None => r,
+            }
+        };
         if merged > 0 {
             tracing::info!("{}: merging {merged} LoRA pairs into its weights", self.name);
         }

@@ -229,6 +229,9 @@ impl Session<'_> {
 
     fn generate_job(&mut self, job: &Job<'_>, opts: &RunOptions) -> Result<RunReport, ExecError> {
         let m = job.m;
+        // Live adapters run at this job's scales: `run.adapter_scales`, else each one's `scale`.
+        let overrides = m.manifest.run.adapter_scales.clone().unwrap_or_default();
+        crate::models::lora::set_scales(m.manifest.adapters.iter().map(|(n, a)| (n.clone(), overrides.get(n).copied().unwrap_or(a.scale.unwrap_or(1.0)))).collect());
         let mut cx = Call {
             m,
             pipeline: &self.checked.folder,

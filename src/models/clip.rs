@@ -62,16 +62,26 @@ pub(crate) struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     path: String,
+    /// Live LoRA adapters beside it.
+    lora: Option<crate::models::lora::Live>,
 }
 
 impl Linear {
     pub(crate) fn new(p: nn::Path, d_in: i64, d_out: i64, bias: bool) -> Linear {
         let weight = param(&p, "weight", &[d_out, d_in], Init::Const(0.));
         let bias = bias.then(|| param(&p, "bias", &[d_out], Init::Const(0.)));
-        Linear { weight, bias, path: path_of(&p) }
+        let path = path_of(&p);
+        let lora = crate::models::lora::Live::take(&p, &format!("{path}.weight"), weight.kind(), None);
+        Linear { weight, bias, path, lora }
     }
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        scoped(&self.path, || x.f_linear(&self.weight, self.bias.as_ref()))
+        scoped(&self.path, || {
+            let y = x.f_linear(&self.weight, self.bias.as_ref())?;
+            match &self.lora {
+                Some(l) => l.apply(x, y),
+                None => Ok(y),
+            }
+        })
     }
 }
 

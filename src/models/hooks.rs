@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::cast::{self, Cast};
+use super::lora::{ConvArgs, Live};
 use super::weights::param;
 use tch::nn;
 use tch::Tensor;
@@ -59,6 +60,8 @@ pub struct Linear {
     pub path: String,
     /// Layerwise casting: parameters stored narrower, cast as the layer runs.
     cast: Option<Cast>,
+    /// Live LoRA adapters beside it.
+    lora: Option<Live>,
 }
 
 impl Linear {
@@ -67,12 +70,19 @@ impl Linear {
         let ws = param(&p, "weight", &[d_out, d_in], c.ws_init);
         let bs = c.bias.then(|| param(&p, "bias", &[d_out], c.bs_init.unwrap_or(nn::Init::Uniform { lo: -bound, up: bound })));
         let path = path_of(&p);
+        let lora = Live::take(&p, &format!("{path}.weight"), ws.kind(), None);
         let cast = cast::layer(&path, &[Some(&ws), bs.as_ref()].into_iter().flatten().collect::<Vec<_>>());
-        Linear { path, ws, bs, cast }
+        Linear { path, ws, bs, cast, lora }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // tch's `nn::Linear::forward`.
-        scoped(&self.path, || x.linear(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref()))
+        scoped(&self.path, || {
+            let y = x.linear(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref());
+            match &self.lora {
+                Some(l) => l.apply(x, y).expect("a LoRA branch of the layer's shapes"),
+                None => y,
+            }
+        })
     }
     pub fn weight(&self) -> &Tensor {
         &self.ws
@@ -90,6 +100,7 @@ pub struct Conv2d {
     padding: i64,
     dilation: i64,
     groups: i64,
+    lora: Option<Live>,
 }
 
 impl Conv2d {
@@ -97,13 +108,18 @@ impl Conv2d {
         let ws = param(&p, "weight", &[cout, cin / c.groups, k, k], c.ws_init);
         let bs = c.bias.then(|| param(&p, "bias", &[cout], c.bs_init));
         let path = path_of(&p);
+        let lora = Live::take(&p, &format!("{path}.weight"), ws.kind(), Some(ConvArgs { stride: c.stride, padding: c.padding, dilation: c.dilation }));
         let cast = cast::layer(&path, &[Some(&ws), bs.as_ref()].into_iter().flatten().collect::<Vec<_>>());
-        Conv2d { path, ws, bs, cast, stride: c.stride, padding: c.padding, dilation: c.dilation, groups: c.groups }
+        Conv2d { path, ws, bs, cast, stride: c.stride, padding: c.padding, dilation: c.dilation, groups: c.groups, lora }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         // tch's `nn::Conv2D::forward` with `PaddingMode::Zeros`.
         scoped(&self.path, || {
-            x.conv2d(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref(), [self.stride; 2], [self.padding; 2], [self.dilation; 2], self.groups)
+            let y = x.conv2d(&cast::compute(&self.ws, self.cast), self.bs.as_ref().map(|b| cast::compute(b, self.cast)).as_ref(), [self.stride; 2], [self.padding; 2], [self.dilation; 2], self.groups);
+            match &self.lora {
+                Some(l) => l.apply(x, y).expect("a LoRA branch of the layer's shapes"),
+                None => y,
+            }
         })
     }
     pub fn weight(&self) -> &Tensor {

@@ -28,6 +28,8 @@ pub(crate) struct Linear {
     cast: Option<crate::models::cast::Cast>,
     /// A GGUF-quantized weight's type and shape, and the dtype it computes in.
     quant: Option<(crate::models::quantized::Quant, Kind)>,
+    /// Live LoRA adapters beside it.
+    lora: Option<crate::models::lora::Live>,
 }
 
 impl Linear {
@@ -37,14 +39,22 @@ impl Linear {
         let path = path_of(&p);
         // Preflight refuses `storage_dtype` on a GGUF component: nothing to cast a quantized layer to.
         let cast = if quant.is_some() { None } else { crate::models::cast::layer(&path, &[&weight, &bias]) };
-        Linear { weight, bias, path, cast, quant }
+        let kind = quant.as_ref().map_or(weight.kind(), |(_, k)| *k);
+        let lora = crate::models::lora::Live::take(&p, &format!("{path}.weight"), kind, None);
+        Linear { weight, bias, path, cast, quant, lora }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         use crate::models::cast::compute;
-        scoped(&self.path, || match &self.quant {
-            Some((q, kind)) => crate::models::quantized::linear(x, &self.weight, q, Some(&self.bias), *kind),
-            None => x.f_linear(&compute(&self.weight, self.cast), Some(&compute(&self.bias, self.cast))),
+        scoped(&self.path, || {
+            let y = match &self.quant {
+                Some((q, kind)) => crate::models::quantized::linear(x, &self.weight, q, Some(&self.bias), *kind),
+                None => x.f_linear(&compute(&self.weight, self.cast), Some(&compute(&self.bias, self.cast))),
+            }?;
+            match &self.lora {
+                Some(l) => l.apply(x, y),
+                None => Ok(y),
+            }
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod flux_blocks;
 pub mod flux_transformer;
 pub mod hooks;
 pub mod image_processor;
+pub mod lora;
 pub mod mmdit_blocks;
 pub mod quantized;
 pub mod resnet;

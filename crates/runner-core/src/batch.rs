@@ -28,6 +28,7 @@ pub const LINE_KEYS: &[&str] = &[
     "batch",
     "clip_skip",
     "latents",
+    "adapter_scales",
     "original_size",
     "crops_coords_top_left",
     "target_size",
@@ -348,6 +349,7 @@ mod tests {
             batch: Some(1),
             clip_skip: Some(1),
             latents: Some("x".into()),
+            adapter_scales: Some(Default::default()),
             original_size: Some([8, 8]),
             crops_coords_top_left: Some([0, 0]),
             target_size: Some([8, 8]),
@@ -366,6 +368,8 @@ mod tests {
     #[test]
     fn lines_become_set_flags() {
         assert_eq!(line_sets(r#"{"steps": 3, "guidance_scale": 7.5, "original_size": [64, 64]}"#).unwrap(), ["run.steps=3", "run.guidance_scale=7.5", "run.original_size=[64, 64]"]);
+        // A table of live adapters' scales.
+        assert_eq!(line_sets(r#"{"adapter_scales": {"pixel-art": 0.5}}"#).unwrap(), ["run.adapter_scales={ pixel-art = 0.5 }"]);
         // Strings come back as they were (as `--set` reads a TOML literal), whatever their
         // quotes, breaks and characters.
         for text in ["a \"cat\"", "it's", "back\\slash", "line\nbreak", "'''x'''\"\"\"", "caf\u{e9} \u{1f431}", "30", "true", ""] {

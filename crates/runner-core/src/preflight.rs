@@ -188,6 +188,26 @@ pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run:
     let sd3 = kind == PipelineKind::StableDiffusion3;
     let flux = kind == PipelineKind::Flux;
     let mut out = vec![];
+    // Per-run scales of live adapters.
+    for (name, s) in r_adapter_scales(m) {
+        let key = format!("run.adapter_scales.{name}");
+        match m.manifest.adapters.get(&name) {
+            None => out.push(
+                Diagnostic::error(
+                    format!("`{key}`: no adapter `{name}` is declared (adapters: {})", m.manifest.adapters.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")),
+                    at("run.adapter_scales"),
+                )
+                .with_key(&key),
+            ),
+            Some(a) if a.fuse != Some(false) => out.push(
+                Diagnostic::error(format!("`{key}`: adapter `{name}` is merged into the weights at load, so its scale is fixed"), at("run.adapter_scales"))
+                    .with_key(&key)
+                    .with_note(format!("set `adapters.{name}.fuse = false` to change its scale per run")),
+            ),
+            Some(_) if !s.is_finite() || s < 0.0 => out.push(Diagnostic::error(format!("`{key}` is {s}: a scale is a finite number, 0 or more"), at("run.adapter_scales")).with_key(&key)),
+            Some(_) => {}
+        }
+    }
     // 6. The scheduler: its config, or the manifest's kind over it.
     let sched_path = p.root.join("scheduler").join("scheduler_config.json");
     let sched = std::fs::read_to_string(&sched_path).map_err(|e| format!("cannot read it: {e}")).and_then(|t| crate::scheduling::parse_config(&t).map_err(|e| e.to_string()));
@@ -490,8 +510,8 @@ fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
         if let Some(s) = a.scale.filter(|s| !s.is_finite() || *s < 0.0) {
             out.push(err("scale", format!("`{}` is {s}: a scale is a finite number, 0 or more", key("scale"))));
         }
-        if a.fuse == Some(false) {
-            out.push(err("fuse", format!("`{}` = false: live (unfused) adapters are not built yet; remove it to merge the adapter into the weights at load", key("fuse"))));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            out.push(err("source", format!("adapter name `{name}`: use letters, digits, `_` and `-` (it names the adapter's weights in the model)")));
         }
         if let Some(only) = &a.components {
             for c in only {
@@ -520,9 +540,9 @@ fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
         for t in targets {
             let gguf = p.component(t).and_then(|c| c.checkpoint.as_ref()).is_some_and(|ck| ck.gguf.is_some());
             let storage = m.manifest.components.get(t).and_then(|c| c.storage_dtype).is_some();
-            if gguf || storage {
+            if (gguf || storage) && a.fuse != Some(false) {
                 out.push(err("source", format!(
-                    "adapter `{name}` changes `{t}`, whose weights are {}: a LoRA cannot be merged into them (diffusers cannot fuse there either); it would run beside the layers (`fuse = false`), which is not built yet",
+                    "adapter `{name}` changes `{t}`, whose weights are {}: a LoRA cannot be merged into them (diffusers cannot fuse there either); set `fuse = false` on the adapter to run it beside the layers",
                     if gguf { "GGUF-quantized" } else { "stored narrower (`storage_dtype`)" }
                 )));
             }
@@ -569,6 +589,10 @@ fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
         }
     }
     out
+}
+
+fn r_adapter_scales(m: &LoadedManifest) -> Vec<(String, f64)> {
+    m.manifest.run.adapter_scales.iter().flatten().map(|(k, v)| (k.clone(), *v)).collect()
 }
 
 /// What [`check`]'s configs make of keys that are valid but have no effect here: warnings, never

@@ -441,6 +441,8 @@ pub struct FuseItem {
     pub up: String,
     /// `scale × alpha / rank` (`/ sqrt(rank)` with rsLoRA).
     pub scaling: f64,
+    /// Elements of A and B together (a live pair's weights).
+    pub params: u64,
 }
 
 /// diffusers' LoRA config for one owner from the file's `lora_adapter_metadata` (what
@@ -524,8 +526,9 @@ pub fn scalings(lora: &LoraFile, resolved: &[Resolved], scale: f64) -> Result<Ve
     Ok(out)
 }
 
-/// What `[adapters.*]` merge into each component's weights, in adapter name order: the files
-/// read and resolved against `components` (name, class, checkpoint) as `validate` checks them.
+/// What `adapters` (name, file, scale, components) change in each component's weights, in adapter
+/// name order: the files read and resolved against `components` (name, class, checkpoint) as
+/// `validate` checks them. Fused adapters are merged with these; live ones run beside the layers.
 pub fn fuse_plan(adapters: &[(String, PathBuf, f64, Option<Vec<String>>)], components: &[(&str, &str, &Checkpoint)]) -> Result<BTreeMap<String, Vec<FuseItem>>, CheckpointError> {
     let mut out: BTreeMap<String, Vec<FuseItem>> = BTreeMap::new();
     for (name, path, scale, only) in adapters {
@@ -533,7 +536,9 @@ pub fn fuse_plan(adapters: &[(String, PathBuf, f64, Option<Vec<String>>)], compo
         let r = resolve(&f, components, only.as_deref());
         let s = scalings(&f, &r.resolved, *scale)?;
         for (res, scaling) in r.resolved.into_iter().zip(s) {
-            out.entry(res.component.clone()).or_default().push(FuseItem { adapter: name.clone(), file: path.clone(), weight: res.weight, down: res.down, up: res.up, scaling });
+            let numel = |t: &str| f.header.get(t).map_or(0, TensorInfo::numel);
+            let params = numel(&res.down) + numel(&res.up);
+            out.entry(res.component.clone()).or_default().push(FuseItem { adapter: name.clone(), file: path.clone(), weight: res.weight, down: res.down, up: res.up, scaling, params });
         }
     }
     Ok(out)
@@ -582,4 +587,15 @@ mod tests {
         assert_eq!(m("out_2", 2), "conv_out");
         assert_eq!(m("down_blocks_0_attentions_0_proj_in", 2), "down_blocks_0_attentions_0_proj_in");
     }
+}
+
+/// The manifest's adapters as [`fuse_plan`] takes them: `live` picks `fuse = false` ones (their
+/// scaling without the scale, which each run supplies), else the fused ones.
+pub fn manifest_adapters(m: &crate::manifest::LoadedManifest, live: bool) -> Vec<(String, PathBuf, f64, Option<Vec<String>>)> {
+    m.manifest
+        .adapters
+        .iter()
+        .filter(|(_, a)| (a.fuse == Some(false)) == live)
+        .map(|(name, a)| (name.clone(), m.resolve_path(&format!("adapters.{name}.source"), &a.source), if live { 1.0 } else { a.scale.unwrap_or(1.0) }, a.components.clone()))
+        .collect()
 }

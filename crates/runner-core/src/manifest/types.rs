@@ -60,7 +60,8 @@ pub struct Adapter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub components: Option<Vec<String>>,
     /// `true` (default): merged into the weights at load (diffusers' `fuse_lora`), nothing extra to
-    /// plan. `false` (the low-rank branch beside each layer, scales per run) is not built yet.
+    /// plan. `false`: live, the low-rank branch runs beside each layer (as PEFT's layers do), its
+    /// scale changeable per run (`run.adapter_scales`); its weights count on the component's device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuse: Option<bool>,
     /// `false`: keys that match no module of the pipeline are left out with a warning instead of
@@ -542,6 +543,10 @@ pub struct Run {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub latents: Option<PathBuf>,
+    /// This run's scales of live adapters (`fuse = false`) by name, over their `scale`
+    /// (diffusers' `set_adapters` weights); from `--set`, prompt-file lines and `serve` requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_scales: Option<BTreeMap<String, f64>>,
     /// SDXL micro-conditioning `original_size` as `[height, width]` (default: the output size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_size: Option<[u32; 2]>,

@@ -135,6 +135,11 @@ fn stored_as(class: &str, name: &str, info: &TensorInfo, dtype: Dtype) -> crate:
 pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run: &RunSpec, inventory: Inventory, opts: &BuildOptions) -> PlanInput {
     let shape = run.shape;
     let kind = m.manifest.pipeline.kind;
+    // Live adapters' pairs weigh on their components' devices (at the component's dtype).
+    let live = {
+        let all: Vec<_> = p.components.iter().filter_map(|c| c.checkpoint.as_ref().map(|ck| (c.name.as_str(), c.class.as_str(), ck))).collect();
+        crate::checkpoint::lora::fuse_plan(&crate::checkpoint::lora::manifest_adapters(m, true), &all).unwrap_or_default()
+    };
     let mut comps: Vec<&Component> = p.components.iter().filter(|c| c.checkpoint.is_some()).collect();
     comps.sort_by_key(|c| (EXECUTION_ORDER.iter().position(|n| *n == c.name).unwrap_or(EXECUTION_ORDER.len()), c.name.clone()));
     let mut notes = vec![];
@@ -169,7 +174,11 @@ pub fn plan_input(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run
                 _ => tensor_bytes(&c.class, k, &t.info, dtype),
             };
             let tree_at = |dtype: Dtype| {
-                let tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), stored(k, t, dtype))).collect();
+                let mut tensors: Vec<(String, u64)> = ck.tensors.iter().map(|(k, t)| (k.clone(), stored(k, t, dtype))).collect();
+                for i in live.get(&c.name).into_iter().flatten() {
+                    let module = i.weight.strip_suffix(".weight").unwrap_or(&i.weight);
+                    tensors.push((format!("{module}.lora.{}.weight", i.adapter), i.params * dtype.size_bytes()));
+                }
                 modules::build(&c.class, up_block_types, &tensors)
             };
             // `group_blocks`: the component's own, else the pipeline's; groups merged by it.

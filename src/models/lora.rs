@@ -1,0 +1,109 @@
+//! Live LoRA adapters (`fuse = false`), as PEFT's `LoraLayer` runs them beside a base layer:
+//! `result = base(x) + lora_B(lora_A(x)) * scaling` for each adapter in name order, the scaling
+//! `alpha / rank × scale`, the scale this run's (`run.adapter_scales`, else the adapter's
+//! `scale`). The pairs are variables of the model under the layer's path
+//! (`<module>.lora_A.<adapter>.weight`, `lora_B`), at the model's dtype, so offload streams, splits
+//! and the residency ledger move and count them with their layer.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use tch::nn;
+use tch::{Kind, TchError, Tensor};
+
+/// One pair waiting for its layer while a model is built: A and B as the file holds them (f32).
+pub struct Pending {
+    pub adapter: String,
+    pub a: Tensor,
+    pub b: Tensor,
+    /// `alpha / rank` (the run's scale multiplies it).
+    pub scaling: f64,
+}
+
+thread_local! {
+    /// The live pairs of the model being built, by the weight they sit beside.
+    static PENDING: RefCell<BTreeMap<String, Vec<Pending>>> = const { RefCell::new(BTreeMap::new()) };
+    /// This run's scale per adapter.
+    static SCALES: RefCell<BTreeMap<String, f64>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Runs `f` (a model's construction) with `pairs` given to the layers whose weights they name;
+/// the names of pairs no layer took come back with `f`'s result (a layer type that cannot run
+/// them live: an error for the caller to report).
+pub fn building<R>(pairs: BTreeMap<String, Vec<Pending>>, f: impl FnOnce() -> R) -> (R, Vec<String>) {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PENDING.with(|p| p.borrow_mut().clear());
+        }
+    }
+    let any = !pairs.is_empty();
+    PENDING.with(|p| *p.borrow_mut() = pairs);
+    let _reset = Reset;
+    let r = f();
+    let left = if any { PENDING.with(|p| p.borrow().keys().cloned().collect()) } else { vec![] };
+    (r, left)
+}
+
+/// Sets this thread's per-adapter scales (a run's effective values).
+pub fn set_scales(scales: BTreeMap<String, f64>) {
+    SCALES.with(|s| *s.borrow_mut() = scales);
+}
+
+fn scale_of(adapter: &str) -> f64 {
+    SCALES.with(|s| s.borrow().get(adapter).copied().unwrap_or(1.0))
+}
+
+/// How a Conv2d's `lora_A` runs (its base layer's stride, padding, dilation).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvArgs {
+    pub stride: i64,
+    pub padding: i64,
+    pub dilation: i64,
+}
+
+/// The live pairs beside one layer.
+#[derive(Debug)]
+pub struct Live {
+    pairs: Vec<(String, Tensor, Tensor, f64)>,
+    conv: Option<ConvArgs>,
+}
+
+impl Live {
+    /// The pairs for the weight `weight` of the layer at `p` (None without any), registered as
+    /// variables at `kind` on the layer's device. During the dry pass nothing is taken.
+    pub fn take(p: &nn::Path, weight: &str, kind: Kind, conv: Option<ConvArgs>) -> Option<Live> {
+        if crate::models::weights::is_dry_pass() {
+            return None;
+        }
+        let pending = PENDING.with(|m| m.borrow_mut().remove(weight))?;
+        let device = p.device();
+        let pairs = pending
+            .into_iter()
+            .map(|q| {
+                let a = p.sub("lora_A").sub(&q.adapter).add("weight", q.a.to_kind(kind).to_device(device), false);
+                let b = p.sub("lora_B").sub(&q.adapter).add("weight", q.b.to_kind(kind).to_device(device), false);
+                (q.adapter, a, b, q.scaling)
+            })
+            .collect();
+        Some(Live { pairs, conv })
+    }
+
+    /// `base` (the layer's output on `x`) plus each adapter's branch, in PEFT's order of operations.
+    pub fn apply(&self, x: &Tensor, base: Tensor) -> Result<Tensor, TchError> {
+        let kind = base.kind();
+        let mut result = base;
+        for (adapter, a, b, scaling) in &self.pairs {
+            let x = if x.kind() != a.kind() { x.f_to_kind(a.kind())? } else { x.shallow_clone() };
+            let h = match self.conv {
+                None => x.f_linear::<&Tensor>(a, None)?.f_linear::<&Tensor>(b, None)?,
+                Some(c) => x.f_conv2d(a, None::<&Tensor>, [c.stride; 2], [c.padding; 2], [c.dilation; 2], 1)?.f_conv2d(b, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?,
+            };
+            result = result.f_add(&h.f_mul_scalar(scaling * scale_of(adapter))?)?;
+        }
+        if result.kind() != kind {
+            result = result.f_to_kind(kind)?;
+        }
+        Ok(result)
+    }
+}
