@@ -565,6 +565,18 @@ pub fn a1111_hash(path: &Path) -> std::io::Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+
+/// The manifest's adapters as [`fuse_plan`] takes them: `live` picks `fuse = false` ones (their
+/// scaling without the scale, which each run supplies), else the fused ones.
+pub fn manifest_adapters(m: &crate::manifest::LoadedManifest, live: bool) -> Vec<(String, PathBuf, f64, Option<Vec<String>>)> {
+    m.manifest
+        .adapters
+        .iter()
+        .filter(|(_, a)| (a.fuse == Some(false)) == live)
+        .map(|(name, a)| (name.clone(), m.resolve_path(&format!("adapters.{name}.source"), &a.source), if live { 1.0 } else { a.scale.unwrap_or(1.0) }, a.components.clone()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::sgm_to_diffusers as m;
@@ -587,15 +599,4 @@ mod tests {
         assert_eq!(m("out_2", 2), "conv_out");
         assert_eq!(m("down_blocks_0_attentions_0_proj_in", 2), "down_blocks_0_attentions_0_proj_in");
     }
-}
-
-/// The manifest's adapters as [`fuse_plan`] takes them: `live` picks `fuse = false` ones (their
-/// scaling without the scale, which each run supplies), else the fused ones.
-pub fn manifest_adapters(m: &crate::manifest::LoadedManifest, live: bool) -> Vec<(String, PathBuf, f64, Option<Vec<String>>)> {
-    m.manifest
-        .adapters
-        .iter()
-        .filter(|(_, a)| (a.fuse == Some(false)) == live)
-        .map(|(name, a)| (name.clone(), m.resolve_path(&format!("adapters.{name}.source"), &a.source), if live { 1.0 } else { a.scale.unwrap_or(1.0) }, a.components.clone()))
-        .collect()
 }
