@@ -36,7 +36,17 @@ fn main() {
         println!("{{\"impl\": \"runner\", \"load_s\": {load_s:.3}, \"weight_bytes\": {bytes}}}");
         return;
     }
-    let model = FluxTransformer2DModel::load(&config, &ck, Device::Cpu, Kind::Float).unwrap();
+    // BENCH_LORA=FILE (benches/lora_step.sh): the file's pairs run live beside their layers, scale 1.
+    let live = match std::env::var_os("BENCH_LORA") {
+        Some(f) => {
+            let items = runner::checkpoint::lora::fuse_plan(&[("bench".into(), f.into(), 1.0, None)], &[("transformer", "FluxTransformer2DModel", &ck)]).unwrap();
+            runner::models::lora::set_scales([("bench".to_string(), 1.0)].into());
+            runner::models::lora::pending(items.get("transformer").map(Vec::as_slice).unwrap_or(&[])).unwrap()
+        }
+        None => Default::default(),
+    };
+    let (model, left) = runner::models::lora::building(live, || FluxTransformer2DModel::load(&config, &ck, Device::Cpu, Kind::Float).unwrap());
+    assert!(left.is_empty(), "pairs no layer took: {left:?}");
     tch::manual_seed(0);
     let opts = (Kind::Float, Device::Cpu);
     let side = size / 2;

@@ -252,6 +252,24 @@ fn bad_adapters_are_named_errors() {
         assert!(want.iter().all(|w| stderr.contains(w)), "{extra}: want {want:?} in: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // `strict = false`: the pairs that match run, the others are left out with a warning.
+    let half = write(
+        "half.safetensors",
+        &[
+            (&format!("{q}.lora_A.weight"), vec![4, 16]),
+            (&format!("{q}.lora_B.weight"), vec![16, 4]),
+            ("unet.input_blocks.4.1.proj_in.lora_A.weight", vec![4, 640]),
+            ("unet.input_blocks.4.1.proj_in.lora_B.weight", vec![640, 4]),
+        ],
+    );
+    std::fs::write(&base, std::fs::read_to_string(manifest("lora-sd15-peft", dir.path(), "m0", "")).unwrap() + &one(&half, "")).unwrap();
+    let (code, _, stderr) = run(runner().arg("validate").arg(&base));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("1 of 2 pairs match no module") && stderr.contains("strict = false"), "{stderr}");
+    std::fs::write(&base, std::fs::read_to_string(manifest("lora-sd15-peft", dir.path(), "m0", "")).unwrap() + &one(&half, "strict = false\n")).unwrap();
+    let (code, _, stderr) = run(runner().arg("validate").arg(&base));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning") && stderr.contains("left out (`strict = false`)"), "{stderr}");
     // NaN in an adapter: found when it is read for merging, before the run (exit 1, no image).
     let mut bytes = std::fs::read(loras().join("sd15-peft.safetensors")).unwrap();
     let n = bytes.len();

@@ -264,45 +264,14 @@ pub(crate) struct ComponentLoad {
     live: Vec<crate::checkpoint::lora::FuseItem>,
 }
 
-/// The LoRA pairs of `items` read from their files (f32), each checked finite: (A, B) per item.
-fn pairs(items: &[crate::checkpoint::lora::FuseItem]) -> Result<Vec<(tch::Tensor, tch::Tensor)>, ExecError> {
-    use crate::checkpoint::layout::{resolve_source, VariantPolicy};
-    use crate::checkpoint::load::{load, LoadOptions};
-    let mut files: std::collections::BTreeMap<&std::path::Path, Vec<&str>> = std::collections::BTreeMap::new();
-    for i in items {
-        files.entry(i.file.as_path()).or_default().extend([i.down.as_str(), i.up.as_str()]);
-    }
-    let mut stores = std::collections::BTreeMap::new();
-    for (path, names) in files {
-        let ck = Checkpoint::open(resolve_source(path, None, None, VariantPolicy::Require).map_err(|e| ExecError::Text(e.to_string()))?).map_err(|e| ExecError::Text(e.to_string()))?;
-        let store = load(&ck, Some(&names), LoadOptions { float_kind: Some(Kind::Float), device: tch::Device::Cpu, populate: false }).map_err(|e| ExecError::Text(e.to_string()))?;
-        stores.insert(path, store.into_owned());
-    }
-    items
-        .iter()
-        .map(|i| {
-            let s = &stores[i.file.as_path()];
-            for t in [&i.down, &i.up] {
-                if !bool::try_from(s[t].isfinite().all()).unwrap_or(false) {
-                    return Err(ExecError::Text(format!("adapter `{}`: `{}`: tensor `{t}` holds NaN or infinite values", i.adapter, i.file.display())));
-                }
-            }
-            Ok((s[&i.down].shallow_clone(), s[&i.up].shallow_clone()))
-        })
-        .collect()
-}
-
 impl ComponentLoad {
     pub fn run<R>(self, f: impl FnOnce() -> Result<R, ExecError>) -> Result<R, ExecError> {
         let sink = self.bar.clone();
         let mut fuse: std::collections::BTreeMap<String, Vec<crate::models::weights::Delta>> = Default::default();
-        for (i, (a, b)) in self.fuse.iter().zip(pairs(&self.fuse)?) {
+        for (i, (a, b)) in self.fuse.iter().zip(crate::models::lora::read_pairs(&self.fuse).map_err(ExecError::Text)?) {
             fuse.entry(i.weight.clone()).or_default().push(crate::models::weights::Delta { a, b, scaling: i.scaling });
         }
-        let mut live: std::collections::BTreeMap<String, Vec<crate::models::lora::Pending>> = Default::default();
-        for (i, (a, b)) in self.live.iter().zip(pairs(&self.live)?) {
-            live.entry(i.weight.clone()).or_default().push(crate::models::lora::Pending { adapter: i.adapter.clone(), a, b, scaling: i.scaling });
-        }
+        let live = crate::models::lora::pending(&self.live).map_err(ExecError::Text)?;
         let merged = self.fuse.len();
         let name = self.name;
         let f = move || {

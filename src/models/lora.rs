@@ -54,6 +54,44 @@ fn scale_of(adapter: &str) -> f64 {
     SCALES.with(|s| s.borrow().get(adapter).copied().unwrap_or(1.0))
 }
 
+/// The pairs of `items` read from their files (at the file's dtype, on the CPU; each use converts them to
+/// the model's, as PEFT holds them), each checked finite: (A, B) per item.
+pub fn read_pairs(items: &[crate::checkpoint::lora::FuseItem]) -> Result<Vec<(Tensor, Tensor)>, String> {
+    use crate::checkpoint::layout::{resolve_source, Checkpoint, VariantPolicy};
+    use crate::checkpoint::load::{load, LoadOptions};
+    let mut files: BTreeMap<&std::path::Path, Vec<&str>> = BTreeMap::new();
+    for i in items {
+        files.entry(i.file.as_path()).or_default().extend([i.down.as_str(), i.up.as_str()]);
+    }
+    let mut stores = BTreeMap::new();
+    for (path, names) in files {
+        let ck = Checkpoint::open(resolve_source(path, None, None, VariantPolicy::Require).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let store = load(&ck, Some(&names), LoadOptions { float_kind: None, device: tch::Device::Cpu, populate: false }).map_err(|e| e.to_string())?;
+        stores.insert(path, store.into_owned());
+    }
+    items
+        .iter()
+        .map(|i| {
+            let s = &stores[i.file.as_path()];
+            for t in [&i.down, &i.up] {
+                if !bool::try_from(s[t].isfinite().all()).unwrap_or(false) {
+                    return Err(format!("adapter `{}`: `{}`: tensor `{t}` holds NaN or infinite values", i.adapter, i.file.display()));
+                }
+            }
+            Ok((s[&i.down].shallow_clone(), s[&i.up].shallow_clone()))
+        })
+        .collect()
+}
+
+/// The live pairs of `items` (one component's), read, by the weight they sit beside.
+pub fn pending(items: &[crate::checkpoint::lora::FuseItem]) -> Result<BTreeMap<String, Vec<Pending>>, String> {
+    let mut out: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
+    for (i, (a, b)) in items.iter().zip(read_pairs(items)?) {
+        out.entry(i.weight.clone()).or_default().push(Pending { adapter: i.adapter.clone(), a, b, scaling: i.scaling });
+    }
+    Ok(out)
+}
+
 /// How a Conv2d's `lora_A` runs (its base layer's stride, padding, dilation).
 #[derive(Debug, Clone, Copy)]
 pub struct ConvArgs {

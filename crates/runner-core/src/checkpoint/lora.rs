@@ -565,7 +565,6 @@ pub fn a1111_hash(path: &Path) -> std::io::Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-
 /// The manifest's adapters as [`fuse_plan`] takes them: `live` picks `fuse = false` ones (their
 /// scaling without the scale, which each run supplies), else the fused ones.
 pub fn manifest_adapters(m: &crate::manifest::LoadedManifest, live: bool) -> Vec<(String, PathBuf, f64, Option<Vec<String>>)> {
