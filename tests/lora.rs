@@ -311,3 +311,28 @@ fn the_plan_counts_live_pairs_not_fused_ones() {
         .sum();
     assert_eq!(bytes("lora-sd15-two-live", "live"), plain + 4 * unet_params);
 }
+
+/// On a GGUF-quantized transformer (and an fp8 `storage_dtype` one) an adapter runs live beside the
+/// quantized layers; merging into them is refused, saying `fuse = false`.
+#[test]
+fn adapters_on_gguf_and_fp8_components_run_live_and_refuse_fusing() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = crate::gguf_run::write(dir.path(), "tiny-flux-dev", "q8_0", "original");
+    let case = "lora-flux-peft-live";
+    let lora = lines_of(case);
+    for (name, base_lines) in [("gguf", format!("[components.transformer]\nsource = \"{}\"\n", gguf.display())), ("fp8", "[components.transformer]\nstorage_dtype = \"fp8-e4m3\"\n".to_string())] {
+        let plain = manifest(case, dir.path(), &format!("{name}-plain"), &base_lines);
+        let live = manifest(case, dir.path(), &format!("{name}-live"), &format!("{base_lines}{lora}"));
+        let image = |m: &Path| {
+            let out = dir.path().join(format!("{}.png", m.file_stem().unwrap().to_string_lossy()));
+            let (code, _, stderr) = run(runner().arg("run").arg(m).args(["--quiet", "--out"]).arg(&out));
+            assert_eq!(code, 0, "{name}: {stderr}");
+            crate::util::decode_png(&out).0
+        };
+        assert!(image(&plain) != image(&live), "{name}: the live adapter changes the image");
+        let fused = manifest(case, dir.path(), &format!("{name}-fused"), &format!("{base_lines}{}", lora.replace("fuse = false\n", "")));
+        let (code, _, stderr) = run(runner().arg("validate").arg(&fused));
+        assert_eq!(code, 1, "{name}: {stderr}");
+        assert!(stderr.contains("cannot be merged") && stderr.contains("fuse = false"), "{name}: {stderr}");
+    }
+}

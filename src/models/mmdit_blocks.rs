@@ -39,7 +39,8 @@ impl Linear {
         let path = path_of(&p);
         // Preflight refuses `storage_dtype` on a GGUF component: nothing to cast a quantized layer to.
         let cast = if quant.is_some() { None } else { crate::models::cast::layer(&path, &[&weight, &bias]) };
-        let kind = quant.as_ref().map_or(weight.kind(), |(_, k)| *k);
+        // The pairs run at the compute dtype: a quantized or cast weight's, else the weight's own.
+        let kind = quant.as_ref().map(|(_, k)| *k).or(cast.map(|c| c.compute)).unwrap_or(weight.kind());
         let lora = crate::models::lora::Live::take(&p, &format!("{path}.weight"), kind, None);
         Linear { weight, bias, path, cast, quant, lora }
     }
