@@ -304,7 +304,8 @@ pub struct Resolution {
 /// `[out, in, k, k]` with A `[r, in, k, k]`, B `[out, r, 1, 1]`.
 pub fn resolve(lora: &LoraFile, components: &[(&str, &str, &Checkpoint)], only: Option<&[String]>) -> Resolution {
     let denoiser = components.iter().find(|(n, _, _)| *n == "unet" || *n == "transformer").map(|(n, _, _)| *n);
-    let mut flat: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    // Per component, once: its weights by flattened module name, and its resnets per down block.
+    let mut flat: BTreeMap<&str, (BTreeMap<String, String>, usize)> = BTreeMap::new();
     let mut out = Resolution::default();
     for p in &lora.pairs {
         let comp = match &p.owner {
@@ -321,13 +322,16 @@ pub fn resolve(lora: &LoraFile, components: &[(&str, &str, &Checkpoint)], only: 
         let weight = match lora.format {
             Format::Peft => [format!("{}.weight", p.module), format!("text_model.{}.weight", p.module)].into_iter().find(|w| ck.tensors.contains_key(w)),
             Format::Kohya => {
-                let names = flat.entry(comp).or_insert_with(|| ck.tensors.keys().filter_map(|k| k.strip_suffix(".weight")).map(|m| (m.replace('.', "_"), format!("{m}.weight"))).collect());
+                let (names, lpb) = flat.entry(comp).or_insert_with(|| {
+                    let names = ck.tensors.keys().filter_map(|k| k.strip_suffix(".weight")).map(|m| (m.replace('.', "_"), format!("{m}.weight"))).collect();
+                    let lpb = (0..).take_while(|j| ck.tensors.keys().any(|k| k.starts_with(&format!("down_blocks.0.resnets.{j}.")))).count();
+                    (names, lpb)
+                });
                 // sd-scripts names CLIP from transformers 4's `text_model.` root; checkpoints saved
                 // by transformers 5 have none (and the reverse).
                 let alt = p.module.strip_prefix("text_model_").map(str::to_string).unwrap_or_else(|| format!("text_model_{}", p.module));
                 // SDXL's kohya files name the UNet's blocks as the original (sgm) checkpoint does.
-                let lpb = (0..).take_while(|j| ck.tensors.keys().any(|k| k.starts_with(&format!("down_blocks.0.resnets.{j}.")))).count();
-                let sgm = (p.owner == Owner::Denoiser).then(|| sgm_to_diffusers(&p.module, lpb.max(1)));
+                let sgm = (p.owner == Owner::Denoiser).then(|| sgm_to_diffusers(&p.module, (*lpb).max(1)));
                 names.get(&p.module).or_else(|| names.get(&alt)).or_else(|| sgm.as_ref().and_then(|m| names.get(m))).cloned()
             }
         };
@@ -498,27 +502,38 @@ pub fn scalings(lora: &LoraFile, resolved: &[Resolved], scale: f64) -> Result<Ve
             Owner::Component(c) => c.clone(),
         }
     };
+    // Each `.alpha` read once, each owner's metadata parsed once, each component's default once
+    // (a kohya SDXL file has ~700 pairs).
+    let mut alpha_of: BTreeMap<&str, f64> = BTreeMap::new();
+    for r in resolved {
+        if let Some(a) = &r.alpha {
+            alpha_of.insert(a.as_str(), read_alpha(lora, a)?);
+        }
+    }
+    let mut metas: BTreeMap<String, Option<Meta>> = BTreeMap::new();
+    let mut defaults: BTreeMap<&str, f64> = BTreeMap::new();
     let mut out = Vec::with_capacity(resolved.len());
     for r in resolved {
         let p = pair_of(r);
         let rank = r.rank as f64;
         let module = p.module.as_str();
-        let (alpha, rslora) = match metadata(lora, &prefix(r))? {
+        let prefix = prefix(r);
+        if !metas.contains_key(&prefix) {
+            let m = metadata(lora, &prefix)?;
+            metas.insert(prefix.clone(), m);
+        }
+        let (alpha, rslora) = match &metas[&prefix] {
             Some(m) => {
                 let a = m.pattern.iter().find(|(k, _)| module == k || module.ends_with(&format!(".{k}"))).map_or(m.alpha, |(_, a)| *a);
                 (a, m.rslora)
             }
             None => {
-                let same: Vec<&Resolved> = resolved.iter().filter(|o| o.component == r.component).collect();
-                let mut alphas = vec![];
-                for o in &same {
-                    if let Some(a) = &o.alpha {
-                        alphas.push(read_alpha(lora, a)?);
-                    }
-                }
-                let own = r.alpha.as_ref().map(|a| read_alpha(lora, a)).transpose()?;
-                let a = own.or_else(|| most_common(&alphas)).or_else(|| most_common(&same.iter().map(|o| o.rank as f64).collect::<Vec<_>>())).unwrap_or(rank);
-                (a, false)
+                let fallback = *defaults.entry(r.component.as_str()).or_insert_with(|| {
+                    let same: Vec<&Resolved> = resolved.iter().filter(|o| o.component == r.component).collect();
+                    let alphas: Vec<f64> = same.iter().filter_map(|o| o.alpha.as_deref().map(|a| alpha_of[a])).collect();
+                    most_common(&alphas).or_else(|| most_common(&same.iter().map(|o| o.rank as f64).collect::<Vec<_>>())).unwrap_or(rank)
+                });
+                (r.alpha.as_deref().map_or(fallback, |a| alpha_of[a]), false)
             }
         };
         out.push(scale * alpha / if rslora { rank.sqrt() } else { rank });
