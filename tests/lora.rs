@@ -127,6 +127,45 @@ fn flux_peft_lora_on_transformer_and_clip_equals_diffusers() {
     check_parity("lora-flux-peft");
 }
 
+/// kohya sd-scripts' FLUX layout: alpha baked into A and B at the file's bf16, the fused `qkv` and
+/// `linear1` split by B's rows among q/k/v(/proj_mlp), the final layer's modulation halves swapped,
+/// CLIP's `lora_te1_` pairs.
+#[test]
+fn flux_kohya_lora_equals_diffusers() {
+    check_parity("lora-flux-kohya");
+}
+
+#[test]
+fn flux_kohya_live_lora_equals_diffusers_unfused() {
+    check_parity("lora-flux-kohya-live");
+}
+
+/// ComfyUI's names for the same tensors (`diffusion_model.double_blocks.0.img_attn.qkv…`,
+/// `text_encoders.clip_l.transformer.…`): diffusers renames them to sd-scripts' and gets the same
+/// state dict, so the same reference holds.
+#[test]
+fn flux_kohya_lora_in_comfyui_names_equals_diffusers() {
+    let case = "lora-flux-kohya";
+    let dir = tempfile::tempdir().unwrap();
+    let lines = lines_of(case).replace("flux-kohya.safetensors", "flux-kohya-comfy.safetensors");
+    let got = run_dump(&manifest(case, dir.path(), "comfy", &lines), &[]);
+    let d = (got.get("image").unwrap() - refs(case).get("image").unwrap()).abs().max().double_value(&[]);
+    runner::parity::check(&format!("{case} (ComfyUI names): image"), d, runner::parity::IMAGE);
+}
+
+/// XLabs' FLUX layout: `qkv_lora1/2` split into q/k/v by rows, no alphas.
+#[test]
+fn flux_xlabs_lora_equals_diffusers() {
+    check_parity("lora-flux-xlabs");
+}
+
+/// A kohya file of mixed ranks without alphas: diffusers 0.42 keeps every pair at scaling 1
+/// (alpha = its own rank), not the most common rank over each pair's.
+#[test]
+fn sd15_kohya_mixed_ranks_without_alphas_equal_diffusers() {
+    check_parity("lora-sd15-kohya-ranks");
+}
+
 /// Fused adapters under `group` offload and an `auto` split on simulated devices: the image of
 /// the plain run with them, bit for bit.
 #[test]
@@ -140,6 +179,14 @@ fn live_adapters_give_the_same_image_offloaded_and_split() {
     offloaded_and_split("lora-sd15-two-live");
 }
 
+/// kohya FLUX pairs (split fused projections, baked alphas) fused and live: the same under group
+/// offload and a split of the transformer.
+#[test]
+fn kohya_flux_adapters_give_the_same_image_offloaded_and_split() {
+    offloaded_and_split("lora-flux-kohya");
+    offloaded_and_split("lora-flux-kohya-live");
+}
+
 fn offloaded_and_split(case: &str) {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest(case, dir.path(), "lora", &lines_of(case));
@@ -148,7 +195,38 @@ fn offloaded_and_split(case: &str) {
         assert_eq!(code, 0, "{stderr}");
         dir.path().join("base.png")
     });
-    // Provenance: A1111's `Lora hashes`, and each adapter's name, scale and sha256 in runner's JSON.
+    let flux = case.contains("flux");
+    if !flux {
+        provenance(&m, &text);
+    }
+    let sim = "cuda:0=1GB,cuda:1=1GB,cpu=2GiB";
+    // The split: the text encoders and the VAE on the CPU, two devices each too small for the denoiser.
+    let plan = |sets: &[String]| -> serde_json::Value {
+        let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+        let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", sim]).arg(&m).args(&args));
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let (denoiser, others): (&str, &[&str]) = if flux { ("transformer", &["text_encoder", "text_encoder_2", "vae"]) } else { ("unet", &["text_encoder", "vae"]) };
+    let pins: Vec<String> = others.iter().map(|c| format!("components.{c}.device=cpu")).collect();
+    let u = &plan(&pins)["components"][denoiser];
+    let budget = u["working_bytes"].as_u64().unwrap() + u["bytes"].as_u64().unwrap() * 3 / 4;
+    let mut split = vec!["placement.strategy=auto".to_string(), format!("placement.max_memory={{\"cuda:0\"={budget},\"cuda:1\"={budget},cpu=\"2GiB\"}}")];
+    split.extend(pins);
+    let parts = plan(&split)["components"][denoiser]["split"].clone();
+    assert!(parts.as_object().is_some_and(|p| p.values().any(|d| d == "cuda:0") && p.values().any(|d| d == "cuda:1")), "the {denoiser} is split: {parts}");
+    for (name, sets) in [("group", vec!["placement.offload=group".to_string()]), ("split", split)] {
+        let out = dir.path().join(format!("{name}.png"));
+        let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
+        let (code, _, stderr) = run(runner().current_dir(dir.path()).arg("run").arg(&m).args(["--quiet", "--simulate", sim]).args(&args).arg("--out").arg(&out));
+        assert_eq!(code, 0, "{case} {name}: {stderr}");
+        assert!(crate::util::decode_png(&out).0 == base, "{case} {name}: the image differs");
+    }
+}
+
+/// Provenance of the SD 1.5 pair of adapters: A1111's `Lora hashes`, each adapter's name, scale and
+/// sha256 in runner's JSON, and the files in `runner lock`.
+fn provenance(m: &Path, text: &[(String, String)]) {
     let get = |k: &str| text.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
     let a1111 = |f: &str| {
         use sha2::Digest;
@@ -163,32 +241,10 @@ fn offloaded_and_split(case: &str) {
     assert_eq!(j["adapters"][1]["scale"], 0.8);
     assert_eq!(j["adapters"][0]["sha256"].as_str().unwrap().len(), 64);
     // `runner lock` records the adapter files.
-    let (code, _, stderr) = run(runner().arg("lock").arg(&m));
+    let (code, _, stderr) = run(runner().arg("lock").arg(m));
     assert_eq!(code, 0, "{stderr}");
     let lock = std::fs::read_to_string(m.with_extension("toml.lock")).unwrap();
     assert!(lock.contains("sd15-kohya.safetensors") && lock.contains("sd15-peft.safetensors"), "{lock}");
-    let sim = "cuda:0=1GB,cuda:1=1GB,cpu=2GiB";
-    // The split: the text encoder and the VAE on the CPU, two devices each too small for the UNet.
-    let plan = |sets: &[String]| -> serde_json::Value {
-        let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
-        let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", sim]).arg(&m).args(&args));
-        assert_eq!(code, 0, "{stderr}");
-        serde_json::from_str(&stdout).unwrap()
-    };
-    let pins = ["components.text_encoder.device=cpu".to_string(), "components.vae.device=cpu".to_string()];
-    let u = &plan(&pins)["components"]["unet"];
-    let budget = u["working_bytes"].as_u64().unwrap() + u["bytes"].as_u64().unwrap() * 3 / 4;
-    let mut split = vec!["placement.strategy=auto".to_string(), format!("placement.max_memory={{\"cuda:0\"={budget},\"cuda:1\"={budget},cpu=\"2GiB\"}}")];
-    split.extend(pins);
-    let parts = plan(&split)["components"]["unet"]["split"].clone();
-    assert!(parts.as_object().is_some_and(|p| p.values().any(|d| d == "cuda:0") && p.values().any(|d| d == "cuda:1")), "the UNet is split: {parts}");
-    for (name, sets) in [("group", vec!["placement.offload=group".to_string()]), ("split", split)] {
-        let out = dir.path().join(format!("{name}.png"));
-        let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
-        let (code, _, stderr) = run(runner().current_dir(dir.path()).arg("run").arg(&m).args(["--quiet", "--simulate", sim]).args(&args).arg("--out").arg(&out));
-        assert_eq!(code, 0, "{name}: {stderr}");
-        assert!(crate::util::decode_png(&out).0 == base, "{name}: the image differs");
-    }
 }
 
 #[test]
@@ -203,6 +259,13 @@ fn inspect_describes_a_lora_file() {
     let (code, stdout, _) = run(runner().arg("inspect").arg(loras().join("sd15-peft.safetensors")));
     assert_eq!(code, 0);
     assert!(stdout.contains("LoRA, diffusers/PEFT format") && stdout.contains("rank 4"), "{stdout}");
+    for (file, format, text_encoder) in [("flux-kohya.safetensors", "kohya-flux", true), ("flux-kohya-comfy.safetensors", "kohya-flux", true), ("flux-xlabs.safetensors", "xlabs", false)] {
+        let (code, stdout, stderr) = run(runner().arg("inspect").arg(loras().join(file)).arg("--json"));
+        assert_eq!(code, 0, "{file}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["format"], format, "{file}");
+        assert!(v["targets"]["denoiser"].as_u64().unwrap() > 0 && v["targets"].get("text_encoder").is_some() == text_encoder, "{file}: {v}");
+    }
 }
 
 /// Bad adapters: exit 1 at `validate`, the adapter and file named, before any weight is loaded.
@@ -252,6 +315,29 @@ fn bad_adapters_are_named_errors() {
         assert!(want.iter().all(|w| stderr.contains(w)), "{extra}: want {want:?} in: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // A FLUX LoRA on an SD 1.5 pipeline: said so.
+    for f in ["flux-kohya.safetensors", "flux-xlabs.safetensors"] {
+        std::fs::write(&base, std::fs::read_to_string(manifest("lora-sd15-peft", dir.path(), "m0", "")).unwrap() + &one(&loras().join(f), "")).unwrap();
+        let (code, _, stderr) = run(runner().arg("validate").arg(&base));
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains("is a FLUX LoRA") && stderr.contains("UNet2DConditionModel") && stderr.contains(f), "{stderr}");
+    }
+    // kohya FLUX: a fused qkv whose B does not have the rows of q, k and v; T5 (`lora_te2_`) pairs,
+    // which diffusers drops: left out with a warning.
+    let flux = manifest("lora-flux-kohya", dir.path(), "f0", "");
+    let qkv = |rows: u64| -> Vec<(String, Vec<u64>)> { vec![("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight".into(), vec![4, 32]), ("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight".into(), vec![rows, 4])] };
+    let short = write("short.safetensors", &qkv(90).iter().map(|(n, s)| (n.as_str(), s.clone())).collect::<Vec<_>>());
+    std::fs::write(&base, std::fs::read_to_string(&flux).unwrap() + &one(&short, "")).unwrap();
+    let (code, _, stderr) = run(runner().arg("validate").arg(&base));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("short.safetensors") && stderr.contains("add up to 96"), "{stderr}");
+    let mut t5 = qkv(96);
+    t5.extend([("lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight".to_string(), vec![4, 32]), ("lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight".to_string(), vec![32, 4])]);
+    let t5 = write("t5.safetensors", &t5.iter().map(|(n, s)| (n.as_str(), s.clone())).collect::<Vec<_>>());
+    std::fs::write(&base, std::fs::read_to_string(&flux).unwrap() + &one(&t5, "")).unwrap();
+    let (code, _, stderr) = run(runner().arg("validate").arg(&base));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning") && stderr.contains("1 pair left out") && stderr.contains("T5"), "{stderr}");
     // `strict = false`: the pairs that match run, the others are left out with a warning.
     let half = write(
         "half.safetensors",
@@ -310,6 +396,44 @@ fn the_plan_counts_live_pairs_not_fused_ones() {
         .map(|t| t.numel())
         .sum();
     assert_eq!(bytes("lora-sd15-two-live", "live"), plain + 4 * unet_params);
+}
+
+/// A PEFT file with pairs on FLUX's T5 (`text_encoder_2.encoder.block.N.layer.0.SelfAttention.q`…;
+/// no diffusers loader targets T5, so no reference): fused and live give the same image, which
+/// differs from the plain one.
+#[test]
+fn t5_pairs_run_fused_and_live() {
+    use runner::checkpoint::safetensors::{encode_header, Dtype, TensorInfo};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut infos, mut data, mut seed) = (vec![], vec![], 7u64);
+    for b in 0..2 {
+        for (m, fin, fout) in [("SelfAttention.q", 24, 32), ("SelfAttention.k", 24, 32), ("SelfAttention.v", 24, 32), ("SelfAttention.o", 32, 24)] {
+            for (side, shape) in [("lora_A", vec![2u64, fin]), ("lora_B", vec![fout, 2])] {
+                let n: u64 = shape.iter().product();
+                let start = data.len() as u64;
+                for _ in 0..n {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    data.extend_from_slice(&(((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.8).to_le_bytes());
+                }
+                infos.push(TensorInfo { name: format!("text_encoder_2.encoder.block.{b}.layer.0.{m}.{side}.weight"), dtype: Dtype::F32, shape, data_offsets: (start, data.len() as u64) });
+            }
+        }
+    }
+    let file = dir.path().join("t5.safetensors");
+    std::fs::write(&file, [encode_header(&infos, &Default::default()), data].concat()).unwrap();
+    let lines = format!("[adapters.t5]\nsource = \"{}\"\n", file.display());
+    let case = "lora-flux-peft";
+    let image = |name: &str, extra: &str| {
+        let m = manifest(case, dir.path(), name, extra);
+        run_dump(&m, &[]).get("image").unwrap().copy()
+    };
+    let plain = image("plain", "");
+    let fused = image("fused", &lines);
+    let live = image("live", &format!("{lines}fuse = false\n"));
+    let d = (&fused - &live).abs().max().double_value(&[]);
+    runner::parity::check("T5 pairs fused vs live: image", d, runner::parity::IMAGE);
+    let change = (&plain - &fused).abs().max().double_value(&[]);
+    assert!(change > 100.0 * runner::parity::IMAGE.value, "the T5 pairs change the image ({change})");
 }
 
 /// On a GGUF-quantized transformer (and an fp8 `storage_dtype` one) an adapter runs live beside the

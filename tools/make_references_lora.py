@@ -11,7 +11,19 @@ Writes tests/fixtures/loras/:
                            and the text encoder's q/k/v/out_proj and fc1/fc2 (rank 4, alpha 4)
   sd15-kohya.safetensors   kohya names (`lora_unet_…`, `lora_te_…`, `.lora_down/.lora_up`, `.alpha` = 2
                            at rank 4, so alpha / rank = 0.5), written from another random PEFT adapter
-and per case tests/fixtures/refs/lora-<name>.{safetensors,json}: the base case's inputs (its json,
+  flux-kohya.safetensors   kohya sd-scripts FLUX names (bf16, `lora_unet_double_blocks_N_img_attn_qkv`,
+                           `single_blocks_N_linear1`, the embedders, the final layer, `lora_te1_` CLIP
+                           pairs; alphas 1-3 at rank 4, one pair at rank 8)
+  flux-kohya-comfy.safetensors  the same tensors under ComfyUI's names (`diffusion_model.double_blocks.0
+                           .img_attn.qkv.lora_down.weight`, `text_encoders.clip_l.transformer.…`)
+  flux-xlabs.safetensors   XLabs FLUX names (`double_blocks.N.processor.qkv_lora1.down.weight`…)
+  sd15-kohya-ranks.safetensors  kohya SD 1.5 UNet pairs at ranks 4 and 8, no alphas
+(`make_more_loras`; `tools/make_references_lora.py --more CASE...` writes these and records only the
+named cases). diffusers' kohya FLUX converter hard-codes FLUX.1's widths (`dims=[3072, 3072, 3072,
+12288]` for `linear1`): it is run with the tiny transformer's widths put in their place, and the
+embedders' and final layer's pairs it names without `transformer.` (which diffusers 0.42.1 then drops
+silently) are given the prefix, so that the reference applies every pair of the file, as runner does.
+And per case tests/fixtures/refs/lora-<name>.{safetensors,json}: the base case's inputs (its json,
 recorded by make_references.py) run with the adapters loaded by `load_lora_weights`, weighted by
 `set_adapters(names, weights)` and merged by `fuse_lora(adapter_names=names)` in name order (runner's
 order); tensors `image` and `vae.input`, the json adds `adapters` {name: {file, scale}}.
@@ -134,7 +146,100 @@ def make_loras():
             print(f"{LORAS}/sdxl-kohya.safetensors ({len(kohya)} keys)")
 
 
-def fill_kohya_text_encoder(pipe, path, adapter):
+def kohya_flux_modules(t):
+    """The tiny FLUX transformer's LoRA targets in BFL's (original) dotted names: (name, in, out)."""
+    out = []
+    lin = lambda m: (m.in_features, m.out_features)
+    for i, b in enumerate(t.transformer_blocks):
+        inner = b.attn.to_q.out_features
+        out += [(f"double_blocks.{i}.img_attn.qkv", b.attn.to_q.in_features, 3 * inner), (f"double_blocks.{i}.img_attn.proj", *lin(b.attn.to_out[0])),
+                (f"double_blocks.{i}.img_mlp.0", *lin(b.ff.net[0].proj)), (f"double_blocks.{i}.img_mlp.2", *lin(b.ff.net[2])),
+                (f"double_blocks.{i}.img_mod.lin", *lin(b.norm1.linear)),
+                (f"double_blocks.{i}.txt_attn.qkv", b.attn.add_q_proj.in_features, 3 * inner), (f"double_blocks.{i}.txt_attn.proj", *lin(b.attn.to_add_out)),
+                (f"double_blocks.{i}.txt_mlp.0", *lin(b.ff_context.net[0].proj)), (f"double_blocks.{i}.txt_mlp.2", *lin(b.ff_context.net[2])),
+                (f"double_blocks.{i}.txt_mod.lin", *lin(b.norm1_context.linear))]
+    for i, b in enumerate(t.single_transformer_blocks):
+        out += [(f"single_blocks.{i}.linear1", b.attn.to_q.in_features, 3 * b.attn.to_q.out_features + b.proj_mlp.out_features),
+                (f"single_blocks.{i}.linear2", *lin(b.proj_out)), (f"single_blocks.{i}.modulation.lin", *lin(b.norm.linear))]
+    tte = t.time_text_embed
+    out += [("img_in", *lin(t.x_embedder)), ("txt_in", *lin(t.context_embedder)),
+            ("time_in.in_layer", *lin(tte.timestep_embedder.linear_1)), ("time_in.out_layer", *lin(tte.timestep_embedder.linear_2)),
+            ("vector_in.in_layer", *lin(tte.text_embedder.linear_1)), ("vector_in.out_layer", *lin(tte.text_embedder.linear_2)),
+            ("guidance_in.in_layer", *lin(tte.guidance_embedder.linear_1)), ("guidance_in.out_layer", *lin(tte.guidance_embedder.linear_2)),
+            ("final_layer.linear", *lin(t.proj_out)), ("final_layer.adaLN_modulation.1", *lin(t.norm_out.linear))]
+    return out
+
+
+def make_more_loras():
+    """kohya FLUX (sd-scripts and ComfyUI names), XLabs FLUX, and a kohya SD 1.5 file of mixed ranks
+    without alphas."""
+    pipe = diffusers.FluxPipeline.from_pretrained(FIX / "tiny-flux-dev", dtype=torch.float32)
+    g = torch.Generator().manual_seed(11)
+    rnd = lambda *shape, s: (torch.randn(*shape, generator=g) * s)
+    sd_scripts, comfy = {}, {}
+    for j, (name, fin, fout) in enumerate(kohya_flux_modules(pipe.transformer)):
+        r = 8 if name == "double_blocks.1.img_mlp.0" else 4
+        alpha = 2.0 if name.endswith("qkv") else 3.0 if name.endswith("linear1") else 16.0 if name.startswith("final_layer") else 1.0
+        down, up = rnd(r, fin, s=0.3).to(torch.bfloat16), rnd(fout, r, s=0.05).to(torch.bfloat16)
+        a = torch.tensor(alpha, dtype=torch.float32 if j % 5 == 0 else torch.bfloat16)
+        for sd, key in [(sd_scripts, "lora_unet_" + name.replace(".", "_")), (comfy, "diffusion_model." + name)]:
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"], sd[f"{key}.alpha"] = down, up, a
+    te = pipe.text_encoder
+    for i, layer in enumerate(getattr(te, "text_model", te).encoder.layers):
+        for mod, m in [("self_attn.q_proj", layer.self_attn.q_proj), ("self_attn.k_proj", layer.self_attn.k_proj), ("self_attn.v_proj", layer.self_attn.v_proj),
+                       ("self_attn.out_proj", layer.self_attn.out_proj), ("mlp.fc1", layer.mlp.fc1), ("mlp.fc2", layer.mlp.fc2)]:
+            name = f"text_model.encoder.layers.{i}.{mod}"
+            down, up = rnd(4, m.in_features, s=0.3).to(torch.bfloat16), rnd(m.out_features, 4, s=0.05).to(torch.bfloat16)
+            for sd, key in [(sd_scripts, "lora_te1_" + name.replace(".", "_")), (comfy, "text_encoders.clip_l.transformer." + name)]:
+                sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"], sd[f"{key}.alpha"] = down, up, torch.tensor(2.0, dtype=torch.bfloat16)
+    save_file(sd_scripts, LORAS / "flux-kohya.safetensors")
+    save_file(comfy, LORAS / "flux-kohya-comfy.safetensors")
+    xlabs = {}
+    t = pipe.transformer
+    for i, b in enumerate(t.transformer_blocks):
+        inner, dim = b.attn.to_q.out_features, b.attn.to_q.in_features
+        for n, fin, fout in [("qkv_lora1", dim, 3 * inner), ("proj_lora1", inner, b.attn.to_out[0].out_features), ("qkv_lora2", dim, 3 * inner), ("proj_lora2", inner, b.attn.to_add_out.out_features)]:
+            xlabs[f"double_blocks.{i}.processor.{n}.down.weight"], xlabs[f"double_blocks.{i}.processor.{n}.up.weight"] = rnd(4, fin, s=0.3), rnd(fout, 4, s=0.05)
+    for i, b in enumerate(t.single_transformer_blocks):
+        inner, dim = b.attn.to_q.out_features, b.attn.to_q.in_features
+        for n, fin, fout in [("qkv_lora", dim, 3 * inner), ("proj_lora", b.proj_out.in_features, b.proj_out.out_features)]:
+            xlabs[f"single_blocks.{i}.processor.{n}.down.weight"], xlabs[f"single_blocks.{i}.processor.{n}.up.weight"] = rnd(4, fin, s=0.3), rnd(fout, 4, s=0.05)
+    save_file(xlabs, LORAS / "flux-xlabs.safetensors")
+    sd15 = diffusers.StableDiffusionPipeline.from_pretrained(FIX / "tiny-sd15", safety_checker=None, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=4, rank_pattern={"to_q": 8, "conv1": 8}, target_modules=UNET_TARGETS, init_lora_weights=False)
+    kohya = {}
+    for k, v in random_adapter(sd15.unet, cfg, 12).items():
+        module, side = k.rsplit(".lora_", 1)
+        kohya[f"lora_unet_{module.replace('.', '_')}.lora_{'down' if side.startswith('A') else 'up'}.weight"] = v.contiguous()
+    save_file(kohya, LORAS / "sd15-kohya-ranks.safetensors")
+    print(f"{LORAS}: flux-kohya ({len(sd_scripts)} keys), flux-kohya-comfy, flux-xlabs ({len(xlabs)} keys), sd15-kohya-ranks ({len(kohya)} keys)")
+
+
+def patch_kohya_flux_widths(transformer):
+    """diffusers' `_convert_kohya_flux_lora_to_diffusers` with FLUX.1's `linear1` widths replaced by
+    the tiny transformer's (the only hard-coded size it uses)."""
+    import inspect
+    import textwrap
+    from diffusers.loaders import lora_conversion_utils as lcu, lora_pipeline
+    b = transformer.single_transformer_blocks[0]
+    inner, mlp = b.attn.to_q.out_features, b.proj_mlp.out_features
+    src = textwrap.dedent(inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers))
+    assert "dims=[3072, 3072, 3072, 12288]" in src
+    src = src.replace("dims=[3072, 3072, 3072, 12288]", f"dims=[{inner}, {inner}, {inner}, {mlp}]")
+    ns = dict(vars(lcu))
+    exec(compile(src, lcu.__file__, "exec"), ns)
+    convert = ns["_convert_kohya_flux_lora_to_diffusers"]
+
+    def converted(state_dict):
+        # diffusers 0.42.1 names the embedders' and the final layer's pairs without the
+        # `transformer.` prefix (`x_embedder.lora_A.weight`, `norm_out.linear…`), so that
+        # `load_lora_adapter(prefix="transformer")` silently drops them; given the prefix they load.
+        out = convert(state_dict)
+        return {k if k.startswith(("transformer.", "text_encoder.")) else f"transformer.{k}": v for k, v in out.items()}
+    lora_pipeline._convert_kohya_flux_lora_to_diffusers = converted
+
+
+def fill_kohya_text_encoder(pipe, path, adapter, baked=False):
     """diffusers 0.42.1 with transformers 5 creates a kohya file's text-encoder adapter but loads
     none of its weights (transformers' load report lists every `lora_A/B.<adapter>` as MISSING, left
     at PEFT's init: B = 0, no effect): a silently dropped LoRA. The weights are put where diffusers'
@@ -153,9 +258,23 @@ def fill_kohya_text_encoder(pipe, path, adapter):
             base = k[len(prefix):-len(".lora_down.weight")]
             m = flat.get(base) or flat.get(base.removeprefix("text_model_"))
             assert m is not None and adapter in m.lora_A, k
-            assert float(m.scaling[adapter]) == float(sd[k.replace(".lora_down.weight", ".alpha")]) / v.shape[0], (k, m.scaling)
+            up = sd[k.replace("lora_down", "lora_up")]
+            alpha = float(sd[k.replace(".lora_down.weight", ".alpha")])
+            if baked:
+                # kohya FLUX: alpha / rank baked into A and B as `_convert_kohya_flux_lora_to_diffusers`
+                # does for text-encoder pairs; loaded at scaling 1.
+                if m.lora_B[adapter].weight.abs().max() > 0:
+                    continue
+                scale_down, scale_up = alpha / v.shape[0], 1.0
+                while scale_down * 2 < scale_up:
+                    scale_down *= 2
+                    scale_up /= 2
+                v, up = v * scale_down, up * scale_up
+                assert float(m.scaling[adapter]) == 1.0, (k, m.scaling)
+            else:
+                assert float(m.scaling[adapter]) == alpha / v.shape[0], (k, m.scaling)
             m.lora_A[adapter].weight.copy_(v)
-            m.lora_B[adapter].weight.copy_(sd[k.replace("lora_down", "lora_up")])
+            m.lora_B[adapter].weight.copy_(up)
             done += 1
     if done == 0:
         return
@@ -176,6 +295,12 @@ CASES = [
          adapters={"kohya": ("sd15-kohya.safetensors", 0.7), "style": ("sd15-peft.safetensors", 0.8)}),
     dict(name="flux-peft-live", base="flux-dev", fuse=False, adapters={"style": ("flux-peft.safetensors", 0.9)}),
 ]
+MORE_CASES = [
+    dict(name="flux-kohya", base="flux-dev", adapters={"kohya": ("flux-kohya.safetensors", 0.8)}),
+    dict(name="flux-kohya-live", base="flux-dev", fuse=False, adapters={"kohya": ("flux-kohya.safetensors", 0.8)}),
+    dict(name="flux-xlabs", base="flux-dev", adapters={"xlabs": ("flux-xlabs.safetensors", 1.0)}),
+    dict(name="sd15-kohya-ranks", base="sd15-euler", adapters={"ranks": ("sd15-kohya-ranks.safetensors", 1.0)}),
+]
 PIPELINES = {
     "tiny-sd15": (diffusers.StableDiffusionPipeline, ["unet", "text_encoder"]),
     "tiny-sdxl": (diffusers.StableDiffusionXLPipeline, ["unet", "text_encoder", "text_encoder_2"]),
@@ -191,13 +316,15 @@ def run_case(c):
     extra = {"safety_checker": None} if meta["pipeline"] == "tiny-sd15" else {}
     pipe = cls.from_pretrained(FIX / meta["pipeline"], dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
+    if meta["pipeline"] == "tiny-flux-dev":
+        patch_kohya_flux_widths(pipe.transformer)
     pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(meta["scheduler_config"])
     names = sorted(c["adapters"])
     for n in names:
         pipe.load_lora_weights(LORAS, weight_name=c["adapters"][n][0], adapter_name=n)
     for n in names:
         if "kohya" in c["adapters"][n][0]:
-            fill_kohya_text_encoder(pipe, LORAS / c["adapters"][n][0], n)
+            fill_kohya_text_encoder(pipe, LORAS / c["adapters"][n][0], n, baked=meta["pipeline"] == "tiny-flux-dev")
     scales = c.get("run_scales") or {n: c["adapters"][n][1] for n in names}
     pipe.set_adapters(names, [scales[n] for n in names])
     if c.get("fuse", True):
@@ -228,6 +355,15 @@ def run_case(c):
 
 
 if __name__ == "__main__":
-    make_loras()
-    for c in CASES:
-        print(f"{run_case(c)}: recorded")
+    import sys
+    if sys.argv[1:2] == ["--more"]:
+        make_more_loras()
+        wanted = set(sys.argv[2:])
+        for c in CASES + MORE_CASES:
+            if c["name"] in wanted:
+                print(f"{run_case(c)}: recorded")
+    else:
+        make_loras()
+        make_more_loras()
+        for c in CASES + MORE_CASES:
+            print(f"{run_case(c)}: recorded")

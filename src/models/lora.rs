@@ -78,7 +78,24 @@ pub fn read_pairs(items: &[crate::checkpoint::lora::FuseItem]) -> Result<Vec<(Te
                     return Err(format!("adapter `{}`: `{}`: tensor `{t}` holds NaN or infinite values", i.adapter, i.file.display()));
                 }
             }
-            Ok((s[&i.down].shallow_clone(), s[&i.up].shallow_clone()))
+            // kohya FLUX's conversion, as diffusers does it on the file's tensors: alpha / rank
+            // multiplied in at their dtype, then B split by rows, the final modulation's halves swapped.
+            let mut a = s[&i.down].shallow_clone();
+            let mut b = s[&i.up].shallow_clone();
+            if i.down_mul != 1.0 {
+                a = a * i.down_mul;
+            }
+            if i.up_mul != 1.0 {
+                b = b * i.up_mul;
+            }
+            if let Some((start, n)) = i.up_rows {
+                b = b.narrow(0, start as i64, n as i64);
+            }
+            if i.swap_up_halves {
+                let half = b.size()[0] / 2;
+                b = Tensor::cat(&[b.narrow(0, half, half), b.narrow(0, 0, half)], 0);
+            }
+            Ok((a, b))
         })
         .collect()
 }

@@ -31,26 +31,47 @@ pub enum T5Error {
     Torch(#[from] tch::TchError),
 }
 
-/// A bias-free linear layer announcing its path.
+/// A bias-free linear layer announcing its path, with any live LoRA adapters beside it.
 struct Linear {
     weight: Tensor,
     path: String,
+    lora: Option<crate::models::lora::Live>,
 }
 
 impl Linear {
     fn new(p: nn::Path, d_in: i64, d_out: i64) -> Linear {
-        Linear { weight: param(&p, "weight", &[d_out, d_in], nn::Init::Const(0.)), path: path_of(&p) }
+        Self::with(p, param_weight(d_in, d_out))
     }
 
     /// A `wo`: fp32 in an fp16 model.
     fn keep_fp32(p: nn::Path, d_in: i64, d_out: i64, model_kind: Kind) -> Linear {
-        let weight = if model_kind == Kind::Half { param_at(&p, "weight", &[d_out, d_in], Kind::Float) } else { param(&p, "weight", &[d_out, d_in], nn::Init::Const(0.)) };
-        Linear { weight, path: path_of(&p) }
+        if model_kind == Kind::Half {
+            let weight = param_at(&p, "weight", &[d_out, d_in], Kind::Float);
+            return Self::with(p, |_| weight);
+        }
+        Self::with(p, param_weight(d_in, d_out))
+    }
+
+    fn with(p: nn::Path, weight: impl FnOnce(&nn::Path) -> Tensor) -> Linear {
+        let weight = weight(&p);
+        let path = path_of(&p);
+        let lora = crate::models::lora::Live::take(&p, &format!("{path}.weight"), weight.kind(), None);
+        Linear { weight, path, lora }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
-        scoped(&self.path, || x.f_linear::<&Tensor>(&self.weight, None))
+        scoped(&self.path, || {
+            let y = x.f_linear::<&Tensor>(&self.weight, None)?;
+            match &self.lora {
+                Some(l) => l.apply(x, y),
+                None => Ok(y),
+            }
+        })
     }
+}
+
+fn param_weight(d_in: i64, d_out: i64) -> impl FnOnce(&nn::Path) -> Tensor {
+    move |p| param(p, "weight", &[d_out, d_in], nn::Init::Const(0.))
 }
 
 /// `T5LayerNorm`: RMS norm without bias, the variance accumulated in fp32.

@@ -535,6 +535,18 @@ fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
                 continue;
             }
         };
+        if matches!(file.format, lora::Format::KohyaFlux | lora::Format::Xlabs) {
+            if let Some((_, class, _)) = comps.iter().find(|(n, c, _)| (*n == "unet" || *n == "transformer") && *c != "FluxTransformer2DModel") {
+                out.push(err("source", format!("adapter `{name}` (`{}`) is a FLUX LoRA ({} layout), but this pipeline's denoiser is a `{class}`", path.display(), file.format.as_str())));
+                continue;
+            }
+        }
+        if let Some((first, why)) = file.dropped.first() {
+            out.push(
+                Diagnostic::warning(format!("adapter `{name}`: {} pair{} left out (`{first}`...): {why}", file.dropped.len(), if file.dropped.len() == 1 { "" } else { "s" }), m.locate_value(&key("source")))
+                    .with_key(key("source")),
+            );
+        }
         let r = lora::resolve(&file, &comps, a.components.as_deref());
         let targets: std::collections::BTreeSet<&str> = r.resolved.iter().map(|x| x.component.as_str()).collect();
         for t in targets {
