@@ -325,14 +325,19 @@ fn bad_adapters_are_named_errors() {
     // kohya FLUX: a fused qkv whose B does not have the rows of q, k and v; T5 (`lora_te2_`) pairs,
     // which diffusers drops: left out with a warning.
     let flux = manifest("lora-flux-kohya", dir.path(), "f0", "");
-    let qkv = |rows: u64| -> Vec<(String, Vec<u64>)> { vec![("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight".into(), vec![4, 32]), ("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight".into(), vec![rows, 4])] };
+    let qkv = |rows: u64| -> Vec<(String, Vec<u64>)> {
+        vec![("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight".into(), vec![4, 32]), ("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight".into(), vec![rows, 4])]
+    };
     let short = write("short.safetensors", &qkv(90).iter().map(|(n, s)| (n.as_str(), s.clone())).collect::<Vec<_>>());
     std::fs::write(&base, std::fs::read_to_string(&flux).unwrap() + &one(&short, "")).unwrap();
     let (code, _, stderr) = run(runner().arg("validate").arg(&base));
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("short.safetensors") && stderr.contains("add up to 96"), "{stderr}");
     let mut t5 = qkv(96);
-    t5.extend([("lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight".to_string(), vec![4, 32]), ("lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight".to_string(), vec![32, 4])]);
+    t5.extend([
+        ("lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight".to_string(), vec![4, 32]),
+        ("lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight".to_string(), vec![32, 4]),
+    ]);
     let t5 = write("t5.safetensors", &t5.iter().map(|(n, s)| (n.as_str(), s.clone())).collect::<Vec<_>>());
     std::fs::write(&base, std::fs::read_to_string(&flux).unwrap() + &one(&t5, "")).unwrap();
     let (code, _, stderr) = run(runner().arg("validate").arg(&base));

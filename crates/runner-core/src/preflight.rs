@@ -543,8 +543,11 @@ fn check_adapters(m: &LoadedManifest, p: &PipelineFolder) -> Vec<Diagnostic> {
         }
         if let Some((first, why)) = file.dropped.first() {
             out.push(
-                Diagnostic::warning(format!("adapter `{name}`: {} pair{} left out (`{first}`...): {why}", file.dropped.len(), if file.dropped.len() == 1 { "" } else { "s" }), m.locate_value(&key("source")))
-                    .with_key(key("source")),
+                Diagnostic::warning(
+                    format!("adapter `{name}`: {} pair{} left out (`{first}`...): {why}", file.dropped.len(), if file.dropped.len() == 1 { "" } else { "s" }),
+                    m.locate_value(&key("source")),
+                )
+                .with_key(key("source")),
             );
         }
         let r = lora::resolve(&file, &comps, a.components.as_deref());

@@ -421,7 +421,11 @@ fn xlabs_pairs(path: &Path, h: &Header) -> Result<Vec<Pair>, CheckpointError> {
             _ => (vec![], Some(&"")),
         };
         if let Some(name) = why {
-            return Err(CheckpointError::tensor(path, &p.down, format!("names an XLabs processor layer runner does not know (`{name}`; known: qkv_lora1/2, proj_lora1/2, single blocks' qkv_lora/proj_lora)")));
+            return Err(CheckpointError::tensor(
+                path,
+                &p.down,
+                format!("names an XLabs processor layer runner does not know (`{name}`; known: qkv_lora1/2, proj_lora1/2, single blocks' qkv_lora/proj_lora)"),
+            ));
         }
         if targets.len() == 1 {
             p.module = targets[0].clone();
