@@ -1,6 +1,6 @@
 //! One UNet2DConditionModel forward per iteration, timed (benches/unet_step.sh and benches/casting.sh
 //! run this beside diffusers on the same weights): wall time and the process's CPU time.
-//!   unet_bench UNET_DIR LATENT_SIZE BATCH ITERS
+//!   unet_bench UNET_DIR LATENT_SIZE BATCH ITERS   (BENCH_LORA=FILE: a LoRA's pairs run live, scale 1)
 
 use runner::checkpoint::layout::{resolve_folder, Checkpoint, Library, VariantPolicy};
 use runner::models::unet_2d::{AddedCond, UNet2DConditionConfig, UNet2DConditionModel};
@@ -28,9 +28,20 @@ fn main() {
         storage: runner::exec::storage_kind(serde_json::from_value(serde_json::Value::String(s)).expect("BENCH_STORAGE: fp8-e4m3, fp8-e5m2, fp16 or bf16")),
         compute: Kind::Float,
     });
-    let (unet, _mapped) =
+    // BENCH_LORA=FILE (benches/lora_step.sh): the file's pairs run live beside their layers, scale 1.
+    let live = match std::env::var_os("BENCH_LORA") {
+        Some(f) => {
+            let items = runner::checkpoint::lora::fuse_plan(&[("bench".into(), f.into(), 1.0, None)], &[("unet", "UNet2DConditionModel", &ck)]).unwrap();
+            runner::models::lora::set_scales([("bench".to_string(), 1.0)].into());
+            runner::models::lora::pending(items.get("unet").map(Vec::as_slice).unwrap_or(&[])).unwrap()
+        }
+        None => Default::default(),
+    };
+    let ((unet, _mapped), left) = runner::models::lora::building(live, || {
         runner::models::cast::building("UNet2DConditionModel", cast, || build_from_checkpoint(&vs, &ck, "UNet2DConditionModel", Kind::Float, |root| UNet2DConditionModel::new(root, config.clone())))
-            .unwrap();
+            .unwrap()
+    });
+    assert!(left.is_empty(), "pairs no layer took: {left:?}");
     tch::manual_seed(0);
     let x = Tensor::randn([batch, config.in_channels, size, size], (Kind::Float, Device::Cpu));
     let ctx = Tensor::randn([batch, 77, config.cross_attention_dim], (Kind::Float, Device::Cpu));

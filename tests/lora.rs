@@ -117,6 +117,12 @@ fn sdxl_kohya_lora_in_original_block_names_equals_diffusers() {
     check_parity("lora-sdxl-kohya");
 }
 
+/// kohya's SDXL text-encoder pairs (`lora_te1_` CLIP-L, `lora_te2_` CLIP-G) beside its UNet file.
+#[test]
+fn sdxl_kohya_text_encoder_loras_equal_diffusers() {
+    check_parity("lora-sdxl-kohya-te");
+}
+
 #[test]
 fn sd35_peft_lora_on_transformer_and_clips_equals_diffusers() {
     check_parity("lora-sd35-peft");

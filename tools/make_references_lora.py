@@ -18,6 +18,7 @@ Writes tests/fixtures/loras/:
                            .img_attn.qkv.lora_down.weight`, `text_encoders.clip_l.transformer.…`)
   flux-xlabs.safetensors   XLabs FLUX names (`double_blocks.N.processor.qkv_lora1.down.weight`…)
   sd15-kohya-ranks.safetensors  kohya SD 1.5 UNet pairs at ranks 4 and 8, no alphas
+  sdxl-kohya-te.safetensors     kohya SDXL text-encoder pairs (`lora_te1_`, `lora_te2_`), alpha 2 at rank 4
 (`make_more_loras`; `tools/make_references_lora.py --more CASE...` writes these and records only the
 named cases). diffusers' kohya FLUX converter hard-codes FLUX.1's widths (`dims=[3072, 3072, 3072,
 12288]` for `linear1`): it is run with the tiny transformer's widths put in their place, and the
@@ -132,9 +133,7 @@ def make_loras():
             lpb = pipe.unet.config.layers_per_block
             k_unet = random_adapter(pipe.unet, LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False), 8)
             kohya = {}
-            # UNet only: diffusers 0.42.1 with transformers 5 fails on a kohya SDXL file's text-encoder
-            # keys (`get_peft_kwargs`: IndexError on an empty rank dict); lora_te_ pairs are covered
-            # by the SD 1.5 kohya file.
+            # UNet only (its text-encoder pairs are sdxl-kohya-te.safetensors, written by make_more_loras).
             parts = [("lora_unet_", k_unet, lambda m: sgm_name(m, lpb))]
             for prefix, sd, rename in parts:
                 for k, v in sd.items():
@@ -212,6 +211,17 @@ def make_more_loras():
         module, side = k.rsplit(".lora_", 1)
         kohya[f"lora_unet_{module.replace('.', '_')}.lora_{'down' if side.startswith('A') else 'up'}.weight"] = v.contiguous()
     save_file(kohya, LORAS / "sd15-kohya-ranks.safetensors")
+    # kohya SDXL text-encoder pairs: `lora_te1_` (CLIP-L) and `lora_te2_` (CLIP-G), in sd-scripts'
+    # transformers-4 names (`lora_te1_text_model_encoder_layers_0_self_attn_q_proj`), alpha 2 at rank 4.
+    sdxl = diffusers.StableDiffusionXLPipeline.from_pretrained(FIX / "tiny-sdxl", dtype=torch.float32)
+    te = {}
+    for prefix, enc, seed in [("lora_te1_", sdxl.text_encoder, 20), ("lora_te2_", sdxl.text_encoder_2, 21)]:
+        for k, v in random_adapter(enc, LoraConfig(r=4, lora_alpha=4, target_modules=TE_TARGETS, init_lora_weights=False), seed).items():
+            module, side = k.rsplit(".lora_", 1)
+            flat = prefix + ("" if module.startswith("text_model.") else "text_model_") + module.replace(".", "_")
+            te[f"{flat}.lora_{'down' if side.startswith('A') else 'up'}.weight"] = v.contiguous()
+            te[f"{flat}.alpha"] = torch.tensor(2.0)
+    save_file(te, LORAS / "sdxl-kohya-te.safetensors")
     print(f"{LORAS}: flux-kohya ({len(sd_scripts)} keys), flux-kohya-comfy, flux-xlabs ({len(xlabs)} keys), sd15-kohya-ranks ({len(kohya)} keys)")
 
 
@@ -240,11 +250,11 @@ def patch_kohya_flux_widths(transformer):
 
 
 def fill_kohya_text_encoder(pipe, path, adapter, baked=False):
-    """diffusers 0.42.1 with transformers 5 creates a kohya file's text-encoder adapter but loads
-    none of its weights (transformers' load report lists every `lora_A/B.<adapter>` as MISSING, left
-    at PEFT's init: B = 0, no effect): a silently dropped LoRA. The weights are put where diffusers'
-    own conversion names them (`lora_te_text_model_<module>` is CLIP's `<module>`), so the reference
-    is what diffusers computes once they are loaded."""
+    """Checks that diffusers loaded a kohya file's text-encoder pairs (with peft 0.21 and transformers
+    5 it created the adapter but left every pair at init: B = 0, no effect, a silently dropped LoRA)
+    and, for any it left at init, puts the weights where diffusers' own conversion names them
+    (`lora_te_text_model_<module>` is CLIP's `<module>`), so the reference is what diffusers
+    computes once they are loaded."""
     from safetensors.torch import load_file
     sd = load_file(path)
     done = 0
@@ -273,6 +283,9 @@ def fill_kohya_text_encoder(pipe, path, adapter, baked=False):
                 assert float(m.scaling[adapter]) == 1.0, (k, m.scaling)
             else:
                 assert float(m.scaling[adapter]) == alpha / v.shape[0], (k, m.scaling)
+                if m.lora_B[adapter].weight.abs().max() > 0:
+                    assert torch.equal(m.lora_B[adapter].weight, up.float()) and torch.equal(m.lora_A[adapter].weight, v.float()), k
+                    continue
             m.lora_A[adapter].weight.copy_(v)
             m.lora_B[adapter].weight.copy_(up)
             done += 1
@@ -300,6 +313,7 @@ MORE_CASES = [
     dict(name="flux-kohya-live", base="flux-dev", fuse=False, adapters={"kohya": ("flux-kohya.safetensors", 0.8)}),
     dict(name="flux-xlabs", base="flux-dev", adapters={"xlabs": ("flux-xlabs.safetensors", 1.0)}),
     dict(name="sd15-kohya-ranks", base="sd15-euler", adapters={"ranks": ("sd15-kohya-ranks.safetensors", 1.0)}),
+    dict(name="sdxl-kohya-te", base="sdxl-euler", adapters={"kohya": ("sdxl-kohya.safetensors", 1.0), "te": ("sdxl-kohya-te.safetensors", 0.7)}),
 ]
 PIPELINES = {
     "tiny-sd15": (diffusers.StableDiffusionPipeline, ["unet", "text_encoder"]),
