@@ -139,7 +139,10 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let lx = Loader::new(m, &checked.folder, &plan, &checked.configs, opts.simulate, opts.progress)?;
     // Declared before the models: on an error, the scratch files go after them.
     let mut scratch = vec![];
-    let model = pipelines::load(m.manifest.pipeline.kind, &lx)?;
+    crate::runtime::malloc_phase(true);
+    let model = pipelines::load(m.manifest.pipeline.kind, &lx);
+    crate::runtime::malloc_phase(false);
+    let model = model?;
     let mut disk_backed = 0;
     for (name, vs, mapped) in model.components() {
         let Some(c) = plan.components.iter().find(|c| c.name == name && c.offload_target == OffloadTarget::Disk) else { continue };

@@ -144,17 +144,32 @@ impl Live {
         Some(Live { pairs, conv })
     }
 
-    /// `base` (the layer's output on `x`) plus each adapter's branch, in PEFT's order of operations.
+    /// `base` (the layer's output on `x`) plus each adapter's branch `B(A(x)) × scaling`. A
+    /// Linear's branch is accumulated into `base` by one GEMM with the scaling applied to the
+    /// rank-wide `A(x)` (PEFT scales B's full-width output, then adds: two more passes over the
+    /// activations; the sums agree to float rounding). A Conv2d's runs in PEFT's order.
     pub fn apply(&self, x: &Tensor, base: Tensor) -> Result<Tensor, TchError> {
         let kind = base.kind();
         let mut result = base;
         for (adapter, a, b, scaling) in &self.pairs {
             let x = if x.kind() != a.kind() { x.f_to_kind(a.kind())? } else { x.shallow_clone() };
-            let h = match self.conv {
-                None => x.f_linear::<&Tensor>(a, None)?.f_linear::<&Tensor>(b, None)?,
-                Some(c) => x.f_conv2d(a, None::<&Tensor>, [c.stride; 2], [c.padding; 2], [c.dilation; 2], 1)?.f_conv2d(b, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?,
-            };
-            result = result.f_add(&h.f_mul_scalar(scaling * scale_of(adapter))?)?;
+            let s = scaling * scale_of(adapter);
+            match self.conv {
+                None if result.kind() == b.kind() && result.is_contiguous() => {
+                    let h = x.f_linear::<&Tensor>(a, None)?.f_mul_scalar(s)?;
+                    let out = *result.size().last().expect("a Linear's output has a last dimension");
+                    let r = h.size().last().copied().unwrap_or(0);
+                    let _ = result.f_view([-1, out])?.f_addmm_(&h.f_reshape([-1, r])?, &b.f_transpose(0, 1)?)?;
+                }
+                None => {
+                    let h = x.f_linear::<&Tensor>(a, None)?.f_linear::<&Tensor>(b, None)?;
+                    result = result.f_add(&h.f_mul_scalar(s)?)?;
+                }
+                Some(c) => {
+                    let h = x.f_conv2d(a, None::<&Tensor>, [c.stride; 2], [c.padding; 2], [c.dilation; 2], 1)?.f_conv2d(b, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1)?;
+                    result = result.f_add(&h.f_mul_scalar(s)?)?;
+                }
+            }
         }
         if result.kind() != kind {
             result = result.f_to_kind(kind)?;
