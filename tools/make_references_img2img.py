@@ -8,7 +8,23 @@ Writes tests/fixtures/images/:
                                         `resize(size, LANCZOS)` of each to several sizes
                                         (lanczos-<w>x<h>.png, lanczos-gray-<w>x<h>.png): runner's
                                         resize must equal them byte for byte
+  init-rgb-70x52.png, init-rgba-64x64.png, init-gray-64x40.png   inputs: smooth gradients with
+                                        noise; RGB at a size SD img2img floors to 64x48, RGBA with a
+                                        varying alpha (dropped, not composited), 8-bit grayscale
+and per case tests/fixtures/refs/<case>.{safetensors,json}: diffusers 0.42.1's pipeline on the tiny
+fixture with the base case's prompt, seed, steps, guidance and scheduler (its json, recorded by
+make_references.py), the image read by `diffusers.utils.load_image`; tensors `image` and
+`vae.input` (what the VAE decodes), the json adds `image`, `strength` (absent: the default).
 """
+import json
+import os
+
+import torch
+
+torch.set_num_threads(1)
+import diffusers  # noqa: E402
+from diffusers.utils import load_image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 import sys
 from pathlib import Path
 
@@ -16,7 +32,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGES = ROOT / "tests" / "fixtures" / "images"
+FIX = ROOT / "tests" / "fixtures"
+IMAGES = FIX / "images"
+OUT = Path(os.environ["RUNNER_REFS_OUT"]) if os.environ.get("RUNNER_REFS_OUT") else FIX / "refs"
 SIZES = [(16, 8), (64, 40), (37, 23), (24, 23), (37, 64), (9, 5)]
 
 
@@ -31,9 +49,53 @@ def make_images():
         rgb.resize((w, h), resample=Image.LANCZOS).save(IMAGES / f"lanczos-{w}x{h}.png")
         gray.resize((w, h), resample=Image.LANCZOS).save(IMAGES / f"lanczos-gray-{w}x{h}.png")
     print(f"{IMAGES}: lanczos inputs and {2 * len(SIZES)} resized")
+    for name, (w, h), mode in [("init-rgb-70x52.png", (70, 52), "RGB"), ("init-rgba-64x64.png", (64, 64), "RGBA"), ("init-gray-64x40.png", (64, 40), "L")]:
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255, (x * y) / (w * h) * 255], -1)
+        px = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        arr = {"RGB": px[..., :3], "RGBA": px, "L": px[..., 0]}[mode]
+        Image.fromarray(arr, mode).save(IMAGES / name)
+    print(f"{IMAGES}: init images")
+
+
+CASES = [
+    dict(name="sd15-img2img", base="sd15-euler", image="init-rgb-70x52.png", strength=0.6),
+    dict(name="sd15-img2img-rgba", base="sd15-pndm", image="init-rgba-64x64.png"),
+    dict(name="sd15-img2img-gray", base="sd15-ddim", image="init-gray-64x40.png", strength=1.0),
+    dict(name="sd15-img2img-one-step", base="sd15-dpmpp-2m", image="init-rgb-70x52.png", strength=0.3),
+    dict(name="sd15-img2img-ancestral", base="sd15-euler-ancestral", image="init-rgba-64x64.png", strength=0.75),
+]
+
+
+def run_case(c):
+    meta = json.loads((OUT / f"{c['base']}.json").read_text())
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(FIX / meta["pipeline"], safety_checker=None, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(meta["scheduler_config"])
+    rec = {}
+    orig = pipe.vae.decode
+
+    def decode(z, *a, **k):
+        rec["vae.input"] = z.detach().float().clone()
+        return orig(z, *a, **k)
+    pipe.vae.decode = decode
+    kw = dict(prompt=meta["prompt"], negative_prompt=meta.get("negative_prompt"), image=load_image(str(IMAGES / c["image"])), guidance_scale=meta["guidance_scale"],
+              num_inference_steps=meta["steps"], generator=torch.Generator("cpu").manual_seed(meta["seed"]), output_type="np")
+    if "strength" in c:
+        kw["strength"] = c["strength"]
+    with torch.no_grad():
+        out = pipe(**kw)
+    rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)
+    save_file({k: v.contiguous() for k, v in rec.items()}, OUT / f"{c['name']}.safetensors", metadata={"case": c["name"]})
+    meta.update(case=c["name"], base=c["base"], image=c["image"], strength=c.get("strength"), width=int(out.images.shape[2]), height=int(out.images.shape[1]))
+    (OUT / f"{c['name']}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    print(f"{c['name']}: recorded ({out.images.shape[2]}x{out.images.shape[1]})")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     if not args or "images" in args:
         make_images()
+    for c in CASES:
+        if not args or c["name"] in args:
+            run_case(c)

@@ -20,7 +20,7 @@ use crate::models::flux_transformer::{FluxTransformer2DConfig, FluxTransformer2D
 use crate::models::sd3_transformer::{SD3Transformer2DConfig, SD3Transformer2DModel};
 use crate::models::t5::T5Config;
 use crate::models::unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder, DecodeMode};
+use crate::models::vae::{AutoencoderKLConfig, AutoencoderKLDecoder, AutoencoderKLEncoder, DecodeMode};
 use crate::models::weights::build_from_checkpoint;
 use crate::models::ModelError;
 use crate::plan::Plan;
@@ -90,6 +90,11 @@ pub(crate) fn vae_mode(m: &LoadedManifest, config: &AutoencoderKLConfig, path: &
         _ => None,
     };
     Ok(DecodeMode { tiling, slicing: spec.and_then(|s| s.slicing).unwrap_or(false) })
+}
+
+/// The VAE's encoder tensors (`encoder.*`, `quant_conv.*`): what image-to-image adds.
+pub(crate) fn encoder_only(ck: &Checkpoint) -> Checkpoint {
+    Checkpoint { tensors: ck.tensors.iter().filter(|(k, _)| k.starts_with("encoder.") || k.starts_with("quant_conv.")).map(|(k, v)| (k.clone(), v.clone())).collect(), ..ck.clone() }
 }
 
 /// The VAE decoder, at `kind`.
@@ -246,6 +251,20 @@ impl<'a> Loader<'a> {
             self.track("vae", l, placed_bytes(&decoder_only(ck_of(l)), &l.component.class, kind)).run(|| self.built(l, kind, || load_vae(l, kind, self.configs.vae.clone()))).map(|h| (h, kind))?;
         held.model.mode = mode;
         Ok((held, kind))
+    }
+
+    /// The VAE's encoder at `kind` (the decoder's), for image-to-image: loaded only when a run
+    /// gives an image.
+    pub fn vae_encoder(&self, l: &Loaded, kind: Kind) -> Result<Held<AutoencoderKLEncoder>, ExecError> {
+        let cfg = self.configs.vae.clone();
+        let ck = encoder_only(ck_of(l));
+        self.track("vae encoder", l, placed_bytes(&ck, &l.component.class, kind)).run(|| {
+            self.built(l, kind, || {
+                let vs = VarStore::new(l.device);
+                let (model, mapped) = build_from_checkpoint(&vs, &ck, "AutoencoderKL", kind, |root| AutoencoderKLEncoder::new(root, cfg.clone(), 3, cfg.use_quant_conv)).map_err(ModelError::from)?;
+                Ok(Held { model, vs, mapped })
+            })
+        })
     }
 
     /// Weight bytes the load placed in host memory.

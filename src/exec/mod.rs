@@ -85,6 +85,32 @@ pub struct RunOptions {
     pub latents: Option<std::sync::Arc<latents::LatentsData>>,
 }
 
+/// The input of an image-to-image or inpainting job, decoded to RGB as diffusers' `load_image`.
+#[derive(Debug)]
+pub struct InitImages {
+    pub image: runner_core::image::Image,
+    pub image_sha256: String,
+    pub mask: Option<(runner_core::image::Image, String)>,
+}
+
+impl InitImages {
+    /// `run.image` and `run.mask_image` of `m`, read and decoded (None without an image).
+    pub fn of_manifest(m: &LoadedManifest) -> Result<Option<InitImages>, ExecError> {
+        let r = &m.manifest.run;
+        let Some(p) = &r.image else { return Ok(None) };
+        let read = |key: &str, p: &std::path::Path| -> Result<(runner_core::image::Image, String), ExecError> {
+            let path = m.resolve_path(key, p);
+            let what = format!("`{key}` (`{}`)", path.display());
+            let bytes = runner_core::image::read_file(&path).map_err(|e| ExecError::Text(format!("{what}: {e}")))?;
+            let img = runner_core::image::decode_rgb(&bytes, &what).map_err(|e| ExecError::Text(e.to_string()))?;
+            Ok((img, runner_core::image::sha256_hex(&bytes)))
+        };
+        let (image, image_sha256) = read("run.image", p)?;
+        let mask = r.mask_image.as_deref().map(|p| read("run.mask_image", p)).transpose()?;
+        Ok(Some(InitImages { image, image_sha256, mask }))
+    }
+}
+
 /// Watches a run between its denoising steps: `runner serve` reports a job's progress through it
 /// and cancels jobs (a `DELETE`, a deadline, a client that hung up) where a step ends. The weights
 /// and offload hooks are left as after a finished run.

@@ -120,6 +120,20 @@ pub struct ImageMeta {
     /// `[adapters.*]` merged into the weights, in name order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<AdapterMeta>,
+    /// Image-to-image / inpainting: the input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitMeta>,
+}
+
+/// The input of an image-to-image or inpainting run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InitMeta {
+    /// sha256 of the input image's bytes, and its pixel size (width, height).
+    pub image_sha256: String,
+    pub image_size: (u32, u32),
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_sha256: Option<String>,
+    pub strength: f64,
 }
 
 /// One LoRA adapter of a run.
@@ -166,6 +180,10 @@ impl ImageMeta {
         }
         if self.batch_size > 1 {
             fields.push(format!("Batch size: {}, Batch pos: {}", self.batch_size, self.batch_index));
+        }
+        if let Some(i) = &self.init {
+            fields.push(format!("Denoising strength: {}", i.strength));
+            fields.push(format!("Init image hash: {}", &i.image_sha256[..12.min(i.image_sha256.len())]));
         }
         if !self.adapters.is_empty() {
             let hashes: Vec<String> = self.adapters.iter().map(|a| format!("{}: {}", a.name, &a.a1111_hash[..12.min(a.a1111_hash.len())])).collect();

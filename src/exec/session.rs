@@ -10,7 +10,7 @@ use tch::nn::VarStore;
 
 use super::loading::{check_split, relocate, Loader, Split};
 use super::pipelines::{self, Call, Dump, Pipeline};
-use super::{allocator, check_devices, ledger, offload, output_paths, png, seed_of, tch_device, ExecError, HostMemory, RunOptions, RunReport, Timings};
+use super::{allocator, check_devices, ledger, offload, output_paths, png, seed_of, tch_device, ExecError, HostMemory, InitImages, RunOptions, RunReport, Timings};
 use crate::checkpoint::layout::PipelineFolder;
 use crate::checkpoint::load::Mapped;
 use crate::device::Device;
@@ -235,6 +235,7 @@ impl Session<'_> {
         // Live adapters run at this job's scales: `run.adapter_scales`, else each one's `scale`.
         let overrides = m.manifest.run.adapter_scales.clone().unwrap_or_default();
         crate::models::lora::set_scales(m.manifest.adapters.iter().map(|(n, a)| (n.clone(), overrides.get(n).copied().unwrap_or(a.scale.unwrap_or(1.0)))).collect());
+        let init = InitImages::of_manifest(m)?.map(std::sync::Arc::new);
         let mut cx = Call {
             m,
             pipeline: &self.checked.folder,
@@ -246,6 +247,7 @@ impl Session<'_> {
             watch: opts.watch.clone(),
             latents: opts.latents.clone(),
             res: self.residency()?,
+            init: init.clone(),
             dump: Dump::new(opts.dump.is_some()),
             warnings: job.warnings.clone(),
         };
@@ -305,6 +307,12 @@ impl Session<'_> {
                     }
                 })
                 .collect(),
+            init: init.as_ref().zip(job.run.init).map(|(i, spec)| png::InitMeta {
+                image_sha256: i.image_sha256.clone(),
+                image_size: (i.image.width, i.image.height),
+                mask_sha256: i.mask.as_ref().map(|(_, h)| h.clone()),
+                strength: spec.strength,
+            }),
         };
         let mut pngs = vec![];
         for i in 0..job.run.shape.batch as usize {

@@ -167,6 +167,14 @@ impl Scheduler for DpmSolverMultistep {
     fn alphas_cumprod(&self) -> &[f64] {
         &self.s.alphas_cumprod
     }
+    fn set_begin_index(&mut self, k: usize) {
+        self.step_index = Some(k);
+    }
+    /// `alpha_t * original + sigma_t * noise` at `sigmas[k]` (`_sigma_to_alpha_sigma_t`).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, k: usize) -> Tensor {
+        let (alpha_t, sigma_t) = alpha_sigma(self.s.sigmas[k]);
+        original * alpha_t as f64 + noise * sigma_t as f64
+    }
 }
 
 #[cfg(test)]

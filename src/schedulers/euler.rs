@@ -72,6 +72,12 @@ impl Scheduler for EulerDiscrete {
     fn alphas_cumprod(&self) -> &[f64] {
         &self.s.alphas_cumprod
     }
+    fn set_begin_index(&mut self, k: usize) {
+        self.step_index = Some(k);
+    }
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, k: usize) -> Tensor {
+        super::add_noise_sigma(self.s.sigmas[k], original, noise)
+    }
 }
 
 #[cfg(test)]

@@ -66,6 +66,14 @@ impl Scheduler for FlowMatchEulerDiscrete {
     fn alphas_cumprod(&self) -> &[f64] {
         &[]
     }
+    fn set_begin_index(&mut self, k: usize) {
+        self.step_index = Some(k);
+    }
+    /// diffusers `scale_noise`: `sigma * noise + (1.0 - sigma) * sample` at `sigmas[k]`.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, k: usize) -> Tensor {
+        let sigma = self.s.sigmas[k];
+        noise * sigma as f64 + original * (1.0 - sigma) as f64
+    }
 }
 
 #[cfg(test)]

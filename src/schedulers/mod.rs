@@ -51,6 +51,24 @@ pub trait Scheduler {
     fn name(&self) -> &'static str;
     /// diffusers `scheduler.alphas_cumprod` (float32 values); empty for flow matching, which has none.
     fn alphas_cumprod(&self) -> &[f64];
+    /// diffusers `set_begin_index(k)` (image-to-image starts the loop at schedule index `k`, and
+    /// the loop then passes `k + j` as `i`); schedulers without one (PNDM, DDIM) just index.
+    fn set_begin_index(&mut self, k: usize);
+    /// diffusers `add_noise(original, noise, timesteps[k])` (flow matching: `scale_noise`) at
+    /// schedule index `k`, in the samples' dtype.
+    fn add_noise(&self, original: &tch::Tensor, noise: &tch::Tensor, k: usize) -> tch::Tensor;
+}
+
+/// `add_noise` of the schedulers indexed by `alphas_cumprod[timestep]` (DDPM family):
+/// `alphas_cumprod[t] ** 0.5 * original + (1 - alphas_cumprod[t]) ** 0.5 * noise` in float32.
+pub(crate) fn add_noise_alphas(alphas_cumprod: &[f32], timestep: usize, original: &tch::Tensor, noise: &tch::Tensor) -> tch::Tensor {
+    let a = alphas_cumprod[timestep];
+    original * schedule::sqrt32(a) as f64 + noise * schedule::sqrt32(1.0 - a) as f64
+}
+
+/// `add_noise` of the sigma schedulers (Euler, Euler ancestral, LMS): `original + noise * sigma`.
+pub(crate) fn add_noise_sigma(sigma: f32, original: &tch::Tensor, noise: &tch::Tensor) -> tch::Tensor {
+    original + noise * sigma as f64
 }
 
 /// Builds the scheduler from a config (its `_class_name`), or from `kind` when given (keeping the

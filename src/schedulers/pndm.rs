@@ -92,6 +92,10 @@ impl Scheduler for Pndm {
     fn alphas_cumprod(&self) -> &[f64] {
         &self.s.alphas_cumprod_f64
     }
+    fn set_begin_index(&mut self, _k: usize) {}
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, k: usize) -> Tensor {
+        super::add_noise_alphas(&self.s.alphas_cumprod, self.s.timesteps[k] as usize, original, noise)
+    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub const LINE_KEYS: &[&str] = &[
     "batch",
     "clip_skip",
     "latents",
+    "image",
+    "strength",
+    "mask_image",
     "adapter_scales",
     "original_size",
     "crops_coords_top_left",
@@ -72,7 +75,32 @@ pub fn read_lines(path: &Path) -> std::io::Result<Vec<Line>> {
     if let Some((n, _)) = text.lines().enumerate().find(|(_, l)| l.len() > MAX_LINE_BYTES) {
         return Err(std::io::Error::other(format!("line {} is longer than {} MiB: one JSON object of `[run]` keys a line", n + 1, MAX_LINE_BYTES >> 20)));
     }
-    Ok(parse_lines(&text))
+    let mut lines = parse_lines(&text);
+    // Image paths in a line are relative to the prompts file.
+    if let Some(dir) = path.parent().filter(|_| !stdin) {
+        for l in &mut lines {
+            if let Ok(sets) = &mut l.sets {
+                for s in sets.iter_mut() {
+                    *s = rebase_path(s, dir);
+                }
+            }
+        }
+    }
+    Ok(lines)
+}
+
+/// `run.image="x.png"` (or `run.mask_image`) with a relative path made relative to `dir`.
+fn rebase_path(set: &str, dir: &Path) -> String {
+    for key in ["run.image=", "run.mask_image="] {
+        if let Some(v) = set.strip_prefix(key) {
+            if let Ok(toml::Value::String(p)) = format!("v = {v}").parse::<toml::Table>().map(|mut t| t.remove("v").unwrap_or(toml::Value::Boolean(false))) {
+                if Path::new(&p).is_relative() {
+                    return format!("{key}{}", toml::Value::String(dir.join(p).to_string_lossy().into_owned()));
+                }
+            }
+        }
+    }
+    set.to_string()
 }
 
 /// The non-empty lines of a JSON-lines text, each parsed into `--set` arguments.
@@ -349,6 +377,9 @@ mod tests {
             batch: Some(1),
             clip_skip: Some(1),
             latents: Some("x".into()),
+            image: Some("x".into()),
+            strength: Some(0.5),
+            mask_image: Some("x".into()),
             adapter_scales: Some(Default::default()),
             original_size: Some([8, 8]),
             crops_coords_top_left: Some([0, 0]),

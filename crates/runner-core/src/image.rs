@@ -59,7 +59,8 @@ pub fn probe(bytes: &[u8], what: &str) -> Result<Probe, ImageError> {
     };
     // A PNG's size is its first chunk's (IHDR): read here, so that a bomb's claim is refused
     // whatever follows it.
-    let ihdr = (format == "PNG" && bytes.len() >= 24 && &bytes[12..16] == b"IHDR").then(|| (u32::from_be_bytes(bytes[16..20].try_into().expect("4")), u32::from_be_bytes(bytes[20..24].try_into().expect("4"))));
+    let ihdr = (format == "PNG" && bytes.len() >= 24 && &bytes[12..16] == b"IHDR")
+        .then(|| (u32::from_be_bytes(bytes[16..20].try_into().expect("4")), u32::from_be_bytes(bytes[20..24].try_into().expect("4"))));
     let (width, height) = match ihdr {
         Some(d) => d,
         None => r.into_dimensions().map_err(|e| ImageError::Format { what: what.into(), msg: format!("unreadable {format} header: {e}") })?,

@@ -120,6 +120,46 @@ pub struct RunSpec {
     pub true_cfg_scale: Option<f64>,
     /// Valid keys that have no effect with these configs.
     pub warnings: Vec<Diagnostic>,
+    /// Image-to-image or inpainting (`run.image`, `run.mask_image`).
+    pub init: Option<InitSpec>,
+}
+
+/// An image-to-image or inpainting run: the input image's and mask's pixel sizes and the
+/// effective strength.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InitSpec {
+    pub image: (u32, u32),
+    pub mask: Option<(u32, u32)>,
+    pub strength: f64,
+}
+
+impl InitSpec {
+    /// The denoising steps diffusers' `get_timesteps` leaves of `steps` at this strength: SD and
+    /// SDXL floor `steps × strength`; SD3 and FLUX floor the steps skipped instead.
+    pub fn steps_left(&self, kind: PipelineKind, steps: u32) -> u32 {
+        let n = steps as f64;
+        let t_start = if kind.flow_matching() { (n - (n * self.strength).min(n)).max(0.0) as u32 } else { steps - ((n * self.strength) as u32).min(steps) };
+        steps - t_start
+    }
+
+    /// diffusers' default `strength` of the pipeline that takes this input.
+    pub fn default_strength(kind: PipelineKind, inpaint: bool) -> f64 {
+        match (kind, inpaint) {
+            (PipelineKind::StableDiffusion, false) => 0.8,
+            (PipelineKind::StableDiffusion, true) => 1.0,
+            (PipelineKind::StableDiffusionXl, false) => 0.3,
+            (PipelineKind::StableDiffusionXl, true) => 0.9999,
+            (PipelineKind::StableDiffusion3 | PipelineKind::Flux, _) => 0.6,
+        }
+    }
+}
+
+/// The pixel size of the image file at `run.<key>`, from its header (None when it cannot be read:
+/// [`check_run`] says why).
+fn image_size(m: &LoadedManifest, key: &str, p: Option<&std::path::Path>) -> Option<(u32, u32)> {
+    let path = m.resolve_path(&format!("run.{key}"), p?);
+    let bytes = crate::image::read_file(&path).ok()?;
+    crate::image::probe(&bytes, key).ok().map(|p| (p.width, p.height))
 }
 
 impl RunSpec {
@@ -128,18 +168,31 @@ impl RunSpec {
     /// guidance costs no pass.
     pub fn new(m: &LoadedManifest, configs: &Configs) -> RunSpec {
         let r = &m.manifest.run;
+        Self::with_images(m, configs, image_size(m, "image", r.image.as_deref()), image_size(m, "mask_image", r.mask_image.as_deref()))
+    }
+
+    /// [`Self::new`] with the input image's and mask's sizes given (a `serve` request's data).
+    /// SD and SDXL image-to-image take the image's own size floored to the VAE's multiple, as
+    /// their diffusers pipelines do; the others the requested size.
+    pub fn with_images(m: &LoadedManifest, configs: &Configs, image: Option<(u32, u32)>, mask: Option<(u32, u32)>) -> RunSpec {
+        let r = &m.manifest.run;
         let kind = m.manifest.pipeline.kind;
         let size = configs.default_size();
+        let init = image.map(|image| InitSpec { image, mask, strength: r.strength.unwrap_or(InitSpec::default_strength(kind, r.mask_image.is_some())) });
+        let own_size = init.filter(|i| i.mask.is_none() && matches!(kind, PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl)).map(|i| {
+            let unit = configs.vae_scale_factor();
+            (i.image.0 as u64 / unit * unit, i.image.1 as u64 / unit * unit)
+        });
         let guidance_scale = r.guidance_scale.unwrap_or(kind.default_guidance_scale());
         let true_cfg = kind == PipelineKind::Flux && r.true_cfg();
         let shape = RunShape {
-            width: r.width.map(u64::from).unwrap_or(size),
-            height: r.height.map(u64::from).unwrap_or(size),
+            width: own_size.map(|s| s.0).or(r.width.map(u64::from)).unwrap_or(size),
+            height: own_size.map(|s| s.1).or(r.height.map(u64::from)).unwrap_or(size),
             batch: r.batch.map(u64::from).unwrap_or(1),
             guidance: if kind == PipelineKind::Flux { true_cfg } else { guidance_scale > 1.0 },
             max_sequence_length: u64::from(r.max_sequence_length.or(kind.default_max_sequence_length()).unwrap_or(crate::plan::memory::DEFAULT_MAX_SEQUENCE_LENGTH as u32)),
         };
-        RunSpec { kind, shape, steps: r.steps.unwrap_or(kind.default_steps()), guidance_scale, true_cfg_scale: true_cfg.then(|| r.true_cfg_scale.unwrap_or(1.0)), warnings: warnings(m, configs) }
+        RunSpec { kind, shape, steps: r.steps.unwrap_or(kind.default_steps()), guidance_scale, true_cfg_scale: true_cfg.then(|| r.true_cfg_scale.unwrap_or(1.0)), warnings: warnings(m, configs), init }
     }
 }
 
@@ -270,12 +323,69 @@ pub fn check_run(m: &LoadedManifest, p: &PipelineFolder, configs: &Configs, run:
             );
         }
     }
+    out.extend(check_init(m, configs, run));
     if let Some(l) = &r.latents {
         let path = m.resolve_path("run.latents", l);
         let shape = run.shape;
         let want = [shape.batch, configs.vae.latent_channels as u64, shape.height / 8, shape.width / 8];
         if let Err(msg) = check_latents(&path, &want) {
             out.push(Diagnostic::error(msg, at("run.latents")).with_key("run.latents"));
+        }
+    }
+    out
+}
+
+/// `run.image`, `run.mask_image` and `run.strength`: each file an image runner reads (format,
+/// size under the decompression-bomb limit, from its header), a strength in (0, 1] that leaves a
+/// step, a mask only with an image, what the pipeline kind and denoiser can run.
+fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagnostic> {
+    let r = &m.manifest.run;
+    let at = |key: &str| m.locate_value(key);
+    let err = |key: &str, msg: String| Diagnostic::error(msg, at(key)).with_key(key);
+    let kind = m.manifest.pipeline.kind;
+    let mut out = vec![];
+    for (key, p) in [("run.image", &r.image), ("run.mask_image", &r.mask_image)] {
+        if let Some(p) = p {
+            let path = m.resolve_path(key, p);
+            if let Err(e) = crate::image::read_file(&path).and_then(|b| crate::image::probe(&b, &path.display().to_string())) {
+                out.push(err(key, format!("`{key}`: {e}")));
+            }
+        }
+    }
+    if r.mask_image.is_some() && r.image.is_none() {
+        out.push(err("run.mask_image", "`run.mask_image` without `run.image`: inpainting repaints the masked part of an image".into()));
+    }
+    if let Some(s) = r.strength {
+        if !(s.is_finite() && s > 0.0 && s <= 1.0) {
+            out.push(err("run.strength", format!("`run.strength` is {s}: it is in (0, 1] (1 noises the image fully)")));
+        }
+    }
+    let nine = configs.unet.as_ref().is_some_and(|u| u.in_channels == 9);
+    if nine && r.mask_image.is_none() {
+        out.push(
+            err(
+                if r.image.is_some() { "run.image" } else { "pipeline.source" },
+                "this UNet takes 9 input channels (an inpainting UNet: latents, mask and masked image): it needs `run.image` and `run.mask_image`".into(),
+            )
+            .with_note("text-to-image and image-to-image need a 4-channel UNet"),
+        );
+    }
+    if r.image.is_some() {
+        if kind != PipelineKind::StableDiffusion {
+            out.push(err("run.image", format!("`run.image`: image-to-image is implemented for `stable-diffusion` (SD 1.x/2.x) pipelines so far, not `{}` (issue 28)", kind.as_str())));
+        } else if r.mask_image.is_some() {
+            out.push(err("run.mask_image", "`run.mask_image`: inpainting is not implemented yet (issue 28); image-to-image without a mask is".into()));
+        }
+        if r.latents.is_some() {
+            out.push(err("run.latents", "`run.latents` with `run.image`: image-to-image starts from the encoded image and the seed's noise, not from given latents".into()));
+        }
+        if let Some(init) = run.init.filter(|i| i.strength > 0.0 && i.strength <= 1.0) {
+            if init.steps_left(kind, run.steps) == 0 {
+                out.push(err(
+                    if r.strength.is_some() { "run.strength" } else { "run.steps" },
+                    format!("`run.strength` {} of {} steps leaves no step to run (diffusers' `int(steps × strength)` is 0): raise the strength or the steps", init.strength, run.steps),
+                ));
+            }
         }
     }
     out
@@ -616,6 +726,13 @@ fn r_adapter_scales(m: &LoadedManifest) -> Vec<(String, f64)> {
 fn warnings(m: &LoadedManifest, configs: &Configs) -> Vec<Diagnostic> {
     let mut out = vec![];
     let r = &m.manifest.run;
+    if r.strength.is_some() && r.image.is_none() && r.mask_image.is_none() {
+        out.push(
+            Diagnostic::warning("`run.strength` without `run.image` is ignored: it applies to image-to-image and inpainting".to_string(), m.locate_value("run.strength"))
+                .with_key("run.strength")
+                .with_label("ignored"),
+        );
+    }
     if let (Some(t), Some(g)) = (&configs.flux_transformer, r.guidance_scale) {
         if !t.guidance_embeds {
             out.push(

@@ -8,6 +8,7 @@
 mod flux;
 mod stable_diffusion;
 mod stable_diffusion_3;
+mod stable_diffusion_img2img;
 mod stable_diffusion_xl;
 
 use std::time::Instant;
@@ -131,6 +132,8 @@ pub(crate) struct Call<'a> {
     /// Latents given as data: they replace `run.latents` and the draw.
     pub latents: Option<std::sync::Arc<super::latents::LatentsData>>,
     pub res: Residency<'a>,
+    /// Image-to-image / inpainting: the input image (and mask), decoded.
+    pub init: Option<std::sync::Arc<super::InitImages>>,
     pub dump: Dump,
     pub warnings: Vec<String>,
 }

@@ -11,13 +11,15 @@ use crate::exec::loading::{joined, Held, Loader};
 use crate::exec::text::TextEncoder;
 use crate::exec::ExecError;
 use crate::models::unet_2d::UNet2DConditionModel;
-use crate::models::vae::AutoencoderKLDecoder;
+use crate::models::vae::{AutoencoderKLDecoder, AutoencoderKLEncoder};
 
 pub(crate) struct StableDiffusion {
-    text_encoder: TextEncoder,
-    unet: Held<UNet2DConditionModel>,
-    vae: Held<AutoencoderKLDecoder>,
-    vae_kind: Kind,
+    pub(super) text_encoder: TextEncoder,
+    pub(super) unet: Held<UNet2DConditionModel>,
+    pub(super) vae: Held<AutoencoderKLDecoder>,
+    /// Image-to-image's VAE encoder: loaded when the manifest gives `run.image`.
+    pub(super) vae_encoder: Option<Held<AutoencoderKLEncoder>>,
+    pub(super) vae_kind: Kind,
 }
 
 impl StableDiffusion {
@@ -30,12 +32,13 @@ impl StableDiffusion {
             (joined(te), joined(unet), vae)
         });
         let (vae, vae_kind) = vae?;
-        Ok(StableDiffusion { text_encoder: text_encoder?, unet: unet?, vae, vae_kind })
+        let vae_encoder = if lx.m.manifest.run.image.is_some() { Some(lx.vae_encoder(&va, vae_kind)?) } else { None };
+        Ok(StableDiffusion { text_encoder: text_encoder?, unet: unet?, vae, vae_encoder, vae_kind })
     }
 
     /// diffusers `encode_prompt`, repeated `batch` times per prompt: [negative, positive] under
     /// guidance.
-    fn encode_prompt(&self, cx: &mut Call, do_cfg: bool, batch: i64) -> Result<Tensor, ExecError> {
+    pub(super) fn encode_prompt(&self, cx: &mut Call, do_cfg: bool, batch: i64) -> Result<Tensor, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
         let enc = &self.text_encoder;
@@ -62,6 +65,9 @@ impl Pipeline for StableDiffusion {
     }
 
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
+        if cx.init.is_some() {
+            return super::stable_diffusion_img2img::call(self, cx);
+        }
         let m = cx.m;
         let steps = cx.run.steps as usize;
         let guidance = cx.run.guidance_scale;

@@ -543,6 +543,21 @@ pub struct Run {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub latents: Option<PathBuf>,
+    /// Image-to-image (and inpainting, with `mask_image`): the input image, PNG, JPEG or WebP,
+    /// relative to the manifest file (in a prompts file, to that file). RGBA and grayscale are
+    /// read as RGB with the alpha dropped, as diffusers' `load_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<PathBuf>,
+    /// How far `image` is noised before denoising, in (0, 1]: about `strength × steps` steps run
+    /// (diffusers' `strength`; default per pipeline as diffusers: SD 0.8, SD inpainting 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// Inpainting: the mask, white where the image is repainted, black where it is kept; relative
+    /// like `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub mask_image: Option<PathBuf>,
     /// This run's scales of live adapters (`fuse = false`) by name, over their `scale`
     /// (diffusers' `set_adapters` weights); from `--set`, prompt-file lines and `serve` requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
