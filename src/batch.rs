@@ -165,7 +165,9 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Sh
         State::Pending { base, .. } => Some(base.clone()),
         _ => None,
     });
+    let images = jobs.iter().any(|j| matches!(&j.state, State::Pending { m, .. } if m.manifest.run.image.is_some()));
     let opts = runner::exec::RunOptions {
+        images,
         out: first.clone(),
         dump: None,
         plan: runner::plan::build::BuildOptions { devices, weights_only: false },

@@ -1017,3 +1017,46 @@ fn serve_changes_live_adapter_scales_per_request() {
     assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("no adapter `other`"), "{}", String::from_utf8_lossy(&body));
 }
+
+/// Image-to-image over HTTP: `image` is a PNG's bytes in base64 (never a path); the PNG equals
+/// `runner run` with that file as `run.image`; bad data is a 422 naming the field.
+#[test]
+fn serve_takes_images_as_base64_data() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.toml");
+    let text = std::fs::read_to_string(root().join(M)).unwrap().replace("source = \"../tests/fixtures/tiny-sd15\"", &format!("source = \"{}\"", root().join("tests/fixtures/tiny-sd15").display()));
+    std::fs::write(&m, text).unwrap();
+    let m = m.to_str().unwrap().to_string();
+    let base = ["serve.max_steps=4", "run.steps=4"];
+    let s = start(&[&m, "--set", base[0], "--set", base[1]]);
+    let input = root().join("tests/fixtures/images/init-rgb-70x52.png");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&input).unwrap());
+    let (status, _, png) = post(s.port, &format!(r#"{{"prompt": "a dog", "seed": 3, "strength": 0.5, "image": "{b64}"}}"#));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
+    let p = dir.path().join("p.png");
+    std::fs::write(&p, &png).unwrap();
+    let (got, text) = crate::util::decode_png(&p);
+    let out = dir.path().join("r.png");
+    let (code, _, stderr) = run(runner()
+        .args(["run", &m, "--quiet", "--set", base[0], "--set", base[1], "--set", "run.prompt=a dog", "--set", "run.seed=3", "--set", "run.strength=0.5", "--set"])
+        .arg(format!("run.image={}", input.display()))
+        .arg("--out")
+        .arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(got == crate::util::decode_png(&out).0, "differs from runner run");
+    assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("Denoising strength: 0.5")), "{text:?}");
+    for (body, field, words) in [
+        (r#"{"prompt": "a", "image": "/etc/passwd"}"#.to_string(), "image", "not paths"),
+        (r#"{"prompt": "a", "image": "%%%% not base64 %%%%"}"#.to_string(), "image", "base64"),
+        (format!(r#"{{"prompt": "a", "image": "{}"}}"#, base64::engine::general_purpose::STANDARD.encode(b"this is not an image file at all")), "image", "PNG, JPEG or WebP"),
+        (format!(r#"{{"prompt": "a", "mask_image": "{b64}"}}"#), "mask_image", "without `image`"),
+        (format!(r#"{{"prompt": "a", "image": "{b64}", "strength": 2}}"#), "strength", "(0, 1]"),
+    ] {
+        let (status, _, resp) = post(s.port, &body);
+        assert_eq!(status, 422, "{field}: {}", String::from_utf8_lossy(&resp));
+        let e = error_field(&resp);
+        assert_eq!(e, field, "{}", String::from_utf8_lossy(&resp));
+        assert!(String::from_utf8_lossy(&resp).contains(words), "{words}: {}", String::from_utf8_lossy(&resp));
+    }
+}

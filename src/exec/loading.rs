@@ -160,16 +160,19 @@ pub(crate) struct Loader<'a> {
     fuse: std::collections::BTreeMap<String, Vec<crate::checkpoint::lora::FuseItem>>,
     /// `fuse = false` adapters: pairs that run beside each component's layers.
     live: std::collections::BTreeMap<String, Vec<crate::checkpoint::lora::FuseItem>>,
+    /// Jobs may be image-to-image: the VAE encoder is loaded.
+    pub images: bool,
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(m: &'a LoadedManifest, pipeline: &'a PipelineFolder, plan: &'a Plan, configs: &'a crate::preflight::Configs, simulate: bool, progress: bool) -> Result<Self, ExecError> {
+    pub fn new(m: &'a LoadedManifest, pipeline: &'a PipelineFolder, plan: &'a Plan, configs: &'a crate::preflight::Configs, simulate: bool, progress: bool, images: bool) -> Result<Self, ExecError> {
         use crate::checkpoint::lora::{fuse_plan, manifest_adapters};
         let comps: Vec<_> = pipeline.components.iter().filter_map(|c| c.checkpoint.as_ref().map(|ck| (c.name.as_str(), c.class.as_str(), ck))).collect();
         let err = |e: crate::checkpoint::CheckpointError| ExecError::Text(e.to_string());
         let fuse = fuse_plan(&manifest_adapters(m, false), &comps).map_err(err)?;
         let live = fuse_plan(&manifest_adapters(m, true), &comps).map_err(err)?;
-        Ok(Loader { m, pipeline, plan, configs, simulate, progress, bars: indicatif::MultiProgress::new(), host_bytes: Default::default(), fuse, live })
+        let images = images || m.manifest.run.image.is_some();
+        Ok(Loader { m, pipeline, plan, configs, simulate, progress, bars: indicatif::MultiProgress::new(), host_bytes: Default::default(), fuse, live, images })
     }
 
     /// Where component `name` is loaded and at which dtype.

@@ -83,6 +83,12 @@ pub struct RunOptions {
     /// Initial latents given as data (`runner serve`'s request body): they replace `run.latents`
     /// and the seeded draw.
     pub latents: Option<std::sync::Arc<latents::LatentsData>>,
+    /// The input image (and mask) given as data (`runner serve`'s request body): they replace
+    /// `run.image` and `run.mask_image`.
+    pub init: Option<std::sync::Arc<InitImages>>,
+    /// Jobs of the session may bring images (`serve`, a prompts file whose lines set `image`):
+    /// load the VAE encoder even when the manifest gives none.
+    pub images: bool,
 }
 
 /// The input of an image-to-image or inpainting job, decoded to RGB as diffusers' `load_image`.
@@ -94,6 +100,15 @@ pub struct InitImages {
 }
 
 impl InitImages {
+    /// An image (and mask) given as data: each file's bytes, decoded.
+    pub fn from_bytes(image: &[u8], mask: Option<&[u8]>) -> Result<InitImages, runner_core::image::ImageError> {
+        Ok(InitImages {
+            image: runner_core::image::decode_rgb(image, "`image`")?,
+            image_sha256: runner_core::image::sha256_hex(image),
+            mask: mask.map(|b| Ok::<_, runner_core::image::ImageError>((runner_core::image::decode_rgb(b, "`mask_image`")?, runner_core::image::sha256_hex(b)))).transpose()?,
+        })
+    }
+
     /// `run.image` and `run.mask_image` of `m`, read and decoded (None without an image).
     pub fn of_manifest(m: &LoadedManifest) -> Result<Option<InitImages>, ExecError> {
         let r = &m.manifest.run;

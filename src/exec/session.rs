@@ -136,7 +136,7 @@ pub fn load<'m>(m: &'m LoadedManifest, opts: &RunOptions) -> Result<Session<'m>,
     let t_load = Instant::now();
     let startup_s = allocator::process_age_s().unwrap_or(0.0);
     let rss_before = allocator::host_rss().map_or(0, |(rss, _)| rss);
-    let lx = Loader::new(m, &checked.folder, &plan, &checked.configs, opts.simulate, opts.progress)?;
+    let lx = Loader::new(m, &checked.folder, &plan, &checked.configs, opts.simulate, opts.progress, opts.images)?;
     // Declared before the models: on an error, the scratch files go after them.
     let mut scratch = vec![];
     crate::runtime::malloc_phase(true);
@@ -198,7 +198,11 @@ impl Session<'_> {
         }
         // The folder and configs are the loaded ones: only what the job's keys change is checked.
         let Checked { folder, configs, run: loaded } = &self.checked;
-        let run = RunSpec::new(m, configs);
+        // A request's image is data: its size, not the manifest's file, shapes the run.
+        let run = match &opts.init {
+            Some(i) => RunSpec::with_images(m, configs, Some((i.image.width, i.image.height)), i.mask.as_ref().map(|(k, _)| (k.width, k.height))),
+            None => RunSpec::new(m, configs),
+        };
         let problems = crate::preflight::check_run(m, folder, configs, &run);
         if !problems.is_empty() {
             return Err(ExecError::Preflight(problems));
@@ -235,7 +239,10 @@ impl Session<'_> {
         // Live adapters run at this job's scales: `run.adapter_scales`, else each one's `scale`.
         let overrides = m.manifest.run.adapter_scales.clone().unwrap_or_default();
         crate::models::lora::set_scales(m.manifest.adapters.iter().map(|(n, a)| (n.clone(), overrides.get(n).copied().unwrap_or(a.scale.unwrap_or(1.0)))).collect());
-        let init = InitImages::of_manifest(m)?.map(std::sync::Arc::new);
+        let init = match &opts.init {
+            Some(i) => Some(i.clone()),
+            None => InitImages::of_manifest(m)?.map(std::sync::Arc::new),
+        };
         let mut cx = Call {
             m,
             pipeline: &self.checked.folder,

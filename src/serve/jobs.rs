@@ -130,6 +130,8 @@ pub struct Entry {
     pub json: bool,
     /// The request's `latents`, as data.
     pub latents: Option<Arc<runner::exec::latents::LatentsData>>,
+    /// The request's `image` (and `mask_image`), decoded.
+    pub init: Option<Arc<runner::exec::InitImages>>,
     pub created: Instant,
     created_unix: f64,
     pub deadline: Option<Instant>,
@@ -149,7 +151,7 @@ fn new_id() -> String {
 }
 
 impl Entry {
-    pub fn new(m: LoadedManifest, json: bool, latents: Option<Arc<runner::exec::latents::LatentsData>>, timeout: Option<f64>) -> Arc<Entry> {
+    pub fn new(m: LoadedManifest, json: bool, latents: Option<Arc<runner::exec::latents::LatentsData>>, init: Option<Arc<runner::exec::InitImages>>, timeout: Option<f64>) -> Arc<Entry> {
         let created = Instant::now();
         Arc::new(Entry {
             id: new_id(),
@@ -157,6 +159,7 @@ impl Entry {
             request: Mutex::new(Some(Box::new(m))),
             json,
             latents,
+            init,
             created,
             created_unix: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
             deadline: timeout.map(|t| created + std::time::Duration::from_secs_f64(t)),

@@ -199,8 +199,14 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         out.flush()?;
     }
     let worker_app = app.clone();
-    let opts =
-        runner::exec::RunOptions { plan: runner::plan::build::BuildOptions { devices: job.devices, weights_only: false }, simulate: job.simulate, lock_sha256, in_memory: true, ..Default::default() };
+    let opts = runner::exec::RunOptions {
+        plan: runner::plan::build::BuildOptions { devices: job.devices, weights_only: false },
+        simulate: job.simulate,
+        lock_sha256,
+        in_memory: true,
+        images: true,
+        ..Default::default()
+    };
     let worker = std::thread::Builder::new().name("runner-worker".into()).spawn(move || worker(base, opts, rx, &worker_app))?;
     rt.block_on(run_server(listener, app.clone(), job.drain_timeout));
     if app.ready.load(Ordering::SeqCst) {
@@ -409,7 +415,7 @@ fn worker(base: Arc<LoadedManifest>, opts: runner::exec::RunOptions, mut rx: mps
         app.metrics.running.set(1);
         let t = Instant::now();
         let watch = runner::exec::Watch(Arc::new(Watcher { entry: entry.clone(), app: app.clone() }));
-        let run_opts = runner::exec::RunOptions { watch: Some(watch), latents: entry.latents.clone(), ..opts.clone() };
+        let run_opts = runner::exec::RunOptions { watch: Some(watch), latents: entry.latents.clone(), init: entry.init.clone(), ..opts.clone() };
         let (outcome, phase) = match generate(&mut session, &m, &run_opts) {
             Ok(g) => {
                 app.metrics.generation_seconds.observe(t.elapsed().as_secs_f64());
@@ -542,7 +548,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
         Ok(Err(r)) => return Err(error(StatusCode::UNPROCESSABLE_ENTITY, r.message, r.field.as_deref())),
         Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)),
     };
-    let entry = Entry::new(req.m, req.json, req.latents, app.limits.timeout);
+    let entry = Entry::new(req.m, req.json, req.latents, req.init, app.limits.timeout);
     if !entry.wait_in(&app.places) {
         return Err(queue_full(app));
     }

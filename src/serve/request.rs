@@ -17,6 +17,8 @@ pub struct Request {
     pub json: bool,
     /// `latents`, decoded and checked against the job's shape.
     pub latents: Option<Arc<LatentsData>>,
+    /// `image` and `mask_image`, decoded.
+    pub init: Option<Arc<runner::exec::InitImages>>,
 }
 
 /// A rejected request: a message and the field it is about.
@@ -70,6 +72,26 @@ pub fn parse_request(
         }
         Some(_) => return Err(rejected(LATENTS_NOT_DATA, Some("latents"))),
     };
+    // `image` and `mask_image` likewise: an image file's bytes in base64 (PNG, JPEG or WebP).
+    let mut images: [Option<Vec<u8>>; 2] = [None, None];
+    for (slot, field) in images.iter_mut().zip(["image", "mask_image"]) {
+        let not_data = || rejected(format!("`{field}` must be an image file's bytes (PNG, JPEG or WebP) in base64: requests carry data, not paths or file names on the server"), Some(field));
+        match obj.remove(field) {
+            None => {}
+            Some(serde_json::Value::String(s)) => {
+                let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|_| not_data())?;
+                if s.starts_with(['/', '.', '~']) || s.len() < 16 {
+                    return Err(not_data());
+                }
+                *slot = Some(bytes);
+            }
+            Some(_) => return Err(not_data()),
+        }
+    }
+    let probe = |i: usize, field: &str| -> Result<Option<(u32, u32)>, Rejected> {
+        images[i].as_deref().map(|b| runner_core::image::probe(b, &format!("`{field}`")).map(|p| (p.width, p.height)).map_err(|e| rejected(e.to_string(), Some(field)))).transpose()
+    };
+    let (image_size, mask_size) = (probe(0, "image")?, probe(1, "mask_image")?);
     if let Some(k) = obj.keys().find(|k| !b::LINE_KEYS.contains(&k.as_str())) {
         let field = k.clone();
         let message = b::line_sets(&serde_json::json!({ &field: null }).to_string()).err().unwrap_or_else(|| format!("unknown key `{field}`"));
@@ -102,7 +124,10 @@ pub fn parse_request(
             return Err(rejected(format!("`scheduler` = {asked} is not one of this server's `serve.schedulers`: {}", names.join(", ")), Some("scheduler")));
         }
     }
-    let spec = runner::preflight::RunSpec::new(&m, loaded.1);
+    let spec = match image_size {
+        Some(size) => runner::preflight::RunSpec::with_images(&m, loaded.1, Some(size), mask_size),
+        None => runner::preflight::RunSpec::new(&m, loaded.1),
+    };
     if let Some(over) = over_limit(&m, &spec, limits) {
         let field = match over.key {
             "pixels" => ["width", "height"].into_iter().find(|k| obj.contains_key(*k)),
@@ -130,7 +155,14 @@ pub fn parse_request(
             Some(Arc::new(checked))
         }
     };
-    Ok(Request { m, json, latents })
+    let init = match &images {
+        [Some(image), mask] => Some(Arc::new(
+            runner::exec::InitImages::from_bytes(image, mask.as_deref()).map_err(|e| rejected(e.to_string(), Some(if e.to_string().starts_with("`mask_image`") { "mask_image" } else { "image" })))?,
+        )),
+        [None, Some(_)] => return Err(rejected("`mask_image` without `image`: inpainting repaints the masked part of an image", Some("mask_image"))),
+        [None, None] => None,
+    };
+    Ok(Request { m, json, latents, init })
 }
 
 /// Diagnostics as a rejection: their errors' messages, and the request's field the first one is

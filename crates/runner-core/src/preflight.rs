@@ -178,7 +178,7 @@ impl RunSpec {
         let r = &m.manifest.run;
         let kind = m.manifest.pipeline.kind;
         let size = configs.default_size();
-        let init = image.map(|image| InitSpec { image, mask, strength: r.strength.unwrap_or(InitSpec::default_strength(kind, r.mask_image.is_some())) });
+        let init = image.map(|image| InitSpec { image, mask, strength: r.strength.unwrap_or(InitSpec::default_strength(kind, mask.is_some() || r.mask_image.is_some())) });
         let own_size = init.filter(|i| i.mask.is_none() && matches!(kind, PipelineKind::StableDiffusion | PipelineKind::StableDiffusionXl)).map(|i| {
             let unit = configs.vae_scale_factor();
             (i.image.0 as u64 / unit * unit, i.image.1 as u64 / unit * unit)
@@ -192,7 +192,15 @@ impl RunSpec {
             guidance: if kind == PipelineKind::Flux { true_cfg } else { guidance_scale > 1.0 },
             max_sequence_length: u64::from(r.max_sequence_length.or(kind.default_max_sequence_length()).unwrap_or(crate::plan::memory::DEFAULT_MAX_SEQUENCE_LENGTH as u32)),
         };
-        RunSpec { kind, shape, steps: r.steps.unwrap_or(kind.default_steps()), guidance_scale, true_cfg_scale: true_cfg.then(|| r.true_cfg_scale.unwrap_or(1.0)), warnings: warnings(m, configs), init }
+        RunSpec {
+            kind,
+            shape,
+            steps: r.steps.unwrap_or(kind.default_steps()),
+            guidance_scale,
+            true_cfg_scale: true_cfg.then(|| r.true_cfg_scale.unwrap_or(1.0)),
+            warnings: warnings(m, configs, init.is_some() || m.manifest.run.image.is_some()),
+            init,
+        }
     }
 }
 
@@ -344,6 +352,9 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
     let err = |key: &str, msg: String| Diagnostic::error(msg, at(key)).with_key(key);
     let kind = m.manifest.pipeline.kind;
     let mut out = vec![];
+    // The image and mask: the manifest's files, or a request's data (sized in `run.init`).
+    let has_image = r.image.is_some() || run.init.is_some();
+    let has_mask = r.mask_image.is_some() || run.init.is_some_and(|i| i.mask.is_some());
     for (key, p) in [("run.image", &r.image), ("run.mask_image", &r.mask_image)] {
         if let Some(p) = p {
             let path = m.resolve_path(key, p);
@@ -352,7 +363,7 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
             }
         }
     }
-    if r.mask_image.is_some() && r.image.is_none() {
+    if has_mask && !has_image {
         out.push(err("run.mask_image", "`run.mask_image` without `run.image`: inpainting repaints the masked part of an image".into()));
     }
     if let Some(s) = r.strength {
@@ -361,19 +372,19 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
         }
     }
     let nine = configs.unet.as_ref().is_some_and(|u| u.in_channels == 9);
-    if nine && r.mask_image.is_none() {
+    if nine && !has_mask {
         out.push(
             err(
-                if r.image.is_some() { "run.image" } else { "pipeline.source" },
+                if has_image { "run.image" } else { "pipeline.source" },
                 "this UNet takes 9 input channels (an inpainting UNet: latents, mask and masked image): it needs `run.image` and `run.mask_image`".into(),
             )
             .with_note("text-to-image and image-to-image need a 4-channel UNet"),
         );
     }
-    if r.image.is_some() {
+    if has_image {
         if kind != PipelineKind::StableDiffusion {
             out.push(err("run.image", format!("`run.image`: image-to-image is implemented for `stable-diffusion` (SD 1.x/2.x) pipelines so far, not `{}` (issue 28)", kind.as_str())));
-        } else if r.mask_image.is_some() {
+        } else if has_mask {
             out.push(err("run.mask_image", "`run.mask_image`: inpainting is not implemented yet (issue 28); image-to-image without a mask is".into()));
         }
         if r.latents.is_some() {
@@ -723,10 +734,10 @@ fn r_adapter_scales(m: &LoadedManifest) -> Vec<(String, f64)> {
 /// What [`check`]'s configs make of keys that are valid but have no effect here: warnings, never
 /// errors. FLUX.1-schnell (`guidance_embeds = false`) has no guidance embedding: a
 /// `run.guidance_scale` is ignored.
-fn warnings(m: &LoadedManifest, configs: &Configs) -> Vec<Diagnostic> {
+fn warnings(m: &LoadedManifest, configs: &Configs, has_image: bool) -> Vec<Diagnostic> {
     let mut out = vec![];
     let r = &m.manifest.run;
-    if r.strength.is_some() && r.image.is_none() && r.mask_image.is_none() {
+    if r.strength.is_some() && !has_image && r.mask_image.is_none() {
         out.push(
             Diagnostic::warning("`run.strength` without `run.image` is ignored: it applies to image-to-image and inpainting".to_string(), m.locate_value("run.strength"))
                 .with_key("run.strength")

@@ -32,7 +32,7 @@ impl StableDiffusion {
             (joined(te), joined(unet), vae)
         });
         let (vae, vae_kind) = vae?;
-        let vae_encoder = if lx.m.manifest.run.image.is_some() { Some(lx.vae_encoder(&va, vae_kind)?) } else { None };
+        let vae_encoder = if lx.images { Some(lx.vae_encoder(&va, vae_kind)?) } else { None };
         Ok(StableDiffusion { text_encoder: text_encoder?, unet: unet?, vae, vae_encoder, vae_kind })
     }
 

@@ -13,8 +13,10 @@ use crate::exec::ExecError;
 
 pub(super) fn call(sd: &StableDiffusion, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
     let m = cx.m;
-    let init = cx.init.clone().expect("an image-to-image job has its image");
-    let strength = cx.run.init.map(|i| i.strength).expect("an image-to-image job has its strength");
+    let (Some(init), Some(spec)) = (cx.init.clone(), cx.run.init) else {
+        return Err(ExecError::Text("an image-to-image job without its image's size and strength".into()));
+    };
+    let strength = spec.strength;
     let encoder = sd.vae_encoder.as_ref().ok_or_else(|| ExecError::Text("image-to-image needs the VAE encoder, loaded when the manifest gives `run.image`".into()))?;
     let steps = cx.run.steps as usize;
     let guidance = cx.run.guidance_scale;
