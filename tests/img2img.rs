@@ -26,6 +26,12 @@ fn manifest(case: &str, dir: &Path, name: &str, extra: &str) -> PathBuf {
     let image = format!("image = \"{}\"\n{strength}", images().join(meta["image"].as_str().unwrap()).display());
     // `[run]` is the base manifest's last table: the keys go there.
     text.push_str(&image);
+    if let Some(mask) = meta["mask"].as_str() {
+        text.push_str(&format!("mask_image = \"{}\"\n", images().join(mask).display()));
+    }
+    if let Some(unet) = meta["unet"].as_str() {
+        text.push_str(&format!("[components.unet]\nsource = \"{}\"\n", root().join("tests/fixtures").join(unet).display()));
+    }
     text.push_str("[components.safety_checker]\nenabled = false\n");
     text.push_str(extra);
     let out = dir.join(format!("{name}.toml"));
@@ -83,6 +89,32 @@ fn sd15_img2img_one_step_equals_diffusers() {
 #[test]
 fn sd15_img2img_ancestral_equals_diffusers() {
     check_parity("sd15-img2img-ancestral");
+}
+
+/// Inpainting with the ordinary 4-channel UNet (the unmasked part put back after each step), at
+/// the default strength 1.0; the image (70x52) and the mask (50x40) resized to the requested 64x64.
+#[test]
+fn sd15_inpaint_with_a_4_channel_unet_equals_diffusers() {
+    check_parity("sd15-inpaint");
+}
+
+/// The 4-channel blend below strength 1 (DDIM: `add_noise` by `alphas_cumprod`); an RGBA image.
+#[test]
+fn sd15_inpaint_at_strength_075_equals_diffusers() {
+    check_parity("sd15-inpaint-strength");
+}
+
+/// A 9-channel inpainting UNet (`[latents, mask, masked image latents]`), PNDM, strength 1.0.
+#[test]
+fn sd15_inpaint_with_a_9_channel_unet_equals_diffusers() {
+    check_parity("sd15-inpaint9");
+}
+
+/// The 9-channel UNet at strength 0.6 with Euler a: the image's posterior, the noise, the masked
+/// image's posterior, then the steps' noise, in diffusers' order; a grayscale image.
+#[test]
+fn sd15_inpaint9_ancestral_at_strength_06_equals_diffusers() {
+    check_parity("sd15-inpaint9-ancestral");
 }
 
 /// Group offload and an `auto` split on simulated devices give the plain run's image, bit for
@@ -197,6 +229,11 @@ fn bad_images_and_strengths_are_named_errors() {
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(!dir.path().join("m0.png").exists(), "nothing written");
     }
+    // A 9-channel inpainting UNet without a mask.
+    std::fs::write(&m, base.clone() + &format!("[components.unet]\nsource = \"{}\"\n", root().join("tests/fixtures/tiny-sd15-inpaint-unet").display())).unwrap();
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("9 input channels") && stderr.contains("run.mask_image"), "{stderr}");
     // Image-to-image on a kind not done yet: said so.
     let xl = manifest_for("sdxl-euler", dir.path());
     std::fs::write(&m, std::fs::read_to_string(&xl).unwrap() + &format!("image = \"{}\"\n", images().join("init-rgb-70x52.png").display())).unwrap();

@@ -14,7 +14,8 @@ Writes tests/fixtures/images/:
 and per case tests/fixtures/refs/<case>.{safetensors,json}: diffusers 0.42.1's pipeline on the tiny
 fixture with the base case's prompt, seed, steps, guidance and scheduler (its json, recorded by
 make_references.py), the image read by `diffusers.utils.load_image`; tensors `image` and
-`vae.input` (what the VAE decodes), the json adds `image`, `strength` (absent: the default).
+`vae.input` (what the VAE decodes), the json adds `image`, `mask`, `unet`, `strength` (absent:
+the default). tests/fixtures/tiny-sd15-inpaint-unet: a tiny 9-channel inpainting UNet (random).
 """
 import json
 import os
@@ -58,18 +59,43 @@ def make_images():
     print(f"{IMAGES}: init images")
 
 
+def make_inpaint_unet():
+    """A tiny 9-channel inpainting UNet (latents, mask, masked image latents): tiny-sd15's UNet
+    config with `in_channels = 9`, random weights from a seed."""
+    cfg = json.loads((FIX / "tiny-sd15" / "unet" / "config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg["in_channels"] = 9
+    torch.manual_seed(9)
+    unet = diffusers.UNet2DConditionModel(**cfg)
+    unet.save_pretrained(FIX / "tiny-sd15-inpaint-unet", safe_serialization=True)
+    # A mask at another size than the image: a white (repaint) rectangle with ragged edges.
+    rng = np.random.default_rng(29)
+    y, x = np.mgrid[0:40, 0:50]
+    inside = (x > 12) & (x < 38) & (y > 8) & (y < 30)
+    m = np.where(inside, 230, 20) + rng.integers(-20, 20, inside.shape)
+    Image.fromarray(np.clip(m, 0, 255).astype(np.uint8), "L").save(IMAGES / "mask-50x40.png")
+    print(f"{FIX / 'tiny-sd15-inpaint-unet'}, {IMAGES / 'mask-50x40.png'}")
+
+
 CASES = [
     dict(name="sd15-img2img", base="sd15-euler", image="init-rgb-70x52.png", strength=0.6),
     dict(name="sd15-img2img-rgba", base="sd15-pndm", image="init-rgba-64x64.png"),
     dict(name="sd15-img2img-gray", base="sd15-ddim", image="init-gray-64x40.png", strength=1.0),
     dict(name="sd15-img2img-one-step", base="sd15-dpmpp-2m", image="init-rgb-70x52.png", strength=0.3),
     dict(name="sd15-img2img-ancestral", base="sd15-euler-ancestral", image="init-rgba-64x64.png", strength=0.75),
+    # StableDiffusionInpaintPipeline: the image and mask resized to the requested 64x64.
+    dict(name="sd15-inpaint", base="sd15-euler", image="init-rgb-70x52.png", mask="mask-50x40.png"),
+    dict(name="sd15-inpaint-strength", base="sd15-ddim", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=0.75),
+    dict(name="sd15-inpaint9", base="sd15-pndm", image="init-rgb-70x52.png", mask="mask-50x40.png", unet="tiny-sd15-inpaint-unet"),
+    dict(name="sd15-inpaint9-ancestral", base="sd15-euler-ancestral", image="init-gray-64x40.png", mask="mask-50x40.png", strength=0.6, unet="tiny-sd15-inpaint-unet"),
 ]
 
 
 def run_case(c):
     meta = json.loads((OUT / f"{c['base']}.json").read_text())
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(FIX / meta["pipeline"], safety_checker=None, dtype=torch.float32)
+    extra = {"unet": diffusers.UNet2DConditionModel.from_pretrained(FIX / c["unet"])} if "unet" in c else {}
+    cls = diffusers.StableDiffusionInpaintPipeline if "mask" in c else diffusers.StableDiffusionImg2ImgPipeline
+    pipe = cls.from_pretrained(FIX / meta["pipeline"], safety_checker=None, dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(meta["scheduler_config"])
     rec = {}
@@ -83,11 +109,13 @@ def run_case(c):
               num_inference_steps=meta["steps"], generator=torch.Generator("cpu").manual_seed(meta["seed"]), output_type="np")
     if "strength" in c:
         kw["strength"] = c["strength"]
+    if "mask" in c:
+        kw.update(mask_image=load_image(str(IMAGES / c["mask"])), height=meta["height"], width=meta["width"])
     with torch.no_grad():
         out = pipe(**kw)
     rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)
     save_file({k: v.contiguous() for k, v in rec.items()}, OUT / f"{c['name']}.safetensors", metadata={"case": c["name"]})
-    meta.update(case=c["name"], base=c["base"], image=c["image"], strength=c.get("strength"), width=int(out.images.shape[2]), height=int(out.images.shape[1]))
+    meta.update(case=c["name"], base=c["base"], image=c["image"], mask=c.get("mask"), unet=c.get("unet"), strength=c.get("strength"), width=int(out.images.shape[2]), height=int(out.images.shape[1]))
     (OUT / f"{c['name']}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     print(f"{c['name']}: recorded ({out.images.shape[2]}x{out.images.shape[1]})")
 
@@ -96,6 +124,8 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if not args or "images" in args:
         make_images()
+    if not args or "inpaint" in args:
+        make_inpaint_unet()
     for c in CASES:
         if not args or c["name"] in args:
             run_case(c)

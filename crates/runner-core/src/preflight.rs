@@ -384,8 +384,6 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
     if has_image {
         if kind != PipelineKind::StableDiffusion {
             out.push(err("run.image", format!("`run.image`: image-to-image is implemented for `stable-diffusion` (SD 1.x/2.x) pipelines so far, not `{}` (issue 28)", kind.as_str())));
-        } else if has_mask {
-            out.push(err("run.mask_image", "`run.mask_image`: inpainting is not implemented yet (issue 28); image-to-image without a mask is".into()));
         }
         if r.latents.is_some() {
             out.push(err("run.latents", "`run.latents` with `run.image`: image-to-image starts from the encoded image and the seed's noise, not from given latents".into()));
@@ -934,8 +932,14 @@ fn check_compatible(c: &Configs, xl: bool) -> Result<(), String> {
     if xl && unet.addition_text_time.is_none() {
         return Err("an SDXL pipeline needs a UNet with `addition_embed_type = \"text_time\"`".into());
     }
-    if c.vae.latent_channels != unet.in_channels {
-        return Err(format!("the VAE has {} latent channels but the UNet takes {}", c.vae.latent_channels, unet.in_channels));
+    // An inpainting UNet takes the latents, the mask and the masked image's latents.
+    if c.vae.latent_channels != unet.in_channels && 2 * c.vae.latent_channels + 1 != unet.in_channels {
+        return Err(format!(
+            "the VAE has {} latent channels but the UNet takes {} (neither those nor an inpainting UNet's {})",
+            c.vae.latent_channels,
+            unet.in_channels,
+            2 * c.vae.latent_channels + 1
+        ));
     }
     Ok(())
 }

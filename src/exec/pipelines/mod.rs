@@ -9,6 +9,7 @@ mod flux;
 mod stable_diffusion;
 mod stable_diffusion_3;
 mod stable_diffusion_img2img;
+mod stable_diffusion_inpaint;
 mod stable_diffusion_xl;
 
 use std::time::Instant;

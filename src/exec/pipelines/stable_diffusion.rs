@@ -65,8 +65,10 @@ impl Pipeline for StableDiffusion {
     }
 
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
-        if cx.init.is_some() {
-            return super::stable_diffusion_img2img::call(self, cx);
+        match &cx.init {
+            Some(i) if i.mask.is_some() => return super::stable_diffusion_inpaint::call(self, cx),
+            Some(_) => return super::stable_diffusion_img2img::call(self, cx),
+            None => {}
         }
         let m = cx.m;
         let steps = cx.run.steps as usize;
