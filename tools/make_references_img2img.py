@@ -83,6 +83,9 @@ CASES = [
     dict(name="sd15-img2img-gray", base="sd15-ddim", image="init-gray-64x40.png", strength=1.0),
     dict(name="sd15-img2img-one-step", base="sd15-dpmpp-2m", image="init-rgb-70x52.png", strength=0.3),
     dict(name="sd15-img2img-ancestral", base="sd15-euler-ancestral", image="init-rgba-64x64.png", strength=0.75),
+    # StableDiffusionXLImg2ImgPipeline: the image at its own size, floored (70x52 -> 64x48).
+    dict(name="sdxl-img2img", base="sdxl-euler", image="init-rgb-70x52.png", strength=0.6),
+    dict(name="sdxl-img2img-default", base="sdxl-euler", image="init-rgba-64x64.png"),
     # StableDiffusionInpaintPipeline: the image and mask resized to the requested 64x64.
     dict(name="sd15-inpaint", base="sd15-euler", image="init-rgb-70x52.png", mask="mask-50x40.png"),
     dict(name="sd15-inpaint-strength", base="sd15-ddim", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=0.75),
@@ -94,8 +97,12 @@ CASES = [
 def run_case(c):
     meta = json.loads((OUT / f"{c['base']}.json").read_text())
     extra = {"unet": diffusers.UNet2DConditionModel.from_pretrained(FIX / c["unet"])} if "unet" in c else {}
-    cls = diffusers.StableDiffusionInpaintPipeline if "mask" in c else diffusers.StableDiffusionImg2ImgPipeline
-    pipe = cls.from_pretrained(FIX / meta["pipeline"], safety_checker=None, dtype=torch.float32, **extra)
+    if meta["pipeline"] == "tiny-sdxl":
+        cls = diffusers.StableDiffusionXLInpaintPipeline if "mask" in c else diffusers.StableDiffusionXLImg2ImgPipeline
+    else:
+        cls = diffusers.StableDiffusionInpaintPipeline if "mask" in c else diffusers.StableDiffusionImg2ImgPipeline
+        extra["safety_checker"] = None
+    pipe = cls.from_pretrained(FIX / meta["pipeline"], dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(meta["scheduler_config"])
     rec = {}

@@ -11,6 +11,7 @@ mod stable_diffusion_3;
 mod stable_diffusion_img2img;
 mod stable_diffusion_inpaint;
 mod stable_diffusion_xl;
+mod stable_diffusion_xl_img2img;
 
 use std::time::Instant;
 
@@ -223,6 +224,29 @@ impl Call<'_> {
                 Ok(Tensor::randn(shape, (draw_kind, tch::Device::Cpu)))
             }
         }
+    }
+
+    /// diffusers `retrieve_latents(vae.encode(pixels), generator) * scaling_factor`: the
+    /// posterior's sample `mean + exp(logvar / 2) × randn`, the noise drawn from libtorch's global
+    /// CPU generator (seeded by the caller, so that the draws keep diffusers' order) at the
+    /// encoder's dtype; returned on `to`'s device at `kind`.
+    pub fn encode_image(&self, encoder: &crate::exec::loading::Held<crate::models::vae::AutoencoderKLEncoder>, vae_kind: Kind, pixels: &Tensor, to: tch::Device, kind: Kind) -> Tensor {
+        let device = encoder.vs.device();
+        tch::no_grad(|| {
+            let (mean, logvar) = encoder.model.encode(&pixels.to_device(device).to_kind(vae_kind));
+            let sample = Tensor::randn(mean.size(), (mean.kind(), tch::Device::Cpu)).to_device(device);
+            ((&mean + (&logvar * 0.5).exp() * &sample) * encoder.model.config.scaling_factor).to_device(to).to_kind(kind)
+        })
+    }
+
+    /// The begin index of `get_timesteps` for SD and SDXL (`int(steps × strength)` steps run) and
+    /// the timesteps from it, the scheduler set to begin there.
+    pub fn img2img_timesteps(&mut self, scheduler: &mut dyn Scheduler, steps: usize, strength: f64) -> (usize, Vec<f64>) {
+        let t_start = steps - ((steps as f64 * strength) as usize).min(steps);
+        scheduler.set_begin_index(t_start);
+        let timesteps = scheduler.timesteps()[t_start..].to_vec();
+        self.dump_schedule(scheduler);
+        (t_start, timesteps)
     }
 
     /// Dumps `scheduler.timesteps` and `scheduler.sigmas`.

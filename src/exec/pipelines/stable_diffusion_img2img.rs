@@ -40,27 +40,17 @@ pub(super) fn call(sd: &StableDiffusion, cx: &mut Call<'_>) -> Result<Generated,
 
     // 5. Timesteps: the schedule's last `strength` part (`get_timesteps`: int(steps × strength)).
     let (mut scheduler, sched_cfg) = cx.scheduler(steps)?;
-    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
-    let t_start = steps - init_timestep;
-    scheduler.set_begin_index(t_start);
-    let timesteps = scheduler.timesteps()[t_start..].to_vec();
-    cx.dump_schedule(scheduler.as_ref());
+    let (t_start, timesteps) = cx.img2img_timesteps(scheduler.as_mut(), steps, strength);
 
     // 6. prepare_latents: the posterior sample, then the noise, from the seed's generator.
     cx.enter("vae")?;
-    let enc_device = encoder.vs.device();
-    let latents = tch::no_grad(|| -> Result<Tensor, ExecError> {
-        let (mean, logvar) = encoder.model.encode(&image.to_device(enc_device).to_kind(sd.vae_kind));
-        tch::manual_seed(cx.seed as i64);
-        let sample = Tensor::randn(mean.size(), (mean.kind(), tch::Device::Cpu)).to_device(enc_device);
-        let posterior = &mean + (&logvar * 0.5).exp() * &sample;
-        let image_latents = (posterior * encoder.model.config.scaling_factor).to_device(un.device).to_kind(te.kind);
-        let image_latents = Tensor::cat(&(0..batch).map(|_| image_latents.shallow_clone()).collect::<Vec<_>>(), 0);
-        let noise = Tensor::randn(image_latents.size(), (te.kind, tch::Device::Cpu)).to_device(un.device);
-        cx.dump.push("latents.image", &image_latents);
-        cx.dump.push("latents.noise", &noise);
-        Ok(scheduler.add_noise(&image_latents, &noise, t_start).to_kind(un.kind))
-    })?;
+    tch::manual_seed(cx.seed as i64);
+    let image_latents = cx.encode_image(encoder, sd.vae_kind, &image, un.device, te.kind);
+    let image_latents = Tensor::cat(&(0..batch).map(|_| image_latents.shallow_clone()).collect::<Vec<_>>(), 0);
+    let noise = Tensor::randn(image_latents.size(), (te.kind, tch::Device::Cpu)).to_device(un.device);
+    let latents = tch::no_grad(|| scheduler.add_noise(&image_latents, &noise, t_start)).to_kind(un.kind);
+    cx.dump.push("latents.image", &image_latents);
+    cx.dump.push("latents.noise", &noise);
     cx.dump.push("latents.init", &latents);
 
     // 7. Denoising loop, from the begin index.

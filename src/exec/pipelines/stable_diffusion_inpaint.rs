@@ -38,10 +38,7 @@ pub(super) fn call(sd: &StableDiffusion, cx: &mut Call<'_>) -> Result<Generated,
 
     // 4. Timesteps (`get_timesteps`: int(steps × strength) of them run).
     let (mut scheduler, sched_cfg) = cx.scheduler(steps)?;
-    let t_start = steps - ((steps as f64 * strength) as usize).min(steps);
-    scheduler.set_begin_index(t_start);
-    let timesteps = scheduler.timesteps()[t_start..].to_vec();
-    cx.dump_schedule(scheduler.as_ref());
+    let (t_start, timesteps) = cx.img2img_timesteps(scheduler.as_mut(), steps, strength);
     let strength_max = strength == 1.0;
 
     // 5. Preprocess the image and the mask to the requested size (Lanczos; the mask grayscale
@@ -55,13 +52,7 @@ pub(super) fn call(sd: &StableDiffusion, cx: &mut Call<'_>) -> Result<Generated,
     // 6. prepare_latents, then prepare_mask_latents: the generator draws the image's posterior
     //    sample (a 4-channel UNet, or strength < 1), the noise, then the masked image's.
     cx.enter("vae")?;
-    let enc_device = encoder.vs.device();
-    let scale = encoder.model.config.scaling_factor;
-    let encode = |pixels: &Tensor| -> Tensor {
-        let (mean, logvar) = encoder.model.encode(&pixels.to_device(enc_device).to_kind(sd.vae_kind));
-        let sample = Tensor::randn(mean.size(), (mean.kind(), tch::Device::Cpu)).to_device(enc_device);
-        ((&mean + (&logvar * 0.5).exp() * &sample) * scale).to_device(un.device).to_kind(te.kind)
-    };
+    let encode = |pixels: &Tensor| cx.encode_image(encoder, sd.vae_kind, pixels, un.device, te.kind);
     let repeat = |t: &Tensor, n: i64| Tensor::cat(&(0..n).map(|_| t.shallow_clone()).collect::<Vec<_>>(), 0);
     let (latents, noise, image_latents, mask, masked_image_latents) = tch::no_grad(|| {
         tch::manual_seed(cx.seed as i64);

@@ -12,21 +12,23 @@ use crate::exec::loading::{joined, Held, Loader};
 use crate::exec::text::TextEncoder;
 use crate::exec::ExecError;
 use crate::models::unet_2d::{AddedCond, UNet2DConditionModel};
-use crate::models::vae::AutoencoderKLDecoder;
+use crate::models::vae::{AutoencoderKLDecoder, AutoencoderKLEncoder};
 
 pub(crate) struct StableDiffusionXl {
     text_encoder: TextEncoder,
     text_encoder_2: TextEncoder,
-    unet: Held<UNet2DConditionModel>,
-    vae: Held<AutoencoderKLDecoder>,
-    vae_kind: Kind,
+    pub(super) unet: Held<UNet2DConditionModel>,
+    pub(super) vae: Held<AutoencoderKLDecoder>,
+    /// Image-to-image's VAE encoder: loaded when runs may give an image.
+    pub(super) vae_encoder: Option<Held<AutoencoderKLEncoder>>,
+    pub(super) vae_kind: Kind,
 }
 
 /// What `encode_prompt` and `_get_add_time_ids` give the UNet, [negative, positive] under guidance.
-struct Conditioning {
-    prompt_embeds: Tensor,
-    text_embeds: Tensor,
-    time_ids: Tensor,
+pub(super) struct Conditioning {
+    pub prompt_embeds: Tensor,
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
 }
 
 impl StableDiffusionXl {
@@ -41,7 +43,8 @@ impl StableDiffusionXl {
             (joined(te), joined(te2), joined(unet), vae)
         });
         let (vae, vae_kind) = vae?;
-        Ok(StableDiffusionXl { text_encoder: text_encoder?, text_encoder_2: text_encoder_2?, unet: unet?, vae, vae_kind })
+        let vae_encoder = if lx.images { Some(lx.vae_encoder(&va, vae_kind)?) } else { None };
+        Ok(StableDiffusionXl { text_encoder: text_encoder?, text_encoder_2: text_encoder_2?, unet: unet?, vae, vae_encoder, vae_kind })
     }
 
     /// Both encoders on one prompt pair: the penultimate states (or -(clip_skip + 2)) concatenated,
@@ -61,7 +64,7 @@ impl StableDiffusionXl {
 
     /// diffusers `encode_prompt` + `_get_add_time_ids`; a missing negative prompt gives zeros
     /// when the pipeline's `force_zeros_for_empty_prompt` says so.
-    fn encode_prompt(&self, cx: &mut Call, do_cfg: bool, batch: i64) -> Result<Conditioning, ExecError> {
+    pub(super) fn encode_prompt(&self, cx: &mut Call, do_cfg: bool, batch: i64) -> Result<Conditioning, ExecError> {
         let m = cx.m;
         let r = &m.manifest.run;
         let prompt = r.prompt.clone().unwrap_or_default();
@@ -120,6 +123,9 @@ impl Pipeline for StableDiffusionXl {
     }
 
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
+        if cx.init.is_some() {
+            return super::stable_diffusion_xl_img2img::call(self, cx);
+        }
         let m = cx.m;
         let r = &m.manifest.run;
         let steps = cx.run.steps as usize;
