@@ -86,6 +86,9 @@ CASES = [
     # StableDiffusionXLImg2ImgPipeline: the image at its own size, floored (70x52 -> 64x48).
     dict(name="sdxl-img2img", base="sdxl-euler", image="init-rgb-70x52.png", strength=0.6),
     dict(name="sdxl-img2img-default", base="sdxl-euler", image="init-rgba-64x64.png"),
+    # FluxImg2ImgPipeline: resized to the requested size; `get_timesteps` floors the skipped steps.
+    dict(name="flux-img2img", base="flux-dev", image="init-rgb-70x52.png"),
+    dict(name="flux-img2img-gray", base="flux-dev", image="init-gray-64x40.png", strength=0.9),
     # StableDiffusionInpaintPipeline: the image and mask resized to the requested 64x64.
     dict(name="sd15-inpaint", base="sd15-euler", image="init-rgb-70x52.png", mask="mask-50x40.png"),
     dict(name="sd15-inpaint-strength", base="sd15-ddim", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=0.75),
@@ -97,7 +100,9 @@ CASES = [
 def run_case(c):
     meta = json.loads((OUT / f"{c['base']}.json").read_text())
     extra = {"unet": diffusers.UNet2DConditionModel.from_pretrained(FIX / c["unet"])} if "unet" in c else {}
-    if meta["pipeline"] == "tiny-sdxl":
+    if meta["pipeline"] == "tiny-flux-dev":
+        cls = diffusers.FluxImg2ImgPipeline
+    elif meta["pipeline"] == "tiny-sdxl":
         cls = diffusers.StableDiffusionXLInpaintPipeline if "mask" in c else diffusers.StableDiffusionXLImg2ImgPipeline
     else:
         cls = diffusers.StableDiffusionInpaintPipeline if "mask" in c else diffusers.StableDiffusionImg2ImgPipeline
@@ -116,8 +121,13 @@ def run_case(c):
               num_inference_steps=meta["steps"], generator=torch.Generator("cpu").manual_seed(meta["seed"]), output_type="np")
     if "strength" in c:
         kw["strength"] = c["strength"]
+    if "mask" in c or meta["pipeline"] == "tiny-flux-dev":
+        kw.update(height=meta["height"], width=meta["width"])
     if "mask" in c:
-        kw.update(mask_image=load_image(str(IMAGES / c["mask"])), height=meta["height"], width=meta["width"])
+        kw["mask_image"] = load_image(str(IMAGES / c["mask"]))
+    if meta["pipeline"] == "tiny-flux-dev":
+        kw.update(max_sequence_length=meta["max_sequence_length"])
+        kw.pop("negative_prompt")
     with torch.no_grad():
         out = pipe(**kw)
     rec["image"] = torch.from_numpy(np.ascontiguousarray(np.stack(out.images))).to(torch.float32)

@@ -384,13 +384,14 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
     if has_image {
         match kind {
             PipelineKind::StableDiffusion => {}
-            PipelineKind::StableDiffusionXl if has_mask => {
-                out.push(err("run.mask_image", "`run.mask_image`: SDXL inpainting is not implemented yet (issue 28; SDXL image-to-image and SD 1.x/2.x inpainting are)".into()))
+            PipelineKind::StableDiffusionXl | PipelineKind::Flux if has_mask => {
+                out.push(err("run.mask_image", format!("`run.mask_image`: `{}` inpainting is not implemented yet (issue 28; SD 1.x/2.x inpainting is)", kind.as_str())))
             }
-            PipelineKind::StableDiffusionXl => {}
-            _ => {
-                out.push(err("run.image", format!("`run.image`: image-to-image is implemented for `stable-diffusion` and `stable-diffusion-xl` pipelines so far, not `{}` (issue 28)", kind.as_str())))
-            }
+            PipelineKind::StableDiffusionXl | PipelineKind::Flux => {}
+            _ => out.push(err(
+                "run.image",
+                format!("`run.image`: image-to-image is implemented for `stable-diffusion`, `stable-diffusion-xl` and `flux` pipelines so far, not `{}` (issue 28)", kind.as_str()),
+            )),
         }
         if r.latents.is_some() {
             out.push(err("run.latents", "`run.latents` with `run.image`: image-to-image starts from the encoded image and the seed's noise, not from given latents".into()));

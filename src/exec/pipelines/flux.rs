@@ -14,14 +14,16 @@ use crate::exec::loading::{joined, Held, Loader};
 use crate::exec::text::{T5TextEncoder, TextEncoder};
 use crate::exec::ExecError;
 use crate::models::flux_transformer::FluxTransformer2DModel;
-use crate::models::vae::AutoencoderKLDecoder;
+use crate::models::vae::{AutoencoderKLDecoder, AutoencoderKLEncoder};
 
 pub(crate) struct Flux {
     text_encoder: TextEncoder,
     text_encoder_2: T5TextEncoder,
     transformer: FluxTransformer2DModel,
     vae: Held<AutoencoderKLDecoder>,
-    vae_kind: Kind,
+    /// Image-to-image's VAE encoder: loaded when runs may give an image.
+    pub(super) vae_encoder: Option<Held<AutoencoderKLEncoder>>,
+    pub(super) vae_kind: Kind,
 }
 
 /// What `encode_prompt` gives the transformer for one prompt.
@@ -49,7 +51,8 @@ impl Flux {
             (joined(te), joined(te2), joined(tr), vae)
         });
         let (vae, vae_kind) = vae?;
-        Ok(Flux { text_encoder: text_encoder?, text_encoder_2: text_encoder_2?, transformer: transformer?, vae, vae_kind })
+        let vae_encoder = if lx.images { Some(lx.vae_encoder(&va, vae_kind)?) } else { None };
+        Ok(Flux { text_encoder: text_encoder?, text_encoder_2: text_encoder_2?, transformer: transformer?, vae, vae_encoder, vae_kind })
     }
 
     /// `encode_prompt`: CLIP's pooled output (`_get_clip_prompt_embeds`) and T5's last hidden
@@ -73,7 +76,7 @@ impl Flux {
 }
 
 /// `_pack_latents`: [B, C, h, w] -> [B, (h/2)(w/2), 4C], each token a 2x2 patch.
-fn pack(latents: &Tensor) -> Tensor {
+pub(super) fn pack(latents: &Tensor) -> Tensor {
     let (b, c, h, w) = latents.size4().expect("[B, C, H, W] latents");
     latents.view([b, c, h / 2, 2, w / 2, 2]).permute([0, 2, 4, 1, 3, 5]).reshape([b, (h / 2) * (w / 2), c * 4])
 }
@@ -144,17 +147,20 @@ impl Pipeline for Flux {
         let scale = vae_scale_factor(&self.vae.model);
         let (h, w) = (2 * (cx.run.shape.height as i64 / (scale * 2)), 2 * (cx.run.shape.width as i64 / (scale * 2)));
         let channels = transformer.config.in_channels / 4;
-        let init = cx.initial_noise([batch, channels, h, w], draw_kind)?;
-        let latents = pack(&init);
-        let img_ids = latent_image_ids(h / 2, w / 2, draw_kind);
-        cx.dump.push("latents.init", &latents);
-        cx.dump.push("latent_image_ids", &img_ids);
 
         // 3. Timesteps: sigmas linspace(1, 1/N, N), shifted with `mu` from the image's tokens
         //    (dev: dynamic shifting) or the config's fixed shift (schnell).
         let sigmas = crate::schedulers::schedule::np_linspace(1.0, 1.0 / steps as f64, steps);
         let (mut scheduler, _) = cx.flow_match_scheduler_sigmas(&sigmas, ((h / 2) * (w / 2)) as usize)?;
         cx.dump_schedule(scheduler.as_ref());
+        // FluxImg2ImgPipeline: the encoded image noised to where `strength` begins the schedule.
+        let (latents, t_start) = match cx.init.clone() {
+            None => (pack(&cx.initial_noise([batch, channels, h, w], draw_kind)?), 0),
+            Some(init) => super::flux_img2img::prepare_latents(self, cx, &init, scheduler.as_mut(), [batch, channels, h, w], draw_kind)?,
+        };
+        let img_ids = latent_image_ids(h / 2, w / 2, draw_kind);
+        cx.dump.push("latents.init", &latents);
+        cx.dump.push("latent_image_ids", &img_ids);
         let latents = latents.to_device(tr.device).to_kind(tr.kind);
         let img_ids = img_ids.to_device(tr.device);
         // FLUX.1-dev's embedded guidance (float32, one per sample); schnell has none.
@@ -162,9 +168,10 @@ impl Pipeline for Flux {
 
         // 4. Denoising loop.
         cx.enter("transformer")?;
-        let timesteps = scheduler.timesteps().to_vec();
+        let timesteps = scheduler.timesteps()[t_start..].to_vec();
         let (mut negative_outputs, mut guidances) = (vec![], vec![]);
-        let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, i, t| {
+        let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, j, t| {
+            let i = t_start + j;
             // diffusers: `t.expand(B).to(latents.dtype) / 1000`, rounded in the latents' dtype.
             let timestep = Tensor::full([latents.size()[0]], t, (latents.kind(), tr.device)) / 1000.0;
             let run = |c: &Conditioning| {

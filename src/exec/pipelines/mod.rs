@@ -6,6 +6,7 @@
 //! models, and one arm in [`load`].
 
 mod flux;
+mod flux_img2img;
 mod stable_diffusion;
 mod stable_diffusion_3;
 mod stable_diffusion_img2img;
@@ -226,7 +227,8 @@ impl Call<'_> {
         }
     }
 
-    /// diffusers `retrieve_latents(vae.encode(pixels), generator) * scaling_factor`: the
+    /// diffusers `retrieve_latents(vae.encode(pixels), generator) * scaling_factor` (SD3 and FLUX:
+    /// `(x - shift_factor) * scaling_factor`): the
     /// posterior's sample `mean + exp(logvar / 2) × randn`, the noise drawn from libtorch's global
     /// CPU generator (seeded by the caller, so that the draws keep diffusers' order) at the
     /// encoder's dtype; returned on `to`'s device at `kind`.
@@ -235,7 +237,13 @@ impl Call<'_> {
         tch::no_grad(|| {
             let (mean, logvar) = encoder.model.encode(&pixels.to_device(device).to_kind(vae_kind));
             let sample = Tensor::randn(mean.size(), (mean.kind(), tch::Device::Cpu)).to_device(device);
-            ((&mean + (&logvar * 0.5).exp() * &sample) * encoder.model.config.scaling_factor).to_device(to).to_kind(kind)
+            let posterior = &mean + (&logvar * 0.5).exp() * &sample;
+            // SD3 and FLUX: `(x - shift_factor) * scaling_factor`.
+            let shifted = match encoder.model.config.shift_factor {
+                Some(shift) => posterior - shift,
+                None => posterior,
+            };
+            (shifted * encoder.model.config.scaling_factor).to_device(to).to_kind(kind)
         })
     }
 
