@@ -15,5 +15,5 @@ export OMP_NUM_THREADS=$t RUNNER_TEST_THREADS=$t
 # Integration tests (tests/main.rs modules) that compare with a reference.
 "$cargo" test --locked --quiet --test main -- "$@" \
   pipeline:: schedulers:: unet:: clip:: t5:: sd3_transformer:: flux_transformer:: safety:: cast:: \
-  gguf_run::gguf_transformers_match_diffusers gguf_run::kquant_transformers_match_diffusers lora::sd15_ lora::sdxl_ lora::sd35_ lora::flux_ img2img::sd15_ img2img::sdxl_ img2img::flux_ \
+  gguf_run::gguf_transformers_match_diffusers gguf_run::kquant_transformers_match_diffusers lora::sd15_ lora::sdxl_ lora::sd35_ lora::flux_ img2img::sd15_ img2img::sdxl_ img2img::sd35_ img2img::flux_ \
   run::png_equals_diffusers_and_carries_provenance load::reference_latents_are_tch_randn_draws

@@ -89,6 +89,8 @@ CASES = [
     # FluxImg2ImgPipeline: resized to the requested size; `get_timesteps` floors the skipped steps.
     dict(name="flux-img2img", base="flux-dev", image="init-rgb-70x52.png"),
     dict(name="flux-img2img-gray", base="flux-dev", image="init-gray-64x40.png", strength=0.9),
+    # StableDiffusion3Img2ImgPipeline: the same flow-matching rule, no packing.
+    dict(name="sd35-img2img", base="sd35-cfg", image="init-rgb-70x52.png"),
     # StableDiffusionInpaintPipeline: the image and mask resized to the requested 64x64.
     dict(name="sd15-inpaint", base="sd15-euler", image="init-rgb-70x52.png", mask="mask-50x40.png"),
     dict(name="sd15-inpaint-strength", base="sd15-ddim", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=0.75),
@@ -102,6 +104,8 @@ def run_case(c):
     extra = {"unet": diffusers.UNet2DConditionModel.from_pretrained(FIX / c["unet"])} if "unet" in c else {}
     if meta["pipeline"] == "tiny-flux-dev":
         cls = diffusers.FluxImg2ImgPipeline
+    elif meta["pipeline"] == "tiny-sd35":
+        cls = diffusers.StableDiffusion3Img2ImgPipeline
     elif meta["pipeline"] == "tiny-sdxl":
         cls = diffusers.StableDiffusionXLInpaintPipeline if "mask" in c else diffusers.StableDiffusionXLImg2ImgPipeline
     else:
@@ -121,8 +125,10 @@ def run_case(c):
               num_inference_steps=meta["steps"], generator=torch.Generator("cpu").manual_seed(meta["seed"]), output_type="np")
     if "strength" in c:
         kw["strength"] = c["strength"]
-    if "mask" in c or meta["pipeline"] == "tiny-flux-dev":
+    if "mask" in c or meta["pipeline"] in ("tiny-flux-dev", "tiny-sd35"):
         kw.update(height=meta["height"], width=meta["width"])
+    if meta["pipeline"] == "tiny-sd35":
+        kw.update(max_sequence_length=meta["max_sequence_length"])
     if "mask" in c:
         kw["mask_image"] = load_image(str(IMAGES / c["mask"]))
     if meta["pipeline"] == "tiny-flux-dev":

@@ -384,14 +384,10 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
     if has_image {
         match kind {
             PipelineKind::StableDiffusion => {}
-            PipelineKind::StableDiffusionXl | PipelineKind::Flux if has_mask => {
+            PipelineKind::StableDiffusionXl | PipelineKind::StableDiffusion3 | PipelineKind::Flux if has_mask => {
                 out.push(err("run.mask_image", format!("`run.mask_image`: `{}` inpainting is not implemented yet (issue 28; SD 1.x/2.x inpainting is)", kind.as_str())))
             }
-            PipelineKind::StableDiffusionXl | PipelineKind::Flux => {}
-            _ => out.push(err(
-                "run.image",
-                format!("`run.image`: image-to-image is implemented for `stable-diffusion`, `stable-diffusion-xl` and `flux` pipelines so far, not `{}` (issue 28)", kind.as_str()),
-            )),
+            PipelineKind::StableDiffusionXl | PipelineKind::StableDiffusion3 | PipelineKind::Flux => {}
         }
         if r.latents.is_some() {
             out.push(err("run.latents", "`run.latents` with `run.image`: image-to-image starts from the encoded image and the seed's noise, not from given latents".into()));

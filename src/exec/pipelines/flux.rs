@@ -22,8 +22,8 @@ pub(crate) struct Flux {
     transformer: FluxTransformer2DModel,
     vae: Held<AutoencoderKLDecoder>,
     /// Image-to-image's VAE encoder: loaded when runs may give an image.
-    pub(super) vae_encoder: Option<Held<AutoencoderKLEncoder>>,
-    pub(super) vae_kind: Kind,
+    vae_encoder: Option<Held<AutoencoderKLEncoder>>,
+    vae_kind: Kind,
 }
 
 /// What `encode_prompt` gives the transformer for one prompt.
@@ -76,7 +76,7 @@ impl Flux {
 }
 
 /// `_pack_latents`: [B, C, h, w] -> [B, (h/2)(w/2), 4C], each token a 2x2 patch.
-pub(super) fn pack(latents: &Tensor) -> Tensor {
+fn pack(latents: &Tensor) -> Tensor {
     let (b, c, h, w) = latents.size4().expect("[B, C, H, W] latents");
     latents.view([b, c, h / 2, 2, w / 2, 2]).permute([0, 2, 4, 1, 3, 5]).reshape([b, (h / 2) * (w / 2), c * 4])
 }
@@ -153,10 +153,14 @@ impl Pipeline for Flux {
         let sigmas = crate::schedulers::schedule::np_linspace(1.0, 1.0 / steps as f64, steps);
         let (mut scheduler, _) = cx.flow_match_scheduler_sigmas(&sigmas, ((h / 2) * (w / 2)) as usize)?;
         cx.dump_schedule(scheduler.as_ref());
-        // FluxImg2ImgPipeline: the encoded image noised to where `strength` begins the schedule.
+        // FluxImg2ImgPipeline: the encoded image noised to where `strength` begins the schedule
+        // (resized to the requested size, a multiple of 16), packed.
         let (latents, t_start) = match cx.init.clone() {
             None => (pack(&cx.initial_noise([batch, channels, h, w], draw_kind)?), 0),
-            Some(init) => super::flux_img2img::prepare_latents(self, cx, &init, scheduler.as_mut(), [batch, channels, h, w], draw_kind)?,
+            Some(_) => {
+                let (latents, t_start) = cx.flow_image_latents(self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), [batch, channels, h, w], draw_kind)?;
+                (pack(&latents), t_start)
+            }
         };
         let img_ids = latent_image_ids(h / 2, w / 2, draw_kind);
         cx.dump.push("latents.init", &latents);

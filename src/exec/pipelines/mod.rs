@@ -6,7 +6,6 @@
 //! models, and one arm in [`load`].
 
 mod flux;
-mod flux_img2img;
 mod stable_diffusion;
 mod stable_diffusion_3;
 mod stable_diffusion_img2img;
@@ -245,6 +244,39 @@ impl Call<'_> {
             };
             (shifted * encoder.model.config.scaling_factor).to_device(to).to_kind(kind)
         })
+    }
+
+    /// SD3's and FLUX's image-to-image latents (`StableDiffusion3Img2ImgPipeline`,
+    /// `FluxImg2ImgPipeline`: `get_timesteps` + `prepare_latents`): the input image resized to the
+    /// requested size, encoded (`(x - shift) × scale`), and noised with the flow-matching
+    /// `scale_noise` at the sigma where `strength` begins the schedule (`int(steps − steps ×
+    /// strength)` steps skipped); unpacked `shape` latents on the CPU, and the begin index.
+    pub fn flow_image_latents(
+        &mut self,
+        encoder: Option<&crate::exec::loading::Held<crate::models::vae::AutoencoderKLEncoder>>,
+        vae_kind: Kind,
+        scheduler: &mut dyn Scheduler,
+        shape: [i64; 4],
+        draw_kind: Kind,
+    ) -> Result<(Tensor, usize), ExecError> {
+        let (Some(init), Some(spec)) = (self.init.clone(), self.run.init) else {
+            return Err(ExecError::Text("an image-to-image job without its image's size and strength".into()));
+        };
+        let encoder = encoder.ok_or_else(|| ExecError::Text("image-to-image needs the VAE encoder, loaded when runs may give an image".into()))?;
+        let n = scheduler.timesteps().len() as f64;
+        let t_start = (n - (n * spec.strength).min(n)).max(0.0) as usize;
+        scheduler.set_begin_index(t_start);
+        let (w, h) = (self.run.shape.width as i64, self.run.shape.height as i64);
+        let image = Tensor::from_slice(&runner_core::image::to_normalized_chw(&init.image.resize_lanczos(w as u32, h as u32))).view([1, 3, h, w]);
+        self.dump.push("image.input", &image);
+        self.enter("vae")?;
+        tch::manual_seed(self.seed as i64);
+        let image_latents = self.encode_image(encoder, vae_kind, &image, tch::Device::Cpu, draw_kind);
+        let image_latents = Tensor::cat(&(0..shape[0]).map(|_| image_latents.shallow_clone()).collect::<Vec<_>>(), 0);
+        let noise = Tensor::randn(shape, (draw_kind, tch::Device::Cpu));
+        self.dump.push("latents.image", &image_latents);
+        self.dump.push("latents.noise", &noise);
+        Ok((tch::no_grad(|| scheduler.add_noise(&image_latents, &noise, t_start)), t_start))
     }
 
     /// The begin index of `get_timesteps` for SD and SDXL (`int(steps × strength)` steps run) and

@@ -13,7 +13,7 @@ use crate::exec::loading::{joined, Held, Loader};
 use crate::exec::text::{T5TextEncoder, TextEncoder};
 use crate::exec::ExecError;
 use crate::models::sd3_transformer::SD3Transformer2DModel;
-use crate::models::vae::AutoencoderKLDecoder;
+use crate::models::vae::{AutoencoderKLDecoder, AutoencoderKLEncoder};
 
 pub(crate) struct StableDiffusion3 {
     text_encoder: TextEncoder,
@@ -21,6 +21,8 @@ pub(crate) struct StableDiffusion3 {
     text_encoder_3: Option<T5TextEncoder>,
     transformer: SD3Transformer2DModel,
     vae: Held<AutoencoderKLDecoder>,
+    /// Image-to-image's VAE encoder: loaded when runs may give an image.
+    vae_encoder: Option<Held<AutoencoderKLEncoder>>,
     vae_kind: Kind,
 }
 
@@ -46,7 +48,8 @@ impl StableDiffusion3 {
             (joined(te), joined(te2), joined(te3), joined(tr), vae)
         });
         let (vae, vae_kind) = vae?;
-        Ok(StableDiffusion3 { text_encoder: text_encoder?, text_encoder_2: text_encoder_2?, text_encoder_3: text_encoder_3?, transformer: transformer?, vae, vae_kind })
+        let vae_encoder = if lx.images { Some(lx.vae_encoder(&va, vae_kind)?) } else { None };
+        Ok(StableDiffusion3 { text_encoder: text_encoder?, text_encoder_2: text_encoder_2?, text_encoder_3: text_encoder_3?, transformer: transformer?, vae, vae_encoder, vae_kind })
     }
 
     /// `_get_clip_prompt_embeds` of both CLIPs: the penultimate states (or -(clip_skip + 2))
@@ -153,12 +156,24 @@ impl Pipeline for StableDiffusion3 {
         let (h, w) = (cx.run.shape.height as i64 / scale, cx.run.shape.width as i64 / scale);
         let patch = transformer.config.patch_size;
         let (mut scheduler, sched_cfg) = cx.flow_match_scheduler(steps, ((h / patch) * (w / patch)) as usize)?;
-        let latents = cx.prepare_latents([batch, transformer.config.in_channels, h, w], draw_kind, scheduler.as_ref(), tr)?;
+        let shape = [batch, transformer.config.in_channels, h, w];
+        let (latents, t_start) = match &cx.init {
+            None => (cx.prepare_latents(shape, draw_kind, scheduler.as_ref(), tr)?, 0),
+            // StableDiffusion3Img2ImgPipeline: the encoded image noised to where `strength` begins
+            // the schedule (resized to the requested size).
+            Some(_) => {
+                let (latents, t_start) = cx.flow_image_latents(self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), shape, draw_kind)?;
+                cx.dump_schedule(scheduler.as_ref());
+                cx.dump.push("latents.init", &latents);
+                (latents.to_device(tr.device).to_kind(tr.kind), t_start)
+            }
+        };
 
         // 3. Denoising loop.
         cx.enter("transformer")?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, i, t| {
+        let timesteps = scheduler.timesteps()[t_start..].to_vec();
+        let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, j, t| {
+            let i = t_start + j;
             let input = model_input(latents, do_cfg);
             let timestep = Tensor::full([input.size()[0]], t, (Kind::Float, tr.device));
             // A split transformer ends on its last device: the loop's tensors live on its first.
