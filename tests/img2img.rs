@@ -127,6 +127,19 @@ fn flux_img2img_gray_at_strength_09_equals_diffusers() {
     check_parity("flux-img2img-gray");
 }
 
+/// FLUX inpainting at the default strength 0.6: the image's latents at the next sigma put back
+/// where the mask is black, in packed tokens.
+#[test]
+fn flux_inpaint_equals_diffusers() {
+    check_parity("flux-inpaint");
+}
+
+/// FLUX inpainting at strength 1.0 (the whole schedule); an RGBA image.
+#[test]
+fn flux_inpaint_at_strength_one_equals_diffusers() {
+    check_parity("flux-inpaint-full");
+}
+
 /// SD3.5 at the default strength 0.6 (1 of 4 steps skipped), the CLIPs and T5, guidance.
 #[test]
 fn sd35_img2img_equals_diffusers() {

@@ -89,6 +89,9 @@ CASES = [
     # FluxImg2ImgPipeline: resized to the requested size; `get_timesteps` floors the skipped steps.
     dict(name="flux-img2img", base="flux-dev", image="init-rgb-70x52.png"),
     dict(name="flux-img2img-gray", base="flux-dev", image="init-gray-64x40.png", strength=0.9),
+    # FluxInpaintPipeline: the kept part put back after each step at the next sigma.
+    dict(name="flux-inpaint", base="flux-dev", image="init-rgb-70x52.png", mask="mask-50x40.png"),
+    dict(name="flux-inpaint-full", base="flux-dev", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=1.0),
     # StableDiffusion3Img2ImgPipeline: the same flow-matching rule, no packing.
     dict(name="sd35-img2img", base="sd35-cfg", image="init-rgb-70x52.png"),
     # StableDiffusionInpaintPipeline: the image and mask resized to the requested 64x64.
@@ -103,7 +106,7 @@ def run_case(c):
     meta = json.loads((OUT / f"{c['base']}.json").read_text())
     extra = {"unet": diffusers.UNet2DConditionModel.from_pretrained(FIX / c["unet"])} if "unet" in c else {}
     if meta["pipeline"] == "tiny-flux-dev":
-        cls = diffusers.FluxImg2ImgPipeline
+        cls = diffusers.FluxInpaintPipeline if "mask" in c else diffusers.FluxImg2ImgPipeline
     elif meta["pipeline"] == "tiny-sd35":
         cls = diffusers.StableDiffusion3Img2ImgPipeline
     elif meta["pipeline"] == "tiny-sdxl":

@@ -155,11 +155,16 @@ impl Pipeline for Flux {
         cx.dump_schedule(scheduler.as_ref());
         // FluxImg2ImgPipeline: the encoded image noised to where `strength` begins the schedule
         // (resized to the requested size, a multiple of 16), packed.
-        let (latents, t_start) = match cx.init.clone() {
-            None => (pack(&cx.initial_noise([batch, channels, h, w], draw_kind)?), 0),
+        // FluxInpaintPipeline: after each step the kept part is the image's latents at the next
+        // sigma (its masked image's latents serve a 384-channel Fill transformer only, and nothing
+        // draws from the generator after them here: they are not computed).
+        let (latents, t_start, blend) = match cx.init.clone() {
+            None => (pack(&cx.initial_noise([batch, channels, h, w], draw_kind)?), 0, None),
             Some(_) => {
-                let (latents, t_start) = cx.flow_image_latents(self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), [batch, channels, h, w], draw_kind)?;
-                (pack(&latents), t_start)
+                let f = cx.flow_image_latents(self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), [batch, channels, h, w], draw_kind)?;
+                let on = |t: &Tensor| pack(t).to_device(tr.device).to_kind(tr.kind);
+                let blend = f.mask.as_ref().map(|m| (on(m), on(&f.image_latents), on(&f.noise)));
+                (pack(&f.latents), f.t_start, blend)
             }
         };
         let img_ids = latent_image_ids(h / 2, w / 2, draw_kind);
@@ -173,6 +178,7 @@ impl Pipeline for Flux {
         // 4. Denoising loop.
         cx.enter("transformer")?;
         let timesteps = scheduler.timesteps()[t_start..].to_vec();
+        let n = timesteps.len();
         let (mut negative_outputs, mut guidances) = (vec![], vec![]);
         let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, j, t| {
             let i = t_start + j;
@@ -198,7 +204,12 @@ impl Pipeline for Flux {
                 guidances.push(g.shallow_clone());
             }
             let input = latents.shallow_clone();
-            let latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents)).to_kind(latents.kind());
+            let mut latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents)).to_kind(latents.kind());
+            if let Some((mask, image_latents, noise)) = &blend {
+                let proper = if j + 1 < n { tch::no_grad(|| scheduler.add_noise(image_latents, noise, i + 1)) } else { image_latents.shallow_clone() };
+                let kept: Tensor = (1.0 - mask) * proper;
+                latents = (kept + mask * &latents).to_kind(latents.kind());
+            }
             Ok(Step { input, timestep, output, noise_pred, latents })
         })?;
         for (i, g) in guidances.iter().enumerate() {

@@ -29,6 +29,16 @@ use crate::plan::Plan;
 use crate::preflight::RunSpec;
 use crate::schedulers::Scheduler;
 
+/// [`Call::flow_image_latents`]: the noised image latents, the begin index, and for inpainting's
+/// blend the image latents, the noise and the mask (repeated over the latent channels).
+pub(crate) struct FlowImage {
+    pub latents: Tensor,
+    pub t_start: usize,
+    pub image_latents: Tensor,
+    pub noise: Tensor,
+    pub mask: Option<Tensor>,
+}
+
 /// A loaded pipeline of one kind: its models and its `__call__`.
 pub(crate) trait Pipeline {
     /// The components it holds weights of, by manifest name: their variables and the mapped files
@@ -258,7 +268,7 @@ impl Call<'_> {
         scheduler: &mut dyn Scheduler,
         shape: [i64; 4],
         draw_kind: Kind,
-    ) -> Result<(Tensor, usize), ExecError> {
+    ) -> Result<FlowImage, ExecError> {
         let (Some(init), Some(spec)) = (self.init.clone(), self.run.init) else {
             return Err(ExecError::Text("an image-to-image job without its image's size and strength".into()));
         };
@@ -276,7 +286,14 @@ impl Call<'_> {
         let noise = Tensor::randn(shape, (draw_kind, tch::Device::Cpu));
         self.dump.push("latents.image", &image_latents);
         self.dump.push("latents.noise", &noise);
-        Ok((tch::no_grad(|| scheduler.add_noise(&image_latents, &noise, t_start)), t_start))
+        let latents = tch::no_grad(|| scheduler.add_noise(&image_latents, &noise, t_start));
+        // Inpainting: the mask (white repaints) at the latents' size, 1 where they are denoised.
+        let mask = init.mask.as_ref().map(|(m, _)| {
+            let pixels = Tensor::from_slice(&runner_core::image::to_binary_mask(&m.to_gray().resize_lanczos(w as u32, h as u32))).view([1, 1, h, w]);
+            self.dump.push("mask.input", &pixels);
+            pixels.upsample_nearest2d([shape[2], shape[3]], None, None).to_kind(draw_kind).repeat([shape[0], shape[1], 1, 1])
+        });
+        Ok(FlowImage { latents, t_start, image_latents, noise, mask })
     }
 
     /// The begin index of `get_timesteps` for SD and SDXL (`int(steps × strength)` steps run) and

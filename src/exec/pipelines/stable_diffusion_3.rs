@@ -162,10 +162,10 @@ impl Pipeline for StableDiffusion3 {
             // StableDiffusion3Img2ImgPipeline: the encoded image noised to where `strength` begins
             // the schedule (resized to the requested size).
             Some(_) => {
-                let (latents, t_start) = cx.flow_image_latents(self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), shape, draw_kind)?;
+                let f = cx.flow_image_latents(self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), shape, draw_kind)?;
                 cx.dump_schedule(scheduler.as_ref());
-                cx.dump.push("latents.init", &latents);
-                (latents.to_device(tr.device).to_kind(tr.kind), t_start)
+                cx.dump.push("latents.init", &f.latents);
+                (f.latents.to_device(tr.device).to_kind(tr.kind), f.t_start)
             }
         };
 
