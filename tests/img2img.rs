@@ -146,6 +146,13 @@ fn sd35_img2img_equals_diffusers() {
     check_parity("sd35-img2img");
 }
 
+/// SD3.5 inpainting with its 16-channel transformer at strength 0.8 (the kept part at the next
+/// sigma after each step, guidance on); an RGBA image.
+#[test]
+fn sd35_inpaint_equals_diffusers() {
+    check_parity("sd35-inpaint");
+}
+
 /// Inpainting with the ordinary 4-channel UNet (the unmasked part put back after each step), at
 /// the default strength 1.0; the image (70x52) and the mask (50x40) resized to the requested 64x64.
 #[test]
@@ -290,10 +297,10 @@ fn bad_images_and_strengths_are_named_errors() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("9 input channels") && stderr.contains("run.mask_image"), "{stderr}");
     // Inpainting on a kind not done yet: said so.
-    let sd3 = manifest_for("sd35-cfg", dir.path());
+    let xl = manifest_for("sdxl-euler", dir.path());
     let input = images().join("init-rgb-70x52.png");
-    std::fs::write(&m, std::fs::read_to_string(&sd3).unwrap() + &format!("image = \"{}\"\nmask_image = \"{}\"\n", input.display(), input.display())).unwrap();
+    std::fs::write(&m, std::fs::read_to_string(&xl).unwrap() + &format!("image = \"{}\"\nmask_image = \"{}\"\n", input.display(), input.display())).unwrap();
     let (code, _, stderr) = run(runner().arg("validate").arg(&m));
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("run.mask_image") && stderr.contains("stable-diffusion-3") && stderr.contains("not implemented"), "{stderr}");
+    assert!(stderr.contains("run.mask_image") && stderr.contains("stable-diffusion-xl") && stderr.contains("not implemented"), "{stderr}");
 }

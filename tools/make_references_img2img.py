@@ -94,6 +94,7 @@ CASES = [
     dict(name="flux-inpaint-full", base="flux-dev", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=1.0),
     # StableDiffusion3Img2ImgPipeline: the same flow-matching rule, no packing.
     dict(name="sd35-img2img", base="sd35-cfg", image="init-rgb-70x52.png"),
+    dict(name="sd35-inpaint", base="sd35-cfg", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=0.8),
     # StableDiffusionInpaintPipeline: the image and mask resized to the requested 64x64.
     dict(name="sd15-inpaint", base="sd15-euler", image="init-rgb-70x52.png", mask="mask-50x40.png"),
     dict(name="sd15-inpaint-strength", base="sd15-ddim", image="init-rgba-64x64.png", mask="mask-50x40.png", strength=0.75),
@@ -108,7 +109,7 @@ def run_case(c):
     if meta["pipeline"] == "tiny-flux-dev":
         cls = diffusers.FluxInpaintPipeline if "mask" in c else diffusers.FluxImg2ImgPipeline
     elif meta["pipeline"] == "tiny-sd35":
-        cls = diffusers.StableDiffusion3Img2ImgPipeline
+        cls = diffusers.StableDiffusion3InpaintPipeline if "mask" in c else diffusers.StableDiffusion3Img2ImgPipeline
     elif meta["pipeline"] == "tiny-sdxl":
         cls = diffusers.StableDiffusionXLInpaintPipeline if "mask" in c else diffusers.StableDiffusionXLImg2ImgPipeline
     else:

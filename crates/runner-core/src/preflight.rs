@@ -384,7 +384,7 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
     if has_image {
         match kind {
             PipelineKind::StableDiffusion => {}
-            PipelineKind::StableDiffusionXl | PipelineKind::StableDiffusion3 if has_mask => {
+            PipelineKind::StableDiffusionXl if has_mask => {
                 out.push(err("run.mask_image", format!("`run.mask_image`: `{}` inpainting is not implemented yet (issue 28; SD 1.x/2.x inpainting is)", kind.as_str())))
             }
             PipelineKind::StableDiffusionXl | PipelineKind::StableDiffusion3 | PipelineKind::Flux => {}

@@ -157,21 +157,27 @@ impl Pipeline for StableDiffusion3 {
         let patch = transformer.config.patch_size;
         let (mut scheduler, sched_cfg) = cx.flow_match_scheduler(steps, ((h / patch) * (w / patch)) as usize)?;
         let shape = [batch, transformer.config.in_channels, h, w];
-        let (latents, t_start) = match &cx.init {
-            None => (cx.prepare_latents(shape, draw_kind, scheduler.as_ref(), tr)?, 0),
+        let (latents, t_start, blend) = match &cx.init {
+            None => (cx.prepare_latents(shape, draw_kind, scheduler.as_ref(), tr)?, 0, None),
             // StableDiffusion3Img2ImgPipeline: the encoded image noised to where `strength` begins
-            // the schedule (resized to the requested size).
+            // the schedule (resized to the requested size). StableDiffusion3InpaintPipeline with a
+            // 16-channel transformer: after each step the kept part is the image's latents at the
+            // next sigma (nothing draws from the generator after the masked image's posterior:
+            // it is not computed).
             Some(_) => {
                 let f = cx.flow_image_latents(self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), shape, draw_kind)?;
                 cx.dump_schedule(scheduler.as_ref());
                 cx.dump.push("latents.init", &f.latents);
-                (f.latents.to_device(tr.device).to_kind(tr.kind), f.t_start)
+                let on = |t: &Tensor| t.to_device(tr.device).to_kind(tr.kind);
+                let blend = f.mask.as_ref().map(|m| (on(m), on(&f.image_latents), on(&f.noise)));
+                (on(&f.latents), f.t_start, blend)
             }
         };
 
         // 3. Denoising loop.
         cx.enter("transformer")?;
         let timesteps = scheduler.timesteps()[t_start..].to_vec();
+        let n = timesteps.len();
         let (latents, step_times, denoise_s) = cx.denoise("transformer", &timesteps, latents, tr.device, |latents, j, t| {
             let i = t_start + j;
             let input = model_input(latents, do_cfg);
@@ -179,12 +185,24 @@ impl Pipeline for StableDiffusion3 {
             // A split transformer ends on its last device: the loop's tensors live on its first.
             let output = tch::no_grad(|| transformer.forward(&input, &timestep, &context, &pooled)).map_err(|e| ExecError::Text(e.to_string()))?.to_device(tr.device);
             let noise_pred = guide(&output, do_cfg, guidance);
-            let latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents)).to_kind(latents.kind());
+            let mut latents = tch::no_grad(|| scheduler.step(&noise_pred, i, latents)).to_kind(latents.kind());
+            if let Some((mask, image_latents, noise)) = &blend {
+                let proper = if j + 1 < n { tch::no_grad(|| scheduler.add_noise(image_latents, noise, i + 1)) } else { image_latents.shallow_clone() };
+                let kept: Tensor = (1.0 - mask) * proper;
+                latents = (kept + mask * &latents).to_kind(latents.kind());
+            }
             Ok(Step { input, timestep, output, noise_pred, latents })
         })?;
 
         // 4. Decode: `latents / scaling_factor + shift_factor` (the VAE applies both).
-        let (images, decode_s) = cx.decode(&self.vae.model, self.vae_kind, &latents)?;
+        // diffusers 0.42.1's StableDiffusion3InpaintPipeline decodes `latents / scaling_factor`
+        // without adding `shift_factor` (its text-to-image and image-to-image pipelines add it):
+        // the same image here, the shift taken out before the VAE adds it back.
+        let decoded = match (&blend, self.vae.model.config.shift_factor) {
+            (Some(_), Some(shift)) => &latents - shift * self.vae.model.config.scaling_factor,
+            _ => latents.shallow_clone(),
+        };
+        let (images, decode_s) = cx.decode(&self.vae.model, self.vae_kind, &decoded)?;
         let _ = sched_cfg;
         Ok(Generated {
             images,
