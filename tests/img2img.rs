@@ -153,6 +153,19 @@ fn sd35_inpaint_equals_diffusers() {
     check_parity("sd35-inpaint");
 }
 
+/// SDXL inpainting at its default strength 0.9999 with the 4-channel UNet (SDXL's conditioning at
+/// the requested size).
+#[test]
+fn sdxl_inpaint_equals_diffusers() {
+    check_parity("sdxl-inpaint");
+}
+
+/// SDXL inpainting with a 9-channel UNet at strength 1.0; a grayscale image.
+#[test]
+fn sdxl_inpaint_with_a_9_channel_unet_equals_diffusers() {
+    check_parity("sdxl-inpaint9");
+}
+
 /// Inpainting with the ordinary 4-channel UNet (the unmasked part put back after each step), at
 /// the default strength 1.0; the image (70x52) and the mask (50x40) resized to the requested 64x64.
 #[test]
@@ -296,11 +309,4 @@ fn bad_images_and_strengths_are_named_errors() {
     let (code, _, stderr) = run(runner().arg("validate").arg(&m));
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("9 input channels") && stderr.contains("run.mask_image"), "{stderr}");
-    // Inpainting on a kind not done yet: said so.
-    let xl = manifest_for("sdxl-euler", dir.path());
-    let input = images().join("init-rgb-70x52.png");
-    std::fs::write(&m, std::fs::read_to_string(&xl).unwrap() + &format!("image = \"{}\"\nmask_image = \"{}\"\n", input.display(), input.display())).unwrap();
-    let (code, _, stderr) = run(runner().arg("validate").arg(&m));
-    assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("run.mask_image") && stderr.contains("stable-diffusion-xl") && stderr.contains("not implemented"), "{stderr}");
 }

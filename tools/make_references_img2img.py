@@ -15,7 +15,8 @@ and per case tests/fixtures/refs/<case>.{safetensors,json}: diffusers 0.42.1's p
 fixture with the base case's prompt, seed, steps, guidance and scheduler (its json, recorded by
 make_references.py), the image read by `diffusers.utils.load_image`; tensors `image` and
 `vae.input` (what the VAE decodes), the json adds `image`, `mask`, `unet`, `strength` (absent:
-the default). tests/fixtures/tiny-sd15-inpaint-unet: a tiny 9-channel inpainting UNet (random).
+the default). tests/fixtures/tiny-sd15-inpaint-unet, tiny-sdxl-inpaint-unet: tiny 9-channel
+inpainting UNets (random, from the fixtures' UNet configs).
 """
 import json
 import os
@@ -62,18 +63,22 @@ def make_images():
 def make_inpaint_unet():
     """A tiny 9-channel inpainting UNet (latents, mask, masked image latents): tiny-sd15's UNet
     config with `in_channels = 9`, random weights from a seed."""
-    cfg = json.loads((FIX / "tiny-sd15" / "unet" / "config.json").read_text())
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    cfg["in_channels"] = 9
-    torch.manual_seed(9)
-    unet = diffusers.UNet2DConditionModel(**cfg)
-    unet.save_pretrained(FIX / "tiny-sd15-inpaint-unet", safe_serialization=True)
+    for base, out in [("tiny-sd15", "tiny-sd15-inpaint-unet"), ("tiny-sdxl", "tiny-sdxl-inpaint-unet")]:
+        if (FIX / out).exists() and base == "tiny-sd15":
+            continue  # recorded: kept byte for byte
+        cfg = json.loads((FIX / base / "unet" / "config.json").read_text())
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        cfg["in_channels"] = 9
+        torch.manual_seed(9)
+        unet = diffusers.UNet2DConditionModel(**cfg)
+        unet.save_pretrained(FIX / out, safe_serialization=True)
     # A mask at another size than the image: a white (repaint) rectangle with ragged edges.
     rng = np.random.default_rng(29)
     y, x = np.mgrid[0:40, 0:50]
     inside = (x > 12) & (x < 38) & (y > 8) & (y < 30)
     m = np.where(inside, 230, 20) + rng.integers(-20, 20, inside.shape)
-    Image.fromarray(np.clip(m, 0, 255).astype(np.uint8), "L").save(IMAGES / "mask-50x40.png")
+    if not (IMAGES / "mask-50x40.png").exists():
+        Image.fromarray(np.clip(m, 0, 255).astype(np.uint8), "L").save(IMAGES / "mask-50x40.png")
     print(f"{FIX / 'tiny-sd15-inpaint-unet'}, {IMAGES / 'mask-50x40.png'}")
 
 
@@ -86,6 +91,9 @@ CASES = [
     # StableDiffusionXLImg2ImgPipeline: the image at its own size, floored (70x52 -> 64x48).
     dict(name="sdxl-img2img", base="sdxl-euler", image="init-rgb-70x52.png", strength=0.6),
     dict(name="sdxl-img2img-default", base="sdxl-euler", image="init-rgba-64x64.png"),
+    # StableDiffusionXLInpaintPipeline: the default strength 0.9999; the 4- and a 9-channel UNet.
+    dict(name="sdxl-inpaint", base="sdxl-euler", image="init-rgb-70x52.png", mask="mask-50x40.png"),
+    dict(name="sdxl-inpaint9", base="sdxl-euler", image="init-gray-64x40.png", mask="mask-50x40.png", strength=1.0, unet="tiny-sdxl-inpaint-unet"),
     # FluxImg2ImgPipeline: resized to the requested size; `get_timesteps` floors the skipped steps.
     dict(name="flux-img2img", base="flux-dev", image="init-rgb-70x52.png"),
     dict(name="flux-img2img-gray", base="flux-dev", image="init-gray-64x40.png", strength=0.9),

@@ -382,12 +382,21 @@ fn check_init(m: &LoadedManifest, configs: &Configs, run: &RunSpec) -> Vec<Diagn
         );
     }
     if has_image {
-        match kind {
-            PipelineKind::StableDiffusion => {}
-            PipelineKind::StableDiffusionXl if has_mask => {
-                out.push(err("run.mask_image", format!("`run.mask_image`: `{}` inpainting is not implemented yet (issue 28; SD 1.x/2.x inpainting is)", kind.as_str())))
-            }
-            PipelineKind::StableDiffusionXl | PipelineKind::StableDiffusion3 | PipelineKind::Flux => {}
+        // FLUX.1 Fill's 384-channel transformer (and SD3's 33-channel inpainting ones) take the
+        // masked image's latents beside the latents: not implemented.
+        let wide = match (&configs.flux_transformer, &configs.transformer) {
+            (Some(t), _) if t.in_channels != 64 => Some(t.in_channels),
+            (_, Some(t)) if t.in_channels != configs.vae.latent_channels => Some(t.in_channels),
+            _ => None,
+        };
+        if let Some(c) = wide {
+            out.push(err(
+                "run.image",
+                format!(
+                    "this `{}` transformer takes {c} input channels (FLUX.1 Fill, an SD3 inpainting transformer): image-to-image and inpainting with it are not implemented (issue 28)",
+                    kind.as_str()
+                ),
+            ));
         }
         if r.latents.is_some() {
             out.push(err("run.latents", "`run.latents` with `run.image`: image-to-image starts from the encoded image and the seed's noise, not from given latents".into()));

@@ -12,6 +12,7 @@ mod stable_diffusion_img2img;
 mod stable_diffusion_inpaint;
 mod stable_diffusion_xl;
 mod stable_diffusion_xl_img2img;
+mod stable_diffusion_xl_inpaint;
 
 use std::time::Instant;
 

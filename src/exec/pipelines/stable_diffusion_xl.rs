@@ -123,8 +123,10 @@ impl Pipeline for StableDiffusionXl {
     }
 
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
-        if cx.init.is_some() {
-            return super::stable_diffusion_xl_img2img::call(self, cx);
+        match &cx.init {
+            Some(i) if i.mask.is_some() => return super::stable_diffusion_xl_inpaint::call(self, cx),
+            Some(_) => return super::stable_diffusion_xl_img2img::call(self, cx),
+            None => {}
         }
         let m = cx.m;
         let r = &m.manifest.run;
