@@ -193,55 +193,69 @@ fn sd15_inpaint9_ancestral_at_strength_06_equals_diffusers() {
 }
 
 /// Group offload and an `auto` split on simulated devices give the plain run's image, bit for
-/// bit; the PNG records the input's sha256 and the strength.
+/// bit, for each kind and task; the PNG records the input's sha256 and the strength.
 #[test]
-fn img2img_gives_the_same_image_offloaded_and_split_and_records_its_input() {
-    let case = "sd15-img2img";
+fn img2img_and_inpainting_give_the_same_image_offloaded_and_split() {
+    for case in ["sd15-img2img", "sd15-inpaint9", "sdxl-inpaint", "sd35-inpaint", "flux-inpaint"] {
+        offloaded_and_split(case);
+    }
+}
+
+fn offloaded_and_split(case: &str) {
     let dir = tempfile::tempdir().unwrap();
     let m = manifest(case, dir.path(), "i2i", "");
-    let out = |name: &str, sets: &[&str], simulate: bool| {
+    let sim = "cuda:0=1GB,cuda:1=1GB,cpu=2GiB";
+    let out = |name: &str, sets: &[String], simulate: bool| {
         let png = dir.path().join(format!("{name}.png"));
         let mut cmd = runner();
         cmd.current_dir(dir.path()).arg("run").arg(&m).args(["--quiet", "--out"]).arg(&png);
         if simulate {
-            cmd.args(["--simulate", "cuda:0=1GB,cuda:1=1GB,cpu=2GiB"]);
+            cmd.args(["--simulate", sim]);
         }
         for s in sets {
             cmd.args(["--set", s]);
         }
         let (code, _, stderr) = run(&mut cmd);
-        assert_eq!(code, 0, "{name}: {stderr}");
+        assert_eq!(code, 0, "{case} {name}: {stderr}");
         crate::util::decode_png(&png)
     };
     let (base, text) = out("base", &[], false);
-    let get = |k: &str| text.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
-    let sha = {
-        use sha2::Digest;
-        format!("{:x}", sha2::Sha256::digest(std::fs::read(images().join("init-rgb-70x52.png")).unwrap()))
-    };
-    let params = get("parameters");
-    assert!(params.contains("Denoising strength: 0.6") && params.contains(&format!("Init image hash: {}", &sha[..12])) && params.contains("Size: 64x48"), "{params}");
-    let j: serde_json::Value = serde_json::from_str(&get("runner")).unwrap();
-    assert_eq!(j["init"]["image_sha256"], sha.as_str());
-    assert_eq!(j["init"]["image_size"], serde_json::json!([70, 52]));
-    let (group, _) = out("group", &["placement.offload=group"], true);
-    assert!(group == base, "group offload: the image differs");
-    // The split: the text encoder and the VAE on the CPU, two devices each too small for the UNet.
+    if case == "sd15-img2img" {
+        let get = |k: &str| text.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+        let sha = {
+            use sha2::Digest;
+            format!("{:x}", sha2::Sha256::digest(std::fs::read(images().join("init-rgb-70x52.png")).unwrap()))
+        };
+        let params = get("parameters");
+        assert!(params.contains("Denoising strength: 0.6") && params.contains(&format!("Init image hash: {}", &sha[..12])) && params.contains("Size: 64x48"), "{params}");
+        let j: serde_json::Value = serde_json::from_str(&get("runner")).unwrap();
+        assert_eq!(j["init"]["image_sha256"], sha.as_str());
+        assert_eq!(j["init"]["image_size"], serde_json::json!([70, 52]));
+    }
+    let (group, _) = out("group", &["placement.offload=group".to_string()], true);
+    assert!(group == base, "{case}: group offload: the image differs");
+    // The split: every other component on the CPU, two devices each too small for the denoiser.
     let plan = |sets: &[String]| -> serde_json::Value {
         let args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.clone()]).collect();
-        let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", "cuda:0=1GB,cuda:1=1GB,cpu=2GiB"]).arg(&m).args(&args));
+        let (code, stdout, stderr) = run(runner().args(["plan", "--json", "--devices", sim]).arg(&m).args(&args));
         assert_eq!(code, 0, "{stderr}");
         serde_json::from_str(&stdout).unwrap()
     };
-    let pins = ["components.text_encoder.device=cpu".to_string(), "components.vae.device=cpu".to_string()];
-    let u = &plan(&pins)["components"]["unet"];
+    let (denoiser, others): (&str, &[&str]) = match case.split('-').next().unwrap() {
+        "sd15" => ("unet", &["text_encoder", "vae"]),
+        "sdxl" => ("unet", &["text_encoder", "text_encoder_2", "vae"]),
+        "sd35" => ("transformer", &["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]),
+        _ => ("transformer", &["text_encoder", "text_encoder_2", "vae"]),
+    };
+    let pins: Vec<String> = others.iter().map(|c| format!("components.{c}.device=cpu")).collect();
+    let u = &plan(&pins)["components"][denoiser];
     let budget = u["working_bytes"].as_u64().unwrap() + u["bytes"].as_u64().unwrap() * 3 / 4;
     let mut split = vec!["placement.strategy=auto".to_string(), format!("placement.max_memory={{\"cuda:0\"={budget},\"cuda:1\"={budget},cpu=\"2GiB\"}}")];
     split.extend(pins);
-    let parts = plan(&split)["components"]["unet"]["split"].clone();
-    assert!(parts.as_object().is_some_and(|p| p.values().any(|d| d == "cuda:0") && p.values().any(|d| d == "cuda:1")), "the UNet is split: {parts}");
-    let (split, _) = out("split", &split.iter().map(String::as_str).collect::<Vec<_>>(), true);
-    assert!(split == base, "split: the image differs");
+    let parts = plan(&split)["components"][denoiser]["split"].clone();
+    assert!(parts.as_object().is_some_and(|p| p.values().any(|d| d == "cuda:0") && p.values().any(|d| d == "cuda:1")), "{case}: the {denoiser} is split: {parts}");
+    let (split, _) = out("split", &split, true);
+    assert!(split == base, "{case}: split: the image differs");
 }
 
 /// A prompts file's image paths are relative to it; each line can change the image and strength.
