@@ -152,6 +152,9 @@ pub struct Timings {
     pub startup_s: f64,
     pub load_s: f64,
     pub encode_s: f64,
+    /// Image-to-image and inpainting: the VAE encodes of the input (and masked) image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_encode_s: Option<f64>,
     pub denoise_s: f64,
     /// The first UNet call (CUDA kernel selection and warm-up happen there).
     pub first_step_s: f64,

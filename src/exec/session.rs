@@ -255,6 +255,7 @@ impl Session<'_> {
             latents: opts.latents.clone(),
             res: self.residency()?,
             init: init.clone(),
+            image_encode_s: Default::default(),
             dump: Dump::new(opts.dump.is_some()),
             warnings: job.warnings.clone(),
         };
@@ -264,7 +265,7 @@ impl Session<'_> {
         cx.res.leave_all()?;
         cx.dump.push("latents.final", &g.latents);
         cx.dump.push("image", &g.images); // [N, H, W, 3]: the whole batch
-        let Call { res, dump, mut warnings, .. } = cx;
+        let Call { res, dump, mut warnings, image_encode_s, .. } = cx;
 
         // 6. Write, each image with what makes it again.
         let r = &m.manifest.run;
@@ -368,6 +369,7 @@ impl Session<'_> {
                 startup_s: self.startup_s,
                 load_s: self.load_s,
                 encode_s: g.encode_s,
+                image_encode_s: init.as_ref().map(|_| image_encode_s.get()),
                 denoise_s: g.denoise_s,
                 first_step_s,
                 seconds_per_step,

@@ -11,7 +11,6 @@ mod stable_diffusion_3;
 mod stable_diffusion_img2img;
 mod stable_diffusion_inpaint;
 mod stable_diffusion_xl;
-mod stable_diffusion_xl_img2img;
 mod stable_diffusion_xl_inpaint;
 
 use std::time::Instant;
@@ -147,6 +146,8 @@ pub(crate) struct Call<'a> {
     pub res: Residency<'a>,
     /// Image-to-image / inpainting: the input image (and mask), decoded.
     pub init: Option<std::sync::Arc<super::InitImages>>,
+    /// Seconds spent in [`Call::encode_image`].
+    pub image_encode_s: std::cell::Cell<f64>,
     pub dump: Dump,
     pub warnings: Vec<String>,
 }
@@ -244,7 +245,8 @@ impl Call<'_> {
     /// encoder's dtype; returned on `to`'s device at `kind`.
     pub fn encode_image(&self, encoder: &crate::exec::loading::Held<crate::models::vae::AutoencoderKLEncoder>, vae_kind: Kind, pixels: &Tensor, to: tch::Device, kind: Kind) -> Tensor {
         let device = encoder.vs.device();
-        tch::no_grad(|| {
+        let started = Instant::now();
+        let out = tch::no_grad(|| {
             let (mean, logvar) = encoder.model.encode(&pixels.to_device(device).to_kind(vae_kind));
             let sample = Tensor::randn(mean.size(), (mean.kind(), tch::Device::Cpu)).to_device(device);
             let posterior = &mean + (&logvar * 0.5).exp() * &sample;
@@ -254,7 +256,10 @@ impl Call<'_> {
                 None => posterior,
             };
             (shifted * encoder.model.config.scaling_factor).to_device(to).to_kind(kind)
-        })
+        });
+        sync(device);
+        self.image_encode_s.set(self.image_encode_s.get() + started.elapsed().as_secs_f64());
+        out
     }
 
     /// SD3's and FLUX's image-to-image latents (`StableDiffusion3Img2ImgPipeline`,

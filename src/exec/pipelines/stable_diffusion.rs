@@ -67,8 +67,7 @@ impl Pipeline for StableDiffusion {
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         match &cx.init {
             Some(i) if i.mask.is_some() => return super::stable_diffusion_inpaint::call(self, cx),
-            Some(_) => return super::stable_diffusion_img2img::call(self, cx),
-            None => {}
+            _ => {}
         }
         let m = cx.m;
         let steps = cx.run.steps as usize;
@@ -89,12 +88,17 @@ impl Pipeline for StableDiffusion {
         let unet = &self.unet.model;
         let scale = vae_scale_factor(&self.vae.model);
         let shape = [batch, unet.config.in_channels, cx.run.shape.height as i64 / scale, cx.run.shape.width as i64 / scale];
-        let latents = cx.prepare_latents(shape, te.kind, scheduler.as_ref(), un)?;
+        // StableDiffusionImg2ImgPipeline: the encoded image noised to where `strength` begins.
+        let (latents, t_start) = match &cx.init {
+            None => (cx.prepare_latents(shape, te.kind, scheduler.as_ref(), un)?, 0),
+            Some(_) => super::stable_diffusion_img2img::prepare_latents(cx, self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), batch, te.kind, un)?,
+        };
 
         // 3. Denoising loop.
         cx.enter("unet")?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let (latents, step_times, denoise_s) = cx.denoise("unet", &timesteps, latents, un.device, |latents, i, t| {
+        let timesteps = scheduler.timesteps()[t_start..].to_vec();
+        let (latents, step_times, denoise_s) = cx.denoise("unet", &timesteps, latents, un.device, |latents, j, t| {
+            let i = t_start + j;
             let input = scheduler.scale_model_input(&model_input(latents, do_cfg), i);
             // A split UNet ends on its last device: the loop's tensors live on its first.
             let output = tch::no_grad(|| unet.forward(&input, t, &context, None)).to_device(un.device);

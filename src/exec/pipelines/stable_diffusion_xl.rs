@@ -125,8 +125,7 @@ impl Pipeline for StableDiffusionXl {
     fn call(&self, cx: &mut Call<'_>) -> Result<Generated, ExecError> {
         match &cx.init {
             Some(i) if i.mask.is_some() => return super::stable_diffusion_xl_inpaint::call(self, cx),
-            Some(_) => return super::stable_diffusion_xl_img2img::call(self, cx),
-            None => {}
+            _ => {}
         }
         let m = cx.m;
         let r = &m.manifest.run;
@@ -149,12 +148,23 @@ impl Pipeline for StableDiffusionXl {
         let unet = &self.unet.model;
         let scale = vae_scale_factor(&self.vae.model);
         let shape = [batch, unet.config.in_channels, cx.run.shape.height as i64 / scale, cx.run.shape.width as i64 / scale];
-        let latents = cx.prepare_latents(shape, te2.kind, scheduler.as_ref(), un)?;
+        // StableDiffusionXLImg2ImgPipeline: the encoded image (at the VAE's upcast dtype) noised to
+        // where `strength` begins; the micro-conditioning sizes above are the floored image's.
+        let (latents, t_start) = match &cx.init {
+            None => (cx.prepare_latents(shape, te2.kind, scheduler.as_ref(), un)?, 0),
+            Some(_) => {
+                if cx.pipeline.index.config.get("requires_aesthetics_score").and_then(|v| v.as_bool()) == Some(true) {
+                    return Err(ExecError::Unsupported("this SDXL pipeline `requires_aesthetics_score` (a refiner): its aesthetic-score conditioning is not implemented".into()));
+                }
+                super::stable_diffusion_img2img::prepare_latents(cx, self.vae_encoder.as_ref(), self.vae_kind, scheduler.as_mut(), batch, te2.kind, un)?
+            }
+        };
 
         // 3. Denoising loop.
         cx.enter("unet")?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let (latents, step_times, denoise_s) = cx.denoise("unet", &timesteps, latents, un.device, |latents, i, t| {
+        let timesteps = scheduler.timesteps()[t_start..].to_vec();
+        let (latents, step_times, denoise_s) = cx.denoise("unet", &timesteps, latents, un.device, |latents, j, t| {
+            let i = t_start + j;
             let input = scheduler.scale_model_input(&model_input(latents, do_cfg), i);
             let added = AddedCond { text_embeds: &text_embeds, time_ids: &time_ids };
             // A split UNet ends on its last device: the loop's tensors live on its first.
