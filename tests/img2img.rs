@@ -101,6 +101,13 @@ fn sd15_img2img_ancestral_equals_diffusers() {
     check_parity("sd15-img2img-ancestral");
 }
 
+/// `components.vae.tiling = true`: the 96x80 input encoded in overlapping 64-pixel tiles, blended
+/// (diffusers' `_tiled_encode`), then decoded in tiles.
+#[test]
+fn sd15_img2img_with_a_tiled_encode_equals_diffusers() {
+    check_parity("sd15-img2img-tiled");
+}
+
 /// SDXL at strength 0.6 (2 of 4 steps): the 70x52 input floored to 64x48, the micro-conditioning
 /// sizes from it.
 #[test]

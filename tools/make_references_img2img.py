@@ -60,6 +60,14 @@ def make_images():
     print(f"{IMAGES}: init images")
 
 
+def make_tiled_input():
+    """A 100x84 input (floored to 96x80 by SD img2img): over the tiny VAE's 64-pixel tile."""
+    rng = np.random.default_rng(30)
+    y, x = np.mgrid[0:84, 0:100]
+    base = np.stack([x / 100 * 255, y / 84 * 255, (x + y) / 184 * 255], -1)
+    Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8), "RGB").save(IMAGES / "init-rgb-100x84.png")
+
+
 def make_inpaint_unet():
     """A tiny 9-channel inpainting UNet (latents, mask, masked image latents): tiny-sd15's UNet
     config with `in_channels = 9`, random weights from a seed."""
@@ -88,6 +96,8 @@ CASES = [
     dict(name="sd15-img2img-gray", base="sd15-ddim", image="init-gray-64x40.png", strength=1.0),
     dict(name="sd15-img2img-one-step", base="sd15-dpmpp-2m", image="init-rgb-70x52.png", strength=0.3),
     dict(name="sd15-img2img-ancestral", base="sd15-euler-ancestral", image="init-rgba-64x64.png", strength=0.75),
+    # `vae.enable_tiling()`: the 96x80 input encoded in 64-pixel tiles (`_tiled_encode`).
+    dict(name="sd15-img2img-tiled", base="sd15-vae-tiling", image="init-rgb-100x84.png", strength=0.75),
     # StableDiffusionXLImg2ImgPipeline: the image at its own size, floored (70x52 -> 64x48).
     dict(name="sdxl-img2img", base="sdxl-euler", image="init-rgb-70x52.png", strength=0.6),
     dict(name="sdxl-img2img-default", base="sdxl-euler", image="init-rgba-64x64.png"),
@@ -126,6 +136,8 @@ def run_case(c):
     pipe = cls.from_pretrained(FIX / meta["pipeline"], dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, meta["scheduler"]).from_config(meta["scheduler_config"])
+    if meta.get("vae_tiling"):
+        pipe.vae.enable_tiling()
     rec = {}
     orig = pipe.vae.decode
 
@@ -161,6 +173,8 @@ if __name__ == "__main__":
         make_images()
     if not args or "inpaint" in args:
         make_inpaint_unet()
+    if not args or "tiled" in args:
+        make_tiled_input()
     for c in CASES:
         if not args or c["name"] in args:
             run_case(c)

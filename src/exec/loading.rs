@@ -261,13 +261,16 @@ impl<'a> Loader<'a> {
     pub fn vae_encoder(&self, l: &Loaded, kind: Kind) -> Result<Held<AutoencoderKLEncoder>, ExecError> {
         let cfg = self.configs.vae.clone();
         let ck = encoder_only(ck_of(l));
-        self.track("vae encoder", l, placed_bytes(&ck, &l.component.class, kind)).run(|| {
+        let tiling = vae_mode(self.m, &cfg, &crate::preflight::config_path(l.component))?.tiling;
+        let mut held = self.track("vae encoder", l, placed_bytes(&ck, &l.component.class, kind)).run(|| {
             self.built(l, kind, || {
                 let vs = VarStore::new(l.device);
                 let (model, mapped) = build_from_checkpoint(&vs, &ck, "AutoencoderKL", kind, |root| AutoencoderKLEncoder::new(root, cfg.clone(), 3, cfg.use_quant_conv)).map_err(ModelError::from)?;
                 Ok(Held { model, vs, mapped })
             })
-        })
+        })?;
+        held.model.tiling = tiling;
+        Ok(held)
     }
 
     /// Weight bytes the load placed in host memory.

@@ -200,6 +200,8 @@ pub struct AutoencoderKLEncoder {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
+    /// `components.vae.tiling` (diffusers' `enable_tiling`): `tiled_encode` for images over the tile.
+    pub tiling: Option<Tile>,
 }
 
 impl AutoencoderKLEncoder {
@@ -227,22 +229,62 @@ impl AutoencoderKLEncoder {
             conv_out: conv2d(&e / "conv_out", last, 2 * c.latent_channels, 3, 1, 1),
             quant_conv: use_quant_conv.then(|| conv2d(&vs / "quant_conv", 2 * c.latent_channels, 2 * c.latent_channels, 1, 1, 0)),
             config,
+            tiling: None,
         }
     }
 
     /// diffusers `AutoencoderKL.encode(x).latent_dist`: (mean, logvar) of the posterior for an
     /// image `x` in [-1, 1]; logvar clamped to [-30, 20] as in `DiagonalGaussianDistribution`.
     pub fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let moments = match self.tiling {
+            Some(t) if h > t.sample || w > t.sample => self.tiled_moments(x, t),
+            _ => self.moments(x),
+        };
+        let parts = moments.chunk(2, 1);
+        (parts[0].shallow_clone(), parts[1].clamp(-30.0, 20.0))
+    }
+
+    /// The encoder and `quant_conv` on an image or a tile: the posterior's moments.
+    fn moments(&self, x: &Tensor) -> Tensor {
         let mut h = self.conv_in.forward(x);
         for d in &self.down_blocks {
             h = d.forward(&h);
         }
         h = self.mid_block.forward(&h);
-        let mut moments = self.conv_out.forward(&self.conv_norm_out.forward(&h).silu());
-        if let Some(q) = &self.quant_conv {
-            moments = q.forward(&moments);
+        let moments = self.conv_out.forward(&self.conv_norm_out.forward(&h).silu());
+        match &self.quant_conv {
+            Some(q) => q.forward(&moments),
+            None => moments,
         }
-        let parts = moments.chunk(2, 1);
-        (parts[0].shallow_clone(), parts[1].clamp(-30.0, 20.0))
+    }
+
+    /// diffusers' `_tiled_encode`: tiles of the tile's pixels with a stride of 3/4 tile, each
+    /// encoded alone; the moments of every tile blended in place with the one above, then the one
+    /// to its left (both as already blended), over a quarter of a latent tile; then each cropped
+    /// to the rest and the crops concatenated.
+    fn tiled_moments(&self, x: &Tensor, t: Tile) -> Tensor {
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let stride = (t.sample as f64 * 0.75) as i64;
+        let blend = (t.latent as f64 * 0.25) as i64;
+        let limit = t.latent - blend;
+        let rows: Vec<Vec<Tensor>> =
+            (0..h).step_by(stride as usize).map(|i| (0..w).step_by(stride as usize).map(|j| self.moments(&x.narrow(2, i, t.sample.min(h - i)).narrow(3, j, t.sample.min(w - j)))).collect()).collect();
+        let mut result_rows = vec![];
+        for i in 0..rows.len() {
+            let mut row = vec![];
+            for j in 0..rows[i].len() {
+                if i > 0 {
+                    blend_into(&rows[i - 1][j], &rows[i][j], 2, blend);
+                }
+                if j > 0 {
+                    blend_into(&rows[i][j - 1], &rows[i][j], 3, blend);
+                }
+                let tile = &rows[i][j];
+                row.push(tile.narrow(2, 0, limit.min(tile.size()[2])).narrow(3, 0, limit.min(tile.size()[3])));
+            }
+            result_rows.push(Tensor::cat(&row, 3));
+        }
+        Tensor::cat(&result_rows, 2)
     }
 }
