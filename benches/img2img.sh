@@ -3,8 +3,9 @@
 # checker off), tests/fixtures/images/init-rgb-70x52.png resized to SIZE x SIZE first (diffusers'
 # StableDiffusionImg2ImgPipeline takes the image's own size), strength 0.6 of 10 steps (6 run),
 # guidance 7.5, seed 0, one thread each, ROUNDS rounds interleaved (which side goes first alternates):
-# - runner: one `runner run --json` process per round; its call = timings.encode_s +
-#   image_encode_s + denoise_s + decode_s, and image_encode_s alone (the VAE encode of the input).
+# - runner: one `runner run --prompts --json` process per round, ITERS + 1 lines, the first its
+#   warm-up; a call = timings.encode_s + image_encode_s + denoise_s + decode_s, and image_encode_s
+#   alone (the VAE encode of the input).
 # - diffusers: the pipeline loaded, one warm-up call, then ITERS timed calls; the VAE encode timed
 #   by wrapping `vae.encode`.
 #   benches/img2img.sh [ROUNDS] ["SIZES"] [PY]   (ITERS, default 2; BENCH_THREADS, default 1)
@@ -49,7 +50,10 @@ TOML
     if (( round % 2 )); then order="runner diffusers"; else order="diffusers runner"; fi
     for side in $order; do
       if [[ $side == runner ]]; then
-        target/release/runner run "$m" --json --quiet | python3 -c "import json,sys; t=json.load(sys.stdin)['timings']; print(json.dumps({'impl':'runner','size':$size,'call_s':t['encode_s']+t['image_encode_s']+t['denoise_s']+t['decode_s'],'image_encode_s':t['image_encode_s']}))"
+        # One process, ITERS + 1 lines of a prompts file: the first is its warm-up, as diffusers'.
+        for k in $(seq 0 "$ITERS"); do echo '{"seed": 0}'; done > "$DIR/p.jsonl"
+        target/release/runner run "$m" --prompts "$DIR/p.jsonl" --force --json --quiet --out "$DIR/out-$size-{index}.png" | tail -n +2 \
+          | python3 -c "import json,sys; [print(json.dumps({'impl':'runner','size':$size,'call_s':t['encode_s']+t['image_encode_s']+t['denoise_s']+t['decode_s'],'image_encode_s':t['image_encode_s']})) for t in (json.loads(l)['timings'] for l in sys.stdin)]"
       else
         $PY - "$img" "$size" "$ITERS" <<'PY'
 import json, sys, time, torch

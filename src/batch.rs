@@ -257,6 +257,9 @@ fn run_lines(
                             "encode_s": t.encode_s, "denoise_s": t.denoise_s, "first_step_s": t.first_step_s,
                             "seconds_per_step": t.seconds_per_step, "decode_s": t.decode_s, "total_s": started.elapsed().as_secs_f64(),
                         });
+                        if let Some(s) = t.image_encode_s {
+                            rec["timings"]["image_encode_s"] = s.into();
+                        }
                         let mut warnings: Vec<String> = m.warnings.iter().map(|d| d.message.clone()).chain(report.warnings).filter(|w| !base_warnings.contains(w)).collect();
                         warnings.dedup();
                         rec["warnings"] = serde_json::json!(warnings);
