@@ -325,6 +325,11 @@ fn bad_images_and_strengths_are_named_errors() {
         assert!(!stderr.contains("panicked"), "{stderr}");
         assert!(!dir.path().join("m0.png").exists(), "nothing written");
     }
+    // SD image-to-image takes the image's size: the manifest's width and height are said to be ignored.
+    std::fs::write(&m, &base).unwrap();
+    let (code, _, stderr) = run(runner().arg("validate").arg(&m));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("`run.width` is ignored") && stderr.contains("`run.height` is ignored"), "{stderr}");
     // A 9-channel inpainting UNet without a mask.
     std::fs::write(&m, base.clone() + &format!("[components.unet]\nsource = \"{}\"\n", root().join("tests/fixtures/tiny-sd15-inpaint-unet").display())).unwrap();
     let (code, _, stderr) = run(runner().arg("validate").arg(&m));

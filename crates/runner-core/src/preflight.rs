@@ -198,7 +198,7 @@ impl RunSpec {
             steps: r.steps.unwrap_or(kind.default_steps()),
             guidance_scale,
             true_cfg_scale: true_cfg.then(|| r.true_cfg_scale.unwrap_or(1.0)),
-            warnings: warnings(m, configs, init.is_some() || m.manifest.run.image.is_some()),
+            warnings: warnings(m, configs, init.is_some() || m.manifest.run.image.is_some(), own_size.is_some()),
             init,
         }
     }
@@ -745,9 +745,22 @@ fn r_adapter_scales(m: &LoadedManifest) -> Vec<(String, f64)> {
 /// What [`check`]'s configs make of keys that are valid but have no effect here: warnings, never
 /// errors. FLUX.1-schnell (`guidance_embeds = false`) has no guidance embedding: a
 /// `run.guidance_scale` is ignored.
-fn warnings(m: &LoadedManifest, configs: &Configs, has_image: bool) -> Vec<Diagnostic> {
+fn warnings(m: &LoadedManifest, configs: &Configs, has_image: bool, own_size: bool) -> Vec<Diagnostic> {
     let mut out = vec![];
     let r = &m.manifest.run;
+    // SD and SDXL image-to-image take the input's own size (diffusers' pipelines have no
+    // `height`/`width`).
+    for key in ["width", "height"].into_iter().filter(|_| own_size) {
+        let set = if key == "width" { r.width } else { r.height };
+        if set.is_some() {
+            let k = format!("run.{key}");
+            out.push(
+                Diagnostic::warning(format!("`{k}` is ignored: image-to-image on this kind takes the input image's size, floored to a multiple of {}", configs.vae_scale_factor()), m.locate_value(&k))
+                    .with_key(&k)
+                    .with_label("ignored"),
+            );
+        }
+    }
     if r.strength.is_some() && !has_image && r.mask_image.is_none() {
         out.push(
             Diagnostic::warning("`run.strength` without `run.image` is ignored: it applies to image-to-image and inpainting".to_string(), m.locate_value("run.strength"))
