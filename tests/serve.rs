@@ -1046,6 +1046,22 @@ fn serve_takes_images_as_base64_data() {
     assert_eq!(code, 0, "{stderr}");
     assert!(got == crate::util::decode_png(&out).0, "differs from runner run");
     assert!(text.iter().any(|(k, v)| k == "parameters" && v.contains("Denoising strength: 0.5")), "{text:?}");
+    // Inpainting: the mask as data too.
+    let mask_file = root().join("tests/fixtures/images/mask-50x40.png");
+    let mask = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&mask_file).unwrap());
+    let (status, _, png) = post(s.port, &format!(r#"{{"prompt": "a dog", "seed": 3, "image": "{b64}", "mask_image": "{mask}"}}"#));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
+    std::fs::write(&p, &png).unwrap();
+    let (got, _) = crate::util::decode_png(&p);
+    let (code, _, stderr) = run(runner()
+        .args(["run", &m, "--quiet", "--set", base[0], "--set", base[1], "--set", "run.prompt=a dog", "--set", "run.seed=3", "--set"])
+        .arg(format!("run.image={}", input.display()))
+        .arg("--set")
+        .arg(format!("run.mask_image={}", mask_file.display()))
+        .arg("--out")
+        .arg(&out));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(got == crate::util::decode_png(&out).0, "inpainting: differs from runner run");
     for (body, field, words) in [
         (r#"{"prompt": "a", "image": "/etc/passwd"}"#.to_string(), "image", "not paths"),
         (r#"{"prompt": "a", "image": "%%%% not base64 %%%%"}"#.to_string(), "image", "base64"),

@@ -969,3 +969,24 @@ fn check_compatible(c: &Configs, xl: bool) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod init_tests {
+    use super::InitSpec;
+    use crate::manifest::PipelineKind as K;
+
+    /// diffusers' `get_timesteps`: SD/SDXL run `int(n × s)` steps; SD3/FLUX skip `int(n − n × s)`.
+    #[test]
+    fn steps_left_round_as_each_pipeline_rounds() {
+        let at = |s: f64| InitSpec { image: (64, 64), mask: None, strength: s };
+        assert_eq!(at(0.6).steps_left(K::StableDiffusion, 28), 16);
+        assert_eq!(at(0.6).steps_left(K::Flux, 28), 17);
+        assert_eq!(at(0.6).steps_left(K::StableDiffusion3, 28), 17);
+        assert_eq!(at(0.1).steps_left(K::StableDiffusion, 4), 0);
+        assert_eq!(at(0.1).steps_left(K::Flux, 4), 1);
+        assert_eq!(at(1.0).steps_left(K::StableDiffusionXl, 4), 4);
+        assert_eq!(at(0.9999).steps_left(K::StableDiffusionXl, 50), 49);
+        assert_eq!(InitSpec::default_strength(K::StableDiffusionXl, true), 0.9999);
+        assert_eq!(InitSpec::default_strength(K::StableDiffusion, false), 0.8);
+    }
+}
