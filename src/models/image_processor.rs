@@ -29,100 +29,7 @@ pub enum ImageProcessorError {
     Torch(#[from] tch::TchError),
 }
 
-/// Pillow's resampling filters (`PIL.Image.Resampling`) that `ImagingResample` implements.
-/// NEAREST (0) goes through an affine transform in Pillow and is not supported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resample {
-    Lanczos,
-    Bilinear,
-    Bicubic,
-    Box,
-    Hamming,
-}
-
-impl Resample {
-    /// From a config's `resample` integer (`PILImageResampling`).
-    pub fn from_pil(n: i64) -> Option<Resample> {
-        Some(match n {
-            1 => Resample::Lanczos,
-            2 => Resample::Bilinear,
-            3 => Resample::Bicubic,
-            4 => Resample::Box,
-            5 => Resample::Hamming,
-            _ => return None,
-        })
-    }
-
-    /// `struct filter` support (Resample.c).
-    fn support(self) -> f64 {
-        match self {
-            Resample::Box => 0.5,
-            Resample::Bilinear | Resample::Hamming => 1.0,
-            Resample::Bicubic => 2.0,
-            Resample::Lanczos => 3.0,
-        }
-    }
-
-    /// The filter functions of Resample.c, same operation order.
-    fn eval(self, x: f64) -> f64 {
-        fn sinc(x: f64) -> f64 {
-            if x == 0.0 {
-                1.0
-            } else {
-                let x = x * std::f64::consts::PI;
-                x.sin() / x
-            }
-        }
-        match self {
-            Resample::Box => {
-                if x > -0.5 && x <= 0.5 {
-                    1.0
-                } else {
-                    0.0
-                }
-            }
-            Resample::Bilinear => {
-                let x = x.abs();
-                if x < 1.0 {
-                    1.0 - x
-                } else {
-                    0.0
-                }
-            }
-            Resample::Hamming => {
-                let x = x.abs();
-                if x == 0.0 {
-                    1.0
-                } else if x >= 1.0 {
-                    0.0
-                } else {
-                    let x = x * std::f64::consts::PI;
-                    // `0.54f + 0.46f * cos(x)`: float literals promoted to double.
-                    x.sin() / x * (0.54f32 as f64 + 0.46f32 as f64 * x.cos())
-                }
-            }
-            Resample::Bicubic => {
-                // a = -0.5
-                let a = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
-                } else {
-                    0.0
-                }
-            }
-            Resample::Lanczos => {
-                if (-3.0..3.0).contains(&x) {
-                    sinc(x) * sinc(x / 3.0)
-                } else {
-                    0.0
-                }
-            }
-        }
-    }
-}
+pub use runner_core::image::Resample;
 
 /// An 8-bit RGB image, rows of RGB triples: a PIL "RGB" image / numpy [H, W, 3] uint8.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,51 +69,6 @@ pub fn numpy_to_pil(images: &Tensor) -> Result<Vec<RgbImage>, ImageProcessorErro
     Ok(v.chunks(per).map(|img| RgbImage { height: h as usize, width: w as usize, data: img.iter().map(|&x| (x * 255.0f32).round_ties_even().clamp(0.0, 255.0) as u8).collect() }).collect())
 }
 
-/// PIL's `PRECISION_BITS` (Resample.c): 32 - 8 - 2.
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Resample.c `precompute_coeffs` followed by `normalize_coeffs_8bpc`: per output pixel, the
-/// first input index, the tap count and `ksize` fixed-point coefficients.
-fn precompute_coeffs(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Resample) -> (usize, Vec<(usize, usize)>, Vec<i32>) {
-    let scale = (in1 - in0) as f64 / out_size as f64;
-    let filterscale = if scale < 1.0 { 1.0 } else { scale };
-    let support = filter.support() * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let inv_filterscale = 1.0 / filterscale;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut kk = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
-        let center = in0 as f64 + (xx as f64 + 0.5) * scale;
-        let mut ww = 0.0;
-        // C `(int)` casts truncate toward zero.
-        let xmin = ((center - support + 0.5) as i64).max(0);
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
-        let xmax = xmax.clamp(0, ksize as i64) as usize;
-        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
-            let w = filter.eval(((x as i64 + xmin) as f64 - center + 0.5) * inv_filterscale);
-            *kx = w;
-            ww += w;
-        }
-        if ww != 0.0 {
-            for kx in k.iter_mut().take(xmax) {
-                *kx /= ww;
-            }
-        }
-        for (x, &kx) in k.iter().enumerate().take(xmax) {
-            let f = kx * (1u32 << PRECISION_BITS) as f64;
-            kk[xx * ksize + x] = if kx < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
-        }
-        bounds.push((xmin as usize, xmax));
-    }
-    (ksize, bounds, kk)
-}
-
-/// `clip8`: the accumulator's integer part, clamped to a byte (Resample.c's lookup table).
-fn clip8(ss: i64) -> u8 {
-    (ss >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
 /// `PIL.Image.resize((width, height), resample)` of an RGB image (no `box`, no
 /// `reducing_gap`): `ImagingResampleInner`, each pass only where that dimension changes.
 pub fn pil_resize(img: &RgbImage, height: usize, width: usize, filter: Resample) -> Result<RgbImage, ImageProcessorError> {
@@ -219,61 +81,8 @@ pub fn pil_resize(img: &RgbImage, height: usize, width: usize, filter: Resample)
     if (img.height, img.width) == (height, width) {
         return Ok(img.clone());
     }
-    let (in_h, in_w) = (img.height, img.width);
-    let need_horizontal = width != in_w;
-    let need_vertical = height != in_h;
-    let (ksize_v, mut bounds_v, kk_v) = precompute_coeffs(in_h, 0.0, in_h as f32, height, filter);
-    let half = 1i64 << (PRECISION_BITS - 1);
-    let mut cur = img.clone();
-    if need_horizontal {
-        // Only the source rows the vertical pass reads.
-        let ybox_first = bounds_v[0].0;
-        let ybox_last = bounds_v[height - 1].0 + bounds_v[height - 1].1;
-        for b in bounds_v.iter_mut() {
-            b.0 -= ybox_first;
-        }
-        let (ksize, bounds, kk) = precompute_coeffs(in_w, 0.0, in_w as f32, width, filter);
-        let rows = ybox_last - ybox_first;
-        let mut out = vec![0u8; rows * width * 3];
-        for yy in 0..rows {
-            let line = &img.data[(yy + ybox_first) * in_w * 3..(yy + ybox_first + 1) * in_w * 3];
-            for (xx, &(xmin, xmax)) in bounds.iter().enumerate() {
-                let k = &kk[xx * ksize..xx * ksize + xmax];
-                let mut ss = [half; 3];
-                for (x, &kx) in k.iter().enumerate() {
-                    let p = &line[(x + xmin) * 3..(x + xmin) * 3 + 3];
-                    for c in 0..3 {
-                        ss[c] += p[c] as i64 * kx as i64;
-                    }
-                }
-                for c in 0..3 {
-                    out[(yy * width + xx) * 3 + c] = clip8(ss[c]);
-                }
-            }
-        }
-        cur = RgbImage { height: rows, width, data: out };
-    }
-    if need_vertical {
-        let w = cur.width;
-        let mut out = vec![0u8; height * w * 3];
-        for (yy, &(ymin, ymax)) in bounds_v.iter().enumerate() {
-            let k = &kk_v[yy * ksize_v..yy * ksize_v + ymax];
-            for xx in 0..w {
-                let mut ss = [half; 3];
-                for (y, &ky) in k.iter().enumerate() {
-                    let p = &cur.data[((y + ymin) * w + xx) * 3..((y + ymin) * w + xx) * 3 + 3];
-                    for c in 0..3 {
-                        ss[c] += p[c] as i64 * ky as i64;
-                    }
-                }
-                for c in 0..3 {
-                    out[(yy * w + xx) * 3 + c] = clip8(ss[c]);
-                }
-            }
-        }
-        cur = RgbImage { height, width: w, data: out };
-    }
-    Ok(cur)
+    let data = runner_core::image::resample(&img.data, 3, (img.width, img.height), (width, height), filter);
+    Ok(RgbImage { height, width, data })
 }
 
 /// transformers' `center_crop` (image_transforms.py): offsets `(orig - crop) // 2`, zero padding

@@ -80,14 +80,10 @@ pub fn read_pairs(items: &[crate::checkpoint::lora::FuseItem]) -> Result<Vec<(Te
             }
             // kohya FLUX's conversion, as diffusers does it on the file's tensors: alpha / rank
             // multiplied in at their dtype, then B split by rows, the final modulation's halves swapped.
-            let mut a = s[&i.down].shallow_clone();
-            let mut b = s[&i.up].shallow_clone();
-            if i.down_mul != 1.0 {
-                a = a * i.down_mul;
-            }
-            if i.up_mul != 1.0 {
-                b = b * i.up_mul;
-            }
+            // New tensors, never in place: a split pair's A is shared by its targets.
+            let scaled = |t: &Tensor, f: f64| if f != 1.0 { t * f } else { t.shallow_clone() };
+            let a = scaled(&s[&i.down], i.down_mul);
+            let mut b = scaled(&s[&i.up], i.up_mul);
             if let Some((start, n)) = i.up_rows {
                 b = b.narrow(0, start as i64, n as i64);
             }

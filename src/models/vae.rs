@@ -94,24 +94,7 @@ impl AutoencoderKLDecoder {
             }
             rows.push(row);
         }
-        let blend = t.blend();
-        let mut result_rows = vec![];
-        for i in 0..rows.len() {
-            let mut result_row = vec![];
-            for j in 0..rows[i].len() {
-                if i > 0 {
-                    blend_into(&rows[i - 1][j], &rows[i][j], 2, blend);
-                }
-                if j > 0 {
-                    blend_into(&rows[i][j - 1], &rows[i][j], 3, blend);
-                }
-                let tile = &rows[i][j];
-                let (th, tw) = (tile.size()[2], tile.size()[3]);
-                result_row.push(tile.narrow(2, 0, t.row_limit().min(th)).narrow(3, 0, t.row_limit().min(tw)));
-            }
-            result_rows.push(Tensor::cat(&result_row, 3));
-        }
-        Tensor::cat(&result_rows, 2)
+        stitch(&rows, t.blend(), t.row_limit())
     }
 
     /// `post_quant_conv` (where the config has it) and the decoder, on a whole latent or a tile.
@@ -143,6 +126,28 @@ impl AutoencoderKLDecoder {
         let img = self.decode(&self.unscale_latents(latents));
         (img / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 1])
     }
+}
+
+/// The tiles of `tiled_decode` / `_tiled_encode` put together: each blended in place with the one
+/// above, then the one to its left (both as already blended) over `blend` rows/columns, cropped to
+/// `limit`, the crops concatenated.
+fn stitch(rows: &[Vec<Tensor>], blend: i64, limit: i64) -> Tensor {
+    let mut result_rows = vec![];
+    for i in 0..rows.len() {
+        let mut row = vec![];
+        for j in 0..rows[i].len() {
+            if i > 0 {
+                blend_into(&rows[i - 1][j], &rows[i][j], 2, blend);
+            }
+            if j > 0 {
+                blend_into(&rows[i][j - 1], &rows[i][j], 3, blend);
+            }
+            let tile = &rows[i][j];
+            row.push(tile.narrow(2, 0, limit.min(tile.size()[2])).narrow(3, 0, limit.min(tile.size()[3])));
+        }
+        result_rows.push(Tensor::cat(&row, 3));
+    }
+    Tensor::cat(&result_rows, 2)
 }
 
 /// diffusers' `blend_v` (`dim` 2) and `blend_h` (`dim` 3), in place on `b` as diffusers writes
@@ -270,21 +275,6 @@ impl AutoencoderKLEncoder {
         let limit = t.latent - blend;
         let rows: Vec<Vec<Tensor>> =
             (0..h).step_by(stride as usize).map(|i| (0..w).step_by(stride as usize).map(|j| self.moments(&x.narrow(2, i, t.sample.min(h - i)).narrow(3, j, t.sample.min(w - j)))).collect()).collect();
-        let mut result_rows = vec![];
-        for i in 0..rows.len() {
-            let mut row = vec![];
-            for j in 0..rows[i].len() {
-                if i > 0 {
-                    blend_into(&rows[i - 1][j], &rows[i][j], 2, blend);
-                }
-                if j > 0 {
-                    blend_into(&rows[i][j - 1], &rows[i][j], 3, blend);
-                }
-                let tile = &rows[i][j];
-                row.push(tile.narrow(2, 0, limit.min(tile.size()[2])).narrow(3, 0, limit.min(tile.size()[3])));
-            }
-            result_rows.push(Tensor::cat(&row, 3));
-        }
-        Tensor::cat(&result_rows, 2)
+        stitch(&rows, blend, limit)
     }
 }

@@ -3,7 +3,8 @@
 //! then `VaeImageProcessor`'s PIL resize with the Lanczos filter. The resize is Pillow's own
 //! 8-bit two-pass convolution (`libImaging/Resample.c`: coefficients in 22-bit fixed point,
 //! horizontal pass first over the rows the vertical pass reads, each rounded to 8 bits), so the
-//! pixels equal PIL's, not another Lanczos's.
+//! pixels equal PIL's, not another Lanczos's; the safety checker's `CLIPImageProcessor`
+//! (src/models/image_processor.rs) resizes with it too, with its other filters.
 //!
 //! The header is read before anything is decoded: an image whose width × height is over
 //! [`MAX_PIXELS`] (PIL's decompression-bomb limit) is refused without allocating its pixels.
@@ -136,103 +137,198 @@ impl Image {
 
     /// PIL's `resize((width, height), resample=LANCZOS)`: a copy when the size is the same.
     pub fn resize_lanczos(&self, width: u32, height: u32) -> Image {
-        if (width, height) == (self.width, self.height) {
-            return self.clone();
-        }
-        let c = self.channels;
-        let (vb, vk, vsize) = coeffs(self.height as usize, height as usize);
-        let first = vb[0].0;
-        let last = vb[height as usize - 1].0 + vb[height as usize - 1].1;
-        // Horizontal pass over the rows the vertical pass reads.
-        let (src, src_w, row0) = if width != self.width {
-            let (hb, hk, hsize) = coeffs(self.width as usize, width as usize);
-            let w = width as usize;
-            let mut tmp = vec![0u8; (last - first) * w * c];
-            for y in first..last {
-                let row = &self.data[y * self.width as usize * c..(y + 1) * self.width as usize * c];
-                for (xx, &(xmin, n)) in hb.iter().enumerate() {
-                    let k = &hk[xx * hsize..xx * hsize + n];
-                    for ch in 0..c {
-                        let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                        for (i, &kv) in k.iter().enumerate() {
-                            ss = ss.wrapping_add(row[(xmin + i) * c + ch] as i32 * kv);
-                        }
-                        tmp[((y - first) * w + xx) * c + ch] = clip8(ss);
-                    }
-                }
-            }
-            (tmp, w, first)
-        } else {
-            (self.data.clone(), self.width as usize, 0)
-        };
-        if height == self.height {
-            return Image { width, height, channels: c, data: src };
-        }
-        let mut out = vec![0u8; height as usize * src_w * c];
-        for (yy, &(ymin, n)) in vb.iter().enumerate() {
-            let k = &vk[yy * vsize..yy * vsize + n];
-            for xx in 0..src_w {
-                for ch in 0..c {
-                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kv) in k.iter().enumerate() {
-                        ss = ss.wrapping_add(src[((ymin + i - row0) * src_w + xx) * c + ch] as i32 * kv);
-                    }
-                    out[(yy * src_w + xx) * c + ch] = clip8(ss);
-                }
-            }
-        }
-        Image { width, height, channels: c, data: out }
+        let data = resample(&self.data, self.channels, (self.width as usize, self.height as usize), (width as usize, height as usize), Resample::Lanczos);
+        Image { width, height, channels: self.channels, data }
     }
 }
 
+/// Pillow's resampling filters (`PIL.Image.Resampling`) that `ImagingResample` implements.
+/// NEAREST (0) goes through an affine transform in Pillow and is not supported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resample {
+    Lanczos,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
+}
+
+impl Resample {
+    /// From a config's `resample` integer (`PILImageResampling`).
+    pub fn from_pil(n: i64) -> Option<Resample> {
+        Some(match n {
+            1 => Resample::Lanczos,
+            2 => Resample::Bilinear,
+            3 => Resample::Bicubic,
+            4 => Resample::Box,
+            5 => Resample::Hamming,
+            _ => return None,
+        })
+    }
+
+    /// `struct filter` support (Resample.c).
+    fn support(self) -> f64 {
+        match self {
+            Resample::Box => 0.5,
+            Resample::Bilinear | Resample::Hamming => 1.0,
+            Resample::Bicubic => 2.0,
+            Resample::Lanczos => 3.0,
+        }
+    }
+
+    /// The filter functions of Resample.c, same operation order.
+    fn eval(self, x: f64) -> f64 {
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
+        }
+        match self {
+            Resample::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Resample::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Resample::Hamming => {
+                let x = x.abs();
+                if x == 0.0 {
+                    1.0
+                } else if x >= 1.0 {
+                    0.0
+                } else {
+                    let x = x * std::f64::consts::PI;
+                    // `0.54f + 0.46f * cos(x)`: float literals promoted to double.
+                    x.sin() / x * (0.54f32 as f64 + 0.46f32 as f64 * x.cos())
+                }
+            }
+            Resample::Bicubic => {
+                // a = -0.5
+                let a = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
+                } else {
+                    0.0
+                }
+            }
+            Resample::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// PIL's `PRECISION_BITS` (Resample.c): 32 - 8 - 2.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-fn clip8(ss: i32) -> u8 {
+/// Resample.c `precompute_coeffs` followed by `normalize_coeffs_8bpc`: per output pixel, the
+/// first input index, the tap count and `ksize` fixed-point coefficients.
+fn precompute_coeffs(in_size: usize, in0: f32, in1: f32, out_size: usize, filter: Resample) -> (usize, Vec<(usize, usize)>, Vec<i32>) {
+    let scale = (in1 - in0) as f64 / out_size as f64;
+    let filterscale = if scale < 1.0 { 1.0 } else { scale };
+    let support = filter.support() * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let inv_filterscale = 1.0 / filterscale;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut kk = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = in0 as f64 + (xx as f64 + 0.5) * scale;
+        let mut ww = 0.0;
+        // C `(int)` casts truncate toward zero.
+        let xmin = ((center - support + 0.5) as i64).max(0);
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
+        let xmax = xmax.clamp(0, ksize as i64) as usize;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            let w = filter.eval(((x as i64 + xmin) as f64 - center + 0.5) * inv_filterscale);
+            *kx = w;
+            ww += w;
+        }
+        if ww != 0.0 {
+            for kx in k.iter_mut().take(xmax) {
+                *kx /= ww;
+            }
+        }
+        for (x, &kx) in k.iter().enumerate().take(xmax) {
+            let f = kx * (1u32 << PRECISION_BITS) as f64;
+            kk[xx * ksize + x] = if kx < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+        }
+        bounds.push((xmin as usize, xmax));
+    }
+    (ksize, bounds, kk)
+}
+
+/// `clip8`: the accumulator's integer part, clamped to a byte (Resample.c's lookup table).
+fn clip8(ss: i64) -> u8 {
     (ss >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-fn sinc(x: f64) -> f64 {
-    if x == 0.0 {
-        1.0
-    } else {
-        let x = x * std::f64::consts::PI;
-        x.sin() / x
+/// `PIL.Image.resize((width, height), resample)` of 8-bit `data` with `channels` interleaved
+/// samples (no `box`, no `reducing_gap`): `ImagingResampleInner`, each pass only where that
+/// dimension changes, the horizontal one over the rows the vertical one reads.
+pub fn resample(data: &[u8], channels: usize, (in_w, in_h): (usize, usize), (width, height): (usize, usize), filter: Resample) -> Vec<u8> {
+    let c = channels;
+    if (in_w, in_h) == (width, height) {
+        return data.to_vec();
     }
-}
-
-fn lanczos(x: f64) -> f64 {
-    if (-3.0..3.0).contains(&x) {
-        sinc(x) * sinc(x / 3.0)
-    } else {
-        0.0
-    }
-}
-
-/// Pillow's `precompute_coeffs` for the Lanczos filter over the box `(0, in)` and
-/// `normalize_coeffs_8bpc`: per output pixel, the first input pixel and the count, and the
-/// fixed-point coefficients (`ksize` per pixel).
-fn coeffs(in_size: usize, out_size: usize) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
-    let scale = in_size as f32 as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = 3.0 * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut kk = vec![0i32; out_size * ksize];
-    for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
-        let w: Vec<f64> = (0..xmax).map(|x| lanczos((x as f64 + xmin as f64 - center + 0.5) * ss)).collect();
-        let ww: f64 = w.iter().sum();
-        for (x, &v) in w.iter().enumerate() {
-            let v = if ww != 0.0 { v / ww } else { v };
-            let f = v * (1u32 << PRECISION_BITS) as f64;
-            kk[xx * ksize + x] = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+    let (ksize_v, mut bounds_v, kk_v) = precompute_coeffs(in_h, 0.0, in_h as f32, height, filter);
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let (mut cur, mut cur_w) = (data.to_vec(), in_w);
+    if width != in_w {
+        let ybox_first = bounds_v[0].0;
+        let ybox_last = bounds_v[height - 1].0 + bounds_v[height - 1].1;
+        for b in bounds_v.iter_mut() {
+            b.0 -= ybox_first;
         }
-        bounds.push((xmin, xmax));
+        let (ksize, bounds, kk) = precompute_coeffs(in_w, 0.0, in_w as f32, width, filter);
+        let rows = ybox_last - ybox_first;
+        let mut out = vec![0u8; rows * width * c];
+        for yy in 0..rows {
+            let line = &data[(yy + ybox_first) * in_w * c..(yy + ybox_first + 1) * in_w * c];
+            for (xx, &(xmin, xmax)) in bounds.iter().enumerate() {
+                let k = &kk[xx * ksize..xx * ksize + xmax];
+                for ch in 0..c {
+                    let ss = k.iter().enumerate().fold(half, |ss, (x, &kx)| ss + line[(x + xmin) * c + ch] as i64 * kx as i64);
+                    out[(yy * width + xx) * c + ch] = clip8(ss);
+                }
+            }
+        }
+        (cur, cur_w) = (out, width);
     }
-    (bounds, kk, ksize)
+    if height != in_h {
+        let w = cur_w;
+        let mut out = vec![0u8; height * w * c];
+        for (yy, &(ymin, ymax)) in bounds_v.iter().enumerate() {
+            let k = &kk_v[yy * ksize_v..yy * ksize_v + ymax];
+            for xx in 0..w {
+                for ch in 0..c {
+                    let ss = k.iter().enumerate().fold(half, |ss, (y, &ky)| ss + cur[((y + ymin) * w + xx) * c + ch] as i64 * ky as i64);
+                    out[(yy * w + xx) * c + ch] = clip8(ss);
+                }
+            }
+        }
+        cur = out;
+    }
+    cur
 }
 
 /// diffusers' `VaeImageProcessor` output of an RGB image: NCHW floats `2·(v / 255) − 1` in

@@ -232,8 +232,11 @@ fn peft_pairs(path: &Path, h: &Header) -> Result<Vec<Pair>, CheckpointError> {
 
 /// kohya's `<module>.lora_down.weight` / `.lora_up.weight` halves by module, with each key's
 /// name in the file; `.alpha` keys pass, anything else is an error.
-fn kohya_halves<'h>(path: &Path, keys: impl Iterator<Item = (String, &'h TensorInfo)>) -> Result<BTreeMap<String, (Option<&'h TensorInfo>, Option<&'h TensorInfo>)>, CheckpointError> {
-    let mut halves: BTreeMap<String, (Option<&TensorInfo>, Option<&TensorInfo>)> = BTreeMap::new();
+/// Each module's down and up halves, as found so far.
+type Halves<'h> = BTreeMap<String, (Option<&'h TensorInfo>, Option<&'h TensorInfo>)>;
+
+fn kohya_halves<'h>(path: &Path, keys: impl Iterator<Item = (String, &'h TensorInfo)>) -> Result<Halves<'h>, CheckpointError> {
+    let mut halves: Halves = BTreeMap::new();
     for (name, t) in keys {
         let side = name.strip_suffix(".lora_down.weight").map(|m| (m, true)).or_else(|| name.strip_suffix(".lora_up.weight").map(|m| (m, false)));
         match side {
