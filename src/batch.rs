@@ -72,7 +72,7 @@ fn batch_inner(job: RunJob, prompts: &Path, existing: Existing, shard: Option<Sh
     // The inventory's and executor's messages name `--devices`; a simulated run's came from `--simulate`.
     let flag = crate::cli::flag_renamer(simulate);
     let devices = crate::cli::parse_devices(devices, simulate).map_err(|e| Failure::new("devices", e))?;
-    let base = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
+    let base = manifest::load_locked(file, overrides, locked).map_err(|d| Failure::manifest(file, d))?;
     diag::render_all(&base.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
     let lock_sha256 = if locked { Some(runner::lock::verified_sha256(&base).map_err(|e| Failure::new("lock", e))?) } else { None };
     let template = match template {

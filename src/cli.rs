@@ -137,7 +137,7 @@ fn run_inner(job: RunJob) -> Result<runner::exec::RunReport, Failure> {
     // The inventory's and executor's messages name `--devices`; a simulated run's came from `--simulate`.
     let flag = flag_renamer(simulate);
     let devices = parse_devices(devices, simulate).map_err(|e| Failure::new("devices", e))?;
-    let loaded = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
+    let loaded = manifest::load_locked(file, overrides, locked).map_err(|d| Failure::manifest(file, d))?;
     diag::render_all(&loaded.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
     let lock_sha256 = if locked { Some(runner::lock::verified_sha256(&loaded).map_err(|e| Failure::new("lock", e))?) } else { None };
     if let Some(t) = loaded.manifest.run.threads {

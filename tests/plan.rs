@@ -502,7 +502,7 @@ fn sd35_large_plans_in_milliseconds() {
     // is read. Timed and logged, not asserted tightly (shared CI machines).
     let dir = tempfile::tempdir().unwrap();
     let root = crate::util::sparse_pipeline("sd35-large", dir.path(), Dtype::BF16);
-    let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())] };
+    let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())], ..Default::default() };
     let loaded = runner::manifest::load(&crate::util::root().join("manifests/sd35-large.toml"), &opts).unwrap();
     let (c, inventory) = preflight_and_plan_timed("sd35-large", &loaded, 5);
 
@@ -669,7 +669,7 @@ fn flux_dev_plans_in_milliseconds() {
     // shards, T5 in 2.
     let dir = tempfile::tempdir().unwrap();
     let root = crate::util::sparse_pipeline("flux-dev", dir.path(), Dtype::BF16);
-    let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())] };
+    let opts = runner::manifest::Overrides { env: vec![], sets: vec![format!("pipeline.source={}", root.display())], ..Default::default() };
     let loaded = runner::manifest::load(&crate::util::root().join("manifests/flux-dev.toml"), &opts).unwrap();
     let (c, inventory) = preflight_and_plan_timed("flux-dev", &loaded, 4);
     let configs = &c.configs;
@@ -734,7 +734,7 @@ fn memory_floor_table() {
 fn floor_cell(m: &Path, sets: Vec<String>) -> String {
     use runner::device::Device;
     use runner::plan::inventory::Inventory;
-    let loaded = runner::manifest::load(m, &runner::manifest::Overrides { env: vec![], sets }).unwrap();
+    let loaded = runner::manifest::load(m, &runner::manifest::Overrides { env: vec![], sets, ..Default::default() }).unwrap();
     let c = runner::preflight::check(&loaded).unwrap();
     let input = runner::plan::build::plan_input(&loaded, &c.folder, &c.configs, &c.run, Inventory::default(), &Default::default());
     // `runner plan --devices cuda:0=B,cpu=4TiB --set placement.max_memory={...the same}`:

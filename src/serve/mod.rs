@@ -136,7 +136,7 @@ impl App {
 pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
     let file = job.file.to_path_buf();
     let invalid = |d: Vec<runner::diag::Diagnostic>| ServeError::Manifest { file: file.clone(), message: errors_of(&d) };
-    let base = manifest::load(&file, job.overrides).map_err(invalid)?;
+    let base = manifest::load_locked(&file, job.overrides, job.locked).map_err(invalid)?;
     let limits = base.manifest.serve.clone().unwrap_or_default();
     let token = match &limits.token_env {
         Some(var) => {

@@ -79,6 +79,37 @@ pub enum Command {
         #[command(flatten)]
         layers: LayerArgs,
     },
+    /// Fetch from the Hugging Face Hub exactly the files the manifest's `hf://` sources read
+    /// (model_index.json, the enabled components' configs, tokenizers and scheduler config, the
+    /// weights of the chosen variant with diffusers' per-component fallback, named single files)
+    /// into the standard cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+    /// ~/.cache/huggingface/hub), which diffusers reads too. Transfers run concurrently, resume
+    /// partial files and are verified against the Hub's ETag (sha256 for LFS files).
+    /// `HF_ENDPOINT`, `HF_TOKEN` (or the token file) and `HF_HUB_OFFLINE` are honoured.
+    /// `validate`, `plan`, `run` and `serve` never use the network.
+    #[command(after_help = concat!("Examples:\n  runner pull manifests/flux-dev.toml\n  runner pull --dry-run manifests/sdxl.toml         # files and bytes, nothing written\n  runner lock manifests/sdxl.toml && runner pull --locked manifests/sdxl.toml   # the locked commits\n\n", layers_help!()))]
+    Pull {
+        /// The manifest (TOML) to use.
+        #[arg(value_name = "MANIFEST")]
+        file: PathBuf,
+        /// List the files and their sizes; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Fetch the commits MANIFEST.lock pins (see `runner lock`), not the revisions' current ones.
+        #[arg(long)]
+        locked: bool,
+        /// Concurrent transfers.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        jobs: u16,
+        /// Print a JSON report on stdout.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
     /// Write MANIFEST.lock: the size and sha256 of every file the manifest reads
     /// (model_index.json, configs, tokenizer files, every weight shard, run.latents). With
     /// `--locked`, validate (and later plan and run) refuse files that differ from it.
@@ -479,6 +510,7 @@ impl Command {
         match self {
             Command::Validate { .. } => "validate",
             Command::Lock { .. } => "lock",
+            Command::Pull { .. } => "pull",
             Command::Run { .. } => "run",
             Command::Plan { .. } => "plan",
             Command::Serve { .. } => "serve",
@@ -566,6 +598,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pull { file, dry_run, locked, jobs, json, quiet, layers } => pull(&file, dry_run, locked, jobs as usize, json, quiet, &layers.overrides(), cli.color),
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
@@ -668,7 +701,7 @@ fn validate(files: &[PathBuf], json: bool, locked: bool, manifest_only: bool, ov
     let mut reports = vec![];
     let mut err = stderr(color);
     for file in files {
-        let (ok, diags) = match manifest::load(file, overrides) {
+        let (ok, diags) = match manifest::load_locked(file, overrides, locked) {
             Ok(m) => {
                 let mut d = m.warnings.clone();
                 if !manifest_only {
@@ -714,6 +747,98 @@ fn validate(files: &[PathBuf], json: bool, locked: bool, manifest_only: bool, ov
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+struct PullBar(indicatif::ProgressBar);
+
+impl crate::hub::pull::Progress for PullBar {
+    fn bytes(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn done(&self, job: &crate::hub::pull::Job) {
+        tracing::info!(repo = %job.repo, file = %job.path, bytes = job.meta.size, "in the cache");
+    }
+}
+
+impl crate::hub::pull::PullProgress for PullBar {
+    fn listed(&self, files: usize) {
+        self.0.set_message(format!("pull {files} files"));
+    }
+    fn total(&self, bytes: u64) {
+        self.0.set_length(bytes);
+        self.0.reset_elapsed();
+    }
+    fn as_progress(&self) -> &dyn crate::hub::pull::Progress {
+        self
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pull(file: &std::path::Path, dry_run: bool, locked: bool, workers: usize, json: bool, quiet: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+    let loaded = match manifest::load(file, overrides) {
+        Ok(m) => m,
+        Err(diags) => {
+            diag::render_all(&diags, &mut stderr(color))?;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let cache = crate::hub::cache_dir();
+    if loaded.hub.is_empty() {
+        eprintln!("`{}` names no `hf://` source: nothing to pull", file.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pins = if locked {
+        if !crate::lock::lock_path(file).exists() {
+            anyhow::bail!("--locked: `{}` does not exist: create it with `runner lock {}` (after a `runner pull`)", crate::lock::lock_path(file).display(), file.display());
+        }
+        crate::lock::hub_pins(file)?
+    } else {
+        Default::default()
+    };
+    if crate::hub::offline() {
+        // As huggingface_hub's `local_files_only`: the cache must already hold everything.
+        let m = manifest::load(file, &Overrides { pins, ..overrides.clone() }).map_err(|_| anyhow::anyhow!("`{}` no longer loads", file.display()))?;
+        return match m.hub_problems() {
+            None => {
+                eprintln!("HF_HUB_OFFLINE is set: every `hf://` source of `{}` is in the cache `{}` (nothing checked online)", file.display(), cache.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(p) => anyhow::bail!("HF_HUB_OFFLINE is set, so `runner pull` may not use the network, and the cache lacks: {p}"),
+        };
+    }
+    let client = crate::hub::pull::Client::from_env();
+    let bar = PullBar(progress_bar("pull"));
+    if quiet || dry_run {
+        bar.0.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let opts = crate::hub::pull::PullOptions { dry_run, workers, pins };
+    let r = crate::hub::pull::pull_manifest(&client, &cache, &loaded, &opts, &bar);
+    bar.0.finish_and_clear();
+    let r = r.map_err(|e| anyhow::anyhow!("runner pull `{}`: {e}", file.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![["repo", "commit", "file", "size", "status"].map(String::from).to_vec()];
+    for f in &r.files {
+        rows.push(vec![f.repo.clone(), f.commit[..12.min(f.commit.len())].to_string(), f.path.clone(), crate::units::ByteSize(f.size).to_string(), f.status.to_string()]);
+    }
+    print!("{}", crate::plan::render::table(&rows, 3));
+    let rate = r.fetched_bytes as f64 / r.seconds.max(1e-9);
+    if r.dry_run {
+        println!("{} files, {} in all, {} to fetch into {} (dry run: nothing written)", r.files.len(), crate::units::ByteSize(r.bytes), crate::units::ByteSize(r.fetched_bytes), r.cache.display());
+    } else {
+        println!(
+            "{} files, {} in all, {} fetched into {} in {:.1} s ({}/s)",
+            r.files.len(),
+            crate::units::ByteSize(r.bytes),
+            crate::units::ByteSize(r.fetched_bytes),
+            r.cache.display(),
+            r.seconds,
+            crate::units::ByteSize(rate as u64)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn config(file: &std::path::Path, json: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
@@ -812,7 +937,7 @@ fn plan(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only:
 fn plan_inner(file: &std::path::Path, json: bool, devices: Option<&str>, weights_only: bool, locked: bool, overrides: &Overrides, color: Color) -> Result<ExitCode, Failure> {
     use crate::plan::{build, inventory::Inventory, render};
     let devices = devices.map(Inventory::parse_spec).transpose().map_err(|e| Failure::new("devices", e))?;
-    let loaded = manifest::load(file, overrides).map_err(|d| Failure::manifest(file, d))?;
+    let loaded = manifest::load_locked(file, overrides, locked).map_err(|d| Failure::manifest(file, d))?;
     diag::render_all(&loaded.warnings, &mut stderr(color)).map_err(|e| Failure::new("io", e))?;
     if locked {
         crate::lock::verify_lock(&loaded).map_err(|e| Failure::new("lock", e))?;

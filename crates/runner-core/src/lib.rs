@@ -17,6 +17,7 @@ pub mod cli;
 pub mod device;
 pub mod diag;
 pub mod fsutil;
+pub mod hub;
 pub mod image;
 pub mod lock;
 pub mod manifest;

@@ -43,8 +43,50 @@ pub struct LockFile {
     pub version: u32,
     /// The manifest this lock belongs to (file name).
     pub manifest: String,
+    /// Hub sources and the commits they resolved to (`--locked` runs those commits).
+    #[serde(rename = "hub", default, skip_serializing_if = "Vec::is_empty")]
+    pub hub: Vec<HubPin>,
     #[serde(rename = "file", default)]
     pub files: Vec<LockEntry>,
+}
+
+/// One `hf://` source of the manifest at the commit it resolved to when locked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubPin {
+    /// The manifest key (`pipeline.source`).
+    pub key: String,
+    pub repo: String,
+    /// As the manifest writes it (`main` when it names none).
+    pub revision: String,
+    pub commit: String,
+}
+
+/// The pins of `MANIFEST.lock` (none without a lock): what `--locked` resolves Hub names with.
+pub fn hub_pins(manifest: &Path) -> Result<crate::hub::Pins, LockError> {
+    let path = lock_path(manifest);
+    if !path.exists() {
+        return Ok(Default::default());
+    }
+    Ok(read_lock(&path)?.hub.into_iter().map(|p| ((p.repo, p.revision), p.commit)).collect())
+}
+
+/// How a lock names a file: a file of a Hub snapshot as `hf://ORG/NAME@COMMIT/PATH` (the same on
+/// every machine, wherever its cache is), any other relative to the lock's folder.
+fn lock_name(m: &LoadedManifest, dir: &Path, p: &Path) -> String {
+    for h in m.hub.values() {
+        if let Ok(r) = &h.resolved {
+            if let Ok(rel) = p.strip_prefix(&r.snapshot) {
+                let rel = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/");
+                return crate::hub::HubName { repo: h.name.repo.clone(), revision: Some(r.commit.clone()), path: (!rel.is_empty()).then_some(rel) }.to_string();
+            }
+        }
+    }
+    relative(dir, p)
+}
+
+fn pins_of(m: &LoadedManifest) -> Vec<HubPin> {
+    m.hub.iter().filter_map(|(k, h)| Some(HubPin { key: k.clone(), repo: h.name.repo.clone(), revision: h.name.revision().to_string(), commit: h.resolved.as_ref().ok()?.commit.clone() })).collect()
 }
 
 /// `manifests/sdxl.toml` -> `manifests/sdxl.toml.lock`.
@@ -125,8 +167,8 @@ pub fn write_lock(m: &LoadedManifest) -> Result<LockReport, LockError> {
     let files = manifest_files(m)?;
     let hashes = hash_all(&files)?;
     let dir = m.path.parent().unwrap_or(Path::new("")).to_path_buf();
-    let entries: Vec<LockEntry> = files.iter().zip(&hashes).map(|(p, (size, sha))| LockEntry { path: relative(&dir, p), size: *size, sha256: sha.clone() }).collect();
-    let lock = LockFile { version: LOCK_VERSION, manifest: m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), files: entries };
+    let entries: Vec<LockEntry> = files.iter().zip(&hashes).map(|(p, (size, sha))| LockEntry { path: lock_name(m, &dir, p), size: *size, sha256: sha.clone() }).collect();
+    let lock = LockFile { version: LOCK_VERSION, manifest: m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), hub: pins_of(m), files: entries };
     let path = lock_path(&m.path);
     let text = format!("# runner lock file: size and sha256 of every file `{}` reads. Regenerate with `runner lock`.\n{}", lock.manifest, toml::to_string(&lock).expect("lock serializes"));
     crate::fsutil::write_file(&path, |w| w.write_all(text.as_bytes())).map_err(|source| LockError::Io { path: path.clone(), source })?;
@@ -159,8 +201,16 @@ pub fn verify_lock(m: &LoadedManifest) -> Result<LockReport, LockError> {
     let lock = read_lock(&path)?;
     let files = manifest_files(m)?;
     let dir = m.path.parent().unwrap_or(Path::new("")).to_path_buf();
-    let wanted: Vec<String> = files.iter().map(|p| relative(&dir, p)).collect();
+    let wanted: Vec<String> = files.iter().map(|p| lock_name(m, &dir, p)).collect();
     let mut problems = vec![];
+    for pin in pins_of(m) {
+        if let Some(l) = lock.hub.iter().find(|l| l.key == pin.key && l.repo == pin.repo && l.revision == pin.revision) {
+            if l.commit != pin.commit {
+                problems
+                    .push(format!("`{}` resolves to commit {}, the lock pins {} (run with `--locked`, which reads the pinned commit, after `runner pull --locked`)", pin.key, pin.commit, l.commit));
+            }
+        }
+    }
     for (rel, p) in wanted.iter().zip(&files) {
         if !lock.files.iter().any(|e| &e.path == rel) {
             problems.push(format!("`{}` is read by the manifest but not in the lock (run `runner lock`)", p.display()));
@@ -177,7 +227,7 @@ pub fn verify_lock(m: &LoadedManifest) -> Result<LockReport, LockError> {
         .iter()
         .filter(|e| wanted.contains(&e.path))
         .filter_map(|e| {
-            let p = dir.join(&e.path);
+            let p = files.iter().zip(&wanted).find(|(_, w)| *w == &e.path).map(|(p, _)| p.clone()).unwrap_or_else(|| dir.join(&e.path));
             match std::fs::metadata(&p) {
                 Err(_) => {
                     problems.push(format!("`{}` is missing", p.display()));

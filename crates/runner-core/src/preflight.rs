@@ -420,6 +420,19 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
     let at = |key: &str| m.locate_value(key);
     let root = m.pipeline_source();
     let one = |d: Diagnostic| Err(vec![d]);
+    // 0. Hub sources the cache cannot serve (never fetched here: `runner pull` does).
+    let hub: Vec<Diagnostic> = m
+        .hub
+        .iter()
+        .filter_map(|(key, h)| {
+            let e = h.resolved.as_ref().err()?;
+            let d = Diagnostic::error(format!("`{key}`: {e}"), at(key)).with_key(key.clone()).with_label("not in the Hugging Face cache");
+            Some(if e.needs_pull() { d.with_note(format!("runner reads the Hub cache only while it validates, plans and runs: fetch the files with `runner pull {}`", m.path.display())) } else { d })
+        })
+        .collect();
+    if !hub.is_empty() {
+        return Err(hub);
+    }
     // 1. The folder.
     if !root.is_dir() {
         let what = if root.exists() { "is not a folder" } else { "does not exist" };

@@ -55,7 +55,11 @@ impl Library {
 
     /// Guesses from the files of a folder given as a component `source`.
     fn detect(dir: &Path) -> Option<Library> {
-        let names = file_names(dir);
+        Library::detect_names(&file_names(dir))
+    }
+
+    /// Guesses from file names.
+    pub fn detect_names(names: &[String]) -> Option<Library> {
         if names.iter().any(|n| n.starts_with("diffusion_pytorch_model")) {
             Some(Library::Diffusers)
         } else if names.iter().any(|n| n.starts_with("model.") || n.starts_with("model-")) {
@@ -118,8 +122,12 @@ pub struct ResolvedWeights {
 /// (`model.fp16.safetensors`, `diffusion_pytorch_model.fp16-00001-of-00002.safetensors`,
 /// legacy `diffusion_pytorch_model-00001-of-00002.fp16.safetensors`, `....index.fp16.json`).
 pub fn variants_in(dir: &Path) -> Vec<String> {
+    variants_of(&file_names(dir))
+}
+
+fn variants_of(names: &[String]) -> Vec<String> {
     let mut out = vec![];
-    for name in file_names(dir) {
+    for name in names {
         let stem_ok = name.starts_with("diffusion_pytorch_model") || name.starts_with("model");
         if !stem_ok || !(name.ends_with(".safetensors") || name.ends_with(".json") || name.ends_with(".bin")) {
             continue;
@@ -141,12 +149,6 @@ pub fn variants_in(dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-/// diffusers' test for "this component folder has the variant": any file whose second
-/// dot-piece starts with it (`_identify_model_variants`).
-fn folder_has_variant(dir: &Path, variant: &str) -> bool {
-    file_names(dir).iter().any(|n| n.split('.').nth(1).is_some_and(|p| p.starts_with(variant)))
 }
 
 /// How to treat a missing variant: pipelines fall back per component; an explicit source errs.
@@ -184,62 +186,76 @@ pub fn resolve_source(path: &Path, library: Option<Library>, variant: Option<&st
 
 /// Picks a component folder's weight files.
 pub fn resolve_folder(dir: &Path, library: Option<Library>, variant: Option<&str>, policy: VariantPolicy) -> Result<ResolvedWeights, CheckpointError> {
-    let library = library.or_else(|| Library::detect(dir)).unwrap_or(Library::Diffusers);
+    let pick = pick_weights(dir, &file_names(dir), library, variant, policy)?;
+    let path = dir.join(&pick.name);
+    let files = if pick.is_index { WeightFiles::Sharded(read_index(&path)?) } else { WeightFiles::Single(path) };
+    Ok(ResolvedWeights { files, variant: pick.variant, notes: pick.notes })
+}
+
+/// The weight file [`resolve_folder`] reads among a folder's file `names` (on disk, or a Hub
+/// listing for `runner pull`): a single file or an index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pick {
+    pub name: String,
+    pub is_index: bool,
+    pub variant: Option<String>,
+    pub notes: Vec<String>,
+}
+
+/// diffusers' choice among weight file names: with a variant, its files when the folder has
+/// any (`_identify_model_variants`), else the plain files (with a note), or an error under
+/// [`VariantPolicy::Require`]; the index before the single file for diffusers models, the
+/// reverse for transformers ones.
+pub fn pick_weights(dir: &Path, names: &[String], library: Option<Library>, variant: Option<&str>, policy: VariantPolicy) -> Result<Pick, CheckpointError> {
+    let library = library.or_else(|| Library::detect_names(names)).unwrap_or(Library::Diffusers);
     let stem = library.weights_stem();
     let mut notes = vec![];
-    let candidates = |v: Option<&str>| -> Vec<(PathBuf, bool)> {
+    let candidates = |v: Option<&str>| -> Vec<(String, bool)> {
         let (single, index, legacy_index) = match v {
             Some(v) => (format!("{stem}.{v}.safetensors"), format!("{stem}.safetensors.index.{v}.json"), Some(format!("{stem}.safetensors.{v}.index.json"))),
             None => (format!("{stem}.safetensors"), format!("{stem}.safetensors.index.json"), None),
         };
         let mut c = match library {
-            Library::Diffusers => vec![(dir.join(&index), true), (dir.join(&single), false)],
-            Library::Transformers => vec![(dir.join(&single), false), (dir.join(&index), true)],
+            Library::Diffusers => vec![(index, true), (single, false)],
+            Library::Transformers => vec![(single, false), (index, true)],
         };
         if let Some(l) = legacy_index {
-            c.push((dir.join(l), true));
+            c.push((l, true));
         }
         c
     };
-    let pick = |cands: &[(PathBuf, bool)]| -> Result<Option<WeightFiles>, CheckpointError> {
-        for (p, is_index) in cands {
-            if p.is_file() {
-                return Ok(Some(if *is_index { WeightFiles::Sharded(read_index(p)?) } else { WeightFiles::Single(p.clone()) }));
-            }
-        }
-        Ok(None)
-    };
+    let pick = |cands: &[(String, bool)]| cands.iter().find(|(n, _)| names.contains(n)).cloned();
 
     if let Some(v) = variant {
         let cands = candidates(Some(v));
-        if folder_has_variant(dir, v) {
-            if let Some(files) = pick(&cands)? {
-                return Ok(ResolvedWeights { files, variant: Some(v.to_string()), notes });
+        if names.iter().any(|n| n.split('.').nth(1).is_some_and(|p| p.starts_with(v))) {
+            if let Some((name, is_index)) = pick(&cands) {
+                return Ok(Pick { name, is_index, variant: Some(v.to_string()), notes });
             }
-            return Err(not_found(dir, &cands, &format!("files of variant `{v}` are present but none of the weight files runner reads")));
+            return Err(not_found(dir, names, &cands, &format!("files of variant `{v}` are present but none of the weight files runner reads")));
         }
         if policy == VariantPolicy::Require {
-            return Err(not_found(dir, &cands, &format!("no `{v}` variant weights")));
+            return Err(not_found(dir, names, &cands, &format!("no `{v}` variant weights")));
         }
-        let found = variants_in(dir);
+        let found = variants_of(names);
         let others = if found.is_empty() { String::new() } else { format!(" (variants present: {})", found.join(", ")) };
         notes.push(format!("no `{v}` variant in `{}`{others}: using the non-variant weights, as diffusers does", dir.display()));
     }
     let cands = candidates(None);
-    match pick(&cands)? {
-        Some(files) => Ok(ResolvedWeights { files, variant: None, notes }),
-        None => Err(not_found(dir, &cands, "no safetensors weights")),
+    match pick(&cands) {
+        Some((name, is_index)) => Ok(Pick { name, is_index, variant: None, notes }),
+        None => Err(not_found(dir, names, &cands, "no safetensors weights")),
     }
 }
 
-fn not_found(dir: &Path, tried: &[(PathBuf, bool)], what: &str) -> CheckpointError {
-    let names: Vec<String> = tried.iter().map(|(p, _)| format!("`{}`", p.file_name().unwrap_or_default().to_string_lossy())).collect();
-    let mut msg = format!("{what}: looked for {}", names.join(", "));
-    let pickles: Vec<String> = file_names(dir).into_iter().filter(|n| n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt")).collect();
+fn not_found(dir: &Path, names: &[String], tried: &[(String, bool)], what: &str) -> CheckpointError {
+    let tried: Vec<String> = tried.iter().map(|(n, _)| format!("`{n}`")).collect();
+    let mut msg = format!("{what}: looked for {}", tried.join(", "));
+    let pickles: Vec<&str> = names.iter().map(String::as_str).filter(|n| n.ends_with(".bin") || n.ends_with(".ckpt") || n.ends_with(".pt")).collect();
     if !pickles.is_empty() {
         msg.push_str(&format!("; found pickle files ({}), which runner does not load: convert them to safetensors", pickles.join(", ")));
     }
-    if file_names(dir).is_empty() {
+    if names.is_empty() {
         msg = format!("{what}: the folder is empty");
     }
     CheckpointError::format(dir, msg)

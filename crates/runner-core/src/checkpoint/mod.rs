@@ -48,6 +48,9 @@ impl CheckpointError {
 /// Opens the pipeline a manifest describes: its folder, with each component's `source`,
 /// `variant` and `enabled` applied (relative paths resolved by where they were set).
 pub fn open_for_manifest(m: &crate::manifest::LoadedManifest) -> Result<layout::PipelineFolder, CheckpointError> {
+    if let Some(msg) = m.hub_problems() {
+        return Err(CheckpointError::format(&m.path, msg));
+    }
     let specs = m
         .manifest
         .components

@@ -124,7 +124,35 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
     // Paths: the pipeline folder must be a folder; missing paths are only warnings.
     let resolve = |k: &[String], p: &Path| resolve_path_with(manifest_path, prov.origin(k), p);
     let src_key = key(&["pipeline", "source"]);
-    let src = m.pointer("/pipeline/source").and_then(J::as_str).filter(|s| !s.is_empty()).map(|p| resolve(&src_key, Path::new(p)));
+    // Hub names (`hf://ORG/NAME…`): checked for shape here; the cache is read when files are opened.
+    let mut hub_sources = vec![(src_key.clone(), m.pointer("/pipeline/source"))];
+    for (name, comp) in obj(components) {
+        hub_sources.push((key(&["components", name, "source"]), comp.get("source")));
+    }
+    for (name, a) in obj(m.get("adapters")) {
+        hub_sources.push((key(&["adapters", name, "source"]), a.get("source")));
+    }
+    for (k, v) in hub_sources {
+        let Some(s) = v.and_then(J::as_str).filter(|s| crate::hub::is_hub(s)) else { continue };
+        match crate::hub::HubName::parse(s) {
+            Err(e) => out.push(
+                err(&k, Want::Value, format!("`{}`: {e}", join_key(&k)))
+                    .with_label("not a Hub name")
+                    .with_note("Hub sources are `hf://ORG/NAME` (a pipeline), `hf://ORG/NAME@REVISION`, `hf://ORG/NAME/SUBFOLDER` or `hf://ORG/NAME/PATH/FILE.safetensors`"),
+            ),
+            Ok(n) if k == src_key && n.is_file() => out.push(
+                err(&k, Want::Value, format!("`pipeline.source` must be a diffusers pipeline folder, but `{s}` names a file"))
+                    .with_label("a file")
+                    .with_note("to take one component's weights from a file, set `components.<name>.source`"),
+            ),
+            Ok(n) if k.first().is_some_and(|f| f == "adapters") && !n.is_file() => {
+                out.push(err(&k, Want::Value, format!("an adapter's source is one `.safetensors` file, but `{s}` names a folder")).with_label("a folder"))
+            }
+            Ok(_) => {}
+        }
+    }
+    let not_hub = |s: &&str| !crate::hub::is_hub(s);
+    let src = m.pointer("/pipeline/source").and_then(J::as_str).filter(|s| !s.is_empty()).filter(not_hub).map(|p| resolve(&src_key, Path::new(p)));
     if let Some(src) = src {
         if src.is_file() {
             out.push(
@@ -139,7 +167,7 @@ pub(super) fn check(m: &J, manifest_path: &Path, prov: &Provenance) -> Vec<Diagn
         }
     }
     for (name, comp) in obj(components) {
-        if let Some(p) = comp.get("source").and_then(J::as_str).filter(|s| !s.is_empty()) {
+        if let Some(p) = comp.get("source").and_then(J::as_str).filter(|s| !s.is_empty()).filter(not_hub) {
             let k = key(&["components", name, "source"]);
             let r = resolve(&k, Path::new(p));
             if !r.exists() {

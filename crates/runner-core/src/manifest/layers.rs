@@ -26,6 +26,8 @@ pub struct Overrides {
     pub env: Vec<(String, String)>,
     /// `--set key.path=value` arguments in command-line order (later wins).
     pub sets: Vec<String>,
+    /// Hub revisions pinned to commits (`--locked`: the lock's `[[hub]]` entries).
+    pub pins: crate::hub::Pins,
 }
 
 impl Overrides {
@@ -34,7 +36,7 @@ impl Overrides {
     pub fn from_process(sets: Vec<String>) -> Self {
         let mut env: Vec<(String, String)> = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).filter(|(k, _)| is_override_var(k)).collect();
         env.sort();
-        Overrides { env, sets }
+        Overrides { env, sets, pins: Default::default() }
     }
 }
 

@@ -32,7 +32,16 @@ pub struct LoadedManifest {
     pub source: Arc<SourceText>,
     /// Warnings (never errors: those make [`load`] fail).
     pub warnings: Vec<Diagnostic>,
+    /// Sources named `hf://…`, by key (`pipeline.source`), resolved in the Hub cache.
+    pub hub: std::collections::BTreeMap<String, HubSource>,
     provenance: Provenance,
+}
+
+/// A Hub source and what the cache made of it.
+#[derive(Debug, Clone)]
+pub struct HubSource {
+    pub name: crate::hub::HubName,
+    pub resolved: Result<crate::hub::Resolved, crate::hub::HubError>,
 }
 
 /// Maps key paths of the merged manifest to their origins and file spans.
@@ -111,7 +120,29 @@ impl LoadedManifest {
     }
 
     pub fn resolve_path(&self, key: &str, p: &Path) -> PathBuf {
+        if let Some(h) = self.hub.get(key) {
+            // A Hub source not in the cache: its would-be snapshot path (which does not exist);
+            // opening the pipeline reports [`LoadedManifest::hub_problems`] first.
+            return match &h.resolved {
+                Ok(r) => r.path.clone(),
+                Err(_) => h.name.repo_dir(&crate::hub::cache_dir()).join("snapshots").join(h.name.revision()).join(h.name.path.as_deref().unwrap_or("")),
+            };
+        }
         resolve_path_with(&self.path, self.origin(key), p)
+    }
+
+    /// Hub sources the cache cannot serve, as one message naming each and what to run.
+    pub fn hub_problems(&self) -> Option<String> {
+        let problems: Vec<String> = self.hub.iter().filter_map(|(k, h)| h.resolved.as_ref().err().map(|e| format!("`{k}`: {e}"))).collect();
+        if problems.is_empty() {
+            return None;
+        }
+        let pull = self.hub.values().any(|h| h.resolved.as_ref().is_err_and(crate::hub::HubError::needs_pull));
+        let mut msg = problems.join("; ");
+        if pull {
+            msg.push_str(&format!(" (runner never downloads while it plans or runs: fetch the files with `runner pull {}`)", self.path.display()));
+        }
+        Some(msg)
     }
 
     /// The pipeline folder, resolved.
@@ -223,6 +254,15 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Di
     load_source(path, Arc::new(read_source(path)?), overrides)
 }
 
+/// [`load`]; with `locked`, Hub names resolve to the commits `MANIFEST.lock` pins.
+pub fn load_locked(path: &Path, overrides: &Overrides, locked: bool) -> Result<LoadedManifest, Vec<Diagnostic>> {
+    if !locked {
+        return load(path, overrides);
+    }
+    let pins = crate::lock::hub_pins(path).map_err(|e| vec![Diagnostic::error(format!("--locked: {e}"), Location::Path(crate::lock::lock_path(path)))])?;
+    load(path, &Overrides { pins, ..overrides.clone() })
+}
+
 /// [`load`] of the text `m` was read from, with other `overrides`: what a batch line or a
 /// served request layers over the manifest the process started with (an edit of the file
 /// meanwhile changes nothing of a loaded pipeline's requests).
@@ -284,9 +324,27 @@ fn load_source(path: &Path, source: Arc<SourceText>, overrides: &Overrides) -> R
         "validated"
     );
     match manifest {
-        Some(manifest) if !diags.iter().any(Diagnostic::is_error) => Ok(LoadedManifest { manifest, path: path.to_path_buf(), source, warnings: diags, provenance }),
+        Some(manifest) if !diags.iter().any(Diagnostic::is_error) => {
+            let hub = hub_sources(&manifest, &overrides.pins);
+            Ok(LoadedManifest { manifest, path: path.to_path_buf(), source, warnings: diags, hub, provenance })
+        }
         _ => Err(diags),
     }
+}
+
+/// Every `hf://` source of the manifest by key, resolved in the cache (never the network).
+fn hub_sources(m: &Manifest, pins: &crate::hub::Pins) -> std::collections::BTreeMap<String, HubSource> {
+    let cache = crate::hub::cache_dir();
+    let mut keys: Vec<(String, &Path)> = vec![("pipeline.source".into(), &m.pipeline.source)];
+    keys.extend(m.components.iter().filter_map(|(n, c)| c.source.as_deref().map(|s| (format!("components.{n}.source"), s))));
+    keys.extend(m.adapters.iter().map(|(n, a)| (format!("adapters.{n}.source"), a.source.as_path())));
+    keys.into_iter()
+        .filter_map(|(k, p)| {
+            let name = crate::hub::HubName::parse(p.to_str()?).ok()?;
+            let resolved = crate::hub::resolve(&cache, &name, pins);
+            Some((k, HubSource { name, resolved }))
+        })
+        .collect()
 }
 
 /// The largest manifest runner reads.

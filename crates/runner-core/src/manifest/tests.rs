@@ -23,7 +23,7 @@ fn defaults_apply() {
 fn layers_in_order_with_origins() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), &format!("{MINIMAL}[run]\nsteps = 10\nseed = 1\nwidth = 64\n"));
-    let o = Overrides { env: vec![("RUNNER_RUN__STEPS".into(), "20".into()), ("RUNNER_RUN__SEED".into(), "2".into())], sets: vec!["run.seed=3".into()] };
+    let o = Overrides { env: vec![("RUNNER_RUN__STEPS".into(), "20".into()), ("RUNNER_RUN__SEED".into(), "2".into())], sets: vec!["run.seed=3".into()], ..Default::default() };
     let m = load(&path, &o).unwrap();
     assert_eq!((m.manifest.run.steps, m.manifest.run.seed, m.manifest.run.width), (Some(20), Some(3), Some(64)));
     assert_eq!(m.origin("run.steps"), Some(Origin::Env("RUNNER_RUN__STEPS".into())));

@@ -73,7 +73,8 @@ pub fn to_json(plan: &Plan, weights_only: bool) -> serde_json::Value {
     })
 }
 
-fn table(rows: &[Vec<String>], right_from: usize) -> String {
+/// Aligned columns, the first row a header; columns from `right_from` up to the last right-aligned.
+pub fn table(rows: &[Vec<String>], right_from: usize) -> String {
     let n = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..n).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
