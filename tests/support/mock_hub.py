@@ -17,8 +17,8 @@ Several `--repo` of one name are several commits (each addressable by its hash);
 given for a branch (default `main`) is that branch. `--token`: requests to the API and resolve
 routes without `Authorization: Bearer T` get 401, with another token 403 (the CDN needs none).
 Faults apply to the first COUNT requests whose path contains SUBSTR: `--fail` answers STATUS
-(429 with `Retry-After: 0`), `--drop` closes the connection after BYTES bytes of the body,
-`--corrupt` flips a byte of the body. Prints `port N` once listening. Standard library only.
+(429 and 503 with `Retry-After: 0`), `--drop` closes the connection after BYTES bytes of the body,
+`--corrupt` flips a byte of the body. Prints `port N`, a `repo NAME BRANCH=COMMIT…` line per repo, then `ready`. Standard library only.
 """
 import argparse
 import hashlib
@@ -159,7 +159,7 @@ class Handler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(url.path)
         fault = hub.fail.take(path)
         if fault:
-            headers = {"Retry-After": "0"} if fault["value"] == 429 else {}
+            headers = {"Retry-After": "0"} if fault["value"] in (429, 503) else {}
             return self.reply(fault["value"], headers, b"injected failure")
         parts = path.strip("/").split("/")
         if parts[0] == "cdn" and len(parts) >= 2:
@@ -274,6 +274,15 @@ class Handler(BaseHTTPRequestHandler):
                 left -= n
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that goes away mid-answer (or a `--drop`) is routine here.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            super().handle_error(request, client_address)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", action="append", default=[], required=True)
@@ -285,17 +294,17 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
     hub = Hub(args)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server = Server(("127.0.0.1", args.port), Handler)
     # The CDN on another port: another origin, as the Hub's LFS storage is (no token goes there).
-    cdn = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    cdn = Server(("127.0.0.1", 0), Handler)
     for s in (server, cdn):
-        s.daemon_threads = True
         s.hub = hub
     hub.cdn_origin = f"http://127.0.0.1:{cdn.server_address[1]}"
     threading.Thread(target=cdn.serve_forever, daemon=True).start()
     print(f"port {server.server_address[1]}", flush=True)
     for name, r in server.hub.repos.items():
         print(f"repo {name} " + " ".join(f"{b}={s}" for b, s in r["branches"].items()), flush=True)
+    print("ready", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

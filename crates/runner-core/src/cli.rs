@@ -101,6 +101,10 @@ pub enum Command {
         /// Concurrent transfers.
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
         jobs: u16,
+        /// Tries of a request the Hub answers 429 or 5xx, or whose connection fails (backing
+        /// off from 0.5 s, doubling, or as `Retry-After` says).
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
         /// Print a JSON report on stdout.
         #[arg(long)]
         json: bool,
@@ -598,7 +602,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pull { file, dry_run, locked, jobs, json, quiet, layers } => pull(&file, dry_run, locked, jobs as usize, json, quiet, &layers.overrides(), cli.color),
+        Command::Pull { file, dry_run, locked, jobs, retries, json, quiet, layers } => pull(&file, dry_run, locked, jobs as usize, retries, json, quiet, &layers.overrides(), cli.color),
         Command::Plan { file, json, devices, weights_only, locked, layers } => plan(&file, json, devices.as_deref(), weights_only, locked, &layers.overrides(), cli.color),
         Command::Config { file, json, layers } => config(&file, json, &layers.overrides(), cli.color),
         Command::Schema => {
@@ -774,7 +778,7 @@ impl crate::hub::pull::PullProgress for PullBar {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn pull(file: &std::path::Path, dry_run: bool, locked: bool, workers: usize, json: bool, quiet: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
+fn pull(file: &std::path::Path, dry_run: bool, locked: bool, workers: usize, retries: u32, json: bool, quiet: bool, overrides: &Overrides, color: Color) -> anyhow::Result<ExitCode> {
     let loaded = match manifest::load(file, overrides) {
         Ok(m) => m,
         Err(diags) => {
@@ -806,7 +810,11 @@ fn pull(file: &std::path::Path, dry_run: bool, locked: bool, workers: usize, jso
             Some(p) => anyhow::bail!("HF_HUB_OFFLINE is set, so `runner pull` may not use the network, and the cache lacks: {p}"),
         };
     }
-    let client = crate::hub::pull::Client::from_env();
+    // A file-size limit (`ulimit -f`) is then a write error naming the file, not a kill.
+    // SAFETY: ignoring a signal, before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let mut client = crate::hub::pull::Client::from_env();
+    client.tries = retries.max(1);
     let bar = PullBar(progress_bar("pull"));
     if quiet || dry_run {
         bar.0.set_draw_target(indicatif::ProgressDrawTarget::hidden());

@@ -34,6 +34,8 @@ pub enum PullError {
     Protocol { url: String, msg: String },
     #[error("`{}`: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("`{}`: {source}: the partial file is kept (never as a blob); free space and run `runner pull` again to resume it, or delete it", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
     #[error("`{file}` from `{repo}`: {what} is {got}, the Hub's ETag says {want} (fetched twice: the download or the server is corrupt)")]
     Verify { repo: String, file: String, what: &'static str, want: String, got: String },
     #[error("{0}")]
@@ -465,7 +467,7 @@ fn download(client: &Client, job: &Job, incomplete: &Path, progress: &dyn Progre
                 Ok(0) => break have < job.meta.size,
                 Ok(n) => {
                     let n = n.min((job.meta.size - have) as usize);
-                    f.write_all(&buf[..n]).map_err(io)?;
+                    f.write_all(&buf[..n]).map_err(|source| PullError::Write { path: incomplete.to_path_buf(), source })?;
                     hasher.update(&buf[..n]);
                     have += n as u64;
                     progress.bytes(n as u64);
@@ -487,7 +489,7 @@ fn download(client: &Client, job: &Job, incomplete: &Path, progress: &dyn Progre
             std::thread::sleep(client.backoff);
         }
     }
-    f.sync_all().map_err(io)?;
+    f.sync_all().map_err(|source| PullError::Write { path: incomplete.to_path_buf(), source })?;
     Ok(hasher.finish().and_then(|(what, got)| (got != job.meta.etag).then(|| (what, job.meta.etag.clone(), got))))
 }
 
@@ -646,7 +648,7 @@ pub fn pull_manifest(client: &Client, cache: &Path, m: &crate::manifest::LoadedM
         let mut view = Remote { client, cache, repo: repo.clone(), commit: commit.clone(), files };
         for (key, name, role) in sources {
             let path = name.path.clone().unwrap_or_default();
-            if matches!(role, super::select::Role::File) && !view.files.contains(&path) && !opts.dry_run {
+            if name.is_file() && !view.files.contains(&path) && !opts.dry_run {
                 mark_missing(cache, repo, &commit, &path);
             }
             let label = format!("`{key}` = `{name}` (commit {commit})");
