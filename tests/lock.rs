@@ -104,7 +104,8 @@ fn lock_needs_a_valid_manifest_and_pipeline() {
     let (code, _, stderr) = run(runner().args(["lock", "tests/data/bad/numbers.toml"]));
     assert_eq!(code, 1);
     assert!(stderr.contains("`run.steps` must be at least 1"), "{stderr}");
-    let (code, _, stderr) = run(runner().args(["lock", "manifests/sd15.toml"]));
+    let cache = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(runner().args(["lock", "manifests/sd15.toml"]).env("HF_HUB_CACHE", cache.path()));
     assert_eq!(code, 1);
-    assert!(stderr.contains("models/stable-diffusion-v1-5") && stderr.contains("does not exist"), "{stderr}");
+    assert!(stderr.contains("hf://stable-diffusion-v1-5/stable-diffusion-v1-5@main") && stderr.contains("runner pull manifests/sd15.toml"), "{stderr}");
 }

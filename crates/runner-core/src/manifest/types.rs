@@ -48,7 +48,8 @@ pub struct Manifest {
 #[serde(deny_unknown_fields)]
 pub struct Adapter {
     /// The LoRA file (`.safetensors`: diffusers/PEFT `lora_A`/`lora_B` keys, or kohya's
-    /// `lora_unet_…`/`lora_te_…` with `.alpha`), relative to the manifest file.
+    /// `lora_unet_…`/`lora_te_…` with `.alpha`), relative to the manifest file, or on the Hub:
+    /// `hf://ORG/NAME[@REVISION]/PATH/FILE.safetensors` (read from the cache; `runner pull`).
     #[schemars(length(min = 1))]
     pub source: PathBuf,
     /// The adapter's weight (diffusers' `set_adapters` weight, default 1.0): each layer gets
@@ -119,7 +120,10 @@ pub struct Serve {
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     pub kind: PipelineKind,
-    /// A diffusers pipeline folder (with `model_index.json`), relative to the manifest file.
+    /// A diffusers pipeline folder (with `model_index.json`), relative to the manifest file, or
+    /// a Hub repo: `hf://ORG/NAME`, `hf://ORG/NAME@REVISION` (branch, tag or commit; `%2F` for a
+    /// `/` in it), `hf://ORG/NAME/SUBFOLDER`, read from the Hugging Face cache (`HF_HUB_CACHE`,
+    /// else `HF_HOME/hub`), never from the network: `runner pull` fetches what the manifest reads.
     #[schemars(length(min = 1))]
     pub source: PathBuf,
     /// Default dtype of every component.
@@ -310,7 +314,8 @@ pub enum Offload {
 pub struct Component {
     /// Weights from elsewhere: a folder, a `*.safetensors.index.json`, one `.safetensors` file or,
     /// for a FLUX.1 or SD3/SD3.5 transformer, one `.gguf` file (its config from the pipeline
-    /// folder); relative to the manifest file.
+    /// folder); relative to the manifest file, or on the Hub (`hf://ORG/NAME[@REVISION]/PATH`, a
+    /// folder or a file, from the cache: `runner pull`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub source: Option<PathBuf>,
