@@ -48,7 +48,7 @@ impl Mock {
     }
 
     fn commit(&self, branch: &str) -> String {
-        self.branches.iter().filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{branch}=")))).last().expect("branch").to_string()
+        self.branches.iter().rev().find_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{branch}=")))).expect("branch").to_string()
     }
 
     fn requests(&self) -> Vec<Value> {

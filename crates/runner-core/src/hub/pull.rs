@@ -107,7 +107,7 @@ impl Client {
         loop {
             tries += 1;
             let mut req = ureq::http::Request::builder().method(method).uri(url).header("Accept-Encoding", "identity");
-            if let (Some(t), true) = (&self.token, url.starts_with(&self.endpoint)) {
+            if let (Some(t), true) = (&self.token, url.strip_prefix(&self.endpoint).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))) {
                 req = req.header("Authorization", format!("Bearer {t}"));
             }
             if let Some(from) = range {
@@ -579,15 +579,42 @@ impl super::select::RepoView for Remote<'_> {
     }
 }
 
+/// Whether a component whose weights come from `src` still reads the pipeline folder's
+/// `config.json` (as [`crate::checkpoint::layout::PipelineFolder::files`] decides): a GGUF file
+/// always; a local folder or file without a `config.json` beside it; a Hub file (its folder's
+/// listing is another repo's: the config is fetched, a few KB).
+fn needs_pipeline_config(m: &crate::manifest::LoadedManifest, key: &str, src: &Path) -> bool {
+    let s = src.to_string_lossy();
+    if s.ends_with(".gguf") {
+        return true;
+    }
+    if super::is_hub(&s) {
+        return super::is_file_path(&s);
+    }
+    let p = m.resolve_path(key, src);
+    let dir = if p.is_dir() { p } else { p.parent().map(Path::to_path_buf).unwrap_or_default() };
+    !dir.join("config.json").is_file()
+}
+
+/// A manifest key, its Hub name, and what it reads.
+type Source = (String, super::HubName, super::select::Role);
+
 /// The manifest's Hub sources with what each reads.
-fn roles(m: &crate::manifest::LoadedManifest) -> Vec<(String, super::HubName, super::select::Role)> {
+fn roles(m: &crate::manifest::LoadedManifest) -> Vec<Source> {
     use super::select::{ComponentSay, Role};
     use crate::checkpoint::layout::VariantPolicy;
     let man = &m.manifest;
     let mut out = vec![];
     for (key, h) in &m.hub {
         let role = if key == "pipeline.source" {
-            let components = man.components.iter().map(|(n, c)| (n.clone(), ComponentSay { enabled: c.enabled, variant: c.variant.clone(), has_source: c.source.is_some() })).collect();
+            let components = man
+                .components
+                .iter()
+                .map(|(n, c)| {
+                    let needs_config = c.source.as_ref().is_some_and(|src| needs_pipeline_config(m, &format!("components.{n}.source"), src));
+                    (n.clone(), ComponentSay { enabled: c.enabled, variant: c.variant.clone(), has_source: c.source.is_some(), needs_config })
+                })
+                .collect();
             Role::Pipeline { variant: man.pipeline.variant.clone(), components }
         } else if let Some(name) = key.strip_prefix("components.").and_then(|k| k.strip_suffix(".source")) {
             let c = &man.components[name];
@@ -629,7 +656,7 @@ fn par_map<T: Sync, R: Send>(items: &[T], workers: usize, f: impl Fn(&T) -> R + 
 /// partial snapshot.
 pub fn pull_manifest(client: &Client, cache: &Path, m: &crate::manifest::LoadedManifest, opts: &PullOptions, progress: &dyn PullProgress) -> Result<PullReport, PullError> {
     let started = std::time::Instant::now();
-    let mut groups: std::collections::BTreeMap<(String, String), Vec<(String, super::HubName, super::select::Role)>> = Default::default();
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<Source>> = Default::default();
     for (key, name, role) in roles(m) {
         groups.entry((name.repo.clone(), name.revision().to_string())).or_default().push((key, name, role));
     }

@@ -38,6 +38,9 @@ pub struct ComponentSay {
     pub variant: Option<String>,
     /// Its weights come from elsewhere (`components.NAME.source`).
     pub has_source: bool,
+    /// With weights from elsewhere, whether runner still reads this folder's `config.json` (a
+    /// GGUF file, or weights with no `config.json` beside them).
+    pub needs_config: bool,
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -66,6 +69,11 @@ pub fn select(repo: &mut dyn RepoView, label: &str, path: &str, role: &Role) -> 
             if crate::hub::is_file_path(path) {
                 need(repo, label, path)?;
                 out.push(path.to_string());
+                // The model's config beside its weights (a GGUF file takes the pipeline's).
+                let beside = join(path.rsplit_once('/').map_or("", |(d, _)| d), "config.json");
+                if !path.ends_with(".gguf") && beside != path && listed(&beside, repo) {
+                    out.push(beside);
+                }
                 if path.ends_with(".json") {
                     out.extend(shards(repo, label, path)?);
                 }
@@ -103,7 +111,7 @@ pub fn select(repo: &mut dyn RepoView, label: &str, path: &str, role: &Role) -> 
                 let has_config = repo.files().contains(&config);
                 if say.has_source {
                     // Weights from elsewhere; the config may still come from here (a GGUF or single file).
-                    if has_config {
+                    if has_config && say.needs_config {
                         out.push(config);
                     }
                     continue;
@@ -238,12 +246,13 @@ mod tests {
     fn variants_fall_back_per_component_and_disabled_or_sourced_components_are_left() {
         let mut repo = flux_like();
         let mut components = BTreeMap::new();
-        components.insert("text_encoder_2".to_string(), ComponentSay { enabled: None, variant: None, has_source: true });
+        components.insert("text_encoder_2".to_string(), ComponentSay { enabled: None, variant: None, has_source: true, needs_config: true });
+        components.insert("vae".to_string(), ComponentSay { has_source: true, ..Default::default() });
         components.insert("text_encoder".to_string(), ComponentSay { enabled: Some(false), ..Default::default() });
         let got = select(&mut repo, "t", "", &Role::Pipeline { variant: Some("fp16".into()), components }).unwrap();
         assert!(got.contains(&"transformer/diffusion_pytorch_model.fp16.safetensors".to_string()), "{got:?}");
         assert!(!got.iter().any(|f| f.starts_with("transformer/diffusion_pytorch_model-")), "{got:?}");
-        assert!(got.contains(&"vae/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(!got.iter().any(|f| f.starts_with("vae/")), "a folder source brings its own config: {got:?}");
         assert!(!got.iter().any(|f| f.starts_with("text_encoder/")), "{got:?}");
         assert!(got.contains(&"text_encoder_2/config.json".to_string()) && !got.iter().any(|f| f.starts_with("text_encoder_2/model")), "{got:?}");
         // A variant no component has is an error, as in diffusers.
