@@ -344,6 +344,16 @@ fn a_cache_that_lies_is_refused_by_name() {
     assert!(files_of(&report).contains(&("vae/diffusion_pytorch_model.safetensors".into(), "fetched".into())), "{report}");
     assert_eq!(std::fs::metadata(&blob).unwrap().len(), len);
 
+    // A file gone from the snapshot: named, with what to run.
+    let unet = snap.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::remove_file(&unet).unwrap();
+    let (code, _, stderr) = out(hub_runner(None, &cache).arg("validate").arg(&m));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unet") && stderr.contains("runner pull"), "{stderr}");
+    pull_json(&mock, &cache, &m, &[]);
+    let (code, _, stderr) = out(hub_runner(None, &cache).arg("validate").arg(&m));
+    assert_eq!(code, 0, "{stderr}");
+
     // A snapshot entry that leads outside the cache's blobs.
     let outside = t.path().join("secret.safetensors");
     std::fs::copy(repo.join("vae/diffusion_pytorch_model.safetensors"), &outside).unwrap();

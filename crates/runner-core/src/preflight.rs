@@ -443,7 +443,7 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
     if !root.join("model_index.json").is_file() {
         return one(Diagnostic::error(format!("`{}` has no `model_index.json`: it is not a diffusers pipeline folder", root.display()), at("pipeline.source"))
             .with_key("pipeline.source")
-            .with_note("download the whole pipeline (e.g. `huggingface-cli download REPO --local-dir DIR`), not just its weights"));
+            .with_note(m.pull_note(&root).unwrap_or_else(|| "download the whole pipeline (e.g. `huggingface-cli download REPO --local-dir DIR`), not just its weights".into())));
     }
     // 2. model_index.json, each component's weights and their headers.
     let p = match crate::checkpoint::open_for_manifest(m) {
@@ -454,9 +454,13 @@ fn check_folder(m: &LoadedManifest) -> Result<(PipelineFolder, Configs, Vec<Diag
                 let key = format!("components.{name}.source");
                 c.source.as_ref().map(|s| m.resolve_path(&key, s)).filter(|p| p == e.path()).map(|_| key)
             });
-            return one(match key {
+            let d = match key {
                 Some(key) => Diagnostic::error(e.to_string(), at(&key)).with_key(&key),
                 None => Diagnostic::error(e.to_string(), Location::Path(root.join("model_index.json"))),
+            };
+            return one(match m.pull_note(e.path()) {
+                Some(note) => d.with_note(note),
+                None => d,
             });
         }
     };

@@ -131,6 +131,12 @@ impl LoadedManifest {
         resolve_path_with(&self.path, self.origin(key), p)
     }
 
+    /// For a file of a Hub snapshot (`path` at or under one), what to run to fetch what is missing.
+    pub fn pull_note(&self, path: &Path) -> Option<String> {
+        let h = self.hub.values().find(|h| h.resolved.as_ref().is_ok_and(|r| path.starts_with(&r.snapshot)))?;
+        Some(format!("`{}` is in the Hugging Face cache's snapshot of `{}`: fetch what it lacks with `runner pull {}`", path.display(), h.name, self.path.display()))
+    }
+
     /// Hub sources the cache cannot serve, as one message naming each and what to run.
     pub fn hub_problems(&self) -> Option<String> {
         let problems: Vec<String> = self.hub.iter().filter_map(|(k, h)| h.resolved.as_ref().err().map(|e| format!("`{k}`: {e}"))).collect();
