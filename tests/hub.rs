@@ -249,6 +249,38 @@ fn python_and_runner_share_the_cache_and_snapshot_download_accepts_the_mock() {
 }
 
 #[test]
+fn components_and_adapters_from_other_repos() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = fixture_repo(t.path());
+    let loras = t.path().join("loras");
+    std::fs::create_dir_all(loras.join("sd15")).unwrap();
+    std::fs::copy(root().join("tests/fixtures/loras/sd15-peft.safetensors"), loras.join("sd15/style.safetensors")).unwrap();
+    std::fs::copy(root().join("tests/fixtures/loras/sdxl-kohya.safetensors"), loras.join("sdxl.safetensors")).unwrap();
+    let vae = t.path().join("vae-repo");
+    copy_dir(&repo.join("vae"), &vae);
+    let mock = Mock::start(t.path(), &[format!("--repo={REPO}={}", repo.display()), format!("--repo=runner-test/loras={}", loras.display()), format!("--repo=runner-test/vae={}", vae.display())]);
+    let cache = t.path().join("cache");
+    let extra = "[components.vae]\nsource = \"hf://runner-test/vae\"\n[adapters.style]\nsource = \"hf://runner-test/loras/sd15/style.safetensors\"";
+    let m = manifest(t.path(), "hub.toml", &format!("hf://{REPO}"), extra);
+    let report = pull_json(&mock, &cache, &m, &[]);
+    let got: Vec<(String, String)> = report["files"].as_array().unwrap().iter().map(|f| (f["repo"].as_str().unwrap().to_string(), f["path"].as_str().unwrap().to_string())).collect();
+    assert!(got.contains(&("runner-test/loras".into(), "sd15/style.safetensors".into())), "{got:?}");
+    assert!(!got.iter().any(|(_, p)| p == "sdxl.safetensors"), "{got:?}");
+    assert!(got.contains(&("runner-test/vae".into(), "diffusion_pytorch_model.safetensors".into())) && got.contains(&("runner-test/vae".into(), "config.json".into())), "{got:?}");
+    assert!(!got.iter().any(|(r, p)| r == REPO && p.starts_with("vae/")), "the pipeline's VAE is not read: {got:?}");
+    let png = t.path().join("hub.png");
+    let (code, _, stderr) = out(hub_runner(None, &cache).arg("run").arg(&m).arg("--quiet").arg("--out").arg(&png));
+    assert_eq!(code, 0, "{stderr}");
+    // The same as the local files.
+    let local_extra = format!("[components.vae]\nsource = \"{}\"\n[adapters.style]\nsource = \"{}\"", vae.display(), loras.join("sd15/style.safetensors").display());
+    let local = manifest(t.path(), "local.toml", &repo.display().to_string(), &local_extra);
+    let png2 = t.path().join("local.png");
+    let (code, _, stderr) = out(runner().arg("run").arg(&local).arg("--quiet").arg("--out").arg(&png2));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(decode_png(&png).0, decode_png(&png2).0);
+}
+
+#[test]
 fn lock_pins_hub_commits_and_pull_locked_fetches_them() {
     let t = tempfile::tempdir().unwrap();
     let repo = fixture_repo(t.path());
