@@ -7,6 +7,7 @@
 
 mod jobs;
 mod metrics;
+mod openai;
 mod request;
 
 use std::net::SocketAddr;
@@ -119,6 +120,8 @@ struct App {
     mean_generation_s: AtomicU64,
     /// [`STEP_GATE_VAR`]'s folder.
     step_gate: Option<PathBuf>,
+    /// Images of OpenAI `url` answers.
+    files: openai::Files,
 }
 
 impl App {
@@ -188,6 +191,7 @@ pub fn serve(job: ServeJob) -> anyhow::Result<ExitCode> {
         metrics,
         mean_generation_s: AtomicU64::new(0),
         step_gate: std::env::var_os(STEP_GATE_VAR).map(PathBuf::from),
+        files: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).map_err(|source| ServeError::Bind { addr, source })?;
@@ -339,9 +343,37 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}", get(job).delete(delete_job))
         .route("/v1/jobs/{id}/image", get(job_image))
         .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/images/generations", axum::routing::post(openai::generations))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model_by_id))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
-    Router::new().route("/healthz", get(|| async { "ok\n" })).route("/readyz", get(readyz)).merge(protected).route_layer(middleware::from_fn_with_state(app.clone(), count)).with_state(app)
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/", get(page))
+        .route("/v1/images/files/{name}", get(openai::file))
+        .merge(protected).route_layer(middleware::from_fn_with_state(app.clone(), count)).with_state(app)
 }
+
+const OPENAI_IMAGES: &str = "/v1/images/generations";
+
+/// `GET /`: the page to generate from (one static file, no build step, nothing fetched from
+/// elsewhere; it asks for the token, if any, and keeps it in `sessionStorage`).
+async fn page() -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:; connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+const PAGE: &str = include_str!("page.html");
 
 /// Requests by route and status, and their latency.
 async fn count(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
@@ -373,7 +405,13 @@ async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> 
         // Compared in constant time: the answer's timing tells nothing of the token.
         let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0);
         if !ok {
-            let mut r = error(StatusCode::UNAUTHORIZED, "this server needs `Authorization: Bearer <token>`", None);
+            let openai = [OPENAI_IMAGES, "/v1/models"].iter().any(|p| req.uri().path().starts_with(p));
+            let mut r = if openai {
+                let message = if given.is_some() { "Incorrect API key provided" } else { "You didn't provide an API key: this server needs `Authorization: Bearer <token>`" };
+                openai::error(StatusCode::UNAUTHORIZED, message, None, Some("invalid_api_key"))
+            } else {
+                error(StatusCode::UNAUTHORIZED, "this server needs `Authorization: Bearer <token>`", None)
+            };
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
@@ -531,6 +569,30 @@ async fn read_body(app: &App, body: Body) -> Result<axum::body::Bytes, Response>
     }
 }
 
+/// Why a request was not queued: the status, the message, the field it is about, and for a full
+/// queue the seconds to wait.
+struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Refusal {
+        Refusal { status, message: message.into(), field: field.map(str::to_string), retry_after: None }
+    }
+
+    /// In the native shape (`{"error": {"message", "field"}}`).
+    fn native(self) -> Response {
+        let mut r = error(self.status, self.message, self.field.as_deref());
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
 /// Checks a request and queues it: the job, or the answer that refuses it.
 async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>, Response> {
     if app.draining.load(Ordering::SeqCst) {
@@ -538,15 +600,26 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
     }
     // A full queue answers before the body is checked (a flood costs no parsing).
     if app.places.full() {
-        return Err(queue_full(app));
+        return Err(queue_full(app).native());
     }
     let body = read_body(app, body).await?;
+    enqueue_bytes(app, body.to_vec(), listed).await.map_err(Refusal::native)
+}
+
+/// [`enqueue`] of a body already read.
+async fn enqueue_bytes(app: &Arc<App>, body: Vec<u8>, listed: bool) -> Result<Arc<Entry>, Refusal> {
+    if app.draining.load(Ordering::SeqCst) {
+        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down", None));
+    }
+    if app.places.full() {
+        return Err(queue_full(app));
+    }
     let checker = app.clone();
     let parsed = tokio::task::spawn_blocking(move || parse_request(&body, &checker.base, (&checker.folder, &checker.configs), &checker.overrides, &checker.limits)).await;
     let req = match parsed {
         Ok(Ok(r)) => r,
-        Ok(Err(r)) => return Err(error(StatusCode::UNPROCESSABLE_ENTITY, r.message, r.field.as_deref())),
-        Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)),
+        Ok(Err(r)) => return Err(Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, r.message, r.field.as_deref())),
+        Err(e) => return Err(Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), None)),
     };
     let entry = Entry::new(req.m, req.json, req.latents, req.init, app.limits.timeout);
     if !entry.wait_in(&app.places) {
@@ -558,7 +631,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
     };
     if let Err(why) = sent {
         entry.leave_queue();
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, why, None));
+        return Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, why, None));
     }
     app.jobs.add(&entry, listed);
     if let Some(deadline) = entry.deadline {
@@ -574,12 +647,10 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
 }
 
 /// 429, with `Retry-After` about when one place frees up: the mean generation, at least 1 s.
-fn queue_full(app: &App) -> Response {
+fn queue_full(app: &App) -> Refusal {
     let wait = app.mean_generation_s().ceil().clamp(1.0, 3600.0) as u64;
     let waiting = app.places.limit();
-    let mut r = error(StatusCode::TOO_MANY_REQUESTS, format!("the queue is full ({waiting} waiting): retry later"), None);
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
-    r
+    Refusal { retry_after: Some(wait), ..Refusal::new(StatusCode::TOO_MANY_REQUESTS, format!("the queue is full ({waiting} waiting): retry later"), None) }
 }
 
 /// Cancels a synchronous request's job when its handler is dropped unanswered (the client hung up).
