@@ -1076,3 +1076,105 @@ fn serve_takes_images_as_base64_data() {
         assert!(String::from_utf8_lossy(&resp).contains(words), "{words}: {}", String::from_utf8_lossy(&resp));
     }
 }
+
+/// The Python of the test venv (scripts/setup-deploy-check.sh), when it has `module`.
+fn test_python(module: &str) -> Option<std::path::PathBuf> {
+    let py = root().join(".venv-deploy/bin/python");
+    let ok = py.exists() && Command::new(&py).args(["-c", &format!("import {module}")]).status().is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: no `{module}` in .venv-deploy (run scripts/setup-deploy-check.sh)");
+    }
+    ok.then_some(py)
+}
+
+#[test]
+fn the_official_openai_client_works_unchanged() {
+    let Some(py) = test_python("openai") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["serve.max_steps=3", "run.steps=3", "serve.max_batch=2", "serve.token_env=RUNNER_TEST_TOKEN"];
+    let mut args = vec![M];
+    for s in &base {
+        args.extend(["--set", s]);
+    }
+    let mut cmd = serve_cmd(&args);
+    cmd.env("RUNNER_TEST_TOKEN", "sk-test");
+    let s = launch(cmd);
+    let o = Command::new(&py).arg(root().join("tests/support/openai_client.py")).args([&s.port.to_string(), "sk-test", "tiny-sd15"]).arg(dir.path()).arg("generate").output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{said}");
+    // The images are `runner run`'s with the same settings, byte for byte.
+    let sets = ["run.prompt=a dog", "run.seed=3", "run.steps=2", "run.negative_prompt=blurry", "run.width=64", "run.height=64"];
+    let batch = {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("x.png");
+        let mut cmd = runner();
+        cmd.args(["run", M, "--quiet", "--set", "run.batch=2"]).arg("--out").arg(&out);
+        for s in base.iter().chain(&sets) {
+            cmd.arg("--set").arg(s);
+        }
+        let (code, _, stderr) = run(&mut cmd);
+        assert_eq!(code, 0, "{stderr}");
+        [std::fs::read(d.path().join("x-0.png")).unwrap(), std::fs::read(d.path().join("x-1.png")).unwrap()]
+    };
+    for i in 0..2 {
+        assert!(std::fs::read(dir.path().join(format!("b64-{i}.png"))).unwrap() == batch[i], "image {i} of n=2 differs from runner run's");
+    }
+    let one: Vec<&str> = base.iter().chain(&sets).copied().collect();
+    assert!(std::fs::read(dir.path().join("url.png")).unwrap() == runner_run(&one), "the url image differs from runner run's");
+}
+
+#[test]
+fn the_openai_client_sees_a_full_queue_as_a_rate_limit() {
+    let Some(py) = test_python("openai") else { return };
+    let gate = Gate::new();
+    let s = start_gated(&[M, "--set", "serve.queue=1"], &gate);
+    let port = s.port;
+    let job = r#"{"prompt": "a", "steps": 2}"#;
+    let running = std::thread::spawn(move || post(port, job));
+    wait_metric(port, "runner_jobs_running", &[], 1.0);
+    let waiting = std::thread::spawn(move || post(port, job));
+    wait_metric(port, "runner_queue_depth", &[], 1.0);
+    let o = Command::new(&py).arg(root().join("tests/support/openai_client.py")).args([&port.to_string(), "none", "tiny-sd15", "/tmp", "ratelimit"]).output().unwrap();
+    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    gate.open();
+    for t in [running, waiting] {
+        assert_eq!(t.join().unwrap().0, 200);
+    }
+}
+
+#[test]
+fn openai_errors_come_in_openai_shape() {
+    let s = start(&[M, "--set", "serve.max_steps=3", "--set", "run.steps=3", "--set", "serve.max_batch=2", "--set", "serve.max_pixels=4096"]);
+    let openai = |body: &str| {
+        let (status, headers, b) = post_to(s.port, "/v1/images/generations", body);
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_else(|_| panic!("{body}: {}", String::from_utf8_lossy(&b)));
+        (status, headers, v)
+    };
+    for (body, status, param) in [
+        (r#"{"prompt": "a", "size": "0x0"}"#, 400, "size"),
+        (r#"{"prompt": "a", "size": "64"}"#, 400, "size"),
+        (r#"{"prompt": "a", "size": "64x64x64"}"#, 400, "size"),
+        (r#"{"prompt": "a", "size": "-64x64"}"#, 400, "size"),
+        (r#"{"prompt": "a", "size": "60x64"}"#, 400, "size"),
+        (r#"{"prompt": "a", "size": "1024x1024", "steps": 1}"#, 400, "size"),
+        (r#"{"prompt": "a", "n": 0}"#, 400, "n"),
+        (r#"{"prompt": "a", "n": 3, "size": "64x64"}"#, 400, "n"),
+        (r#"{"prompt": "a", "response_format": "gif"}"#, 400, "response_format"),
+        (r#"{"prompt": "a", "steps": 9, "size": "64x64"}"#, 400, "steps"),
+        (r#"{"prompt": "a", "model": "dall-e-3"}"#, 404, "model"),
+        (r#"{"size": "64x64"}"#, 400, "prompt"),
+    ] {
+        let (got, _, v) = openai(body);
+        assert_eq!(got, status, "{body}: {}", &v.to_string()[..v.to_string().len().min(300)]);
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()) && v["error"]["type"] == "invalid_request_error", "{body}: {v}");
+    }
+    // OpenAI's own parameters runner has no use for are accepted, and said.
+    let (status, headers, v) = openai(r#"{"prompt": "a", "size": "64x64", "quality": "hd", "style": "vivid", "user": "u1", "steps": 1, "model": "tiny-sd15"}"#);
+    assert_eq!(status, 200, "{v}");
+    assert!(header(&headers, "x-runner-warning").is_some_and(|w| w.contains("quality") && w.contains("style")), "{headers:?}");
+    assert!(v["data"][0]["b64_json"].as_str().is_some_and(|b| b.len() > 100) && v["created"].as_u64().is_some(), "{v}");
+    // An unknown URL id is a 404 in the same shape.
+    let (status, _, b) = request(s.port, "GET", "/v1/images/files/0123.png", b"");
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&b));
+}

@@ -352,7 +352,9 @@ fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/", get(page))
         .route("/v1/images/files/{name}", get(openai::file))
-        .merge(protected).route_layer(middleware::from_fn_with_state(app.clone(), count)).with_state(app)
+        .merge(protected)
+        .route_layer(middleware::from_fn_with_state(app.clone(), count))
+        .with_state(app)
 }
 
 const OPENAI_IMAGES: &str = "/v1/images/generations";

@@ -27,7 +27,21 @@ pub const URL_KEEP: usize = 256;
 const IGNORED: &[&str] = &["quality", "style", "background", "moderation", "output_compression", "partial_images", "stream"];
 /// runner's own request keys a client may add (extensions); `width`, `height` and `batch` come
 /// from `size` and `n`.
-const EXTENSIONS: &[&str] = &["negative_prompt", "negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3", "seed", "steps", "guidance_scale", "true_cfg_scale", "scheduler", "clip_skip", "adapter_scales", "max_sequence_length"];
+const EXTENSIONS: &[&str] = &[
+    "negative_prompt",
+    "negative_prompt_2",
+    "negative_prompt_3",
+    "prompt_2",
+    "prompt_3",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "scheduler",
+    "clip_skip",
+    "adapter_scales",
+    "max_sequence_length",
+];
 
 /// An answer in OpenAI's error shape.
 pub fn error(status: StatusCode, message: impl Into<String>, param: Option<&str>, code: Option<&str>) -> Response {
