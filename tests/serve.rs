@@ -1178,3 +1178,44 @@ fn openai_errors_come_in_openai_shape() {
     let (status, _, b) = request(s.port, "GET", "/v1/images/files/0123.png", b"");
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&b));
 }
+
+/// Chromium and its driver (Debian's `chromium` and `chromium-driver`), when installed.
+fn chromium() -> Option<()> {
+    let found = ["/usr/bin/chromium", "/usr/bin/chromedriver"].iter().all(|p| std::path::Path::new(p).exists());
+    if !found {
+        eprintln!("skipped: the browser test needs Debian's chromium and chromium-driver (scripts/setup-deploy-check.sh installs them where apt-get works)");
+    }
+    found.then_some(())
+}
+
+#[test]
+fn the_page_generates_in_a_real_browser() {
+    let (Some(py), Some(())) = (test_python("selenium"), chromium()) else { return };
+    let gate = Gate::new();
+    let base = ["serve.max_steps=3", "run.steps=3", "serve.token_env=RUNNER_TEST_TOKEN"];
+    let mut args = vec![M];
+    for s in &base {
+        args.extend(["--set", s]);
+    }
+    let mut cmd = serve_cmd(&args);
+    cmd.env("RUNNER_TEST_TOKEN", "page-token").env("RUNNER_TEST_STEP_GATE", gate.0.path());
+    let s = launch(cmd);
+    let dir = tempfile::tempdir().unwrap();
+    // The README's screenshot is refreshed with RUNNER_SCREENSHOT=docs/serve-page.png.
+    let shot = std::env::var("RUNNER_SCREENSHOT").ok().map(|p| root().join(p));
+    let mut c = Command::new(&py);
+    c.arg(root().join("tests/support/browser_check.py")).args([&s.port.to_string(), "page-token"]).arg(gate.0.path()).arg(dir.path());
+    if let Some(p) = &shot {
+        c.arg(p);
+    }
+    let o = c.output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{said}");
+    eprintln!("{said}");
+    let prompt = r#"a <img src=x onerror="window.__xss = 1"> cat <script>window.__xss = 2</script>"#;
+    let prompt_set = format!("run.prompt={prompt}");
+    let mut sets: Vec<&str> = base.to_vec();
+    sets.extend([prompt_set.as_str(), "run.negative_prompt=blurry", "run.width=64", "run.height=64", "run.steps=3", "run.guidance_scale=5", "run.seed=7"]);
+    let png = std::fs::read(dir.path().join("page.png")).unwrap();
+    assert!(png == runner_run(&sets), "the PNG the page downloads differs from runner run's");
+}
