@@ -1116,8 +1116,8 @@ fn the_official_openai_client_works_unchanged() {
         assert_eq!(code, 0, "{stderr}");
         [std::fs::read(d.path().join("x-0.png")).unwrap(), std::fs::read(d.path().join("x-1.png")).unwrap()]
     };
-    for i in 0..2 {
-        assert!(std::fs::read(dir.path().join(format!("b64-{i}.png"))).unwrap() == batch[i], "image {i} of n=2 differs from runner run's");
+    for (i, want) in batch.iter().enumerate() {
+        assert!(std::fs::read(dir.path().join(format!("b64-{i}.png"))).unwrap() == *want, "image {i} of n=2 differs from runner run's");
     }
     let one: Vec<&str> = base.iter().chain(&sets).copied().collect();
     assert!(std::fs::read(dir.path().join("url.png")).unwrap() == runner_run(&one), "the url image differs from runner run's");

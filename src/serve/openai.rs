@@ -172,7 +172,10 @@ pub fn translate(body: &[u8], model_name: &str) -> Result<Translated, Bad> {
 
 /// PNGs kept for `response_format: "url"`, by an unguessable id, for [`URL_TTL`].
 #[derive(Default)]
-pub struct Files(Mutex<VecDeque<(String, Instant, Arc<Vec<u8>>)>>);
+pub struct Files(Mutex<VecDeque<Kept>>);
+
+/// An image kept for a URL: its id, when it was made, its PNG.
+type Kept = (String, Instant, Arc<Vec<u8>>);
 
 impl Files {
     fn put(&self, png: Vec<u8>) -> String {
