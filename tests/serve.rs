@@ -1174,6 +1174,9 @@ fn openai_errors_come_in_openai_shape() {
     assert_eq!(status, 200, "{v}");
     assert!(header(&headers, "x-runner-warning").is_some_and(|w| w.contains("quality") && w.contains("style")), "{headers:?}");
     assert!(v["data"][0]["b64_json"].as_str().is_some_and(|b| b.len() > 100) && v["created"].as_u64().is_some(), "{v}");
+    // A body over the limit: 413 in the same shape.
+    let (status, _, v) = openai(&format!(r#"{{"prompt": "{}"}}"#, "a".repeat(5 << 20)));
+    assert_eq!((status, v["error"]["code"].as_str()), (413, Some("request_too_large")), "{v}");
     // An unknown URL id is a 404 in the same shape.
     let (status, _, b) = request(s.port, "GET", "/v1/images/files/0123.png", b"");
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&b));

@@ -561,12 +561,12 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response {
 }
 
 /// The body, within `BODY_LIMIT` (413) and `[serve] read_timeout` (408).
-async fn read_body(app: &App, body: Body) -> Result<axum::body::Bytes, Response> {
+async fn read_body(app: &App, body: Body) -> Result<axum::body::Bytes, Refusal> {
     let limited = http_body_util::Limited::new(body, BODY_LIMIT);
     match tokio::time::timeout(app.read_timeout, limited.collect()).await {
-        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {:.1} s (`serve.read_timeout`)", app.read_timeout.as_secs_f64()), None)),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {BODY_LIMIT} bytes"), None)),
-        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"), None)),
+        Err(_) => Err(Refusal::new(StatusCode::REQUEST_TIMEOUT, format!("the request body did not arrive within {:.1} s (`serve.read_timeout`)", app.read_timeout.as_secs_f64()), None)),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {BODY_LIMIT} bytes"), None)),
+        Ok(Err(e)) => Err(Refusal::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"), None)),
         Ok(Ok(c)) => Ok(c.to_bytes()),
     }
 }
@@ -604,7 +604,7 @@ async fn enqueue(app: &Arc<App>, body: Body, listed: bool) -> Result<Arc<Entry>,
     if app.places.full() {
         return Err(queue_full(app).native());
     }
-    let body = read_body(app, body).await?;
+    let body = read_body(app, body).await.map_err(Refusal::native)?;
     enqueue_bytes(app, body.to_vec(), listed).await.map_err(Refusal::native)
 }
 

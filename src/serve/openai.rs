@@ -66,6 +66,8 @@ fn refused(r: Refusal) -> Response {
     });
     let code = match status.as_u16() {
         429 => Some("rate_limit_exceeded"),
+        413 => Some("request_too_large"),
+        408 => Some("timeout"),
         400 => Some("invalid_value"),
         _ => None,
     };
@@ -200,7 +202,7 @@ impl Files {
 pub async fn generations(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     let body = match read_body(&app, body).await {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return refused(r),
     };
     let t = match translate(&body, &app.base.manifest.name) {
         Ok(t) => t,
