@@ -312,6 +312,14 @@ fn lock_pins_hub_commits_and_pull_locked_fetches_them() {
     let (code, _, stderr) = out(hub_runner(None, &cache).arg("plan").arg(&m).arg("--locked"));
     assert_eq!(code, 0, "{stderr}");
 
+    // A batch's lines read the pinned commit too (the branch's snapshot gone, they still run).
+    std::fs::rename(rdir.join("snapshots").join(&c2), t.path().join("c2-away")).unwrap();
+    let lines = t.path().join("p.jsonl");
+    std::fs::write(&lines, "{\"prompt\": \"a dog\", \"steps\": 1}\n").unwrap();
+    let (code, _, stderr) = out(hub_runner(None, &cache).args(["run", "--locked", "--quiet"]).arg(&m).arg("--prompts").arg(&lines).arg("--out").arg(t.path().join("b-{index}.png")));
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::rename(t.path().join("c2-away"), rdir.join("snapshots").join(&c2)).unwrap();
+
     // The pinned snapshot gone: --locked says so, and `pull --locked` brings that commit back.
     std::fs::remove_dir_all(rdir.join("snapshots").join(&c1)).unwrap();
     let (code, _, stderr) = out(hub_runner(None, &cache).args(["validate", "--locked"]).arg(&m));

@@ -295,24 +295,32 @@ fn serve_refuses_non_loopback_without_insecure_bind() {
 #[test]
 fn serve_answers_429_when_the_queue_is_full() {
     let gate = Gate::new();
-    let s = start_gated(&[M, "--set", "serve.queue=1"], &gate);
-    let port = s.port;
-    // A job held at the gate keeps the worker busy; one more waits; the next is refused.
-    let job = r#"{"prompt": "a", "steps": 2}"#;
-    let running = std::thread::spawn(move || post(port, job));
-    wait_metric(port, "runner_jobs_running", &[], 1.0);
-    let waiting = std::thread::spawn(move || post(port, job));
-    wait_metric(port, "runner_queue_depth", &[], 1.0);
-    let (status, headers, body) = post(port, job);
+    let (s, held) = full_queue(&gate);
+    let (status, headers, body) = post(s.port, r#"{"prompt": "a", "steps": 2}"#);
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
     assert!(header(&headers, "retry-after").and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s >= 1), "{headers:?}");
     assert_eq!(error_field(&body), serde_json::Value::Null);
     // Opened, the two accepted jobs are answered.
     gate.open();
-    for (name, t) in [("running", running), ("waiting", waiting)] {
+    for (name, t) in ["running", "waiting"].into_iter().zip(held) {
         let (status, _, body) = t.join().unwrap();
         assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
     }
+}
+
+type Answer = std::thread::JoinHandle<(u16, Vec<(String, String)>, Vec<u8>)>;
+
+/// A server with `serve.queue = 1` and the queue full: a job held at the closed `gate` keeps
+/// the worker busy and one more waits (their answers come once the gate opens).
+fn full_queue(gate: &Gate) -> (Server, [Answer; 2]) {
+    let s = start_gated(&[M, "--set", "serve.queue=1"], gate);
+    let port = s.port;
+    let job = r#"{"prompt": "a", "steps": 2}"#;
+    let running = std::thread::spawn(move || post(port, job));
+    wait_metric(port, "runner_jobs_running", &[], 1.0);
+    let waiting = std::thread::spawn(move || post(port, job));
+    wait_metric(port, "runner_queue_depth", &[], 1.0);
+    (s, [running, waiting])
 }
 
 fn json_of(body: &[u8]) -> serde_json::Value {
@@ -1127,17 +1135,11 @@ fn the_official_openai_client_works_unchanged() {
 fn the_openai_client_sees_a_full_queue_as_a_rate_limit() {
     let Some(py) = test_python("openai") else { return };
     let gate = Gate::new();
-    let s = start_gated(&[M, "--set", "serve.queue=1"], &gate);
-    let port = s.port;
-    let job = r#"{"prompt": "a", "steps": 2}"#;
-    let running = std::thread::spawn(move || post(port, job));
-    wait_metric(port, "runner_jobs_running", &[], 1.0);
-    let waiting = std::thread::spawn(move || post(port, job));
-    wait_metric(port, "runner_queue_depth", &[], 1.0);
-    let o = Command::new(&py).arg(root().join("tests/support/openai_client.py")).args([&port.to_string(), "none", "tiny-sd15", "/tmp", "ratelimit"]).output().unwrap();
+    let (s, held) = full_queue(&gate);
+    let o = Command::new(&py).arg(root().join("tests/support/openai_client.py")).args([&s.port.to_string(), "none", "tiny-sd15", "/tmp", "ratelimit"]).output().unwrap();
     assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     gate.open();
-    for t in [running, waiting] {
+    for t in held {
         assert_eq!(t.join().unwrap().0, 200);
     }
 }

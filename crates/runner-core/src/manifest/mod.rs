@@ -34,6 +34,8 @@ pub struct LoadedManifest {
     pub warnings: Vec<Diagnostic>,
     /// Sources named `hf://…`, by key (`pipeline.source`), resolved in the Hub cache.
     pub hub: std::collections::BTreeMap<String, HubSource>,
+    /// The commits Hub names were pinned to (`--locked`), kept for [`relayer`].
+    pins: crate::hub::Pins,
     provenance: Provenance,
 }
 
@@ -273,6 +275,10 @@ pub fn load_locked(path: &Path, overrides: &Overrides, locked: bool) -> Result<L
 /// served request layers over the manifest the process started with (an edit of the file
 /// meanwhile changes nothing of a loaded pipeline's requests).
 pub fn relayer(m: &LoadedManifest, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
+    if overrides.pins.is_empty() && !m.pins.is_empty() {
+        // A line or request of a `--locked` run reads the commits the run was pinned to.
+        return load_source(&m.path, m.source.clone(), &Overrides { pins: m.pins.clone(), ..overrides.clone() });
+    }
     load_source(&m.path, m.source.clone(), overrides)
 }
 
@@ -332,7 +338,7 @@ fn load_source(path: &Path, source: Arc<SourceText>, overrides: &Overrides) -> R
     match manifest {
         Some(manifest) if !diags.iter().any(Diagnostic::is_error) => {
             let hub = hub_sources(&manifest, &overrides.pins);
-            Ok(LoadedManifest { manifest, path: path.to_path_buf(), source, warnings: diags, hub, provenance })
+            Ok(LoadedManifest { manifest, path: path.to_path_buf(), source, warnings: diags, hub, pins: overrides.pins.clone(), provenance })
         }
         _ => Err(diags),
     }
