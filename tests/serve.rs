@@ -308,11 +308,11 @@ fn serve_answers_429_when_the_queue_is_full() {
     }
 }
 
-type Answer = std::thread::JoinHandle<(u16, Vec<(String, String)>, Vec<u8>)>;
+type Pending = std::thread::JoinHandle<(u16, Vec<(String, String)>, Vec<u8>)>;
 
 /// A server with `serve.queue = 1` and the queue full: a job held at the closed `gate` keeps
 /// the worker busy and one more waits (their answers come once the gate opens).
-fn full_queue(gate: &Gate) -> (Server, [Answer; 2]) {
+fn full_queue(gate: &Gate) -> (Server, [Pending; 2]) {
     let s = start_gated(&[M, "--set", "serve.queue=1"], gate);
     let port = s.port;
     let job = r#"{"prompt": "a", "steps": 2}"#;
