@@ -134,6 +134,15 @@ try:
     assert not el("generate").get_attribute("disabled")
     print("cancel: cancelled")
 
+    # A phone's width: nothing wider than the screen (no sideways scrolling), controls stacked.
+    driver.set_window_size(390, 844)
+    time.sleep(0.3)
+    wide = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert wide[0] <= wide[1], wide
+    assert el("prompt").size["width"] <= wide[1], el("prompt").size
+    driver.set_window_size(1200, 900)
+    print("phone width: fits", wide)
+
     # Every request the page made went to its own origin (the token with it).
     others = driver.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name).filter(u => !u.startsWith(location.origin + '/') && !u.startsWith('blob:') && !u.startsWith('data:'))"
