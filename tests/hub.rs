@@ -463,8 +463,10 @@ fn hub_failures_are_named_retried_or_resumed() {
     assert!(stderr.contains("HTTP 503 after 3 tries"), "{stderr}");
     drop(mock);
 
-    // A connection dropped mid-file is resumed with a range request.
-    let mock = Mock::start(t.path(), &[repo_arg.clone(), "--drop=model.safetensors=300000:1".into()]);
+    // A connection dropped mid-file is resumed with a range request. (`/model.safetensors`: the
+    // text encoder's 1.6 MB alone, not `diffusion_pytorch_model.safetensors`: the VAE's 0.29 MB would
+    // be sent whole before the drop, whichever worker asks first.)
+    let mock = Mock::start(t.path(), &[repo_arg.clone(), "--drop=/model.safetensors=300000:1".into()]);
     let (code, _, stderr) = pull(&mock, &t.path().join("c-drop"), &[], &[]);
     assert_eq!(code, 0, "{stderr}");
     assert!(mock.requests().iter().any(|r| r["range"].as_str().is_some_and(|s| s.starts_with("bytes=300000-"))), "no resumed range request");
@@ -472,7 +474,7 @@ fn hub_failures_are_named_retried_or_resumed() {
 
     // A pull cut short leaves `.incomplete` (never a blob); the next pull resumes it.
     let cache = t.path().join("c-cut");
-    let mock = Mock::start(t.path(), &[repo_arg.clone(), "--drop=model.safetensors=300000:99".into()]);
+    let mock = Mock::start(t.path(), &[repo_arg.clone(), "--drop=/model.safetensors=300000:99".into()]);
     let (code, _, stderr) = pull(&mock, &cache, &["--retries=2", "--jobs=1"], &[]);
     assert_eq!(code, 1);
     assert!(stderr.contains("dropped at byte"), "{stderr}");
