@@ -753,24 +753,57 @@ fn validate(files: &[PathBuf], json: bool, locked: bool, manifest_only: bool, ov
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-struct PullBar(indicatif::ProgressBar);
+/// `runner pull`'s bars: the whole transfer, and one per file of 1 MiB or more while it moves.
+struct PullBar {
+    bars: indicatif::MultiProgress,
+    total: indicatif::ProgressBar,
+    files: std::sync::Mutex<std::collections::HashMap<(String, String), indicatif::ProgressBar>>,
+}
+
+impl PullBar {
+    fn new(hidden: bool) -> PullBar {
+        let target = if hidden || !std::io::stderr().is_terminal() { indicatif::ProgressDrawTarget::hidden() } else { indicatif::ProgressDrawTarget::stderr() };
+        let bars = indicatif::MultiProgress::with_draw_target(target);
+        let total = bars.add(progress_bar("pull"));
+        PullBar { bars, total, files: Default::default() }
+    }
+
+    fn finish(&self) {
+        self.total.finish_and_clear();
+        let _ = self.bars.clear();
+    }
+}
 
 impl crate::hub::pull::Progress for PullBar {
-    fn bytes(&self, n: u64) {
-        self.0.inc(n);
+    fn bytes(&self, job: &crate::hub::pull::Job, n: u64) {
+        self.total.inc(n);
+        if let Some(b) = self.files.lock().unwrap_or_else(|e| e.into_inner()).get(&(job.repo.clone(), job.path.clone())) {
+            b.inc(n);
+        }
+    }
+    fn start(&self, job: &crate::hub::pull::Job) {
+        if job.meta.size >= 1 << 20 {
+            let b = self.bars.add(progress_bar(&format!("  {}", job.path)));
+            b.set_length(job.meta.size);
+            self.files.lock().unwrap_or_else(|e| e.into_inner()).insert((job.repo.clone(), job.path.clone()), b);
+        }
     }
     fn done(&self, job: &crate::hub::pull::Job) {
+        if let Some(b) = self.files.lock().unwrap_or_else(|e| e.into_inner()).remove(&(job.repo.clone(), job.path.clone())) {
+            b.finish_and_clear();
+            self.bars.remove(&b);
+        }
         tracing::info!(repo = %job.repo, file = %job.path, bytes = job.meta.size, "in the cache");
     }
 }
 
 impl crate::hub::pull::PullProgress for PullBar {
     fn listed(&self, files: usize) {
-        self.0.set_message(format!("pull {files} files"));
+        self.total.set_message(format!("pull {files} files"));
     }
     fn total(&self, bytes: u64) {
-        self.0.set_length(bytes);
-        self.0.reset_elapsed();
+        self.total.set_length(bytes);
+        self.total.reset_elapsed();
     }
     fn as_progress(&self) -> &dyn crate::hub::pull::Progress {
         self
@@ -815,13 +848,10 @@ fn pull(file: &std::path::Path, dry_run: bool, locked: bool, workers: usize, ret
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let mut client = crate::hub::pull::Client::from_env();
     client.tries = retries.max(1);
-    let bar = PullBar(progress_bar("pull"));
-    if quiet || dry_run {
-        bar.0.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let bar = PullBar::new(quiet || dry_run);
     let opts = crate::hub::pull::PullOptions { dry_run, workers, pins };
     let r = crate::hub::pull::pull_manifest(&client, &cache, &loaded, &opts, &bar);
-    bar.0.finish_and_clear();
+    bar.finish();
     let r = r.map_err(|e| anyhow::anyhow!("runner pull `{}`: {e}", file.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

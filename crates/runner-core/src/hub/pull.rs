@@ -280,7 +280,7 @@ pub struct Fetched {
 
 /// Progress callbacks (bytes as they arrive; files as they finish).
 pub trait Progress: Sync {
-    fn bytes(&self, n: u64);
+    fn bytes(&self, job: &Job, n: u64);
     fn start(&self, _job: &Job) {}
     fn done(&self, _job: &Job) {}
 }
@@ -404,7 +404,7 @@ fn fetch_one(client: &Client, cache: &Path, job: &Job, progress: &dyn Progress, 
         }
         std::fs::rename(&incomplete, &blob).map_err(|source| PullError::Io { path: blob.clone(), source })?;
     } else {
-        progress.bytes(job.meta.size);
+        progress.bytes(job, job.meta.size);
     }
     link_snapshot(&rdir, &job.commit, &job.path, &job.meta.etag)?;
     Ok(Fetched { repo: job.repo.clone(), commit: job.commit.clone(), path: job.path.clone(), size: job.meta.size, etag: job.meta.etag.clone(), status })
@@ -435,7 +435,7 @@ fn download(client: &Client, job: &Job, incomplete: &Path, progress: &dyn Progre
             hasher.update(&buf[..n]);
             left -= n as u64;
         }
-        progress.bytes(have);
+        progress.bytes(job, have);
     }
     let mut drops = 0;
     let mut buf = vec![0u8; 1 << 20];
@@ -470,7 +470,7 @@ fn download(client: &Client, job: &Job, incomplete: &Path, progress: &dyn Progre
                     f.write_all(&buf[..n]).map_err(|source| PullError::Write { path: incomplete.to_path_buf(), source })?;
                     hasher.update(&buf[..n]);
                     have += n as u64;
-                    progress.bytes(n as u64);
+                    progress.bytes(job, n as u64);
                     if have == job.meta.size {
                         break false;
                     }
