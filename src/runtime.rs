@@ -25,7 +25,7 @@ pub fn configure_allocator() {
 /// activations, so steps reuse heap memory without page faults. The trim threshold with it, as
 /// glibc's dynamic rule would set it (twice the mmap threshold; a fixed mmap threshold otherwise
 /// leaves it at 128 KiB, so that every step gave its freed heap top back and faulted it in again:
-/// `perf` saw the kernel clearing pages 63 vs 103 samples per two 512x512 img2img calls, diffusers
+/// `perf` saw the kernel clearing pages 31 vs 103 samples per two 512x512 img2img calls, diffusers
 /// 14). `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` in the environment (glibc's own
 /// settings) win.
 pub fn malloc_phase(loading: bool) {

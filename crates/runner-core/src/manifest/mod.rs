@@ -259,7 +259,7 @@ pub fn join_key(path: &[String]) -> String {
 /// Reads, merges, and validates a manifest. On failure, returns every diagnostic (errors and
 /// warnings), sorted by location.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
-    load_source(path, Arc::new(read_source(path)?), overrides)
+    load_source(path, Arc::new(read_source(path)?), overrides, None)
 }
 
 /// [`load`]; with `locked`, Hub names resolve to the commits `MANIFEST.lock` pins.
@@ -277,12 +277,15 @@ pub fn load_locked(path: &Path, overrides: &Overrides, locked: bool) -> Result<L
 pub fn relayer(m: &LoadedManifest, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
     if overrides.pins.is_empty() && !m.pins.is_empty() {
         // A line or request of a `--locked` run reads the commits the run was pinned to.
-        return load_source(&m.path, m.source.clone(), &Overrides { pins: m.pins.clone(), ..overrides.clone() });
+        return load_source(&m.path, m.source.clone(), &Overrides { pins: m.pins.clone(), ..overrides.clone() }, Some(m));
     }
-    load_source(&m.path, m.source.clone(), overrides)
+    load_source(&m.path, m.source.clone(), overrides, Some(m))
 }
 
-fn load_source(path: &Path, source: Arc<SourceText>, overrides: &Overrides) -> Result<LoadedManifest, Vec<Diagnostic>> {
+/// `base`: the manifest a line or request is layered over; its Hub sources' resolutions are kept
+/// where the layered manifest names the same (the loaded pipeline's snapshot, no cache walk per
+/// request).
+fn load_source(path: &Path, source: Arc<SourceText>, overrides: &Overrides, base: Option<&LoadedManifest>) -> Result<LoadedManifest, Vec<Diagnostic>> {
     let doc = match toml_edit::ImDocument::parse(source.text.clone()) {
         Ok(doc) => doc,
         Err(e) => {
@@ -337,7 +340,8 @@ fn load_source(path: &Path, source: Arc<SourceText>, overrides: &Overrides) -> R
     );
     match manifest {
         Some(manifest) if !diags.iter().any(Diagnostic::is_error) => {
-            let hub = hub_sources(&manifest, &overrides.pins);
+            let known = base.filter(|b| b.pins == overrides.pins).map(|b| &b.hub);
+            let hub = hub_sources(&manifest, &overrides.pins, known);
             Ok(LoadedManifest { manifest, path: path.to_path_buf(), source, warnings: diags, hub, pins: overrides.pins.clone(), provenance })
         }
         _ => Err(diags),
@@ -345,7 +349,7 @@ fn load_source(path: &Path, source: Arc<SourceText>, overrides: &Overrides) -> R
 }
 
 /// Every `hf://` source of the manifest by key, resolved in the cache (never the network).
-fn hub_sources(m: &Manifest, pins: &crate::hub::Pins) -> std::collections::BTreeMap<String, HubSource> {
+fn hub_sources(m: &Manifest, pins: &crate::hub::Pins, known: Option<&std::collections::BTreeMap<String, HubSource>>) -> std::collections::BTreeMap<String, HubSource> {
     let cache = crate::hub::cache_dir();
     let mut keys: Vec<(String, &Path)> = vec![("pipeline.source".into(), &m.pipeline.source)];
     keys.extend(m.components.iter().filter_map(|(n, c)| c.source.as_deref().map(|s| (format!("components.{n}.source"), s))));
@@ -353,6 +357,9 @@ fn hub_sources(m: &Manifest, pins: &crate::hub::Pins) -> std::collections::BTree
     keys.into_iter()
         .filter_map(|(k, p)| {
             let name = crate::hub::HubName::parse(p.to_str()?).ok()?;
+            if let Some(h) = known.and_then(|known| known.get(&k)).filter(|h| h.name == name) {
+                return Some((k, h.clone()));
+            }
             let resolved = crate::hub::resolve(&cache, &name, pins);
             Some((k, HubSource { name, resolved }))
         })
