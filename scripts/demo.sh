@@ -28,7 +28,7 @@ echo "== runner run $manifest"
 echo
 cat <<'MSG'
 The tiny pipeline has random weights, so the image is noise-like by design; the same manifest
-with real SD 1.5 weights (manifests/sd15.toml) gives a real image. Its text chunks carry what
+with real SD 1.5 weights (`runner pull manifests/sd15.toml`, then run it) gives a real image. Its text chunks carry what
 makes it again: A1111's `parameters` (prompt, steps, sampler, CFG scale, seed, size, model) and a
 `runner` JSON (batch position, dtype, lock and effective-manifest digests, runner version).
 MSG
